@@ -1,0 +1,86 @@
+"""Numeric comparison with a report: which tensor, how far apart, where, and against what bound.
+
+Relative error is *norm-wise*: ``max|a - e| / max|e|``. Element-wise relative error is meaningless
+for entries that are zero up to round-off (a gradient entry of 1e-17 against 3e-17), which every
+real gradient has; norm-wise error is what ``rtol`` bounds in this project. The element-wise
+maximum is still reported for diagnosis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Comparison:
+    name: str
+    dtype: str
+    max_abs: float
+    max_rel: float
+    index: tuple[int, ...]
+    actual_at: float
+    expected_at: float
+    rtol: float
+    atol: float
+    passed: bool
+
+    def __str__(self) -> str:
+        verdict = "ok" if self.passed else "FAIL"
+        return (
+            f"[{verdict}] {self.name} ({self.dtype}): max abs {self.max_abs:.3e}, "
+            f"rel {self.max_rel:.3e} (rtol {self.rtol:.0e}, atol {self.atol:.0e}) at index "
+            f"{self.index}: actual {self.actual_at!r} vs expected {self.expected_at!r}"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def compare(name: str, actual: Any, expected: Any, *, rtol: float, atol: float = 0.0) -> Comparison:
+    """Compare two array-likes (already on the host as NumPy-convertible values).
+
+    Passes when ``max|a - e| <= atol + rtol * max|e|`` and NaN/inf patterns match exactly.
+    Shapes must match; a mismatch raises ``ValueError`` naming both shapes.
+    """
+    a = np.asarray(actual)
+    e = np.asarray(expected)
+    if a.shape != e.shape:
+        raise ValueError(f"{name}: shape mismatch, actual {a.shape} vs expected {e.shape}")
+    a64 = a.astype(np.float64)
+    e64 = e.astype(np.float64)
+    same_nonfinite = bool(np.array_equal(~np.isfinite(a64), ~np.isfinite(e64))) and bool(
+        np.array_equal(a64[~np.isfinite(a64)], e64[~np.isfinite(e64)], equal_nan=True)
+    )
+    finite = np.isfinite(a64) & np.isfinite(e64)
+    diff = np.where(finite, np.abs(a64 - e64), 0.0)
+    scale = float(np.max(np.abs(np.where(finite, e64, 0.0)), initial=0.0))
+    flat_idx = int(np.argmax(diff)) if diff.size else 0
+    index = tuple(int(i) for i in np.unravel_index(flat_idx, diff.shape)) if diff.size else ()
+    max_abs = float(diff.flat[flat_idx]) if diff.size else 0.0
+    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
+    passed = same_nonfinite and max_abs <= atol + rtol * scale
+    return Comparison(
+        name=name,
+        dtype=str(e.dtype),
+        max_abs=max_abs,
+        max_rel=max_rel,
+        index=index,
+        actual_at=float(a64.flat[flat_idx]) if a64.size else 0.0,
+        expected_at=float(e64.flat[flat_idx]) if e64.size else 0.0,
+        rtol=rtol,
+        atol=atol,
+        passed=passed,
+    )
+
+
+def assert_close(
+    name: str, actual: Any, expected: Any, *, rtol: float, atol: float = 0.0
+) -> Comparison:
+    """``compare`` and raise ``AssertionError`` with the full report when it fails."""
+    result = compare(name, actual, expected, rtol=rtol, atol=atol)
+    if not result.passed:
+        raise AssertionError(str(result))
+    return result

@@ -1,0 +1,49 @@
+"""String keys for regularizers, shared by ``tfreg.get`` and ``torchref.get``.
+
+Keras 3 accepts a class name and its snake_case ("L1L2", "l1l2"); we accept the same, plus
+"l1_l2", which Keras 3's own docstring promises but its lookup rejects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from regcore.validation import InvalidArgumentError
+
+_KEYS: dict[str, str] = {
+    "l1": "L1",
+    "l2": "L2",
+    "l1l2": "L1L2",
+    "l1_l2": "L1L2",
+    "orthogonal_regularizer": "OrthogonalRegularizer",
+    "p_norm": "PNorm",
+    "group_lasso": "GroupLasso",
+}
+CLASS_NAMES = frozenset(_KEYS.values())
+
+
+def class_name_for(key: str) -> str | None:
+    """The class name a string key refers to, or None."""
+    return key if key in CLASS_NAMES else _KEYS.get(key)
+
+
+def resolve(
+    identifier: Any,
+    classes: Mapping[str, type],
+    from_dict: Callable[[dict[str, Any]], Any],
+) -> Any:
+    """Keras' ``regularizers.get`` algorithm over one framework's ``classes`` (by class name)."""
+    if identifier is None:
+        return None
+    if isinstance(identifier, dict):
+        return from_dict(identifier)
+    obj = identifier
+    if isinstance(identifier, str):
+        name = class_name_for(identifier)
+        obj = classes.get(name) if name else None
+    if isinstance(obj, type):
+        obj = obj()
+    if not callable(obj):
+        raise InvalidArgumentError(f"Could not interpret regularizer identifier: {identifier}")
+    return obj

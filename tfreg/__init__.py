@@ -1,0 +1,48 @@
+"""tfreg: Keras-identical weight penalties, the penalties Keras lacks, exact gradient accumulation.
+
+Importing tfreg needs TensorFlow >= 2.16 (Keras 3) and never imports torch; the cross-framework
+harness lives in :mod:`tfreg.parity` and imports torch only when used.
+"""
+
+from tfreg._compat import keras as _keras  # noqa: F401  (fails early with an install hint)
+from tfreg.penalties import penalized_variables, penalty
+from tfreg.regularizers import (
+    L1,
+    L1L2,
+    L2,
+    GroupLasso,
+    OrthogonalRegularizer,
+    PNorm,
+    Regularizer,
+    deserialize,
+    get,
+    group_lasso_penalty,
+    l1_penalty,
+    l2_penalty,
+    orthogonal_penalty,
+    pnorm_penalty,
+    serialize,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "L1",
+    "L1L2",
+    "L2",
+    "GroupLasso",
+    "OrthogonalRegularizer",
+    "PNorm",
+    "Regularizer",
+    "__version__",
+    "deserialize",
+    "get",
+    "group_lasso_penalty",
+    "l1_penalty",
+    "l2_penalty",
+    "orthogonal_penalty",
+    "penalized_variables",
+    "penalty",
+    "pnorm_penalty",
+    "serialize",
+]

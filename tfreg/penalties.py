@@ -1,0 +1,55 @@
+"""Which variables a penalty applies to, summed once: ``penalty(model, regularizer)``.
+
+Scope rule (mirrored exactly by ``torchref.penalty``): a model's or layer's *kernels* are its
+trainable variables of rank >= 2 -- Dense/Conv kernels, embeddings. Biases and normalization
+scales/offsets (rank 1) are exempt unless ``include_bias=True``, which takes every trainable
+variable. Non-trainable state (BatchNorm moving statistics) is never penalised. An explicit
+sequence of variables is taken as given: you chose them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from tfreg._compat import keras, tf
+from tfreg.regularizers import get
+
+__all__ = ["penalized_variables", "penalty"]
+
+
+def penalized_variables(
+    model_or_variables: keras.layers.Layer | Iterable[Any], *, include_bias: bool = False
+) -> list[Any]:
+    """The variables :func:`penalty` sums over, in the model's variable order."""
+    if isinstance(model_or_variables, (keras.layers.Layer, tf.Module)):
+        trainable = list(model_or_variables.trainable_variables)
+        if include_bias:
+            return trainable
+        return [v for v in trainable if len(v.shape) >= 2]
+    if isinstance(model_or_variables, (str, bytes)) or not isinstance(model_or_variables, Iterable):
+        raise TypeError(
+            "penalty() expects a keras Layer/Model, a tf.Module or a sequence of variables. "
+            f"Received: model_or_variables={model_or_variables!r}"
+        )
+    return list(model_or_variables)
+
+
+def penalty(
+    model_or_variables: keras.layers.Layer | Sequence[Any],
+    regularizer: Callable[[Any], Any] | str | dict[str, Any],
+    *,
+    include_bias: bool = False,
+) -> tf.Tensor:
+    """Total ``sum_v regularizer(v)`` over the penalised variables (see module docstring).
+
+    ``regularizer`` is a tfreg/Keras regularizer, any callable of one tensor, or a key accepted by
+    :func:`tfreg.get`. Returns a scalar in the variables' dtype (0.0 when nothing is penalised).
+    """
+    if not isinstance(include_bias, bool):
+        raise TypeError(f"include_bias must be a bool. Received: include_bias={include_bias!r}")
+    reg = get(regularizer)
+    variables = penalized_variables(model_or_variables, include_bias=include_bias)
+    if not variables:
+        return tf.constant(0.0, dtype=keras.config.floatx())
+    return tf.add_n([tf.convert_to_tensor(reg(v)) for v in variables])

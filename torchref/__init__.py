@@ -1,0 +1,43 @@
+"""torchref: the PyTorch reference implementations of tfreg -- same names, same semantics.
+
+Never imports TensorFlow or tfreg; shared, framework-free logic lives in ``regcore``.
+"""
+
+from torchref._compat import torch as _torch  # noqa: F401  (fails early with an install hint)
+from torchref.penalties import penalized_parameters, penalty
+from torchref.regularizers import (
+    L1,
+    L1L2,
+    L2,
+    GroupLasso,
+    OrthogonalRegularizer,
+    PNorm,
+    Regularizer,
+    get,
+    group_lasso_penalty,
+    l1_penalty,
+    l2_penalty,
+    orthogonal_penalty,
+    pnorm_penalty,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "L1",
+    "L1L2",
+    "L2",
+    "GroupLasso",
+    "OrthogonalRegularizer",
+    "PNorm",
+    "Regularizer",
+    "__version__",
+    "get",
+    "group_lasso_penalty",
+    "l1_penalty",
+    "l2_penalty",
+    "orthogonal_penalty",
+    "penalized_parameters",
+    "penalty",
+    "pnorm_penalty",
+]

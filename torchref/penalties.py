@@ -1,0 +1,50 @@
+"""Which parameters a penalty applies to, summed once: ``penalty(module, regularizer)``.
+
+Same scope rule as ``tfreg.penalty``: a module's kernels are its trainable parameters
+(``requires_grad``) with ``ndim >= 2`` -- what PyTorch users write as ``if p.ndim > 1``. Biases and
+normalization weights (1-D) are exempt unless ``include_bias=True``. Buffers (BatchNorm running
+statistics) are never penalised. An explicit sequence of tensors is taken as given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from torchref._compat import torch
+from torchref.regularizers import get
+
+__all__ = ["penalized_parameters", "penalty"]
+
+
+def penalized_parameters(
+    module_or_tensors: torch.nn.Module | Iterable[torch.Tensor], *, include_bias: bool = False
+) -> list[torch.Tensor]:
+    """The tensors :func:`penalty` sums over, in ``module.parameters()`` order."""
+    if isinstance(module_or_tensors, torch.nn.Module):
+        trainable = [p for p in module_or_tensors.parameters() if p.requires_grad]
+        return trainable if include_bias else [p for p in trainable if p.ndim >= 2]
+    if isinstance(module_or_tensors, (str, bytes, torch.Tensor)) or not isinstance(
+        module_or_tensors, Iterable
+    ):
+        raise TypeError(
+            "penalty() expects a torch.nn.Module or a sequence of tensors. "
+            f"Received: module_or_tensors={module_or_tensors!r}"
+        )
+    return list(module_or_tensors)
+
+
+def penalty(
+    module_or_tensors: torch.nn.Module | Iterable[torch.Tensor],
+    regularizer: Callable[[torch.Tensor], torch.Tensor] | str | dict[str, Any],
+    *,
+    include_bias: bool = False,
+) -> torch.Tensor:
+    """Total ``sum_p regularizer(p)`` over the penalised parameters (0.0 when there are none)."""
+    if not isinstance(include_bias, bool):
+        raise TypeError(f"include_bias must be a bool. Received: include_bias={include_bias!r}")
+    reg = get(regularizer)
+    tensors = penalized_parameters(module_or_tensors, include_bias=include_bias)
+    if not tensors:
+        return torch.zeros(())
+    return torch.stack([reg(t) for t in tensors]).sum()
