@@ -1,0 +1,5 @@
+import sys
+
+from tfreg.parity.cli import main
+
+sys.exit(main())

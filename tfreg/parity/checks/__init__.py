@@ -1,0 +1,87 @@
+"""The parity matrix: named checks, each run per dtype and device, producing report rows.
+
+A check function takes ``(dtype, device)`` and returns the comparisons it made (``regcore.compare``
+results, each already carrying its tolerance). It raises :class:`SkipCheck` with a reason when it
+cannot run (no GPU, missing framework feature); any other exception is reported as an error row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from regcore.compare import Comparison
+from tfreg.parity.devices import available_devices
+from tfreg.parity.report import Row
+
+
+class SkipCheck(Exception):
+    """Raised by a check that cannot run here; the message is the reason shown in the report."""
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    group: str
+    run: Callable[[str, str], Sequence[Comparison]]
+    quick: bool = True
+    dtypes: tuple[str, ...] = ("float32", "float64")
+
+
+CHECKS: list[Check] = []
+
+
+def register(
+    name: str, group: str, *, quick: bool = True, dtypes: tuple[str, ...] = ("float32", "float64")
+) -> Callable[
+    [Callable[[str, str], Sequence[Comparison]]], Callable[[str, str], Sequence[Comparison]]
+]:
+    """Decorator adding a check function to the matrix."""
+
+    def add(
+        fn: Callable[[str, str], Sequence[Comparison]],
+    ) -> Callable[[str, str], Sequence[Comparison]]:
+        CHECKS.append(Check(name=name, group=group, run=fn, quick=quick, dtypes=dtypes))
+        return fn
+
+    return add
+
+
+def selected(*, full: bool, groups: Iterable[str] | None = None) -> list[Check]:
+    _load_builtin_checks()
+    wanted = set(groups) if groups else None
+    return [c for c in CHECKS if (full or c.quick) and (wanted is None or c.group in wanted)]
+
+
+def run_one(check: Check, dtype: str, device: str) -> Row:
+    """Run one cell of the matrix; never raises (a crash is an "error" row naming the exception)."""
+    if device not in available_devices():
+        return Row(check.name, dtype, device, "skip", detail="no GPU visible to both frameworks")
+    try:
+        comparisons = list(check.run(dtype, device))
+    except SkipCheck as reason:
+        return Row(check.name, dtype, device, "skip", detail=str(reason))
+    except Exception as exc:
+        return Row(check.name, dtype, device, "error", detail=f"{type(exc).__name__}: {exc}")
+    if not comparisons:
+        return Row(check.name, dtype, device, "error", detail="check made no comparison")
+    worst = max(comparisons, key=lambda c: (not c.passed, c.max_rel))
+    failing = [c.name for c in comparisons if not c.passed]
+    return Row(
+        check.name,
+        dtype,
+        device,
+        "fail" if failing else "pass",
+        max_abs=max(c.max_abs for c in comparisons),
+        max_rel=max(c.max_rel for c in comparisons),
+        tolerance=worst.rtol,
+        detail=("failed: " + ", ".join(failing)) if failing else "",
+    )
+
+
+def _load_builtin_checks() -> None:
+    # Importing the modules runs their @register decorators (once; Python caches modules).
+    from tfreg.parity.checks import penalties  # noqa: F401
+
+
+__all__ = ["CHECKS", "Check", "SkipCheck", "register", "run_one", "selected"]

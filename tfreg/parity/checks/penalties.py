@@ -1,0 +1,128 @@
+"""Penalty parity: tfreg vs Keras (bit-identical) and tfreg vs torchref (value and gradient)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from regcore.compare import Comparison, compare
+from regcore.tolerances import tolerance
+from tfreg import regularizers as tfr
+from tfreg._compat import keras, tf
+from tfreg.parity.checks import SkipCheck, register
+from tfreg.parity.devices import tf_device, torch_device
+from tfreg.parity.seeding import seed_everything
+
+# (name, tfreg regularizer, torchref class name and kwargs, transpose for torch, shapes)
+_CASES: list[tuple[str, Any, tuple[str, dict[str, Any]], bool, list[tuple[int, ...]]]] = [
+    ("L1", tfr.L1(0.037), ("L1", {"l1": 0.037}), False, [(7, 5), (3, 3, 2, 4), (11,)]),
+    ("L2", tfr.L2(0.037), ("L2", {"l2": 0.037}), False, [(7, 5), (3, 3, 2, 4), (11,)]),
+    ("L1L2", tfr.L1L2(0.01, 0.02), ("L1L2", {"l1": 0.01, "l2": 0.02}), False, [(7, 5), (11,)]),
+    # Dense kernel (in, out) rows == Linear weight (out, in) columns.
+    (
+        "Orthogonal(rows)",
+        tfr.OrthogonalRegularizer(0.05, "rows"),
+        ("OrthogonalRegularizer", {"factor": 0.05, "mode": "columns"}),
+        True,
+        [(7, 5), (3, 6)],
+    ),
+    (
+        "PNorm(p=1.5)",
+        tfr.PNorm(0.1, p=1.5),
+        ("PNorm", {"strength": 0.1, "p": 1.5}),
+        False,
+        [(7, 5)],
+    ),
+    ("PNorm(p=2)", tfr.PNorm(0.1, p=2), ("PNorm", {"strength": 0.1, "p": 2}), False, [(7, 5)]),
+    (
+        "GroupLasso",
+        tfr.GroupLasso(0.1, axis=1),
+        ("GroupLasso", {"strength": 0.1, "axis": 0}),
+        True,
+        [(7, 5), (4, 3)],
+    ),
+]
+
+_KERAS_TWINS: dict[str, Callable[[], Any]] = {
+    "L1": lambda: keras.regularizers.L1(0.037),
+    "L2": lambda: keras.regularizers.L2(0.037),
+    "L1L2": lambda: keras.regularizers.L1L2(0.01, 0.02),
+    "Orthogonal(rows)": lambda: keras.regularizers.OrthogonalRegularizer(0.05, "rows"),
+}
+
+
+def _tf_value_and_grad(reg: Any, w: np.ndarray, device: str) -> tuple[np.ndarray, np.ndarray]:
+    with tf.device(tf_device(device)):
+        x = tf.constant(w)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            value = reg(x)
+        grad = tape.gradient(value, x)
+    return value.numpy(), grad.numpy()
+
+
+def _weights(dtype: str, shape: tuple[int, ...], seed_offset: int) -> np.ndarray:
+    rng = seed_everything(1234 + seed_offset)
+    w = rng.normal(size=shape).astype(dtype)
+    w.flat[0] = 0.0  # a zero entry exercises the subgradient/zero-safe paths
+    return w
+
+
+def _penalty_vs_torchref(name: str, dtype: str, device: str) -> list[Comparison]:
+    import torch
+
+    import torchref
+
+    _, tf_reg, (torch_cls, torch_kwargs), transpose, shapes = next(
+        c for c in _CASES if c[0] == name
+    )
+    torch_reg = getattr(torchref, torch_cls)(**torch_kwargs)
+    tol = tolerance("penalty_cross", dtype).rtol
+    out = []
+    for i, shape in enumerate(shapes):
+        w = _weights(dtype, shape, i)
+        value, grad = _tf_value_and_grad(tf_reg, w, device)
+        wt = torch.tensor(w.T.copy() if transpose else w, device=torch_device(device))
+        wt.requires_grad_(True)
+        t_value = torch_reg(wt)
+        (t_grad,) = torch.autograd.grad(t_value, wt)
+        t_grad_np = t_grad.detach().cpu().numpy()
+        out.append(compare(f"{name}{shape} value", t_value.detach().cpu().numpy(), value, rtol=tol))
+        out.append(
+            compare(f"{name}{shape} grad", t_grad_np.T if transpose else t_grad_np, grad, rtol=tol)
+        )
+    return out
+
+
+def _penalty_vs_keras(name: str, dtype: str, device: str) -> list[Comparison]:
+    if name == "Orthogonal(rows)" and dtype == "float64":
+        raise SkipCheck(
+            "Keras' OrthogonalRegularizer raises on float64 weights (tfreg supports them)"
+        )
+    _, tf_reg, _, _, shapes = next(c for c in _CASES if c[0] == name)
+    keras_reg = _KERAS_TWINS[name]()
+    tol = tolerance("penalty_vs_keras", dtype).rtol
+    out = []
+    for i, shape in enumerate(shapes):
+        w = _weights(dtype, shape, i)
+        value, grad = _tf_value_and_grad(tf_reg, w, device)
+        k_value, k_grad = _tf_value_and_grad(keras_reg, w, device)
+        out.append(compare(f"{name}{shape} value", value, k_value, rtol=tol))
+        out.append(compare(f"{name}{shape} grad", grad, k_grad, rtol=tol))
+    return out
+
+
+def _register_all() -> None:
+    for case_name, *_ in _CASES:
+        register(f"penalty {case_name}: tfreg vs torchref", "penalties")(
+            lambda dtype, device, n=case_name: _penalty_vs_torchref(n, dtype, device)
+        )
+        if case_name in _KERAS_TWINS:
+            register(f"penalty {case_name}: tfreg vs keras", "penalties")(
+                lambda dtype, device, n=case_name: _penalty_vs_keras(n, dtype, device)
+            )
+
+
+_register_all()
