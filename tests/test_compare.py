@@ -1,0 +1,62 @@
+"""regcore.compare: norm-wise relative error, NaN handling, reporting of the worst index."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from regcore import assert_close, compare, tolerance
+from regcore.validation import InvalidArgumentError
+
+
+def test_reports_max_abs_rel_and_index() -> None:
+    expected = np.array([[1.0, -4.0], [2.0, 0.5]])
+    actual = expected.copy()
+    actual[1, 0] += 1e-3
+    result = compare("w", actual, expected, rtol=1e-6)
+    assert result.max_abs == pytest.approx(1e-3, rel=1e-9)
+    assert result.max_rel == pytest.approx(1e-3 / 4.0, rel=1e-9)  # norm-wise: scale = max|e| = 4
+    assert result.index == (1, 0)
+    assert not result.passed
+    assert "FAIL" in str(result) and "(1, 0)" in str(result)
+
+
+def test_norm_wise_relative_ignores_tiny_entries() -> None:
+    # An entry that is zero up to round-off must not fail an otherwise exact comparison.
+    expected = np.array([1.0, 1e-17])
+    actual = np.array([1.0, 3e-17])
+    assert compare("g", actual, expected, rtol=1e-12).passed
+
+
+@pytest.mark.parametrize(
+    ("actual", "expected", "passed"),
+    [
+        pytest.param([np.nan, 1.0], [np.nan, 1.0], True, id="same-nan"),
+        pytest.param([np.nan, 1.0], [0.0, 1.0], False, id="nan-vs-number"),
+        pytest.param([np.inf, 1.0], [-np.inf, 1.0], False, id="opposite-inf"),
+    ],
+)
+def test_non_finite_patterns_must_match(actual, expected, passed) -> None:
+    assert compare("x", np.array(actual), np.array(expected), rtol=1e-3).passed is passed
+
+
+def test_shape_mismatch_is_an_error_naming_both_shapes() -> None:
+    with pytest.raises(ValueError, match=r"\(2,\) vs expected \(3,\)"):
+        compare("x", np.zeros(2), np.zeros(3), rtol=0)
+
+
+def test_assert_close_raises_with_report() -> None:
+    with pytest.raises(AssertionError, match=r"max abs 1\.000e-01"):
+        assert_close("x", np.array([1.1]), np.array([1.0]), rtol=1e-6)
+
+
+def test_tolerance_table_lookup_and_unknown_claim() -> None:
+    assert tolerance("penalty_cross", "float64").rtol == 1e-12
+    assert tolerance("penalty_vs_keras", "float32").rtol == 0.0
+    with pytest.raises(KeyError, match="Known claims"):
+        tolerance("nope", "float64")
+
+
+def test_invalid_argument_error_is_both_value_and_type_error() -> None:
+    assert issubclass(InvalidArgumentError, ValueError)
+    assert issubclass(InvalidArgumentError, TypeError)
