@@ -9,9 +9,9 @@ import sys
 import pytest
 
 from regcore.compare import compare
+from regcore.report import Report, Row
 from tfreg.parity import cli
 from tfreg.parity.checks import Check, SkipCheck, run_one
-from tfreg.parity.report import Report, Row
 
 
 def _check(fn) -> Check:

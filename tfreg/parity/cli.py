@@ -60,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from regcore.report import Report, Row
     from tfreg.parity.checks import run_one, selected
-    from tfreg.parity.report import Report, Row
 
     devices = ["cpu", "gpu"] if args.device == "all" else [args.device]
     checks = selected(full=args.full, groups=args.group)

@@ -11,8 +11,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from regcore.compare import Comparison
+from regcore.report import Row
 from tfreg.parity.devices import available_devices
-from tfreg.parity.report import Row
 
 
 class SkipCheck(Exception):
