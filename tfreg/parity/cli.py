@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--group", action="append", help="only these check groups (repeatable)")
     parser.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     parser.add_argument("--markdown", metavar="PATH", help="also write the report as Markdown")
+    parser.add_argument(
+        "--record",
+        metavar="PATH",
+        help="also write TensorFlow's results to a .npz bundle for `python -m torchref.verify` "
+        "on a machine without TensorFlow (e.g. a torch-only GPU image)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -102,6 +108,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         report.write_json(args.json)
     if args.markdown:
         report.write_markdown(args.markdown)
+    if args.record:
+        from tfreg.parity.record import record_bundle
+
+        n_cases = record_bundle(args.record)
+        print(f"recorded {n_cases} TensorFlow cases to {args.record}")
     return 0 if report.ok else 1
 
 

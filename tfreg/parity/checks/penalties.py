@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -15,28 +15,43 @@ from tfreg.parity.checks import SkipCheck, register
 from tfreg.parity.devices import tf_device, torch_device
 from tfreg.parity.seeding import seed_everything
 
-# (name, tfreg regularizer, torchref class name and kwargs, transpose for torch, shapes)
-_CASES: list[tuple[str, Any, tuple[str, dict[str, Any]], bool, list[tuple[int, ...]]]] = [
-    ("L1", tfr.L1(0.037), ("L1", {"l1": 0.037}), False, [(7, 5), (3, 3, 2, 4), (11,)]),
-    ("L2", tfr.L2(0.037), ("L2", {"l2": 0.037}), False, [(7, 5), (3, 3, 2, 4), (11,)]),
-    ("L1L2", tfr.L1L2(0.01, 0.02), ("L1L2", {"l1": 0.01, "l2": 0.02}), False, [(7, 5), (11,)]),
+
+class PenaltyCase(NamedTuple):
+    """One tfreg penalty and its torchref twin; ``transpose``: the torch tensor is ``w.T``
+    (Dense kernel (in, out) vs Linear weight (out, in))."""
+
+    name: str
+    tfreg_regularizer: Any
+    torchref: tuple[str, dict[str, Any]]
+    transpose: bool
+    shapes: list[tuple[int, ...]]
+
+
+PENALTY_CASES: list[PenaltyCase] = [
+    PenaltyCase("L1", tfr.L1(0.037), ("L1", {"l1": 0.037}), False, [(7, 5), (3, 3, 2, 4), (11,)]),
+    PenaltyCase("L2", tfr.L2(0.037), ("L2", {"l2": 0.037}), False, [(7, 5), (3, 3, 2, 4), (11,)]),
+    PenaltyCase(
+        "L1L2", tfr.L1L2(0.01, 0.02), ("L1L2", {"l1": 0.01, "l2": 0.02}), False, [(7, 5), (11,)]
+    ),
     # Dense kernel (in, out) rows == Linear weight (out, in) columns.
-    (
+    PenaltyCase(
         "Orthogonal(rows)",
         tfr.OrthogonalRegularizer(0.05, "rows"),
         ("OrthogonalRegularizer", {"factor": 0.05, "mode": "columns"}),
         True,
         [(7, 5), (3, 6)],
     ),
-    (
+    PenaltyCase(
         "PNorm(p=1.5)",
         tfr.PNorm(0.1, p=1.5),
         ("PNorm", {"strength": 0.1, "p": 1.5}),
         False,
         [(7, 5)],
     ),
-    ("PNorm(p=2)", tfr.PNorm(0.1, p=2), ("PNorm", {"strength": 0.1, "p": 2}), False, [(7, 5)]),
-    (
+    PenaltyCase(
+        "PNorm(p=2)", tfr.PNorm(0.1, p=2), ("PNorm", {"strength": 0.1, "p": 2}), False, [(7, 5)]
+    ),
+    PenaltyCase(
         "GroupLasso",
         tfr.GroupLasso(0.1, axis=1),
         ("GroupLasso", {"strength": 0.1, "axis": 0}),
@@ -53,7 +68,7 @@ _KERAS_TWINS: dict[str, Callable[[], Any]] = {
 }
 
 
-def _tf_value_and_grad(reg: Any, w: np.ndarray, device: str) -> tuple[np.ndarray, np.ndarray]:
+def tf_value_and_grad(reg: Any, w: np.ndarray, device: str) -> tuple[np.ndarray, np.ndarray]:
     with tf.device(tf_device(device)):
         x = tf.constant(w)
         with tf.GradientTape() as tape:
@@ -63,7 +78,7 @@ def _tf_value_and_grad(reg: Any, w: np.ndarray, device: str) -> tuple[np.ndarray
     return value.numpy(), grad.numpy()
 
 
-def _weights(dtype: str, shape: tuple[int, ...], seed_offset: int) -> np.ndarray:
+def penalty_weights(dtype: str, shape: tuple[int, ...], seed_offset: int) -> np.ndarray:
     rng = seed_everything(1234 + seed_offset)
     w = rng.normal(size=shape).astype(dtype)
     w.flat[0] = 0.0  # a zero entry exercises the subgradient/zero-safe paths
@@ -71,28 +86,20 @@ def _weights(dtype: str, shape: tuple[int, ...], seed_offset: int) -> np.ndarray
 
 
 def _penalty_vs_torchref(name: str, dtype: str, device: str) -> list[Comparison]:
-    import torch
+    from torchref.verify import penalty_value_and_grad
 
-    import torchref
-
-    _, tf_reg, (torch_cls, torch_kwargs), transpose, shapes = next(
-        c for c in _CASES if c[0] == name
-    )
-    torch_reg = getattr(torchref, torch_cls)(**torch_kwargs)
+    spec = next(c for c in PENALTY_CASES if c.name == name)
+    class_name, kwargs = spec.torchref
     tol = tolerance("penalty_cross", dtype).rtol
     out = []
-    for i, shape in enumerate(shapes):
-        w = _weights(dtype, shape, i)
-        value, grad = _tf_value_and_grad(tf_reg, w, device)
-        wt = torch.tensor(w.T.copy() if transpose else w, device=torch_device(device))
-        wt.requires_grad_(True)
-        t_value = torch_reg(wt)
-        (t_grad,) = torch.autograd.grad(t_value, wt)
-        t_grad_np = t_grad.detach().cpu().numpy()
-        out.append(compare(f"{name}{shape} value", t_value.detach().cpu().numpy(), value, rtol=tol))
-        out.append(
-            compare(f"{name}{shape} grad", t_grad_np.T if transpose else t_grad_np, grad, rtol=tol)
+    for i, shape in enumerate(spec.shapes):
+        w = penalty_weights(dtype, shape, i)
+        value, grad = tf_value_and_grad(spec.tfreg_regularizer, w, device)
+        t_value, t_grad = penalty_value_and_grad(
+            class_name, kwargs, w, transpose=spec.transpose, device=torch_device(device)
         )
+        out.append(compare(f"{name}{shape} value", t_value, value, rtol=tol))
+        out.append(compare(f"{name}{shape} grad", t_grad, grad, rtol=tol))
     return out
 
 
@@ -101,21 +108,21 @@ def _penalty_vs_keras(name: str, dtype: str, device: str) -> list[Comparison]:
         raise SkipCheck(
             "Keras' OrthogonalRegularizer raises on float64 weights (tfreg supports them)"
         )
-    _, tf_reg, _, _, shapes = next(c for c in _CASES if c[0] == name)
+    _, tf_reg, _, _, shapes = next(c for c in PENALTY_CASES if c.name == name)
     keras_reg = _KERAS_TWINS[name]()
     tol = tolerance("penalty_vs_keras", dtype).rtol
     out = []
     for i, shape in enumerate(shapes):
-        w = _weights(dtype, shape, i)
-        value, grad = _tf_value_and_grad(tf_reg, w, device)
-        k_value, k_grad = _tf_value_and_grad(keras_reg, w, device)
+        w = penalty_weights(dtype, shape, i)
+        value, grad = tf_value_and_grad(tf_reg, w, device)
+        k_value, k_grad = tf_value_and_grad(keras_reg, w, device)
         out.append(compare(f"{name}{shape} value", value, k_value, rtol=tol))
         out.append(compare(f"{name}{shape} grad", grad, k_grad, rtol=tol))
     return out
 
 
 def _register_all() -> None:
-    for case_name, *_ in _CASES:
+    for case_name, *_ in PENALTY_CASES:
         register(f"penalty {case_name}: tfreg vs torchref", "penalties")(
             lambda dtype, device, n=case_name: _penalty_vs_torchref(n, dtype, device)
         )

@@ -1,0 +1,60 @@
+"""Record TensorFlow results to a bundle, verify them with torchref (the torch-only GPU path)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from regcore.bundle import Case, load_bundle, save_bundle
+from tfreg.parity.devices import torch_device
+from tfreg.parity.record import record_bundle
+from torchref.verify import main as verify_main
+from torchref.verify import verify_bundle
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("bundle") / "reference.npz"
+    assert record_bundle(path) > 0
+    return str(path)
+
+
+def test_torchref_verifies_tensorflow_bundle(bundle: str, device: str) -> None:
+    report = verify_bundle(bundle, device=torch_device(device))
+    cases, meta = load_bundle(bundle)
+    assert meta["recorded_by"] == "tfreg"
+    assert len(report.rows) == len(cases)
+    assert report.ok, report.to_text()
+    # float64 rows are held to penalty_cross's 1e-12, float32 rows to 1e-6 (regcore.tolerances).
+    assert {r.tolerance for r in report.rows if r.dtype == "float64"} == {1e-12}
+    assert {r.tolerance for r in report.rows if r.dtype == "float32"} == {1e-6}
+
+
+def test_a_tampered_bundle_fails(bundle: str, tmp_path) -> None:
+    cases, meta = load_bundle(bundle)
+    victim = next(c for c in cases if c.dtype == "float64")
+    victim.arrays["grad"] = victim.arrays["grad"] * (1 + 1e-9)  # far above 1e-12
+    tampered = tmp_path / "tampered.npz"
+    save_bundle(tampered, cases, meta)
+    report = verify_bundle(str(tampered))
+    failed = [r for r in report.rows if r.status == "fail"]
+    assert [r.check for r in failed] == [victim.name]
+    assert failed[0].detail == f"{victim.name} grad"
+    assert verify_main([str(tampered)]) == 1
+
+
+def test_unknown_case_kind_is_an_error_row(tmp_path) -> None:
+    path = tmp_path / "odd.npz"
+    save_bundle(path, [Case("mystery", "no-such-kind", "penalty_cross", "float64")], {})
+    report = verify_bundle(str(path))
+    assert report.rows[0].status == "error" and "no-such-kind" in report.rows[0].detail
+
+
+def test_unsupported_format_version_is_rejected(tmp_path) -> None:
+    path = tmp_path / "future.npz"
+    manifest = {"format_version": 99, "meta": {}, "cases": []}
+    np.savez(path, __manifest__=np.array(json.dumps(manifest)))
+    with pytest.raises(ValueError, match="format 99"):
+        load_bundle(path)

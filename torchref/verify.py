@@ -1,0 +1,122 @@
+"""Verify a reference bundle recorded by TensorFlow (``tfreg.parity.record``) with torchref.
+
+Runs where TensorFlow is absent -- a GPU image with torch only, say::
+
+    python -m torchref.verify reference.npz --device cuda --json verify.json
+
+Every case is recomputed with torchref on ``--device`` and compared with the recorded values at
+the tolerance the bundle's claim names (``regcore.tolerances``). Exit status 0 when all pass,
+1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from regcore.bundle import Case, load_bundle
+from regcore.compare import Comparison, compare
+from regcore.report import Report, Row
+from regcore.tolerances import tolerance
+from torchref import regularizers
+from torchref._compat import torch
+
+
+def torch_device(device: str) -> str:
+    """Accept "gpu" as an alias of "cuda"; anything else is passed to torch as is."""
+    return "cuda" if device == "gpu" else device
+
+
+def penalty_value_and_grad(
+    class_name: str, kwargs: dict[str, Any], w: np.ndarray, *, transpose: bool, device: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """torchref penalty value and gradient of ``w`` (given in TF layout; ``transpose`` maps a
+    Dense kernel (in, out) to Linear's (out, in)); the gradient comes back in TF layout."""
+    reg = getattr(regularizers, class_name)(**kwargs)
+    x = torch.tensor(
+        w.T.copy() if transpose else w, device=torch_device(device), requires_grad=True
+    )
+    value = reg(x)
+    (grad,) = torch.autograd.grad(value, x)
+    grad_np = grad.detach().cpu().numpy()
+    return value.detach().cpu().numpy(), grad_np.T if transpose else grad_np
+
+
+def _verify_penalty(case: Case, device: str) -> list[Comparison]:
+    class_name, kwargs = case.params["torchref"]
+    value, grad = penalty_value_and_grad(
+        class_name, kwargs, case.arrays["w"], transpose=case.params["transpose"], device=device
+    )
+    rtol = tolerance(case.claim, case.dtype).rtol
+    return [
+        compare(f"{case.name} value", value, case.arrays["value"], rtol=rtol),
+        compare(f"{case.name} grad", grad, case.arrays["grad"], rtol=rtol),
+    ]
+
+
+VERIFIERS: dict[str, Callable[[Case, str], list[Comparison]]] = {"penalty": _verify_penalty}
+
+
+def verify_bundle(path: str, *, device: str = "cpu") -> Report:
+    """Recompute every case on ``device``; a case of an unknown kind is an "error" row."""
+    cases, _meta = load_bundle(path)
+    report = Report()
+    for case in cases:
+        verifier = VERIFIERS.get(case.kind)
+        if verifier is None:
+            report.extend(
+                [Row(case.name, case.dtype, device, "error", detail=f"unknown kind {case.kind!r}")]
+            )
+            continue
+        comparisons = verifier(case, device)
+        failing = [c.name for c in comparisons if not c.passed]
+        report.extend(
+            [
+                Row(
+                    case.name,
+                    case.dtype,
+                    device,
+                    "fail" if failing else "pass",
+                    max_abs=max(c.max_abs for c in comparisons),
+                    max_rel=max(c.max_rel for c in comparisons),
+                    tolerance=comparisons[0].rtol,
+                    detail=", ".join(failing),
+                )
+            ]
+        )
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m torchref.verify",
+        description="Check torchref against a bundle of TensorFlow results (no TensorFlow needed).",
+    )
+    parser.add_argument("bundle", help="a .npz written by `tfreg-parity --record PATH`")
+    parser.add_argument("--device", default="cpu", help='torch device: "cpu", "cuda", "gpu"')
+    parser.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    parser.add_argument("--markdown", metavar="PATH", help="also write the report as Markdown")
+    args = parser.parse_args(argv)
+    if torch_device(args.device).startswith("cuda"):
+        # Parity needs full-precision float32 matmuls; torch's cuDNN convolutions default to TF32.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: torch sees no CUDA device")
+    report = verify_bundle(args.bundle, device=args.device)
+    print(report.to_text())
+    counts = report.counts()
+    print(f"\n{counts['pass']} passed, {counts['fail'] + counts['error']} failed")
+    if args.json:
+        report.write_json(args.json)
+    if args.markdown:
+        report.write_markdown(args.markdown)
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
