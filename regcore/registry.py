@@ -28,6 +28,11 @@ def class_name_for(key: str) -> str | None:
     return key if key in CLASS_NAMES else _KEYS.get(key)
 
 
+def lookup_table(classes: Mapping[str, type]) -> dict[str, type]:
+    """Every name a config's ``class_name`` may use -> class: class names and string keys."""
+    return {**classes, **{key: classes[name] for key, name in _KEYS.items() if name in classes}}
+
+
 def resolve(
     identifier: Any,
     classes: Mapping[str, type],
@@ -36,10 +41,12 @@ def resolve(
     """Keras' ``regularizers.get`` algorithm over one framework's ``classes`` (by class name)."""
     if identifier is None:
         return None
-    if isinstance(identifier, dict):
-        return from_dict(identifier)
     obj = identifier
-    if isinstance(identifier, str):
+    if isinstance(identifier, dict):
+        # Keras' deserializer returns the bare class_name string for an unknown name; the callable
+        # check below turns that into the same error Keras' ``get`` raises.
+        obj = from_dict(identifier)
+    elif isinstance(identifier, str):
         name = class_name_for(identifier)
         obj = classes.get(name) if name else None
     if isinstance(obj, type):

@@ -27,7 +27,7 @@ def float32_rounded(value: float) -> float:
 
 class L1Spec:
     def __init__(self, l1: float | None = 0.01) -> None:
-        self.l1 = float32_rounded(validation.non_negative_float(0.01 if l1 is None else l1, "l1"))
+        self.l1 = float32_rounded(validation.non_negative_float32(0.01 if l1 is None else l1, "l1"))
 
     def get_config(self) -> dict[str, Any]:
         return {"l1": self.l1}
@@ -35,7 +35,7 @@ class L1Spec:
 
 class L2Spec:
     def __init__(self, l2: float | None = 0.01) -> None:
-        self.l2 = validation.non_negative_float(0.01 if l2 is None else l2, "l2")
+        self.l2 = validation.non_negative_float32(0.01 if l2 is None else l2, "l2")
 
     @property
     def call_factor(self) -> float:
@@ -52,6 +52,10 @@ class L2Spec:
         Decoupled decay -- ``torch.optim.AdamW`` and every Keras optimizer's ``weight_decay`` --
         is not a penalty: it shrinks ``w <- w - lr * wd * w`` outside the adaptive scaling, so no
         ``L2`` reproduces it under Adam. Use the optimizer's own argument for that.
+
+        Like every Keras ``L2``, the factor is applied through float32: on float64 weights the
+        gradient is ``wd * w`` exactly only when ``wd / 2`` is a float32 number (``2**-13``; not
+        ``1e-4``, off by ~1e-8 relative). ``l2_penalty(w, wd / 2)`` is exact for any ``wd``.
         """
         return cls(l2=torch_weight_decay_to_l2(weight_decay))
 
@@ -62,8 +66,8 @@ class L2Spec:
 
 class L1L2Spec:
     def __init__(self, l1: float | None = 0.0, l2: float | None = 0.0) -> None:
-        self.l1 = validation.non_negative_float(0.0 if l1 is None else l1, "l1")
-        self.l2 = validation.non_negative_float(0.0 if l2 is None else l2, "l2")
+        self.l1 = validation.non_negative_float32(0.0 if l1 is None else l1, "l1")
+        self.l2 = validation.non_negative_float32(0.0 if l2 is None else l2, "l2")
 
     def get_config(self) -> dict[str, Any]:
         return {"l1": self.l1, "l2": self.l2}
@@ -71,7 +75,7 @@ class L1L2Spec:
 
 class OrthogonalSpec:
     def __init__(self, factor: float = 0.01, mode: str = "rows") -> None:
-        self.factor = float32_rounded(validation.non_negative_float(factor, "factor"))
+        self.factor = float32_rounded(validation.non_negative_float32(factor, "factor"))
         self.mode = validation.choice(mode, "mode", ("rows", "columns"))
 
     def get_config(self) -> dict[str, Any]:

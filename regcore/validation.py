@@ -43,6 +43,27 @@ def non_negative_float(value: Any, name: str) -> float:
     return as_float
 
 
+# Largest finite float32. Keras converts its regularizer factors to float32 tensors, which fails
+# (L1, OrthogonalRegularizer: at construction; L2, L1L2: at the first call) for larger values.
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def non_negative_float32(value: Any, name: str) -> float:
+    """``non_negative_float`` that also fits in float32, the precision Keras keeps factors in.
+
+    Rejected at construction, with the argument named, where Keras fails later or with a
+    conversion message that names neither the argument nor the value.
+    """
+    as_float = non_negative_float(value, name)
+    if as_float > _FLOAT32_MAX:
+        raise InvalidArgumentError(
+            f"Invalid value for argument {name}: expected a non-negative float that fits in "
+            f"float32 (at most {_FLOAT32_MAX}), the precision Keras applies factors in. "
+            f"Received: {name}={value}"
+        )
+    return as_float
+
+
 def finite_float_at_least(value: Any, name: str, minimum: float) -> float:
     """A finite real number ``>= minimum`` (used for the norm order ``p``)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):

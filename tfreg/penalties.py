@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import numpy as np
+
 from tfreg._compat import keras, tf
 from tfreg.regularizers import get
 
@@ -27,7 +29,10 @@ def penalized_variables(
         if include_bias:
             return trainable
         return [v for v in trainable if len(v.shape) >= 2]
-    if isinstance(model_or_variables, (str, bytes)) or not isinstance(model_or_variables, Iterable):
+    # A single tensor is iterable (over its rows): penalising those would silently change what
+    # PNorm, GroupLasso and OrthogonalRegularizer compute. torchref rejects a lone tensor too.
+    single = (str, bytes, tf.Tensor, tf.Variable, keras.Variable, np.ndarray)
+    if isinstance(model_or_variables, single) or not isinstance(model_or_variables, Iterable):
         raise TypeError(
             "penalty() expects a keras Layer/Model, a tf.Module or a sequence of variables. "
             f"Received: model_or_variables={model_or_variables!r}"

@@ -73,6 +73,7 @@ def orthogonal_penalty(x: Any, factor: float, mode: str = "rows") -> tf.Tensor:
     """
     x = ops.convert_to_tensor(x)
     validation.rank_two(tuple(x.shape))
+    validation.choice(mode, "mode", ("rows", "columns"))
     axis = 1 if mode == "rows" else 0
     units = ops.nn.normalize(x, axis=axis, order=2)
     if mode == "rows":
@@ -108,6 +109,7 @@ def pnorm_penalty(x: Any, strength: float, p: float = 2.0) -> tf.Tensor:
     The gradient is 0 at an all-zero tensor (``tf.norm``'s is NaN there) and at zero entries.
     """
     x = ops.convert_to_tensor(x)
+    p = validation.finite_float_at_least(p, "p", 1.0)
     if p == 1.0:
         return _factor(strength, x) * ops.sum(ops.absolute(x))
     return _factor(strength, x) * _zero_safe_root(_sum_of_powers(x, p, None), p)
@@ -226,9 +228,10 @@ def serialize(regularizer: Regularizer) -> dict[str, Any]:
 def deserialize(
     config: dict[str, Any], custom_objects: dict[str, Any] | None = None
 ) -> Regularizer:
-    """Inverse of :func:`serialize`; plain ``{"class_name": "L1", ...}`` names resolve to tfreg."""
+    """Inverse of :func:`serialize`; plain ``{"class_name": "L1", ...}`` names and the string keys
+    of :func:`get` (``"l1l2"``, ``"group_lasso"``, ...) resolve to tfreg's classes."""
     return keras.saving.deserialize_keras_object(
-        config, module_objects=_CLASSES, custom_objects=custom_objects
+        config, module_objects=registry.lookup_table(_CLASSES), custom_objects=custom_objects
     )
 
 

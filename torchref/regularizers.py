@@ -56,9 +56,17 @@ def orthogonal_penalty(x: torch.Tensor, factor: float, mode: str = "rows") -> to
     """Keras' orthogonality penalty: ``factor * mean_{i<j} |<u_i, u_j>|`` over rows (or columns)
     ``u = x * min(rsqrt(sum x^2), 1/1e-7)``. A single row/column gives 0 (no pairs)."""
     validation.rank_two(tuple(x.shape))
+    validation.choice(mode, "mode", ("rows", "columns"))
     axis = 1 if mode == "rows" else 0
-    inv_norm = torch.clamp(
-        torch.rsqrt(x.square().sum(dim=axis, keepdim=True)), max=1.0 / _KERAS_EPSILON
+    square_sum = x.square().sum(dim=axis, keepdim=True)
+    # An all-zero row makes rsqrt inf; torch's backward then gives 0 * inf = NaN where TF's
+    # RsqrtGrad gives 0. Taking the 1/epsilon branch without rsqrt(0) keeps Keras' value and
+    # TF's (zero) gradient.
+    positive = square_sum > 0
+    inv_norm = torch.where(
+        positive,
+        torch.clamp(torch.rsqrt(torch.where(positive, square_sum, 1.0)), max=1.0 / _KERAS_EPSILON),
+        1.0 / _KERAS_EPSILON,
     )
     units = x * inv_norm
     product = units @ units.T if mode == "rows" else units.T @ units
@@ -72,6 +80,7 @@ def orthogonal_penalty(x: torch.Tensor, factor: float, mode: str = "rows") -> to
 
 def pnorm_penalty(x: torch.Tensor, strength: float, p: float = 2.0) -> torch.Tensor:
     """``strength * torch.linalg.vector_norm(x, p)`` -- non-squared; gradient 0 at zero."""
+    p = validation.finite_float_at_least(p, "p", 1.0)
     return strength * torch.linalg.vector_norm(x, ord=p)
 
 
