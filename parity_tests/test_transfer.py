@@ -1,0 +1,268 @@
+"""Weight transfer: the layout table against hand-derived layouts and against both frameworks' own
+layers, and every way ``transfer_weights`` refuses a pair it cannot map."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from regcore.compare import assert_close
+from regcore.tolerances import tolerance
+from regcore.validation import InvalidArgumentError
+from tfreg._compat import keras
+from tfreg.parity.models import build_cnn, build_keras, build_mlp, build_pair, build_torch
+from tfreg.parity.transfer import (
+    FRAMEWORK_DIFFERENCES,
+    conv2d_kernel_to_keras,
+    conv2d_kernel_to_torch,
+    dense_kernel_to_keras,
+    dense_kernel_to_torch,
+    flatten_permutation,
+    load_weights,
+    numpy_weights_for,
+    parameter_pairs,
+    to_torch_input,
+    torch_to_numpy,
+    transfer_weights,
+)
+
+
+def test_dense_kernel_layout_hand_example() -> None:
+    # Keras y = x @ K with K (in=2, out=3); torch y = x @ W.T with W (out=3, in=2).
+    kernel = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    expected = np.array([[1.0, 4.0], [2.0, 5.0], [3.0, 6.0]])
+    np.testing.assert_array_equal(dense_kernel_to_torch(kernel), expected)
+    np.testing.assert_array_equal(dense_kernel_to_keras(expected), kernel)
+
+
+def test_conv2d_kernel_layout_hand_example() -> None:
+    # Encode each index in the value: 1000*out + 100*in + 10*row + col.
+    kh, kw, cin, cout = 2, 3, 2, 4
+    i, j, c, o = np.meshgrid(*(np.arange(n) for n in (kh, kw, cin, cout)), indexing="ij")
+    keras_kernel = 1000 * o + 100 * c + 10 * i + j
+    o, c, i, j = np.meshgrid(*(np.arange(n) for n in (cout, cin, kh, kw)), indexing="ij")
+    torch_weight = 1000 * o + 100 * c + 10 * i + j
+    np.testing.assert_array_equal(conv2d_kernel_to_torch(keras_kernel), torch_weight)
+    np.testing.assert_array_equal(conv2d_kernel_to_keras(torch_weight), keras_kernel)
+
+
+def test_flatten_permutation_hand_example() -> None:
+    # (H, W, C) = (2, 2, 3): Keras position (h*2 + w)*3 + c, torch position c*4 + h*2 + w.
+    expected = [0, 3, 6, 9, 1, 4, 7, 10, 2, 5, 8, 11]
+    np.testing.assert_array_equal(flatten_permutation((2, 2, 3)), expected)
+    np.testing.assert_array_equal(flatten_permutation((4, 3)), expected)
+
+
+def test_flatten_permutation_is_what_the_frameworks_do(rng: np.random.Generator) -> None:
+    x = rng.normal(size=(2, 3, 4, 5))  # NHWC
+    keras_flat = keras.layers.Flatten(dtype="float64")(x).numpy()
+    torch_flat = nn.Flatten()(torch.from_numpy(to_torch_input(x))).numpy()
+    assert not np.array_equal(keras_flat, torch_flat)
+    np.testing.assert_array_equal(keras_flat[:, flatten_permutation((3, 4, 5))], torch_flat)
+
+
+def test_dense_after_flatten_kernel_roundtrip(rng: np.random.Generator) -> None:
+    kernel = rng.normal(size=(3 * 4 * 5, 7))
+    weight = dense_kernel_to_torch(kernel, flatten_from=(3, 4, 5))
+    np.testing.assert_array_equal(weight, kernel[flatten_permutation((3, 4, 5))].T)
+    np.testing.assert_array_equal(dense_kernel_to_keras(weight, flatten_from=(3, 4, 5)), kernel)
+
+
+def test_layout_table_entries_are_inverse_pairs() -> None:
+    for name, layout in FRAMEWORK_DIFFERENCES.layouts.items():
+        composed = [layout.to_torch[i] for i in layout.to_keras]
+        assert composed == list(range(len(layout.to_torch))), name
+
+
+def test_numpy_weights_match_keras_variables(rng: np.random.Generator) -> None:
+    pair = build_cnn(dtype="float32")
+    weights = numpy_weights_for(pair.keras, rng)
+    assert [(w.shape, w.dtype) for w in weights] == [
+        (tuple(v.shape), np.dtype(v.dtype)) for v in pair.keras.weights
+    ]
+
+
+@pytest.mark.parametrize("builder", [build_mlp, build_cnn], ids=["mlp", "cnn"])
+def test_load_weights_puts_the_same_numbers_in_both(builder, rng: np.random.Generator) -> None:
+    pair = builder(dtype="float64")
+    weights = numpy_weights_for(pair.keras, rng)
+    load_weights(pair.keras, pair.torch, weights)
+    linears = [m for m in pair.torch if isinstance(m, (nn.Linear, nn.Conv2d))]
+    kernels = weights[0::2]  # kernel, bias, kernel, bias, ...
+    last = linears[-1].weight.detach().numpy()
+    np.testing.assert_array_equal(last, kernels[-1].T)
+    first_bias = linears[0].bias.detach().numpy()
+    np.testing.assert_array_equal(first_bias, weights[1])
+
+
+def test_torch_to_keras_then_back_is_exact(rng: np.random.Generator) -> None:
+    source = build_cnn(dtype="float64", rng=rng)
+    target = build_cnn(dtype="float64")
+    transfer_weights(target.keras, source.torch, direction="torch_to_keras")
+    transfer_weights(target.keras, target.torch, direction="keras_to_torch")
+    for (name, a), b in zip(
+        source.torch.state_dict().items(), target.torch.state_dict().values(), strict=True
+    ):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=name)
+    for a, b in zip(source.keras.get_weights(), target.keras.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype_", ["float32", "float64"])
+def test_torch_to_keras_direction_gives_the_same_function(
+    dtype_: str, rng: np.random.Generator
+) -> None:
+    tol = tolerance("model_cross", dtype_)  # forward of a transferred CNN: conv sum order differs
+    pair = build_cnn(dtype=dtype_)
+    with torch.no_grad():
+        for p in pair.torch.parameters():
+            p.copy_(torch.from_numpy(rng.uniform(-0.3, 0.3, size=tuple(p.shape))))
+    transfer_weights(pair.keras, pair.torch, direction="torch_to_keras")
+    x = rng.uniform(size=(5, 8, 8, 1)).astype(dtype_)
+    expected = pair.keras(x).numpy()
+    actual = torch_to_numpy(pair.torch(torch.from_numpy(to_torch_input(x))))
+    assert_close(f"CNN logits after torch->keras ({dtype_})", actual, expected, rtol=tol.rtol)
+
+
+def test_pairs_cover_every_keras_variable_once() -> None:
+    pair = build_mlp(dtype="float64", batchnorm=True)
+    pairs = parameter_pairs(pair.keras, pair.torch)
+    assert [p.keras_variable.path for p in pairs] == [v.path for v in pair.keras.weights]
+    assert [p.torch_name for p in pairs] == [
+        "0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var",
+        "3.weight", "3.bias", "4.weight", "4.bias", "4.running_mean", "4.running_var",
+        "6.weight", "6.bias",
+    ]  # fmt: skip
+
+
+# --- refusals: each names the problem, and nothing is half-applied -------------------------
+
+
+def _snapshot(module: nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().clone().numpy() for k, v in module.state_dict().items()}
+
+
+def _assert_untouched(module: nn.Module, before: dict[str, np.ndarray]) -> None:
+    for k, v in module.state_dict().items():
+        np.testing.assert_array_equal(v.numpy(), before[k], err_msg=k)
+
+
+def test_unsupported_keras_layer_is_named(rng: np.random.Generator) -> None:
+    model = keras.Sequential(
+        [keras.Input((6,)), keras.layers.Dense(4), keras.layers.LayerNormalization(name="ln")]
+    )
+    module = nn.Sequential(nn.Linear(6, 4), nn.LayerNorm(4))
+    before = _snapshot(module)
+    with pytest.raises(ValueError, match=r"Keras layer #1 'ln' of type LayerNormalization"):
+        transfer_weights(model, module)
+    _assert_untouched(module, before)
+
+
+def test_unsupported_torch_module_is_named() -> None:
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4)])
+    module = nn.Sequential(nn.Linear(6, 4), nn.GELU())
+    with pytest.raises(ValueError, match=r"torch layer #1 '1' of type GELU"):
+        transfer_weights(model, module)
+
+
+def test_shape_mismatch_is_refused_before_any_copy() -> None:
+    keras_model = build_keras((("dense", 8), ("relu",), ("dense", 3)), (5,), dtype="float64")
+    torch_module = build_torch((("dense", 8), ("relu",), ("dense", 4)), (5,), dtype="float64")
+    before = _snapshot(torch_module)
+    with pytest.raises(ValueError, match=r"maps to \(3, 8\).*has shape \(4, 8\)"):
+        transfer_weights(keras_model, torch_module)
+    _assert_untouched(torch_module, before)
+
+
+def test_dtype_mismatch_is_refused() -> None:
+    keras_model = build_keras((("dense", 3),), (5,), dtype="float64")
+    torch_module = build_torch((("dense", 3),), (5,), dtype="float32")
+    with pytest.raises(ValueError, match="same dtype"):
+        transfer_weights(keras_model, torch_module)
+
+
+def test_layer_count_mismatch_is_refused() -> None:
+    keras_model = build_keras((("dense", 3), ("dense", 3)), (5,), dtype="float32")
+    torch_module = build_torch((("dense", 3),), (5,), dtype="float32")
+    with pytest.raises(ValueError, match="different numbers of weighted layers"):
+        transfer_weights(keras_model, torch_module)
+
+
+def test_conv_padding_mismatch_is_refused() -> None:
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(2, 3, padding="same")])
+    module = nn.Sequential(nn.Conv2d(1, 2, 3, padding=0))
+    with pytest.raises(ValueError, match="padding"):
+        transfer_weights(model, module)
+    ok = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1))
+    transfer_weights(model, ok)  # odd kernel at stride 1: symmetric padding 1 is Keras "same"
+
+
+def test_batchnorm_hyperparameter_mismatch_is_refused() -> None:
+    model = keras.Sequential([keras.Input((4,)), keras.layers.BatchNormalization()])
+    with pytest.raises(ValueError, match=r"momentum 1 - m, eps passed explicitly"):
+        transfer_weights(model, nn.Sequential(nn.BatchNorm1d(4)))  # torch defaults
+    transfer_weights(model, nn.Sequential(nn.BatchNorm1d(4, momentum=0.01, eps=1e-3)))
+
+
+def test_batchnorm_on_feature_maps_needs_batchnorm2d() -> None:
+    keras_model = build_keras((("batchnorm",),), (4, 4, 3), dtype="float32")
+    with pytest.raises(ValueError, match="pairs with torch BatchNorm2d, found BatchNorm1d"):
+        transfer_weights(keras_model, nn.Sequential(nn.BatchNorm1d(3, momentum=0.01, eps=1e-3)))
+
+
+def test_dense_on_a_feature_map_is_refused() -> None:
+    model = keras.Sequential([keras.Input((4, 4, 3)), keras.layers.Dense(2)])
+    with pytest.raises(ValueError, match="no Flatten before it"):
+        transfer_weights(model, nn.Sequential(nn.Linear(3, 2)))
+
+
+def test_unbuilt_keras_model_is_refused() -> None:
+    model = keras.Sequential([keras.layers.Dense(2)])
+    with pytest.raises(ValueError, match="not built on an Input"):
+        transfer_weights(model, nn.Sequential(nn.Linear(3, 2)))
+
+
+def test_load_weights_checks_shapes_before_loading(rng: np.random.Generator) -> None:
+    pair = build_mlp(dtype="float64")
+    before = [w.copy() for w in pair.keras.get_weights()]
+    weights = numpy_weights_for(pair.keras, rng)
+    with pytest.raises(ValueError, match=r"must match keras_model\.weights"):
+        load_weights(pair.keras, pair.torch, weights[:-1])
+    for a, b in zip(pair.keras.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_bad_direction_names_the_argument() -> None:
+    pair = build_pair((("dense", 2),), (3,), dtype="float32")
+    with pytest.raises(InvalidArgumentError, match="direction=sideways"):
+        transfer_weights(pair.keras, pair.torch, direction="sideways")
+
+
+def test_bad_flatten_hint_names_the_argument() -> None:
+    with pytest.raises(InvalidArgumentError, match="flatten_from"):
+        dense_kernel_to_torch(np.zeros((10, 2)), flatten_from=(2, 2, 3))
+
+
+_BLOCK_TORCH = """
+import importlib.abc, sys
+class NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked for this test")
+sys.meta_path.insert(0, NoTorch())
+"""
+
+
+def test_parity_imports_without_torch() -> None:
+    code = _BLOCK_TORCH + (
+        "import tfreg.parity, tfreg.parity.transfer, tfreg.parity.models\n"
+        "assert 'torch' not in sys.modules\n"
+        "assert tfreg.parity.flatten_permutation((1, 2)).tolist() == [0, 1]\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
