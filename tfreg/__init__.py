@@ -4,6 +4,7 @@ Importing tfreg needs TensorFlow >= 2.16 (Keras 3) and never imports torch; the 
 harness lives in :mod:`tfreg.parity` and imports torch only when used.
 """
 
+from tfreg import accumulation
 from tfreg._compat import keras as _keras  # noqa: F401  (fails early with an install hint)
 from tfreg.penalties import penalized_variables, penalty
 from tfreg.regularizers import (
@@ -23,6 +24,7 @@ from tfreg.regularizers import (
     pnorm_penalty,
     serialize,
 )
+from tfreg.training import AccumulatingModel, History, Trainer
 
 __version__ = "0.1.0"
 
@@ -30,11 +32,15 @@ __all__ = [
     "L1",
     "L1L2",
     "L2",
+    "AccumulatingModel",
     "GroupLasso",
+    "History",
     "OrthogonalRegularizer",
     "PNorm",
     "Regularizer",
+    "Trainer",
     "__version__",
+    "accumulation",
     "deserialize",
     "get",
     "group_lasso_penalty",

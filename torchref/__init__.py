@@ -3,6 +3,7 @@
 Never imports TensorFlow or tfreg; shared, framework-free logic lives in ``regcore``.
 """
 
+from torchref import accumulation
 from torchref._compat import torch as _torch  # noqa: F401  (fails early with an install hint)
 from torchref.penalties import penalized_parameters, penalty
 from torchref.regularizers import (
@@ -20,6 +21,7 @@ from torchref.regularizers import (
     orthogonal_penalty,
     pnorm_penalty,
 )
+from torchref.training import History, KerasAdamW, Trainer
 
 __version__ = "0.1.0"
 
@@ -28,10 +30,14 @@ __all__ = [
     "L1L2",
     "L2",
     "GroupLasso",
+    "History",
+    "KerasAdamW",
     "OrthogonalRegularizer",
     "PNorm",
     "Regularizer",
+    "Trainer",
     "__version__",
+    "accumulation",
     "get",
     "group_lasso_penalty",
     "l1_penalty",

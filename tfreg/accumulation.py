@@ -1,0 +1,107 @@
+"""Exact gradient accumulation, as four functions on an explicit state: ``init`` / ``add`` /
+``result`` / ``reset``.
+
+Exactness comes from what is accumulated. Add the gradient of each micro-batch's *sum* of
+(weighted) per-example losses together with that micro-batch's loss-element count; ``result``
+divides the summed gradient by the window's total count. That is the gradient of
+``sum(w_i * l_i) / N`` over the concatenated window -- Keras' ``"sum_over_batch_size"`` on one big
+batch -- for any micro-batch sizes. Averaging per-micro-batch *means* (what Keras' optimizer
+``gradient_accumulation_steps`` and most tutorials do) weights the examples of a short
+micro-batch more heavily and is only right when every micro-batch has the same size and weight.
+
+The state is a ``tf.Module`` of non-trainable ``tf.Variable`` s, so the functions work eagerly
+and inside ``tf.function`` (no retracing: shapes are fixed at ``init``) and the state goes into a
+``tf.train.Checkpoint`` -- a run saved mid-window resumes bit-identically. Sums are kept in each
+variable's dtype, but never below float32: under a mixed-precision policy the float16/bfloat16
+compute gradients are added into float32 sums.
+
+The torch twin is :mod:`torchref.accumulation` (same functions, tensors instead of variables).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from tfreg._compat import tf
+
+__all__ = ["AccumulatorState", "add", "init", "reset", "result"]
+
+_LOW_PRECISION = (tf.float16, tf.bfloat16)
+
+
+def _sum_dtype(variable_dtype: tf.DType, dtype: Any) -> tf.DType:
+    if dtype is not None:
+        return tf.as_dtype(dtype)
+    return tf.float32 if variable_dtype in _LOW_PRECISION else variable_dtype
+
+
+class AccumulatorState(tf.Module):
+    """``sums[i]`` (one per variable), ``count`` (float64: exact for any integer count a window
+    can have) and ``micro_batches``. Create with :func:`init`."""
+
+    def __init__(self, variables: Sequence[Any], dtype: Any = None, name: str | None = None):
+        super().__init__(name=name or "accumulator")
+        with self.name_scope:
+            self.sums = [
+                tf.Variable(
+                    tf.zeros(v.shape, dtype=_sum_dtype(tf.as_dtype(v.dtype), dtype)),
+                    trainable=False,
+                    name=f"sum_{i}",
+                )
+                for i, v in enumerate(variables)
+            ]
+            self.count = tf.Variable(tf.constant(0.0, tf.float64), trainable=False, name="count")
+            self.micro_batches = tf.Variable(
+                tf.constant(0, tf.int64), trainable=False, name="micro_batches"
+            )
+
+
+def init(variables: Sequence[Any], *, dtype: Any = None) -> AccumulatorState:
+    """Zeroed state for ``variables`` (their shapes; dtype per module docstring unless given)."""
+    variables = list(variables)
+    if not variables:
+        raise ValueError("init() needs at least one variable. Received: variables=[]")
+    return AccumulatorState(variables, dtype)
+
+
+def add(state: AccumulatorState, grads: Sequence[Any], count: Any) -> AccumulatorState:
+    """Add one micro-batch: ``grads`` of its loss *sum*, and its loss-element ``count``.
+
+    ``None`` gradients (variables the loss does not reach) add nothing; ``tf.IndexedSlices``
+    (embedding lookups) are scatter-added without densifying.
+    """
+    grads = list(grads)
+    if len(grads) != len(state.sums):
+        raise ValueError(
+            f"add() got {len(grads)} gradients for an accumulator of {len(state.sums)} "
+            "variables. Received: len(grads)=" + str(len(grads))
+        )
+    for acc, grad in zip(state.sums, grads, strict=True):
+        if grad is None:
+            continue
+        if isinstance(grad, tf.IndexedSlices):
+            acc.scatter_add(tf.IndexedSlices(tf.cast(grad.values, acc.dtype), grad.indices))
+        else:
+            acc.assign_add(tf.cast(grad, acc.dtype))
+    state.count.assign_add(tf.cast(count, tf.float64))
+    state.micro_batches.assign_add(1)
+    return state
+
+
+def result(state: AccumulatorState) -> list[tf.Tensor]:
+    """The window's gradient: each sum divided by the total count.
+
+    An empty window gives 0/0 = NaN on purpose: a step taken from nothing must be caught by a
+    finiteness check, never silently applied as a zero-gradient step.
+    """
+    return [acc / tf.cast(state.count, acc.dtype) for acc in state.sums]
+
+
+def reset(state: AccumulatorState) -> AccumulatorState:
+    """Zero the sums and counters (after the update that consumed them)."""
+    for acc in state.sums:
+        acc.assign(tf.zeros_like(acc))
+    state.count.assign(0.0)
+    state.micro_batches.assign(0)
+    return state

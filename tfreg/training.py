@@ -1,0 +1,558 @@
+"""Training with exact gradient accumulation: ``Trainer`` (a ``tf.GradientTape`` loop) and
+``AccumulatingModel`` (the same arithmetic inside ``model.fit``).
+
+One update over a window of micro-batches ``W`` applies (see :mod:`regcore.training`)::
+
+    g = sum_{i in W} grad(w_i * l_i) / N_W + grad(penalty),   N_W = loss elements in W
+
+-- the gradient Keras' ``"sum_over_batch_size"`` loss gives on the concatenated window -- then
+clipping and one optimizer step. Penalty, weight decay, clipping and the step happen once per
+update; the optimizer's ``iterations`` counts updates. The last short window of an epoch is
+an update scaled by its own example count (``drop_remainder=True`` drops it). A non-finite
+gradient skips the whole update (weights and optimizer state untouched; ``History`` records it)
+or raises ``FloatingPointError`` (``on_nonfinite="raise"``).
+
+Differences from PyTorch (``torchref.training``): none in the arithmetic. Keras keeps optimizer
+hyperparameters (the learning rate) as float32 variables, so a float64 torch run matches a
+Keras run only with ``lr = float32(lr)``; see the parity tests for Adam's epsilon placement.
+BatchNorm statistics (and Keras' moving averages) are computed per micro-batch: accumulation
+makes the *gradient* exact, not batch statistics -- a BatchNorm model trained with 4 x 64 is not
+the model trained with 256.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from regcore.training import History as History
+from regcore.training import TrainerSpec, check_fit_data, run_fit
+from regcore.validation import InvalidArgumentError
+from tfreg import accumulation
+from tfreg._compat import keras, tf
+from tfreg.penalties import penalty as _penalty
+from tfreg.regularizers import get as _get_regularizer
+
+__all__ = ["AccumulatingModel", "History", "Trainer", "per_example_loss"]
+
+_ALLOWED_REDUCTIONS = ("sum_over_batch_size", "mean", "none", None)
+
+
+def per_example_loss(loss: Any, dtype: Any = None) -> Callable[[Any, Any], tf.Tensor]:
+    """A function ``(y_true, y_pred) -> per-element losses`` computed in ``dtype``.
+
+    ``loss`` is a Keras loss object, a name ``keras.losses.get`` knows, or a function of
+    ``(y_true, y_pred)`` returning per-example values. Keras losses compute in floatx (float32)
+    unless built with ``dtype=``; here both inputs are cast to ``dtype`` first, as a Keras loss
+    built with ``dtype=dtype`` does. ``dtype=None`` takes the predictions' dtype, promoted to at
+    least float32 (mixed precision): a float64 model gets a float64 loss. A loss object whose
+    reduction is ``"sum"`` or ``"mean_with_sample_weight"`` is rejected: the window contract is
+    ``"sum_over_batch_size"``.
+    """
+    resolved = keras.losses.get(loss) if isinstance(loss, str) else loss
+    if isinstance(resolved, keras.losses.Loss):
+        if resolved.reduction not in _ALLOWED_REDUCTIONS:
+            raise InvalidArgumentError(
+                "The loss's reduction must be 'sum_over_batch_size' (the accumulation contract "
+                f"reproduces it over each window). Received: loss.reduction={resolved.reduction!r}"
+            )
+        fn: Callable[[Any, Any], Any] = resolved.call
+    elif callable(resolved):
+        fn = resolved
+    else:
+        raise InvalidArgumentError(
+            f"loss must be a Keras loss, a loss name or a callable. Received: loss={loss!r}"
+        )
+
+    def values(y_true: Any, y_pred: Any) -> tf.Tensor:
+        y_pred = tf.convert_to_tensor(y_pred)
+        target = dtype or (y_pred.dtype if y_pred.dtype == tf.float64 else tf.float32)
+        return fn(tf.cast(y_true, target), tf.cast(y_pred, target))
+
+    return values
+
+
+def _sparse_categorical_accuracy(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+    labels = tf.cast(tf.reshape(y_true, [-1]), tf.int64)
+    return tf.cast(tf.equal(tf.argmax(y_pred, axis=-1), labels), tf.float64)
+
+
+def _categorical_accuracy(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+    return tf.cast(tf.equal(tf.argmax(y_pred, -1), tf.argmax(y_true, -1)), tf.float64)
+
+
+def _binary_accuracy(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+    hits = tf.equal(tf.cast(y_pred > 0.5, tf.float64), tf.cast(y_true, tf.float64))
+    return tf.reduce_mean(tf.cast(hits, tf.float64), axis=-1)
+
+
+_METRIC_FNS = {
+    "sparse_categorical_accuracy": _sparse_categorical_accuracy,
+    "categorical_accuracy": _categorical_accuracy,
+    "binary_accuracy": _binary_accuracy,
+}
+
+
+def _clip(grads: list[tf.Tensor], spec: TrainerSpec) -> list[tf.Tensor]:
+    # Keras' formula g * c / max(||g||, c), per variable or over all of them.
+    if spec.clipnorm is not None:
+        return [
+            g * spec.clipnorm / tf.maximum(tf.norm(g), tf.cast(spec.clipnorm, g.dtype))
+            for g in grads
+        ]
+    if spec.global_clipnorm is not None:
+        return tf.clip_by_global_norm(grads, spec.global_clipnorm)[0]
+    return grads
+
+
+def _reject_activity_regularizers(model: keras.layers.Layer) -> None:
+    # An activity penalty is a per-example data term Keras divides by the micro-batch size; it
+    # has no exact window equivalent, so refusing beats silently changing its strength.
+    for layer in model._flatten_layers(include_self=True):
+        if getattr(layer, "activity_regularizer", None) is not None:
+            raise InvalidArgumentError(
+                "Exact accumulation does not support activity regularizers (their Keras "
+                f"scaling is per micro-batch). Received: layer {layer.name!r} with "
+                f"activity_regularizer={layer.activity_regularizer!r}"
+            )
+
+
+def _penalty_fn(
+    model: keras.layers.Layer, variables: list[Any], regularizer: Any, include_bias: bool
+) -> Callable[[], tf.Tensor | None]:
+    """The once-per-update penalty: ``regularizer`` via :func:`tfreg.penalty` plus every
+    variable's own Keras ``regularizer`` (``kernel_regularizer=`` on a layer), as float64."""
+
+    def total() -> tf.Tensor | None:
+        terms = []
+        if regularizer is not None:
+            terms.append(_penalty(model, regularizer, include_bias=include_bias))
+        terms += [v.regularizer(v) for v in variables if getattr(v, "regularizer", None)]
+        return tf.add_n([tf.cast(t, tf.float64) for t in terms]) if terms else None
+
+    return total
+
+
+def _update(
+    acc: accumulation.AccumulatorState,
+    variables: list[Any],
+    optimizer: keras.optimizers.Optimizer,
+    penalty_fn: Callable[[], tf.Tensor | None],
+    *,
+    clip: Callable[[list[tf.Tensor]], list[tf.Tensor]],
+    raise_on_nonfinite: bool,
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """One update from the window in ``acc`` (graph code); returns (finite, penalty, count) and
+    resets ``acc``. A non-finite gradient leaves weights and optimizer state untouched."""
+    grads = [tf.cast(g, v.dtype) for g, v in zip(accumulation.result(acc), variables, strict=True)]
+    with tf.GradientTape() as tape:
+        pen = penalty_fn()
+    if pen is None:
+        pen = tf.constant(0.0, tf.float64)
+    else:
+        pen_grads = tape.gradient(pen, variables)
+        grads = [g if p is None else g + p for g, p in zip(grads, pen_grads, strict=True)]
+    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+    if raise_on_nonfinite:
+        tf.debugging.Assert(finite, ["non-finite gradient in the accumulated window"])
+    grads = clip(grads)
+
+    def step() -> tf.Tensor:
+        optimizer.apply(grads, variables)
+        return tf.constant(True)
+
+    tf.cond(finite, step, lambda: tf.constant(False))
+    count = tf.identity(acc.count)
+    accumulation.reset(acc)
+    return finite, pen, count
+
+
+class _Window(tf.Module):
+    """Per-window running sums for reporting (float64) and the resumable position."""
+
+    def __init__(self, num_metrics: int) -> None:
+        super().__init__(name="window")
+        zero = tf.constant(0.0, tf.float64)
+        self.loss_sum = tf.Variable(zero, trainable=False)
+        self.weight_sum = tf.Variable(zero, trainable=False)
+        self.metric_sums = [tf.Variable(zero, trainable=False) for _ in range(num_metrics)]
+        self.epoch = tf.Variable(tf.constant(0, tf.int64), trainable=False)
+        self.micro_batch = tf.Variable(tf.constant(0, tf.int64), trainable=False)
+
+
+class _Engine:
+    """The TensorFlow half of ``Trainer``: two ``tf.function`` s, each traced once per input
+    signature (the batch dimension is ``None``, so the short last micro-batch reuses the trace).
+    """
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.t = trainer
+        model = trainer.model
+        self.variables = list(model.trainable_variables)
+        if not self.variables:
+            raise InvalidArgumentError(f"The model has no trainable variables: {model.name!r}")
+        self.acc = accumulation.init(self.variables)
+        self.window = _Window(len(trainer.spec.metrics))
+        trainer.optimizer.build(self.variables)
+        self.micro_fns: dict[tuple[Any, ...], Any] = {}
+        self.apply_fn = tf.function(self._apply, jit_compile=trainer.spec.jit_compile)
+
+    def micro_fn(self, x: np.ndarray, y: np.ndarray) -> Any:
+        key = (x.shape[1:], x.dtype.str, y.shape[1:], y.dtype.str)
+        if key not in self.micro_fns:
+            signature = [
+                tf.TensorSpec((None, *x.shape[1:]), tf.as_dtype(x.dtype)),
+                tf.TensorSpec((None, *y.shape[1:]), tf.as_dtype(y.dtype)),
+                tf.TensorSpec((None,), tf.float64),
+            ]
+            self.micro_fns[key] = tf.function(
+                self._micro, input_signature=signature, jit_compile=self.t.spec.jit_compile
+            )
+        return self.micro_fns[key]
+
+    def micro_step(self, x: np.ndarray, y: np.ndarray, sample_weight: np.ndarray) -> None:
+        self.micro_fn(x, y)(x, y, sample_weight)
+
+    def _micro(self, x: tf.Tensor, y: tf.Tensor, w: tf.Tensor) -> None:
+        with tf.GradientTape() as tape:
+            y_pred = self.t.model(x, training=True)
+            values = self.t._loss_fn(y, y_pred)
+            weights = tf.reshape(tf.cast(w, values.dtype), [-1] + [1] * (values.shape.rank - 1))
+            loss_sum = tf.reduce_sum(values * weights)
+        grads = tape.gradient(loss_sum, self.variables)
+        accumulation.add(self.acc, grads, tf.size(values))
+        self.window.loss_sum.assign_add(tf.cast(loss_sum, tf.float64))
+        self.window.weight_sum.assign_add(tf.reduce_sum(w))
+        for name, total in zip(self.t.spec.metrics, self.window.metric_sums, strict=True):
+            total.assign_add(tf.reduce_sum(_METRIC_FNS[name](y, y_pred) * w))
+
+    def _apply(self) -> dict[str, tf.Tensor]:
+        spec = self.t.spec
+        finite, pen, count = _update(
+            self.acc,
+            self.variables,
+            self.t.optimizer,
+            _penalty_fn(self.t.model, self.variables, self.t.regularizer, spec.include_bias),
+            clip=lambda grads: _clip(grads, spec),
+            raise_on_nonfinite=spec.on_nonfinite == "raise",
+        )
+        data_loss = self.window.loss_sum / count
+        values = {
+            "loss": data_loss + pen,
+            "data_loss": data_loss,
+            "penalty": pen,
+            "skipped": tf.logical_not(finite),
+        }
+        for name, total in zip(self.t.spec.metrics, self.window.metric_sums, strict=True):
+            values[name] = total / self.window.weight_sum
+        for v in [self.window.loss_sum, self.window.weight_sum, *self.window.metric_sums]:
+            v.assign(tf.zeros_like(v))
+        return values
+
+    def apply_step(self) -> dict[str, tf.Tensor]:
+        try:
+            return self.apply_fn()
+        except tf.errors.InvalidArgumentError as exc:
+            if "non-finite gradient" not in str(exc):
+                raise
+            raise FloatingPointError(
+                "Non-finite gradient in the accumulated window (on_nonfinite='raise'); the "
+                "update was not applied: weights and optimizer state are untouched."
+            ) from None
+
+    def fetch(self, values: dict[str, tf.Tensor]) -> dict[str, Any]:
+        return {k: v.numpy().item() for k, v in values.items()}
+
+    def get_position(self) -> tuple[int, int]:
+        return int(self.window.epoch.numpy()), int(self.window.micro_batch.numpy())
+
+    def set_position(self, epoch: int, micro_batch: int) -> None:
+        self.window.epoch.assign(epoch)
+        self.window.micro_batch.assign(micro_batch)
+
+
+class Trainer:
+    """A ``tf.GradientTape`` training loop with exact gradient accumulation.
+
+    Formula per update (window ``W`` of ``accumulation_steps`` micro-batches of ``batch_size``)::
+
+        g = sum_{i in W} grad(w_i * l_i) / N_W + grad(penalty(model, regularizer)
+                                                    + layer kernel_regularizer terms)
+        g = clip(g);  optimizer.apply(g)             # once per window
+
+    equal to one step of ``model.fit`` with batch size ``|W|`` on the concatenated window (up to
+    float round-off). ``torchref.Trainer`` has the same signature and arithmetic; it takes a
+    ``torch.optim`` optimizer and a torch loss.
+
+    ``loss``: Keras loss object/name or ``fn(y_true, y_pred) -> per-example losses``, computed in
+    the model's variable dtype. ``metrics``: names from ``regcore.training.METRICS``, reported per
+    update as ``sum(w*m)/sum(w)`` over the window. ``clipnorm`` clips each variable's gradient,
+    ``global_clipnorm`` all of them (Keras' formula). ``seed`` fixes the shuffling order (per
+    epoch), which is what makes checkpoint/resume bit-identical. ``jit_compile=True`` compiles
+    both steps with XLA (one compilation per distinct micro-batch size).
+
+    Checkpoint/resume: ``ckpt = trainer.checkpoint()`` tracks model, optimizer, accumulator and
+    position (epoch, micro-batch); a fresh ``Trainer`` on the same model architecture restores it
+    with ``trainer.checkpoint().restore(path)`` and ``fit`` continues where it stopped, mid-window
+    included. As in Keras, ``epochs`` is the index to train *up to*, counted from the start.
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        loss: Any,
+        optimizer: keras.optimizers.Optimizer | str,
+        *,
+        accumulation_steps: int = 1,
+        regularizer: Any = None,
+        include_bias: bool = False,
+        clipnorm: float | None = None,
+        global_clipnorm: float | None = None,
+        on_nonfinite: str = "skip",
+        drop_remainder: bool = False,
+        jit_compile: bool = False,
+        metrics: Sequence[str] = (),
+        seed: int = 0,
+    ) -> None:
+        self.spec = TrainerSpec(
+            accumulation_steps=accumulation_steps,
+            include_bias=include_bias,
+            clipnorm=clipnorm,
+            global_clipnorm=global_clipnorm,
+            on_nonfinite=on_nonfinite,
+            drop_remainder=drop_remainder,
+            jit_compile=jit_compile,
+            metrics=metrics,
+            seed=seed,
+        )
+        if not isinstance(model, keras.layers.Layer):
+            raise InvalidArgumentError(f"model must be a Keras model. Received: model={model!r}")
+        optimizer = keras.optimizers.get(optimizer)
+        if getattr(optimizer, "gradient_accumulation_steps", None):
+            raise InvalidArgumentError(
+                "The optimizer accumulates gradients itself (and averages micro-batch means); "
+                "use Trainer(accumulation_steps=...) instead. Received: optimizer."
+                f"gradient_accumulation_steps={optimizer.gradient_accumulation_steps}"
+            )
+        _reject_activity_regularizers(model)
+        self.model = model
+        self.loss = loss
+        self.optimizer = optimizer
+        self.regularizer = None if regularizer is None else _get_regularizer(regularizer)
+        self._loss_fn = per_example_loss(loss)
+        self._engine: _Engine | None = None
+        self.stop_training = False
+
+    def build(self, input_shape: Sequence[int | None] | None = None) -> None:
+        """Create accumulator, optimizer variables and position (``fit`` calls this)."""
+        if self._engine is not None:
+            return
+        if not self.model.built:
+            if input_shape is None:
+                raise ValueError("The model is not built; pass input_shape or call fit first.")
+            self.model.build(tuple(input_shape))
+        self._engine = _Engine(self)
+
+    @property
+    def accumulator(self) -> accumulation.AccumulatorState:
+        self.build()
+        return self._engine.acc
+
+    def checkpoint(self) -> tf.train.Checkpoint:
+        """Everything a resumed ``fit`` needs, mid-window included."""
+        self.build()
+        return tf.train.Checkpoint(
+            model=self.model,
+            optimizer=self.optimizer,
+            accumulator=self._engine.acc,
+            window=self._engine.window,
+        )
+
+    def fit(
+        self,
+        x: Any,
+        y: Any,
+        *,
+        batch_size: int,
+        epochs: int = 1,
+        shuffle: bool = True,
+        sample_weight: Any = None,
+        callbacks: Sequence[Any] | None = None,
+        verbose: int = 1,
+    ) -> History:
+        """Train; returns one :class:`History` record per update (see ``regcore.training``)."""
+        x, y, weights, _ = check_fit_data(
+            x,
+            y,
+            sample_weight,
+            batch_size=batch_size,
+            epochs=epochs,
+            shuffle=shuffle,
+            verbose=verbose,
+        )
+        self.build((None, *x.shape[1:]))
+        return run_fit(
+            self._engine,
+            self,
+            self.spec,
+            x,
+            y,
+            weights,
+            batch_size=batch_size,
+            epochs=epochs,
+            shuffle=shuffle,
+            callbacks=callbacks,
+            verbose=verbose,
+        )
+
+    def trace_counts(self) -> dict[str, int]:
+        """How often each step function was traced (constant after the first update)."""
+        self.build()
+        counts = {"apply": self._engine.apply_fn.experimental_get_tracing_count()}
+        micro = sum(f.experimental_get_tracing_count() for f in self._engine.micro_fns.values())
+        counts["micro"] = micro
+        return counts
+
+    def get_config(self) -> dict[str, Any]:
+        """The keyword arguments (model, loss and optimizer are positional and not included)."""
+        config = self.spec.get_config()
+        config["regularizer"] = (
+            None if self.regularizer is None else keras.regularizers.serialize(self.regularizer)
+        )
+        return config
+
+
+class AccumulatingModel(keras.Model):
+    """Exact accumulation inside ``model.fit``: wraps ``model`` (sharing its weights) and
+    replaces ``train_step``.
+
+    Each ``train_step`` (one micro-batch of ``fit``'s ``batch_size``) adds the gradient of
+    ``sum(w_i * l_i)`` and the loss-element count to an accumulator; the step that completes
+    ``accumulation_steps`` micro-batches applies, once::
+
+        g = sum_W grad(w_i * l_i) / N_W + grad(penalty);   optimizer.apply(g)
+
+    (the optimizer's own ``clipnorm``/``weight_decay`` apply once, inside ``apply``). The
+    compiled ``loss`` must be a single Keras loss with ``"sum_over_batch_size"`` reduction; the
+    penalty is ``regularizer`` (via :func:`tfreg.penalty`) plus the layers' own weight
+    regularizers. Windows restart every epoch. The micro-batches left over at an epoch's end
+    (fewer than ``accumulation_steps``) are applied as one update scaled by their own count
+    (``drop_remainder=False``, the default) or discarded (``drop_remainder=True``); unlike
+    ``Trainer(drop_remainder=True)``, a *full* window whose last micro-batch is short is kept.
+
+    Against Keras' ``optimizer(gradient_accumulation_steps=k)``: Keras averages per-micro-batch
+    *means* (biased when sizes or weights differ) and carries a partial window into the next
+    epoch, losing it at the end of training. Non-finite windows are skipped and counted in
+    ``skipped_updates``. ``fit``'s ``loss`` log is the running per-example data loss.
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        *,
+        accumulation_steps: int,
+        regularizer: Any = None,
+        include_bias: bool = False,
+        drop_remainder: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        spec = TrainerSpec(
+            accumulation_steps=accumulation_steps,
+            include_bias=include_bias,
+            drop_remainder=drop_remainder,
+        )
+        if not isinstance(model, keras.layers.Layer):
+            raise InvalidArgumentError(f"model must be a Keras model. Received: model={model!r}")
+        _reject_activity_regularizers(model)
+        super().__init__(**kwargs)
+        self.model = model
+        self.spec = spec
+        self.regularizer = None if regularizer is None else _get_regularizer(regularizer)
+        self._acc: accumulation.AccumulatorState | None = None
+
+    def call(self, inputs: Any, training: bool | None = None) -> Any:
+        return self.model(inputs, training=training)
+
+    def compile(self, optimizer: Any = "rmsprop", loss: Any = None, **kwargs: Any) -> None:
+        optimizer = keras.optimizers.get(optimizer)
+        if getattr(optimizer, "gradient_accumulation_steps", None):
+            raise InvalidArgumentError(
+                "AccumulatingModel accumulates itself; the optimizer must not. Received: "
+                f"optimizer.gradient_accumulation_steps={optimizer.gradient_accumulation_steps}"
+            )
+        if loss is None or isinstance(loss, (list, tuple, dict)):
+            raise InvalidArgumentError(
+                f"AccumulatingModel needs one Keras loss (single output). Received: loss={loss!r}"
+            )
+        super().compile(optimizer=optimizer, loss=loss, **kwargs)
+        self._loss_fn = per_example_loss(loss)
+        if self.model.built:
+            self._build_state()
+
+    def _build_state(self) -> None:
+        if self._acc is not None:
+            return
+        variables = list(self.model.trainable_variables)
+        self._acc = accumulation.init(variables)
+        self._skipped = tf.Variable(tf.constant(0, tf.int64), trainable=False)
+        self.optimizer.build(variables)
+        self._apply_fn = tf.function(self._apply_window)
+
+    @property
+    def skipped_updates(self) -> int:
+        return 0 if self._acc is None else int(self._skipped.numpy())
+
+    def fit(self, *args: Any, callbacks: Any = None, **kwargs: Any) -> Any:
+        if not self.model.built:
+            raise ValueError("Build the wrapped model (e.g. with keras.Input) before fit().")
+        self._build_state()
+        flush = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: self.flush())
+        return super().fit(*args, callbacks=[flush, *(callbacks or [])], **kwargs)
+
+    def _apply_window(self) -> None:
+        variables = list(self.model.trainable_variables)
+        finite, _, _ = _update(
+            self._acc,
+            variables,
+            self.optimizer,
+            _penalty_fn(self.model, variables, self.regularizer, self.spec.include_bias),
+            clip=lambda grads: grads,
+            raise_on_nonfinite=False,
+        )
+        self._skipped.assign_add(tf.cast(tf.logical_not(finite), tf.int64))
+
+    def flush(self) -> None:
+        """Apply (or, with ``drop_remainder``, discard) a partial window; called at epoch end."""
+        if self._acc is None or int(self._acc.micro_batches.numpy()) == 0:
+            return
+        if self.spec.drop_remainder:
+            accumulation.reset(self._acc)
+        else:
+            self._apply_fn()
+
+    def train_step(self, data: Any) -> dict[str, Any]:
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        variables = list(self.model.trainable_variables)
+        with tf.GradientTape() as tape:
+            y_pred = self(x, training=True)
+            values = self._loss_fn(y, y_pred)
+            if sample_weight is None:
+                weighted = values
+            else:
+                w = tf.cast(sample_weight, values.dtype)
+                weighted = values * tf.reshape(w, [-1] + [1] * (values.shape.rank - 1))
+            loss_sum = tf.reduce_sum(weighted)
+        grads = tape.gradient(loss_sum, variables)
+        count = tf.size(values)
+        accumulation.add(self._acc, grads, count)
+        self._loss_tracker.update_state(
+            loss_sum / tf.cast(count, loss_sum.dtype), sample_weight=tf.cast(count, tf.float32)
+        )
+        tf.cond(
+            self._acc.micro_batches >= self.spec.accumulation_steps,
+            lambda: (self._apply_window(), tf.constant(True))[1],
+            lambda: tf.constant(False),
+        )
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
