@@ -1,0 +1,273 @@
+"""``penalty(model, regularizer)``: which variables it sums over, in tfreg and torchref alike.
+
+Rule: kernels only (trainable, rank >= 2); biases and normalization scales/offsets only with
+``include_bias=True``; non-trainable state (BatchNorm moving statistics) never; an explicit list is
+taken as given. Expected values are sums over NumPy copies of the weights, never the other
+framework's output. Also: the coupled weight-decay conversion and the import boundaries.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+import torch
+
+import tfreg
+import torchref
+
+# PNorm(p=1) applies its strength exactly, so the expected sums below hold to float64 round-off.
+STRENGTH = 0.25
+
+
+def l1_of(*arrays: np.ndarray) -> float:
+    return STRENGTH * sum(float(np.abs(a).sum()) for a in arrays)
+
+
+@pytest.fixture
+def weights() -> dict[str, np.ndarray]:
+    """Dense(4->3) -> BatchNorm(3) -> Dense(3->2), every value nonzero and distinct so that a
+    wrongly included or excluded variable changes the sum."""
+    rng = np.random.default_rng(11)
+    shapes = {
+        "kernel1": (4, 3),
+        "bias1": (3,),
+        "gamma": (3,),
+        "beta": (3,),
+        "moving_mean": (3,),
+        "moving_var": (3,),
+        "kernel2": (3, 2),
+        "bias2": (2,),
+    }
+    return {name: rng.uniform(0.5, 2.0, size=shape) for name, shape in shapes.items()}
+
+
+def keras_model(w: dict[str, np.ndarray]) -> keras.Model:
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(3, dtype="float64", name="first"),
+            keras.layers.BatchNormalization(dtype="float64", name="norm"),
+            keras.layers.Dense(2, dtype="float64", name="second"),
+        ],
+        name="model",
+    )
+    order = ["kernel1", "bias1", "gamma", "beta", "moving_mean", "moving_var", "kernel2", "bias2"]
+    model.set_weights([w[name] for name in order])
+    return model
+
+
+def torch_model(w: dict[str, np.ndarray]) -> torch.nn.Sequential:
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2)
+    ).double()
+    params = {
+        "0.weight": w["kernel1"].T,
+        "0.bias": w["bias1"],
+        "1.weight": w["gamma"],
+        "1.bias": w["beta"],
+        "1.running_mean": w["moving_mean"],
+        "1.running_var": w["moving_var"],
+        "2.weight": w["kernel2"].T,
+        "2.bias": w["bias2"],
+    }
+    model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in params.items()}, strict=False)
+    return model
+
+
+def test_tfreg_penalises_kernels_only_by_default(weights) -> None:
+    model = keras_model(weights)
+    value = tfreg.penalty(model, tfreg.PNorm(STRENGTH, p=1))
+    assert float(value) == pytest.approx(l1_of(weights["kernel1"], weights["kernel2"]), rel=1e-15)
+    assert value.dtype == tf.float64
+    names = [v.path for v in tfreg.penalized_variables(model)]
+    assert names == ["model/first/kernel", "model/second/kernel"]
+
+
+def test_torchref_penalises_kernels_only_by_default(weights) -> None:
+    value = torchref.penalty(torch_model(weights), torchref.PNorm(STRENGTH, p=1))
+    assert value.item() == pytest.approx(l1_of(weights["kernel1"], weights["kernel2"]), rel=1e-15)
+    assert value.dtype == torch.float64
+
+
+def _all_trainable(w: dict[str, np.ndarray]) -> float:
+    # Biases and BatchNorm gamma/beta join; the moving statistics never do.
+    return l1_of(*(w[n] for n in ("kernel1", "bias1", "gamma", "beta", "kernel2", "bias2")))
+
+
+def test_tfreg_include_bias_adds_biases_and_norm_params_never_moving_stats(weights) -> None:
+    model = keras_model(weights)
+    value = tfreg.penalty(model, tfreg.PNorm(STRENGTH, p=1), include_bias=True)
+    assert float(value) == pytest.approx(_all_trainable(weights), rel=1e-15)
+    penalised = {v.path for v in tfreg.penalized_variables(model, include_bias=True)}
+    assert not penalised & {v.path for v in model.non_trainable_variables}
+
+
+def test_torchref_include_bias_adds_biases_and_norm_params_never_buffers(weights) -> None:
+    model = torch_model(weights)
+    value = torchref.penalty(model, torchref.PNorm(STRENGTH, p=1), include_bias=True)
+    assert value.item() == pytest.approx(_all_trainable(weights), rel=1e-15)
+    penalised = {id(t) for t in torchref.penalized_parameters(model, include_bias=True)}
+    assert not penalised & {id(b) for b in model.buffers()}
+
+
+def test_frozen_weights_are_not_penalised(weights) -> None:
+    model = keras_model(weights)
+    model.layers[0].trainable = False
+    expected = l1_of(weights["kernel2"])
+    assert float(tfreg.penalty(model, tfreg.PNorm(STRENGTH, p=1))) == pytest.approx(expected)
+    module = torch_model(weights)
+    module[0].weight.requires_grad_(False)
+    assert torchref.penalty(module, torchref.PNorm(STRENGTH, p=1)).item() == pytest.approx(expected)
+
+
+def test_explicit_variables_are_taken_as_given(weights) -> None:
+    model = keras_model(weights)
+    bn = model.layers[1]
+    value = tfreg.penalty([bn.gamma, bn.moving_mean], tfreg.PNorm(STRENGTH, p=1))
+    assert float(value) == pytest.approx(l1_of(weights["gamma"], weights["moving_mean"]), rel=1e-15)
+    module = torch_model(weights)
+    t_value = torchref.penalty(
+        [module[1].weight, module[1].running_mean], torchref.PNorm(STRENGTH, p=1)
+    )
+    assert t_value.item() == pytest.approx(
+        l1_of(weights["gamma"], weights["moving_mean"]), rel=1e-15
+    )
+
+
+def test_penalty_gradient_reaches_kernels_only(weights) -> None:
+    model = keras_model(weights)
+    with tf.GradientTape() as tape:
+        value = tfreg.penalty(model, tfreg.L2(0.5))
+    grads = tape.gradient(value, model.trainable_variables)
+    assert [g is None for g in grads] == [False, True, True, True, False, True]
+    np.testing.assert_allclose(grads[0].numpy(), 2 * 0.5 * weights["kernel1"], rtol=1e-15)
+
+
+def test_empty_model_and_empty_list_give_zero() -> None:
+    empty = keras.Sequential([keras.Input((3,)), keras.layers.Flatten()])
+    for value in (tfreg.penalty(empty, "l2"), tfreg.penalty([], "l2")):
+        assert float(value) == 0.0
+        assert value.dtype == keras.config.floatx()
+    for t_value in (torchref.penalty(torch.nn.Sequential(), "l2"), torchref.penalty([], "l2")):
+        assert t_value.item() == 0.0
+        assert t_value.dtype == torch.get_default_dtype()
+
+
+def test_regularizer_given_as_key_config_or_keras_object(weights) -> None:
+    model = keras_model(weights)
+    expected = float(tfreg.penalty(model, tfreg.L2(0.01)))
+    assert float(tfreg.penalty(model, "l2")) == expected  # Keras' default l2 = 0.01
+    assert float(tfreg.penalty(model, {"class_name": "L2", "config": {"l2": 0.01}})) == expected
+    assert float(tfreg.penalty(model, keras.regularizers.L2(0.01))) == expected
+    assert torchref.penalty(torch_model(weights), "l2").item() == pytest.approx(expected, rel=1e-15)
+
+
+@pytest.mark.parametrize("include_bias", ["yes", 1, None, np.bool_(True)])
+def test_non_bool_include_bias_is_a_type_error(include_bias, weights) -> None:
+    message = f"include_bias must be a bool. Received: include_bias={include_bias!r}"
+    with pytest.raises(TypeError) as error:
+        tfreg.penalty(keras_model(weights), "l2", include_bias=include_bias)
+    assert str(error.value) == message
+    with pytest.raises(TypeError) as t_error:
+        torchref.penalty(torch_model(weights), "l2", include_bias=include_bias)
+    assert str(t_error.value) == message
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        pytest.param(lambda: tf.Variable(np.ones((3, 2))), id="tf.Variable"),
+        pytest.param(lambda: tf.ones((3, 2)), id="tf.Tensor"),
+        pytest.param(lambda: np.ones((3, 2)), id="ndarray"),
+        pytest.param(lambda: keras.Variable(np.ones((3, 2))), id="keras.Variable"),
+        pytest.param(lambda: "model", id="string"),
+        pytest.param(lambda: 3, id="int"),
+    ],
+)
+def test_tfreg_rejects_a_single_tensor_or_non_model(target) -> None:
+    """A lone tensor iterates over its rows: PNorm would silently become a sum of row norms."""
+    with pytest.raises(TypeError, match="expects a keras Layer/Model"):
+        tfreg.penalty(target(), tfreg.PNorm(0.1))
+
+
+@pytest.mark.parametrize(
+    "target", [pytest.param(torch.ones(3, 2), id="tensor"), pytest.param("model", id="string")]
+)
+def test_torchref_rejects_a_single_tensor_or_non_module(target) -> None:
+    with pytest.raises(TypeError, match=r"expects a torch\.nn\.Module"):
+        torchref.penalty(target, torchref.PNorm(0.1))
+
+
+# --- coupled weight decay == L2(wd / 2) ----------------------------------------------------
+
+
+def _sgd_step(weight: np.ndarray, lr: float, weight_decay: float, penalty) -> np.ndarray:
+    w = torch.tensor(weight, requires_grad=True)
+    optimizer = torch.optim.SGD([w], lr=lr, weight_decay=weight_decay)
+    loss = penalty(w) if penalty is not None else (w * 0.0).sum()  # no loss: decay alone
+    loss.backward()
+    optimizer.step()
+    return w.detach().numpy()
+
+
+def test_from_torch_weight_decay_step_is_identical_to_sgd_weight_decay() -> None:
+    """One SGD step with weight_decay=wd and no loss == one SGD step (no decay) on the penalty.
+    wd = 2**-13 (~1.2e-4): wd / 2 is a float32 number, so L2's float32 factor is exact."""
+    rng = np.random.default_rng(5)
+    weight, lr, wd = rng.normal(size=(4, 3)), 0.1, 2.0**-13
+    reg = torchref.L2.from_torch_weight_decay(wd)
+    assert reg.get_config() == {"l2": wd / 2} and reg.to_torch_weight_decay() == wd
+    decayed = _sgd_step(weight, lr, wd, None)
+    penalised = _sgd_step(weight, lr, 0.0, reg)
+    np.testing.assert_array_equal(penalised, decayed)
+    assert not np.array_equal(decayed, weight)
+
+
+def test_from_torch_weight_decay_with_a_non_float32_factor_is_off_by_its_rounding() -> None:
+    """wd = 1e-4: L2 (Keras' float32 factor) moves the weights by 2 * f32(wd / 2) * w instead of
+    wd * w; the functional l2_penalty(w, wd / 2) is exact."""
+    rng = np.random.default_rng(5)
+    weight, lr, wd = rng.normal(size=(4, 3)), 0.1, 1e-4
+    decayed = _sgd_step(weight, lr, wd, None)
+    keras_factor = _sgd_step(weight, lr, 0.0, torchref.L2.from_torch_weight_decay(wd))
+    exact = _sgd_step(weight, lr, 0.0, lambda w: torchref.l2_penalty(w, wd / 2))
+    np.testing.assert_array_equal(exact, decayed)
+    factor_error = lr * (2 * float(np.float32(wd / 2)) - wd) * weight  # ~1e-13 * w
+    # Each update rounds w once (<= eps/2 * |w|): the difference is known to ~2 eps * max|w|.
+    rounding = 2 * np.finfo(np.float64).eps * np.abs(weight).max()
+    assert np.abs(factor_error).max() > 100 * rounding
+    np.testing.assert_allclose(decayed - keras_factor, factor_error, rtol=0, atol=rounding)
+    tf_reg = tfreg.L2.from_torch_weight_decay(wd)
+    assert tf_reg.get_config() == {"l2": wd / 2} and tf_reg.to_torch_weight_decay() == wd
+
+
+# --- import boundaries -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("package", "forbidden"),
+    [
+        pytest.param("torchref", ("tensorflow", "keras", "tfreg"), id="torchref-without-tf"),
+        pytest.param("tfreg", ("torch", "torchref"), id="tfreg-without-torch"),
+    ],
+)
+def test_import_does_not_pull_in_the_other_framework(package: str, forbidden: tuple) -> None:
+    code = (
+        f"import sys, {package}\n"
+        f"loaded = sorted(m for m in {forbidden!r} if m in sys.modules)\n"
+        "assert not loaded, loaded\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
