@@ -466,6 +466,9 @@ class AccumulatingModel(keras.Model):
         if not isinstance(model, keras.layers.Layer):
             raise InvalidArgumentError(f"model must be a Keras model. Received: model={model!r}")
         _reject_activity_regularizers(model)
+        # The wrapper must hand inputs to `model` untouched (a float32 wrapper would round
+        # float64 inputs); `model`'s own layers cast as they always do.
+        kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
         self.model = model
         self.spec = spec

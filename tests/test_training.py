@@ -1,0 +1,306 @@
+"""tfreg.Trainer and tfreg.AccumulatingModel against a NumPy least-squares reference.
+
+The reference spells its windows out by hand (indices, not ``regcore.windows``) and its gradient
+in closed form, so a wrong plan, a wrong scale or a per-micro-batch step all show up.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfreg
+from regcore import InvalidArgumentError, assert_close, tolerance
+
+EXACT = tolerance("accumulation", "float64")
+LR = 0.125  # exact in float32, so Keras' float32 learning-rate variable does not round it
+N, D = 19, 3
+# batch_size=4, accumulation_steps=3: micro-batches 4,4,4 | 4,3 -> windows of 12 and 7 examples
+WINDOWS = [np.arange(0, 12), np.arange(12, 19)]
+
+
+def linear_model(w: np.ndarray, b: float) -> keras.Model:
+    model = keras.Sequential(
+        [keras.Input((D,), dtype="float64"), keras.layers.Dense(1, dtype="float64")]
+    )
+    model.set_weights([w.reshape(D, 1), np.array([b])])
+    return model
+
+
+@pytest.fixture
+def data() -> tuple[np.ndarray, ...]:
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(N, D))
+    y = rng.normal(size=(N, 1))
+    sw = rng.uniform(0.5, 2.0, size=N)
+    w = rng.normal(size=D)
+    return x, y, sw, w
+
+
+def numpy_sgd(x, y, sw, w, b, *, epochs, windows=WINDOWS, l2=0.0, global_clipnorm=None):
+    w, b = w.copy(), float(b)
+    for _ in range(epochs):
+        for idx in windows:
+            r = (x[idx] @ w + b - y[idx, 0]) * sw[idx]
+            gw = 2 * x[idx].T @ r / len(idx) + 2 * l2 * w
+            gb = 2 * r.sum() / len(idx)
+            if global_clipnorm is not None:
+                scale = global_clipnorm / max(np.sqrt(gw @ gw + gb * gb), global_clipnorm)
+                gw, gb = gw * scale, gb * scale
+            w, b = w - LR * gw, b - LR * gb
+    return w, b
+
+
+def trainer(model: keras.Model, **kwargs) -> tfreg.Trainer:
+    return tfreg.Trainer(
+        model, "mean_squared_error", keras.optimizers.SGD(LR), accumulation_steps=3, **kwargs
+    )
+
+
+def test_windows_and_short_last_window_match_numpy(data) -> None:
+    x, y, sw, w = data
+    model = linear_model(w, 0.3)
+    t = trainer(model)
+    history = t.fit(x, y, batch_size=4, epochs=2, shuffle=False, sample_weight=sw, verbose=0)
+    expected_w, expected_b = numpy_sgd(x, y, sw, w, 0.3, epochs=2)
+    assert_close("kernel", model.get_weights()[0][:, 0], expected_w, rtol=EXACT.rtol)
+    assert_close("bias", model.get_weights()[1], [expected_b], rtol=EXACT.rtol)
+    assert [r["examples"] for r in history.records] == [12, 7, 12, 7]
+    assert int(t.optimizer.iterations.numpy()) == 4  # updates, not micro-batches
+
+
+def test_drop_remainder_skips_the_short_window(data) -> None:
+    x, y, sw, w = data
+    model = linear_model(w, 0.3)
+    t = trainer(model, drop_remainder=True)
+    history = t.fit(x, y, batch_size=4, epochs=2, shuffle=False, sample_weight=sw, verbose=0)
+    expected_w, _ = numpy_sgd(x, y, sw, w, 0.3, epochs=2, windows=WINDOWS[:1])
+    assert_close("kernel", model.get_weights()[0][:, 0], expected_w, rtol=EXACT.rtol)
+    assert len(history) == 2 and int(t.optimizer.iterations.numpy()) == 2
+
+
+def test_penalty_and_clipping_once_per_update(data) -> None:
+    x, y, sw, w = data
+    model = linear_model(w, 0.3)
+    t = trainer(model, regularizer=tfreg.L2(0.25), global_clipnorm=0.5)
+    history = t.fit(x, y, batch_size=4, epochs=2, shuffle=False, sample_weight=sw, verbose=0)
+    expected_w, _ = numpy_sgd(x, y, sw, w, 0.3, epochs=2, l2=0.25, global_clipnorm=0.5)
+    assert_close("kernel", model.get_weights()[0][:, 0], expected_w, rtol=EXACT.rtol)
+    assert history.records[0]["penalty"] == pytest.approx(0.25 * np.sum(w**2), rel=1e-15)
+
+
+def test_loss_and_metric_records_are_window_values() -> None:
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(10, 2))
+    y = rng.integers(0, 2, size=10)
+    kernel = rng.normal(size=(2, 2))
+    model = keras.Sequential(
+        [keras.Input((2,), dtype="float64"), keras.layers.Dense(2, use_bias=False, dtype="float64")]
+    )
+    model.set_weights([kernel])
+    t = tfreg.Trainer(
+        model,
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        keras.optimizers.SGD(0.0),  # weights stay put: every window sees `kernel`
+        accumulation_steps=2,
+        metrics=["sparse_categorical_accuracy"],
+    )
+    history = t.fit(x, y, batch_size=3, epochs=1, shuffle=False, verbose=0)
+    logits = x @ kernel
+    log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    nll = -log_p[np.arange(10), y]
+    hits = logits.argmax(axis=1) == y
+    for record, idx in zip(history.records, [np.arange(0, 6), np.arange(6, 10)], strict=True):
+        assert record["data_loss"] == pytest.approx(nll[idx].mean(), rel=1e-14)
+        assert record["sparse_categorical_accuracy"] == pytest.approx(hits[idx].mean())
+
+
+def test_no_retrace_across_updates_and_the_short_window(data) -> None:
+    x, y, sw, w = data
+    t = trainer(linear_model(w, 0.3))
+    t.fit(x, y, batch_size=4, epochs=4, shuffle=True, sample_weight=sw, verbose=0)
+    assert t.trace_counts() == {"apply": 1, "micro": 1}
+
+
+def test_nonfinite_window_is_skipped_and_counted(data) -> None:
+    x, y, _, w = data
+    y = y.copy()
+    y[14] = np.nan  # poisons the second window only
+    model = linear_model(w, 0.3)
+    t = trainer(model)
+    history = t.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0)
+    expected_w, _ = numpy_sgd(x, y, np.ones(N), w, 0.3, epochs=1, windows=WINDOWS[:1])
+    assert_close("kernel", model.get_weights()[0][:, 0], expected_w, rtol=EXACT.rtol)
+    assert [r["skipped"] for r in history.records] == [False, True]
+    assert history.skipped_updates == 1
+    assert int(t.optimizer.iterations.numpy()) == 1
+
+
+def test_nonfinite_raise_leaves_weights_untouched(data) -> None:
+    x, y, _, w = data
+    y = np.full_like(y, np.inf)
+    model = linear_model(w, 0.3)
+    t = trainer(model, on_nonfinite="raise")
+    with pytest.raises(FloatingPointError, match="untouched"):
+        t.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0)
+    np.testing.assert_array_equal(model.get_weights()[0][:, 0], w)
+    assert int(t.optimizer.iterations.numpy()) == 0
+
+
+def mlp(seed: int) -> keras.Model:
+    rng = np.random.default_rng(seed)
+    model = keras.Sequential(
+        [
+            keras.Input((4,), dtype="float64"),
+            keras.layers.Dense(6, activation="tanh", dtype="float64"),
+            keras.layers.Dense(3, dtype="float64"),
+        ]
+    )
+    model.set_weights([rng.normal(size=v.shape) * 0.5 for v in model.weights])
+    return model
+
+
+def test_checkpoint_mid_window_resumes_bit_identically(tmp_path) -> None:
+    rng = np.random.default_rng(11)
+    x, y = rng.normal(size=(23, 4)), rng.integers(0, 3, size=23)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    def make() -> tfreg.Trainer:
+        return tfreg.Trainer(
+            mlp(5), loss, keras.optimizers.Adam(0.01), accumulation_steps=3, seed=9
+        )
+
+    reference = make()
+    reference.fit(x, y, batch_size=4, epochs=3, verbose=0)
+
+    class StopMidWindow:
+        def on_micro_batch_end(self, trainer, epoch, micro_batch):
+            if (epoch, micro_batch) == (1, 4):  # 2 of window 1's 3 micro-batches are in
+                trainer.stop_training = True
+
+    first = make()
+    first.fit(x, y, batch_size=4, epochs=3, callbacks=[StopMidWindow()], verbose=0)
+    assert int(first.accumulator.micro_batches.numpy()) == 2
+    path = first.checkpoint().write(str(tmp_path / "ckpt"))
+
+    resumed = make()
+    resumed.build()
+    resumed.checkpoint().read(path).assert_consumed()
+    resumed.fit(x, y, batch_size=4, epochs=3, verbose=0)
+    for a, b in zip(resumed.model.get_weights(), reference.model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert int(resumed.optimizer.iterations.numpy()) == int(reference.optimizer.iterations.numpy())
+
+
+def test_verbose_zero_is_silent_and_two_prints_epochs(data, capsys) -> None:
+    x, y, _, w = data
+    trainer(linear_model(w, 0.3)).fit(x, y, batch_size=4, epochs=2, verbose=0)
+    assert capsys.readouterr().out == ""
+    trainer(linear_model(w, 0.3)).fit(x, y, batch_size=4, epochs=2, verbose=2)
+    out = capsys.readouterr().out
+    assert "Epoch 1/2: 2 updates" in out and "Epoch 2/2" in out
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"accumulation_steps": 0}, "accumulation_steps=0"),
+        ({"accumulation_steps": 2.0}, "accumulation_steps=2.0"),
+        ({"on_nonfinite": "ignore"}, "on_nonfinite=ignore"),
+        ({"clipnorm": -1.0}, "clipnorm=-1.0"),
+        ({"clipnorm": 1.0, "global_clipnorm": 1.0}, "Only one of clipnorm"),
+        ({"metrics": ["accuracy"]}, "metrics=accuracy"),
+        ({"drop_remainder": 1}, "drop_remainder=1"),
+    ],
+    ids=[
+        "steps-zero",
+        "steps-float",
+        "nonfinite-mode",
+        "clip-negative",
+        "two-clips",
+        "metric",
+        "drop",
+    ],
+)
+def test_bad_options_name_the_argument(kwargs, match) -> None:
+    with pytest.raises(InvalidArgumentError, match=match):
+        tfreg.Trainer(mlp(0), "mse", "sgd", **kwargs)
+
+
+def test_rejected_setups() -> None:
+    with pytest.raises(InvalidArgumentError, match="gradient_accumulation_steps=2"):
+        tfreg.Trainer(mlp(0), "mse", keras.optimizers.SGD(gradient_accumulation_steps=2))
+    with pytest.raises(InvalidArgumentError, match="reduction='sum'"):
+        tfreg.Trainer(mlp(0), keras.losses.MeanSquaredError(reduction="sum"), "sgd")
+    noisy = keras.Sequential(
+        [keras.Input((2,)), keras.layers.Dense(2, activity_regularizer=keras.regularizers.L2())]
+    )
+    with pytest.raises(InvalidArgumentError, match="activity_regularizer"):
+        tfreg.Trainer(noisy, "mse", "sgd")
+
+
+def test_bad_fit_data_changes_nothing(data) -> None:
+    x, y, _, w = data
+    model = linear_model(w, 0.3)
+    t = trainer(model)
+    with pytest.raises(InvalidArgumentError, match=r"sample_weight.shape=\(3,\)"):
+        t.fit(x, y, batch_size=4, sample_weight=np.ones(3), verbose=0)
+    with pytest.raises(InvalidArgumentError, match="batch_size=0"):
+        t.fit(x, y, batch_size=0, verbose=0)
+    with pytest.raises(InvalidArgumentError, match=r"y.shape=\(5, 1\)"):
+        t.fit(x, y[:5], batch_size=4, verbose=0)
+    np.testing.assert_array_equal(model.get_weights()[0][:, 0], w)
+    assert int(t.optimizer.iterations.numpy()) == 0
+
+
+def test_get_config_returns_the_keyword_arguments() -> None:
+    t = tfreg.Trainer(mlp(0), "mse", "sgd", accumulation_steps=4, clipnorm=2.0, seed=3)
+    config = t.get_config()
+    assert config["accumulation_steps"] == 4 and config["clipnorm"] == 2.0 and config["seed"] == 3
+    rebuilt = tfreg.Trainer(mlp(0), "mse", "sgd", **config)
+    assert rebuilt.get_config() == config
+
+
+def test_mixed_precision_accumulates_in_float32() -> None:
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    finally:
+        keras.config.set_dtype_policy(previous)
+    t = tfreg.Trainer(model, "mse", keras.optimizers.SGD(0.01), accumulation_steps=2)
+    rng = np.random.default_rng(0)
+    history = t.fit(rng.normal(size=(8, 4)), rng.normal(size=(8, 3)), batch_size=2, verbose=0)
+    assert {s.dtype for s in t.accumulator.sums} == {tf.float32}
+    assert len(history) == 2 and np.isfinite(history.history["loss"]).all()
+
+
+@pytest.fixture
+def float64_inputs():
+    # model.fit's data adapter casts float inputs to floatx; float64 keeps the reference exact.
+    previous = keras.config.floatx()
+    keras.config.set_floatx("float64")
+    yield
+    keras.config.set_floatx(previous)
+
+
+@pytest.mark.parametrize("drop_remainder", [False, True], ids=["flush", "drop"])
+def test_accumulating_model_fit_equals_trainer(data, float64_inputs, drop_remainder) -> None:
+    x, y, sw, w = data
+    model = linear_model(w, 0.3)
+    wrapped = tfreg.AccumulatingModel(model, accumulation_steps=3, drop_remainder=drop_remainder)
+    wrapped.compile(keras.optimizers.SGD(LR), "mean_squared_error")
+    wrapped.fit(x, y, batch_size=4, epochs=2, shuffle=False, sample_weight=sw, verbose=0)
+    # The leftover micro-batches (4 + 3 examples) form window 2: flushed, or discarded.
+    windows = WINDOWS[:1] if drop_remainder else WINDOWS
+    expected_w, _ = numpy_sgd(x, y, sw, w, 0.3, epochs=2, windows=windows)
+    assert_close("kernel", model.get_weights()[0][:, 0], expected_w, rtol=EXACT.rtol)
+    assert int(wrapped.optimizer.iterations.numpy()) == 2 * len(windows)
+
+
+def test_accumulating_model_rejects_builtin_accumulation() -> None:
+    wrapped = tfreg.AccumulatingModel(mlp(0), accumulation_steps=2)
+    with pytest.raises(InvalidArgumentError, match="gradient_accumulation_steps=4"):
+        wrapped.compile(keras.optimizers.SGD(gradient_accumulation_steps=4), "mse")
