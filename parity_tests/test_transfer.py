@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from functools import partial
 
 import numpy as np
 import pytest
@@ -100,9 +101,12 @@ def test_load_weights_puts_the_same_numbers_in_both(builder, rng: np.random.Gene
     np.testing.assert_array_equal(first_bias, weights[1])
 
 
-def test_torch_to_keras_then_back_is_exact(rng: np.random.Generator) -> None:
-    source = build_cnn(dtype="float64", rng=rng)
-    target = build_cnn(dtype="float64")
+@pytest.mark.parametrize(
+    "builder", [build_cnn, partial(build_mlp, batchnorm=True)], ids=["cnn", "bn-mlp"]
+)
+def test_torch_to_keras_then_back_is_exact(builder, rng: np.random.Generator) -> None:
+    source = builder(dtype="float64", rng=rng)
+    target = builder(dtype="float64")
     transfer_weights(target.keras, source.torch, direction="torch_to_keras")
     transfer_weights(target.keras, target.torch, direction="keras_to_torch")
     for (name, a), b in zip(
@@ -113,20 +117,19 @@ def test_torch_to_keras_then_back_is_exact(rng: np.random.Generator) -> None:
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("dtype_", ["float32", "float64"])
 def test_torch_to_keras_direction_gives_the_same_function(
-    dtype_: str, rng: np.random.Generator
+    dtype: str, rng: np.random.Generator
 ) -> None:
-    tol = tolerance("model_cross", dtype_)  # forward of a transferred CNN: conv sum order differs
-    pair = build_cnn(dtype=dtype_)
+    tol = tolerance("model_cross", dtype)  # forward of a transferred CNN: conv sum order differs
+    pair = build_cnn(dtype=dtype)
     with torch.no_grad():
         for p in pair.torch.parameters():
             p.copy_(torch.from_numpy(rng.uniform(-0.3, 0.3, size=tuple(p.shape))))
     transfer_weights(pair.keras, pair.torch, direction="torch_to_keras")
-    x = rng.uniform(size=(5, 8, 8, 1)).astype(dtype_)
+    x = rng.uniform(size=(5, 8, 8, 1)).astype(dtype)
     expected = pair.keras(x).numpy()
     actual = torch_to_numpy(pair.torch(torch.from_numpy(to_torch_input(x))))
-    assert_close(f"CNN logits after torch->keras ({dtype_})", actual, expected, rtol=tol.rtol)
+    assert_close(f"CNN logits after torch->keras ({dtype})", actual, expected, rtol=tol.rtol)
 
 
 def test_pairs_cover_every_keras_variable_once() -> None:

@@ -675,9 +675,7 @@ def torch_gradients_in_keras_layout(pairs: Sequence[ParameterPair]) -> list[np.n
     return out
 
 
-def numpy_weights_for(
-    keras_model: Any, rng: np.random.Generator, *, dtype: str | None = None
-) -> list[np.ndarray]:
+def numpy_weights_for(keras_model: Any, rng: np.random.Generator) -> list[np.ndarray]:
     """Initial weights drawn from ``rng``, one array per ``keras_model.weights`` entry (Keras
     layout, ``get_weights()`` order), for loading into both frameworks with :func:`load_weights`.
 
@@ -703,7 +701,7 @@ def numpy_weights_for(
             raise ValueError(
                 f"numpy_weights_for does not know how to draw variable {variable.path!r}"
             )
-        out.append(value.astype(dtype or variable.dtype))
+        out.append(value.astype(variable.dtype))
     return out
 
 
