@@ -24,6 +24,15 @@ from tfreg.regularizers import (
     pnorm_penalty,
     serialize,
 )
+from tfreg.sparsity import (
+    ParameterSparsity,
+    ProximalL1,
+    SparsityCallback,
+    SparsityReport,
+    apply_proximal_l1,
+    soft_threshold,
+    sparsity_report,
+)
 from tfreg.training import AccumulatingModel, History, Trainer
 
 __version__ = "0.1.0"
@@ -37,10 +46,15 @@ __all__ = [
     "History",
     "OrthogonalRegularizer",
     "PNorm",
+    "ParameterSparsity",
+    "ProximalL1",
     "Regularizer",
+    "SparsityCallback",
+    "SparsityReport",
     "Trainer",
     "__version__",
     "accumulation",
+    "apply_proximal_l1",
     "deserialize",
     "get",
     "group_lasso_penalty",
@@ -51,4 +65,6 @@ __all__ = [
     "penalty",
     "pnorm_penalty",
     "serialize",
+    "soft_threshold",
+    "sparsity_report",
 ]

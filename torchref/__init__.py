@@ -21,6 +21,14 @@ from torchref.regularizers import (
     orthogonal_penalty,
     pnorm_penalty,
 )
+from torchref.sparsity import (
+    ParameterSparsity,
+    ProximalL1,
+    SparsityReport,
+    apply_proximal_l1,
+    soft_threshold,
+    sparsity_report,
+)
 from torchref.training import History, KerasAdamW, Trainer
 
 __version__ = "0.1.0"
@@ -34,10 +42,14 @@ __all__ = [
     "KerasAdamW",
     "OrthogonalRegularizer",
     "PNorm",
+    "ParameterSparsity",
+    "ProximalL1",
     "Regularizer",
+    "SparsityReport",
     "Trainer",
     "__version__",
     "accumulation",
+    "apply_proximal_l1",
     "get",
     "group_lasso_penalty",
     "l1_penalty",
@@ -46,4 +58,6 @@ __all__ = [
     "penalized_parameters",
     "penalty",
     "pnorm_penalty",
+    "soft_threshold",
+    "sparsity_report",
 ]
