@@ -43,6 +43,7 @@ size)``, ``("flatten",)``, ``("dense", units)``, ``("relu",)``, ``("batchnorm",)
 ``("dropout", rate)``."""
 
 DTYPES: tuple[str, ...] = ("float32", "float64")
+_BN = FRAMEWORK_DIFFERENCES.batchnorm  # BN defaults follow Keras' convention (momentum m)
 
 
 def mlp_spec(
@@ -78,6 +79,11 @@ def cnn_spec(
     -> MaxPool 2 -> Conv2D(f2, 3x3) ReLU -> Flatten -> Dense(dense) ReLU -> Dense(classes).
     "same" padding keeps 8x8 -> 8x8 -> 4x4 -> 4x4 (the notebook's "valid" would shrink 8x8 to
     nothing). Ends in logits, not softmax."""
+    if len(filters) != 2:
+        raise InvalidArgumentError(
+            f"Invalid value for argument filters: expected two filter counts (one per Conv2D). "
+            f"Received: filters={filters!r}"
+        )
     f1, f2 = (positive_int(f, "filters") for f in filters)
     return (
         ("conv2d", f1, 3),
@@ -97,8 +103,8 @@ def build_keras(
     input_shape: Sequence[int],
     *,
     dtype: str,
-    bn_momentum: float = 0.99,
-    bn_epsilon: float = 1e-3,
+    bn_momentum: float = _BN.keras_momentum_default,
+    bn_epsilon: float = _BN.keras_epsilon_default,
     device: str = "cpu",
 ) -> Any:
     """A ``keras.Sequential`` for ``spec``; every layer and the Input carry ``dtype``.
@@ -136,8 +142,8 @@ def build_torch(
     input_shape: Sequence[int],
     *,
     dtype: str,
-    bn_momentum: float = 0.99,
-    bn_epsilon: float = 1e-3,
+    bn_momentum: float = _BN.keras_momentum_default,
+    bn_epsilon: float = _BN.keras_epsilon_default,
     device: str = "cpu",
 ) -> Any:
     """A ``torch.nn.Sequential`` for ``spec``, taking NCHW input (``input_shape`` is Keras'
@@ -195,8 +201,8 @@ def build_pair(
     dtype: str,
     rng: np.random.Generator | None = None,
     device: str = "cpu",
-    bn_momentum: float = 0.99,
-    bn_epsilon: float = 1e-3,
+    bn_momentum: float = _BN.keras_momentum_default,
+    bn_epsilon: float = _BN.keras_epsilon_default,
 ) -> ModelPair:
     """Both models for ``spec``; with ``rng``, weights drawn from it (``numpy_weights_for``) are
     loaded into both, so they compute the same function."""
@@ -224,8 +230,8 @@ def build_mlp(
     batchnorm: bool = False,
     dropout: float = 0.0,
     device: str = "cpu",
-    bn_momentum: float = 0.99,
-    bn_epsilon: float = 1e-3,
+    bn_momentum: float = _BN.keras_momentum_default,
+    bn_epsilon: float = _BN.keras_epsilon_default,
 ) -> ModelPair:
     """MLP pair ``input_dim -> hidden... -> classes`` (see :func:`mlp_spec`); 64 inputs fit the
     flattened 8x8 digits."""
