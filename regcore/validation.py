@@ -80,6 +80,13 @@ def finite_float_at_least(value: Any, name: str, minimum: float) -> float:
     return as_float
 
 
+def strict_bool(value: Any, name: str) -> bool:
+    """A real ``bool``: ``1``, ``"yes"`` or ``np.bool_`` would silently mean something else."""
+    if not isinstance(value, bool):
+        raise InvalidArgumentError(f"{name} must be a bool. Received: {name}={value!r}")
+    return value
+
+
 def positive_int(value: Any, name: str) -> int:
     """A positive Python/NumPy integer (not a bool, not a float such as ``2.0``)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:

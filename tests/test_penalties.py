@@ -170,13 +170,18 @@ def test_regularizer_given_as_key_config_or_keras_object(weights) -> None:
 
 @pytest.mark.parametrize("include_bias", ["yes", 1, None, np.bool_(True)])
 def test_non_bool_include_bias_is_a_type_error(include_bias, weights) -> None:
+    """Also for penalized_variables/penalized_parameters, which used to take any truthy value."""
     message = f"include_bias must be a bool. Received: include_bias={include_bias!r}"
-    with pytest.raises(TypeError) as error:
-        tfreg.penalty(keras_model(weights), "l2", include_bias=include_bias)
-    assert str(error.value) == message
-    with pytest.raises(TypeError) as t_error:
-        torchref.penalty(torch_model(weights), "l2", include_bias=include_bias)
-    assert str(t_error.value) == message
+    model, module = keras_model(weights), torch_model(weights)
+    for call in (
+        lambda: tfreg.penalty(model, "l2", include_bias=include_bias),
+        lambda: tfreg.penalized_variables(model, include_bias=include_bias),
+        lambda: torchref.penalty(module, "l2", include_bias=include_bias),
+        lambda: torchref.penalized_parameters(module, include_bias=include_bias),
+    ):
+        with pytest.raises(TypeError) as error:
+            call()
+        assert str(error.value) == message
 
 
 @pytest.mark.parametrize(

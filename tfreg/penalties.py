@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from regcore import validation
 from tfreg._compat import keras, tf
 from tfreg.regularizers import get
 
@@ -24,6 +25,7 @@ def penalized_variables(
     model_or_variables: keras.layers.Layer | Iterable[Any], *, include_bias: bool = False
 ) -> list[Any]:
     """The variables :func:`penalty` sums over, in the model's variable order."""
+    include_bias = validation.strict_bool(include_bias, "include_bias")
     if isinstance(model_or_variables, (keras.layers.Layer, tf.Module)):
         trainable = list(model_or_variables.trainable_variables)
         if include_bias:
@@ -51,10 +53,8 @@ def penalty(
     ``regularizer`` is a tfreg/Keras regularizer, any callable of one tensor, or a key accepted by
     :func:`tfreg.get`. Returns a scalar in the variables' dtype (0.0 when nothing is penalised).
     """
-    if not isinstance(include_bias, bool):
-        raise TypeError(f"include_bias must be a bool. Received: include_bias={include_bias!r}")
-    reg = get(regularizer)
     variables = penalized_variables(model_or_variables, include_bias=include_bias)
+    reg = get(regularizer)
     if not variables:
         return tf.constant(0.0, dtype=keras.config.floatx())
     return tf.add_n([tf.convert_to_tensor(reg(v)) for v in variables])

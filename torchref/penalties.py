@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from regcore import validation
 from torchref._compat import torch
 from torchref.regularizers import get
 
@@ -21,6 +22,7 @@ def penalized_parameters(
     module_or_tensors: torch.nn.Module | Iterable[torch.Tensor], *, include_bias: bool = False
 ) -> list[torch.Tensor]:
     """The tensors :func:`penalty` sums over, in ``module.parameters()`` order."""
+    include_bias = validation.strict_bool(include_bias, "include_bias")
     if isinstance(module_or_tensors, torch.nn.Module):
         trainable = [p for p in module_or_tensors.parameters() if p.requires_grad]
         return trainable if include_bias else [p for p in trainable if p.ndim >= 2]
@@ -41,10 +43,8 @@ def penalty(
     include_bias: bool = False,
 ) -> torch.Tensor:
     """Total ``sum_p regularizer(p)`` over the penalised parameters (0.0 when there are none)."""
-    if not isinstance(include_bias, bool):
-        raise TypeError(f"include_bias must be a bool. Received: include_bias={include_bias!r}")
-    reg = get(regularizer)
     tensors = penalized_parameters(module_or_tensors, include_bias=include_bias)
+    reg = get(regularizer)
     if not tensors:
         return torch.zeros(())
     return torch.stack([reg(t) for t in tensors]).sum()
