@@ -1,0 +1,152 @@
+"""Sparsity parity: tfreg and torchref report the same sparsity of transferred weights, and
+proximal-L1 training follows the same trajectory to the same exact zeros.
+
+Tolerances, next to each dtype:
+- reports: counts (zeros, near-zeros, sizes) exactly equal -- they are computed by the same NumPy
+  code on identical values, whatever the layout; L1/L2 norms within claim "sparsity_norms"
+  (float64 1e-12, float32 1e-6 rel: only the summation order of the transposed layouts differs).
+- trajectories: claim "trajectory" (float64 1e-9 rel: 200 updates amplify per-step round-off of
+  the two frameworks' BCE-with-logits formulas; float32 1e-3, realistic use). The *set* of exact
+  zeros must be identical in float64; in float32 a weight ending within round-off of the
+  threshold may land on either side, so the difference is only reported.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import tfreg
+import torchref
+from regcore.compare import assert_close
+from regcore.sparsity import SparsityReport
+from regcore.tolerances import tolerance
+from tfreg._compat import keras, tf
+from tfreg.parity.devices import tf_device
+from tfreg.parity.models import build_cnn, build_mlp, build_pair
+from tfreg.parity.transfer import torch_to_numpy, transfer_weights
+
+STEPS = 200
+LEARNING_RATE = 0.5  # a float32 number: Keras keeps its learning rate as a float32 variable
+L1 = 0.02
+
+
+def _assert_reports_match(tf_report: SparsityReport, torch_report: SparsityReport, dtype: str):
+    tol = tolerance("sparsity_norms", dtype)  # float64 1e-12 / float32 1e-6: summation order
+    assert len(tf_report.parameters) == len(torch_report.parameters)
+    for k, t in zip(tf_report.parameters, torch_report.parameters, strict=True):
+        assert (k.size, k.zeros, k.near_zeros) == (t.size, t.zeros, t.near_zeros), (k.name, t.name)
+        assert k.max_abs == t.max_abs  # a maximum does not depend on order
+        assert_close(f"{k.name} l1", t.l1, k.l1, rtol=tol.rtol)
+        assert_close(f"{k.name} l2", t.l2, k.l2, rtol=tol.rtol)
+    assert (tf_report.zeros, tf_report.near_zeros) == (torch_report.zeros, torch_report.near_zeros)
+    assert_close("total l1", torch_report.l1, tf_report.l1, rtol=tol.rtol)
+    assert_close("total l2", torch_report.l2, tf_report.l2, rtol=tol.rtol)
+
+
+@pytest.mark.parametrize("include_bias", [False, True], ids=["kernels", "with-bias"])
+@pytest.mark.parametrize("model", ["cnn", "mlp-batchnorm"])
+def test_reports_match_on_transferred_weights(
+    model: str, include_bias: bool, dtype: str, device: str, rng: np.random.Generator
+) -> None:
+    if model == "cnn":
+        pair = build_cnn(dtype=dtype, rng=rng, device=device)
+    else:
+        pair = build_mlp(dtype=dtype, rng=rng, device=device, batchnorm=True)
+    # Zero about a third of every kernel (and bias) in Keras, then copy the result to torch:
+    # gives exact zeros and survivors barely above zero, i.e. non-trivial near-zero counts.
+    with tf.device(tf_device(device)):
+        tfreg.apply_proximal_l1(pair.keras, l1=0.1, learning_rate=1.0, include_bias=True)
+    transfer_weights(pair.keras, pair.torch)
+
+    kwargs = {"rel": 0.05, "atol": 1e-3, "include_bias": include_bias}
+    tf_report = tfreg.sparsity_report(pair.keras, **kwargs)
+    torch_report = torchref.sparsity_report(pair.torch, **kwargs)
+    _assert_reports_match(tf_report, torch_report, dtype)
+    assert 0 < tf_report.zeros < tf_report.near_zeros < tf_report.size
+    # 4 (cnn) or 3 (mlp) kernels; include_bias adds the biases and BN gamma/beta (2 layers x 2),
+    # never the BN moving statistics.
+    expected = {"cnn": (4, 8), "mlp-batchnorm": (3, 3 + 3 + 4)}[model][include_bias]
+    assert len(tf_report.parameters) == expected
+
+
+def _logistic_data(rng: np.random.Generator, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    n, d = 200, 30
+    x = rng.standard_normal((n, d))
+    w = np.zeros(d)
+    w[:5] = [2.0, -1.5, 1.0, -0.5, 0.5]
+    y = (x @ w + 0.3 + 0.5 * rng.standard_normal(n) > 0).astype(np.float64)
+    return x.astype(dtype), y[:, None].astype(dtype)
+
+
+def _train_keras(pair, x: np.ndarray, y: np.ndarray) -> list[np.ndarray]:
+    model = pair.keras
+    optimizer = keras.optimizers.SGD(learning_rate=LEARNING_RATE)
+    proximal = tfreg.ProximalL1(l1=L1)
+    x, y = tf.constant(x), tf.constant(y)
+
+    @tf.function
+    def step() -> None:
+        with tf.GradientTape() as tape:
+            logits = model(x, training=True)
+            loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(y, logits))
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+        proximal.apply(model, optimizer)
+
+    with tf.device(tf_device(pair.device)):
+        for _ in range(STEPS):
+            step()
+    assert step.experimental_get_tracing_count() == 1
+    return [v.numpy() for v in model.trainable_variables]
+
+
+def _train_torch(pair, x: np.ndarray, y: np.ndarray) -> list[np.ndarray]:
+    module = pair.torch
+    device = next(module.parameters()).device
+    optimizer = torch.optim.SGD(module.parameters(), lr=LEARNING_RATE)
+    proximal = torchref.ProximalL1(l1=L1)
+    xt, yt = torch.as_tensor(x, device=device), torch.as_tensor(y, device=device)
+    for _ in range(STEPS):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(module(xt), yt)
+        loss.backward()
+        optimizer.step()
+        proximal.apply(module, optimizer)
+    linear = module[0]
+    return [torch_to_numpy(linear.weight).T, torch_to_numpy(linear.bias)]
+
+
+def test_proximal_sgd_trajectories_match(dtype: str, device: str, rng: np.random.Generator):
+    tol = tolerance("trajectory", dtype)  # float64 1e-9 / float32 1e-3: see module docstring
+    x, y = _logistic_data(rng, dtype)
+    pair = build_pair((("dense", 1),), (x.shape[1],), dtype=dtype, rng=rng, device=device)
+    kernel_tf, bias_tf = _train_keras(pair, x, y)
+    kernel_torch, bias_torch = _train_torch(pair, x, y)
+
+    assert_close("kernel", kernel_torch, kernel_tf, rtol=tol.rtol)
+    assert_close("bias", bias_torch, bias_tf, rtol=tol.rtol)
+    zeros_tf, zeros_torch = (
+        set(np.flatnonzero(kernel_tf == 0)),
+        set(np.flatnonzero(kernel_torch == 0)),
+    )
+    # A real sparse solution: most of the 25 irrelevant features at exactly 0, the signal kept.
+    assert 15 <= len(zeros_tf) < kernel_tf.size
+    assert zeros_tf.isdisjoint(range(3))
+    if dtype == "float64":
+        assert zeros_tf == zeros_torch
+    else:
+        print(f"float32 zero sets differ in {len(zeros_tf ^ zeros_torch)} coordinates")
+    assert bias_tf[0] != 0  # the bias is not thresholded
+
+
+def test_one_proximal_step_is_bit_identical(dtype: str, rng: np.random.Generator) -> None:
+    # Elementwise sign/abs/subtract/max: IEEE-exact in both frameworks, so no tolerance at all.
+    values = rng.standard_normal((64, 16)).astype(dtype)
+    variable = tf.Variable(values)
+    tensor = torch.as_tensor(values.copy())
+    tfreg.apply_proximal_l1([variable], l1=0.3, learning_rate=0.7)
+    torchref.apply_proximal_l1([tensor], l1=0.3, learning_rate=0.7)
+    np.testing.assert_array_equal(variable.numpy(), tensor.numpy())
+    assert 0 < np.count_nonzero(variable.numpy() == 0) < values.size
