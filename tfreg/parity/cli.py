@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from tfreg._compat import tf
+
+    # Each check builds fresh trainers, whose first traces TF would report as "retracing".
+    tf.get_logger().setLevel("ERROR")
     from regcore.report import Report, Row
     from tfreg.parity.checks import run_one, selected
 

@@ -1,0 +1,60 @@
+"""Model parity: forward output, loss and per-parameter gradients of transferred seed models."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from regcore.compare import Comparison
+from tfreg.parity.checks import register
+from tfreg.parity.models import ModelPair, build_cnn, build_mlp, dropout_masks_for, model_parity
+from tfreg.parity.seeding import seed_everything
+
+_BATCH = 16
+
+
+def _digits(dtype: str, image: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed slice of scikit-learn's 8x8 digits (the offline MNIST stand-in), scaled to [0, 1]."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = (data.images[:_BATCH] / 16.0).astype(dtype)
+    return (x[..., None] if image else x.reshape(_BATCH, 64)), data.target[:_BATCH]
+
+
+def _case(
+    build: Callable[[str, str, np.random.Generator], ModelPair], *, image: bool, mode: str
+) -> Callable[[str, str], list[Comparison]]:
+    def run(dtype: str, device: str) -> list[Comparison]:
+        rng = seed_everything(11)
+        pair = build(dtype, device, rng)
+        x, y = _digits(dtype, image)
+        if mode == "dropout":
+            masks = dropout_masks_for(pair.keras, _BATCH, rng)
+            return model_parity(pair, x, y, training=True, dropout_masks=masks)
+        return model_parity(pair, x, y, training=mode == "train")
+
+    return run
+
+
+register("model MLP: logits, loss, gradients", "models")(
+    _case(lambda d, dev, r: build_mlp(dtype=d, rng=r, device=dev), image=False, mode="eval")
+)
+register("model seed CNN: logits, loss, gradients", "models")(
+    _case(lambda d, dev, r: build_cnn(dtype=d, rng=r, device=dev), image=True, mode="eval")
+)
+register("model BatchNorm MLP (train mode)", "models")(
+    _case(
+        lambda d, dev, r: build_mlp(dtype=d, rng=r, device=dev, batchnorm=True),
+        image=False,
+        mode="train",
+    )
+)
+register("model Dropout MLP (injected masks)", "models")(
+    _case(
+        lambda d, dev, r: build_mlp(dtype=d, rng=r, device=dev, dropout=0.3),
+        image=False,
+        mode="dropout",
+    )
+)
