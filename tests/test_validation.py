@@ -128,7 +128,7 @@ def test_factor_beyond_float32_rejected_at_construction_naming_it(
 ) -> None:
     """Keras also fails on 1e39, but with a conversion error naming neither argument nor value,
     and (L2, L1L2) only at the first call."""
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(ValueError):  # TF: "Can't convert Python sequence with a value out of range"
         getattr(keras.regularizers, cls_name)(**{argument: 1e39})(tf.ones((2, 2)))
     with pytest.raises(InvalidArgumentError, match="fits in float32") as ours:
         getattr(module, cls_name)(**{argument: 1e39})
