@@ -9,7 +9,9 @@ torch-facing modules), so ``import tfreg`` never needs it.
   evaluation and ``model_parity``.
 """
 
+from tfreg.parity.api import assert_parity, check_parity
 from tfreg.parity.models import (
+    LOSS_PAIRS,
     Evaluation,
     ModelPair,
     batchnorm_cancelled_biases,
@@ -58,18 +60,21 @@ from tfreg.parity.transfer import (
 
 __all__ = [
     "FRAMEWORK_DIFFERENCES",
+    "LOSS_PAIRS",
     "BatchNormDifferences",
     "Evaluation",
     "FrameworkDifferences",
     "Layout",
     "ModelPair",
     "ParameterPair",
+    "assert_parity",
     "batchnorm_cancelled_biases",
     "build_cnn",
     "build_keras",
     "build_mlp",
     "build_pair",
     "build_torch",
+    "check_parity",
     "cnn_spec",
     "compare_evaluations",
     "conv2d_kernel_to_keras",

@@ -371,20 +371,43 @@ def forward_torch(
     return out
 
 
-def keras_loss(logits: Any, labels: Any, *, dtype: str | None) -> Any:
-    """Mean sparse categorical cross-entropy from logits. ``dtype=None`` is Keras' default,
+# Loss names the harness knows, each with its Keras object and the torchref loss that computes
+# the same per-example values (see torchref.training.LOSSES). Crossentropies take logits.
+LOSS_PAIRS: dict[str, tuple[Any, str]] = {
+    "sparse_categorical_crossentropy": (
+        lambda dtype: keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype=dtype),
+        "cross_entropy",
+    ),
+    "binary_crossentropy": (
+        lambda dtype: keras.losses.BinaryCrossentropy(from_logits=True, dtype=dtype),
+        "binary_cross_entropy_with_logits",
+    ),
+    "mean_squared_error": (lambda dtype: keras.losses.MeanSquaredError(dtype=dtype), "mse"),
+}
+
+
+def _loss_name(loss: str) -> str:
+    return choice(loss, "loss", tuple(LOSS_PAIRS))
+
+
+def keras_loss(
+    logits: Any, labels: Any, *, dtype: str | None, loss: str = "sparse_categorical_crossentropy"
+) -> Any:
+    """Mean ``loss`` (a :data:`LOSS_PAIRS` name) of ``logits``. ``dtype=None`` is Keras' default,
     which computes in floatx (float32) whatever the logits' dtype; pass the model's dtype."""
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype=dtype)
-    return loss(labels, logits)
+    return LOSS_PAIRS[_loss_name(loss)][0](dtype)(labels, logits)
 
 
-def torch_loss(logits: Any, labels: Any) -> Any:
-    """Mean cross-entropy from logits (computes in the logits' dtype)."""
+def torch_loss(logits: Any, labels: Any, *, loss: str = "sparse_categorical_crossentropy") -> Any:
+    """Mean ``loss`` of ``logits`` with torchref's per-example loss (in the logits' dtype)."""
     import torch
 
-    return torch.nn.functional.cross_entropy(
-        logits, torch.as_tensor(labels, dtype=torch.long, device=logits.device)
-    )
+    from torchref.training import per_example_loss
+
+    target = torch.as_tensor(np.asarray(labels), device=logits.device)
+    if target.is_floating_point():
+        target = target.to(logits.dtype)
+    return per_example_loss(LOSS_PAIRS[_loss_name(loss)][1])(logits, target).mean()
 
 
 @dataclass(frozen=True)
@@ -404,17 +427,18 @@ def evaluate_keras(
     *,
     training: bool = False,
     dropout_masks: Sequence[Any] | None = None,
+    loss: str = "sparse_categorical_crossentropy",
 ) -> Evaluation:
     """Logits, loss (in the model's dtype) and gradients of ``pair.keras`` on ``(x, y)``."""
     model = pair.keras
     with tf.device(tf_device(pair.device)):
         with tf.GradientTape() as tape:
             logits = forward_keras(model, x, training=training, dropout_masks=dropout_masks)
-            loss = keras_loss(logits, y, dtype=pair.dtype)
-        grads = tape.gradient(loss, model.trainable_weights)
+            value = keras_loss(logits, y, dtype=pair.dtype, loss=loss)
+        grads = tape.gradient(value, model.trainable_weights)
     return Evaluation(
         logits=logits.numpy(),
-        loss=loss.numpy(),
+        loss=value.numpy(),
         gradients={v.path: g.numpy() for v, g in zip(model.trainable_weights, grads, strict=True)},
     )
 
@@ -426,6 +450,7 @@ def evaluate_torch(
     *,
     training: bool = False,
     dropout_masks: Sequence[Any] | None = None,
+    loss: str = "sparse_categorical_crossentropy",
 ) -> Evaluation:
     """Logits, loss and gradients of ``pair.torch``, gradients mapped to Keras layout and names
     through :func:`tfreg.parity.transfer.parameter_pairs`."""
@@ -433,12 +458,12 @@ def evaluate_torch(
     params = parameter_pairs(pair.keras, module)
     module.zero_grad(set_to_none=True)
     logits = forward_torch(module, x, training=training, dropout_masks=dropout_masks)
-    loss = torch_loss(logits, y)
-    loss.backward()
+    value = torch_loss(logits, y, loss=loss)
+    value.backward()
     trainable = [p for p in params if p.trainable]
     return Evaluation(
         logits=torch_to_numpy(logits),
-        loss=torch_to_numpy(loss),
+        loss=torch_to_numpy(value),
         gradients={
             p.keras_variable.path: g
             for p, g in zip(trainable, torch_gradients_in_keras_layout(params), strict=True)
@@ -470,15 +495,16 @@ def compare_evaluations(
     dtype: str,
     claim: str = "model_cross",
     zero_gradients: Sequence[str] = (),
+    rtol: float | None = None,
 ) -> list[Comparison]:
     """Logits, loss and every gradient, torch (actual) against Keras (expected), each at
-    ``tolerance(claim, dtype)``.
+    ``tolerance(claim, dtype)`` (or ``rtol`` when given).
 
     Gradients named in ``zero_gradients`` are analytically zero (see
     :func:`batchnorm_cancelled_biases`); for them the bound is absolute, ``rtol`` times the
     largest gradient entry of the model -- the scale their round-off comes from.
     """
-    rtol = tolerance(claim, dtype).rtol
+    rtol = tolerance(claim, dtype).rtol if rtol is None else rtol
     out = [
         compare("logits", torch_eval.logits, keras_eval.logits, rtol=rtol),
         compare("loss", torch_eval.loss, keras_eval.loss, rtol=rtol),
@@ -515,11 +541,13 @@ def model_parity(
     training: bool = False,
     dropout_masks: Sequence[Any] | None = None,
     claim: str = "model_cross",
+    loss: str = "sparse_categorical_crossentropy",
 ) -> list[Comparison]:
     """Forward output, loss and per-parameter gradients of both models on ``(x, y)``, compared at
-    ``tolerance(claim, pair.dtype)``. ``x`` in Keras layout, ``y`` integer class labels. In
-    training mode, biases cancelled by a following BatchNorm are checked to be zero."""
-    kwargs = {"training": training, "dropout_masks": dropout_masks}
+    ``tolerance(claim, pair.dtype)``. ``x`` in Keras layout; ``y`` as ``loss`` (a
+    :data:`LOSS_PAIRS` name) expects it. In training mode, biases cancelled by a following
+    BatchNorm are checked to be zero."""
+    kwargs = {"training": training, "dropout_masks": dropout_masks, "loss": loss}
     return compare_evaluations(
         evaluate_keras(pair, x, y, **kwargs),
         evaluate_torch(pair, x, y, **kwargs),
