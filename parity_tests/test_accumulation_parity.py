@@ -28,6 +28,15 @@ from tfreg.parity.transfer import parameter_pairs, torch_to_numpy
 CLASSES, FEATURES = 3, 6
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_torch_thread():
+    # Tiny tensors: torch's 2-thread pool costs ~50x more than the math on a loaded machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class Case:
     def __init__(self, steps: int, batch: int, n: int, *, drop: bool = False) -> None:
         self.steps, self.batch, self.n, self.drop = steps, batch, n, drop
