@@ -58,7 +58,77 @@ def _verify_penalty(case: Case, device: str) -> list[Comparison]:
     ]
 
 
-VERIFIERS: dict[str, Callable[[Case, str], list[Comparison]]] = {"penalty": _verify_penalty}
+def build_mlp(layers: list[list[Any]], case: Case, prefix: str, device: str) -> torch.nn.Sequential:
+    """``nn.Sequential`` from the bundle's layer list, loaded with ``{prefix}{i}`` arrays (torch
+    layout: weight, bias per Linear)."""
+    modules: list[torch.nn.Module] = []
+    for layer in layers:
+        if layer[0] == "linear":
+            modules.append(torch.nn.Linear(int(layer[1]), int(layer[2])))
+        elif layer[0] == "relu":
+            modules.append(torch.nn.ReLU())
+        else:
+            raise ValueError(f"{case.name}: unknown layer {layer!r} in the bundle")
+    dtype = getattr(torch, case.dtype)
+    module = torch.nn.Sequential(*modules).to(device=torch_device(device), dtype=dtype)
+    with torch.no_grad():
+        for i, param in enumerate(module.parameters()):
+            param.copy_(torch.as_tensor(case.arrays[f"{prefix}{i}"]))
+    return module
+
+
+def _verify_mlp(case: Case, device: str) -> list[Comparison]:
+    from torchref.training import per_example_loss
+
+    module = build_mlp(case.params["layers"], case, "param", device)
+    x = torch.as_tensor(case.arrays["x"], device=torch_device(device))
+    y = torch.as_tensor(case.arrays["y"], device=torch_device(device))
+    logits = module(x)
+    loss = per_example_loss("cross_entropy")(logits, y).mean()
+    loss.backward()
+    rtol = tolerance(case.claim, case.dtype).rtol
+    out = [
+        compare("logits", logits.detach().cpu().numpy(), case.arrays["logits"], rtol=rtol),
+        compare("loss", loss.detach().cpu().numpy(), case.arrays["loss"], rtol=rtol),
+    ]
+    for i, param in enumerate(module.parameters()):
+        out.append(
+            compare(f"grad{i}", param.grad.cpu().numpy(), case.arrays[f"grad{i}"], rtol=rtol)
+        )
+    return out
+
+
+def _verify_train_mlp(case: Case, device: str) -> list[Comparison]:
+    from torchref.training import Trainer
+
+    module = build_mlp(case.params["layers"], case, "param", device)
+    trainer = Trainer(
+        module,
+        "cross_entropy",
+        torch.optim.SGD(module.parameters(), lr=case.params["lr"]),
+        accumulation_steps=case.params["accumulation_steps"],
+    )
+    trainer.fit(
+        case.arrays["x"],
+        case.arrays["y"],
+        batch_size=case.params["batch_size"],
+        epochs=case.params["epochs"],
+        shuffle=False,
+        sample_weight=case.arrays["sample_weight"],
+        verbose=0,
+    )
+    rtol = tolerance(case.claim, case.dtype).rtol
+    return [
+        compare(f"final{i}", param.detach().cpu().numpy(), case.arrays[f"final{i}"], rtol=rtol)
+        for i, param in enumerate(module.parameters())
+    ]
+
+
+VERIFIERS: dict[str, Callable[[Case, str], list[Comparison]]] = {
+    "penalty": _verify_penalty,
+    "mlp": _verify_mlp,
+    "train_mlp": _verify_train_mlp,
+}
 
 
 def verify_bundle(path: str, *, device: str = "cpu") -> Report:
