@@ -28,7 +28,7 @@ def test_torchref_verifies_tensorflow_bundle(bundle: str, device: str) -> None:
     assert len(report.rows) == len(cases)
     assert report.ok, report.to_text()
     # Each kind is held to its claim in regcore.tolerances: penalties 1e-12 / 1e-6, the MLP's
-    # forward and gradients (model_cross) 1e-10 / 1e-5, the trained weights (trajectory) 1e-9 / 1e-3.
+    # forward and gradients (model_cross) 1e-10 / 1e-5, trained weights (trajectory) 1e-9 / 1e-3.
     expected = {
         ("penalty", "float64"): 1e-12,
         ("penalty", "float32"): 1e-6,
