@@ -83,7 +83,7 @@ def run_one(check: Check, dtype: str, device: str) -> Row:
 
 def _load_builtin_checks() -> None:
     # Importing the modules runs their @register decorators (once; Python caches modules).
-    from tfreg.parity.checks import models, penalties, training  # noqa: F401
+    from tfreg.parity.checks import models, penalties, sparsity, training  # noqa: F401
 
 
 __all__ = ["CHECKS", "Check", "SkipCheck", "register", "run_one", "selected"]
