@@ -263,7 +263,7 @@ def run_fit(
                         c.on_micro_batch_end(trainer, epoch, micro_batch)
                 if trainer.stop_training:
                     _resolve(engine, pending, history)
-                    progress.close()
+                    progress.close(history)
                     return history
         _resolve(engine, pending, history)
         engine.set_position(epoch + 1, 0)
@@ -273,7 +273,7 @@ def run_fit(
                 c.on_epoch_end(trainer, epoch, history)
         if trainer.stop_training:
             break
-    progress.close()
+    progress.close(history)
     return history
 
 
@@ -333,7 +333,13 @@ class _Progress:
             file=sys.stdout,
         )
 
-    def close(self) -> None:
+    def close(self, history: History) -> None:
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
+        if self.verbose and history.skipped_updates:
+            print(
+                f"{history.skipped_updates} of {len(history)} updates skipped: non-finite "
+                "gradients (see History.records[i]['skipped'])",
+                file=sys.stdout,
+            )

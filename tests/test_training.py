@@ -124,13 +124,14 @@ def test_no_retrace_across_updates_and_the_short_window(data) -> None:
     assert t.trace_counts() == {"apply": 1, "micro": 1}
 
 
-def test_nonfinite_window_is_skipped_and_counted(data) -> None:
+def test_nonfinite_window_is_skipped_and_counted(data, capsys) -> None:
     x, y, _, w = data
     y = y.copy()
     y[14] = np.nan  # poisons the second window only
     model = linear_model(w, 0.3)
     t = trainer(model)
-    history = t.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0)
+    history = t.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=2)
+    assert "1 of 2 updates skipped" in capsys.readouterr().out
     expected_w, _ = numpy_sgd(x, y, np.ones(N), w, 0.3, epochs=1, windows=WINDOWS[:1])
     assert_close("kernel", model.get_weights()[0][:, 0], expected_w, rtol=EXACT.rtol)
     assert [r["skipped"] for r in history.records] == [False, True]
@@ -304,3 +305,15 @@ def test_accumulating_model_rejects_builtin_accumulation() -> None:
     wrapped = tfreg.AccumulatingModel(mlp(0), accumulation_steps=2)
     with pytest.raises(InvalidArgumentError, match="gradient_accumulation_steps=4"):
         wrapped.compile(keras.optimizers.SGD(gradient_accumulation_steps=4), "mse")
+
+
+def test_jit_compile_gives_the_same_updates(data) -> None:
+    x, y, sw, w = data
+    model = linear_model(w, 0.3)
+    t = trainer(model, jit_compile=True, on_nonfinite="raise")
+    t.fit(x, y, batch_size=4, epochs=2, shuffle=False, sample_weight=sw, verbose=0)
+    expected_w, _ = numpy_sgd(x, y, sw, w, 0.3, epochs=2)
+    assert_close("kernel", model.get_weights()[0][:, 0], expected_w, rtol=EXACT.rtol)
+    bad = np.full_like(y, np.nan)
+    with pytest.raises(FloatingPointError):  # no graph assert: works under XLA too
+        t.fit(x, bad, batch_size=4, epochs=3, shuffle=False, verbose=0)
