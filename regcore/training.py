@@ -223,6 +223,9 @@ def run_fit(
     trainer.stop_training = False
     wants_records = verbose == 1 or any(hasattr(c, "on_update_end") for c in callbacks)
     progress = _Progress(verbose)
+    if verbose and start_epoch >= epochs:
+        print(f"Nothing to train: the trainer is at epoch {start_epoch} and epochs={epochs} is the")
+        print("total to train up to (pass a larger epochs to continue).")
     n = len(x)
     for epoch in range(start_epoch, epochs):
         order = epoch_order(n, shuffle=shuffle, seed=spec.seed, epoch=epoch)

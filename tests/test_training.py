@@ -199,9 +199,14 @@ def test_verbose_zero_is_silent_and_two_prints_epochs(data, capsys) -> None:
     x, y, _, w = data
     trainer(linear_model(w, 0.3)).fit(x, y, batch_size=4, epochs=2, verbose=0)
     assert capsys.readouterr().out == ""
-    trainer(linear_model(w, 0.3)).fit(x, y, batch_size=4, epochs=2, verbose=2)
+    t = trainer(linear_model(w, 0.3))
+    t.fit(x, y, batch_size=4, epochs=2, verbose=2)
     out = capsys.readouterr().out
     assert "Epoch 1/2: 2 updates" in out and "Epoch 2/2" in out
+    # epochs is the total: a repeated call has nothing left to do, and says so
+    assert len(t.fit(x, y, batch_size=4, epochs=2, verbose=2)) == 0
+    assert "Nothing to train: the trainer is at epoch 2" in capsys.readouterr().out
+    assert len(t.fit(x, y, batch_size=4, epochs=3, verbose=0)) == 2
 
 
 @pytest.mark.parametrize(

@@ -130,10 +130,10 @@ def test_state_dict_mid_window_resumes_bit_identically() -> None:
 
 def test_optimizer_steps_count_updates(data) -> None:
     x, y, _, w = data
-    model = linear_model(w, 0.3)
+    model = linear_model(w, 0.3)  # float64 parameters, float32 inputs: cast like Keras does
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     torchref.Trainer(model, "mse", optimizer, accumulation_steps=3).fit(
-        x, y, batch_size=4, epochs=2, verbose=0
+        x.astype(np.float32), y, batch_size=4, epochs=2, verbose=0
     )
     assert int(optimizer.state[model.weight]["step"]) == 4
 

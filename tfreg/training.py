@@ -12,9 +12,11 @@ an update scaled by its own example count (``drop_remainder=True`` drops it). A 
 gradient skips the whole update (weights and optimizer state untouched; ``History`` records it)
 or raises ``FloatingPointError`` (``on_nonfinite="raise"``).
 
-Differences from PyTorch (``torchref.training``): none in the arithmetic. Keras keeps optimizer
-hyperparameters (the learning rate) as float32 variables, so a float64 torch run matches a
-Keras run only with ``lr = float32(lr)``; see the parity tests for Adam's epsilon placement.
+Differences from PyTorch (``torchref.training``): none in the trainer's arithmetic. The
+optimizers differ: Keras keeps the learning rate as a float32 variable and casts momentum,
+Adam's betas (inside ``beta**t``) and weight decay through float32 even for float64 weights, and
+adds Adam's epsilon to ``sqrt(v)`` where torch adds it to ``sqrt(v_hat)`` --
+``torchref.KerasAdamW`` reproduces Keras; ``parity_tests/test_trajectories.py`` pins each gap.
 BatchNorm statistics (and Keras' moving averages) are computed per micro-batch: accumulation
 makes the *gradient* exact, not batch statistics -- a BatchNorm model trained with 4 x 64 is not
 the model trained with 256.
@@ -292,7 +294,9 @@ class Trainer:
     Checkpoint/resume: ``ckpt = trainer.checkpoint()`` tracks model, optimizer, accumulator and
     position (epoch, micro-batch); a fresh ``Trainer`` on the same model architecture restores it
     with ``trainer.checkpoint().restore(path)`` and ``fit`` continues where it stopped, mid-window
-    included. As in Keras, ``epochs`` is the index to train *up to*, counted from the start.
+    included. ``epochs`` is therefore the total to train *up to* (Keras' ``epochs`` with
+    ``initial_epoch`` taken from the trainer's position): a second ``fit(epochs=3)`` after a
+    first one does nothing; ``fit(epochs=6)`` trains three more.
     """
 
     def __init__(

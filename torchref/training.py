@@ -145,6 +145,8 @@ class _Engine:
 
     def micro_step(self, x: np.ndarray, y: np.ndarray, sample_weight: np.ndarray) -> None:
         xb = torch.as_tensor(x, device=self.device)
+        if xb.is_floating_point():  # as Keras casts inputs to the layer's dtype
+            xb = xb.to(self.params[0].dtype)
         yb = torch.as_tensor(y, device=self.device)
         w = torch.as_tensor(sample_weight, device=self.device)
         self.t.model.train()
@@ -220,7 +222,9 @@ class Trainer:
     Coupled ``weight_decay`` of a torch optimizer equals ``L2.from_torch_weight_decay(wd)`` on the
     TensorFlow side; decoupled decay (``AdamW``) happens in ``optimizer.step`` once per update.
     Checkpoint/resume: ``trainer.state_dict()`` holds model, optimizer, accumulator and position;
-    ``load_state_dict`` on a fresh trainer continues ``fit`` where it stopped, mid-window included.
+    ``load_state_dict`` on a fresh trainer continues ``fit`` where it stopped, mid-window included;
+    ``epochs`` is the total to train up to, as in ``tfreg.Trainer``. Floating inputs are cast to
+    the parameters' dtype (Keras casts inputs to its layers' dtype; torch would raise).
     """
 
     def __init__(
