@@ -1,0 +1,1 @@
+"""Runnable, corrected versions of the seed notebooks (``python -m examples.<name>``)."""
