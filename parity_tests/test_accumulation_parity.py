@@ -17,11 +17,13 @@ from itertools import pairwise
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 import torch
 
 import tfreg
 import torchref
 from regcore import assert_close, tolerance
+from tfreg.parity.devices import tf_device, torch_device
 from tfreg.parity.models import build_mlp
 from tfreg.parity.transfer import parameter_pairs, torch_to_numpy
 
@@ -79,29 +81,31 @@ def _keras_loss(dtype: str) -> keras.losses.Loss:
 
 
 @pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
-def test_tfreg_accumulation_equals_keras_one_batch(rng, dtype, floatx, case) -> None:
+def test_tfreg_accumulation_equals_keras_one_batch(rng, dtype, device, floatx, case) -> None:
     tol = tolerance("accumulation", dtype)
-    pair = build_mlp(dtype=dtype, rng=rng, input_dim=FEATURES, hidden=(5,), classes=CLASSES)
+    pair = build_mlp(
+        dtype=dtype, rng=rng, input_dim=FEATURES, hidden=(5,), classes=CLASSES, device=device
+    )
     x, y, sw = _data(rng, case.n, dtype)
     before = [w.copy() for w in pair.keras.get_weights()]
 
-    reference = keras.models.clone_model(pair.keras)
-    reference.set_weights(before)
-    reference.compile(keras.optimizers.SGD(1.0), _keras_loss(dtype))
-    window = case.steps * case.batch
-    reference.fit(
-        x[: case.used], y[: case.used], sample_weight=sw[: case.used],
-        batch_size=window, epochs=1, shuffle=False, verbose=0,
-    )  # fmt: skip
-
-    trainer = tfreg.Trainer(
-        pair.keras,
-        _keras_loss(dtype),
-        keras.optimizers.SGD(1.0),
-        accumulation_steps=case.steps,
-        drop_remainder=case.drop,
-    )
-    trainer.fit(x, y, batch_size=case.batch, shuffle=False, sample_weight=sw, verbose=0)
+    with tf.device(tf_device(device)):
+        reference = keras.models.clone_model(pair.keras)
+        reference.set_weights(before)
+        reference.compile(keras.optimizers.SGD(1.0), _keras_loss(dtype))
+        window = case.steps * case.batch
+        reference.fit(
+            x[: case.used], y[: case.used], sample_weight=sw[: case.used],
+            batch_size=window, epochs=1, shuffle=False, verbose=0,
+        )  # fmt: skip
+        trainer = tfreg.Trainer(
+            pair.keras,
+            _keras_loss(dtype),
+            keras.optimizers.SGD(1.0),
+            accumulation_steps=case.steps,
+            drop_remainder=case.drop,
+        )
+        trainer.fit(x, y, batch_size=case.batch, shuffle=False, sample_weight=sw, verbose=0)
     assert int(trainer.optimizer.iterations.numpy()) == int(reference.optimizer.iterations.numpy())
     for i, (ours, ref, w0) in enumerate(
         zip(pair.keras.get_weights(), reference.get_weights(), before, strict=True)
@@ -111,19 +115,26 @@ def test_tfreg_accumulation_equals_keras_one_batch(rng, dtype, floatx, case) -> 
 
 
 @pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
-def test_torchref_accumulation_equals_torch_one_batch(rng, dtype, case) -> None:
+def test_torchref_accumulation_equals_torch_one_batch(rng, dtype, device, case) -> None:
     tol = tolerance("accumulation", dtype)
-    pair = build_mlp(dtype=dtype, rng=rng, input_dim=FEATURES, hidden=(5,), classes=CLASSES)
+    pair = build_mlp(
+        dtype=dtype, rng=rng, input_dim=FEATURES, hidden=(5,), classes=CLASSES, device=device
+    )
     x, y, sw = _data(rng, case.n, dtype)
     model = pair.torch
     before = [p.detach().clone() for p in model.parameters()]
 
-    reference = build_mlp(dtype=dtype, input_dim=FEATURES, hidden=(5,), classes=CLASSES).torch
+    reference = build_mlp(
+        dtype=dtype, input_dim=FEATURES, hidden=(5,), classes=CLASSES, device=device
+    ).torch
     reference.load_state_dict(model.state_dict())
     sgd = torch.optim.SGD(reference.parameters(), lr=1.0)
     window = case.steps * case.batch
     for start in range(0, case.used, window):
-        xb, yb, wb = (torch.as_tensor(a[start : start + window]) for a in (x, y, sw))
+        xb, yb, wb = (
+            torch.as_tensor(a[start : start + window], device=torch_device(device))
+            for a in (x, y, sw)
+        )
         sgd.zero_grad()
         per_example = torch.nn.functional.cross_entropy(reference(xb), yb, reduction="none")
         ((wb * per_example).sum() / len(xb)).backward()
@@ -140,12 +151,16 @@ def test_torchref_accumulation_equals_torch_one_batch(rng, dtype, case) -> None:
     for i, (ours, ref, w0) in enumerate(
         zip(model.parameters(), reference.parameters(), before, strict=True)
     ):
-        assert_close(f"delta[{i}]", (ours - w0).detach(), (ref - w0).detach(), rtol=tol.rtol)
+        assert_close(
+            f"delta[{i}]", (ours - w0).detach().cpu(), (ref - w0).detach().cpu(), rtol=tol.rtol
+        )
 
 
-def test_tfreg_and_torchref_agree_on_losses_and_updates(rng, dtype) -> None:
+def test_tfreg_and_torchref_agree_on_losses_and_updates(rng, dtype, device) -> None:
     tol = tolerance("model_cross", dtype)
-    pair = build_mlp(dtype=dtype, rng=rng, input_dim=FEATURES, hidden=(5,), classes=CLASSES)
+    pair = build_mlp(
+        dtype=dtype, rng=rng, input_dim=FEATURES, hidden=(5,), classes=CLASSES, device=device
+    )
     x, y, sw = _data(rng, 17, dtype)
     pairs = parameter_pairs(pair.keras, pair.torch)
     before = [p.keras_variable.numpy().copy() for p in pairs]
@@ -154,9 +169,10 @@ def test_tfreg_and_torchref_agree_on_losses_and_updates(rng, dtype) -> None:
         "regularizer": None,
         "metrics": ["sparse_categorical_accuracy"],
     }
-    tf_history = tfreg.Trainer(
-        pair.keras, _keras_loss(dtype), keras.optimizers.SGD(1.0), **common
-    ).fit(x, y, batch_size=4, epochs=2, sample_weight=sw, verbose=0)
+    with tf.device(tf_device(device)):
+        tf_history = tfreg.Trainer(
+            pair.keras, _keras_loss(dtype), keras.optimizers.SGD(1.0), **common
+        ).fit(x, y, batch_size=4, epochs=2, sample_weight=sw, verbose=0)
     torch_history = torchref.Trainer(
         pair.torch, "cross_entropy", torch.optim.SGD(pair.torch.parameters(), lr=1.0), **common
     ).fit(x, y, batch_size=4, epochs=2, sample_weight=sw, verbose=0)
