@@ -322,3 +322,15 @@ def test_jit_compile_gives_the_same_updates(data) -> None:
     bad = np.full_like(y, np.nan)
     with pytest.raises(FloatingPointError):  # no graph assert: works under XLA too
         t.fit(x, bad, batch_size=4, epochs=3, shuffle=False, verbose=0)
+
+
+def test_accumulating_model_validates_after_the_flush(data) -> None:
+    x, y, _, w = data
+    model = linear_model(w, 0.3)
+    wrapped = tfreg.AccumulatingModel(model, accumulation_steps=3)
+    wrapped.compile(keras.optimizers.SGD(LR), "mean_squared_error")
+    history = wrapped.fit(x, y, batch_size=4, epochs=1, validation_data=(x, y), verbose=0)
+    # the epoch's short window is applied before validation runs, not after
+    assert int(wrapped.optimizer.iterations.numpy()) == 2
+    final = float(np.mean((x @ model.get_weights()[0] + model.get_weights()[1] - y) ** 2))
+    assert history.history["val_loss"][0] == pytest.approx(final, rel=1e-6)

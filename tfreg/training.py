@@ -424,6 +424,19 @@ class Trainer:
         return config
 
 
+class _FlushAtEpochEnd(keras.callbacks.Callback):
+    """Flush the partial window after the epoch's last step -- before ``fit`` validates, so
+    validation sees the epoch's final weights (``on_epoch_end`` comes after validation)."""
+
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        steps = self.params.get("steps")
+        if steps and batch + 1 >= steps:
+            self.model.flush()
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        self.model.flush()  # epochs of unknown length; a no-op after the flush above
+
+
 class AccumulatingModel(keras.Model):
     """Exact accumulation inside ``model.fit``: wraps ``model`` (sharing its weights) and
     replaces ``train_step``.
@@ -437,9 +450,11 @@ class AccumulatingModel(keras.Model):
     (the optimizer's own ``clipnorm``/``weight_decay`` apply once, inside ``apply``). The
     compiled ``loss`` must be a single Keras loss with ``"sum_over_batch_size"`` reduction; the
     penalty is ``regularizer`` (via :func:`tfreg.penalty`) plus the layers' own weight
-    regularizers. Windows restart every epoch. The micro-batches left over at an epoch's end
-    (fewer than ``accumulation_steps``) are applied as one update scaled by their own count
-    (``drop_remainder=False``, the default) or discarded (``drop_remainder=True``); unlike
+    regularizers. Windows restart every epoch. The micro-batches left over after an epoch's last
+    step (fewer than ``accumulation_steps``) are applied as one update scaled by their own count
+    (``drop_remainder=False``, the default) or discarded (``drop_remainder=True``), before
+    ``fit`` validates; a ``fit`` cut short by ``steps_per_epoch``/early stopping leaves no window
+    half-applied either (``flush()`` runs at every epoch end). Unlike
     ``Trainer(drop_remainder=True)``, a *full* window whose last micro-batch is short is kept.
 
     Against Keras' ``optimizer(gradient_accumulation_steps=k)``: Keras averages per-micro-batch
@@ -511,8 +526,7 @@ class AccumulatingModel(keras.Model):
         if not self.model.built:
             raise ValueError("Build the wrapped model (e.g. with keras.Input) before fit().")
         self._build_state()
-        flush = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: self.flush())
-        return super().fit(*args, callbacks=[flush, *(callbacks or [])], **kwargs)
+        return super().fit(*args, callbacks=[_FlushAtEpochEnd(), *(callbacks or [])], **kwargs)
 
     def _apply_window(self) -> None:
         variables = list(self.model.trainable_variables)
