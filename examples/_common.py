@@ -149,6 +149,7 @@ def save_figure(fig: Any, out: Path, name: str) -> Path:
 
     out.mkdir(parents=True, exist_ok=True)
     path = out / name
+    fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path

@@ -197,9 +197,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    # The first three curves coincide: draw them so that all three stay visible.
+    styles = {
+        "torch weight_decay": ("-", 5),
+        "tfreg L2": ("--", 2.5),
+        "torchref L2": (":", 2),
+        "notebook c*sum||p||": ("-", 1.5),
+    }
     for name, curve in losses.items():
+        style, width = styles[name]
         for ax, column in zip(axes, (0, 1), strict=True):
-            ax.plot(curve[:, column], "--" if "torch " in name else "-", label=name)
+            ax.plot(curve[:, column], style, linewidth=width, label=name)
     axes[0].set(xlabel="step", ylabel="cross-entropy", title="data loss")
     axes[1].set(xlabel="step", ylabel="loss + penalty", title="objective")
     axes[0].legend()
