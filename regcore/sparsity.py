@@ -38,6 +38,7 @@ __all__ = [
     "ParameterSparsity",
     "ProximalL1Spec",
     "SparsityReport",
+    "include_bias_flag",
     "parameter_sparsity",
     "proximal_threshold",
     "soft_threshold",
@@ -244,17 +245,22 @@ def proximal_threshold(learning_rate: Any, l1: float) -> float:
     return validation.non_negative_float(learning_rate, "learning_rate") * l1
 
 
+def include_bias_flag(value: Any) -> bool:
+    """``include_bias`` must be a real bool: a truthy string or 1 would silently widen the scope."""
+    if not isinstance(value, bool):
+        raise validation.InvalidArgumentError(
+            f"include_bias must be a bool. Received: include_bias={value!r}"
+        )
+    return value
+
+
 class ProximalL1Spec:
     """Hyperparameters of ``ProximalL1``: ``l1`` (the L1 strength lambda, used exactly -- not
     rounded through float32, this is not a Keras class) and the scope ``include_bias``."""
 
     def __init__(self, *, l1: float, include_bias: bool = False) -> None:
         self.l1 = validation.non_negative_float(l1, "l1")
-        if not isinstance(include_bias, bool):
-            raise validation.InvalidArgumentError(
-                f"include_bias must be a bool. Received: include_bias={include_bias!r}"
-            )
-        self.include_bias = include_bias
+        self.include_bias = include_bias_flag(include_bias)
 
     def threshold(self, learning_rate: float) -> float:
         """``learning_rate * l1`` for a Python learning rate (see :func:`proximal_threshold`)."""

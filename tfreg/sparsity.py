@@ -76,15 +76,11 @@ def sparsity_report(
     ``rel=5e-4`` is the seed notebook's rule. Equals ``torchref.sparsity_report`` of the
     transferred torch module (counts exactly; norms up to summation order).
     """
-    variables = penalized_variables(model_or_variables, include_bias=_bool(include_bias))
+    variables = penalized_variables(
+        model_or_variables, include_bias=_core.include_bias_flag(include_bias)
+    )
     named = [(_name(v, i), keras.ops.convert_to_numpy(v)) for i, v in enumerate(variables)]
     return _core.sparsity_report(named, rel=rel, atol=atol)
-
-
-def _bool(value: Any, name: str = "include_bias") -> bool:
-    if not isinstance(value, bool):
-        raise validation.InvalidArgumentError(f"{name} must be a bool. Received: {name}={value!r}")
-    return value
 
 
 def soft_threshold(x: Any, threshold: Any) -> tf.Tensor:
@@ -218,7 +214,7 @@ class SparsityCallback(keras.callbacks.Callback):
         super().__init__()
         self.rel = validation.non_negative_float(rel, "rel")
         self.atol = validation.non_negative_float(atol, "atol")
-        self.include_bias = _bool(include_bias)
+        self.include_bias = _core.include_bias_flag(include_bias)
         if not isinstance(prefix, str):
             raise validation.InvalidArgumentError(
                 f"prefix must be a str. Received: prefix={prefix!r}"

@@ -39,12 +39,6 @@ __all__ = [
 _Parameters = torch.nn.Module | Iterable[torch.Tensor]
 
 
-def _bool(value: Any, name: str = "include_bias") -> bool:
-    if not isinstance(value, bool):
-        raise validation.InvalidArgumentError(f"{name} must be a bool. Received: {name}={value!r}")
-    return value
-
-
 def _named(module_or_tensors: _Parameters, include_bias: bool) -> list[tuple[str, torch.Tensor]]:
     tensors = penalized_parameters(module_or_tensors, include_bias=include_bias)
     names: dict[int, str] = {}
@@ -64,7 +58,7 @@ def sparsity_report(
     penalise (``ndim >= 2`` unless ``include_bias``), computed on NumPy copies. Equals
     ``tfreg.sparsity_report`` of the transferred Keras model (counts exactly; norms up to
     summation order)."""
-    named = _named(module_or_tensors, _bool(include_bias))
+    named = _named(module_or_tensors, _core.include_bias_flag(include_bias))
     return _core.sparsity_report(
         [(n, t.detach().cpu().numpy()) for n, t in named], rel=rel, atol=atol
     )
