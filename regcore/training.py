@@ -26,6 +26,7 @@ import numbers
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import astuple, dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -38,6 +39,7 @@ __all__ = [
     "METRICS",
     "NONFINITE_MODES",
     "History",
+    "Position",
     "StepEngine",
     "TrainerSpec",
     "check_fit_data",
@@ -151,6 +153,21 @@ class History:
         return f"History({len(self.records)} updates, {self.skipped_updates} skipped)"
 
 
+@dataclass(frozen=True)
+class Position:
+    """Where training stands: the next micro-batch of an epoch, and the plan it belongs to
+    (engines store it as a tuple of ints, in checkpoints)."""
+
+    epoch: int = 0
+    micro_batch: int = 0
+    num_examples: int = 0
+    batch_size: int = 0
+    shuffle: int = 0
+
+    def as_tuple(self) -> tuple[int, ...]:
+        return astuple(self)
+
+
 class StepEngine(Protocol):
     """What a framework provides to :func:`run_fit`."""
 
@@ -160,9 +177,9 @@ class StepEngine(Protocol):
 
     def fetch(self, values: Mapping[str, Any]) -> dict[str, float]: ...
 
-    def get_position(self) -> tuple[int, int]: ...
+    def get_position(self) -> tuple[int, ...]: ...
 
-    def set_position(self, epoch: int, micro_batch: int) -> None: ...
+    def set_position(self, position: tuple[int, ...]) -> None: ...
 
 
 def check_fit_data(
@@ -219,14 +236,23 @@ def run_fit(
     """
     callbacks = list(callbacks or ())
     history = History()
-    start_epoch, start_micro = engine.get_position()
+    saved = Position(*engine.get_position())
+    n = len(x)
+    plan = (n, batch_size, int(shuffle))
+    if saved.micro_batch and plan != (saved.num_examples, saved.batch_size, saved.shuffle):
+        raise InvalidArgumentError(
+            "Resuming mid-epoch needs the plan the checkpoint was saved with: num_examples="
+            f"{saved.num_examples}, batch_size={saved.batch_size}, shuffle="
+            f"{bool(saved.shuffle)}. Received: num_examples={n}, batch_size={batch_size}, "
+            f"shuffle={shuffle}"
+        )
+    start_epoch, start_micro = saved.epoch, saved.micro_batch
     trainer.stop_training = False
     wants_records = verbose == 1 or any(hasattr(c, "on_update_end") for c in callbacks)
     progress = _Progress(verbose)
     if verbose and start_epoch >= epochs:
         print(f"Nothing to train: the trainer is at epoch {start_epoch} and epochs={epochs} is the")
         print("total to train up to (pass a larger epochs to continue).")
-    n = len(x)
     for epoch in range(start_epoch, epochs):
         order = epoch_order(n, shuffle=shuffle, seed=spec.seed, epoch=epoch)
         windows = plan_epoch(
@@ -260,7 +286,7 @@ def run_fit(
                         for c in callbacks:
                             if hasattr(c, "on_update_end"):
                                 c.on_update_end(trainer, history.records[-1])
-                engine.set_position(epoch, micro_batch + 1)
+                engine.set_position(Position(epoch, micro_batch + 1, *plan).as_tuple())
                 for c in callbacks:
                     if hasattr(c, "on_micro_batch_end"):
                         c.on_micro_batch_end(trainer, epoch, micro_batch)
@@ -269,7 +295,7 @@ def run_fit(
                     progress.close(history)
                     return history
         _resolve(engine, pending, history)
-        engine.set_position(epoch + 1, 0)
+        engine.set_position(Position(epoch + 1, 0, *plan).as_tuple())
         progress.end_epoch(history, epoch)
         for c in callbacks:
             if hasattr(c, "on_epoch_end"):

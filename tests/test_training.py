@@ -189,6 +189,8 @@ def test_checkpoint_mid_window_resumes_bit_identically(tmp_path) -> None:
     resumed = make()
     resumed.build()
     resumed.checkpoint().read(path).assert_consumed()
+    with pytest.raises(InvalidArgumentError, match=r"batch_size=4.*Received.*batch_size=5"):
+        resumed.fit(x, y, batch_size=5, epochs=3, verbose=0)  # a different plan: refused
     resumed.fit(x, y, batch_size=4, epochs=3, verbose=0)
     for a, b in zip(resumed.model.get_weights(), reference.model.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)

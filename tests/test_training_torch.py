@@ -123,6 +123,8 @@ def test_state_dict_mid_window_resumes_bit_identically() -> None:
     saved = first.state_dict()
     resumed = make()
     resumed.load_state_dict(saved)
+    with pytest.raises(InvalidArgumentError, match=r"num_examples=23.*Received: num_examples=22"):
+        resumed.fit(x[:22], y[:22], batch_size=4, epochs=3, verbose=0)
     resumed.fit(x, y, batch_size=4, epochs=3, verbose=0)
     for a, b in zip(resumed.model.parameters(), reference.model.parameters(), strict=True):
         assert torch.equal(a, b)

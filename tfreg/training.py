@@ -177,8 +177,7 @@ class _Window(tf.Module):
         self.loss_sum = tf.Variable(zero, trainable=False)
         self.weight_sum = tf.Variable(zero, trainable=False)
         self.metric_sums = [tf.Variable(zero, trainable=False) for _ in range(num_metrics)]
-        self.epoch = tf.Variable(tf.constant(0, tf.int64), trainable=False)
-        self.micro_batch = tf.Variable(tf.constant(0, tf.int64), trainable=False)
+        self.position = tf.Variable(tf.zeros([5], tf.int64), trainable=False)  # Position
 
 
 class _Engine:
@@ -263,12 +262,11 @@ class _Engine:
     def fetch(self, values: dict[str, tf.Tensor]) -> dict[str, Any]:
         return {k: v.numpy().item() for k, v in values.items()}
 
-    def get_position(self) -> tuple[int, int]:
-        return int(self.window.epoch.numpy()), int(self.window.micro_batch.numpy())
+    def get_position(self) -> tuple[int, ...]:
+        return tuple(int(v) for v in self.window.position.numpy())
 
-    def set_position(self, epoch: int, micro_batch: int) -> None:
-        self.window.epoch.assign(epoch)
-        self.window.micro_batch.assign(micro_batch)
+    def set_position(self, position: tuple[int, ...]) -> None:
+        self.window.position.assign(position)
 
 
 class Trainer:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from regcore.training import History as History
-from regcore.training import TrainerSpec, check_fit_data, run_fit
+from regcore.training import Position, TrainerSpec, check_fit_data, run_fit
 from regcore.validation import InvalidArgumentError, non_negative_float
 from torchref import accumulation
 from torchref._compat import torch
@@ -140,8 +140,7 @@ class _Engine:
         self.loss_sum = self.zero.clone()
         self.weight_sum = self.zero.clone()
         self.metric_sums = [self.zero.clone() for _ in trainer.spec.metrics]
-        self.epoch = 0
-        self.micro_batch = 0
+        self.position = Position().as_tuple()
 
     def micro_step(self, x: np.ndarray, y: np.ndarray, sample_weight: np.ndarray) -> None:
         xb = torch.as_tensor(x, device=self.device)
@@ -204,11 +203,11 @@ class _Engine:
     def fetch(self, values: dict[str, torch.Tensor]) -> dict[str, Any]:
         return {k: v.item() for k, v in values.items()}
 
-    def get_position(self) -> tuple[int, int]:
-        return self.epoch, self.micro_batch
+    def get_position(self) -> tuple[int, ...]:
+        return self.position
 
-    def set_position(self, epoch: int, micro_batch: int) -> None:
-        self.epoch, self.micro_batch = epoch, micro_batch
+    def set_position(self, position: tuple[int, ...]) -> None:
+        self.position = tuple(int(v) for v in position)
 
 
 class Trainer:
@@ -291,8 +290,7 @@ class Trainer:
                 "loss_sum": e.loss_sum.clone(),
                 "weight_sum": e.weight_sum.clone(),
                 "metric_sums": [m.clone() for m in e.metric_sums],
-                "epoch": e.epoch,
-                "micro_batch": e.micro_batch,
+                "position": list(e.position),
             },
         }
 
@@ -305,7 +303,7 @@ class Trainer:
         e.loss_sum = window["loss_sum"].clone()
         e.weight_sum = window["weight_sum"].clone()
         e.metric_sums = [m.clone() for m in window["metric_sums"]]
-        e.set_position(int(window["epoch"]), int(window["micro_batch"]))
+        e.set_position(tuple(window["position"]))
 
     def fit(
         self,
