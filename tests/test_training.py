@@ -247,6 +247,9 @@ def test_rejected_setups() -> None:
     )
     with pytest.raises(InvalidArgumentError, match="activity_regularizer"):
         tfreg.Trainer(noisy, "mse", "sgd")
+    scaled = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD())
+    with pytest.raises(InvalidArgumentError, match="optimizer=LossScaleOptimizer"):
+        tfreg.Trainer(mlp(0), "mse", scaled)
 
 
 def test_bad_fit_data_changes_nothing(data) -> None:

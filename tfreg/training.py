@@ -121,6 +121,19 @@ def _reject_activity_regularizers(model: keras.layers.Layer) -> None:
             )
 
 
+def _reject_loss_scaling(optimizer: Any, policy: Any) -> None:
+    # Loss scaling skips and rescales on overflow inside `apply`; with accumulation the overflow
+    # is caught (and the window skipped) before the scaler could ever shrink its scale.
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) or (
+        getattr(policy, "name", None) == "mixed_float16"
+    ):
+        raise InvalidArgumentError(
+            "Exact accumulation does not implement float16 loss scaling; use the "
+            "'mixed_bfloat16' policy (no scaling needed) or float32. Received: "
+            f"optimizer={type(optimizer).__name__}, dtype policy={getattr(policy, 'name', policy)}"
+        )
+
+
 def _penalty_fn(
     model: keras.layers.Layer, variables: list[Any], regularizer: Any, include_bias: bool
 ) -> Callable[[], tf.Tensor | None]:
@@ -335,6 +348,7 @@ class Trainer:
                 f"gradient_accumulation_steps={optimizer.gradient_accumulation_steps}"
             )
         _reject_activity_regularizers(model)
+        _reject_loss_scaling(optimizer, model.dtype_policy)
         self.model = model
         self.loss = loss
         self.optimizer = optimizer
@@ -498,6 +512,8 @@ class AccumulatingModel(keras.Model):
                 "AccumulatingModel accumulates itself; the optimizer must not. Received: "
                 f"optimizer.gradient_accumulation_steps={optimizer.gradient_accumulation_steps}"
             )
+        for policy in (self.dtype_policy, self.model.dtype_policy):  # Keras wraps on either
+            _reject_loss_scaling(optimizer, policy)
         if loss is None or isinstance(loss, (list, tuple, dict)):
             raise InvalidArgumentError(
                 f"AccumulatingModel needs one Keras loss (single output). Received: loss={loss!r}"
