@@ -512,7 +512,7 @@ class AccumulatingModel(keras.Model):
                 "AccumulatingModel accumulates itself; the optimizer must not. Received: "
                 f"optimizer.gradient_accumulation_steps={optimizer.gradient_accumulation_steps}"
             )
-        for policy in (self.dtype_policy, self.model.dtype_policy):  # Keras wraps on either
+        for policy in (self.dtype_policy, self.model.dtype_policy):  # float16 on either: scaling
             _reject_loss_scaling(optimizer, policy)
         if loss is None or isinstance(loss, (list, tuple, dict)):
             raise InvalidArgumentError(
