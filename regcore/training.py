@@ -43,6 +43,7 @@ __all__ = [
     "StepEngine",
     "TrainerSpec",
     "check_fit_data",
+    "regularizer_config",
     "run_fit",
 ]
 
@@ -122,6 +123,14 @@ class TrainerSpec:
             "metrics": list(self.metrics),
             "seed": self.seed,
         }
+
+
+def regularizer_config(regularizer: Any) -> Any:
+    """A trainer's ``regularizer`` for ``get_config``: ``{"class_name", "config"}``, which
+    ``tfreg.get`` and ``torchref.get`` both accept (a plain callable is returned as is)."""
+    if regularizer is None or not hasattr(regularizer, "get_config"):
+        return regularizer
+    return {"class_name": type(regularizer).__name__, "config": regularizer.get_config()}
 
 
 class History:

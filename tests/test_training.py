@@ -267,8 +267,11 @@ def test_bad_fit_data_changes_nothing(data) -> None:
 
 
 def test_get_config_returns_the_keyword_arguments() -> None:
-    t = tfreg.Trainer(mlp(0), "mse", "sgd", accumulation_steps=4, clipnorm=2.0, seed=3)
+    t = tfreg.Trainer(
+        mlp(0), "mse", "sgd", accumulation_steps=4, clipnorm=2.0, seed=3, regularizer=tfreg.L2(0.1)
+    )
     config = t.get_config()
+    assert config["regularizer"] == {"class_name": "L2", "config": {"l2": 0.1}}
     assert config["accumulation_steps"] == 4 and config["clipnorm"] == 2.0 and config["seed"] == 3
     rebuilt = tfreg.Trainer(mlp(0), "mse", "sgd", **config)
     assert rebuilt.get_config() == config

@@ -155,6 +155,15 @@ def test_bad_arguments_name_the_value() -> None:
         torchref.Trainer(model, "mse", "sgd")
 
 
+def test_get_config_round_trips() -> None:
+    model = mlp(0)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    t = torchref.Trainer(model, "mse", sgd, accumulation_steps=2, regularizer=torchref.L1(0.5))
+    config = t.get_config()
+    assert config["regularizer"] == {"class_name": "L1", "config": {"l1": 0.5}}
+    assert torchref.Trainer(model, "mse", sgd, **config).get_config() == config
+
+
 def test_keras_adamw_first_step_by_hand() -> None:
     # One step from m = v = 0 with g = 0.5: m = 0.05, v = 0.00025 (b1=0.9, b2=0.999), and
     # Keras' alpha = lr * sqrt(1 - b2) / (1 - b1) with lr and the betas inside b^t rounded to

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from regcore.training import History as History
-from regcore.training import TrainerSpec, check_fit_data, run_fit
+from regcore.training import TrainerSpec, check_fit_data, regularizer_config, run_fit
 from regcore.validation import InvalidArgumentError
 from tfreg import accumulation
 from tfreg._compat import keras, tf
@@ -430,9 +430,7 @@ class Trainer:
     def get_config(self) -> dict[str, Any]:
         """The keyword arguments (model, loss and optimizer are positional and not included)."""
         config = self.spec.get_config()
-        config["regularizer"] = (
-            None if self.regularizer is None else keras.regularizers.serialize(self.regularizer)
-        )
+        config["regularizer"] = regularizer_config(self.regularizer)
         return config
 
 

@@ -18,7 +18,13 @@ from typing import Any
 import numpy as np
 
 from regcore.training import History as History
-from regcore.training import Position, TrainerSpec, check_fit_data, run_fit
+from regcore.training import (
+    Position,
+    TrainerSpec,
+    check_fit_data,
+    regularizer_config,
+    run_fit,
+)
 from regcore.validation import InvalidArgumentError, non_negative_float
 from torchref import accumulation
 from torchref._compat import torch
@@ -344,7 +350,7 @@ class Trainer:
     def get_config(self) -> dict[str, Any]:
         """The keyword arguments (model, loss and optimizer are positional and not included)."""
         config = self.spec.get_config()
-        config["regularizer"] = None if self.regularizer is None else self.regularizer.get_config()
+        config["regularizer"] = regularizer_config(self.regularizer)
         return config
 
 
