@@ -257,8 +257,8 @@ def run_fit(
         )
     start_epoch, start_micro = saved.epoch, saved.micro_batch
     trainer.stop_training = False
-    wants_records = verbose == 1 or any(hasattr(c, "on_update_end") for c in callbacks)
     progress = _Progress(verbose)
+    wants_records = progress.live or any(hasattr(c, "on_update_end") for c in callbacks)
     if verbose and start_epoch >= epochs:
         print(f"Nothing to train: the trainer is at epoch {start_epoch} and epochs={epochs} is the")
         print("total to train up to (pass a larger epochs to continue).")
@@ -338,16 +338,20 @@ class _Progress:
         self.bar: Any = None
         self.task: Any = None
         self.started = 0.0
+        try:
+            import rich.progress  # noqa: F401
+        except ImportError:
+            self.live = False
+        else:
+            self.live = verbose == 1  # a live bar shows each update's loss: read per update
 
     def start_epoch(self, epoch: int, epochs: int, updates: int) -> None:
         self.started = time.perf_counter()
         self.label = f"Epoch {epoch + 1}/{epochs}"
-        if self.verbose != 1:
+        if not self.live:
             return
-        try:
-            from rich.progress import Progress
-        except ImportError:
-            return
+        from rich.progress import Progress
+
         if self.bar is None:
             self.bar = Progress(transient=False)
             self.bar.start()
@@ -360,7 +364,7 @@ class _Progress:
             )
 
     def end_epoch(self, history: History, epoch: int) -> None:
-        if self.verbose == 0 or (self.verbose == 1 and self.bar is not None):
+        if self.verbose == 0 or self.live:
             return
         rows = [r for r in history.records if r["epoch"] == epoch]
         losses = [r["loss"] for r in rows if not r["skipped"]]

@@ -197,10 +197,12 @@ def test_checkpoint_mid_window_resumes_bit_identically(tmp_path) -> None:
     assert int(resumed.optimizer.iterations.numpy()) == int(reference.optimizer.iterations.numpy())
 
 
-def test_verbose_zero_is_silent_and_two_prints_epochs(data, capsys) -> None:
+def test_verbose_levels(data, capsys) -> None:
     x, y, _, w = data
     trainer(linear_model(w, 0.3)).fit(x, y, batch_size=4, epochs=2, verbose=0)
     assert capsys.readouterr().out == ""
+    trainer(linear_model(w, 0.3)).fit(x, y, batch_size=4, epochs=2, verbose=1)
+    assert "Epoch 2/2 loss" in capsys.readouterr().out  # rich's bar, with each update's loss
     t = trainer(linear_model(w, 0.3))
     t.fit(x, y, batch_size=4, epochs=2, verbose=2)
     out = capsys.readouterr().out
