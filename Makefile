@@ -31,6 +31,12 @@ format: $(STAMP)
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
+examples: $(STAMP)
+	for ex in lasso_logistic_regression cnn_weight_regularization linear_regression \
+	          tf_gradient_accumulation dropout_batchnorm; do \
+		$(PY) -m examples.$$ex || exit 1; \
+	done
+
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
 
