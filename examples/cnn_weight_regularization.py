@@ -179,6 +179,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print("\nfinal data loss / objective (= loss + wd/2 ||w||^2, or the notebook's penalty), and")
     print("the largest relative difference from the weight-decay run over all steps")
     print(table(["run", "data loss", "objective", "max rel diff loss", "max rel diff obj"], rows))
+    print("(L2 applies wd/2 rounded to float32, as Keras does: ~1e-9 relative per step)")
 
     import torchref
 
