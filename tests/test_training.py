@@ -280,15 +280,12 @@ def test_get_config_returns_the_keyword_arguments() -> None:
 
 
 def test_mixed_precision_accumulates_in_float32() -> None:
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("mixed_bfloat16")
-    try:
-        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
-    finally:
-        keras.config.set_dtype_policy(previous)
+    # Per-layer policy (no global state): bfloat16 compute, float32 variables and accumulator.
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, dtype="mixed_bfloat16")])
     t = tfreg.Trainer(model, "mse", keras.optimizers.SGD(0.01), accumulation_steps=2)
     rng = np.random.default_rng(0)
     history = t.fit(rng.normal(size=(8, 4)), rng.normal(size=(8, 3)), batch_size=2, verbose=0)
+    assert model.layers[0].compute_dtype == "bfloat16"
     assert {s.dtype for s in t.accumulator.sums} == {tf.float32}
     assert len(history) == 2 and np.isfinite(history.history["loss"]).all()
 
@@ -344,3 +341,30 @@ def test_accumulating_model_validates_after_the_flush(data) -> None:
     assert int(wrapped.optimizer.iterations.numpy()) == 2
     final = float(np.mean((x @ model.get_weights()[0] + model.get_weights()[1] - y) ** 2))
     assert history.history["val_loss"][0] == pytest.approx(final, rel=1e-6)
+
+
+def test_weights_and_optimizer_change_only_when_a_window_closes(data) -> None:
+    x, y, sw, w = data
+    model = linear_model(w, 0.3)
+    t = trainer(model)
+    seen = []
+
+    class Record:
+        def on_micro_batch_end(self, trainer, epoch, micro_batch):
+            seen.append((model.get_weights()[0].copy(), int(trainer.optimizer.iterations.numpy())))
+
+    t.fit(
+        x,
+        y,
+        batch_size=4,
+        epochs=1,
+        shuffle=False,
+        sample_weight=sw,
+        callbacks=[Record()],
+        verbose=0,
+    )
+    # micro-batches 0..4; windows close at 2 (full) and 4 (short)
+    kernels = [w.reshape(D, 1)] + [k for k, _ in seen]
+    changed = [i for i in range(5) if not np.array_equal(kernels[i], kernels[i + 1])]
+    assert changed == [2, 4]
+    assert [it for _, it in seen] == [0, 0, 1, 1, 2]
