@@ -13,6 +13,8 @@ Tolerances, next to each dtype:
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -80,9 +82,25 @@ def _logistic_data(rng: np.random.Generator, dtype: str) -> tuple[np.ndarray, np
     return x.astype(dtype), y[:, None].astype(dtype)
 
 
-def _train_keras(pair, x: np.ndarray, y: np.ndarray) -> list[np.ndarray]:
+# The learning rate halves after 50 and after 100 updates. Keras evaluates its schedule at the
+# step index k (0-based) and keeps the value while k <= boundary; torch's MultiStepLR lowers it
+# once scheduler.step() has run `milestone` times. All values are float32 numbers, so Keras'
+# float32 schedule arithmetic is exact. The prox must use the rate of the step it follows:
+# reading Keras' optimizer.learning_rate (already the next step's) would differ at k = 49, 99.
+_MILESTONES = (50, 100)
+
+
+def _keras_learning_rate(schedule: str) -> Any:
+    if schedule == "constant":
+        return LEARNING_RATE
+    boundaries = [m - 1 for m in _MILESTONES]
+    values = [LEARNING_RATE, LEARNING_RATE / 2, LEARNING_RATE / 4]
+    return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
+
+
+def _train_keras(pair, x: np.ndarray, y: np.ndarray, schedule: str) -> list[np.ndarray]:
     model = pair.keras
-    optimizer = keras.optimizers.SGD(learning_rate=LEARNING_RATE)
+    optimizer = keras.optimizers.SGD(learning_rate=_keras_learning_rate(schedule))
     proximal = tfreg.ProximalL1(l1=L1)
     x, y = tf.constant(x), tf.constant(y)
 
@@ -102,10 +120,12 @@ def _train_keras(pair, x: np.ndarray, y: np.ndarray) -> list[np.ndarray]:
     return [v.numpy() for v in model.trainable_variables]
 
 
-def _train_torch(pair, x: np.ndarray, y: np.ndarray) -> list[np.ndarray]:
+def _train_torch(pair, x: np.ndarray, y: np.ndarray, schedule: str) -> list[np.ndarray]:
     module = pair.torch
     device = next(module.parameters()).device
     optimizer = torch.optim.SGD(module.parameters(), lr=LEARNING_RATE)
+    gamma = 1.0 if schedule == "constant" else 0.5
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(_MILESTONES), gamma=gamma)
     proximal = torchref.ProximalL1(l1=L1)
     xt, yt = torch.as_tensor(x, device=device), torch.as_tensor(y, device=device)
     for _ in range(STEPS):
@@ -113,17 +133,21 @@ def _train_torch(pair, x: np.ndarray, y: np.ndarray) -> list[np.ndarray]:
         loss = torch.nn.functional.binary_cross_entropy_with_logits(module(xt), yt)
         loss.backward()
         optimizer.step()
-        proximal.apply(module, optimizer)
+        proximal.apply(module, optimizer)  # before scheduler.step(): this step's rate
+        scheduler.step()
     linear = module[0]
     return [torch_to_numpy(linear.weight).T, torch_to_numpy(linear.bias)]
 
 
-def test_proximal_sgd_trajectories_match(dtype: str, device: str, rng: np.random.Generator):
+@pytest.mark.parametrize("schedule", ["constant", "step-schedule"])
+def test_proximal_sgd_trajectories_match(
+    schedule: str, dtype: str, device: str, rng: np.random.Generator
+) -> None:
     tol = tolerance("trajectory", dtype)  # float64 1e-9 / float32 1e-3: see module docstring
     x, y = _logistic_data(rng, dtype)
     pair = build_pair((("dense", 1),), (x.shape[1],), dtype=dtype, rng=rng, device=device)
-    kernel_tf, bias_tf = _train_keras(pair, x, y)
-    kernel_torch, bias_torch = _train_torch(pair, x, y)
+    kernel_tf, bias_tf = _train_keras(pair, x, y, schedule)
+    kernel_torch, bias_torch = _train_torch(pair, x, y, schedule)
 
     assert_close("kernel", kernel_torch, kernel_tf, rtol=tol.rtol)
     assert_close("bias", bias_torch, bias_tf, rtol=tol.rtol)
