@@ -155,10 +155,12 @@ def _keras_model(dtype: str = "float64") -> keras.Model:
     model = keras.Sequential(
         [
             keras.Input((3,), dtype=dtype),
-            keras.layers.Dense(2, dtype=dtype),
-            keras.layers.BatchNormalization(dtype=dtype),
-            keras.layers.Dense(1, dtype=dtype),
-        ]
+            keras.layers.Dense(2, dtype=dtype, name="hidden"),
+            keras.layers.BatchNormalization(dtype=dtype, name="bn"),
+            keras.layers.Dense(1, dtype=dtype, name="out"),
+        ],
+        # Explicit names: automatic ones ("dense_20") depend on what the process built before.
+        name="mlp",
     )
     kernel, bias = model.layers[0].kernel, model.layers[0].bias
     kernel.assign(W.T)
@@ -185,8 +187,8 @@ def test_tf_report_scope() -> None:
     model = _keras_model()
     report = tfreg.sparsity_report(model)
     assert [p.name for p in report.parameters] == [
-        "sequential/dense/kernel",
-        "sequential/dense_1/kernel",
+        "mlp/hidden/kernel",
+        "mlp/out/kernel",
     ]
     assert report.parameters[0].shape == (3, 2)
     assert (report.zeros, report.near_zeros, report.size) == (2, 4, 8)
