@@ -51,7 +51,16 @@ def f32(value: float) -> float:
     return float(np.float32(value))
 
 
-def _run(rng, dtype, keras_optimizer, torch_optimizer, *, tf_kwargs=None, epochs=EPOCHS):
+def _run(
+    rng,
+    dtype,
+    keras_optimizer,
+    torch_optimizer,
+    *,
+    tf_kwargs=None,
+    torch_kwargs=None,
+    epochs=EPOCHS,
+):
     pair = build_mlp(dtype=dtype, rng=rng, input_dim=FEATURES, hidden=(5,), classes=CLASSES)
     x = rng.normal(size=(N, FEATURES)).astype(dtype)
     y = rng.integers(0, CLASSES, size=N)
@@ -64,6 +73,7 @@ def _run(rng, dtype, keras_optimizer, torch_optimizer, *, tf_kwargs=None, epochs
         "cross_entropy",
         torch_optimizer(pair.torch.parameters()),
         accumulation_steps=STEPS,
+        **(torch_kwargs or {}),
     ).fit(x, y, batch_size=BATCH, epochs=epochs, verbose=0)
     assert len(tf_history) == len(torch_history) == epochs * N // (BATCH * STEPS)
     pairs = [p for p in parameter_pairs(pair.keras, pair.torch) if p.trainable]
@@ -110,6 +120,23 @@ OPTIMIZERS = {
         None,
     ),
 }
+
+
+def test_proximal_l1_trajectories_and_zeros(rng, dtype) -> None:
+    """SGD + proximal L1 (soft-threshold lr*l1 after each update) in both trainers: same
+    weights, and the same weights are exactly zero. lr is float32-exact on the torch side, so
+    both thresholds are float32(lr) * l1."""
+    keras_w, torch_w, tf_history, torch_history = _run(
+        rng,
+        dtype,
+        keras.optimizers.SGD(LR),
+        lambda p: torch.optim.SGD(p, lr=f32(LR)),
+        tf_kwargs={"proximal": tfreg.ProximalL1(l1=0.05)},
+        torch_kwargs={"proximal": torchref.ProximalL1(l1=0.05)},
+    )
+    _assert_trajectory("sgd + proximal L1", dtype, (keras_w, torch_w, tf_history, torch_history))
+    assert np.count_nonzero(keras_w == 0) > 0
+    np.testing.assert_array_equal(keras_w == 0, torch_w == 0)
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))

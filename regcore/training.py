@@ -43,7 +43,8 @@ __all__ = [
     "StepEngine",
     "TrainerSpec",
     "check_fit_data",
-    "regularizer_config",
+    "object_config",
+    "resolve_proximal",
     "run_fit",
 ]
 
@@ -125,12 +126,23 @@ class TrainerSpec:
         }
 
 
-def regularizer_config(regularizer: Any) -> Any:
-    """A trainer's ``regularizer`` for ``get_config``: ``{"class_name", "config"}``, which
-    ``tfreg.get`` and ``torchref.get`` both accept (a plain callable is returned as is)."""
-    if regularizer is None or not hasattr(regularizer, "get_config"):
-        return regularizer
-    return {"class_name": type(regularizer).__name__, "config": regularizer.get_config()}
+def object_config(obj: Any) -> Any:
+    """A ``regularizer``/``proximal`` for ``get_config``: ``{"class_name", "config"}``, which
+    both frameworks' trainers accept back (a plain callable is returned as is)."""
+    if obj is None or not hasattr(obj, "get_config"):
+        return obj
+    return {"class_name": type(obj).__name__, "config": obj.get_config()}
+
+
+def resolve_proximal(proximal: Any, cls: type) -> Any:
+    """``None``, a ``cls`` (the framework's ``ProximalL1``) or its ``object_config`` dict."""
+    if proximal is None or isinstance(proximal, cls):
+        return proximal
+    if isinstance(proximal, dict) and proximal.get("class_name") == cls.__name__:
+        return cls(**proximal.get("config", {}))
+    raise InvalidArgumentError(
+        f"proximal must be None, a {cls.__name__} or its config. Received: proximal={proximal!r}"
+    )
 
 
 class History:

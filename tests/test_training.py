@@ -39,7 +39,9 @@ def data() -> tuple[np.ndarray, ...]:
     return x, y, sw, w
 
 
-def numpy_sgd(x, y, sw, w, b, *, epochs, windows=WINDOWS, l2=0.0, global_clipnorm=None):
+def numpy_sgd(
+    x, y, sw, w, b, *, epochs, windows=WINDOWS, l2=0.0, global_clipnorm=None, prox_l1=0.0
+):
     w, b = w.copy(), float(b)
     for _ in range(epochs):
         for idx in windows:
@@ -50,6 +52,7 @@ def numpy_sgd(x, y, sw, w, b, *, epochs, windows=WINDOWS, l2=0.0, global_clipnor
                 scale = global_clipnorm / max(np.sqrt(gw @ gw + gb * gb), global_clipnorm)
                 gw, gb = gw * scale, gb * scale
             w, b = w - LR * gw, b - LR * gb
+            w = np.sign(w) * np.maximum(np.abs(w) - LR * prox_l1, 0.0)  # kernel only
     return w, b
 
 
@@ -89,6 +92,18 @@ def test_penalty_and_clipping_once_per_update(data) -> None:
     expected_w, _ = numpy_sgd(x, y, sw, w, 0.3, epochs=2, l2=0.25, global_clipnorm=0.5)
     assert_close("kernel", model.get_weights()[0][:, 0], expected_w, rtol=EXACT.rtol)
     assert history.records[0]["penalty"] == pytest.approx(0.25 * np.sum(w**2), rel=1e-15)
+
+
+def test_proximal_l1_once_per_update(data) -> None:
+    x, y, sw, w = data
+    model = linear_model(w, 0.3)
+    t = trainer(model, proximal=tfreg.ProximalL1(l1=0.3))
+    t.fit(x, y, batch_size=4, epochs=2, shuffle=False, sample_weight=sw, verbose=0)
+    expected_w, expected_b = numpy_sgd(x, y, sw, w, 0.3, epochs=2, prox_l1=0.3)
+    assert_close("kernel", model.get_weights()[0][:, 0], expected_w, rtol=EXACT.rtol)
+    assert_close("bias", model.get_weights()[1], [expected_b], rtol=EXACT.rtol)
+    assert np.count_nonzero(expected_w == 0.0) >= 1  # the case exercises real zeros
+    np.testing.assert_array_equal(model.get_weights()[0][:, 0] == 0.0, expected_w == 0.0)
 
 
 def test_loss_and_metric_records_are_window_values() -> None:
@@ -270,10 +285,21 @@ def test_bad_fit_data_changes_nothing(data) -> None:
 
 def test_get_config_returns_the_keyword_arguments() -> None:
     t = tfreg.Trainer(
-        mlp(0), "mse", "sgd", accumulation_steps=4, clipnorm=2.0, seed=3, regularizer=tfreg.L2(0.1)
+        mlp(0),
+        "mse",
+        "sgd",
+        accumulation_steps=4,
+        clipnorm=2.0,
+        seed=3,
+        regularizer=tfreg.L2(0.1),
+        proximal=tfreg.ProximalL1(l1=0.01),
     )
     config = t.get_config()
     assert config["regularizer"] == {"class_name": "L2", "config": {"l2": 0.1}}
+    assert config["proximal"] == {
+        "class_name": "ProximalL1",
+        "config": {"l1": 0.01, "include_bias": False},
+    }
     assert config["accumulation_steps"] == 4 and config["clipnorm"] == 2.0 and config["seed"] == 3
     rebuilt = tfreg.Trainer(mlp(0), "mse", "sgd", **config)
     assert rebuilt.get_config() == config

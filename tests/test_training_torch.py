@@ -45,7 +45,7 @@ def data() -> tuple[np.ndarray, ...]:
     )
 
 
-def numpy_sgd(x, y, sw, w, b, *, epochs, windows=WINDOWS, l2=0.0):
+def numpy_sgd(x, y, sw, w, b, *, epochs, windows=WINDOWS, l2=0.0, prox_l1=0.0):
     w, b = w.copy(), float(b)
     for _ in range(epochs):
         for idx in windows:
@@ -54,6 +54,7 @@ def numpy_sgd(x, y, sw, w, b, *, epochs, windows=WINDOWS, l2=0.0):
                 w - LR * (2 * x[idx].T @ r / len(idx) + 2 * l2 * w),
                 b - LR * 2 * r.sum() / len(idx),
             )
+            w = np.sign(w) * np.maximum(np.abs(w) - LR * prox_l1, 0.0)
     return w, b
 
 
@@ -74,6 +75,18 @@ def test_windows_penalty_and_short_window_match_numpy(data, drop_remainder) -> N
     assert_close("weight", model.weight.detach()[0], expected_w, rtol=EXACT.rtol)
     assert_close("bias", model.bias.detach(), [expected_b], rtol=EXACT.rtol)
     assert [r["examples"] for r in history.records] == [len(i) for i in windows] * 2
+
+
+def test_proximal_l1_once_per_update(data) -> None:
+    x, y, sw, w = data
+    model = linear_model(w, 0.3)
+    trainer(model, proximal=torchref.ProximalL1(l1=0.3)).fit(
+        x, y, batch_size=4, epochs=2, shuffle=False, sample_weight=sw, verbose=0
+    )
+    expected_w, _ = numpy_sgd(x, y, sw, w, 0.3, epochs=2, prox_l1=0.3)
+    assert_close("weight", model.weight.detach()[0], expected_w, rtol=EXACT.rtol)
+    np.testing.assert_array_equal(model.weight.detach()[0].numpy() == 0.0, expected_w == 0.0)
+    assert np.count_nonzero(expected_w == 0.0) >= 1
 
 
 def test_nonfinite_skip_and_raise(data) -> None:
@@ -158,7 +171,14 @@ def test_bad_arguments_name_the_value() -> None:
 def test_get_config_round_trips() -> None:
     model = mlp(0)
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)
-    t = torchref.Trainer(model, "mse", sgd, accumulation_steps=2, regularizer=torchref.L1(0.5))
+    t = torchref.Trainer(
+        model,
+        "mse",
+        sgd,
+        accumulation_steps=2,
+        regularizer=torchref.L1(0.5),
+        proximal=torchref.ProximalL1(l1=0.01),
+    )
     config = t.get_config()
     assert config["regularizer"] == {"class_name": "L1", "config": {"l1": 0.5}}
     assert torchref.Trainer(model, "mse", sgd, **config).get_config() == config

@@ -30,12 +30,19 @@ from typing import Any
 import numpy as np
 
 from regcore.training import History as History
-from regcore.training import TrainerSpec, check_fit_data, regularizer_config, run_fit
+from regcore.training import (
+    TrainerSpec,
+    check_fit_data,
+    object_config,
+    resolve_proximal,
+    run_fit,
+)
 from regcore.validation import InvalidArgumentError
 from tfreg import accumulation
 from tfreg._compat import keras, tf
 from tfreg.penalties import penalty as _penalty
 from tfreg.regularizers import get as _get_regularizer
+from tfreg.sparsity import ProximalL1
 
 __all__ = ["AccumulatingModel", "History", "Trainer", "per_example_loss"]
 
@@ -157,9 +164,11 @@ def _update(
     penalty_fn: Callable[[], tf.Tensor | None],
     *,
     clip: Callable[[list[tf.Tensor]], list[tf.Tensor]],
+    after_step: Callable[[], None] | None = None,
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """One update from the window in ``acc`` (graph code); returns (finite, penalty, count) and
-    resets ``acc``. A non-finite gradient leaves weights and optimizer state untouched."""
+    resets ``acc``. A non-finite gradient leaves weights and optimizer state untouched;
+    ``after_step`` (the proximal step) runs only after an applied step."""
     grads = [tf.cast(g, v.dtype) for g, v in zip(accumulation.result(acc), variables, strict=True)]
     with tf.GradientTape() as tape:
         pen = penalty_fn()
@@ -173,12 +182,24 @@ def _update(
 
     def step() -> tf.Tensor:
         optimizer.apply(grads, variables)
+        if after_step is not None:
+            after_step()
         return tf.constant(True)
 
     tf.cond(finite, step, lambda: tf.constant(False))
     count = tf.identity(acc.count)
     accumulation.reset(acc)
     return finite, pen, count
+
+
+def _proximal_step(
+    proximal: ProximalL1 | None, model: keras.layers.Layer, optimizer: Any
+) -> Callable[[], None] | None:
+    # The threshold uses the rate of the step just taken (tfreg.sparsity reads it, schedules
+    # included, from the optimizer): once per update, never per micro-batch.
+    if proximal is None:
+        return None
+    return lambda: proximal.apply(model, optimizer)
 
 
 class _Window(tf.Module):
@@ -247,6 +268,7 @@ class _Engine:
             self.t.optimizer,
             _penalty_fn(self.t.model, self.variables, self.t.regularizer, spec.include_bias),
             clip=lambda grads: _clip(grads, spec),
+            after_step=_proximal_step(self.t.proximal, self.t.model, self.t.optimizer),
         )
         data_loss = self.window.loss_sum / count
         values = {
@@ -298,7 +320,9 @@ class Trainer:
     ``loss``: Keras loss object/name or ``fn(y_true, y_pred) -> per-example losses``, computed in
     the model's variable dtype. ``metrics``: names from ``regcore.training.METRICS``, reported per
     update as ``sum(w*m)/sum(w)`` over the window. ``clipnorm`` clips each variable's gradient,
-    ``global_clipnorm`` all of them (Keras' formula). ``seed`` fixes the shuffling order (per
+    ``global_clipnorm`` all of them (Keras' formula). ``proximal=tfreg.ProximalL1(l1=...)``
+    soft-thresholds once per applied update, right after the step (exact zeros; do not also put
+    an L1 penalty on the same weights). ``seed`` fixes the shuffling order (per
     epoch), which is what makes checkpoint/resume bit-identical. ``jit_compile=True`` compiles
     both steps with XLA (one compilation per distinct micro-batch size).
 
@@ -326,6 +350,7 @@ class Trainer:
         jit_compile: bool = False,
         metrics: Sequence[str] = (),
         seed: int = 0,
+        proximal: ProximalL1 | dict[str, Any] | None = None,
     ) -> None:
         self.spec = TrainerSpec(
             accumulation_steps=accumulation_steps,
@@ -353,6 +378,7 @@ class Trainer:
         self.loss = loss
         self.optimizer = optimizer
         self.regularizer = None if regularizer is None else _get_regularizer(regularizer)
+        self.proximal = resolve_proximal(proximal, ProximalL1)
         self._loss_fn = per_example_loss(loss)
         self._engine: _Engine | None = None
         self.stop_training = False
@@ -430,7 +456,8 @@ class Trainer:
     def get_config(self) -> dict[str, Any]:
         """The keyword arguments (model, loss and optimizer are positional and not included)."""
         config = self.spec.get_config()
-        config["regularizer"] = regularizer_config(self.regularizer)
+        config["regularizer"] = object_config(self.regularizer)
+        config["proximal"] = object_config(self.proximal)
         return config
 
 
@@ -481,6 +508,7 @@ class AccumulatingModel(keras.Model):
         regularizer: Any = None,
         include_bias: bool = False,
         drop_remainder: bool = False,
+        proximal: ProximalL1 | dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         spec = TrainerSpec(
@@ -498,6 +526,7 @@ class AccumulatingModel(keras.Model):
         self.model = model
         self.spec = spec
         self.regularizer = None if regularizer is None else _get_regularizer(regularizer)
+        self.proximal = resolve_proximal(proximal, ProximalL1)
         self._acc: accumulation.AccumulatorState | None = None
 
     def call(self, inputs: Any, training: bool | None = None) -> Any:
@@ -548,6 +577,7 @@ class AccumulatingModel(keras.Model):
             self.optimizer,
             _penalty_fn(self.model, variables, self.regularizer, self.spec.include_bias),
             clip=lambda grads: grads,
+            after_step=_proximal_step(self.proximal, self.model, self.optimizer),
         )
         self._skipped.assign_add(tf.cast(tf.logical_not(finite), tf.int64))
 

@@ -22,7 +22,8 @@ from regcore.training import (
     Position,
     TrainerSpec,
     check_fit_data,
-    regularizer_config,
+    object_config,
+    resolve_proximal,
     run_fit,
 )
 from regcore.validation import InvalidArgumentError, non_negative_float
@@ -30,6 +31,7 @@ from torchref import accumulation
 from torchref._compat import torch
 from torchref.penalties import penalty as _penalty
 from torchref.regularizers import get as _get_regularizer
+from torchref.sparsity import ProximalL1
 
 __all__ = ["LOSSES", "History", "KerasAdamW", "Trainer", "per_example_loss"]
 
@@ -191,6 +193,8 @@ class _Engine:
             self.t.optimizer.step()
             for p in self.params:
                 p.grad = None
+            if self.t.proximal is not None:  # the rate of the step just taken, once per update
+                self.t.proximal.apply(self.t.model, self.t.optimizer)
         data_loss = self.loss_sum / self.acc.count
         values = {
             "loss": data_loss + pen,
@@ -224,6 +228,8 @@ class Trainer:
         g = sum_{i in W} grad(w_i * l_i) / N_W + grad(penalty(model, regularizer))
         g = clip(g);  optimizer.step()                # once per window
 
+    ``proximal=torchref.ProximalL1(l1=...)`` soft-thresholds once per applied update, right after
+    ``optimizer.step()`` (run any LR scheduler after ``fit``'s update, i.e. in a callback).
     Coupled ``weight_decay`` of a torch optimizer equals ``L2.from_torch_weight_decay(wd)`` on the
     TensorFlow side; decoupled decay (``AdamW``) happens in ``optimizer.step`` once per update.
     Checkpoint/resume: ``trainer.state_dict()`` holds model, optimizer, accumulator and position;
@@ -248,6 +254,7 @@ class Trainer:
         jit_compile: bool = False,
         metrics: Sequence[str] = (),
         seed: int = 0,
+        proximal: ProximalL1 | dict[str, Any] | None = None,
     ) -> None:
         self.spec = TrainerSpec(
             accumulation_steps=accumulation_steps,
@@ -277,6 +284,7 @@ class Trainer:
         self.loss = loss
         self.optimizer = optimizer
         self.regularizer = None if regularizer is None else _get_regularizer(regularizer)
+        self.proximal = resolve_proximal(proximal, ProximalL1)
         self._loss_fn = per_example_loss(loss)
         self._engine = _Engine(self)
         self.stop_training = False
@@ -350,7 +358,8 @@ class Trainer:
     def get_config(self) -> dict[str, Any]:
         """The keyword arguments (model, loss and optimizer are positional and not included)."""
         config = self.spec.get_config()
-        config["regularizer"] = regularizer_config(self.regularizer)
+        config["regularizer"] = object_config(self.regularizer)
+        config["proximal"] = object_config(self.proximal)
         return config
 
 
