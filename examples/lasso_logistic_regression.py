@@ -114,7 +114,9 @@ def sklearn_path(x: np.ndarray, y: np.ndarray, c_values: Sequence[float]) -> lis
 
     fits = []
     for c in c_values:
-        model = LogisticRegression(l1_ratio=1.0, C=c, solver="liblinear").fit(x, y)
+        # liblinear visits coordinates in a random order: fix it for a reproducible table.
+        model = LogisticRegression(l1_ratio=1.0, C=c, solver="liblinear", random_state=0)
+        model = model.fit(x, y)
         lam = 1.0 / (len(y) * c)
         fits.append(make_fit(x, y, model.coef_[0], float(model.intercept_[0]), lam))
     return fits

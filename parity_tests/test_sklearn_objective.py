@@ -79,6 +79,7 @@ def _sklearn(problem: Problem, solver: str, fit_intercept: bool) -> tuple[np.nda
             fit_intercept=fit_intercept,
             tol=1e-12,
             max_iter=100_000,
+            random_state=0,
         ).fit(problem.x, problem.y)
     return model.coef_[0], float(model.intercept_[0]) if fit_intercept else 0.0
 
