@@ -230,6 +230,15 @@ def test_tf_threshold_uses_the_learning_rate_of_the_step_just_taken() -> None:
     np.testing.assert_allclose(variable.numpy(), [[0.0, 0.55]], rtol=1e-7)
 
 
+def test_tf_loss_scale_optimizer_uses_the_inner_schedule() -> None:
+    schedule = keras.optimizers.schedules.ExponentialDecay(1.0, decay_steps=1, decay_rate=0.5)
+    optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(learning_rate=schedule))
+    variable = tf.Variable([[0.2, 1.0]], dtype=tf.float32)
+    optimizer.apply_gradients([(tf.zeros_like(variable), variable)])
+    tfreg.apply_proximal_l1([variable], l1=0.3, learning_rate=optimizer)  # threshold 1.0 * 0.3
+    np.testing.assert_allclose(variable.numpy(), [[0.0, 0.7]], rtol=1e-6)
+
+
 def test_tf_constant_optimizer_learning_rate_and_no_retracing() -> None:
     model = _keras_model()
     optimizer = keras.optimizers.SGD(learning_rate=0.5)

@@ -118,6 +118,8 @@ def _step_learning_rate(optimizer: keras.optimizers.Optimizer) -> tf.Tensor:
             "and updates only every k-th step. Use tfreg's Trainer for accumulation. Received: "
             f"optimizer.gradient_accumulation_steps={optimizer.gradient_accumulation_steps!r}"
         )
+    # A LossScaleOptimizer's own rate attributes are not the schedule that stepped.
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)
     # Keras has no public accessor for the schedule object itself.
     schedule = optimizer._learning_rate
     if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
@@ -165,7 +167,8 @@ def apply_proximal_l1(
     step just taken). Scope is ``tfreg.penalty``'s: kernels unless ``include_bias``; a sequence
     of variables is taken as given. Works inside ``tf.function`` (pass the optimizer or a tensor,
     not a changing Python float, to avoid retracing). Everything is validated before any
-    variable changes.
+    variable changes. A ``LossScaleOptimizer`` is read through its inner optimizer; an update it
+    skips for non-finite gradients is still thresholded, so call this only after applied steps.
     """
     spec = ProximalL1(l1=l1, include_bias=include_bias)
     spec.apply(variables_or_model, learning_rate)
