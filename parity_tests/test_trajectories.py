@@ -10,7 +10,8 @@ Where the optimizers genuinely differ, the difference is pinned to its cause:
   torch uses Python floats. Matching torch runs therefore use float32-rounded values
   (:func:`f32`); the momentum test shows the exact-0.9 gap vanishes when rounded.
 - Keras' SGD momentum (``m = mu*m - lr*g; w += m``) and torch's (``b = mu*b + g; w -= lr*b``)
-  are the same recursion for a constant lr (``m = -lr*b``): they agree to round-off.
+  are the same recursion for a constant lr (``m = -lr*b``): they agree to round-off; under a
+  schedule they split once the rate changes (pinned below).
 - Coupled ``weight_decay=wd`` (torch) is ``L2(wd/2)`` on *all* parameters (``include_bias``);
   Keras' L2 rounds its factor through float32, so wd/2 must be float32-exact or torch given
   ``2*float32(wd/2)``.
@@ -240,3 +241,45 @@ def test_torch_adamw_matches_keras_without_epsilon(rng) -> None:
         lambda p: torch.optim.AdamW(p, lr=lr, weight_decay=wd, eps=0.0, betas=betas),
     )
     _assert_trajectory("AdamW eps=0", "float64", result)
+
+
+def test_momentum_formulations_split_when_the_rate_changes(rng) -> None:
+    """Keras folds lr into the velocity (``m = mu*m - lr_t*g``), torch applies it to the whole
+    buffer (``w -= lr_t * b``): the same recursion only while lr is constant. With a step
+    schedule (lr halves after update 10) the runs agree to round-off up to the change and then
+    split -- the documented difference, not an accumulation error."""
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay([10], [LR, LR / 2])
+
+    class SchedulerStep:  # torch's scheduler steps once per update, after optimizer.step()
+        def __init__(self, scheduler) -> None:
+            self.scheduler = scheduler
+
+        def on_update_end(self, trainer, record) -> None:
+            self.scheduler.step()
+
+    pair = build_mlp(dtype="float64", rng=rng, input_dim=FEATURES, hidden=(5,), classes=CLASSES)
+    x = rng.normal(size=(N, FEATURES))
+    y = rng.integers(0, CLASSES, size=N)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype="float64")
+    tf_losses = (
+        tfreg.Trainer(
+            pair.keras,
+            loss,
+            keras.optimizers.SGD(schedule, momentum=MOMENTUM),
+            accumulation_steps=2,
+        )
+        .fit(x, y, batch_size=BATCH, epochs=4, verbose=0)
+        .history["data_loss"]
+    )
+    sgd = torch.optim.SGD(pair.torch.parameters(), lr=f32(LR), momentum=f32(MOMENTUM))
+    halve = torch.optim.lr_scheduler.LambdaLR(sgd, lambda step: 1.0 if step <= 10 else 0.5)
+    torch_losses = (
+        torchref.Trainer(pair.torch, "cross_entropy", sgd, accumulation_steps=2)
+        .fit(x, y, batch_size=BATCH, epochs=4, callbacks=[SchedulerStep(halve)], verbose=0)
+        .history["data_loss"]
+    )
+    # update t's loss is measured at the weights after t updates: 0..11 saw only constant-lr steps
+    tol = tolerance("trajectory", "float64")
+    assert_close("before the change", tf_losses[:12], torch_losses[:12], rtol=tol.rtol)
+    split = compare("after the change", tf_losses[12:], torch_losses[12:], rtol=0.0)
+    assert split.max_rel > 1e3 * tol.rtol, str(split)
