@@ -314,6 +314,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             ],
         )
     )
+    print(f"The subgradient step moves every weight by lr * lambda = {lr * lam:.3g} towards 0 and")
+    print("past it: irrelevant weights oscillate around 0 and are never exactly 0. The prox sets")
+    print("them to 0 and keeps them there (the same objective, minimised properly).")
     print("\nsparsity report of the proximal tfreg model:")
     print(reports["proximal tfreg"])
     results["reports"] = reports
