@@ -7,7 +7,7 @@ import numpy as np
 
 from regcore.compare import Comparison, compare
 from regcore.tolerances import tolerance
-from tfreg._compat import tf
+from tfreg._compat import keras, tf
 from tfreg.parity.checks import register
 from tfreg.parity.devices import tf_device
 from tfreg.parity.models import build_cnn
@@ -45,3 +45,69 @@ def _reports(dtype: str, device: str) -> list[Comparison]:
 
 
 register("sparsity report: counts equal, norms (transferred CNN)", "sparsity")(_reports)
+
+
+def _logistic(dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(17)
+    x = rng.standard_normal((120, 20))
+    w = np.zeros(20)
+    w[:4] = [2.0, -1.5, 1.0, -0.5]
+    y = (x @ w + 0.5 * rng.standard_normal(120) > 0).astype(dtype)[:, None]
+    return x.astype(dtype), y
+
+
+def _proximal_trajectory(updates: int):  # -> check function
+    def run(dtype: str, device: str) -> list[Comparison]:
+        import torch
+
+        import tfreg
+        import torchref
+        from tfreg.parity.checks.training import keras_weights, torch_weights_in_keras_layout
+        from tfreg.parity.models import build_pair
+
+        x, y = _logistic(dtype)
+        pair = build_pair(
+            (("dense", 1),), (x.shape[1],), dtype=dtype, rng=seed_everything(19), device=device
+        )
+        lr, l1 = 0.5, 0.02  # 0.5 is exact in float32, as Keras stores the learning rate
+        fit = {"batch_size": len(y), "epochs": updates, "shuffle": False, "verbose": 0}
+        with tf.device(tf_device(device)):
+            tfreg.Trainer(
+                pair.keras,
+                keras.losses.BinaryCrossentropy(from_logits=True),
+                keras.optimizers.SGD(lr),
+                proximal=tfreg.ProximalL1(l1=l1),
+            ).fit(x, y, **fit)
+        torchref.Trainer(
+            pair.torch,
+            "binary_cross_entropy_with_logits",
+            torch.optim.SGD(pair.torch.parameters(), lr=lr),
+            proximal=torchref.ProximalL1(l1=l1),
+        ).fit(x, y, **fit)
+        ours, theirs = keras_weights(pair), torch_weights_in_keras_layout(pair)
+        rtol = tolerance("trajectory", dtype).rtol
+        out = [
+            compare(f"after {updates} updates w{i}", t, k, rtol=rtol)
+            for i, (t, k) in enumerate(zip(theirs, ours, strict=True))
+        ]
+        zeros = int(np.sum(ours[0] == 0))
+        if not 0 < zeros < ours[0].size:
+            raise AssertionError(f"proximal L1 produced {zeros} exact zeros of {ours[0].size}")
+        if dtype == "float64":  # the claim: the *set* of exact zeros is identical
+            out.append(
+                compare(
+                    "exact-zero set",
+                    (theirs[0] == 0).astype(float),
+                    (ours[0] == 0).astype(float),
+                    rtol=0.0,
+                )
+            )
+        return out
+
+    return run
+
+
+register("proximal L1 trajectory + zero set, 50 updates", "sparsity")(_proximal_trajectory(50))
+register("proximal L1 trajectory + zero set, 200 updates", "sparsity", quick=False)(
+    _proximal_trajectory(200)
+)

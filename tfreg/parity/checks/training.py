@@ -46,11 +46,11 @@ def _data(dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return x, y, sample_weight
 
 
-def _keras_weights(pair: ModelPair) -> list[np.ndarray]:
+def keras_weights(pair: ModelPair) -> list[np.ndarray]:
     return [np.asarray(v.numpy()) for v in pair.keras.trainable_weights]
 
 
-def _torch_weights_in_keras_layout(pair: ModelPair) -> list[np.ndarray]:
+def torch_weights_in_keras_layout(pair: ModelPair) -> list[np.ndarray]:
     return [
         p.to_keras(torch_to_numpy(p.torch_tensor))
         for p in parameter_pairs(pair.keras, pair.torch)
@@ -117,7 +117,7 @@ def _accumulation_tfreg(dtype: str, device: str) -> list[Comparison]:
         _tfreg_fit(accumulated, k, 4)
         _tfreg_fit(one_batch, 1, 4 * k)
         out += _compare_weights(
-            f"k={k}", _keras_weights(accumulated), _keras_weights(one_batch), rtol
+            f"k={k}", keras_weights(accumulated), keras_weights(one_batch), rtol
         )
     return out
 
@@ -131,8 +131,8 @@ def _accumulation_torchref(dtype: str, device: str) -> list[Comparison]:
         _torchref_fit(one_batch, 1, 4 * k)
         out += _compare_weights(
             f"k={k}",
-            _torch_weights_in_keras_layout(accumulated),
-            _torch_weights_in_keras_layout(one_batch),
+            torch_weights_in_keras_layout(accumulated),
+            torch_weights_in_keras_layout(one_batch),
             rtol,
         )
     return out
@@ -186,8 +186,8 @@ def _trajectory(case: str, epochs: int) -> Callable[[str, str], list[Comparison]
         updates = 3 * epochs
         return _compare_weights(
             f"after {updates} updates",
-            _torch_weights_in_keras_layout(pair),
-            _keras_weights(pair),
+            torch_weights_in_keras_layout(pair),
+            keras_weights(pair),
             rtol,
         )
 
