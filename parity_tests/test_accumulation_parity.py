@@ -30,13 +30,7 @@ from tfreg.parity.transfer import parameter_pairs, torch_to_numpy
 CLASSES, FEATURES = 3, 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_torch_thread():
-    # Tiny tensors: torch's 2-thread pool costs ~50x more than the math on a loaded machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 class Case:

@@ -38,13 +38,7 @@ N, BATCH, STEPS, EPOCHS = 40, 4, 2, 20  # 100 updates
 FEATURES, CLASSES = 4, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_torch_thread():
-    # Tiny tensors: torch's 2-thread pool costs ~50x more than the math on a loaded machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def f32(value: float) -> float:

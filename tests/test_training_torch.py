@@ -17,13 +17,7 @@ N, D = 19, 3
 WINDOWS = [np.arange(0, 12), np.arange(12, 19)]  # batch 4 x 3 steps: 4,4,4 | 4,3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_torch_thread():
-    # Tiny tensors: torch's 2-thread pool costs ~50x more than the math on a loaded machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def linear_model(w: np.ndarray, b: float) -> torch.nn.Module:
