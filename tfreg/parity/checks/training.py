@@ -109,33 +109,23 @@ def _torchref_fit(
     )
 
 
-def _accumulation_tfreg(dtype: str, device: str) -> list[Comparison]:
-    rtol = tolerance("accumulation", dtype).rtol
-    out = []
-    for k in (2, 3, 4):
-        accumulated, one_batch = _pair(dtype, device), _pair(dtype, device)
-        _tfreg_fit(accumulated, k, 4)
-        _tfreg_fit(one_batch, 1, 4 * k)
-        out += _compare_weights(
-            f"k={k}", keras_weights(accumulated), keras_weights(one_batch), rtol
-        )
-    return out
+def _accumulation(framework: str) -> Callable[[str, str], list[Comparison]]:
+    fit, weights = {
+        "tfreg": (_tfreg_fit, keras_weights),
+        "torchref": (_torchref_fit, torch_weights_in_keras_layout),
+    }[framework]
 
+    def run(dtype: str, device: str) -> list[Comparison]:
+        rtol = tolerance("accumulation", dtype).rtol
+        out = []
+        for k in (2, 3, 4):
+            accumulated, one_batch = _pair(dtype, device), _pair(dtype, device)
+            fit(accumulated, k, 4)
+            fit(one_batch, 1, 4 * k)
+            out += _compare_weights(f"k={k}", weights(accumulated), weights(one_batch), rtol)
+        return out
 
-def _accumulation_torchref(dtype: str, device: str) -> list[Comparison]:
-    rtol = tolerance("accumulation", dtype).rtol
-    out = []
-    for k in (2, 3, 4):
-        accumulated, one_batch = _pair(dtype, device), _pair(dtype, device)
-        _torchref_fit(accumulated, k, 4)
-        _torchref_fit(one_batch, 1, 4 * k)
-        out += _compare_weights(
-            f"k={k}",
-            torch_weights_in_keras_layout(accumulated),
-            torch_weights_in_keras_layout(one_batch),
-            rtol,
-        )
-    return out
+    return run
 
 
 def _kernel_only_decay(weight_decay: float) -> Callable[[Any], Any]:
@@ -194,12 +184,10 @@ def _trajectory(case: str, epochs: int) -> Callable[[str, str], list[Comparison]
     return run
 
 
-register("accumulation k x b == k*b, uneven + short window (tfreg)", "accumulation")(
-    _accumulation_tfreg
-)
-register("accumulation k x b == k*b, uneven + short window (torchref)", "accumulation")(
-    _accumulation_torchref
-)
+for _framework in ("tfreg", "torchref"):
+    register(f"accumulation k x b == k*b, uneven + short window ({_framework})", "accumulation")(
+        _accumulation(_framework)
+    )
 for _case in ("SGD", "SGD+momentum", "L2 vs coupled weight_decay", "AdamW (Keras arithmetic)"):
     # 26 examples in windows of 12 = 3 updates per epoch: 7 epochs ~ 21 updates, 34 ~ 102.
     register(f"trajectory tfreg vs torchref: {_case}, ~21 updates", "trajectories")(
