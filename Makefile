@@ -1,6 +1,9 @@
-# Every target creates .venv on first use and installs what it needs, so a fresh clone needs nothing
-# but python3. torch is pinned to the CPU build that pip finds locally; an unpinned torch would pull
-# a multi-GB CUDA build. CI and this Makefile use tensorflow-cpu (see README for GPU users).
+# Every target creates .venv on first use and installs what it needs, so a fresh clone needs only
+# python3 (with venv) and make. torch is pinned to 2.13.0: on this project's machines pip finds a
+# local CPU-only wheel for it, while an unpinned torch would pull a multi-GB CUDA build (on other
+# Linux machines PyPI's torch is the CUDA build too: point pip at PyTorch's CPU wheel index there).
+# CI and this Makefile use tensorflow-cpu (see README for GPU users); constraints.txt pins the
+# versions the tests were validated against.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -10,11 +13,11 @@ export PYTHONHASHSEED ?= 0
 
 .PHONY: demo test lint format bench examples clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[tensorflow-cpu,torch,test,dev,examples,progress]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[tensorflow-cpu,torch,test,dev,examples,progress]'
 	touch $(STAMP)
 
 demo: $(STAMP)
