@@ -390,3 +390,40 @@ def test_torch_rejects_before_changing_anything() -> None:
         torchref.apply_proximal_l1(model[0].weight, l1=0.1, learning_rate=0.1)
     for p, b in zip(model.parameters(), before, strict=True):
         assert torch.equal(p, b)
+
+
+@pytest.mark.parametrize(
+    "learning_rate",
+    [
+        pytest.param(lambda: tf.constant(-0.5), id="eager-tensor"),
+        pytest.param(lambda: tf.Variable(-0.5), id="variable"),
+        pytest.param(lambda: tf.constant(float("nan")), id="nan-tensor"),
+    ],
+)
+def test_tf_negative_tensor_learning_rate_rejected_eagerly(learning_rate) -> None:
+    # A negative threshold would push every weight away from zero; torchref rejects it too.
+    model = _keras_model()
+    before = [v.numpy().copy() for v in model.weights]
+    with pytest.raises(InvalidArgumentError, match="learning_rate="):
+        tfreg.apply_proximal_l1(model, l1=0.1, learning_rate=learning_rate())
+    with pytest.raises(InvalidArgumentError, match="learning_rate="):
+        tfreg.ProximalL1(l1=0.1).apply(model, learning_rate())
+    for v, b in zip(model.weights, before, strict=True):
+        np.testing.assert_array_equal(v.numpy(), b)
+
+
+def test_tf_negative_tensor_learning_rate_rejected_in_graph_before_any_assign() -> None:
+    model = _keras_model()
+    before = [v.numpy().copy() for v in model.weights]
+    proximal = tfreg.ProximalL1(l1=0.1)
+
+    @tf.function
+    def step(learning_rate: tf.Tensor) -> None:
+        proximal.apply(model, learning_rate)
+
+    step(tf.constant(0.0))  # threshold 0: a valid call that changes nothing
+    with pytest.raises(tf.errors.InvalidArgumentError, match="non-negative"):
+        step(tf.constant(-0.5))
+    assert step.experimental_get_tracing_count() == 1
+    for v, b in zip(model.weights, before, strict=True):
+        np.testing.assert_array_equal(v.numpy(), b)

@@ -129,9 +129,34 @@ def _step_learning_rate(optimizer: keras.optimizers.Optimizer) -> tf.Tensor:
     return tf.convert_to_tensor(optimizer.learning_rate)
 
 
+def _checked_tensor_learning_rate(learning_rate: Any) -> tf.Tensor:
+    """A user-given learning-rate tensor, rejected if negative or non-finite (torchref rejects
+    these too): a negative rate would push weights *away* from zero.
+
+    Eagerly the value is read and checked at once, raising ``InvalidArgumentError``; inside a
+    graph the check is an assert op that the returned tensor depends on, so the assigns that use
+    it cannot run first. An optimizer's own rate is not checked (no host read per step)."""
+    value = tf.convert_to_tensor(learning_rate)
+    if tf.executing_eagerly():
+        number = value.numpy().item() if value.shape.num_elements() == 1 else learning_rate
+        validation.non_negative_float(number, "learning_rate")
+        return value
+    value = tf.cast(value, tf.float64)
+    message = "learning_rate must be a single finite non-negative number"
+    checks = [
+        tf.debugging.assert_equal(tf.size(value), 1, message=message),
+        tf.debugging.assert_non_negative(value, message=message),
+        tf.debugging.assert_all_finite(value, message),
+    ]
+    with tf.control_dependencies(checks):
+        return tf.identity(value)
+
+
 def _threshold(learning_rate: Any, l1: float) -> tf.Tensor | float:
     if isinstance(learning_rate, keras.optimizers.Optimizer):
         learning_rate = _step_learning_rate(learning_rate)
+    elif _is_tensor(learning_rate):
+        learning_rate = _checked_tensor_learning_rate(learning_rate)
     if _is_tensor(learning_rate):
         return tf.cast(tf.convert_to_tensor(learning_rate), tf.float64) * l1
     if hasattr(learning_rate, "apply_gradients"):
@@ -167,8 +192,10 @@ def apply_proximal_l1(
     step just taken). Scope is ``tfreg.penalty``'s: kernels unless ``include_bias``; a sequence
     of variables is taken as given. Works inside ``tf.function`` (pass the optimizer or a tensor,
     not a changing Python float, to avoid retracing). Everything is validated before any
-    variable changes. A ``LossScaleOptimizer`` is read through its inner optimizer; an update it
-    skips for non-finite gradients is still thresholded, so call this only after applied steps.
+    variable changes; a negative or non-finite learning-rate tensor raises at once eagerly, and
+    inside ``tf.function`` fails an assert that every assign depends on. A
+    ``LossScaleOptimizer`` is read through its inner optimizer; an update it skips for non-finite
+    gradients is still thresholded, so call this only after applied steps.
     """
     spec = ProximalL1(l1=l1, include_bias=include_bias)
     spec.apply(variables_or_model, learning_rate)
