@@ -248,3 +248,30 @@ def test_unknown_identifier_message_is_keras_message(module, identifier) -> None
 def test_get_none_is_none(module) -> None:
     assert keras.regularizers.get(None) is None
     assert module.get(None) is None
+
+
+_FUNCTIONAL = [
+    pytest.param("l1_penalty", "l1", {}, id="l1_penalty.l1"),
+    pytest.param("l2_penalty", "l2", {}, id="l2_penalty.l2"),
+    pytest.param("orthogonal_penalty", "factor", {}, id="orthogonal_penalty.factor"),
+    pytest.param("pnorm_penalty", "strength", {"p": 3.0}, id="pnorm_penalty.strength"),
+    pytest.param("group_lasso_penalty", "strength", {"axis": 0}, id="group_lasso.strength"),
+]
+
+
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize(("function", "name", "kwargs"), _FUNCTIONAL)
+@pytest.mark.parametrize("factor", _BAD_FACTORS)
+def test_functional_penalty_rejects_bad_factor_naming_it(
+    module, function: str, name: str, kwargs: dict, factor
+) -> None:
+    # Unchecked, a negative factor silently gave a negative penalty (pnorm_penalty: -1.73).
+    x = np.ones((2, 3)) if module is tfreg else torch.ones(2, 3, dtype=torch.float64)
+    with pytest.raises(InvalidArgumentError, match=f"argument {name}:.*Received: {name}="):
+        getattr(module, function)(x, factor, **kwargs)
+
+
+@pytest.mark.parametrize(("function", "name", "kwargs"), _FUNCTIONAL)
+def test_torch_functional_penalty_rejects_a_non_tensor(function: str, name: str, kwargs) -> None:
+    with pytest.raises(TypeError, match=r"x must be a torch\.Tensor\. Received: x of type ndarray"):
+        getattr(torchref, function)(np.ones((2, 3)), 0.1, **kwargs)

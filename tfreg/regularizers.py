@@ -46,6 +46,7 @@ _PACKAGE = "tfreg"
 
 
 def _factor(factor: float, x: tf.Tensor) -> tf.Tensor:
+    # A Python float converted straight to x's dtype: exact in float64, no float32 detour.
     return ops.convert_to_tensor(factor, dtype=x.dtype)
 
 
@@ -54,12 +55,14 @@ def _factor(factor: float, x: tf.Tensor) -> tf.Tensor:
 
 def l1_penalty(x: Any, l1: float) -> tf.Tensor:
     """``l1 * sum(|x|)``. The gradient at ``x == 0`` is 0 (the subgradient TF and torch pick)."""
+    l1 = validation.non_negative_float(l1, "l1")
     x = ops.convert_to_tensor(x)
     return _factor(l1, x) * ops.sum(ops.absolute(x))
 
 
 def l2_penalty(x: Any, l2: float) -> tf.Tensor:
     """``l2 * sum(x**2)`` -- no 1/2, as in Keras. Torch coupled ``weight_decay=wd`` is ``wd/2``."""
+    l2 = validation.non_negative_float(l2, "l2")
     x = ops.convert_to_tensor(x)
     return _factor(l2, x) * ops.sum(ops.square(x))
 
@@ -71,6 +74,7 @@ def orthogonal_penalty(x: Any, factor: float, mode: str = "rows") -> tf.Tensor:
     factor (1e-7). A matrix with a single row (rows mode) has no pairs: the penalty is 0, where
     Keras divides 0 by 0 and returns NaN.
     """
+    factor = validation.non_negative_float(factor, "factor")
     x = ops.convert_to_tensor(x)
     validation.rank_two(tuple(x.shape))
     validation.choice(mode, "mode", ("rows", "columns"))
@@ -108,6 +112,7 @@ def pnorm_penalty(x: Any, strength: float, p: float = 2.0) -> tf.Tensor:
 
     The gradient is 0 at an all-zero tensor (``tf.norm``'s is NaN there) and at zero entries.
     """
+    strength = validation.non_negative_float(strength, "strength")
     x = ops.convert_to_tensor(x)
     p = validation.finite_float_at_least(p, "p", 1.0)
     if p == 1.0:
@@ -118,6 +123,7 @@ def pnorm_penalty(x: Any, strength: float, p: float = 2.0) -> tf.Tensor:
 def group_lasso_penalty(x: Any, strength: float, axis: int | Sequence[int]) -> tf.Tensor:
     """``strength * sum_g ||x_g||_2`` where each group ``g`` is one index of the axes *not* in
     ``axis`` and the norm runs over ``axis`` (as ``tf.norm(x, axis=axis)``). Zero-safe gradient."""
+    strength = validation.non_negative_float(strength, "strength")
     x = ops.convert_to_tensor(x)
     axes = validation.normalized_axes(validation.axes(axis, "axis"), len(x.shape), "axis")
     group_norms = _zero_safe_root(_sum_of_powers(x, 2.0, axes), 2.0)

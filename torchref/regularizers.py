@@ -42,19 +42,29 @@ _KERAS_EPSILON = 1e-7
 # --- functional core ---------------------------------------------------------------
 
 
+def _checked(x: Any, factor: Any, name: str) -> float:
+    """Validate a functional penalty's arguments; return the factor as a float."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor. Received: x of type {type(x).__name__}")
+    return validation.non_negative_float(factor, name)
+
+
 def l1_penalty(x: torch.Tensor, l1: float) -> torch.Tensor:
     """``l1 * sum(|x|)``; gradient 0 at ``x == 0``."""
+    l1 = _checked(x, l1, "l1")
     return l1 * x.abs().sum()
 
 
 def l2_penalty(x: torch.Tensor, l2: float) -> torch.Tensor:
     """``l2 * sum(x**2)`` (no 1/2). Its gradient equals coupled ``weight_decay = 2 * l2``."""
+    l2 = _checked(x, l2, "l2")
     return l2 * x.square().sum()
 
 
 def orthogonal_penalty(x: torch.Tensor, factor: float, mode: str = "rows") -> torch.Tensor:
     """Keras' orthogonality penalty: ``factor * mean_{i<j} |<u_i, u_j>|`` over rows (or columns)
     ``u = x * min(rsqrt(sum x^2), 1/1e-7)``. A single row/column gives 0 (no pairs)."""
+    factor = _checked(x, factor, "factor")
     validation.rank_two(tuple(x.shape))
     validation.choice(mode, "mode", ("rows", "columns"))
     axis = 1 if mode == "rows" else 0
@@ -80,6 +90,7 @@ def orthogonal_penalty(x: torch.Tensor, factor: float, mode: str = "rows") -> to
 
 def pnorm_penalty(x: torch.Tensor, strength: float, p: float = 2.0) -> torch.Tensor:
     """``strength * torch.linalg.vector_norm(x, p)`` -- non-squared; gradient 0 at zero."""
+    strength = _checked(x, strength, "strength")
     p = validation.finite_float_at_least(p, "p", 1.0)
     return strength * torch.linalg.vector_norm(x, ord=p)
 
@@ -88,6 +99,7 @@ def group_lasso_penalty(
     x: torch.Tensor, strength: float, axis: int | Sequence[int]
 ) -> torch.Tensor:
     """``strength * sum_g ||x_g||_2``; the norm runs over ``axis``, groups are the other indices."""
+    strength = _checked(x, strength, "strength")
     axes = validation.normalized_axes(validation.axes(axis, "axis"), x.dim(), "axis")
     return strength * torch.linalg.vector_norm(x, ord=2, dim=axes).sum()
 
