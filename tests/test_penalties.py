@@ -20,6 +20,7 @@ import torch
 
 import tfreg
 import torchref
+from regcore.validation import InvalidArgumentError
 
 # PNorm(p=1) applies its strength exactly, so the expected sums below hold to float64 round-off.
 STRENGTH = 0.25
@@ -157,6 +158,30 @@ def test_empty_model_and_empty_list_give_zero() -> None:
     for t_value in (torchref.penalty(torch.nn.Sequential(), "l2"), torchref.penalty([], "l2")):
         assert t_value.item() == 0.0
         assert t_value.dtype == torch.get_default_dtype()
+
+
+def test_nothing_penalised_gives_a_zero_in_the_models_dtype() -> None:
+    # Only rank-1 variables (BN scale/offset): nothing is a kernel, yet the zero must add to a
+    # float64 loss, so it takes the model's dtype instead of float32.
+    norm = keras.layers.BatchNormalization(dtype="float64")
+    norm.build((None, 3))
+    value = tfreg.penalty(norm, "l2")
+    assert value.dtype == tf.float64 and float(value) == 0.0
+    t_norm = torch.nn.BatchNorm1d(3).to(torch.float64)
+    t_value = torchref.penalty(t_norm, "l2")
+    assert t_value.dtype == torch.float64 and t_value.item() == 0.0
+    assert t_value.device == t_norm.weight.device
+
+
+@pytest.mark.parametrize(
+    "module", [pytest.param(tfreg, id="tfreg"), pytest.param(torchref, id="torchref")]
+)
+def test_none_regularizer_is_rejected_naming_it(module) -> None:
+    model = keras.layers.Dense(2) if module is tfreg else torch.nn.Linear(3, 2)
+    if module is tfreg:
+        model.build((None, 3))
+    with pytest.raises(InvalidArgumentError, match="Received: regularizer=None"):
+        module.penalty(model, None)
 
 
 def test_regularizer_given_as_key_config_or_keras_object(weights) -> None:

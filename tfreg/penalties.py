@@ -51,10 +51,25 @@ def penalty(
     """Total ``sum_v regularizer(v)`` over the penalised variables (see module docstring).
 
     ``regularizer`` is a tfreg/Keras regularizer, any callable of one tensor, or a key accepted by
-    :func:`tfreg.get`. Returns a scalar in the variables' dtype (0.0 when nothing is penalised).
+    :func:`tfreg.get` (``None`` is rejected: it would mean "no penalty", which is a caller bug
+    here). Returns a scalar in the variables' dtype. When nothing is penalised it is 0.0 in the
+    model's variable dtype (its first trainable variable's, else the layer's ``variable_dtype``),
+    or ``keras.config.floatx()`` for an empty sequence -- so adding it to a float64 loss works.
     """
     variables = penalized_variables(model_or_variables, include_bias=include_bias)
+    if regularizer is None:
+        raise validation.InvalidArgumentError(
+            "penalty() needs a regularizer (a callable, a config or a key such as 'l2'). "
+            f"Received: regularizer={regularizer!r}"
+        )
     reg = get(regularizer)
     if not variables:
-        return tf.constant(0.0, dtype=keras.config.floatx())
+        return tf.zeros((), dtype=_variable_dtype(model_or_variables))
     return tf.add_n([tf.convert_to_tensor(reg(v)) for v in variables])
+
+
+def _variable_dtype(model_or_variables: Any) -> str:
+    trainable = getattr(model_or_variables, "trainable_variables", None)
+    if trainable:
+        return tf.as_dtype(trainable[0].dtype).name
+    return getattr(model_or_variables, "variable_dtype", None) or keras.config.floatx()

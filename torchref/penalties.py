@@ -42,9 +42,27 @@ def penalty(
     *,
     include_bias: bool = False,
 ) -> torch.Tensor:
-    """Total ``sum_p regularizer(p)`` over the penalised parameters (0.0 when there are none)."""
+    """Total ``sum_p regularizer(p)`` over the penalised parameters.
+
+    ``regularizer=None`` is rejected, as in ``tfreg.penalty``. When nothing is penalised the
+    result is 0.0 with the dtype and device of the module's first parameter (else first buffer),
+    or torch's default dtype on the CPU for an empty sequence or a module without tensors.
+    """
     tensors = penalized_parameters(module_or_tensors, include_bias=include_bias)
+    if regularizer is None:
+        raise validation.InvalidArgumentError(
+            "penalty() needs a regularizer (a callable, a config or a key such as 'l2'). "
+            f"Received: regularizer={regularizer!r}"
+        )
     reg = get(regularizer)
     if not tensors:
-        return torch.zeros(())
+        return _zero_like_module(module_or_tensors)
     return torch.stack([reg(t) for t in tensors]).sum()
+
+
+def _zero_like_module(module_or_tensors: Any) -> torch.Tensor:
+    if isinstance(module_or_tensors, torch.nn.Module):
+        for tensor in (*module_or_tensors.parameters(), *module_or_tensors.buffers()):
+            if tensor.is_floating_point():
+                return torch.zeros((), dtype=tensor.dtype, device=tensor.device)
+    return torch.zeros(())
