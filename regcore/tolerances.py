@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from regcore.validation import InvalidArgumentError
+
 
 @dataclass(frozen=True)
 class Tolerance:
@@ -47,11 +49,15 @@ TOLERANCES: dict[tuple[str, str], Tolerance] = {
 
 
 def tolerance(claim: str, dtype: str) -> Tolerance:
-    """Look up the tolerance for ``claim`` at ``dtype`` ('float32' or 'float64')."""
+    """Look up the tolerance for ``claim`` at ``dtype`` ('float32' or 'float64').
+
+    An unknown pair raises ``InvalidArgumentError`` (a ``ValueError``), naming both and listing
+    the known claims, like every other bad argument in the project."""
     try:
         return TOLERANCES[(claim, dtype)]
-    except KeyError:
+    except (KeyError, TypeError):
         claims = sorted({c for c, _ in TOLERANCES})
-        raise KeyError(
-            f"No tolerance for claim={claim!r}, dtype={dtype!r}. Known claims: {claims}"
+        raise InvalidArgumentError(
+            f"No tolerance for claim={claim!r}, dtype={dtype!r}. Known claims: {claims}; "
+            "dtypes: 'float32', 'float64'"
         ) from None

@@ -53,8 +53,12 @@ def test_assert_close_raises_with_report() -> None:
 def test_tolerance_table_lookup_and_unknown_claim() -> None:
     assert tolerance("penalty_cross", "float64").rtol == 1e-12
     assert tolerance("penalty_vs_keras", "float32").rtol == 0.0
-    with pytest.raises(KeyError, match="Known claims"):
+    with pytest.raises(
+        InvalidArgumentError, match=r"claim='nope', dtype='float64'\. Known claims: \['accum"
+    ):
         tolerance("nope", "float64")
+    with pytest.raises(ValueError, match=r"claim='penalty_cross', dtype='float16'"):
+        tolerance("penalty_cross", "float16")
 
 
 def test_invalid_argument_error_is_both_value_and_type_error() -> None:
