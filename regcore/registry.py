@@ -54,3 +54,28 @@ def resolve(
     if not callable(obj):
         raise InvalidArgumentError(f"Could not interpret regularizer identifier: {identifier}")
     return obj
+
+
+def to_dict(regularizer: Any, classes: Mapping[str, type]) -> dict[str, Any]:
+    """``{"class_name", "config"}`` -- the part of Keras' serialized form both frameworks read."""
+    name = type(regularizer).__name__
+    if classes.get(name) is not type(regularizer):
+        raise InvalidArgumentError(
+            f"Only this package's regularizers ({', '.join(sorted(classes))}) can be serialized. "
+            f"Received: regularizer={regularizer!r}"
+        )
+    return {"class_name": name, "config": regularizer.get_config()}
+
+
+def from_dict(config: Any, classes: Mapping[str, type]) -> Any:
+    """The regularizer a ``{"class_name": ..., "config": {...}}`` dict describes. Keras' extra
+    keys (``module``, ``registered_name``) are ignored, so tfreg's and Keras' output loads too;
+    ``class_name`` may be a class name or a string key."""
+    if not isinstance(config, dict):
+        raise InvalidArgumentError(
+            f"Expected a dict with 'class_name' and 'config'. Received: config={config!r}"
+        )
+    name = class_name_for(str(config.get("class_name", "")))
+    if name is None or name not in classes:
+        raise InvalidArgumentError(f"Could not interpret regularizer identifier: {config}")
+    return classes[name].from_config(config.get("config", {}))

@@ -14,12 +14,14 @@ from torchref.regularizers import (
     OrthogonalRegularizer,
     PNorm,
     Regularizer,
+    deserialize,
     get,
     group_lasso_penalty,
     l1_penalty,
     l2_penalty,
     orthogonal_penalty,
     pnorm_penalty,
+    serialize,
 )
 from torchref.sparsity import (
     ParameterSparsity,
@@ -50,6 +52,7 @@ __all__ = [
     "__version__",
     "accumulation",
     "apply_proximal_l1",
+    "deserialize",
     "get",
     "group_lasso_penalty",
     "l1_penalty",
@@ -58,6 +61,7 @@ __all__ = [
     "penalized_parameters",
     "penalty",
     "pnorm_penalty",
+    "serialize",
     "soft_threshold",
     "sparsity_report",
 ]

@@ -27,12 +27,14 @@ __all__ = [
     "OrthogonalRegularizer",
     "PNorm",
     "Regularizer",
+    "deserialize",
     "get",
     "group_lasso_penalty",
     "l1_penalty",
     "l2_penalty",
     "orthogonal_penalty",
     "pnorm_penalty",
+    "serialize",
 ]
 
 # Keras' fuzz factor (keras.config.epsilon()), used by its row/column normalisation.
@@ -192,17 +194,20 @@ _CLASSES: dict[str, type[Regularizer]] = {
 }
 
 
+def serialize(regularizer: Regularizer) -> dict[str, Any]:
+    """``{"class_name": ..., "config": {...}}`` -- JSON-friendly, and what ``tfreg.deserialize``
+    reads (``tfreg.serialize`` writes the same two keys plus Keras' ``module`` and
+    ``registered_name``, which mean nothing without Keras)."""
+    return registry.to_dict(regularizer, _CLASSES)
+
+
+def deserialize(config: dict[str, Any]) -> Regularizer:
+    """Inverse of :func:`serialize`; also loads what ``tfreg.serialize`` (or Keras, for the
+    Keras-named classes) writes. ``class_name`` may be a string key of :func:`get`."""
+    return registry.from_dict(config, _CLASSES)
+
+
 def get(identifier: Any) -> Regularizer | None:
     """``None``, a string key (same keys as ``tfreg.get``), ``{"class_name", "config"}``, a class
     or any callable of one tensor."""
-    return registry.resolve(identifier, _CLASSES, _from_dict)
-
-
-def _from_dict(config: dict[str, Any]) -> Regularizer:
-    """``{"class_name": ..., "config": {...}}`` as ``tfreg.serialize`` writes it."""
-    name = registry.class_name_for(str(config.get("class_name", "")))
-    if name is None:
-        raise validation.InvalidArgumentError(
-            f"Could not interpret regularizer identifier: {config}"
-        )
-    return _CLASSES[name].from_config(config.get("config", {}))
+    return registry.resolve(identifier, _CLASSES, deserialize)
