@@ -307,3 +307,11 @@ def test_import_does_not_pull_in_the_other_framework() -> None:
     for package, process in processes.items():
         _, stderr = process.communicate(timeout=120)
         assert process.returncode == 0, f"{package}: {stderr[-2000:]}"
+
+
+def test_scope_function_has_both_twins_names_in_both_frameworks(weights) -> None:
+    assert tfreg.penalized_parameters is tfreg.penalized_variables
+    assert torchref.penalized_variables is torchref.penalized_parameters
+    tf_shapes = [tuple(v.shape) for v in tfreg.penalized_parameters(keras_model(weights))]
+    torch_shapes = [tuple(t.shape) for t in torchref.penalized_variables(torch_model(weights))]
+    assert tf_shapes == [(4, 3), (3, 2)] and torch_shapes == [(3, 4), (2, 3)]

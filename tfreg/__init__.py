@@ -6,7 +6,7 @@ harness lives in :mod:`tfreg.parity` and imports torch only when used.
 
 from tfreg import accumulation
 from tfreg._compat import keras as _keras  # noqa: F401  (fails early with an install hint)
-from tfreg.penalties import penalized_variables, penalty
+from tfreg.penalties import penalized_parameters, penalized_variables, penalty
 from tfreg.regularizers import (
     L1,
     L1L2,
@@ -61,6 +61,7 @@ __all__ = [
     "l1_penalty",
     "l2_penalty",
     "orthogonal_penalty",
+    "penalized_parameters",
     "penalized_variables",
     "penalty",
     "pnorm_penalty",

@@ -18,7 +18,7 @@ from regcore import validation
 from tfreg._compat import keras, tf
 from tfreg.regularizers import get
 
-__all__ = ["penalized_variables", "penalty"]
+__all__ = ["penalized_parameters", "penalized_variables", "penalty"]
 
 
 def penalized_variables(
@@ -40,6 +40,10 @@ def penalized_variables(
             f"Received: model_or_variables={model_or_variables!r}"
         )
     return list(model_or_variables)
+
+
+# torchref's name for the same function, so code written against either twin runs on both.
+penalized_parameters = penalized_variables
 
 
 def penalty(

@@ -5,7 +5,7 @@ Never imports TensorFlow or tfreg; shared, framework-free logic lives in ``regco
 
 from torchref import accumulation
 from torchref._compat import torch as _torch  # noqa: F401  (fails early with an install hint)
-from torchref.penalties import penalized_parameters, penalty
+from torchref.penalties import penalized_parameters, penalized_variables, penalty
 from torchref.regularizers import (
     L1,
     L1L2,
@@ -59,6 +59,7 @@ __all__ = [
     "l2_penalty",
     "orthogonal_penalty",
     "penalized_parameters",
+    "penalized_variables",
     "penalty",
     "pnorm_penalty",
     "serialize",

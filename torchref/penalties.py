@@ -15,7 +15,7 @@ from regcore import validation
 from torchref._compat import torch
 from torchref.regularizers import get
 
-__all__ = ["penalized_parameters", "penalty"]
+__all__ = ["penalized_parameters", "penalized_variables", "penalty"]
 
 
 def penalized_parameters(
@@ -34,6 +34,10 @@ def penalized_parameters(
             f"Received: module_or_tensors={module_or_tensors!r}"
         )
     return list(module_or_tensors)
+
+
+# tfreg's name for the same function, so code written against either twin runs on both.
+penalized_variables = penalized_parameters
 
 
 def penalty(
