@@ -92,6 +92,10 @@ class PNormSpec:
 
 
 class GroupLassoSpec:
+    """``strength`` and the norm's ``axis``. Configs hold JSON-friendly values: an int axis stays
+    an int, a sequence becomes a list (``axis=(0, 1)`` -> ``get_config()["axis"] == [0, 1]``), so
+    a config survives a JSON round trip unchanged and rebuilds an equal regularizer."""
+
     def __init__(self, strength: float = 0.01, *, axis: int | Sequence[int]) -> None:
         self.strength = validation.non_negative_float(strength, "strength")
         checked = validation.axes(axis, "axis")

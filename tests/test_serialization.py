@@ -195,3 +195,12 @@ def test_torchref_serialize_and_deserialize_reject_what_they_cannot_handle() -> 
     assert type(torchref.deserialize({"class_name": "group_lasso", "config": {"axis": 0}})) is (
         torchref.GroupLasso
     )
+
+
+@pytest.mark.parametrize(
+    "module", [pytest.param(tfreg, id="tfreg"), pytest.param(torchref, id="torchref")]
+)
+def test_group_lasso_config_holds_a_json_list_for_a_tuple_axis(module) -> None:
+    # Documented in GroupLassoSpec: a tuple would come back from JSON as a list anyway.
+    assert module.GroupLasso(0.2, axis=(0, 1)).get_config() == {"strength": 0.2, "axis": [0, 1]}
+    assert module.GroupLasso(0.2, axis=1).get_config() == {"strength": 0.2, "axis": 1}

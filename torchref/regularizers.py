@@ -149,7 +149,12 @@ class L2(specs.L2Spec, Regularizer):
 
 
 class L1L2(specs.L1L2Spec, Regularizer):
-    """``l1 * sum(|w|) + l2 * sum(w**2)``; zero factors are skipped, as in Keras."""
+    """``l1 * sum(|w|) + l2 * sum(w**2)``; zero factors are skipped, as in Keras.
+
+    Both factors are applied through float32, as Keras' ``L1L2`` does (its config keeps the
+    values as given): on float64 weights ``L1L2(l1=0.037)`` is ``float32(0.037) * sum|w|``, ~1e-8
+    relative from ``0.037 * w.abs().sum()``. ``l1_penalty``/``l2_penalty`` use factors exactly.
+    """
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         regularization = torch.zeros((), dtype=x.dtype, device=x.device)
@@ -161,7 +166,10 @@ class L1L2(specs.L1L2Spec, Regularizer):
 
 
 class OrthogonalRegularizer(specs.OrthogonalSpec, Regularizer):
-    """Keras' orthogonality penalty on rows (``mode="rows"``) or columns of a 2-D tensor.
+    """Keras' orthogonality penalty on rows (``mode="rows"``) or columns of a 2-D tensor:
+    ``factor * mean_{i<j} |<u_i, u_j>|``, where ``u_i = w_i * min(1 / ||w_i||_2, 1e7)`` are the
+    L2-normalised rows (or columns), i.e. ``factor * sum_{i != j} |(U U^T)_ij| / (n * (n - 1))``.
+    The factor is applied through float32, as in Keras. A single row/column gives 0 (Keras: NaN).
 
     Layout: a Keras Dense kernel is ``(in, out)`` and ``Linear.weight`` is ``(out, in)``, so Keras
     ``mode="rows"`` on the kernel corresponds to ``mode="columns"`` here on ``Linear.weight``.
