@@ -7,8 +7,8 @@ Tolerances, next to each dtype:
   (float64 1e-12, float32 1e-6 rel: only the summation order of the transposed layouts differs).
 - trajectories: claim "trajectory" (float64 1e-9 rel: 200 updates amplify per-step round-off of
   the two frameworks' BCE-with-logits formulas; float32 1e-3, realistic use). The *set* of exact
-  zeros must be identical in float64; in float32 a weight ending within round-off of the
-  threshold may land on either side, so the difference is only reported.
+  zeros must be identical in both dtypes: in float32 it was identical in every measured run (CPU,
+  seeds 0-5, both schedules; kernels ~1e-7 relative apart), see the test's comment.
 """
 
 from __future__ import annotations
@@ -158,10 +158,11 @@ def test_proximal_sgd_trajectories_match(
     # A real sparse solution: most of the 25 irrelevant features at exactly 0, the signal kept.
     assert 15 <= len(zeros_tf) < kernel_tf.size
     assert zeros_tf.isdisjoint(range(3))
-    if dtype == "float64":
-        assert zeros_tf == zeros_torch
-    else:
-        print(f"float32 zero sets differ in {len(zeros_tf ^ zeros_torch)} coordinates")
+    # Asserted in float32 too, as measured: on CPU the float32 kernels end ~1e-7 (relative)
+    # apart, and over seeds 0-5 x both schedules the zero sets never differed in one coordinate.
+    # A weight whose pre-prox value ends within that ~1e-7 of the threshold could flip; no run
+    # has shown one, so a failure here is a real divergence to investigate, not noise.
+    assert zeros_tf == zeros_torch, sorted(zeros_tf ^ zeros_torch)
     assert bias_tf[0] != 0  # the bias is not thresholded
 
 
