@@ -147,3 +147,52 @@ def test_torch_state_dict_round_trip_is_exact() -> None:
         torchref.accumulation.result(state)[0], torchref.accumulation.result(other)[0]
     )
     assert other.micro_batches == 2
+
+
+def test_torch_wrong_gradient_shape_is_rejected_not_broadcast() -> None:
+    state = torchref.accumulation.init([torch.zeros(2), torch.zeros(3, 2)])
+    with pytest.raises(ValueError, match=r"grads\[1\] of shape \(2,\) .* shape \(3, 2\)"):
+        torchref.accumulation.add(state, [torch.ones(2), torch.ones(2)], 1)
+    # Nothing half-applied: grads[0] was fine but must not have been added.
+    assert float(state.sums[0].abs().sum()) == 0.0 and float(state.count) == 0.0
+    assert state.micro_batches == 0
+
+
+@pytest.mark.parametrize("count", [-5, -0.5, float("nan"), True, 1 + 2j], ids=repr)
+def test_bad_count_is_rejected_in_both_frameworks(count: object) -> None:
+    t_state = torchref.accumulation.init([torch.zeros(2)])
+    with pytest.raises(ValueError, match="finite count >= 0"):
+        torchref.accumulation.add(t_state, [torch.ones(2)], count)
+    assert float(t_state.sums[0].sum()) == 0.0
+    state = tfreg.accumulation.init([tf.Variable(tf.zeros(2))])
+    with pytest.raises(ValueError, match="finite count >= 0"):
+        tfreg.accumulation.add(state, [tf.ones(2)], count)
+    assert float(tf.reduce_sum(state.sums[0])) == 0.0
+
+
+def test_torch_negative_tensor_count_is_rejected() -> None:
+    state = torchref.accumulation.init([torch.zeros(2)])
+    with pytest.raises(ValueError, match="finite count >= 0"):
+        torchref.accumulation.add(state, [torch.ones(2)], torch.tensor(-3))
+
+
+def test_tf_bad_shape_leaves_state_untouched() -> None:
+    state = tfreg.accumulation.init([tf.Variable(tf.zeros(2)), tf.Variable(tf.zeros((3, 2)))])
+    with pytest.raises(ValueError, match=r"grads\[1\] of shape \(2,\) .* shape \(3, 2\)"):
+        tfreg.accumulation.add(state, [tf.ones(2), tf.ones(2)], 1)
+    assert float(tf.reduce_sum(state.sums[0])) == 0.0
+    assert float(state.count.numpy()) == 0.0 and int(state.micro_batches.numpy()) == 0
+
+
+def test_tf_negative_tensor_count_fails_before_any_assign() -> None:
+    state = tfreg.accumulation.init([tf.Variable(tf.zeros(2))])
+
+    @tf.function
+    def step(n):
+        tfreg.accumulation.add(state, [tf.ones(2)], n)
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match="finite count >= 0"):
+        step(tf.constant(-5))
+    assert float(tf.reduce_sum(state.sums[0])) == 0.0
+    step(tf.constant(2))  # same trace, valid count
+    np.testing.assert_array_equal(tfreg.accumulation.result(state)[0].numpy(), [0.5, 0.5])

@@ -23,11 +23,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from regcore.accumulation import COUNT_MESSAGE, check_add
 from tfreg._compat import tf
 
 __all__ = ["AccumulatorState", "add", "init", "reset", "result"]
 
 _LOW_PRECISION = (tf.float16, tf.bfloat16)
+
+
+def _static_shape(grad: Any) -> tuple[int | None, ...] | None:
+    shape = tf.TensorShape(grad.shape)  # IndexedSlices: the dense shape
+    return None if shape.rank is None else tuple(shape.as_list())
 
 
 def _sum_dtype(variable_dtype: tf.DType, dtype: Any) -> tf.DType:
@@ -69,23 +75,31 @@ def add(state: AccumulatorState, grads: Sequence[Any], count: Any) -> Accumulato
     """Add one micro-batch: ``grads`` of its loss *sum*, and its loss-element ``count``.
 
     ``None`` gradients (variables the loss does not reach) add nothing; ``tf.IndexedSlices``
-    (embedding lookups) are scatter-added without densifying.
+    (embedding lookups) are scatter-added without densifying. Shapes, the gradient count and a
+    Python-number ``count >= 0`` are checked before the first assign (nothing half-applied); a
+    tensor count gets a graph-side assert that runs before the sums are touched.
     """
     grads = list(grads)
-    if len(grads) != len(state.sums):
-        raise ValueError(
-            f"add() got {len(grads)} gradients for an accumulator of {len(state.sums)} "
-            "variables. Received: len(grads)=" + str(len(grads))
-        )
-    for acc, grad in zip(state.sums, grads, strict=True):
-        if grad is None:
-            continue
-        if isinstance(grad, tf.IndexedSlices):
-            acc.scatter_add(tf.IndexedSlices(tf.cast(grad.values, acc.dtype), grad.indices))
-        else:
-            acc.assign_add(tf.cast(grad, acc.dtype))
-    state.count.assign_add(tf.cast(count, tf.float64))
-    state.micro_batches.assign_add(1)
+    check_add(
+        [None if g is None else _static_shape(g) for g in grads],
+        [tuple(s.shape) for s in state.sums],
+        count,
+        unit="variables",
+    )
+    checks = []
+    if tf.is_tensor(count):
+        # A tensor count is only known at run time: asserted in the graph, before any assign.
+        checks.append(tf.debugging.assert_non_negative(count, message=COUNT_MESSAGE))
+    with tf.control_dependencies(checks):
+        for acc, grad in zip(state.sums, grads, strict=True):
+            if grad is None:
+                continue
+            if isinstance(grad, tf.IndexedSlices):
+                acc.scatter_add(tf.IndexedSlices(tf.cast(grad.values, acc.dtype), grad.indices))
+            else:
+                acc.assign_add(tf.cast(grad, acc.dtype))
+        state.count.assign_add(tf.cast(count, tf.float64))
+        state.micro_batches.assign_add(1)
     return state
 
 

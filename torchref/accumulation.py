@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from regcore.accumulation import check_add, reject_count
 from torchref._compat import torch
 
 __all__ = ["AccumulatorState", "add", "init", "reset", "result"]
@@ -67,13 +68,18 @@ def add(
     state: AccumulatorState, grads: Sequence[torch.Tensor | None], count: Any
 ) -> AccumulatorState:
     """Add one micro-batch: ``grads`` of its loss *sum*, and its loss-element ``count``.
-    ``None`` gradients (parameters the loss does not reach) add nothing."""
+    ``None`` gradients (parameters the loss does not reach) add nothing. Shapes, the gradient
+    count and ``count >= 0`` are checked before anything is added (nothing half-applied)."""
     grads = list(grads)
-    if len(grads) != len(state.sums):
-        raise ValueError(
-            f"add() got {len(grads)} gradients for an accumulator of {len(state.sums)} "
-            f"parameters. Received: len(grads)={len(grads)}"
-        )
+    check_add(
+        [None if g is None else tuple(g.shape) for g in grads],
+        [tuple(s.shape) for s in state.sums],
+        count,
+        unit="parameters",
+    )
+    # One host sync, only for tensor counts (the Trainer passes a Python int).
+    if isinstance(count, torch.Tensor) and not bool(((count >= 0) & count.isfinite()).all()):
+        reject_count(count)
     with torch.no_grad():
         for acc, grad in zip(state.sums, grads, strict=True):
             if grad is not None:
