@@ -37,6 +37,7 @@ from regcore.windows import epoch_order, plan_epoch
 
 __all__ = [
     "METRICS",
+    "NONFINITE_MESSAGE",
     "NONFINITE_MODES",
     "History",
     "Position",
@@ -49,6 +50,11 @@ __all__ = [
 ]
 
 NONFINITE_MODES = ("skip", "raise")
+NONFINITE_MESSAGE = (
+    "Non-finite gradient in the accumulated window (on_nonfinite='raise'); the update was not "
+    "applied: weights and optimizer state are untouched. The window is consumed: a later fit() "
+    "continues with the next window."
+)
 # Per-example metrics both frameworks implement identically; reported as sum(w*m) / sum(w) over
 # the window, which is what a Keras MeanMetricWrapper reports on the concatenated batch.
 METRICS = ("sparse_categorical_accuracy", "categorical_accuracy", "binary_accuracy")
@@ -300,7 +306,14 @@ def run_fit(
                         "examples": window.examples,
                         "micro_batches": len(window.micro_batches),
                     }
-                    pending.append((record, engine.apply_step()))
+                    try:
+                        values = engine.apply_step()
+                    except FloatingPointError:
+                        # on_nonfinite="raise": the engine reset the window before raising, so
+                        # the position moves past it too; a later fit() starts cleanly after it.
+                        engine.set_position(Position(epoch, micro_batch + 1, *plan).as_tuple())
+                        raise
+                    pending.append((record, values))
                     if wants_records:
                         _resolve(engine, pending, history)
                         progress.update(history.records[-1])

@@ -394,3 +394,23 @@ def test_weights_and_optimizer_change_only_when_a_window_closes(data) -> None:
     changed = [i for i in range(5) if not np.array_equal(kernels[i], kernels[i + 1])]
     assert changed == [2, 4]
     assert [it for _, it in seen] == [0, 0, 1, 1, 2]
+
+
+def test_nonfinite_raise_consumes_the_window_and_a_later_fit_continues(data) -> None:
+    # Twin of tests/test_training_torch.py's test of the same name: one rule in both frameworks.
+    x, y, _, w = data
+    bad = y.copy()
+    bad[3] = np.nan  # poisons window 0 only
+    model = linear_model(w, 0.3)
+    t = trainer(model, on_nonfinite="raise")
+    with pytest.raises(FloatingPointError, match="window is consumed"):
+        t.fit(x, bad, batch_size=4, epochs=1, shuffle=False, verbose=0)
+    history = t.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0)
+    # Only window 1 runs, from the untouched weights: nothing of the NaN window is carried over.
+    expected_w, _ = numpy_sgd(x, y, np.ones(N), w, 0.3, epochs=1, windows=WINDOWS[1:])
+    assert_close("kernel", model.get_weights()[0][:, 0], expected_w, rtol=EXACT.rtol)
+    idx = WINDOWS[1]
+    expected_loss = np.mean((x[idx] @ w + 0.3 - y[idx, 0]) ** 2)
+    assert [r["examples"] for r in history.records] == [7]
+    assert_close("loss", history.records[0]["loss"], expected_loss, rtol=EXACT.rtol)
+    assert int(t.optimizer.iterations.numpy()) == 1

@@ -193,3 +193,22 @@ def test_keras_adamw_first_step_by_hand() -> None:
     m, v = 0.5 * (1 - 0.9), 0.25 * (1 - 0.999)
     expected = w - m * alpha / (math.sqrt(v) + 1e-7)
     assert p.item() == pytest.approx(expected, rel=1e-15)
+
+
+def test_nonfinite_raise_consumes_the_window_and_a_later_fit_continues(data) -> None:
+    # Twin of tests/test_training.py's test of the same name: one rule in both frameworks.
+    x, y, _, w = data
+    bad = y.copy()
+    bad[3] = np.nan  # poisons window 0 only
+    model = linear_model(w, 0.3)
+    t = trainer(model, on_nonfinite="raise")
+    with pytest.raises(FloatingPointError, match="window is consumed"):
+        t.fit(x, bad, batch_size=4, epochs=1, shuffle=False, verbose=0)
+    history = t.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0)
+    # Only window 1 runs, from the untouched weights: nothing of the NaN window is carried over.
+    expected_w, _ = numpy_sgd(x, y, np.ones(N), w, 0.3, epochs=1, windows=WINDOWS[1:])
+    assert_close("weight", model.weight.detach()[0], expected_w, rtol=EXACT.rtol)
+    idx = WINDOWS[1]
+    expected_loss = np.mean((x[idx] @ w + 0.3 - y[idx, 0]) ** 2)
+    assert [r["examples"] for r in history.records] == [7]
+    assert_close("loss", history.records[0]["loss"], expected_loss, rtol=EXACT.rtol)

@@ -29,14 +29,15 @@ from typing import Any
 
 import numpy as np
 
-from regcore.training import History as History
 from regcore.training import (
+    NONFINITE_MESSAGE,
     TrainerSpec,
     check_fit_data,
     object_config,
     resolve_proximal,
     run_fit,
 )
+from regcore.training import History as History
 from regcore.validation import InvalidArgumentError
 from tfreg import accumulation
 from tfreg._compat import keras, tf
@@ -288,10 +289,7 @@ class _Engine:
         # "raise" reads one flag per update back to the host (graph asserts vanish under XLA);
         # the default "skip" never synchronises here.
         if self.t.spec.on_nonfinite == "raise" and bool(values["skipped"]):
-            raise FloatingPointError(
-                "Non-finite gradient in the accumulated window (on_nonfinite='raise'); the "
-                "update was not applied: weights and optimizer state are untouched."
-            )
+            raise FloatingPointError(NONFINITE_MESSAGE)
         return values
 
     def fetch(self, values: dict[str, tf.Tensor]) -> dict[str, Any]:

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from regcore.training import History as History
 from regcore.training import (
+    NONFINITE_MESSAGE,
     Position,
     TrainerSpec,
     check_fit_data,
@@ -26,6 +26,7 @@ from regcore.training import (
     resolve_proximal,
     run_fit,
 )
+from regcore.training import History as History
 from regcore.validation import InvalidArgumentError, non_negative_float
 from torchref import accumulation
 from torchref._compat import torch
@@ -182,11 +183,6 @@ class _Engine:
             pen = self.zero.clone()
         # One host sync per update: torch has no graph-side conditional to keep it on device.
         finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
-        if not finite and self.t.spec.on_nonfinite == "raise":
-            raise FloatingPointError(
-                "Non-finite gradient in the accumulated window (on_nonfinite='raise'); the "
-                "update was not applied: weights and optimizer state are untouched."
-            )
         if finite:
             for p, g in zip(self.params, _clip(grads, self.t.spec), strict=True):
                 p.grad = g
@@ -208,6 +204,10 @@ class _Engine:
         self.loss_sum = self.zero.clone()
         self.weight_sum = self.zero.clone()
         self.metric_sums = [self.zero.clone() for _ in self.metric_sums]
+        # Raised only now, with the window consumed (as tfreg does): a later fit() must not
+        # re-apply the non-finite window.
+        if not finite and self.t.spec.on_nonfinite == "raise":
+            raise FloatingPointError(NONFINITE_MESSAGE)
         return values
 
     def fetch(self, values: dict[str, torch.Tensor]) -> dict[str, Any]:
