@@ -105,6 +105,26 @@ def test_cnn_example_weight_decay_equals_l2(tmp_path: Path) -> None:
     assert np.max(np.abs(notebook[:, 1] - reference[:, 1]) / reference[:, 1]) > 0.1
 
 
+def test_cnn_example_torch_loop_does_not_sync_per_step(monkeypatch) -> None:
+    import torch
+
+    from tfreg.parity import build_torch
+
+    module = build_torch(cnn_weight_regularization.NOTEBOOK_CNN, (8, 8, 1), dtype="float64")
+    x = np.random.default_rng(0).normal(size=(4, 8, 8, 1))
+    y = np.array([0, 1, 2, 3])
+
+    def no_item(self):
+        raise AssertionError("Tensor.item() in the training loop: a host sync per step")
+
+    monkeypatch.setattr(torch.Tensor, "item", no_item)
+    losses = cnn_weight_regularization.train_torch(
+        module, x, y, [np.array([0, 1]), np.array([2, 3])], 0.05, 0.1, "l2"
+    )
+    assert losses.shape == (2, 2) and losses.dtype == np.float64
+    assert np.all(losses[:, 1] > losses[:, 0])  # objective = data loss + a positive penalty
+
+
 def test_linear_regression_example_recovers_coefficients(tmp_path: Path) -> None:
     results = linear_regression.main(["--out", str(tmp_path)])
     for name, w in results["weights"].items():
