@@ -212,3 +212,41 @@ def test_nonfinite_raise_consumes_the_window_and_a_later_fit_continues(data) -> 
     expected_loss = np.mean((x[idx] @ w + 0.3 - y[idx, 0]) ** 2)
     assert [r["examples"] for r in history.records] == [7]
     assert_close("loss", history.records[0]["loss"], expected_loss, rtol=EXACT.rtol)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"betas": (1.0, 0.999)}, r"betas=\(1.0, 0.999\)"),
+        ({"betas": (0.9, 0.9999999999)}, "after float32 rounding"),
+        ({"betas": 0.9}, "betas=0.9"),
+        ({"betas": (0.9,)}, r"betas=\(0.9,\)"),
+        ({"betas": (0.9, -0.1)}, r"betas=\(0.9, -0.1\)"),
+        ({"betas": "ab"}, "betas='ab'"),
+        ({"float32_hyperparameters": 1}, "float32_hyperparameters=1"),
+        ({"float32_hyperparameters": "no"}, "float32_hyperparameters='no'"),
+    ],
+    ids=[
+        "beta1-one",
+        "beta2-rounds-to-one",
+        "scalar",
+        "one-beta",
+        "negative",
+        "str",
+        "f32-int",
+        "f32-str",
+    ],
+)
+def test_keras_adamw_rejects_bad_hyperparameters(kwargs, match) -> None:
+    with pytest.raises(InvalidArgumentError, match=match):
+        torchref.KerasAdamW([torch.zeros(1, requires_grad=True)], **kwargs)
+
+
+def test_keras_adamw_exact_betas_may_be_just_below_one() -> None:
+    # Without float32 rounding, a beta float32 would round to 1 is a valid float64 beta.
+    opt = torchref.KerasAdamW(
+        [torch.zeros(1, requires_grad=True)],
+        betas=(0.9, 0.9999999999),
+        float32_hyperparameters=False,
+    )
+    assert opt.defaults["betas"] == (0.9, 0.9999999999)

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from regcore.specs import float32_rounded
 from regcore.training import (
     NONFINITE_MESSAGE,
     Position,
@@ -27,7 +28,7 @@ from regcore.training import (
     run_fit,
 )
 from regcore.training import History as History
-from regcore.validation import InvalidArgumentError, non_negative_float
+from regcore.validation import InvalidArgumentError, non_negative_float, strict_bool
 from torchref import accumulation
 from torchref._compat import torch
 from torchref.penalties import penalty as _penalty
@@ -400,12 +401,13 @@ class KerasAdamW(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         float32_hyperparameters: bool = True,
     ) -> None:
+        as_float32 = strict_bool(float32_hyperparameters, "float32_hyperparameters")
         defaults = {
             "lr": non_negative_float(lr, "lr"),
-            "betas": (non_negative_float(betas[0], "betas"), non_negative_float(betas[1], "betas")),
+            "betas": _betas(betas, as_float32),
             "eps": non_negative_float(eps, "eps"),
             "weight_decay": non_negative_float(weight_decay, "weight_decay"),
-            "float32_hyperparameters": bool(float32_hyperparameters),
+            "float32_hyperparameters": as_float32,
         }
         super().__init__(params, defaults)
 
@@ -414,7 +416,7 @@ class KerasAdamW(torch.optim.Optimizer):
         loss = None if closure is None else closure()
         for group in self.param_groups:
             b1, b2 = group["betas"]
-            rounded = _float32 if group["float32_hyperparameters"] else float
+            rounded = float32_rounded if group["float32_hyperparameters"] else float
             lr, wd = rounded(group["lr"]), rounded(group["weight_decay"])
             for p in group["params"]:
                 if p.grad is None:
@@ -435,5 +437,22 @@ class KerasAdamW(torch.optim.Optimizer):
         return loss
 
 
-def _float32(value: float) -> float:
-    return float(np.float32(value))
+def _betas(betas: Any, as_float32: bool) -> tuple[float, float]:
+    # beta = 1 (or a beta that float32 rounds to 1) divides by 1 - beta^t = 0 at step 1.
+    message = (
+        "betas must be a pair (b1, b2) of floats in [0, 1)"
+        + (", also after float32 rounding" if as_float32 else "")
+        + f". Received: betas={betas!r}"
+    )
+    if isinstance(betas, (str, bytes)) or not isinstance(betas, Sequence) or len(betas) != 2:
+        raise InvalidArgumentError(message)
+    checked = []
+    for beta in betas:
+        try:
+            value = non_negative_float(beta, "betas")
+        except InvalidArgumentError:
+            raise InvalidArgumentError(message) from None
+        if value >= 1.0 or (as_float32 and float32_rounded(value) >= 1.0):
+            raise InvalidArgumentError(message)
+        checked.append(value)
+    return checked[0], checked[1]
