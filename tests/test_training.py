@@ -414,3 +414,30 @@ def test_nonfinite_raise_consumes_the_window_and_a_later_fit_continues(data) -> 
     assert [r["examples"] for r in history.records] == [7]
     assert_close("loss", history.records[0]["loss"], expected_loss, rtol=EXACT.rtol)
     assert int(t.optimizer.iterations.numpy()) == 1
+
+
+class _AddsLoss(keras.layers.Layer):
+    def build(self, input_shape) -> None:
+        self.w = self.add_weight(shape=(1,), initializer="ones", dtype="float64")
+
+    def call(self, x):
+        self.add_loss(100.0 * tf.reduce_sum(self.w**2))  # Keras fit would optimise this too
+        return x * self.w
+
+
+def _adds_loss_model() -> keras.Model:
+    return keras.Sequential([keras.Input((1,), dtype="float64"), _AddsLoss(name="adds_loss")])
+
+
+def test_add_loss_is_rejected_not_silently_dropped() -> None:
+    x, y = np.ones((4, 1)), np.ones((4, 1))
+    model = _adds_loss_model()
+    t = trainer(model)
+    with pytest.raises(InvalidArgumentError, match=r"add_loss.*layer 'adds_loss' added 1 loss"):
+        t.fit(x, y, batch_size=2, epochs=1, shuffle=False, verbose=0)
+    np.testing.assert_array_equal(model.get_weights()[0], [1.0])  # nothing applied
+    wrapped = tfreg.AccumulatingModel(_adds_loss_model(), accumulation_steps=2)
+    wrapped.compile(keras.optimizers.SGD(0.1), "mean_squared_error")
+    with pytest.raises(InvalidArgumentError, match="layer 'adds_loss' added 1 loss"):
+        wrapped.fit(x, y, batch_size=2, epochs=1, shuffle=False, verbose=0)
+    np.testing.assert_array_equal(wrapped.model.get_weights()[0], [1.0])

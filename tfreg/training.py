@@ -19,7 +19,10 @@ adds Adam's epsilon to ``sqrt(v)`` where torch adds it to ``sqrt(v_hat)`` --
 ``torchref.KerasAdamW`` reproduces Keras; ``parity_tests/test_trajectories.py`` pins each gap.
 BatchNorm statistics (and Keras' moving averages) are computed per micro-batch: accumulation
 makes the *gradient* exact, not batch statistics -- a BatchNorm model trained with 4 x 64 is not
-the model trained with 256.
+the model trained with 256. Layers' ``activity_regularizer`` and ``add_loss`` terms (which
+Keras adds to every batch's loss, so per micro-batch they would change strength) are rejected
+with an ``InvalidArgumentError`` naming the layer; ``regularizer=`` and variable regularizers
+are applied once per update.
 """
 
 from __future__ import annotations
@@ -126,6 +129,23 @@ def _reject_activity_regularizers(model: keras.layers.Layer) -> None:
                 "Exact accumulation does not support activity regularizers (their Keras "
                 f"scaling is per micro-batch). Received: layer {layer.name!r} with "
                 f"activity_regularizer={layer.activity_regularizer!r}"
+            )
+
+
+def _reject_added_losses(model: keras.layers.Layer) -> None:
+    # Called right after a forward pass (the only time `add_loss` terms exist). Keras fit adds
+    # them to every batch's loss; summed per micro-batch they would count once per micro-batch,
+    # and a data-dependent term has no exact window equivalent -- ignoring them (as before)
+    # silently optimised another objective, so refuse. Variable regularizers live elsewhere
+    # (`_get_regularization_losses`) and are applied once per update.
+    for layer in model._flatten_layers(include_self=True):
+        added = layer._get_own_losses()
+        if added:
+            raise InvalidArgumentError(
+                "Exact accumulation does not support losses added with add_loss() (Keras adds "
+                "them to each batch's loss, so they would count once per micro-batch). Move the "
+                "term into the loss, or use regularizer= / a variable regularizer (applied once "
+                f"per update). Received: layer {layer.name!r} added {len(added)} loss(es) in call()"
             )
 
 
@@ -240,8 +260,13 @@ class _Engine:
                 tf.TensorSpec((None, *y.shape[1:]), tf.as_dtype(y.dtype)),
                 tf.TensorSpec((None,), tf.float64),
             ]
+            # No autograph: `_micro` is straight-line code, and autograph would rewrap its
+            # InvalidArgumentError (add_loss rejection) as a StagingError.
             self.micro_fns[key] = tf.function(
-                self._micro, input_signature=signature, jit_compile=self.t.spec.jit_compile
+                self._micro,
+                input_signature=signature,
+                jit_compile=self.t.spec.jit_compile,
+                autograph=False,
             )
         return self.micro_fns[key]
 
@@ -251,6 +276,7 @@ class _Engine:
     def _micro(self, x: tf.Tensor, y: tf.Tensor, w: tf.Tensor) -> None:
         with tf.GradientTape() as tape:
             y_pred = self.t.model(x, training=True)
+            _reject_added_losses(self.t.model)  # at trace time: nothing has run yet
             values = self.t._loss_fn(y, y_pred)
             weights = tf.reshape(tf.cast(w, values.dtype), [-1] + [1] * (values.shape.rank - 1))
             loss_sum = tf.reduce_sum(values * weights)
@@ -593,6 +619,7 @@ class AccumulatingModel(keras.Model):
         variables = list(self.model.trainable_variables)
         with tf.GradientTape() as tape:
             y_pred = self(x, training=True)
+            _reject_added_losses(self)
             values = self._loss_fn(y, y_pred)
             if sample_weight is None:
                 weighted = values
