@@ -1,0 +1,1 @@
+"""Benchmarks of exact gradient accumulation and penalties: ``make bench`` (see ``run.py``)."""
