@@ -223,7 +223,8 @@ def missed_goals(results: dict[str, Any]) -> list[str]:
     for r in sections.get("accumulation", {}).get("ratios", []):
         if r["verdict"] in ("missed", "inconclusive"):
             out.append(
-                f"{r['label']}: {_x(r[clock]['median'])} ({_spread(r[clock])}), goal "
+                f"{r['verdict']}: {r['label']}: {_x(r[clock]['median'])} "
+                f"({_spread(r[clock])}), goal "
                 f"{_goal(r['goal'])}"
             )
     for model in sections.get("penalty", {}).get("models", []):
@@ -245,7 +246,8 @@ def missed_goals(results: dict[str, Any]) -> list[str]:
         for metric, ratios in entry["ratios"].items():
             if ratios["verdict"] == "missed":
                 out.append(
-                    f"memory {framework} {metric}: k×b / 1×b = {_x(ratios['k×b / 1×b']['median'])}"
+                    f"missed: memory {framework} {metric}: k×b / 1×b = "
+                    f"{_x(ratios['k×b / 1×b']['median'])}"
                 )
     if "retracing" in sections and not sections["retracing"]["constant"]:
         out.append(f"retracing: {sections['retracing']['trace_counts']}")
