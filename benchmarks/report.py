@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 
@@ -71,36 +72,57 @@ def _machine(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    """A Markdown table: header, separator, one line per row."""
+    return [
+        "| " + " | ".join(headers) + " |",
+        "|" + "---|" * len(headers),
+        *("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows),
+    ]
+
+
 def _config(config: dict[str, Any]) -> str:
     return "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in config.items())
 
 
 def _ratio_table(ratios: list[dict[str, Any]], clock: str) -> list[str]:
     other = "wall" if clock == "cpu" else "cpu"
-    lines = [
-        f"| ratio | goal | median ({clock}) | min–max | IQR | median ({other}) | verdict |",
-        "|---|---|---|---|---|---|---|",
+    headers = [
+        "ratio",
+        "goal",
+        f"median ({clock})",
+        "min–max",
+        "IQR",
+        f"median ({other})",
+        "verdict",
     ]
-    for r in ratios:
-        s = r[clock]
-        lines.append(
-            f"| {r['label']} | {_goal(r['goal'])} | {_x(s['median'])} | {_spread(s)} | "
-            f"{_iqr(s)} | {_x(r[other]['median'])} | {_verdict(r)} |"
-        )
-    return lines
+    rows = [
+        [
+            r["label"],
+            _goal(r["goal"]),
+            _x(r[clock]["median"]),
+            _spread(r[clock]),
+            _iqr(r[clock]),
+            _x(r[other]["median"]),
+            _verdict(r),
+        ]
+        for r in ratios
+    ]
+    return _table(headers, rows)
 
 
 def _variant_table(variants: dict[str, Any]) -> list[str]:
-    lines = [
-        "| variant | updates / epoch | µs / example (cpu) | µs / example (wall) |",
-        "|---|---|---|---|",
+    headers = ["variant", "updates / epoch", "µs / example (cpu)", "µs / example (wall)"]
+    rows = [
+        [
+            v["label"],
+            v["updates_per_epoch"],
+            f"{v['us_per_example_cpu']:.1f}",
+            f"{v['us_per_example_wall']:.1f}",
+        ]
+        for v in variants.values()
     ]
-    for v in variants.values():
-        lines.append(
-            f"| {v['label']} | {v['updates_per_epoch']} | {v['us_per_example_cpu']:.1f} | "
-            f"{v['us_per_example_wall']:.1f} |"
-        )
-    return lines
+    return _table(headers, rows)
 
 
 def _accumulation(section: dict[str, Any], clock: str) -> list[str]:
@@ -125,23 +147,38 @@ def _penalty(section: dict[str, Any], clock: str) -> list[str]:
             "",
             _config(model["config"]),
             "",
-            f"| regularizer | scope | goal | median ({clock}) | min–max | IQR | verdict | "
-            f"penalty + gradient alone (µs) | update without penalty (µs) | predicted |",
-            "|---|---|---|---|---|---|---|---|---|---|",
         ]
+        headers = [
+            "regularizer",
+            "scope",
+            "goal",
+            f"median ({clock})",
+            "min–max",
+            "IQR",
+            "verdict",
+            "penalty + gradient alone (µs)",
+            "update without penalty (µs)",
+            "predicted",
+        ]
+        rows = []
         for r in model["ratios"]:
             ev = r["evidence"]
             measured = ["not timed", "—", "—"]
             if r["timed"]:
                 measured = [_x(r[clock]["median"]), _spread(r[clock]), _iqr(r[clock])]
-            lines.append(
-                f"| {r['numerator']} | {ev['scope']} | {_goal(r['goal'])} | "
-                + " | ".join(measured)
-                + f" | {_verdict(r)} | {ev['penalty_us'][clock]:.0f} | "
-                f"{ev['update_us_without_penalty'][clock]:.0f} | "
-                f"{_x(ev['predicted_ratio'][clock])} |"
+            rows.append(
+                [
+                    r["numerator"],
+                    ev["scope"],
+                    _goal(r["goal"]),
+                    *measured,
+                    _verdict(r),
+                    f"{ev['penalty_us'][clock]:.0f}",
+                    f"{ev['update_us_without_penalty'][clock]:.0f}",
+                    _x(ev["predicted_ratio"][clock]),
+                ]
             )
-        lines.append("")
+        lines += [*_table(headers, rows), ""]
     lines += [
         "*predicted* = 1 + (penalty and gradient alone, timed inside one graph loop) / (update "
         "without penalty): what the penalty's own arithmetic costs, with no dispatch overhead. "
@@ -174,29 +211,28 @@ def _memory(section: dict[str, Any]) -> list[str]:
         lines += ["", f"### {framework} ({entry['device']})", ""]
         if not entry["peak_reset"]:
             lines += ["Peak RSS could not be reset: deltas are upper bounds.", ""]
-        lines += [
-            "| configuration | " + " | ".join(f"{m} median (min–max)" for m in metrics) + " |",
-            "|---|" + "---|" * len(metrics),
-        ]
-        for label, by_metric in entry["configs"].items():
-            cells = [
-                f"{s['median']:.1f} ({s['min']:.1f}–{s['max']:.1f})" for s in by_metric.values()
-            ]
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        lines += [
-            "",
-            "| ratio | metric | median | min–max | goal | verdict |",
-            "|---|---|---|---|---|---|",
-        ]
+        lines += _table(
+            ["configuration", *(f"{m} median (min–max)" for m in metrics)],
+            [
+                [
+                    label,
+                    *(
+                        f"{s['median']:.1f} ({s['min']:.1f}–{s['max']:.1f})"
+                        for s in by_metric.values()
+                    ),
+                ]
+                for label, by_metric in entry["configs"].items()
+            ],
+        )
+        rows = []
         for metric, ratios in entry["ratios"].items():
             for name in ("k×b / 1×b", "1×(k·b) / k×b", "1×(k·b) / 1×b"):
                 s = ratios[name]
                 goal, verdict = ("—", "—")
                 if name == "k×b / 1×b":
                     goal, verdict = f"≤ {ratios['goal']:.1f}× (tracks b)", _verdict(ratios)
-                lines.append(
-                    f"| {name} | {metric} | {_x(s['median'])} | {_spread(s)} | {goal} | {verdict} |"
-                )
+                rows.append([name, metric, _x(s["median"]), _spread(s), goal, verdict])
+        lines += ["", *_table(["ratio", "metric", "median", "min–max", "goal", "verdict"], rows)]
     return lines
 
 
@@ -206,11 +242,11 @@ def _retracing(section: dict[str, Any]) -> list[str]:
         "",
         _config(section["config"]),
         "",
-        "| updates | apply traces | micro-batch traces |",
-        "|---|---|---|",
+        *_table(
+            ["updates", "apply traces", "micro-batch traces"],
+            [[u, c["apply"], c["micro"]] for u, c in section["trace_counts"].items()],
+        ),
     ]
-    for updates, counts in section["trace_counts"].items():
-        lines.append(f"| {updates} | {counts['apply']} | {counts['micro']} |")
     verdict = "**met** (constant)" if section["constant"] else "**MISSED** (the count grew)"
     return [*lines, "", f"Trace count constant over the run: {verdict}."]
 
