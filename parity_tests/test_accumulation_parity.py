@@ -4,7 +4,8 @@ References are *not* our own trainers: for TensorFlow it is Keras' ``model.fit``
 ``batch_size = k*b`` (its ``"sum_over_batch_size"`` loss on the concatenated batch, sample
 weights included), for torch a plain one-batch ``backward(); step()``. The compared quantity is
 the weight *change* (SGD with lr 1, so it is minus the summed gradients of the updates), the
-rtol is relative to its largest entry (``regcore.compare``), and float64 claims round-off only.
+rtol is relative to its largest entry (``tfreg_harness.compare``), and float64 claims round-off
+only.
 
 Also here: tfreg vs torchref on the same transferred MLP (claim "model_cross"), and BatchNorm
 under accumulation, whose statistics are per micro-batch by design (pinned exactly).
@@ -22,10 +23,10 @@ import torch
 
 import tfreg
 import torchref
-from regcore import assert_close, tolerance
 from tfreg.parity.devices import tf_device, torch_device
 from tfreg.parity.models import build_mlp
 from tfreg.parity.transfer import parameter_pairs, torch_to_numpy
+from tfreg_harness import assert_close, tolerance
 
 CLASSES, FEATURES = 3, 6
 

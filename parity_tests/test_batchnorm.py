@@ -18,8 +18,6 @@ import numpy as np
 import pytest
 from torch import nn
 
-from regcore.compare import assert_close, compare
-from regcore.tolerances import tolerance
 from tfreg._compat import keras
 from tfreg.parity.models import (
     ModelPair,
@@ -37,6 +35,8 @@ from tfreg.parity.transfer import (
     torch_to_numpy,
     transfer_weights,
 )
+from tfreg_harness.compare import assert_close, compare
+from tfreg_harness.tolerances import tolerance
 
 BN = FRAMEWORK_DIFFERENCES.batchnorm
 # A faster-moving average than Keras' 0.99, so that five steps move the statistics far enough

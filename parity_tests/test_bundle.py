@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from regcore.bundle import Case, load_bundle, save_bundle
 from tfreg.parity.devices import torch_device
 from tfreg.parity.record import record_bundle
+from tfreg_harness.bundle import Case, load_bundle, save_bundle
 from torchref.verify import main as verify_main
 from torchref.verify import verify_bundle
 
@@ -27,7 +27,7 @@ def test_torchref_verifies_tensorflow_bundle(bundle: str, device: str) -> None:
     assert meta["recorded_by"] == "tfreg"
     assert len(report.rows) == len(cases)
     assert report.ok, report.to_text()
-    # Each kind is held to its claim in regcore.tolerances: penalties 1e-12 / 1e-6, the MLP's
+    # Each kind is held to its claim in tfreg_harness.tolerances: penalties 1e-12 / 1e-6, the MLP's
     # forward and gradients (model_cross) 1e-10 / 1e-5, trained weights (trajectory) 1e-9 / 1e-3.
     expected = {
         ("penalty", "float64"): 1e-12,

@@ -16,8 +16,8 @@ import pytest
 import tensorflow as tf
 
 import tfreg
-from regcore import assert_close, compare, tolerance
 from tfreg.parity.models import build_mlp
+from tfreg_harness import assert_close, compare, tolerance
 
 FEATURES, CLASSES = 6, 3
 

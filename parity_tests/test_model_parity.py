@@ -15,8 +15,6 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
-from regcore.compare import Comparison, assert_close
-from regcore.tolerances import tolerance
 from tfreg._compat import keras, tf
 from tfreg.parity.models import (
     build_cnn,
@@ -31,6 +29,8 @@ from tfreg.parity.models import (
     torch_loss,
 )
 from tfreg.parity.seeding import seed_everything
+from tfreg_harness.compare import Comparison, assert_close
+from tfreg_harness.tolerances import tolerance
 
 BATCH = 32
 

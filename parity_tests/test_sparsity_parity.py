@@ -21,13 +21,13 @@ import torch
 
 import tfreg
 import torchref
-from regcore.compare import assert_close
-from regcore.sparsity import SparsityReport
-from regcore.tolerances import tolerance
 from tfreg._compat import keras, tf
 from tfreg.parity.devices import tf_device
 from tfreg.parity.models import build_cnn, build_mlp, build_pair
 from tfreg.parity.transfer import torch_to_numpy, transfer_weights
+from tfreg_core.sparsity import SparsityReport
+from tfreg_harness.compare import assert_close
+from tfreg_harness.tolerances import tolerance
 
 STEPS = 200
 LEARNING_RATE = 0.5  # a float32 number: Keras keeps its learning rate as a float32 variable

@@ -12,9 +12,6 @@ import pytest
 import torch
 from torch import nn
 
-from regcore.compare import assert_close
-from regcore.tolerances import tolerance
-from regcore.validation import InvalidArgumentError
 from tfreg._compat import keras
 from tfreg.parity.models import build_cnn, build_keras, build_mlp, build_pair, build_torch
 from tfreg.parity.transfer import (
@@ -31,6 +28,9 @@ from tfreg.parity.transfer import (
     torch_to_numpy,
     transfer_weights,
 )
+from tfreg_core.validation import InvalidArgumentError
+from tfreg_harness.compare import assert_close
+from tfreg_harness.tolerances import tolerance
 
 
 def test_dense_kernel_layout_hand_example() -> None:

@@ -13,7 +13,7 @@ import torch
 
 import tfreg
 import torchref
-from regcore import assert_close, tolerance
+from tfreg_harness import assert_close, tolerance
 
 EXACT = tolerance("accumulation", "float64")
 

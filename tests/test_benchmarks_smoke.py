@@ -61,7 +61,9 @@ def test_quick_run_reports_every_section() -> None:
         assert ratio["timed"] is not untimed
         assert ("cpu" in ratio) is not untimed
         assert ratio["verdict"] in ("met", "missed", "inconclusive")
-        assert ratio["evidence"]["penalty_us"]["wall"] > 0
+        # A difference of two timings (with minus without the penalty): at QUICK sizes on a loaded
+        # machine it can come out negative, so only its presence and finiteness are asserted.
+        assert math.isfinite(ratio["evidence"]["penalty_us"]["wall"])
     scopes = {r["numerator"]: r["evidence"]["scope"] for r in penalty["ratios"]}
     assert scopes["OrthogonalRegularizer(columns)"].startswith("Dense kernels")
     assert scopes["L1"] == "all kernels"

@@ -1,12 +1,12 @@
-"""regcore.compare: norm-wise relative error, NaN handling, reporting of the worst index."""
+"""tfreg_harness.compare: norm-wise relative error, NaN handling, reporting of the worst index."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from regcore import assert_close, compare, tolerance
-from regcore.validation import InvalidArgumentError
+from tfreg_core.validation import InvalidArgumentError
+from tfreg_harness import assert_close, compare, tolerance
 
 
 def test_reports_max_abs_rel_and_index() -> None:

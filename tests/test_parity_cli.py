@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from regcore.compare import compare
-from regcore.report import Report, Row
 from tfreg.parity import cli
 from tfreg.parity.checks import Check, SkipCheck, run_one
+from tfreg_harness.compare import compare
+from tfreg_harness.report import Report, Row
 
 
 def _check(fn) -> Check:

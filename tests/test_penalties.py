@@ -20,7 +20,7 @@ import torch
 
 import tfreg
 import torchref
-from regcore.validation import InvalidArgumentError
+from tfreg_core.validation import InvalidArgumentError
 
 # PNorm(p=1) applies its strength exactly, so the expected sums below hold to float64 round-off.
 STRENGTH = 0.25

@@ -16,7 +16,7 @@ import tensorflow as tf
 
 import tfreg
 import torchref
-from regcore.validation import InvalidArgumentError
+from tfreg_core.validation import InvalidArgumentError
 
 KERAS_KEYS = [
     "l1",

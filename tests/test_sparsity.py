@@ -1,4 +1,5 @@
-"""Sparsity reports, soft-thresholding and proximal L1: regcore's arithmetic against hand-computed
+"""Sparsity reports, soft-thresholding and proximal L1: tfreg_core's arithmetic against
+hand-computed
 values, then each framework's scope, learning-rate reading and in-place update on its own."""
 
 from __future__ import annotations
@@ -14,14 +15,14 @@ import torch
 
 import tfreg
 import torchref
-from regcore import sparsity as core
-from regcore.validation import InvalidArgumentError
+from tfreg_core import sparsity as core
+from tfreg_core.validation import InvalidArgumentError
 
 # Two exact zeros (one negative), two entries under 5e-4 * max|w| = 1.5e-3, two large ones.
 W = np.array([[0.0, -0.0, 1e-4], [2.0, -3.0, -5e-4]])
 
 
-# --- regcore ---------------------------------------------------------------------------------
+# --- tfreg_core ---------------------------------------------------------------------------------
 
 
 def test_parameter_sparsity_hand_computed() -> None:

@@ -1,6 +1,6 @@
 """tfreg.Trainer and tfreg.AccumulatingModel against a NumPy least-squares reference.
 
-The reference spells its windows out by hand (indices, not ``regcore.windows``) and its gradient
+The reference spells its windows out by hand (indices, not ``tfreg_core.windows``) and its gradient
 in closed form, so a wrong plan, a wrong scale or a per-micro-batch step all show up.
 """
 
@@ -12,7 +12,8 @@ import pytest
 import tensorflow as tf
 
 import tfreg
-from regcore import InvalidArgumentError, assert_close, tolerance
+from tfreg_core import InvalidArgumentError
+from tfreg_harness import assert_close, tolerance
 
 EXACT = tolerance("accumulation", "float64")
 LR = 0.125  # exact in float32, so Keras' float32 learning-rate variable does not round it

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import torchref
-from regcore import InvalidArgumentError, assert_close, tolerance
+from tfreg_core import InvalidArgumentError
+from tfreg_harness import assert_close, tolerance
 
 EXACT = tolerance("accumulation", "float64")
 LR = 0.125

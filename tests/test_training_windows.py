@@ -1,4 +1,5 @@
-"""regcore.windows: the partition both trainers follow, and regcore.training's option checks."""
+"""tfreg_core.windows: the partition both trainers follow, and tfreg_core.training's option
+checks."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from regcore import InvalidArgumentError
-from regcore.training import History, TrainerSpec
-from regcore.windows import epoch_order, plan_epoch
+from tfreg_core import InvalidArgumentError
+from tfreg_core.training import History, TrainerSpec
+from tfreg_core.windows import epoch_order, plan_epoch
 
 
 def test_hand_written_plan() -> None:

@@ -18,7 +18,7 @@ import torch
 
 import tfreg
 import torchref
-from regcore.validation import InvalidArgumentError
+from tfreg_core.validation import InvalidArgumentError
 
 MODULES = [pytest.param(tfreg, id="tfreg"), pytest.param(torchref, id="torchref")]
 

@@ -23,8 +23,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from regcore.accumulation import COUNT_MESSAGE, check_add
 from tfreg._compat import tf
+from tfreg_core.accumulation import COUNT_MESSAGE, check_add
 
 __all__ = ["AccumulatorState", "add", "init", "reset", "result"]
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from regcore import validation
 from tfreg._compat import keras, tf
 from tfreg.regularizers import get
+from tfreg_core import validation
 
 __all__ = ["penalized_parameters", "penalized_variables", "penalty"]
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from regcore import registry, specs, validation
 from tfreg._compat import keras, tf
+from tfreg_core import registry, specs, validation
 
 ops = keras.ops
 

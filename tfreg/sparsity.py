@@ -39,11 +39,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from regcore import sparsity as _core
-from regcore import validation
-from regcore.sparsity import ParameterSparsity, SparsityReport
 from tfreg._compat import keras, tf
 from tfreg.penalties import penalized_variables
+from tfreg_core import sparsity as _core
+from tfreg_core import validation
+from tfreg_core.sparsity import ParameterSparsity, SparsityReport
 
 __all__ = [
     "ParameterSparsity",
@@ -69,7 +69,7 @@ def sparsity_report(
     atol: float = 0.0,
     include_bias: bool = False,
 ) -> SparsityReport:
-    """The :class:`~regcore.sparsity.SparsityReport` of the variables ``tfreg.penalty`` would
+    """The :class:`~tfreg_core.sparsity.SparsityReport` of the variables ``tfreg.penalty`` would
     penalise (kernels unless ``include_bias``), computed on NumPy copies.
 
     Near-zero means ``w == 0`` or ``|w| < max(rel * max|w|, atol)`` per variable; the default

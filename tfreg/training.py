@@ -1,7 +1,7 @@
 """Training with exact gradient accumulation: ``Trainer`` (a ``tf.GradientTape`` loop) and
 ``AccumulatingModel`` (the same arithmetic inside ``model.fit``).
 
-One update over a window of micro-batches ``W`` applies (see :mod:`regcore.training`)::
+One update over a window of micro-batches ``W`` applies (see :mod:`tfreg_core.training`)::
 
     g = sum_{i in W} grad(w_i * l_i) / N_W + grad(penalty),   N_W = loss elements in W
 
@@ -32,7 +32,12 @@ from typing import Any
 
 import numpy as np
 
-from regcore.training import (
+from tfreg import accumulation
+from tfreg._compat import keras, tf
+from tfreg.penalties import penalty as _penalty
+from tfreg.regularizers import get as _get_regularizer
+from tfreg.sparsity import ProximalL1
+from tfreg_core.training import (
     NONFINITE_MESSAGE,
     TrainerSpec,
     check_fit_data,
@@ -40,13 +45,8 @@ from regcore.training import (
     resolve_proximal,
     run_fit,
 )
-from regcore.training import History as History
-from regcore.validation import InvalidArgumentError
-from tfreg import accumulation
-from tfreg._compat import keras, tf
-from tfreg.penalties import penalty as _penalty
-from tfreg.regularizers import get as _get_regularizer
-from tfreg.sparsity import ProximalL1
+from tfreg_core.training import History as History
+from tfreg_core.validation import InvalidArgumentError
 
 __all__ = ["AccumulatingModel", "History", "Trainer", "per_example_loss"]
 
@@ -342,7 +342,8 @@ class Trainer:
     ``torch.optim`` optimizer and a torch loss.
 
     ``loss``: Keras loss object/name or ``fn(y_true, y_pred) -> per-example losses``, computed in
-    the model's variable dtype. ``metrics``: names from ``regcore.training.METRICS``, reported per
+    the model's variable dtype. ``metrics``: names from ``tfreg_core.training.METRICS``, reported
+    per
     update as ``sum(w*m)/sum(w)`` over the window. ``clipnorm`` clips each variable's gradient,
     ``global_clipnorm`` all of them (Keras' formula). ``proximal=tfreg.ProximalL1(l1=...)``
     soft-thresholds once per applied update, right after the step (exact zeros; do not also put
@@ -444,7 +445,7 @@ class Trainer:
         callbacks: Sequence[Any] | None = None,
         verbose: int = 1,
     ) -> History:
-        """Train; returns one :class:`History` record per update (see ``regcore.training``)."""
+        """Train; returns one :class:`History` record per update (see ``tfreg_core.training``)."""
         x, y, weights, _ = check_fit_data(
             x,
             y,

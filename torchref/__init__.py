@@ -1,6 +1,6 @@
 """torchref: the PyTorch reference implementations of tfreg -- same names, same semantics.
 
-Never imports TensorFlow or tfreg; shared, framework-free logic lives in ``regcore``.
+Never imports TensorFlow or tfreg; shared, framework-free logic lives in ``tfreg_core``.
 """
 
 from torchref import accumulation

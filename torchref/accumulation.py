@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from regcore.accumulation import check_add, reject_count
+from tfreg_core.accumulation import check_add, reject_count
 from torchref._compat import torch
 
 __all__ = ["AccumulatorState", "add", "init", "reset", "result"]

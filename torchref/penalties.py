@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from regcore import validation
+from tfreg_core import validation
 from torchref._compat import torch
 from torchref.regularizers import get
 

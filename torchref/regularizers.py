@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from regcore import registry, specs, validation
+from tfreg_core import registry, specs, validation
 from torchref._compat import torch
 
 __all__ = [

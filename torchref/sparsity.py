@@ -21,9 +21,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from regcore import sparsity as _core
-from regcore import validation
-from regcore.sparsity import ParameterSparsity, SparsityReport
+from tfreg_core import sparsity as _core
+from tfreg_core import validation
+from tfreg_core.sparsity import ParameterSparsity, SparsityReport
 from torchref._compat import torch
 from torchref.penalties import penalized_parameters
 
@@ -54,7 +54,7 @@ def sparsity_report(
     atol: float = 0.0,
     include_bias: bool = False,
 ) -> SparsityReport:
-    """The :class:`~regcore.sparsity.SparsityReport` of the parameters ``torchref.penalty`` would
+    """The :class:`~tfreg_core.sparsity.SparsityReport` of the parameters ``torchref.penalty`` would
     penalise (``ndim >= 2`` unless ``include_bias``), computed on NumPy copies. Equals
     ``tfreg.sparsity_report`` of the transferred Keras model (counts exactly; norms up to
     summation order)."""

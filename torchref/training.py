@@ -1,6 +1,7 @@
 """Training with exact gradient accumulation for PyTorch: ``Trainer``, the twin of
 ``tfreg.Trainer`` (same signature, same window plan, same update rule -- see
-:mod:`regcore.training`), plus ``KerasAdamW``, a torch optimizer with Keras' Adam/AdamW arithmetic.
+:mod:`tfreg_core.training`), plus ``KerasAdamW``, a torch optimizer with Keras' Adam/AdamW
+arithmetic.
 
 Differences from TensorFlow (``tfreg.training``): ``optimizer`` is a ``torch.optim`` optimizer
 built on the model's parameters, and ``loss`` is a torch loss -- a name from ``LOSSES``, a
@@ -17,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from regcore.specs import float32_rounded
-from regcore.training import (
+from tfreg_core.specs import float32_rounded
+from tfreg_core.training import (
     NONFINITE_MESSAGE,
     Position,
     TrainerSpec,
@@ -27,8 +28,8 @@ from regcore.training import (
     resolve_proximal,
     run_fit,
 )
-from regcore.training import History as History
-from regcore.validation import InvalidArgumentError, non_negative_float, strict_bool
+from tfreg_core.training import History as History
+from tfreg_core.validation import InvalidArgumentError, non_negative_float, strict_bool
 from torchref import accumulation
 from torchref._compat import torch
 from torchref.penalties import penalty as _penalty
@@ -332,7 +333,7 @@ class Trainer:
         callbacks: Sequence[Any] | None = None,
         verbose: int = 1,
     ) -> History:
-        """Train; returns one :class:`History` record per update (see ``regcore.training``)."""
+        """Train; returns one :class:`History` record per update (see ``tfreg_core.training``)."""
         x, y, weights, _ = check_fit_data(
             x,
             y,

@@ -5,7 +5,7 @@ Runs where TensorFlow is absent -- a GPU image with torch only, say::
     python -m torchref.verify reference.npz --device cuda --json verify.json
 
 Every case is recomputed with torchref on ``--device`` and compared with the recorded values at
-the tolerance the bundle's claim names (``regcore.tolerances``). Exit status 0 when all pass,
+the tolerance the bundle's claim names (``tfreg_harness.tolerances``). Exit status 0 when all pass,
 1 otherwise.
 """
 
@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from regcore.bundle import Case, load_bundle
-from regcore.compare import Comparison, compare
-from regcore.report import Report, Row
-from regcore.tolerances import tolerance
+from tfreg_harness.bundle import Case, load_bundle
+from tfreg_harness.compare import Comparison, compare
+from tfreg_harness.report import Report, Row
+from tfreg_harness.tolerances import tolerance
 from torchref import regularizers
 from torchref._compat import torch
 

@@ -13,7 +13,7 @@
 Weights are copied Keras -> torch with the layout maps (Dense/Linear, Conv2D/Conv2d,
 BatchNormalization/BatchNorm1d/2d; pools, Flatten, Dropout and activations carry none), then the
 report compares forward outputs, the loss, every parameter's gradient and, with ``steps``, the
-weights after each of ``steps`` optimizer updates. Tolerances come from ``regcore.tolerances``
+weights after each of ``steps`` optimizer updates. Tolerances come from ``tfreg_harness.tolerances``
 (``model_cross`` for one pass, ``trajectory`` for steps) at the model's dtype unless ``rtol`` is
 given. A check that cannot run (an unsupported layer, ``steps=0``) is a *skip* row with the
 reason: ``check_parity`` never hides it and ``assert_parity`` fails on it unless
@@ -26,10 +26,6 @@ from typing import Any
 
 import numpy as np
 
-from regcore.compare import Comparison, compare
-from regcore.report import Report, Row
-from regcore.tolerances import tolerance
-from regcore.validation import InvalidArgumentError
 from tfreg._compat import keras, tf
 from tfreg.parity.devices import tf_device
 from tfreg.parity.models import (
@@ -41,6 +37,10 @@ from tfreg.parity.models import (
     evaluate_torch,
 )
 from tfreg.parity.transfer import parameter_pairs, torch_to_numpy, transfer_weights
+from tfreg_core.validation import InvalidArgumentError
+from tfreg_harness.compare import Comparison, compare
+from tfreg_harness.report import Report, Row
+from tfreg_harness.tolerances import tolerance
 
 
 def _rows(comparisons: list[Comparison], dtype: str, device: str, prefix: str = "") -> list[Row]:

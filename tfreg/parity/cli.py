@@ -19,7 +19,7 @@ max abs diff, max rel diff (norm-wise: max|a-e| / max|e|), tolerance, result.
 
 Checks compare tfreg (TensorFlow) against Keras itself and against torchref (PyTorch) on the
 same seeded weights and data: penalty values and gradients, accumulated vs one-batch updates,
-optimizer trajectories, sparsity. Tolerances come from one table (regcore.tolerances): float64
+optimizer trajectories, sparsity. Tolerances come from one table (tfreg_harness.tolerances): float64
 checks claim exactness up to round-off, float32 checks realistic use.
 """
 
@@ -70,8 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # Each check builds fresh trainers, whose first traces TF would report as "retracing".
     tf.get_logger().setLevel("ERROR")
-    from regcore.report import Report, Row
     from tfreg.parity.checks import run_one, selected
+    from tfreg_harness.report import Report, Row
 
     devices = ["cpu", "gpu"] if args.device == "all" else [args.device]
     checks = selected(full=args.full, groups=args.group)

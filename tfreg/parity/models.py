@@ -21,9 +21,6 @@ from typing import Any
 
 import numpy as np
 
-from regcore.compare import Comparison, compare
-from regcore.tolerances import tolerance
-from regcore.validation import InvalidArgumentError, choice, positive_int
 from tfreg._compat import keras, tf
 from tfreg.parity.devices import tf_device, torch_device
 from tfreg.parity.transfer import (
@@ -36,6 +33,9 @@ from tfreg.parity.transfer import (
     torch_gradients_in_keras_layout,
     torch_to_numpy,
 )
+from tfreg_core.validation import InvalidArgumentError, choice, positive_int
+from tfreg_harness.compare import Comparison, compare
+from tfreg_harness.tolerances import tolerance
 
 LayerSpec = tuple[Any, ...]
 """One layer: ``("conv2d", filters, kernel_size)`` (stride 1, "same" padding), ``("maxpool",

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from regcore.bundle import Case, save_bundle
 from tfreg._compat import keras, tf
 from tfreg.parity.checks.penalties import PENALTY_CASES, penalty_weights, tf_value_and_grad
 from tfreg.parity.models import ModelPair, build_mlp, evaluate_keras
 from tfreg.parity.seeding import seed_everything
 from tfreg.parity.transfer import parameter_pairs
+from tfreg_harness.bundle import Case, save_bundle
 
 # A small MLP on digits-sized inputs. The bundle stores its weights in torch layout and its
 # layers as data, so torchref.verify rebuilds it without any Keras layout knowledge.

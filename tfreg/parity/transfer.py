@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from regcore.validation import InvalidArgumentError, choice, positive_int
 from tfreg._compat import keras
+from tfreg_core.validation import InvalidArgumentError, choice, positive_int
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -143,7 +143,7 @@ FRAMEWORK_DIFFERENCES = FrameworkDifferences(
             "dtype.",
             "weight_decay": "torch SGD/Adam weight_decay=wd is coupled and equals Keras L2(wd/2); "
             "AdamW and every Keras optimizer's weight_decay are decoupled "
-            "(regcore.conversions).",
+            "(tfreg_core.conversions).",
             "adam_epsilon": "Keras adds epsilon to sqrt(v) and folds bias correction into the "
             "learning rate; torch adds epsilon to sqrt(v_hat). Same formula only as eps -> 0.",
             "optimizer_hyperparameters": "Keras keeps learning rate, betas etc. as float32 "

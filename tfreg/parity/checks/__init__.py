@@ -1,6 +1,7 @@
 """The parity matrix: named checks, each run per dtype and device, producing report rows.
 
-A check function takes ``(dtype, device)`` and returns the comparisons it made (``regcore.compare``
+A check function takes ``(dtype, device)`` and returns the comparisons it made
+(``tfreg_harness.compare``
 results, each already carrying its tolerance). It raises :class:`SkipCheck` with a reason when it
 cannot run (no GPU, missing framework feature); any other exception is reported as an error row.
 """
@@ -10,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from regcore.compare import Comparison
-from regcore.report import Row
 from tfreg.parity.devices import available_devices
+from tfreg_harness.compare import Comparison
+from tfreg_harness.report import Row
 
 
 class SkipCheck(Exception):

@@ -6,10 +6,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from regcore.compare import Comparison
 from tfreg.parity.checks import register
 from tfreg.parity.models import ModelPair, build_cnn, build_mlp, dropout_masks_for, model_parity
 from tfreg.parity.seeding import seed_everything
+from tfreg_harness.compare import Comparison
 
 _BATCH = 16
 

@@ -7,13 +7,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from regcore.compare import Comparison, compare
-from regcore.tolerances import tolerance
 from tfreg import regularizers as tfr
 from tfreg._compat import keras, tf
 from tfreg.parity.checks import SkipCheck, register
 from tfreg.parity.devices import tf_device, torch_device
 from tfreg.parity.seeding import seed_everything
+from tfreg_harness.compare import Comparison, compare
+from tfreg_harness.tolerances import tolerance
 
 
 class PenaltyCase(NamedTuple):

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from regcore.compare import Comparison, compare
-from regcore.tolerances import tolerance
 from tfreg._compat import keras, tf
 from tfreg.parity.checks import register
 from tfreg.parity.devices import tf_device
 from tfreg.parity.models import build_cnn
 from tfreg.parity.seeding import seed_everything
 from tfreg.parity.transfer import transfer_weights
+from tfreg_harness.compare import Comparison, compare
+from tfreg_harness.tolerances import tolerance
 
 
 def _reports(dtype: str, device: str) -> list[Comparison]:

@@ -11,13 +11,13 @@ from typing import Any
 
 import numpy as np
 
-from regcore.compare import Comparison, compare
-from regcore.tolerances import tolerance
 from tfreg._compat import keras
 from tfreg.parity.checks import register
 from tfreg.parity.models import ModelPair, build_mlp
 from tfreg.parity.seeding import seed_everything
 from tfreg.parity.transfer import parameter_pairs, torch_to_numpy
+from tfreg_harness.compare import Comparison, compare
+from tfreg_harness.tolerances import tolerance
 
 _SEED = 7
 # Keras stores learning rate and momentum as float32 variables even for float64 models, so the

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from regcore import validation
+from tfreg_core import validation
 
 __all__ = [
     "ParameterSparsity",

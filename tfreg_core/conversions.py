@@ -10,7 +10,7 @@ coupled decay with ``wd_decoupled = lr * wd_coupled`` only when the learning rat
 
 from __future__ import annotations
 
-from regcore.validation import non_negative_float
+from tfreg_core.validation import non_negative_float
 
 
 def torch_weight_decay_to_l2(weight_decay: float) -> float:

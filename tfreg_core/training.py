@@ -3,7 +3,7 @@
 Both trainers are a *step engine* (framework code: one micro-batch's gradient into the
 accumulator; one update from the accumulator) driven by :func:`run_fit`, which owns everything
 that must not differ between the frameworks: option validation (:class:`TrainerSpec`), the window
-plan (:mod:`regcore.windows`), the resumable position, callbacks, progress output and the
+plan (:mod:`tfreg_core.windows`), the resumable position, callbacks, progress output and the
 per-update :class:`History`.
 
 The update rule both engines implement, for a window ``W`` of micro-batches::
@@ -31,9 +31,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from regcore import validation
-from regcore.validation import InvalidArgumentError
-from regcore.windows import epoch_order, plan_epoch
+from tfreg_core import validation
+from tfreg_core.validation import InvalidArgumentError
+from tfreg_core.windows import epoch_order, plan_epoch
 
 __all__ = [
     "METRICS",

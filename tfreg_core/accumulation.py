@@ -13,7 +13,7 @@ import numbers
 from collections.abc import Sequence
 from typing import Any
 
-from regcore.validation import InvalidArgumentError
+from tfreg_core.validation import InvalidArgumentError
 
 __all__ = ["COUNT_MESSAGE", "check_add", "reject_count"]
 

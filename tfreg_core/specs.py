@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from regcore import validation
-from regcore.conversions import l2_to_torch_weight_decay, torch_weight_decay_to_l2
+from tfreg_core import validation
+from tfreg_core.conversions import l2_to_torch_weight_decay, torch_weight_decay_to_l2
 
 
 def float32_rounded(value: float) -> float:

@@ -1,14 +1,15 @@
 """The tolerance table every parity check cites (DESIGN.md's table, as data).
 
 Each entry says why the number is what it is, so a failing comparison can print its own reason.
-``rtol`` is relative to the largest magnitude of the expected tensor (see ``regcore.compare``).
+``rtol`` is relative to the largest magnitude of the expected tensor (see
+``tfreg_harness.compare``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from regcore.validation import InvalidArgumentError
+from tfreg_core.validation import InvalidArgumentError
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from regcore import validation
+from tfreg_core import validation
 
 __all__ = ["Window", "epoch_order", "plan_epoch"]
 

@@ -1,0 +1,17 @@
+"""Framework-free part of the parity harness: comparisons, the tolerance table, reports, bundles.
+
+Both ``tfreg.parity`` (which sees both frameworks) and ``torchref.verify`` (torch only) build on
+it, so it imports neither framework. It depends on ``tfreg_core`` for validation only.
+"""
+
+from tfreg_harness.compare import Comparison, assert_close, compare
+from tfreg_harness.tolerances import TOLERANCES, Tolerance, tolerance
+
+__all__ = [
+    "TOLERANCES",
+    "Comparison",
+    "Tolerance",
+    "assert_close",
+    "compare",
+    "tolerance",
+]
