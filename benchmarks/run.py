@@ -190,36 +190,28 @@ def torch_data(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def keras_cnn(input_size: int) -> Any:
-    """The seed CNN (``tfreg.parity.models.cnn_spec``) in Keras, float32, fixed seed."""
+    """The seed CNN (``tfreg_harness.architecture.cnn_spec``) in Keras, float32, fixed seed."""
     import keras
 
-    from tfreg.parity.models import build_keras, cnn_spec
+    from tfreg.architecture import build_model
+    from tfreg_harness.architecture import cnn_spec
 
     keras.utils.set_random_seed(0)
-    return build_keras(cnn_spec(), (input_size, input_size, 1), dtype="float32")
+    return build_model(cnn_spec(), (input_size, input_size, 1), dtype="float32")
 
 
 def torch_cnn(input_size: int) -> Any:
-    """The seed CNN in torch for runs without TensorFlow: ``tfreg.parity.models.build_torch``
-    imports TensorFlow, which a torch-only (GPU) machine lacks. Layer sizes are ``cnn_spec``'s
-    defaults; weights are torch's default initialisation (timing and memory do not depend on
-    them). With both frameworks, :func:`seed_cnns` uses ``build_cnn``'s shared weights."""
+    """The seed CNN in torch from the same description, built without TensorFlow (a torch-only
+    GPU machine lacks it); weights are torch's default initialisation (timing and memory do not
+    depend on them). With both frameworks, :func:`seed_cnns` uses ``build_cnn``'s shared
+    weights."""
     import torch
-    from torch import nn
+
+    from tfreg_harness.architecture import cnn_spec
+    from torchref.architecture import build_model
 
     torch.manual_seed(0)
-    flat = (input_size // 2) ** 2 * 16
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding="same"),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding="same"),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(flat, 64),
-        nn.ReLU(),
-        nn.Linear(64, 10),
-    )
+    return build_model(cnn_spec(), (input_size, input_size, 1), dtype="float32")
 
 
 def seed_cnns(input_size: int, frameworks: Sequence[str], device: str) -> tuple[Any, Any]:

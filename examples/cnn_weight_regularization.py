@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from tfreg_harness import architecture as A
+
 if __package__ in (None, ""):  # run as a script: make the `examples` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -45,18 +47,18 @@ from examples._common import load_mnist, make_parser, pyplot, save_figure, table
 
 # The notebook's CNN (padding "same" as its padding=1), ending in logits.
 NOTEBOOK_CNN = (
-    ("conv2d", 16, 3),
-    ("relu",),
-    ("conv2d", 32, 3),
-    ("relu",),
-    ("maxpool", 2),
-    ("conv2d", 64, 3),
-    ("relu",),
-    ("maxpool", 2),
-    ("flatten",),
-    ("dense", 100),
-    ("relu",),
-    ("dense", 10),
+    A.Conv2D(16, 3),
+    A.ReLU(),
+    A.Conv2D(32, 3),
+    A.ReLU(),
+    A.MaxPool2D(2),
+    A.Conv2D(64, 3),
+    A.ReLU(),
+    A.MaxPool2D(2),
+    A.Flatten(),
+    A.Dense(100),
+    A.ReLU(),
+    A.Dense(10),
 )
 RUN_NAMES = ("torch weight_decay", "tfreg L2", "torchref L2", "notebook c*sum||p||")
 
@@ -102,7 +104,7 @@ def train_torch(
     import torch
 
     import torchref
-    from tfreg.parity.transfer import to_torch_input
+    from tfreg_harness.layouts import to_torch_input
 
     decay = wd if kind == "weight_decay" else 0.0
     optimizer = torch.optim.SGD(module.parameters(), lr=lr, weight_decay=decay)
@@ -136,7 +138,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--lr", type=float, default=0.05, help="learning rate")
     parser.add_argument("--wd", type=float, default=0.1, help="weight decay (notebook: 0.1)")
     args = parser.parse_args(argv)
-    from tfreg.parity import build_keras, build_torch, load_weights, numpy_weights_for
+    from tfreg.architecture import build_model as build_keras
+    from tfreg.parity import load_weights
+    from torchref.architecture import build_model as build_torch
 
     start = time.perf_counter()
     data = load_mnist(args.mnist)
@@ -154,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     shape = x.shape[1:]
     keras_model = build_keras(NOTEBOOK_CNN, shape, dtype="float64")
-    weights = numpy_weights_for(keras_model, rng)
+    weights = A.initial_weights(NOTEBOOK_CNN, shape, rng=rng, dtype="float64")
     modules = {
         k: build_torch(NOTEBOOK_CNN, shape, dtype="float64") for k in RUN_NAMES if "tfreg" not in k
     }

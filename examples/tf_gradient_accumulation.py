@@ -34,7 +34,7 @@ import torchref
 from examples._common import load_mnist, make_parser, pyplot, save_figure
 from tfreg.parity import seed_everything
 from tfreg.parity.models import build_cnn
-from tfreg.parity.transfer import to_torch_input
+from tfreg_harness.layouts import to_torch_input
 
 MICRO_BATCH, STEPS = 64, 4  # 4 x 64 accumulated vs one batch of 256
 LR = 1e-3

@@ -12,15 +12,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from sklearn.datasets import load_digits
 from torch import nn
 
 from tfreg._compat import keras, tf
 from tfreg.parity.models import (
     build_cnn,
-    build_keras,
     build_mlp,
-    build_torch,
+    build_pair,
     dropout_masks_for,
     forward_keras,
     forward_torch,
@@ -29,6 +27,7 @@ from tfreg.parity.models import (
     torch_loss,
 )
 from tfreg.parity.seeding import seed_everything
+from tfreg_harness.architecture import Dropout
 from tfreg_harness.compare import Comparison, assert_close
 from tfreg_harness.tolerances import tolerance
 
@@ -37,10 +36,10 @@ BATCH = 32
 
 @pytest.fixture(scope="module")
 def digits() -> tuple[np.ndarray, np.ndarray]:
-    """The first 32 scikit-learn digits: 8x8 images scaled to [0, 1], NHWC, and labels."""
-    data = load_digits()
-    images = (data.images[:BATCH] / 16.0)[..., np.newaxis]
-    return images, data.target[:BATCH].astype(np.int64)
+    """32 NumPy-drawn 8x8 single-channel images in [0, 1) (NHWC) and labels 0..9: the harness
+    needs no scikit-learn."""
+    data = np.random.default_rng(32)
+    return data.uniform(size=(BATCH, 8, 8, 1)), data.integers(0, 10, size=BATCH)
 
 
 def _assert_all_pass(comparisons: list[Comparison]) -> None:
@@ -130,15 +129,13 @@ def test_injected_mask_reproduces_each_frameworks_own_dropout(dtype: str) -> Non
     readable from the output)."""
     rng = seed_everything(11)
     x = (rng.uniform(0.5, 1.5, size=(16, 12)) * rng.choice([-1, 1], size=(16, 12))).astype(dtype)
-    spec, shape = (("dropout", 0.3),), (12,)
-    keras_model = build_keras(spec, shape, dtype=dtype)
-    native = keras_model(x, training=True).numpy()
-    injected = forward_keras(keras_model, x, training=True, dropout_masks=[native != 0]).numpy()
+    pair = build_pair((Dropout(0.3),), (12,), dtype=dtype)
+    native = pair.keras(x, training=True).numpy()
+    injected = forward_keras(pair, x, training=True, dropout_masks=[native != 0])[0].numpy()
     np.testing.assert_array_equal(injected, native)
 
-    torch_module = build_torch(spec, shape, dtype=dtype).train()
-    native = torch_module(torch.from_numpy(x)).numpy()
-    injected = forward_torch(torch_module, x, training=True, dropout_masks=[native != 0])
+    native = pair.torch.train()(torch.from_numpy(x)).numpy()
+    injected = forward_torch(pair, x, training=True, dropout_masks=[native != 0])[0]
     np.testing.assert_array_equal(injected.detach().numpy(), native)
 
 
@@ -148,7 +145,7 @@ def test_dropout_mlp_matches_with_injected_masks(
     tol = tolerance("model_cross", dtype)  # float64 1e-10 / float32 1e-5: see module docstring
     pair = build_mlp(dtype=dtype, rng=rng, dropout=0.3, device=device)
     x = digits[0].reshape(BATCH, -1).astype(dtype)
-    masks = dropout_masks_for(pair.keras, BATCH, rng)
+    masks = dropout_masks_for(pair.keras, x, rng)
     assert [m.shape for m in masks] == [(BATCH, 32), (BATCH, 32)]
     kept = np.mean(np.concatenate(masks))
     assert 0.55 < kept < 0.85  # ~0.7 of 2048 draws kept
@@ -156,8 +153,8 @@ def test_dropout_mlp_matches_with_injected_masks(
     assert all(c.rtol == tol.rtol for c in comparisons)
     _assert_all_pass(comparisons)
     # The masks matter: eval mode (no dropout) gives other logits.
-    eval_logits = forward_keras(pair.keras, x, training=False).numpy()
-    train_logits = forward_keras(pair.keras, x, training=True, dropout_masks=masks).numpy()
+    eval_logits = forward_keras(pair, x, training=False)[0].numpy()
+    train_logits = forward_keras(pair, x, training=True, dropout_masks=masks)[0].numpy()
     assert not np.allclose(eval_logits, train_logits)
 
 
@@ -168,5 +165,5 @@ def test_dropout_in_training_without_masks_is_refused(rng: np.random.Generator, 
         model_parity(pair, x, digits[1], training=True)
     with pytest.raises(ValueError, match="one mask per Dropout layer"):
         model_parity(pair, x, digits[1], training=True, dropout_masks=[np.ones((BATCH, 32))])
-    with pytest.raises(ValueError, match=r"mask has shape \(32, 31\)"):
-        forward_torch(pair.torch, x, training=True, dropout_masks=[np.ones((BATCH, 31))] * 2)
+    with pytest.raises(ValueError, match=r"mask for a torch Dropout has shape \(32, 31\)"):
+        forward_torch(pair, x, training=True, dropout_masks=[np.ones((BATCH, 31))] * 2)

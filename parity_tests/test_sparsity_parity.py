@@ -26,6 +26,7 @@ from tfreg.parity.devices import tf_device
 from tfreg.parity.models import build_cnn, build_mlp, build_pair
 from tfreg.parity.transfer import torch_to_numpy, transfer_weights
 from tfreg_core.sparsity import SparsityReport
+from tfreg_harness.architecture import Dense
 from tfreg_harness.compare import assert_close
 from tfreg_harness.tolerances import tolerance
 
@@ -145,7 +146,7 @@ def test_proximal_sgd_trajectories_match(
 ) -> None:
     tol = tolerance("trajectory", dtype)  # float64 1e-9 / float32 1e-3: see module docstring
     x, y = _logistic_data(rng, dtype)
-    pair = build_pair((("dense", 1),), (x.shape[1],), dtype=dtype, rng=rng, device=device)
+    pair = build_pair((Dense(1),), (x.shape[1],), dtype=dtype, rng=rng, device=device)
     kernel_tf, bias_tf = _train_keras(pair, x, y, schedule)
     kernel_torch, bias_torch = _train_torch(pair, x, y, schedule)
 

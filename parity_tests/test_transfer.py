@@ -13,24 +13,30 @@ import torch
 from torch import nn
 
 from tfreg._compat import keras
-from tfreg.parity.models import build_cnn, build_keras, build_mlp, build_pair, build_torch
-from tfreg.parity.transfer import (
-    FRAMEWORK_DIFFERENCES,
+from tfreg.architecture import build_model as build_keras
+from tfreg.parity.models import build_cnn, build_mlp, build_pair
+from tfreg.parity.transfer import load_weights, parameter_pairs, torch_to_numpy, transfer_weights
+from tfreg_core.validation import InvalidArgumentError
+from tfreg_harness.architecture import (
+    BatchNorm,
+    Dense,
+    ReLU,
+    cnn_spec,
+    initial_weights,
+    mlp_spec,
+)
+from tfreg_harness.compare import assert_close
+from tfreg_harness.differences import FRAMEWORK_DIFFERENCES
+from tfreg_harness.layouts import (
     conv2d_kernel_to_keras,
     conv2d_kernel_to_torch,
     dense_kernel_to_keras,
     dense_kernel_to_torch,
     flatten_permutation,
-    load_weights,
-    numpy_weights_for,
-    parameter_pairs,
     to_torch_input,
-    torch_to_numpy,
-    transfer_weights,
 )
-from tfreg_core.validation import InvalidArgumentError
-from tfreg_harness.compare import assert_close
 from tfreg_harness.tolerances import tolerance
+from torchref.architecture import build_model as build_torch
 
 
 def test_dense_kernel_layout_hand_example() -> None:
@@ -80,18 +86,24 @@ def test_layout_table_entries_are_inverse_pairs() -> None:
         assert composed == list(range(len(layout.to_torch))), name
 
 
-def test_numpy_weights_match_keras_variables(rng: np.random.Generator) -> None:
+def test_initial_weights_match_keras_variables(rng: np.random.Generator) -> None:
     pair = build_cnn(dtype="float32")
-    weights = numpy_weights_for(pair.keras, rng)
+    weights = initial_weights(cnn_spec(), (8, 8, 1), rng=rng, dtype="float32")
     assert [(w.shape, w.dtype) for w in weights] == [
         (tuple(v.shape), np.dtype(v.dtype)) for v in pair.keras.weights
     ]
 
 
-@pytest.mark.parametrize("builder", [build_mlp, build_cnn], ids=["mlp", "cnn"])
-def test_load_weights_puts_the_same_numbers_in_both(builder, rng: np.random.Generator) -> None:
+@pytest.mark.parametrize(
+    ("builder", "spec", "shape"),
+    [(build_mlp, mlp_spec(), (64,)), (build_cnn, cnn_spec(), (8, 8, 1))],
+    ids=["mlp", "cnn"],
+)
+def test_load_weights_puts_the_same_numbers_in_both(
+    builder, spec, shape, rng: np.random.Generator
+) -> None:
     pair = builder(dtype="float64")
-    weights = numpy_weights_for(pair.keras, rng)
+    weights = initial_weights(spec, shape, rng=rng, dtype="float64")
     load_weights(pair.keras, pair.torch, weights)
     linears = [m for m in pair.torch if isinstance(m, (nn.Linear, nn.Conv2d))]
     kernels = weights[0::2]  # kernel, bias, kernel, bias, ...
@@ -157,25 +169,27 @@ def _assert_untouched(module: nn.Module, before: dict[str, np.ndarray]) -> None:
 
 def test_unsupported_keras_layer_is_named(rng: np.random.Generator) -> None:
     model = keras.Sequential(
-        [keras.Input((6,)), keras.layers.Dense(4), keras.layers.LayerNormalization(name="ln")]
+        [keras.Input((6,)), keras.layers.Dense(4), keras.layers.UnitNormalization(name="un")]
     )
-    module = nn.Sequential(nn.Linear(6, 4), nn.LayerNorm(4))
+    module = nn.Sequential(nn.Linear(6, 4))
     before = _snapshot(module)
-    with pytest.raises(ValueError, match=r"Keras layer #1 'ln' of type LayerNormalization"):
+    with pytest.raises(
+        ValueError, match=r"Keras layer 'un' \(UnitNormalization\) is of no registered"
+    ):
         transfer_weights(model, module)
     _assert_untouched(module, before)
 
 
 def test_unsupported_torch_module_is_named() -> None:
     model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4)])
-    module = nn.Sequential(nn.Linear(6, 4), nn.GELU())
-    with pytest.raises(ValueError, match=r"torch layer #1 '1' of type GELU"):
+    module = nn.Sequential(nn.Linear(6, 4), nn.Hardswish())
+    with pytest.raises(ValueError, match=r"torch module '1' \(Hardswish\) is of no registered"):
         transfer_weights(model, module)
 
 
 def test_shape_mismatch_is_refused_before_any_copy() -> None:
-    keras_model = build_keras((("dense", 8), ("relu",), ("dense", 3)), (5,), dtype="float64")
-    torch_module = build_torch((("dense", 8), ("relu",), ("dense", 4)), (5,), dtype="float64")
+    keras_model = build_keras((Dense(8), ReLU(), Dense(3)), (5,), dtype="float64")
+    torch_module = build_torch((Dense(8), ReLU(), Dense(4)), (5,), dtype="float64")
     before = _snapshot(torch_module)
     with pytest.raises(ValueError, match=r"maps to \(3, 8\).*has shape \(4, 8\)"):
         transfer_weights(keras_model, torch_module)
@@ -183,16 +197,16 @@ def test_shape_mismatch_is_refused_before_any_copy() -> None:
 
 
 def test_dtype_mismatch_is_refused() -> None:
-    keras_model = build_keras((("dense", 3),), (5,), dtype="float64")
-    torch_module = build_torch((("dense", 3),), (5,), dtype="float32")
+    keras_model = build_keras((Dense(3),), (5,), dtype="float64")
+    torch_module = build_torch((Dense(3),), (5,), dtype="float32")
     with pytest.raises(ValueError, match="same dtype"):
         transfer_weights(keras_model, torch_module)
 
 
 def test_layer_count_mismatch_is_refused() -> None:
-    keras_model = build_keras((("dense", 3), ("dense", 3)), (5,), dtype="float32")
-    torch_module = build_torch((("dense", 3),), (5,), dtype="float32")
-    with pytest.raises(ValueError, match="different numbers of weighted layers"):
+    keras_model = build_keras((Dense(3), Dense(3)), (5,), dtype="float32")
+    torch_module = build_torch((Dense(3),), (5,), dtype="float32")
+    with pytest.raises(ValueError, match="holds weights but the torch module has no layer left"):
         transfer_weights(keras_model, torch_module)
 
 
@@ -213,27 +227,30 @@ def test_batchnorm_hyperparameter_mismatch_is_refused() -> None:
 
 
 def test_batchnorm_on_feature_maps_needs_batchnorm2d() -> None:
-    keras_model = build_keras((("batchnorm",),), (4, 4, 3), dtype="float32")
+    keras_model = build_keras((BatchNorm(),), (4, 4, 3), dtype="float32")
     with pytest.raises(ValueError, match="pairs with torch BatchNorm2d, found BatchNorm1d"):
         transfer_weights(keras_model, nn.Sequential(nn.BatchNorm1d(3, momentum=0.01, eps=1e-3)))
 
 
 def test_dense_on_a_feature_map_is_refused() -> None:
-    model = keras.Sequential([keras.Input((4, 4, 3)), keras.layers.Dense(2)])
-    with pytest.raises(ValueError, match="no Flatten before it"):
-        transfer_weights(model, nn.Sequential(nn.Linear(3, 2)))
+    # After a conv torch holds the map NCHW: nn.Linear would mix widths where Dense mixes channels.
+    model = keras.Sequential(
+        [keras.Input((4, 4, 3)), keras.layers.Conv2D(3, 1), keras.layers.Dense(2)]
+    )
+    with pytest.raises(ValueError, match="torch holds channels first"):
+        transfer_weights(model, nn.Sequential(nn.Conv2d(3, 3, 1), nn.Linear(3, 2)))
 
 
 def test_unbuilt_keras_model_is_refused() -> None:
     model = keras.Sequential([keras.layers.Dense(2)])
-    with pytest.raises(ValueError, match="not built on an Input"):
+    with pytest.raises(ValueError, match="has no symbolic inputs"):
         transfer_weights(model, nn.Sequential(nn.Linear(3, 2)))
 
 
 def test_load_weights_checks_shapes_before_loading(rng: np.random.Generator) -> None:
     pair = build_mlp(dtype="float64")
     before = [w.copy() for w in pair.keras.get_weights()]
-    weights = numpy_weights_for(pair.keras, rng)
+    weights = initial_weights(mlp_spec(), (64,), rng=rng, dtype="float64")
     with pytest.raises(ValueError, match=r"must match keras_model\.weights"):
         load_weights(pair.keras, pair.torch, weights[:-1])
     for a, b in zip(pair.keras.get_weights(), before, strict=True):
@@ -241,7 +258,7 @@ def test_load_weights_checks_shapes_before_loading(rng: np.random.Generator) -> 
 
 
 def test_bad_direction_names_the_argument() -> None:
-    pair = build_pair((("dense", 2),), (3,), dtype="float32")
+    pair = build_pair((Dense(2),), (3,), dtype="float32")
     with pytest.raises(InvalidArgumentError, match="direction=sideways"):
         transfer_weights(pair.keras, pair.torch, direction="sideways")
 
@@ -259,6 +276,32 @@ class NoTorch(importlib.abc.MetaPathFinder):
             raise ImportError("torch is blocked for this test")
 sys.meta_path.insert(0, NoTorch())
 """
+
+
+_BLOCK_TF = """
+import importlib.abc, sys
+class NoTF(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("tensorflow", "keras"):
+            raise ImportError("TensorFlow is blocked for this test")
+sys.meta_path.insert(0, NoTF())
+"""
+
+
+def test_torch_side_builds_without_tensorflow() -> None:
+    """torchref.verify and the benchmarks build the seed models from the shared description on a
+    torch-only machine: the torch side must not import TensorFlow."""
+    code = _BLOCK_TF + (
+        "from tfreg_harness.architecture import cnn_spec\n"
+        "from torchref.architecture import build_model\n"
+        "import torchref.verify\n"
+        "m = build_model(cnn_spec(), (8, 8, 1), dtype='float32')\n"
+        "assert [type(x).__name__ for x in m][:3] == ['Conv2d', 'ReLU', 'MaxPool2d']\n"
+        "assert m[6].in_features == 4 * 4 * 16\n"
+        "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_parity_imports_without_torch() -> None:

@@ -108,9 +108,9 @@ def test_cnn_example_weight_decay_equals_l2(tmp_path: Path) -> None:
 def test_cnn_example_torch_loop_does_not_sync_per_step(monkeypatch) -> None:
     import torch
 
-    from tfreg.parity import build_torch
+    from torchref.architecture import build_model
 
-    module = build_torch(cnn_weight_regularization.NOTEBOOK_CNN, (8, 8, 1), dtype="float64")
+    module = build_model(cnn_weight_regularization.NOTEBOOK_CNN, (8, 8, 1), dtype="float64")
     x = np.random.default_rng(0).normal(size=(4, 8, 8, 1))
     y = np.array([0, 1, 2, 3])
 

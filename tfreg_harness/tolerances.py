@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from tfreg_core.validation import InvalidArgumentError
 
 
@@ -62,3 +64,22 @@ def tolerance(claim: str, dtype: str) -> Tolerance:
             f"No tolerance for claim={claim!r}, dtype={dtype!r}. Known claims: {claims}; "
             "dtypes: 'float32', 'float64'"
         ) from None
+
+
+ZERO_GRADIENT_ULPS = 64
+"""Round-off budget, in units of the dtype's epsilon times the model's largest gradient entry, of
+a gradient that is exactly zero analytically (a bias feeding a train-mode BatchNorm: the batch
+mean removes it). Such a gradient is a sum of O(batch) terms cancelling to round-off; measured
+6.9e-18 against a largest entry of ~0.3 in float64 (~0.1 ulp), so 64 ulps leave room for larger
+batches without hiding a real gradient, which is O(largest entry)."""
+
+
+def zero_gradient_atol(dtype: str, scale: float) -> float:
+    """Absolute bound for a gradient whose true value is 0: ``ZERO_GRADIENT_ULPS * eps(dtype) *
+    scale`` (``scale``: the model's largest gradient entry). A relative comparison is meaningless
+    there: both frameworks return round-off, so ``rel`` would be O(1)."""
+    if dtype not in ("float32", "float64"):
+        raise InvalidArgumentError(
+            f"No zero-gradient bound for dtype={dtype!r}; dtypes: 'float32', 'float64'"
+        )
+    return ZERO_GRADIENT_ULPS * float(np.finfo(dtype).eps) * float(scale)

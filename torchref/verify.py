@@ -18,12 +18,14 @@ from typing import Any
 
 import numpy as np
 
+from tfreg_harness import architecture
 from tfreg_harness.bundle import Case, load_bundle
 from tfreg_harness.compare import Comparison, compare
 from tfreg_harness.report import Report, Row
 from tfreg_harness.tolerances import tolerance
 from torchref import regularizers
 from torchref._compat import torch
+from torchref.architecture import build_model
 
 
 def torch_device(device: str) -> str:
@@ -58,19 +60,28 @@ def _verify_penalty(case: Case, device: str) -> list[Comparison]:
     ]
 
 
+def bundle_spec(layers: list[list[Any]], case: Case) -> tuple[tuple[Any, ...], tuple[int]]:
+    """The bundle's layer list (``["linear", in, out]``, ``["relu"]``) as the shared
+    ``tfreg_harness.architecture`` description and its input shape, so the torch model is built
+    by the same code (``torchref.architecture``) as the harness' own torch side."""
+    spec: list[Any] = []
+    for layer in layers:
+        if layer[0] == "linear" and len(layer) == 3:
+            spec.append(architecture.Dense(int(layer[2])))
+        elif list(layer) == ["relu"]:
+            spec.append(architecture.ReLU())
+        else:
+            raise ValueError(f"{case.name}: unknown layer {layer!r} in the bundle")
+    if not spec or layers[0][0] != "linear":
+        raise ValueError(f"{case.name}: the bundle's layers must start with a linear layer")
+    return tuple(spec), (int(layers[0][1]),)
+
+
 def build_mlp(layers: list[list[Any]], case: Case, prefix: str, device: str) -> torch.nn.Sequential:
     """``nn.Sequential`` from the bundle's layer list, loaded with ``{prefix}{i}`` arrays (torch
     layout: weight, bias per Linear)."""
-    modules: list[torch.nn.Module] = []
-    for layer in layers:
-        if layer[0] == "linear":
-            modules.append(torch.nn.Linear(int(layer[1]), int(layer[2])))
-        elif layer[0] == "relu":
-            modules.append(torch.nn.ReLU())
-        else:
-            raise ValueError(f"{case.name}: unknown layer {layer!r} in the bundle")
-    dtype = getattr(torch, case.dtype)
-    module = torch.nn.Sequential(*modules).to(device=torch_device(device), dtype=dtype)
+    spec, input_shape = bundle_spec(layers, case)
+    module = build_model(spec, input_shape, dtype=case.dtype, device=torch_device(device))
     with torch.no_grad():
         for i, param in enumerate(module.parameters()):
             param.copy_(torch.as_tensor(case.arrays[f"{prefix}{i}"]))

@@ -6,22 +6,28 @@
 
     def test_my_model_matches():
         keras_model, torch_module = build_keras(), build_torch()      # same architecture
-        assert_parity(keras_model, torch_module, x, y, steps=5,
+        assert_parity(keras_model, torch_module, x, y)                 # one pass
+        assert_parity(keras_model, torch_module, x, y, steps=5,        # and 5 updates
                       keras_optimizer=keras.optimizers.SGD(0.125),
                       torch_optimizer=torch.optim.SGD(torch_module.parameters(), lr=0.125))
 
-Weights are copied Keras -> torch with the layout maps (Dense/Linear, Conv2D/Conv2d,
-BatchNormalization/BatchNorm1d/2d; pools, Flatten, Dropout and activations carry none), then the
-report compares forward outputs, the loss, every parameter's gradient and, with ``steps``, the
-weights after each of ``steps`` optimizer updates. Tolerances come from ``tfreg_harness.tolerances``
-(``model_cross`` for one pass, ``trajectory`` for steps) at the model's dtype unless ``rtol`` is
-given. A check that cannot run (an unsupported layer, ``steps=0``) is a *skip* row with the
-reason: ``check_parity`` never hides it and ``assert_parity`` fails on it unless
-``allow_skips=True``.
+Any built ``keras.Model`` (Sequential, functional, subclassed) and any ``nn.Module``: layers pair
+in definition order (``tfreg.parity.pairing``; override with ``layer_map``), each pair's
+configuration is checked by its registered kind (``tfreg.parity.kinds``), and weights are copied
+Keras -> torch (``transfer=False`` keeps the torch weights: test your own converter). The report
+compares every paired layer's output, the logits, the loss and every parameter's gradient, and
+names the first layer and the first gradient that leave their tolerance; with ``steps``, the
+weights after each update, the BatchNorm moving statistics (torch's unbiased running variance
+predicted from Keras' biased one) and the eval-mode logits. Tolerances come from
+``tfreg_harness.tolerances`` (``model_cross`` for one pass, ``trajectory`` after steps) at the
+model's dtype unless ``rtol`` is given. A pairing or configuration mismatch is a *failed* row,
+never a skip.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from math import prod
 from typing import Any
 
 import numpy as np
@@ -31,41 +37,175 @@ from tfreg.parity.devices import tf_device
 from tfreg.parity.models import (
     LOSS_PAIRS,
     ModelPair,
-    batchnorm_cancelled_biases,
     compare_evaluations,
+    compare_layers,
+    dropout_masks_for,
     evaluate_keras,
     evaluate_torch,
+    forward_keras,
+    forward_torch,
 )
-from tfreg.parity.transfer import parameter_pairs, torch_to_numpy, transfer_weights
+from tfreg.parity.pairing import LayerMatch, PairingError
+from tfreg.parity.transfer import ParameterPair, _model_dtype, copy_weights, torch_to_numpy
 from tfreg_core.validation import InvalidArgumentError
 from tfreg_harness.compare import Comparison, compare
-from tfreg_harness.report import Report, Row
-from tfreg_harness.tolerances import tolerance
+from tfreg_harness.differences import torch_running_var_from_keras
+from tfreg_harness.divergence import LayerRecord, ParityReport
+from tfreg_harness.layouts import to_channels_last
+from tfreg_harness.report import Row
+from tfreg_harness.tolerances import tolerance, zero_gradient_atol
 
 
-def _rows(comparisons: list[Comparison], dtype: str, device: str, prefix: str = "") -> list[Row]:
-    return [
-        Row(
-            f"{prefix}{c.name}",
-            dtype,
-            device,
-            "pass" if c.passed else "fail",
-            max_abs=c.max_abs,
-            max_rel=c.max_rel,
-            tolerance=c.rtol if c.rtol > 0 else c.atol,
+def _compare_floored(
+    name: str, actual: Any, expected: Any, *, rtol: float, atol: float
+) -> Comparison:
+    """``compare`` at ``rtol``; an expected value within ``atol`` of 0 (a weight that only ever
+    moved by a zero gradient) is compared absolutely, as its relative error is meaningless."""
+    if float(np.max(np.abs(expected), initial=0.0)) <= atol:
+        return compare(f"{name} == 0", actual, np.zeros_like(expected), rtol=0.0, atol=atol)
+    return compare(name, actual, expected, rtol=rtol)
+
+
+def _row(c: Comparison, dtype: str, device: str, detail: str = "") -> Row:
+    absolute = c.rtol == 0  # an exact-zero target: the relative column would be meaningless
+    return Row(
+        c.name,
+        dtype,
+        device,
+        "pass" if c.passed else "fail",
+        max_abs=c.max_abs,
+        max_rel=None if absolute else c.max_rel,
+        tolerance=c.atol if absolute else c.rtol,
+        detail=detail,
+    )
+
+
+def _record_row(r: LayerRecord, dtype: str, device: str) -> Row:
+    return Row(
+        f"output {r.name}",
+        dtype,
+        device,
+        "pass" if r.passed else "fail",
+        max_abs=r.max_abs,
+        max_rel=r.rel,
+        tolerance=r.tolerance,
+    )
+
+
+def _gradient_records(comparisons: list[Comparison], kinds: dict[str, str]) -> list[LayerRecord]:
+    out = []
+    for c in comparisons:
+        if not c.name.startswith("grad "):
+            continue
+        path = c.name.removeprefix("grad ").removesuffix(" == 0")
+        absolute = c.rtol == 0
+        out.append(
+            LayerRecord(
+                path,
+                kinds.get(path, ""),
+                "gradient",
+                c.max_abs,
+                None if absolute else c.max_rel,
+                c.atol if absolute else c.rtol,
+                c.passed,
+            )
         )
-        for c in comparisons
+    return out
+
+
+def _batchnorms(pair: ModelPair) -> list[tuple[LayerMatch, ParameterPair, ParameterPair]]:
+    """(match, moving mean pair, moving variance pair) of every paired BatchNormalization."""
+    by_variable = {id(p.keras_variable): p for p in pair.parameter_pairs()}
+    return [
+        (
+            m,
+            by_variable[id(m.keras_layer.moving_mean)],
+            by_variable[id(m.keras_layer.moving_variance)],
+        )
+        for m in pair.pairing().paired
+        if isinstance(m.keras_layer, keras.layers.BatchNormalization)
     ]
 
 
-def _model_dtype(keras_model: Any) -> str:
-    dtypes = {str(v.dtype) for v in keras_model.trainable_weights}
-    if len(dtypes) != 1:
-        raise InvalidArgumentError(
-            f"keras_model must have one variable dtype (mixed precision is not compared). "
-            f"Received variable dtypes: {sorted(dtypes)}"
+def _statistics_rows(
+    pair: ModelPair,
+    initial: dict[int, np.ndarray],
+    passes: int,
+    rtol: float,
+    device: str,
+) -> tuple[list[Row], list[tuple[Any, np.ndarray]]]:
+    """Moving mean and variance of every BatchNorm after ``passes`` train-mode batches; returns
+    the rows and (Keras variable, value in torch's convention) for the eval comparison."""
+    rows, converted = [], []
+    for match, mean, var in _batchnorms(pair):
+        layer = match.keras_layer
+        count = prod(match.context.input_shape[:-1])  # values per channel in one batch
+        rows.append(
+            _row(
+                compare(
+                    f"moving mean {match.name}",
+                    mean.torch_value(),
+                    mean.keras_variable.numpy(),
+                    rtol=rtol,
+                ),
+                pair.dtype,
+                device,
+            )
         )
-    return dtypes.pop()
+        keras_var = np.asarray(var.keras_variable.numpy())
+        predicted = keras_var
+        detail = "no train-mode batch: statistics unchanged"
+        if passes:
+            predicted = torch_running_var_from_keras(
+                keras_var,
+                initial=initial[id(layer)],
+                momentum=layer.momentum,
+                count=count,
+                steps=passes,
+            ).astype(keras_var.dtype)
+            raw = compare("raw", var.torch_value(), keras_var, rtol=rtol)
+            detail = (
+                f"torch's unbiased running_var predicted from Keras' biased moving variance "
+                f"(n={count}, {passes} batches); raw gap {raw.max_rel:.2e} rel"
+            )
+        rows.append(
+            _row(
+                compare(
+                    f"moving variance {match.name} (torch convention)",
+                    var.torch_value(),
+                    predicted,
+                    rtol=rtol,
+                ),
+                pair.dtype,
+                device,
+                detail,
+            )
+        )
+        converted.append((var.keras_variable, predicted))
+    return rows, converted
+
+
+def _eval_row(
+    pair: ModelPair, x: Any, converted: list[tuple[Any, np.ndarray]], rtol: float, device: str
+) -> Row:
+    """Eval-mode logits after the steps; Keras runs with its moving variances in torch's
+    convention (restored afterwards), so the comparison tests everything but that known gap."""
+    saved = [(v, v.numpy().copy()) for v, _ in converted]
+    try:
+        for variable, value in converted:
+            variable.assign(value)
+        with tf.device(tf_device(device)):
+            keras_logits = np.asarray(forward_keras(pair, x, training=False)[0])
+    finally:
+        for variable, value in saved:
+            variable.assign(value)
+    torch_logits = torch_to_numpy(forward_torch(pair, x, training=False)[0])
+    if pair.pairing().output_channels_first:
+        torch_logits = to_channels_last(torch_logits)
+    name = "eval logits after steps"
+    if converted:
+        name += " (Keras BN variance in torch's convention)"
+    return _row(compare(name, torch_logits, keras_logits, rtol=rtol), pair.dtype, device)
 
 
 def check_parity(
@@ -81,14 +221,21 @@ def check_parity(
     torch_optimizer: Any = None,
     device: str = "cpu",
     rtol: float | None = None,
-) -> Report:
-    """Transfer weights Keras -> torch and compare the two models; returns a :class:`Report`.
+    layer_map: Mapping[str, str | None] | None = None,
+    transfer: bool = True,
+    dropout_masks: Sequence[Any] | None = None,
+    seed: int = 0,
+) -> ParityReport:
+    """Pair the layers, transfer weights Keras -> torch (unless ``transfer=False``) and compare
+    the two models; returns a :class:`ParityReport` (rows plus per-layer ``layers`` records).
 
-    ``x`` is in Keras layout (NHWC images); ``y`` as ``loss`` expects it (integer labels for
-    ``"sparse_categorical_crossentropy"``, see ``tfreg.parity.models.LOSS_PAIRS``). ``training``
-    runs both models in training mode (BatchNorm batch statistics; models with Dropout need
-    ``training=False`` or injected masks, see ``tfreg.parity.model_parity``). The torch module
-    must live on ``device``'s torch device already.
+    ``x`` is in Keras layout (channels last); ``y`` as ``loss`` expects it (integer labels for
+    ``"sparse_categorical_crossentropy"``, see ``LOSS_PAIRS``). ``training`` runs both models in
+    training mode (BatchNorm batch statistics; Dropout with injected keep-masks: ``dropout_masks``
+    in definition order, else drawn from ``numpy.random.default_rng(seed)`` for every pass). The
+    torch module must live on ``device``'s torch device already. ``layer_map``:
+    ``{keras_layer_name: torch_module_name or None}`` overrides the pairing (None: torch's forward
+    code computes that layer).
     """
     if loss not in LOSS_PAIRS:
         raise InvalidArgumentError(
@@ -101,70 +248,102 @@ def check_parity(
             "steps > 0 needs both keras_optimizer and torch_optimizer. Received: "
             f"keras_optimizer={keras_optimizer!r}, torch_optimizer={torch_optimizer!r}"
         )
+    if not isinstance(transfer, bool):
+        raise InvalidArgumentError(f"transfer must be a bool. Received: transfer={transfer!r}")
     dtype = _model_dtype(keras_model)
-    report = Report()
+    report = ParityReport()
+    pair = ModelPair(keras_model, torch_module, dtype, device, layer_map)
     try:
-        transfer_weights(keras_model, torch_module, direction="keras_to_torch")
-    except ValueError as exc:
-        reason = f"weight transfer impossible: {exc}"
-        for name in ("forward, loss and gradients", "training steps"):
-            report.extend([Row(name, dtype, device, "skip", detail=reason)])
+        pairs = pair.parameter_pairs(x)
+    except PairingError as exc:
+        report.extend(
+            [Row("layer pairing and configuration", dtype, device, "fail", detail=str(exc))]
+        )
         return report
-    pair = ModelPair(keras_model, torch_module, (), tuple(np.shape(x)[1:]), dtype, device)
-    evaluate = {"training": training, "loss": loss}
-    comparisons = compare_evaluations(
-        evaluate_keras(pair, x, y, **evaluate),
-        evaluate_torch(pair, x, y, **evaluate),
-        dtype=dtype,
-        zero_gradients=batchnorm_cancelled_biases(keras_model) if training else (),
-        rtol=rtol,
-    )
-    report.extend(_rows(comparisons, dtype, device))
+    if transfer:
+        copy_weights(pairs, direction="keras_to_torch")
+
+    rng = np.random.default_rng(seed)
+
+    def masks() -> Sequence[Any] | None:
+        if dropout_masks is not None or not training:
+            return dropout_masks
+        return dropout_masks_for(keras_model, x, rng)
+
+    def evaluate() -> tuple[Any, Any]:
+        kwargs = {"training": training, "dropout_masks": masks(), "loss": loss}
+        return evaluate_keras(pair, x, y, **kwargs), evaluate_torch(pair, x, y, **kwargs)
+
+    initial = {
+        id(m.keras_layer): np.asarray(v.keras_variable.numpy()).copy()
+        for m, _, v in _batchnorms(pair)
+    }
+    one_rtol = tolerance("model_cross", dtype).rtol if rtol is None else rtol
+    keras_eval, torch_eval = evaluate()
+    comparisons = compare_evaluations(keras_eval, torch_eval, dtype=dtype, rtol=one_rtol)
+    kinds = {p.keras_variable.path: p.layer for p in pairs}
+    report.layers = compare_layers(pair.pairing(), keras_eval, torch_eval, rtol=one_rtol)
+    report.layers += _gradient_records(comparisons, kinds)
+    report.extend([_row(c, dtype, device) for c in comparisons])
+    report.extend([_record_row(r, dtype, device) for r in report.layers if r.stage == "output"])
     if steps == 0:
-        report.extend([Row("training steps", dtype, device, "skip", detail="steps=0")])
         return report
+
     step_rtol = tolerance("trajectory", dtype).rtol if rtol is None else rtol
-    pairs = [p for p in parameter_pairs(keras_model, torch_module) if p.trainable]
+    trainable = [p for p in pairs if p.trainable]
+    weight_scale = max(
+        float(np.max(np.abs(p.keras_variable.numpy()), initial=0.0)) for p in trainable
+    )
+    step_atol = zero_gradient_atol(dtype, weight_scale)
     for step in range(1, steps + 1):
-        keras_eval = evaluate_keras(pair, x, y, **evaluate)
-        evaluate_torch(pair, x, y, **evaluate)  # leaves .grad on the torch parameters
+        keras_eval, _ = evaluate()  # leaves .grad on the torch parameters
         with tf.device(tf_device(device)):
             keras_optimizer.apply_gradients(
                 [
                     (tf.constant(keras_eval.gradients[p.keras_variable.path]), p.keras_variable)
-                    for p in pairs
+                    for p in trainable
                 ]
             )
         torch_optimizer.step()
-        after = [
-            compare(
-                f"step {step} {p.keras_variable.path}",
-                p.to_keras(torch_to_numpy(p.torch_tensor)),
-                np.asarray(p.keras_variable.numpy()),
-                rtol=step_rtol,
-            )
-            for p in pairs
-        ]
-        report.extend(_rows(after, dtype, device))
+        report.extend(
+            [
+                _row(
+                    _compare_floored(
+                        f"step {step} {p.keras_variable.path}",
+                        p.torch_value(),
+                        np.asarray(p.keras_variable.numpy()),
+                        rtol=step_rtol,
+                        atol=step_atol,
+                    ),
+                    dtype,
+                    device,
+                )
+                for p in trainable
+            ]
+        )
+    passes = (steps + 1) if training else 0
+    rows, converted = _statistics_rows(pair, initial, passes, step_rtol, device)
+    report.extend(rows)
+    report.extend([_eval_row(pair, x, converted, step_rtol, device)])
     return report
 
 
 def assert_parity(
-    keras_model: keras.Model,
-    torch_module: Any,
-    x: Any,
-    y: Any,
-    *,
-    allow_skips: bool = False,
-    **kwargs: Any,
-) -> Report:
-    """:func:`check_parity`, raising ``AssertionError`` with the whole table when any row failed
-    (or was skipped, unless ``allow_skips``). For pytest: call it in a test."""
+    keras_model: keras.Model, torch_module: Any, x: Any, y: Any, **kwargs: Any
+) -> ParityReport:
+    """:func:`check_parity`, raising ``AssertionError`` when any row failed: the message names
+    the first diverging layer and gradient, the failing rows, then the whole table. For pytest:
+    call it in a test."""
     report = check_parity(keras_model, torch_module, x, y, **kwargs)
-    bad = report.failed + ([] if allow_skips else [r for r in report.rows if r.status == "skip"])
-    if bad:
+    if report.failed:
         names = ", ".join(
-            f"{r.check} ({r.status}{': ' + r.detail if r.detail else ''})" for r in bad
+            f"{r.check} ({r.status}{': ' + r.detail if r.detail else ''})" for r in report.failed
         )
-        raise AssertionError(f"parity failed for {names}\n{report.to_text()}")
+        where = report.summary()
+        raise AssertionError(
+            f"parity failed for {names}{'; ' + where if where else ''}\n{report.to_text()}"
+        )
     return report
+
+
+__all__ = ["assert_parity", "check_parity"]

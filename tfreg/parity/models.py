@@ -1,222 +1,92 @@
-"""The seed models built twice -- Keras and torch -- from one architecture spec, and the harness'
-forward / loss / gradient evaluation of such a pair.
+"""Forward / loss / gradient evaluation of a paired Keras model and torch module, layer by layer,
+and the seed models built twice from one framework-neutral description.
 
-Architectures are framework-free tuples (:data:`LayerSpec`), so the two builders cannot drift
-apart. Inputs are always given in Keras' layout (NHWC images, ``(batch, features)`` vectors); the
-torch models are ordinary NCHW modules and :func:`forward_torch` transposes the batch through
-:func:`tfreg.parity.transfer.to_torch_input`. Logits come out of both models: no softmax inside
-(the seed notebook applied softmax *and* ``from_logits=True``).
+Inputs are always given in Keras' layout (channels last); torch receives them channels first
+when its first layers need it (see ``tfreg.parity.pairing.pair_layers``). Logits come out of
+both models: no softmax inside. Every paired layer's output is recorded on both sides
+(``tfreg.parity.capture``), so a comparison can name the first layer that diverges.
 
 Dropout draws its masks from each framework's own RNG, which never agree even under the same
-seed; a parity run passes ``dropout_masks`` (one NumPy keep-mask per Dropout layer, see
+seed; a training-mode run injects one NumPy keep-mask per Dropout layer (``dropout_masks``, see
 :func:`dropout_masks_for`) and each framework applies it with its own native formula.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from itertools import pairwise
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from tfreg import architecture as keras_architecture
 from tfreg._compat import keras, tf
+from tfreg.parity.capture import keras_watch, torch_watch
 from tfreg.parity.devices import tf_device, torch_device
-from tfreg.parity.transfer import (
-    FRAMEWORK_DIFFERENCES,
-    load_weights,
-    numpy_weights_for,
-    parameter_pairs,
-    to_torch_input,
-    torch_batchnorm_kwargs,
-    torch_gradients_in_keras_layout,
-    torch_to_numpy,
-)
-from tfreg_core.validation import InvalidArgumentError, choice, positive_int
+from tfreg.parity.pairing import LayerMatch, Pairing, keras_layers, pair_layers, sample_input
+from tfreg.parity.transfer import ParameterPair, copy_weights, pairs_from, torch_to_numpy
+from tfreg_core.validation import choice, positive_int
+from tfreg_harness import architecture
 from tfreg_harness.compare import Comparison, compare
-from tfreg_harness.tolerances import tolerance
-
-LayerSpec = tuple[Any, ...]
-"""One layer: ``("conv2d", filters, kernel_size)`` (stride 1, "same" padding), ``("maxpool",
-size)``, ``("flatten",)``, ``("dense", units)``, ``("relu",)``, ``("batchnorm",)``,
-``("dropout", rate)``."""
+from tfreg_harness.divergence import LayerRecord
+from tfreg_harness.layouts import to_channels_first, to_channels_last
+from tfreg_harness.tolerances import tolerance, zero_gradient_atol
 
 DTYPES: tuple[str, ...] = ("float32", "float64")
-_BN = FRAMEWORK_DIFFERENCES.batchnorm  # BN defaults follow Keras' convention (momentum m)
-
-
-def mlp_spec(
-    *,
-    hidden: Sequence[int] = (32, 32),
-    classes: int = 10,
-    batchnorm: bool = False,
-    dropout: float = 0.0,
-) -> tuple[LayerSpec, ...]:
-    """The MLP of the dropout/BatchNorm notebook: per hidden layer Dense -> [BN] -> ReLU ->
-    [Dropout], then Dense(classes) logits."""
-    if not 0.0 <= dropout < 1.0:
-        raise InvalidArgumentError(
-            f"Invalid value for argument dropout: expected a rate in [0, 1). "
-            f"Received: dropout={dropout!r}"
-        )
-    spec: list[LayerSpec] = []
-    for units in hidden:
-        spec.append(("dense", positive_int(units, "hidden")))
-        if batchnorm:
-            spec.append(("batchnorm",))
-        spec.append(("relu",))
-        if dropout:
-            spec.append(("dropout", float(dropout)))
-    spec.append(("dense", positive_int(classes, "classes")))
-    return tuple(spec)
-
-
-def cnn_spec(
-    *, filters: Sequence[int] = (8, 16), dense: int = 64, classes: int = 10
-) -> tuple[LayerSpec, ...]:
-    """The seed CNN of the TF accumulation notebook, sized for 8x8 digits: Conv2D(f1, 3x3) ReLU
-    -> MaxPool 2 -> Conv2D(f2, 3x3) ReLU -> Flatten -> Dense(dense) ReLU -> Dense(classes).
-    "same" padding keeps 8x8 -> 8x8 -> 4x4 -> 4x4 (the notebook's "valid" would shrink 8x8 to
-    nothing). Ends in logits, not softmax."""
-    if len(filters) != 2:
-        raise InvalidArgumentError(
-            f"Invalid value for argument filters: expected two filter counts (one per Conv2D). "
-            f"Received: filters={filters!r}"
-        )
-    f1, f2 = (positive_int(f, "filters") for f in filters)
-    return (
-        ("conv2d", f1, 3),
-        ("relu",),
-        ("maxpool", 2),
-        ("conv2d", f2, 3),
-        ("relu",),
-        ("flatten",),
-        ("dense", positive_int(dense, "dense")),
-        ("relu",),
-        ("dense", positive_int(classes, "classes")),
-    )
-
-
-def build_keras(
-    spec: Sequence[LayerSpec],
-    input_shape: Sequence[int],
-    *,
-    dtype: str,
-    bn_momentum: float = _BN.keras_momentum_default,
-    bn_epsilon: float = _BN.keras_epsilon_default,
-    device: str = "cpu",
-) -> Any:
-    """A ``keras.Sequential`` for ``spec``; every layer and the Input carry ``dtype``.
-
-    ``bn_momentum``/``bn_epsilon`` use Keras' convention; :func:`build_torch` translates them."""
-    choice(dtype, "dtype", DTYPES)
-    layers = keras.layers
-    out: list[Any] = [keras.Input(tuple(input_shape), dtype=dtype)]
-    for item in spec:
-        kind = item[0]
-        if kind == "conv2d":
-            out.append(layers.Conv2D(item[1], item[2], padding="same", dtype=dtype))
-        elif kind == "maxpool":
-            out.append(layers.MaxPooling2D(item[1], dtype=dtype))
-        elif kind == "flatten":
-            out.append(layers.Flatten(dtype=dtype))
-        elif kind == "dense":
-            out.append(layers.Dense(item[1], dtype=dtype))
-        elif kind == "relu":
-            out.append(layers.ReLU(dtype=dtype))
-        elif kind == "batchnorm":
-            out.append(
-                layers.BatchNormalization(momentum=bn_momentum, epsilon=bn_epsilon, dtype=dtype)
-            )
-        elif kind == "dropout":
-            out.append(layers.Dropout(item[1], dtype=dtype))
-        else:
-            raise InvalidArgumentError(f"Unknown layer kind {kind!r} in spec. Received: {item!r}")
-    with tf.device(tf_device(device)):
-        return keras.Sequential(out)
-
-
-def build_torch(
-    spec: Sequence[LayerSpec],
-    input_shape: Sequence[int],
-    *,
-    dtype: str,
-    bn_momentum: float = _BN.keras_momentum_default,
-    bn_epsilon: float = _BN.keras_epsilon_default,
-    device: str = "cpu",
-) -> Any:
-    """A ``torch.nn.Sequential`` for ``spec``, taking NCHW input (``input_shape`` is Keras'
-    channels-last shape; see :func:`forward_torch`). BatchNorm gets ``momentum = 1 -
-    bn_momentum`` and ``eps = bn_epsilon`` explicitly (torch's own defaults differ)."""
-    import torch
-    from torch import nn
-
-    choice(dtype, "dtype", DTYPES)
-    shape = tuple(int(d) for d in input_shape)  # channels-last, tracked to size Linear inputs
-    bn = torch_batchnorm_kwargs(momentum=bn_momentum, epsilon=bn_epsilon)
-    modules: list[Any] = []
-    for item in spec:
-        kind = item[0]
-        if kind == "conv2d":
-            modules.append(nn.Conv2d(shape[-1], item[1], item[2], padding="same"))
-            shape = (*shape[:-1], item[1])
-        elif kind == "maxpool":
-            modules.append(nn.MaxPool2d(item[1]))
-            shape = (shape[0] // item[1], shape[1] // item[1], shape[2])
-        elif kind == "flatten":
-            modules.append(nn.Flatten())
-            shape = (int(np.prod(shape)),)
-        elif kind == "dense":
-            modules.append(nn.Linear(shape[-1], item[1]))
-            shape = (item[1],)
-        elif kind == "relu":
-            modules.append(nn.ReLU())
-        elif kind == "batchnorm":
-            norm = nn.BatchNorm2d if len(shape) == 3 else nn.BatchNorm1d
-            modules.append(norm(shape[-1], **bn))
-        elif kind == "dropout":
-            modules.append(nn.Dropout(item[1]))
-        else:
-            raise InvalidArgumentError(f"Unknown layer kind {kind!r} in spec. Received: {item!r}")
-    return nn.Sequential(*modules).to(device=torch_device(device), dtype=getattr(torch, dtype))
 
 
 @dataclass
 class ModelPair:
-    """The same architecture in both frameworks, with identical weights once loaded."""
+    """A Keras model and a torch module computing the same function once weights agree.
+
+    ``layer_map`` overrides the definition-order pairing (``{keras_name: torch_name}``).
+    :meth:`pairing` pairs the layers on first use (with ``sample`` for the shape pass) and
+    caches the result.
+    """
 
     keras: Any
     torch: Any
-    spec: tuple[LayerSpec, ...]
-    input_shape: tuple[int, ...]
     dtype: str
-    device: str
+    device: str = "cpu"
+    layer_map: Mapping[str, str | None] | None = None
+    _pairing: Pairing | None = field(default=None, repr=False)
+
+    def pairing(self, sample: Any | None = None) -> Pairing:
+        if self._pairing is None:
+            self._pairing = pair_layers(
+                self.keras, self.torch, dtype=self.dtype, sample=sample, layer_map=self.layer_map
+            )
+        return self._pairing
+
+    def parameter_pairs(self, sample: Any | None = None) -> list[ParameterPair]:
+        return pairs_from(self.pairing(sample))
 
 
 def build_pair(
-    spec: Sequence[LayerSpec],
+    spec: Sequence[architecture.Layer],
     input_shape: Sequence[int],
     *,
     dtype: str,
     rng: np.random.Generator | None = None,
     device: str = "cpu",
-    bn_momentum: float = _BN.keras_momentum_default,
-    bn_epsilon: float = _BN.keras_epsilon_default,
 ) -> ModelPair:
-    """Both models for ``spec``; with ``rng``, weights drawn from it (``numpy_weights_for``) are
-    loaded into both, so they compute the same function."""
-    kwargs = {"dtype": dtype, "bn_momentum": bn_momentum, "bn_epsilon": bn_epsilon}
-    pair = ModelPair(
-        keras=build_keras(spec, input_shape, device=device, **kwargs),
-        torch=build_torch(spec, input_shape, device=device, **kwargs),
-        spec=tuple(spec),
-        input_shape=tuple(input_shape),
-        dtype=dtype,
-        device=device,
+    """Both models for ``spec`` (a ``tfreg_harness.architecture`` description); with ``rng``,
+    weights drawn from it (``architecture.initial_weights``) are loaded into both, so they
+    compute the same function."""
+    from torchref import architecture as torch_architecture
+
+    choice(dtype, "dtype", DTYPES)
+    with tf.device(tf_device(device)):
+        keras_model = keras_architecture.build_model(spec, input_shape, dtype=dtype)
+    torch_module = torch_architecture.build_model(
+        spec, input_shape, dtype=dtype, device=torch_device(device)
     )
+    pair = ModelPair(keras_model, torch_module, dtype, device)
     if rng is not None:
-        load_weights(pair.keras, pair.torch, numpy_weights_for(pair.keras, rng))
+        keras_model.set_weights(
+            architecture.initial_weights(spec, input_shape, rng=rng, dtype=dtype)
+        )
+        copy_weights(pair.parameter_pairs(), direction="keras_to_torch")
     return pair
 
 
@@ -230,21 +100,21 @@ def build_mlp(
     batchnorm: bool = False,
     dropout: float = 0.0,
     device: str = "cpu",
-    bn_momentum: float = _BN.keras_momentum_default,
-    bn_epsilon: float = _BN.keras_epsilon_default,
+    bn_momentum: float = architecture.BatchNorm.momentum,
+    bn_epsilon: float = architecture.BatchNorm.epsilon,
 ) -> ModelPair:
-    """MLP pair ``input_dim -> hidden... -> classes`` (see :func:`mlp_spec`); 64 inputs fit the
-    flattened 8x8 digits."""
-    spec = mlp_spec(hidden=hidden, classes=classes, batchnorm=batchnorm, dropout=dropout)
-    return build_pair(
-        spec,
-        (positive_int(input_dim, "input_dim"),),
-        dtype=dtype,
-        rng=rng,
-        device=device,
+    """MLP pair ``input_dim -> hidden... -> classes`` (see ``architecture.mlp_spec``); 64
+    inputs fit flattened 8x8 images."""
+    spec = architecture.mlp_spec(
+        hidden=hidden,
+        classes=classes,
+        batchnorm=batchnorm,
+        dropout=dropout,
         bn_momentum=bn_momentum,
         bn_epsilon=bn_epsilon,
     )
+    shape = (positive_int(input_dim, "input_dim"),)
+    return build_pair(spec, shape, dtype=dtype, rng=rng, device=device)
 
 
 def build_cnn(
@@ -257,119 +127,14 @@ def build_cnn(
     classes: int = 10,
     device: str = "cpu",
 ) -> ModelPair:
-    """Seed-CNN pair for NHWC ``input_shape`` images (see :func:`cnn_spec`)."""
-    spec = cnn_spec(filters=filters, dense=dense, classes=classes)
+    """Seed-CNN pair for NHWC ``input_shape`` images (see ``architecture.cnn_spec``)."""
+    spec = architecture.cnn_spec(filters=filters, dense=dense, classes=classes)
     return build_pair(spec, input_shape, dtype=dtype, rng=rng, device=device)
 
 
 # --------------------------------------------------------------------------------------------
-# Forward passes with injected dropout masks
+# Losses
 # --------------------------------------------------------------------------------------------
-
-
-def _dropout_layers(keras_model: Any) -> list[Any]:
-    return [layer for layer in keras_model.layers if isinstance(layer, keras.layers.Dropout)]
-
-
-def dropout_masks_for(
-    keras_model: Any, batch_size: int, rng: np.random.Generator
-) -> list[np.ndarray]:
-    """One boolean keep-mask per Dropout layer of ``keras_model`` (in call order), each of that
-    layer's activation shape for ``batch_size`` examples; kept with probability ``1 - rate``
-    (TensorFlow's rule: ``uniform >= rate``). The same masks serve the torch twin, whose
-    activations have the same shapes (Dropout sits in the flat part of the models)."""
-    n = positive_int(batch_size, "batch_size")
-    return [
-        rng.uniform(size=(n, *layer.output.shape[1:])) >= layer.rate
-        for layer in _dropout_layers(keras_model)
-    ]
-
-
-def _check_masks(count: int, dropout_masks: Sequence[Any] | None, training: bool) -> None:
-    if not training or count == 0:
-        return
-    if dropout_masks is None:
-        raise ValueError(
-            f"The model has {count} Dropout layer(s) and training=True, but dropout_masks is "
-            "None: TensorFlow and torch draw different masks from their own RNGs, so a parity "
-            "run must inject one mask per layer (dropout_masks_for)."
-        )
-    if len(dropout_masks) != count:
-        raise ValueError(
-            f"dropout_masks must hold one mask per Dropout layer ({count}). "
-            f"Received: {len(dropout_masks)} masks"
-        )
-
-
-def _mask(masks: Iterator[Any], shape: tuple[int, ...]) -> np.ndarray:
-    mask = np.asarray(next(masks), dtype=bool)
-    if mask.shape != shape:
-        raise ValueError(
-            f"A dropout mask has shape {mask.shape} but the activation it masks has shape "
-            f"{shape} (Keras layout)."
-        )
-    return mask
-
-
-def forward_keras(
-    model: Any,
-    x: Any,
-    *,
-    training: bool = False,
-    dropout_masks: Sequence[Any] | None = None,
-) -> Any:
-    """``model(x, training=training)`` for a ``keras.Sequential``, layer by layer so Dropout can
-    apply a given keep-mask the way Keras does: ``where(mask, x * (1 / (1 - rate)), 0)`` with the
-    scale rounded to the tensor's dtype (``tf.nn.dropout``'s formula)."""
-    if not isinstance(model, keras.Sequential):
-        raise TypeError(f"forward_keras needs a keras.Sequential. Received: {type(model)}")
-    dropouts = [isinstance(layer, keras.layers.Dropout) for layer in model.layers]
-    _check_masks(sum(dropouts), dropout_masks, training)
-    out = tf.convert_to_tensor(x)
-    masks = iter(dropout_masks or ())
-    for layer, is_dropout in zip(model.layers, dropouts, strict=True):
-        if is_dropout and training:
-            keep = tf.constant(_mask(masks, tuple(out.shape)))
-            scale = tf.constant(1.0 / (1.0 - layer.rate), dtype=out.dtype)
-            out = tf.where(keep, out * scale, tf.zeros_like(out))
-        else:
-            out = layer(out, training=training)
-    return out
-
-
-def forward_torch(
-    module: Any,
-    x: Any,
-    *,
-    training: bool = False,
-    dropout_masks: Sequence[Any] | None = None,
-) -> Any:
-    """``module(to_torch_input(x))`` for an ``nn.Sequential`` in train or eval mode (the mode is
-    left set), applying a given keep-mask (Keras layout) at each Dropout the way torch's CPU
-    kernel does: ``x * (mask / (1 - p))``."""
-    import torch
-    from torch import nn
-
-    if not isinstance(module, nn.Sequential):
-        raise TypeError(f"forward_torch needs a torch.nn.Sequential. Received: {type(module)}")
-    dropouts = [isinstance(m, nn.Dropout) for m in module]
-    _check_masks(sum(dropouts), dropout_masks, training)
-    module.train(training)
-    param = next(module.parameters(), None)
-    out = torch.as_tensor(to_torch_input(x), device=param.device if param is not None else None)
-    masks = iter(dropout_masks or ())
-    for layer, is_dropout in zip(module, dropouts, strict=True):
-        if is_dropout and training:
-            shape = tuple(out.shape)
-            if len(shape) == 4:
-                shape = tuple(shape[i] for i in FRAMEWORK_DIFFERENCES.layouts["images"].to_keras)
-            keep = to_torch_input(_mask(masks, shape))
-            noise = torch.as_tensor(keep, device=out.device).to(out.dtype)
-            out = out * noise.div_(1.0 - layer.p)
-        else:
-            out = layer(out)
-    return out
-
 
 # Loss names the harness knows, each with its Keras object and the torchref loss that computes
 # the same per-example values (see torchref.training.LOSSES). Crossentropies take logits.
@@ -410,14 +175,138 @@ def torch_loss(logits: Any, labels: Any, *, loss: str = "sparse_categorical_cros
     return per_example_loss(LOSS_PAIRS[_loss_name(loss)][1])(logits, target).mean()
 
 
+# --------------------------------------------------------------------------------------------
+# Dropout masks
+# --------------------------------------------------------------------------------------------
+
+
+def _dropout_layers(keras_model: Any) -> list[Any]:
+    return [layer for layer in keras_layers(keras_model) if isinstance(layer, keras.layers.Dropout)]
+
+
+def dropout_masks_for(keras_model: Any, x: Any, rng: np.random.Generator) -> list[np.ndarray]:
+    """One boolean keep-mask per Dropout layer of ``keras_model`` (definition order), each of
+    that layer's input shape on batch ``x`` (Keras layout); kept with probability ``1 - rate``
+    (TensorFlow's rule: ``uniform >= rate``)."""
+    layers = _dropout_layers(keras_model)
+    with keras_watch(layers) as trace:
+        keras_model(sample_input(keras_model, x), training=False)
+    return [rng.uniform(size=trace.input_shapes[id(layer)]) >= layer.rate for layer in layers]
+
+
+def _mask_maps(
+    pair: ModelPair, training: bool, dropout_masks: Sequence[Any] | None
+) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """Keras-side and torch-side masks by layer/module id (empty outside training)."""
+    layers = _dropout_layers(pair.keras)
+    if not training or not layers:
+        return {}, {}
+    if dropout_masks is None:
+        raise ValueError(
+            f"The model has {len(layers)} Dropout layer(s) and training=True, but dropout_masks "
+            "is None: TensorFlow and torch draw different masks from their own RNGs, so a parity "
+            "run must inject one mask per layer (dropout_masks_for)."
+        )
+    if len(dropout_masks) != len(layers):
+        raise ValueError(
+            f"dropout_masks must hold one mask per Dropout layer ({len(layers)}). "
+            f"Received: {len(dropout_masks)} masks"
+        )
+    matches = {id(m.keras_layer): m for m in pair.pairing().matches}
+    keras_masks, torch_masks = {}, {}
+    for layer, mask in zip(layers, dropout_masks, strict=True):
+        match = matches[id(layer)]
+        if match.torch_module is None:
+            raise ValueError(
+                f"Keras Dropout {layer.name!r} pairs with no torch nn.Dropout module (the torch "
+                "forward code applies dropout itself), so no mask can be injected there. Use an "
+                "nn.Dropout module, or compare with training=False."
+            )
+        mask = np.asarray(mask, dtype=bool)
+        keras_masks[id(layer)] = mask
+        torch_masks[id(match.torch_module)] = (
+            to_channels_first(mask) if match.context.torch_channels_first else mask
+        )
+    return keras_masks, torch_masks
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class Evaluation:
-    """One forward/backward pass: logits ``(batch, classes)``, the mean loss, and each trainable
-    parameter's gradient in Keras layout, keyed by the Keras variable path."""
+    """One forward/backward pass: logits (Keras layout), the mean loss, each trainable
+    parameter's gradient in Keras layout keyed by the Keras variable path, and each paired
+    layer's output in Keras layout keyed by its position in ``pairing.matches``."""
 
     logits: np.ndarray
     loss: np.ndarray
     gradients: dict[str, np.ndarray]
+    layers: dict[int, np.ndarray] = field(default_factory=dict)
+
+
+def _split_activation(pairing: Pairing) -> frozenset[int]:
+    from tfreg.parity.kinds import keras_activation
+
+    return frozenset(
+        id(m.keras_layer)
+        for m in pairing.matches
+        if m.kind.fused_activation and keras_activation(m.keras_layer.activation) != ("linear",)
+    )
+
+
+def forward_keras(
+    pair: ModelPair, x: Any, *, training: bool = False, dropout_masks: Sequence[Any] | None = None
+) -> tuple[Any, dict[int, Any]]:
+    """``pair.keras(x, training=training)`` with dropout masks injected; returns the output and
+    each paired layer's output (by match position; pre-activation for a fused activation)."""
+    pairing = pair.pairing(x)
+    keras_masks, _ = _mask_maps(pair, training, dropout_masks)
+    layers = list({id(m.keras_layer): m.keras_layer for m in pairing.matches}.values())
+    split = _split_activation(pairing)
+    with keras_watch(layers, split_activation=split, masks=keras_masks) as trace:
+        out = pair.keras(tf.convert_to_tensor(x), training=training)
+    recorded = {}
+    for i, m in enumerate(pairing.matches):
+        key = id(m.keras_layer)
+        use_pre = m.part == "layer" and key in split
+        recorded[i] = trace.pre_activation[key] if use_pre else trace.outputs[key]
+    return out, recorded
+
+
+def forward_torch(
+    pair: ModelPair, x: Any, *, training: bool = False, dropout_masks: Sequence[Any] | None = None
+) -> tuple[Any, dict[int, Any]]:
+    """``pair.torch`` on ``x`` (Keras layout, moved channels first when the pairing says so) in
+    train or eval mode (the mode is left set), with dropout masks injected; returns the output
+    and each paired module's raw output (by match position)."""
+    import torch
+
+    pairing = pair.pairing(x)
+    _, torch_masks = _mask_maps(pair, training, dropout_masks)
+    module = pair.torch
+    module.train(training)
+    batch = to_channels_first(x) if pairing.input_channels_first else np.asarray(x)
+    batch = torch.as_tensor(batch, device=torch_device(pair.device))
+    matched = [(i, m) for i, m in enumerate(pairing.matches) if m.torch_module is not None]
+    with torch_watch([m.torch_module for _, m in matched], masks=torch_masks) as outputs:
+        out = module(batch)
+    return out, {i: outputs[id(m.torch_module)] for i, m in matched}
+
+
+def torch_output_in_keras_layout(
+    match: LayerMatch, output: Any, expected_shape: tuple
+) -> np.ndarray:
+    """A torch module's output as Keras lays out the paired layer's output."""
+    if match.kind.output is not None and match.part == "layer":
+        return np.asarray(match.kind.output(output, match.keras_layer, match.context))
+    array = torch_to_numpy(output)
+    converted = to_channels_last(array) if match.torch_channels_first else array
+    if converted.shape != expected_shape and array.shape == expected_shape:
+        return array  # the forward code transposed back; the shapes say which layout this is
+    return converted
 
 
 def evaluate_keras(
@@ -429,17 +318,21 @@ def evaluate_keras(
     dropout_masks: Sequence[Any] | None = None,
     loss: str = "sparse_categorical_crossentropy",
 ) -> Evaluation:
-    """Logits, loss (in the model's dtype) and gradients of ``pair.keras`` on ``(x, y)``."""
+    """Logits, loss (in the model's dtype), gradients and per-layer outputs of ``pair.keras``."""
     model = pair.keras
     with tf.device(tf_device(pair.device)):
         with tf.GradientTape() as tape:
-            logits = forward_keras(model, x, training=training, dropout_masks=dropout_masks)
+            logits, layers = forward_keras(pair, x, training=training, dropout_masks=dropout_masks)
             value = keras_loss(logits, y, dtype=pair.dtype, loss=loss)
         grads = tape.gradient(value, model.trainable_weights)
     return Evaluation(
-        logits=logits.numpy(),
-        loss=value.numpy(),
-        gradients={v.path: g.numpy() for v, g in zip(model.trainable_weights, grads, strict=True)},
+        logits=np.asarray(logits),
+        loss=np.asarray(value),
+        gradients={
+            v.path: np.zeros(tuple(v.shape), v.dtype) if g is None else np.asarray(g)
+            for v, g in zip(model.trainable_weights, grads, strict=True)
+        },
+        layers={i: np.asarray(out) for i, out in layers.items()},
     )
 
 
@@ -452,40 +345,76 @@ def evaluate_torch(
     dropout_masks: Sequence[Any] | None = None,
     loss: str = "sparse_categorical_crossentropy",
 ) -> Evaluation:
-    """Logits, loss and gradients of ``pair.torch``, gradients mapped to Keras layout and names
-    through :func:`tfreg.parity.transfer.parameter_pairs`."""
+    """Logits, loss, gradients and per-layer outputs of ``pair.torch``, all in Keras layout
+    (gradients keyed by the paired Keras variable's path)."""
+    pairing = pair.pairing(x)
     module = pair.torch
-    params = parameter_pairs(pair.keras, module)
     module.zero_grad(set_to_none=True)
-    logits = forward_torch(module, x, training=training, dropout_masks=dropout_masks)
+    logits, raw = forward_torch(pair, x, training=training, dropout_masks=dropout_masks)
     value = torch_loss(logits, y, loss=loss)
     value.backward()
-    trainable = [p for p in params if p.trainable]
+    logits = torch_to_numpy(logits)
+    if pairing.output_channels_first:
+        logits = to_channels_last(logits)
+    trainable = [p for p in pair.parameter_pairs() if p.trainable]
+    shapes = {i: tuple(m.context.output_shape) for i, m in enumerate(pairing.matches)}
     return Evaluation(
-        logits=torch_to_numpy(logits),
+        logits=logits,
         loss=torch_to_numpy(value),
-        gradients={
-            p.keras_variable.path: g
-            for p, g in zip(trainable, torch_gradients_in_keras_layout(params), strict=True)
+        gradients={p.keras_variable.path: p.torch_grad() for p in trainable},
+        layers={
+            i: torch_output_in_keras_layout(pairing.matches[i], out, shapes[i])
+            for i, out in raw.items()
         },
     )
 
 
-def batchnorm_cancelled_biases(keras_model: Any) -> list[str]:
-    """Paths of Dense/Conv2D biases feeding straight into a BatchNormalization.
+def _record(comparison: Comparison, kind: str, stage: str, absolute: bool) -> LayerRecord:
+    return LayerRecord(
+        name=comparison.name,
+        kind=kind,
+        stage=stage,
+        max_abs=comparison.max_abs,
+        rel=None if absolute else comparison.max_rel,
+        tolerance=comparison.atol if absolute else comparison.rtol,
+        passed=comparison.passed,
+    )
 
-    In training mode BN subtracts the batch mean, which removes any per-channel constant: such a
-    bias has gradient exactly 0 and both frameworks return round-off (~1e-17), whose relative
-    difference is meaningless. :func:`compare_evaluations` checks these against zero instead.
-    """
-    layers = keras_model.layers
-    return [
-        layer.bias.path
-        for layer, following in pairwise(layers)
-        if isinstance(layer, (keras.layers.Dense, keras.layers.Conv2D))
-        and layer.use_bias
-        and isinstance(following, keras.layers.BatchNormalization)
-    ]
+
+def compare_layers(
+    pairing: Pairing, keras_eval: Evaluation, torch_eval: Evaluation, *, rtol: float
+) -> list[LayerRecord]:
+    """Every paired layer's output, torch against Keras, in model order, at ``rtol``. A shape
+    disagreement is a failed record naming both shapes (the layers cannot be the same)."""
+    records = []
+    for i, match in enumerate(pairing.matches):
+        if i not in torch_eval.layers:
+            continue
+        expected, actual = keras_eval.layers[i], torch_eval.layers[i]
+        kind = type(match.keras_layer).__name__
+        if actual.shape != expected.shape:
+            records.append(
+                LayerRecord(
+                    f"{match.name} (shape: torch {actual.shape} vs Keras {expected.shape})",
+                    kind,
+                    "output",
+                    float("inf"),
+                    None,
+                    rtol,
+                    False,
+                )
+            )
+            continue
+        records.append(
+            _record(compare(match.name, actual, expected, rtol=rtol), kind, "output", False)
+        )
+    return records
+
+
+def gradient_scale(keras_eval: Evaluation) -> float:
+    return max(
+        (float(np.max(np.abs(g), initial=0.0)) for g in keras_eval.gradients.values()), default=0.0
+    )
 
 
 def compare_evaluations(
@@ -494,15 +423,15 @@ def compare_evaluations(
     *,
     dtype: str,
     claim: str = "model_cross",
-    zero_gradients: Sequence[str] = (),
     rtol: float | None = None,
 ) -> list[Comparison]:
     """Logits, loss and every gradient, torch (actual) against Keras (expected), each at
     ``tolerance(claim, dtype)`` (or ``rtol`` when given).
 
-    Gradients named in ``zero_gradients`` are analytically zero (see
-    :func:`batchnorm_cancelled_biases`); for them the bound is absolute, ``rtol`` times the
-    largest gradient entry of the model -- the scale their round-off comes from.
+    A gradient whose Keras value lies within ``zero_gradient_atol(dtype, G)`` of 0 (``G`` the
+    model's largest gradient entry) is analytically zero -- a bias feeding a train-mode
+    BatchNorm -- and both frameworks return round-off; it is compared with that absolute bound
+    (rtol 0, named ``grad PATH == 0``), never relatively.
     """
     rtol = tolerance(claim, dtype).rtol if rtol is None else rtol
     out = [
@@ -514,19 +443,12 @@ def compare_evaluations(
             f"Gradient sets differ: Keras {sorted(keras_eval.gradients)} vs torch "
             f"{sorted(torch_eval.gradients)}"
         )
-    unknown = set(zero_gradients) - keras_eval.gradients.keys()
-    if unknown:
-        raise ValueError(f"zero_gradients names unknown parameters: {sorted(unknown)}")
-    scale = max(float(np.max(np.abs(g), initial=0.0)) for g in keras_eval.gradients.values())
+    atol = zero_gradient_atol(dtype, gradient_scale(keras_eval))
     for path, expected in keras_eval.gradients.items():
         actual = torch_eval.gradients[path]
-        if path in zero_gradients:
-            zero = np.zeros_like(expected)
+        if float(np.max(np.abs(expected), initial=0.0)) <= atol:
             out.append(
-                compare(f"grad {path} == 0 (Keras)", expected, zero, rtol=0.0, atol=rtol * scale)
-            )
-            out.append(
-                compare(f"grad {path} == 0 (torch)", actual, zero, rtol=0.0, atol=rtol * scale)
+                compare(f"grad {path} == 0", actual, np.zeros_like(expected), rtol=0.0, atol=atol)
             )
         else:
             out.append(compare(f"grad {path}", actual, expected, rtol=rtol))
@@ -545,13 +467,34 @@ def model_parity(
 ) -> list[Comparison]:
     """Forward output, loss and per-parameter gradients of both models on ``(x, y)``, compared at
     ``tolerance(claim, pair.dtype)``. ``x`` in Keras layout; ``y`` as ``loss`` (a
-    :data:`LOSS_PAIRS` name) expects it. In training mode, biases cancelled by a following
-    BatchNorm are checked to be zero."""
+    :data:`LOSS_PAIRS` name) expects it."""
     kwargs = {"training": training, "dropout_masks": dropout_masks, "loss": loss}
     return compare_evaluations(
         evaluate_keras(pair, x, y, **kwargs),
         evaluate_torch(pair, x, y, **kwargs),
         dtype=pair.dtype,
         claim=claim,
-        zero_gradients=batchnorm_cancelled_biases(pair.keras) if training else (),
     )
+
+
+__all__ = [
+    "DTYPES",
+    "LOSS_PAIRS",
+    "Evaluation",
+    "ModelPair",
+    "build_cnn",
+    "build_mlp",
+    "build_pair",
+    "compare_evaluations",
+    "compare_layers",
+    "dropout_masks_for",
+    "evaluate_keras",
+    "evaluate_torch",
+    "forward_keras",
+    "forward_torch",
+    "gradient_scale",
+    "keras_loss",
+    "model_parity",
+    "torch_loss",
+    "torch_output_in_keras_layout",
+]

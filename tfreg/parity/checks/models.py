@@ -14,13 +14,11 @@ from tfreg_harness.compare import Comparison
 _BATCH = 16
 
 
-def _digits(dtype: str, image: bool) -> tuple[np.ndarray, np.ndarray]:
-    """A fixed slice of scikit-learn's 8x8 digits (the offline MNIST stand-in), scaled to [0, 1]."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = (data.images[:_BATCH] / 16.0).astype(dtype)
-    return (x[..., None] if image else x.reshape(_BATCH, 64)), data.target[:_BATCH]
+def _images(dtype: str, image: bool, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A batch of 8x8 single-channel "images" in [0, 1) and labels 0..9, drawn with NumPy (the
+    harness needs no scikit-learn: no extra of ``tfreg[tensorflow-cpu,torch]`` declares it)."""
+    x = rng.uniform(size=(_BATCH, 8, 8, 1)).astype(dtype)
+    return (x if image else x.reshape(_BATCH, 64)), rng.integers(0, 10, size=_BATCH)
 
 
 def _case(
@@ -29,9 +27,9 @@ def _case(
     def run(dtype: str, device: str) -> list[Comparison]:
         rng = seed_everything(11)
         pair = build(dtype, device, rng)
-        x, y = _digits(dtype, image)
+        x, y = _images(dtype, image, rng)
         if mode == "dropout":
-            masks = dropout_masks_for(pair.keras, _BATCH, rng)
+            masks = dropout_masks_for(pair.keras, x, rng)
             return model_parity(pair, x, y, training=True, dropout_masks=masks)
         return model_parity(pair, x, y, training=mode == "train")
 

@@ -64,10 +64,11 @@ def _proximal_trajectory(updates: int):  # -> check function
         import torchref
         from tfreg.parity.checks.training import keras_weights, torch_weights_in_keras_layout
         from tfreg.parity.models import build_pair
+        from tfreg_harness.architecture import Dense
 
         x, y = _logistic(dtype)
         pair = build_pair(
-            (("dense", 1),), (x.shape[1],), dtype=dtype, rng=seed_everything(19), device=device
+            (Dense(1),), (x.shape[1],), dtype=dtype, rng=seed_everything(19), device=device
         )
         lr, l1 = 0.5, 0.02  # 0.5 is exact in float32, as Keras stores the learning rate
         fit = {"batch_size": len(y), "epochs": updates, "shuffle": False, "verbose": 0}

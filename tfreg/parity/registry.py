@@ -1,0 +1,194 @@
+"""The layer-kind registry: per Keras layer class, which torch modules compute the same function,
+how its weights map, what configuration must agree and how torch lays out its output.
+
+A kind is data, added in one place::
+
+    from tfreg.parity import Weight, register_layer_pair
+
+    register_layer_pair(
+        MyKerasScale, MyTorchScale,
+        transfer=[Weight("scale", "weight")],                  # same layout both sides
+        check=lambda k, t, ctx: None if k.axis == -1 else f"axis {k.axis} is not supported",
+    )
+
+The built-in kinds (``tfreg.parity.kinds``) are registered the same way. The layout maps are the
+NumPy functions of ``tfreg_harness.layouts``, which read ``FRAMEWORK_DIFFERENCES``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+TorchLayout = Literal["channels_first", "channels_last", "input"]
+TORCH_LAYOUTS: tuple[str, ...] = ("channels_first", "channels_last", "input")
+
+
+def _identity(a: Any) -> Any:
+    return a
+
+
+@dataclass(frozen=True)
+class Weight:
+    """One Keras variable and the torch tensor(s) holding the same numbers.
+
+    ``keras`` / ``torch`` are attribute paths on the layer / module (``"kernel"``,
+    ``"cell.bias"``; ``"weight"``, ``"bias_ih_l0"``). ``torch`` may name several tensors (a tuple)
+    when torch splits one Keras variable; then ``to_torch`` returns a tuple and ``to_keras`` takes
+    one. ``grad_to_keras`` maps torch gradients to the Keras variable's gradient: the adjoint of
+    ``to_torch``, which equals ``to_keras`` for the permutations and transposes of most kinds
+    (default); it differs where torch holds a redundant copy (LSTM's second bias).
+    """
+
+    keras: str
+    torch: str | tuple[str, ...]
+    to_torch: Callable[[Any], Any] = _identity
+    to_keras: Callable[[Any], Any] = _identity
+    grad_to_keras: Callable[[Any], Any] | None = None
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a kind's ``transfer`` / ``check`` may need beyond the two layer objects.
+
+    ``input_shape`` / ``output_shape``: the Keras layer's activation shapes (batch included) seen
+    on the harness' sample batch. ``torch_before``: weightless torch leaves (name, module) that
+    run between the previous pair and this module without a Keras counterpart (a ``ZeroPad2d``
+    before a "same" convolution). ``flatten_from``: the channels-last shape a Keras Flatten
+    consumed right before this layer while torch held the map channels first (the next Dense
+    needs its rows permuted). ``torch_channels_first``: whether torch's input to this layer is
+    channels first. ``dtype``: the model's float dtype.
+    """
+
+    dtype: str
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    torch_before: tuple[tuple[str, Any], ...] = ()
+    flatten_from: tuple[int, ...] | None = None
+    torch_channels_first: bool = False
+
+
+TransferSpec = Sequence[Weight] | Callable[[Any, Any, Context], Sequence[Weight]]
+CheckFn = Callable[[Any, Any, Context], "str | None"]
+OutputFn = Callable[[Any, Any, Context], np.ndarray]
+
+
+@dataclass(frozen=True)
+class LayerPair:
+    """One registered layer kind (see :func:`register_layer_pair`)."""
+
+    keras_cls: type
+    torch_cls: tuple[type, ...]
+    transfer: TransferSpec = ()
+    check: CheckFn | None = None
+    torch_layout: TorchLayout = "input"
+    output: OutputFn | None = None
+    fused_activation: bool = False
+    torch_optional: bool = False
+
+    def weights(self, keras_layer: Any, torch_module: Any, ctx: Context) -> list[Weight]:
+        spec = self.transfer
+        return list(spec(keras_layer, torch_module, ctx) if callable(spec) else spec)
+
+    def problem(self, keras_layer: Any, torch_module: Any, ctx: Context) -> str | None:
+        return None if self.check is None else self.check(keras_layer, torch_module, ctx)
+
+
+_REGISTRY: dict[type, LayerPair] = {}
+
+
+def register_layer_pair(
+    keras_cls: type,
+    torch_cls: type | Sequence[type],
+    *,
+    transfer: TransferSpec = (),
+    check: CheckFn | None = None,
+    torch_layout: TorchLayout = "input",
+    output: OutputFn | None = None,
+    fused_activation: bool = False,
+    torch_optional: bool = False,
+) -> LayerPair:
+    """Register (or replace) how a Keras layer class pairs with torch module class(es).
+
+    - ``transfer``: the weight layout map, a list of :class:`Weight` or a function
+      ``(keras_layer, torch_module, ctx) -> list[Weight]`` when it depends on configuration.
+    - ``check(keras_layer, torch_module, ctx)``: returns a description of why the two do not
+      compute the same function (``None`` when they do). The harness turns it into a failure
+      naming both layers -- never a skip.
+    - ``torch_layout``: how torch lays out this layer's output: ``"channels_first"`` (conv,
+      pooling, padding), ``"channels_last"`` (Dense, LSTM, Flatten: same as Keras) or
+      ``"input"`` (as its input: activations, Dropout).
+    - ``output(torch_output, keras_layer, ctx)``: torch's output as Keras lays it out, for the
+      per-layer comparison (default: move channels last when ``torch_layout`` says so).
+    - ``fused_activation``: the Keras layer has an ``activation=`` argument (Dense, Conv); the
+      per-layer comparison then takes its pre-activation output, and a torch activation module
+      right after its counterpart pairs with the activation.
+    - ``torch_optional``: a weightless Keras layer that torch usually computes in ``forward``
+      (``x.flatten(1)``, ``F.relu``): with no matching torch leaf next, it stays unpaired.
+      Layers holding weights always need a counterpart.
+    """
+    classes = tuple(torch_cls) if isinstance(torch_cls, (tuple, list)) else (torch_cls,)
+    if not isinstance(keras_cls, type) or not all(isinstance(c, type) for c in classes):
+        raise TypeError(
+            f"register_layer_pair needs classes. Received: keras_cls={keras_cls!r}, "
+            f"torch_cls={torch_cls!r}"
+        )
+    if torch_layout not in TORCH_LAYOUTS:
+        raise ValueError(
+            f"torch_layout must be one of {TORCH_LAYOUTS}. Received: torch_layout={torch_layout!r}"
+        )
+    if not callable(transfer) and not all(isinstance(w, Weight) for w in transfer):
+        raise TypeError(f"transfer must be Weight entries or a function. Received: {transfer!r}")
+    entry = LayerPair(
+        keras_cls=keras_cls,
+        torch_cls=classes,
+        transfer=transfer if callable(transfer) else tuple(transfer),
+        check=check,
+        torch_layout=torch_layout,
+        output=output,
+        fused_activation=fused_activation,
+        torch_optional=torch_optional,
+    )
+    _REGISTRY[keras_cls] = entry
+    return entry
+
+
+def _load_builtin_kinds() -> None:
+    # Importing the module runs its register_layer_pair calls (once; Python caches modules).
+    from tfreg.parity import kinds  # noqa: F401
+
+
+def layer_pair_for(keras_layer: Any) -> LayerPair | None:
+    """The registered kind of ``keras_layer`` (its class, else the nearest registered base)."""
+    _load_builtin_kinds()
+    for cls in type(keras_layer).__mro__:
+        if cls in _REGISTRY:
+            return _REGISTRY[cls]
+    return None
+
+
+def registered() -> dict[type, LayerPair]:
+    """A copy of the registry: Keras class -> :class:`LayerPair`."""
+    _load_builtin_kinds()
+    return dict(_REGISTRY)
+
+
+def torch_classes() -> tuple[type, ...]:
+    """Every torch class some registered kind pairs with."""
+    return tuple({c for entry in registered().values() for c in entry.torch_cls})
+
+
+__all__ = [
+    "TORCH_LAYOUTS",
+    "Context",
+    "LayerPair",
+    "TorchLayout",
+    "Weight",
+    "layer_pair_for",
+    "register_layer_pair",
+    "registered",
+    "torch_classes",
+]
