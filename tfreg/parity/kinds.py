@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from tfreg._compat import keras
@@ -30,6 +29,7 @@ from tfreg_harness.layouts import (
     dense_kernel_to_torch,
     depthwise_kernel_to_keras,
     depthwise_kernel_to_torch,
+    flatten_permutation,
     gate_permutation,
     recurrent_kernel_to_keras,
     recurrent_kernel_to_torch,
@@ -492,9 +492,17 @@ def _channels_last_only(k: Any, t: Any, ctx: Context) -> str | None:
     return None
 
 
+def _flatten_output(y: Any, k: Any, ctx: Context) -> np.ndarray:
+    # torch flattened a channels-first map in (C, H, W) order; put it in Keras' (H, W, C) order
+    if ctx.torch_channels_first and len(ctx.input_shape) > 2:
+        return np.asarray(y)[:, np.argsort(flatten_permutation(ctx.input_shape[1:]))]
+    return np.asarray(y)
+
+
 register_layer_pair(
     L.Flatten,
     nn.Flatten,
+    output=_flatten_output,
     check=lambda k, t, ctx: (
         None
         if t is None
@@ -593,8 +601,7 @@ def _recurrent_weights(k: Any, t: Any, ctx: Context, *, gru: bool) -> list[Weigh
 
 
 def _recurrent_output(y: Any, k: Any, ctx: Context) -> np.ndarray:
-    sequence = y[0] if isinstance(y, tuple) else y
-    sequence = sequence.detach().cpu().numpy() if isinstance(sequence, torch.Tensor) else sequence
+    sequence = y[0] if isinstance(y, tuple) else y  # torch returns (output, state)
     return sequence if k.return_sequences else sequence[:, -1]
 
 

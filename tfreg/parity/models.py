@@ -293,7 +293,17 @@ def forward_torch(
     matched = [(i, m) for i, m in enumerate(pairing.matches) if m.torch_module is not None]
     with torch_watch([m.torch_module for _, m in matched], masks=torch_masks) as outputs:
         out = module(batch)
-    return out, {i: outputs[id(m.torch_module)] for i, m in matched}
+    # a paired module forward never called has no entry (compare_layers reports it)
+    return out, {
+        i: outputs[id(m.torch_module)] for i, m in matched if id(m.torch_module) in outputs
+    }
+
+
+def _host(output: Any) -> Any:
+    """A module's output (a tensor, or nested tuples of them: LSTM's) as NumPy arrays."""
+    if isinstance(output, tuple):
+        return tuple(_host(o) for o in output)
+    return torch_to_numpy(output)
 
 
 def torch_output_in_keras_layout(
@@ -301,7 +311,7 @@ def torch_output_in_keras_layout(
 ) -> np.ndarray:
     """A torch module's output as Keras lays out the paired layer's output."""
     if match.kind.output is not None and match.part == "layer":
-        return np.asarray(match.kind.output(output, match.keras_layer, match.context))
+        return np.asarray(match.kind.output(_host(output), match.keras_layer, match.context))
     array = torch_to_numpy(output)
     converted = to_channels_last(array) if match.torch_channels_first else array
     if converted.shape != expected_shape and array.shape == expected_shape:
@@ -329,7 +339,10 @@ def evaluate_keras(
         logits=np.asarray(logits),
         loss=np.asarray(value),
         gradients={
-            v.path: np.zeros(tuple(v.shape), v.dtype) if g is None else np.asarray(g)
+            # an Embedding's gradient is IndexedSlices: densify it
+            v.path: np.zeros(tuple(v.shape), v.dtype)
+            if g is None
+            else tf.convert_to_tensor(g).numpy()
             for v, g in zip(model.trainable_weights, grads, strict=True)
         },
         layers={i: np.asarray(out) for i, out in layers.items()},
@@ -385,13 +398,21 @@ def compare_layers(
     pairing: Pairing, keras_eval: Evaluation, torch_eval: Evaluation, *, rtol: float
 ) -> list[LayerRecord]:
     """Every paired layer's output, torch against Keras, in model order, at ``rtol``. A shape
-    disagreement is a failed record naming both shapes (the layers cannot be the same)."""
+    disagreement, or a paired torch module that ``forward`` never called, is a failed record
+    (the pair is not what computes)."""
     records = []
     for i, match in enumerate(pairing.matches):
+        if match.torch_module is None:
+            continue
+        kind = type(match.keras_layer).__name__
         if i not in torch_eval.layers:
+            # The paired module exists but forward never called it: torch computed this layer
+            # some other way (a functional call with other arguments), so the pair is not what
+            # runs.
+            name = f"{match.name} (torch forward never called this module)"
+            records.append(LayerRecord(name, kind, "output", float("inf"), None, rtol, False))
             continue
         expected, actual = keras_eval.layers[i], torch_eval.layers[i]
-        kind = type(match.keras_layer).__name__
         if actual.shape != expected.shape:
             records.append(
                 LayerRecord(

@@ -17,7 +17,7 @@ Layer shapes come from one eval-mode forward pass of the Keras model on a sample
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -206,7 +206,6 @@ def pair_layers(
             dtype=dtype,
             input_shape=in_shapes[key],
             output_shape=out_shapes[key],
-            torch_before=tuple(pending),
             flatten_from=flatten_from if isinstance(layer, keras.layers.Dense) else None,
             torch_channels_first=state,
         )
@@ -250,6 +249,7 @@ def pair_layers(
         elif j < len(leaves) and entry.torch_cls and isinstance(leaves[j][1], entry.torch_cls):
             candidate, j = leaves[j], j + 1
 
+        ctx = replace(ctx, torch_before=tuple(pending))  # the leaves the walk passed over
         if candidate is not None:
             problem = entry.problem(layer, candidate[1], ctx)
             if problem:
