@@ -12,47 +12,37 @@ from typing import Any
 
 from tfreg._compat import keras
 from tfreg_core.validation import choice
-from tfreg_harness.architecture import (
-    BatchNorm,
-    Conv2D,
-    Dense,
-    Dropout,
-    Flatten,
-    Layer,
-    MaxPool2D,
-    ReLU,
-    shapes,
-)
+from tfreg_harness import architecture as A
 
 DTYPES: tuple[str, ...] = ("float32", "float64")
 
 
-def _layer(layer: Layer, dtype: str) -> Any:
+def _layer(layer: A.Layer, dtype: str) -> Any:
     layers = keras.layers
-    if isinstance(layer, Dense):
+    if isinstance(layer, A.Dense):
         return layers.Dense(layer.units, dtype=dtype)
-    if isinstance(layer, Conv2D):
+    if isinstance(layer, A.Conv2D):
         return layers.Conv2D(layer.filters, layer.kernel_size, padding="same", dtype=dtype)
-    if isinstance(layer, MaxPool2D):
+    if isinstance(layer, A.MaxPool2D):
         return layers.MaxPooling2D(layer.size, dtype=dtype)
-    if isinstance(layer, Flatten):
+    if isinstance(layer, A.Flatten):
         return layers.Flatten(dtype=dtype)
-    if isinstance(layer, ReLU):
+    if isinstance(layer, A.ReLU):
         return layers.ReLU(dtype=dtype)
-    if isinstance(layer, BatchNorm):
+    if isinstance(layer, A.BatchNorm):
         return layers.BatchNormalization(
             momentum=layer.momentum, epsilon=layer.epsilon, dtype=dtype
         )
-    if isinstance(layer, Dropout):
+    if isinstance(layer, A.Dropout):
         return layers.Dropout(layer.rate, dtype=dtype)
-    raise TypeError(f"No Keras layer for layer description {layer!r}")  # shapes() checked it
+    raise TypeError(f"No Keras layer for layer description {layer!r}")  # A.shapes() checked it
 
 
-def build_model(spec: Sequence[Layer], input_shape: Sequence[int], *, dtype: str) -> Any:
+def build_model(spec: Sequence[A.Layer], input_shape: Sequence[int], *, dtype: str) -> Any:
     """A built ``keras.Sequential`` for ``spec``; every layer and the Input carry ``dtype``.
     Weights are Keras' default initialisation (the harness loads its own)."""
     choice(dtype, "dtype", DTYPES)
-    shapes(spec, input_shape)  # validates every description before building anything
+    A.shapes(spec, input_shape)  # validates every description before building anything
     return keras.Sequential(
         [keras.Input(tuple(input_shape), dtype=dtype), *(_layer(x, dtype) for x in spec)]
     )

@@ -81,28 +81,25 @@ def dense_kernel_to_keras(weight: Any, *, flatten_from: Sequence[int] | None = N
     return np.ascontiguousarray(kernel)
 
 
-def conv_kernel_to_torch(kernel: Any) -> np.ndarray:
-    """Keras Conv1D/2D kernel ``(*k, in/groups, out)`` -> torch weight ``(out, in/groups, *k)``."""
-    kernel = np.asarray(kernel)
-    layout = {3: "conv1d", 4: "conv2d"}.get(kernel.ndim)
+def _conv_transpose(array: Any, name: str, direction: str) -> np.ndarray:
+    array = np.asarray(array)
+    layout = {3: "conv1d", 4: "conv2d"}.get(array.ndim)
     if layout is None:
         raise InvalidArgumentError(
-            f"Invalid value for argument kernel: expected a Conv1D (rank 3) or Conv2D (rank 4) "
-            f"kernel. Received: kernel.shape={kernel.shape}"
+            f"Invalid value for argument {name}: expected a 1-D (rank 3) or 2-D (rank 4) "
+            f"convolution {name}. Received: {name}.shape={array.shape}"
         )
-    return np.ascontiguousarray(kernel.transpose(_LAYOUTS[layout].to_torch))
+    return np.ascontiguousarray(array.transpose(getattr(_LAYOUTS[layout], direction)))
+
+
+def conv_kernel_to_torch(kernel: Any) -> np.ndarray:
+    """Keras Conv1D/2D kernel ``(*k, in/groups, out)`` -> torch weight ``(out, in/groups, *k)``."""
+    return _conv_transpose(kernel, "kernel", "to_torch")
 
 
 def conv_kernel_to_keras(weight: Any) -> np.ndarray:
     """torch Conv1d/2d weight ``(out, in/groups, *k)`` -> Keras kernel ``(*k, in/groups, out)``."""
-    weight = np.asarray(weight)
-    layout = {3: "conv1d", 4: "conv2d"}.get(weight.ndim)
-    if layout is None:
-        raise InvalidArgumentError(
-            f"Invalid value for argument weight: expected a Conv1d (rank 3) or Conv2d (rank 4) "
-            f"weight. Received: weight.shape={weight.shape}"
-        )
-    return np.ascontiguousarray(weight.transpose(_LAYOUTS[layout].to_keras))
+    return _conv_transpose(weight, "weight", "to_keras")
 
 
 def conv2d_kernel_to_torch(kernel: Any) -> np.ndarray:

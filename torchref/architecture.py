@@ -16,17 +16,7 @@ import math
 from collections.abc import Sequence
 
 from tfreg_core.validation import choice
-from tfreg_harness.architecture import (
-    BatchNorm,
-    Conv2D,
-    Dense,
-    Dropout,
-    Flatten,
-    Layer,
-    MaxPool2D,
-    ReLU,
-    shapes,
-)
+from tfreg_harness import architecture as A
 from tfreg_harness.differences import FRAMEWORK_DIFFERENCES, torch_batchnorm_kwargs
 from torchref._compat import torch
 
@@ -35,35 +25,35 @@ _ACT = FRAMEWORK_DIFFERENCES.activations
 DTYPES: tuple[str, ...] = ("float32", "float64")
 
 
-def _module(layer: Layer, shape: tuple[int, ...]) -> torch.nn.Module:
-    if isinstance(layer, Dense):
+def _module(layer: A.Layer, shape: tuple[int, ...]) -> torch.nn.Module:
+    if isinstance(layer, A.Dense):
         return nn.Linear(shape[-1], layer.units)
-    if isinstance(layer, Conv2D):
+    if isinstance(layer, A.Conv2D):
         return nn.Conv2d(shape[-1], layer.filters, layer.kernel_size, padding="same")
-    if isinstance(layer, MaxPool2D):
+    if isinstance(layer, A.MaxPool2D):
         return nn.MaxPool2d(layer.size)
-    if isinstance(layer, Flatten):
+    if isinstance(layer, A.Flatten):
         return nn.Flatten()
-    if isinstance(layer, ReLU):
+    if isinstance(layer, A.ReLU):
         return nn.ReLU()
-    if isinstance(layer, BatchNorm):
+    if isinstance(layer, A.BatchNorm):
         norm = nn.BatchNorm2d if len(shape) == 3 else nn.BatchNorm1d
         return norm(
             shape[-1], **torch_batchnorm_kwargs(momentum=layer.momentum, epsilon=layer.epsilon)
         )
-    if isinstance(layer, Dropout):
+    if isinstance(layer, A.Dropout):
         return nn.Dropout(layer.rate)
-    raise TypeError(f"No torch module for layer description {layer!r}")  # shapes() checked it
+    raise TypeError(f"No torch module for layer description {layer!r}")  # A.shapes() checked it
 
 
 def build_model(
-    spec: Sequence[Layer], input_shape: Sequence[int], *, dtype: str, device: str = "cpu"
+    spec: Sequence[A.Layer], input_shape: Sequence[int], *, dtype: str, device: str = "cpu"
 ) -> torch.nn.Sequential:
     """``nn.Sequential`` for ``spec`` (a ``tfreg_harness.architecture`` description), in
     ``dtype`` on torch ``device``, with torch's default initialisation. BatchNorm gets
     ``momentum = 1 - m`` and ``eps`` explicitly (torch's own defaults differ from Keras')."""
     choice(dtype, "dtype", DTYPES)
-    sizes = shapes(spec, input_shape)
+    sizes = A.shapes(spec, input_shape)
     modules = [_module(layer, shape) for layer, shape in zip(spec, sizes, strict=False)]
     return nn.Sequential(*modules).to(device=device, dtype=getattr(torch, dtype))
 
