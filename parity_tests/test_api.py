@@ -382,3 +382,44 @@ def test_regression_loss_pair(device: str) -> None:
         keras_model, torch_module, x, target, loss="mean_squared_error", device=device
     )
     assert report.ok and [r.status for r in report.rows].count("pass") == len(report.rows)
+
+
+def test_lstm_training_steps_need_torchs_second_bias_frozen() -> None:
+    """Keras' LSTM has one bias, torch two that it adds (FRAMEWORK_DIFFERENCES note
+    "lstm_bias"): the transfer zeros bias_hh. Gradients agree either way, but a trainable
+    bias_hh is updated too, so torch's effective bias moves twice as far; frozen, the
+    trajectories agree (trajectory claim: float64 <= 1e-9)."""
+    rng = seed_everything(11)
+    keras_model = keras.Sequential(
+        [keras.Input((4, 2), dtype="float64"), keras.layers.LSTM(3, dtype="float64", name="lstm")]
+    )
+    x, target = rng.normal(size=(5, 4, 2)), rng.normal(size=(5, 3))
+
+    def run(frozen: bool):
+        lstm = nn.LSTM(2, 3, batch_first=True).double()
+        lstm.bias_hh_l0.requires_grad_(not frozen)
+        module = Net(lstm)
+        params = [p for p in module.parameters() if p.requires_grad]
+        return check_parity(
+            keras_model, module, x, target, loss="mean_squared_error", steps=1,
+            keras_optimizer=keras.optimizers.SGD(0.5),
+            torch_optimizer=torch.optim.SGD(params, lr=0.5),
+        )  # fmt: skip
+
+    class Net(nn.Module):
+        def __init__(self, lstm: nn.LSTM) -> None:
+            super().__init__()
+            self.lstm = lstm
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lstm(x)[0][:, -1]
+
+    keras_bias = keras_model.layers[0].cell.bias.path
+    frozen = run(frozen=True)
+    assert frozen.ok, frozen.to_text()
+    keras_model.layers[0].cell.bias.assign(np.full(12, 0.1))  # a fresh start for the second run
+    free = run(frozen=False)
+    failed = [r.check for r in free.failed]
+    assert failed == [f"step 1 {keras_bias}", "eval logits after steps"], free.to_text()
+    bias_row = next(r for r in free.rows if r.check == f"step 1 {keras_bias}")
+    assert bias_row.max_rel > 0.5  # the effective bias moved twice: a difference of 100%

@@ -156,6 +156,39 @@ CASES: dict[str, Case] = {
         ),
         mismatch_says="groups: Keras 2 vs torch 1",
     ),
+    "zero pad 1d + causal conv + max pooling 1d": Case(
+        keras=lambda d: _seq(
+            (9, 2),
+            d,
+            L.ZeroPadding1D((1, 2), dtype=d, name="pad"),
+            L.Conv1D(3, 2, padding="causal", dtype=d, name="conv"),
+            L.MaxPooling1D(2, dtype=d, name="pool"),
+            L.GlobalMaxPooling1D(dtype=d, name="gmax"),
+            L.Dense(2, dtype=d, name="head"),
+        ),
+        # "causal" pads (k - 1) * d zeros before: an explicit ZeroPad1d((1, 0)) in torch
+        torch=lambda: nn.Sequential(
+            nn.ZeroPad1d((1, 2)),
+            nn.ZeroPad1d((1, 0)),
+            nn.Conv1d(2, 3, 2),
+            nn.MaxPool1d(2),
+            nn.AdaptiveMaxPool1d(1),
+            nn.Flatten(),
+            nn.Linear(3, 2),
+        ),
+        shape=(9, 2),
+        broken=_transpose_spatial("2"),  # (out, in, k) with in == k == 2: in and k swapped
+        first_diverging="conv",
+        mismatch=lambda: nn.Sequential(
+            nn.ZeroPad1d((1, 2)),
+            nn.Conv1d(2, 3, 2),
+            nn.MaxPool1d(2),
+            nn.AdaptiveMaxPool1d(1),
+            nn.Flatten(),
+            nn.Linear(3, 2),
+        ),
+        mismatch_says="padding: Keras 'causal' pads (before, after) [(1, 0)]",
+    ),
     "depthwise": Case(
         keras=lambda d: _seq(
             (5, 5, 2),
