@@ -1,4 +1,7 @@
-"""Framework-free part of the parity harness: comparisons, the tolerance table, reports, bundles.
+"""Framework-free part of the parity harness: comparisons, the tolerance table, reports, bundles,
+the table of framework differences (``differences``), the layout maps (``layouts``), the seed-model
+descriptions both frameworks build (``architecture``) and per-layer divergence records
+(``divergence``).
 
 Both ``tfreg.parity`` (which sees both frameworks) and ``torchref.verify`` (torch only) build on
 it, so it imports neither framework. It depends on ``tfreg_core`` for validation only.

@@ -46,7 +46,7 @@ from tfreg.parity.models import (
     forward_torch,
 )
 from tfreg.parity.pairing import LayerMatch, PairingError
-from tfreg.parity.transfer import ParameterPair, _model_dtype, copy_weights, torch_to_numpy
+from tfreg.parity.transfer import ParameterPair, copy_weights, model_dtype, torch_to_numpy
 from tfreg_core.validation import InvalidArgumentError
 from tfreg_harness.compare import Comparison, compare
 from tfreg_harness.differences import torch_running_var_from_keras
@@ -250,7 +250,7 @@ def check_parity(
         )
     if not isinstance(transfer, bool):
         raise InvalidArgumentError(f"transfer must be a bool. Received: transfer={transfer!r}")
-    dtype = _model_dtype(keras_model)
+    dtype = model_dtype(keras_model)
     report = ParityReport()
     pair = ModelPair(keras_model, torch_module, dtype, device, layer_map)
     try:

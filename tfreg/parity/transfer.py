@@ -96,7 +96,8 @@ def torch_numpy_dtype(tensor: Any) -> np.dtype:
     return torch.empty((), dtype=tensor.dtype).numpy().dtype
 
 
-def _model_dtype(keras_model: Any) -> str:
+def model_dtype(keras_model: Any) -> str:
+    """The one float dtype of ``keras_model``'s variables (mixed precision is refused)."""
     dtypes = {str(v.dtype) for v in keras_model.weights if "float" in str(v.dtype)}
     if len(dtypes) > 1:
         raise ValueError(
@@ -176,7 +177,7 @@ def parameter_pairs(
     pairing = pair_layers(
         keras_model,
         torch_module,
-        dtype=_model_dtype(keras_model),
+        dtype=model_dtype(keras_model),
         sample=sample,
         layer_map=layer_map,
     )
@@ -249,6 +250,7 @@ __all__ = [
     "ParameterPair",
     "copy_weights",
     "load_weights",
+    "model_dtype",
     "pairs_from",
     "parameter_pairs",
     "torch_gradients_in_keras_layout",
