@@ -423,3 +423,30 @@ def test_lstm_training_steps_need_torchs_second_bias_frozen() -> None:
     assert failed == [f"step 1 {keras_bias}", "eval logits after steps"], free.to_text()
     bias_row = next(r for r in free.rows if r.check == f"step 1 {keras_bias}")
     assert bias_row.max_rel > 0.5  # the effective bias moved twice: a difference of 100%
+
+
+def test_torch_input_layout_can_be_given() -> None:
+    """A torch module that takes (N, L, C) and transposes itself: "auto" feeds it channels
+    first (its first layer is a conv) and the shapes clash; torch_input="channels_last" fits."""
+    keras_model = keras.Sequential(
+        [keras.Input((7, 2), dtype="float64"), keras.layers.Conv1D(3, 3, dtype="float64")]
+    )
+
+    class TakesNLC(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv1d(2, 3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x.transpose(1, 2)).transpose(1, 2)
+
+    x = seed_everything(12).normal(size=(4, 7, 2))
+    target = np.zeros((4, 5, 3))
+    with pytest.raises(RuntimeError):  # torch's own shape error: channels 7 != 2
+        check_parity(keras_model, TakesNLC().double(), x, target, loss="mean_squared_error")
+    assert_parity(
+        keras_model, TakesNLC().double(), x, target, loss="mean_squared_error",
+        torch_input="channels_last",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="torch_input"):
+        check_parity(keras_model, TakesNLC(), x, target, torch_input="nchw")

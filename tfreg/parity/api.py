@@ -44,6 +44,7 @@ from tfreg.parity.models import (
     evaluate_torch,
     forward_keras,
     forward_torch,
+    in_keras_layout,
 )
 from tfreg.parity.pairing import LayerMatch, PairingError
 from tfreg.parity.transfer import ParameterPair, copy_weights, model_dtype, torch_to_numpy
@@ -51,7 +52,6 @@ from tfreg_core.validation import InvalidArgumentError
 from tfreg_harness.compare import Comparison, compare
 from tfreg_harness.differences import torch_running_var_from_keras
 from tfreg_harness.divergence import LayerRecord, ParityReport
-from tfreg_harness.layouts import to_channels_last
 from tfreg_harness.report import Row
 from tfreg_harness.tolerances import tolerance, zero_gradient_atol
 
@@ -199,9 +199,11 @@ def _eval_row(
     finally:
         for variable, value in saved:
             variable.assign(value)
-    torch_logits = torch_to_numpy(forward_torch(pair, x, training=False)[0])
-    if pair.pairing().output_channels_first:
-        torch_logits = to_channels_last(torch_logits)
+    torch_logits = in_keras_layout(
+        torch_to_numpy(forward_torch(pair, x, training=False)[0]),
+        pair.pairing().output_channels_first,
+        keras_logits.shape,
+    )
     name = "eval logits after steps"
     if converted:
         name += " (Keras BN variance in torch's convention)"
@@ -225,6 +227,7 @@ def check_parity(
     transfer: bool = True,
     dropout_masks: Sequence[Any] | None = None,
     seed: int = 0,
+    torch_input: str = "auto",
 ) -> ParityReport:
     """Pair the layers, transfer weights Keras -> torch (unless ``transfer=False``) and compare
     the two models; returns a :class:`ParityReport` (rows plus per-layer ``layers`` records).
@@ -235,7 +238,9 @@ def check_parity(
     in definition order, else drawn from ``numpy.random.default_rng(seed)`` for every pass). The
     torch module must live on ``device``'s torch device already. ``layer_map``:
     ``{keras_layer_name: torch_module_name or None}`` overrides the pairing (None: torch's forward
-    code computes that layer).
+    code computes that layer). ``torch_input``: the layout the torch module takes --
+    ``"auto"`` (channels first when the model starts with a convolution, pooling or padding),
+    ``"channels_first"`` or ``"channels_last"`` (``x`` as given).
     """
     if loss not in LOSS_PAIRS:
         raise InvalidArgumentError(
@@ -252,7 +257,7 @@ def check_parity(
         raise InvalidArgumentError(f"transfer must be a bool. Received: transfer={transfer!r}")
     dtype = model_dtype(keras_model)
     report = ParityReport()
-    pair = ModelPair(keras_model, torch_module, dtype, device, layer_map)
+    pair = ModelPair(keras_model, torch_module, dtype, device, layer_map, torch_input)
     try:
         pairs = pair.parameter_pairs(x)
     except PairingError as exc:

@@ -39,7 +39,8 @@ DTYPES: tuple[str, ...] = ("float32", "float64")
 class ModelPair:
     """A Keras model and a torch module computing the same function once weights agree.
 
-    ``layer_map`` overrides the definition-order pairing (``{keras_name: torch_name}``).
+    ``layer_map`` overrides the definition-order pairing (``{keras_name: torch_name}``);
+    ``torch_input`` the layout torch's input has (see ``pairing.pair_layers``).
     :meth:`pairing` pairs the layers on first use (with ``sample`` for the shape pass) and
     caches the result.
     """
@@ -49,12 +50,18 @@ class ModelPair:
     dtype: str
     device: str = "cpu"
     layer_map: Mapping[str, str | None] | None = None
+    torch_input: str = "auto"
     _pairing: Pairing | None = field(default=None, repr=False)
 
     def pairing(self, sample: Any | None = None) -> Pairing:
         if self._pairing is None:
             self._pairing = pair_layers(
-                self.keras, self.torch, dtype=self.dtype, sample=sample, layer_map=self.layer_map
+                self.keras,
+                self.torch,
+                dtype=self.dtype,
+                sample=sample,
+                layer_map=self.layer_map,
+                torch_input=self.torch_input,
             )
         return self._pairing
 
@@ -312,10 +319,15 @@ def torch_output_in_keras_layout(
     """A torch module's output as Keras lays out the paired layer's output."""
     if match.kind.output is not None and match.part == "layer":
         return np.asarray(match.kind.output(_host(output), match.keras_layer, match.context))
-    array = torch_to_numpy(output)
-    converted = to_channels_last(array) if match.torch_channels_first else array
-    if converted.shape != expected_shape and array.shape == expected_shape:
-        return array  # the forward code transposed back; the shapes say which layout this is
+    return in_keras_layout(torch_to_numpy(output), match.torch_channels_first, expected_shape)
+
+
+def in_keras_layout(array: np.ndarray, channels_first: bool, expected_shape: tuple) -> np.ndarray:
+    """``array`` moved channels last when torch holds it channels first -- unless the shapes say
+    torch's forward code already moved it back (``expected_shape``: Keras' shape)."""
+    converted = to_channels_last(array) if channels_first else array
+    if converted.shape != tuple(expected_shape) and array.shape == tuple(expected_shape):
+        return array
     return converted
 
 
@@ -366,9 +378,13 @@ def evaluate_torch(
     logits, raw = forward_torch(pair, x, training=training, dropout_masks=dropout_masks)
     value = torch_loss(logits, y, loss=loss)
     value.backward()
-    logits = torch_to_numpy(logits)
-    if pairing.output_channels_first:
-        logits = to_channels_last(logits)
+    # the last layer's Keras shape stands in for the model output's (they are the same for the
+    # sequential stacks where torch's forward might have moved the channels back)
+    logits = in_keras_layout(
+        torch_to_numpy(logits),
+        pairing.output_channels_first,
+        pairing.matches[-1].context.output_shape,
+    )
     trainable = [p for p in pair.parameter_pairs() if p.trainable]
     shapes = {i: tuple(m.context.output_shape) for i, m in enumerate(pairing.matches)}
     return Evaluation(
@@ -514,6 +530,7 @@ __all__ = [
     "forward_keras",
     "forward_torch",
     "gradient_scale",
+    "in_keras_layout",
     "keras_loss",
     "model_parity",
     "torch_loss",

@@ -25,6 +25,7 @@ import numpy as np
 from tfreg._compat import keras
 from tfreg.parity.capture import keras_watch
 from tfreg.parity.registry import Context, LayerPair, layer_pair_for, registered, torch_classes
+from tfreg_core.validation import choice
 from tfreg_harness.differences import note
 
 
@@ -137,6 +138,7 @@ def pair_layers(
     pooling or padding (torch's Conv/Pool modules need it), else as Keras has it."""
     from tfreg.parity.kinds import TORCH_ACTIVATIONS, activation_problem, keras_activation
 
+    choice(torch_input, "torch_input", ("auto", "channels_first", "channels_last"))
     layers = keras_layers(keras_model)
     layer_map = dict(layer_map or {})
     unknown = set(layer_map) - {layer.name for layer in layers}
