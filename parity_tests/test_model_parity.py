@@ -94,9 +94,10 @@ def test_loss_hand_value(dtype: str) -> None:
 
 
 def test_keras_loss_without_dtype_computes_in_float32(rng: np.random.Generator) -> None:
-    """Documented Keras behaviour (FRAMEWORK_DIFFERENCES.notes["loss_dtype"]): without dtype= a
-    Keras loss casts float64 logits to floatx and returns float32 -- bit-identical to computing
-    on float32 logits -- so it misses the float64 claim against torch. Hence dtype= everywhere."""
+    """Documented Keras behaviour (the "loss dtype" row of tfreg_harness.differences): without
+    dtype= a Keras loss casts float64 logits to floatx and returns float32 -- bit-identical to
+    computing on float32 logits -- so it misses the float64 claim against torch. Hence dtype=
+    everywhere."""
     logits = rng.normal(size=(BATCH, 10)) * 3.0
     labels = rng.integers(0, 10, size=BATCH)
     default = keras_loss(tf.constant(logits), labels, dtype=None).numpy()
@@ -161,7 +162,7 @@ def test_dropout_mlp_matches_with_injected_masks(
 def test_dropout_in_training_without_masks_is_refused(rng: np.random.Generator, digits) -> None:
     pair = build_mlp(dtype="float32", rng=rng, dropout=0.3)
     x = digits[0].reshape(BATCH, -1).astype("float32")
-    with pytest.raises(ValueError, match="draw different masks"):
+    with pytest.raises(ValueError, match="gives different masks"):
         model_parity(pair, x, digits[1], training=True)
     with pytest.raises(ValueError, match="one mask per Dropout layer"):
         model_parity(pair, x, digits[1], training=True, dropout_masks=[np.ones((BATCH, 32))])

@@ -182,9 +182,6 @@ FRAMEWORK_DIFFERENCES = FrameworkDifferences(
             "Train with bias_hh frozen (requires_grad_(False)), or torch updates the sum twice.",
             "gru_gates": "Keras GRU gates are ordered (z, r, h), torch's (r, z, n); Keras "
             "reset_after=True applies the reset gate after the recurrent matmul, as torch does.",
-            "loss_dtype": "Keras losses cast predictions to floatx (float32) unless built with "
-            "dtype=; a float64 model then reports a float32 loss. torch computes in the logits' "
-            "dtype.",
             "weight_decay": "torch SGD/Adam weight_decay=wd is coupled and equals Keras L2(wd/2); "
             "AdamW and every Keras optimizer's weight_decay are decoupled "
             "(tfreg_core.conversions).",

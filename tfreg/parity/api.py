@@ -50,7 +50,7 @@ from tfreg.parity.pairing import LayerMatch, PairingError
 from tfreg.parity.transfer import ParameterPair, copy_weights, model_dtype, torch_to_numpy
 from tfreg_core.validation import InvalidArgumentError
 from tfreg_harness.compare import Comparison, compare
-from tfreg_harness.differences import torch_running_var_from_keras
+from tfreg_harness.differences import note, torch_running_var_from_keras
 from tfreg_harness.divergence import LayerRecord, ParityReport
 from tfreg_harness.report import Row
 from tfreg_harness.tolerances import tolerance, zero_gradient_atol
@@ -207,7 +207,8 @@ def _eval_row(
     name = "eval logits after steps"
     if converted:
         name += " (Keras BN variance in torch's convention)"
-    return _row(compare(name, torch_logits, keras_logits, rtol=rtol), pair.dtype, device)
+    detail = note("batchnorm_variance") if converted else ""
+    return _row(compare(name, torch_logits, keras_logits, rtol=rtol), pair.dtype, device, detail)
 
 
 def check_parity(
@@ -345,6 +346,10 @@ def assert_parity(
             f"{r.check} ({r.status}{': ' + r.detail if r.detail else ''})" for r in report.failed
         )
         where = report.summary()
+        if any(r.check.startswith("step ") for r in report.failed):
+            # the usual causes of a diverging trajectory, from the table of differences
+            causes = ("optimizer_hyperparameters", "adam_epsilon", "weight_decay")
+            where += " " + " ".join(note(topic) for topic in causes)
         raise AssertionError(
             f"parity failed for {names}{'; ' + where if where else ''}\n{report.to_text()}"
         )

@@ -28,6 +28,7 @@ from tfreg.parity.transfer import ParameterPair, copy_weights, pairs_from, torch
 from tfreg_core.validation import choice, positive_int
 from tfreg_harness import architecture
 from tfreg_harness.compare import Comparison, compare
+from tfreg_harness.differences import note
 from tfreg_harness.divergence import LayerRecord
 from tfreg_harness.layouts import to_channels_first, to_channels_last
 from tfreg_harness.tolerances import tolerance, zero_gradient_atol
@@ -211,8 +212,7 @@ def _mask_maps(
     if dropout_masks is None:
         raise ValueError(
             f"The model has {len(layers)} Dropout layer(s) and training=True, but dropout_masks "
-            "is None: TensorFlow and torch draw different masks from their own RNGs, so a parity "
-            "run must inject one mask per layer (dropout_masks_for)."
+            f"is None. {note('dropout')}"
         )
     if len(dropout_masks) != len(layers):
         raise ValueError(
