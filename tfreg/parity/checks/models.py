@@ -10,17 +10,15 @@ from tfreg.parity.checks import register
 from tfreg.parity.models import ModelPair, build_cnn, build_mlp, dropout_masks_for, model_parity
 from tfreg.parity.seeding import seed_everything
 from tfreg_harness.compare import Comparison
+from tfreg_harness.data import digit_like_images
 
 _BATCH = 16
 
 
 def _digits(dtype: str, image: bool) -> tuple[np.ndarray, np.ndarray]:
-    """A fixed slice of scikit-learn's 8x8 digits (the offline MNIST stand-in), scaled to [0, 1]."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = (data.images[:_BATCH] / 16.0).astype(dtype)
-    return (x[..., None] if image else x.reshape(_BATCH, 64)), data.target[:_BATCH]
+    """8x8 digits-like images in [0, 1], drawn with NumPy (scikit-learn is no declared extra)."""
+    x, y = digit_like_images(_BATCH, dtype=dtype, seed=5)
+    return (x[..., None] if image else x.reshape(_BATCH, 64)), y
 
 
 def _case(
