@@ -67,6 +67,7 @@ def plot_report(report: Report, path: str | Path, *, title: str | None = None) -
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
     except ImportError as exc:
         raise ImportError(
             'Plotting a parity report needs matplotlib: pip install "tfreg[plot]"'
@@ -116,6 +117,7 @@ def plot_report(report: Report, path: str | Path, *, title: str | None = None) -
         ax.plot(steps, [max(gaps[s][0], floor) for s in steps], "o-", label="largest rel gap")
         ax.plot(steps, [max(gaps[s][1], floor) for s in steps], "k--", label="tolerance")
         ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("weights: torch vs Keras")
         ax.legend(fontsize=8)
