@@ -175,6 +175,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help='torch device: "cpu", "cuda", "gpu"')
     parser.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     parser.add_argument("--markdown", metavar="PATH", help="also write the report as Markdown")
+    parser.add_argument(
+        "--junit-xml", metavar="PATH", help="also write JUnit XML (one testcase per case) for CI"
+    )
     args = parser.parse_args(argv)
     if torch_device(args.device).startswith("cuda"):
         # Parity needs full-precision float32 matmuls; torch's cuDNN convolutions default to TF32.
@@ -196,6 +199,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         report.write_json(args.json)
     if args.markdown:
         report.write_markdown(args.markdown)
+    if args.junit_xml:
+        from tfreg_harness.junit import write_junit_xml
+
+        write_junit_xml(report, args.junit_xml, suite="torchref.verify")
     return 0 if report.ok else 1
 
 

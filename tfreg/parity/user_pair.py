@@ -103,7 +103,7 @@ def check_user_pair(spec: str, *, devices: list[str]) -> Report:
     usable input, the harness could not check it); a broken spec raises :class:`PairSpecError`.
     """
     factory = load_pair_factory(spec)
-    if devices != ["cpu"] and not _takes_device(factory):
+    if any(d != "cpu" for d in devices) and not _takes_device(factory):
         raise PairSpecError(
             f"--model {spec!r}: {factory.__name__}() takes no `device` parameter, so it can only "
             f"run on the CPU. Received: --device {' + '.join(devices)}"
