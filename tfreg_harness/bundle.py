@@ -10,6 +10,7 @@ citing the same tolerance table. Only NumPy and JSON are involved, so either sid
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,25 @@ def save_bundle(path: str | Path, cases: list[Case], meta: dict[str, Any]) -> No
 
 
 def load_bundle(path: str | Path) -> tuple[list[Case], dict[str, Any]]:
+    """Read a bundle written by :func:`save_bundle`.
+
+    Raises ``OSError`` when the file cannot be opened and ``ValueError`` naming ``path`` when it
+    is not a bundle of the supported format (not an ``.npz``, no manifest, missing arrays)."""
+    with open(path, "rb") as file:
+        # Checked first: for a non-zip file np.load would talk about pickles, which misleads.
+        if file.read(4) != b"PK\x03\x04":
+            raise ValueError(f"{path}: not a tfreg parity bundle (not an .npz archive)")
+    try:
+        return _load(path)
+    except (KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise ValueError(
+            f"{path}: not a tfreg parity bundle ({type(exc).__name__}: {exc})"
+        ) from exc
+    except ValueError as exc:
+        raise ValueError(f"{path}: not a tfreg parity bundle ({exc})") from exc
+
+
+def _load(path: str | Path) -> tuple[list[Case], dict[str, Any]]:
     with np.load(path, allow_pickle=False) as data:
         manifest = json.loads(str(data["__manifest__"]))
         if manifest.get("format_version") != FORMAT_VERSION:

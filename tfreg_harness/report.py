@@ -64,8 +64,8 @@ class Report:
             if r.detail and r.status != "pass":
                 result += f" ({r.detail})"
             lines.append(
-                f"| {r.check} | {r.dtype} | {r.device} | {_num(r.max_abs)} | {_num(r.max_rel)} "
-                f"| {_num(r.tolerance)} | {result} |"
+                f"| {r.check} | {r.dtype} | {r.device} | {format_number(r.max_abs)} "
+                f"| {format_number(r.max_rel)} | {format_number(r.tolerance)} | {result} |"
             )
         c = self.counts()
         lines.append("")
@@ -75,6 +75,14 @@ class Report:
     def write_markdown(self, path: str | Path) -> None:
         Path(path).write_text(self.to_markdown())
 
+    def plot(self, path: str | Path, *, title: str | None = None) -> Path:
+        """Draw each row's max relative difference against its tolerance (and, for rows named
+        ``"step N ..."``, the per-step trajectory gap) to the image ``path``; needs matplotlib
+        (the ``plot`` extra). See :func:`tfreg_harness.plot.plot_report`."""
+        from tfreg_harness.plot import plot_report
+
+        return plot_report(self, path, title=title)
+
     def to_text(self) -> str:
         headers = ("check", "dtype", "device", "max abs", "max rel", "tol", "result")
         body = [
@@ -82,21 +90,22 @@ class Report:
                 r.check,
                 r.dtype,
                 r.device,
-                _num(r.max_abs),
-                _num(r.max_rel),
-                _num(r.tolerance),
+                format_number(r.max_abs),
+                format_number(r.max_rel),
+                format_number(r.tolerance),
                 r.status if not r.detail or r.status == "pass" else f"{r.status}: {r.detail}",
             )
             for r in self.rows
         ]
-        widths = [max(len(h), *(len(row[i]) for row in body)) for i, h in enumerate(headers)]
+        widths = [max([len(h)] + [len(row[i]) for row in body]) for i, h in enumerate(headers)]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths)
         out = [fmt.format(*headers), fmt.format(*("-" * w for w in widths))]
         out += [fmt.format(*row) for row in body]
         return "\n".join(line.rstrip() for line in out)
 
 
-def _num(value: float | None) -> str:
+def format_number(value: float | None) -> str:
+    """A difference or tolerance as the tables print it: ``-`` (none), ``0``, or ``1.23e-05``."""
     if value is None:
         return "-"
     return "0" if value == 0 else f"{value:.2e}"

@@ -7,7 +7,12 @@ Each entry says why the number is what it is, so a failing comparison can print 
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import numpy as np
 
@@ -57,7 +62,7 @@ def tolerance(claim: str, dtype: str) -> Tolerance:
     An unknown pair raises ``InvalidArgumentError`` (a ``ValueError``), naming both and listing
     the known claims, like every other bad argument in the project."""
     try:
-        return TOLERANCES[(claim, dtype)]
+        return _OVERRIDES.get().get((claim, dtype)) or TOLERANCES[(claim, dtype)]
     except (KeyError, TypeError):
         claims = sorted({c for c, _ in TOLERANCES})
         raise InvalidArgumentError(
@@ -83,3 +88,51 @@ def zero_gradient_atol(dtype: str, scale: float) -> float:
             f"No zero-gradient bound for dtype={dtype!r}; dtypes: 'float32', 'float64'"
         )
     return ZERO_GRADIENT_ULPS * float(np.finfo(dtype).eps) * float(scale)
+
+
+# Overrides in force (innermost ``tolerance_overrides`` block); a ContextVar, so threads and
+# asyncio tasks each see their own.
+_OVERRIDES: ContextVar[Mapping[tuple[str, str], Tolerance]] = ContextVar(
+    "tfreg_tolerance_overrides", default=MappingProxyType({})
+)
+
+
+def parse_overrides(rtol: Mapping[str, float], *, why: str) -> dict[tuple[str, str], Tolerance]:
+    """``{"claim": rtol}`` (both dtypes) or ``{"claim/dtype": rtol}`` as table entries.
+
+    An unknown claim or dtype, or an rtol that is not a finite number >= 0, raises
+    ``InvalidArgumentError`` naming the key and value."""
+    claims = sorted({c for c, _ in TOLERANCES})
+    out: dict[tuple[str, str], Tolerance] = {}
+    for key, value in rtol.items():
+        claim, _, dtype = str(key).partition("/")
+        dtypes = [dtype] if dtype else ["float32", "float64"]
+        if claim not in claims or any((claim, d) not in TOLERANCES for d in dtypes):
+            raise InvalidArgumentError(
+                f"No tolerance to override for {key!r}: keys are 'claim' or 'claim/dtype' with "
+                f"claim one of {claims} and dtype 'float32' or 'float64'"
+            )
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not (math.isfinite(value) and value >= 0)
+        ):
+            raise InvalidArgumentError(
+                f"A tolerance override must be a finite number >= 0. Received: {key}={value!r}"
+            )
+        for d in dtypes:
+            out[(claim, d)] = Tolerance(float(value), why)
+    return out
+
+
+@contextmanager
+def tolerance_overrides(rtol: Mapping[str, float], *, why: str) -> Iterator[None]:
+    """Within the block, :func:`tolerance` returns ``rtol``'s values for the claims it names
+    (keys as :func:`parse_overrides` reads them), with ``why`` as the reason; blocks nest, the
+    inner winning. For a team's CI whose models need their own bound (see the pytest plugin's
+    ``parity_rtol``); the table's own numbers stay what the project's tests cite."""
+    token = _OVERRIDES.set({**_OVERRIDES.get(), **parse_overrides(rtol, why=why)})
+    try:
+        yield
+    finally:
+        _OVERRIDES.reset(token)

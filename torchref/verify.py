@@ -6,7 +6,7 @@ Runs where TensorFlow is absent -- a GPU image with torch only, say::
 
 Every case is recomputed with torchref on ``--device`` and compared with the recorded values at
 the tolerance the bundle's claim names (``tfreg_harness.tolerances``). Exit status 0 when all pass,
-1 otherwise.
+1 when a case fails, 2 for usage errors and a bundle that cannot be read (missing, not a bundle).
 """
 
 from __future__ import annotations
@@ -143,8 +143,13 @@ VERIFIERS: dict[str, Callable[[Case, str], list[Comparison]]] = {
 
 
 def verify_bundle(path: str, *, device: str = "cpu") -> Report:
-    """Recompute every case on ``device``; a case of an unknown kind is an "error" row."""
+    """Load the bundle at ``path`` and :func:`verify_cases` it."""
     cases, _meta = load_bundle(path)
+    return verify_cases(cases, device=device)
+
+
+def verify_cases(cases: Sequence[Case], *, device: str = "cpu") -> Report:
+    """Recompute every case on ``device``; a case of an unknown kind is an "error" row."""
     report = Report()
     for case in cases:
         verifier = VERIFIERS.get(case.kind)
@@ -181,6 +186,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help='torch device: "cpu", "cuda", "gpu"')
     parser.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     parser.add_argument("--markdown", metavar="PATH", help="also write the report as Markdown")
+    parser.add_argument(
+        "--junit-xml", metavar="PATH", help="also write JUnit XML (one testcase per case) for CI"
+    )
     args = parser.parse_args(argv)
     if torch_device(args.device).startswith("cuda"):
         # Parity needs full-precision float32 matmuls; torch's cuDNN convolutions default to TF32.
@@ -188,7 +196,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = False
         if not torch.cuda.is_available():
             parser.error("--device cuda: torch sees no CUDA device")
-    report = verify_bundle(args.bundle, device=args.device)
+    try:
+        cases, _meta = load_bundle(args.bundle)
+    except (OSError, ValueError) as exc:
+        # Unreadable input is a usage error (2), not a failed check (1): CI must tell them apart.
+        print(f"{parser.prog}: error: cannot read the bundle: {exc}", file=sys.stderr)
+        return 2
+    report = verify_cases(cases, device=args.device)
     print(report.to_text())
     counts = report.counts()
     print(f"\n{counts['pass']} passed, {counts['fail'] + counts['error']} failed")
@@ -196,6 +210,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         report.write_json(args.json)
     if args.markdown:
         report.write_markdown(args.markdown)
+    if args.junit_xml:
+        from tfreg_harness.junit import write_junit_xml
+
+        write_junit_xml(report, args.junit_xml, suite="torchref.verify")
     return 0 if report.ok else 1
 
 

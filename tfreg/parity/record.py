@@ -7,18 +7,19 @@ experiment.
 
 from __future__ import annotations
 
-import platform
 from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
 
-from tfreg._compat import keras, tf
+from tfreg._compat import keras
 from tfreg.parity.checks.penalties import PENALTY_CASES, penalty_weights, tf_value_and_grad
+from tfreg.parity.environment import machine, versions
 from tfreg.parity.models import ModelPair, build_mlp, evaluate_keras
 from tfreg.parity.seeding import seed_everything
 from tfreg.parity.transfer import parameter_pairs
 from tfreg_harness.bundle import Case, save_bundle
+from tfreg_harness.data import digit_like_images
 
 # A small MLP on digits-sized inputs. The bundle stores its weights in torch layout and its
 # layers as data, so torchref.verify rebuilds it without any Keras layout knowledge.
@@ -74,10 +75,8 @@ def _layers() -> list[list[object]]:
 
 
 def _digits(dtype: str, n: int) -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    return (data.data[:n] / 16.0).astype(dtype), data.target[:n]
+    x, y = digit_like_images(n, dtype=dtype, seed=7)
+    return x.reshape(n, 64), y
 
 
 def mlp_cases(dtypes: tuple[str, ...] = ("float32", "float64")) -> list[Case]:
@@ -143,12 +142,14 @@ def mlp_cases(dtypes: tuple[str, ...] = ("float32", "float64")) -> list[Case]:
 def record_bundle(path: str | Path, *, dtypes: tuple[str, ...] = ("float32", "float64")) -> int:
     """Write the bundle; return the number of cases."""
     cases = penalty_cases(dtypes) + mlp_cases(dtypes)
+    env = versions()
     meta = {
         "recorded_by": "tfreg",
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
+        "tensorflow": env["tensorflow"],
+        "keras": env["keras"],
+        "versions": env,
         "device": "cpu",
-        "machine": platform.platform(),
+        "machine": machine(),
     }
     save_bundle(path, cases, meta)
     return len(cases)

@@ -31,6 +31,16 @@ class Check:
 
 CHECKS: list[Check] = []
 
+# The built-in groups, for ``tfreg-parity --help`` (which lists them before any check module is
+# imported); a test asserts that the registered checks use exactly these.
+GROUPS: dict[str, str] = {
+    "penalties": "penalty values and gradients: tfreg vs Keras (bit-identical), vs torchref",
+    "accumulation": "k micro-batches of b == one batch of k*b, uneven and short windows",
+    "trajectories": "optimizer trajectories tfreg vs torchref (SGD, momentum, decay, AdamW)",
+    "models": "transferred models: logits, loss, every gradient (MLP, CNN, BatchNorm, Dropout)",
+    "sparsity": "sparsity reports and proximal L1 trajectories on transferred weights",
+}
+
 
 def register(
     name: str, group: str, *, quick: bool = True, dtypes: tuple[str, ...] = ("float32", "float64")
@@ -48,9 +58,20 @@ def register(
     return add
 
 
-def selected(*, full: bool, groups: Iterable[str] | None = None) -> list[Check]:
+def registered_groups() -> list[str]:
+    """The groups of the registered checks (built-in and any registered since), sorted."""
     _load_builtin_checks()
+    return sorted({c.group for c in CHECKS})
+
+
+def selected(*, full: bool, groups: Iterable[str] | None = None) -> list[Check]:
+    """The checks of ``groups`` (all when ``None``), the quick subset unless ``full``. An unknown
+    group raises ``ValueError`` naming it and the registered groups."""
+    known = registered_groups()
     wanted = set(groups) if groups else None
+    unknown = sorted((wanted or set()) - set(known))
+    if unknown:
+        raise ValueError(f"Unknown check group(s) {unknown}. Registered groups: {known}")
     return [c for c in CHECKS if (full or c.quick) and (wanted is None or c.group in wanted)]
 
 
@@ -87,4 +108,13 @@ def _load_builtin_checks() -> None:
     from tfreg.parity.checks import models, penalties, sparsity, training  # noqa: F401
 
 
-__all__ = ["CHECKS", "Check", "SkipCheck", "register", "run_one", "selected"]
+__all__ = [
+    "CHECKS",
+    "GROUPS",
+    "Check",
+    "SkipCheck",
+    "register",
+    "registered_groups",
+    "run_one",
+    "selected",
+]

@@ -1,0 +1,132 @@
+"""``tfreg-parity --model MODULE:FUNCTION``: the parity report for a user's own model pair.
+
+The contract, for ``FUNCTION`` (called ``make_pair`` below):
+
+- ``make_pair()`` returns either the tuple ``(keras_model, torch_module, x, y)`` or a dict with
+  those four keys plus any keyword argument of :func:`tfreg.parity.check_parity` except
+  ``device`` (``loss``, ``training``, ``steps``, ``keras_optimizer``, ``torch_optimizer``,
+  ``rtol``, ...), which are passed on as given.
+- If ``make_pair`` takes a ``device`` parameter it is called once per device the run asks for,
+  as ``make_pair(device="cpu")`` / ``make_pair(device="gpu")``, and must put the torch module on
+  that device. A ``make_pair`` without one is run on the CPU only.
+
+``MODULE`` is imported with the current directory on ``sys.path`` (as ``python -m`` would), so a
+team's ``tests/parity_pairs.py`` is ``--model tests.parity_pairs:make_pair`` from the repository
+root. Anything wrong with the spec or the returned value raises :class:`PairSpecError` (the CLI's
+exit status 2: unusable input); what ``check_parity`` finds is a report row (status 1 on failure).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from tfreg.parity.api import check_parity
+from tfreg_harness.report import Report, Row
+
+__all__ = ["PAIR_KEYS", "PairSpecError", "check_user_pair", "load_pair_factory"]
+
+PAIR_KEYS = ("keras_model", "torch_module", "x", "y")
+
+
+class PairSpecError(ValueError):
+    """The ``--model`` spec cannot be imported or its function broke the pair contract."""
+
+
+def load_pair_factory(spec: str) -> Callable[..., Any]:
+    """Import ``"pkg.module:function"`` and return the function."""
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        raise PairSpecError(
+            f"--model must look like pkg.module:make_pair. Received: --model {spec!r}"
+        )
+    if os.getcwd() not in sys.path:  # console scripts do not put the working directory there
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise PairSpecError(f"--model {spec!r}: cannot import {module_name!r}: {exc}") from exc
+    factory = getattr(module, attribute, None)
+    if not callable(factory):
+        raise PairSpecError(
+            f"--model {spec!r}: {module_name} has no callable {attribute!r} "
+            f"(found {type(factory).__name__})"
+        )
+    return factory
+
+
+def _passed_on_keywords() -> set[str]:
+    parameters = inspect.signature(check_parity).parameters.values()
+    return {p.name for p in parameters if p.kind is p.KEYWORD_ONLY} - {"device"}
+
+
+def _takes_device(factory: Callable[..., Any]) -> bool:
+    try:
+        return "device" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # builtins and some C callables have no signature
+        return False
+
+
+def _arguments(spec: str, made: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if isinstance(made, tuple):
+        if len(made) != len(PAIR_KEYS):
+            raise PairSpecError(
+                f"--model {spec!r} returned a tuple of {len(made)} items; expected "
+                f"({', '.join(PAIR_KEYS)}) or a dict with those keys"
+            )
+        return made, {}
+    if isinstance(made, dict):
+        missing = [k for k in PAIR_KEYS if k not in made]
+        allowed = _passed_on_keywords()
+        unknown = sorted(set(made) - set(PAIR_KEYS) - allowed)
+        if missing or unknown:
+            raise PairSpecError(
+                f"--model {spec!r} returned a dict missing {missing} / with unknown keys "
+                f"{unknown}; it needs {list(PAIR_KEYS)} and may add {sorted(allowed)}"
+            )
+        kwargs = {k: v for k, v in made.items() if k not in PAIR_KEYS}
+        return tuple(made[k] for k in PAIR_KEYS), kwargs
+    raise PairSpecError(
+        f"--model {spec!r} returned {type(made).__name__}; expected the tuple "
+        f"({', '.join(PAIR_KEYS)}) or a dict with those keys"
+    )
+
+
+def check_user_pair(spec: str, *, devices: list[str]) -> Report:
+    """Build the pair of ``spec`` for each of ``devices`` and return :func:`check_parity`'s rows.
+
+    A ``check_parity`` that raises becomes an ``error`` row naming the exception (the pair was
+    usable input, the harness could not check it); a broken spec raises :class:`PairSpecError`.
+    """
+    factory = load_pair_factory(spec)
+    if any(d != "cpu" for d in devices) and not _takes_device(factory):
+        raise PairSpecError(
+            f"--model {spec!r}: {factory.__name__}() takes no `device` parameter, so it can only "
+            f"run on the CPU. Received: --device {' + '.join(devices)}"
+        )
+    report = Report()
+    for device in devices:
+        try:
+            made = factory(device=device) if _takes_device(factory) else factory()
+        except Exception as exc:
+            raise PairSpecError(f"--model {spec!r}: {factory.__name__}() raised {exc!r}") from exc
+        args, kwargs = _arguments(spec, made)
+        try:
+            report.extend(check_parity(*args, device=device, **kwargs).rows)
+        except Exception as exc:  # the report shows it, like a crashing check in the matrix
+            report.extend(
+                [
+                    Row(
+                        f"check_parity({spec})",
+                        "-",
+                        device,
+                        "error",
+                        detail=f"{type(exc).__name__}: {exc}",
+                    )
+                ]
+            )
+    return report
