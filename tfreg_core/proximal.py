@@ -194,13 +194,14 @@ def preconditioned_block_prox(
     zero_group = ops.sqrt(ops.sum_keep((z / s) * (z / s), axes)) <= tau
     z_norm = ops.sqrt(ops.sum_keep(z * z, axes))
     nu = z_norm / tau - ops.max_keep(s, axes)
-    nu = ops.where(nu > 0, nu, ops.zeros_like(nu))
+    # Zero groups' nu is irrelevant (masked at the end); 1 keeps their arithmetic finite (an
+    # all-zero group would otherwise divide 0 by 0).
+    one = ops.ones_like(nu)
+    nu = ops.where(zero_group, one, ops.where(nu > 0, nu, ops.zeros_like(nu)))
     for _ in range(iterations):
-        # Zero groups would divide 0 by 0 at nu = 0; their nu is irrelevant (masked below).
-        nu = ops.where(zero_group, ops.ones_like(nu), nu)
         d = s + nu
         q = ops.sqrt(ops.sum_keep((z / d) * (z / d), axes))
-        curvature = ops.sum_keep(z * z / (d * d * d), axes)
+        curvature = ops.where(zero_group, one, ops.sum_keep(z * z / (d * d * d), axes))
         nu = nu + (q / tau - 1) * q * q / curvature
     x = z * (nu / (s + nu))
     return ops.where(zero_group, ops.zeros_like(x), x)
