@@ -88,7 +88,7 @@ __all__ = [
 
 THRESHOLD_MODES = ("auto", "scalar", "preconditioned")
 GROUP_WEIGHTS = (None, "sqrt_size")
-NEWTON_ITERATIONS = 10
+NEWTON_ITERATIONS = 6
 
 
 class ArrayOps(Protocol):
