@@ -431,6 +431,7 @@ def test_prox_runs_once_per_update_under_accumulation(optimizer: str) -> None:
         opt = keras.optimizers.get({"class_name": optimizer, "config": {"learning_rate": 0.05}})
         trainer = tfreg.Trainer(model, "mse", opt, accumulation_steps=steps, proximal=proximal)
         trainer.fit(x, y, batch_size=batch, epochs=20, shuffle=False, verbose=0)
+        assert trainer.trace_counts()["apply"] == 1  # the prox does not retrace per step
         weights.append(np.concatenate([v.numpy().ravel() for v in model.trainable_variables]))
     np.testing.assert_allclose(weights[1], weights[0], rtol=1e-12, atol=1e-15)
     assert np.count_nonzero(weights[0] == 0) > 0

@@ -318,6 +318,14 @@ def test_sparsity_callback_logs_into_history() -> None:
     assert "loss" in logged
     assert len(callback.reports) == 2
     assert callback.reports[0].parameters[0].name == model.layers[0].kernel.path
+    # Group view: kernel 0 has no zero row or column; kernel 1 (2, 1) neither.
+    path = model.layers[0].kernel.path
+    assert logged[f"sparsity/zero_groups/{path}/axis0"] == [0.0, 0.0]
+    model.layers[0].kernel.assign([[0.0, 1.0], [0.0, 0.0], [0.0, 1e-5]])  # 1 zero row, 1 column
+    model.fit(x, y, epochs=1, batch_size=2, verbose=0, callbacks=[callback])
+    assert callback.reports[-1].zero_groups(path, 0) == 1
+    assert callback.reports[-1].zero_groups(path, 1) == 1
+    assert callback.reports[-1].group_scalars()[f"sparsity/zero_groups/{path}/axis1"] == 1.0
 
 
 def test_sparsity_callback_with_real_training() -> None:
