@@ -176,3 +176,29 @@ def test_one_proximal_step_is_bit_identical(dtype: str, rng: np.random.Generator
     torchref.apply_proximal_l1([tensor], l1=0.3, learning_rate=0.7)
     np.testing.assert_array_equal(variable.numpy(), tensor.numpy())
     assert 0 < np.count_nonzero(variable.numpy() == 0) < values.size
+
+
+# Keras axis -> torch axis of the same slices: Dense (in, out) vs Linear (out, in); Conv2D
+# (kh, kw, in, out) vs Conv2d (out, in, kh, kw).
+_TORCH_AXIS = {2: {0: 1, 1: 0}, 4: {0: 2, 1: 3, 2: 1, 3: 0}}
+
+
+def test_group_reports_match_on_transferred_weights(dtype: str, rng: np.random.Generator) -> None:
+    pair = build_cnn(dtype=dtype, rng=rng)
+    # One large group step (norms over the last axis) zeroes some slices of every kernel.
+    tfreg.ProximalGroupLasso(0.46, axis=-1).apply(pair.keras, 1.0)
+    transfer_weights(pair.keras, pair.torch)
+    tol = tolerance("sparsity_norms", dtype)  # float64 1e-12 / float32 1e-6: summation order
+    tf_report = tfreg.sparsity_report(pair.keras)
+    torch_report = torchref.sparsity_report(pair.torch)
+    torch_groups = {(g.name, g.axis): g for g in torch_report.groups}
+    torch_names = [p.name for p in torch_report.parameters]
+    zero = 0
+    for keras_group in tf_report.groups:
+        index = [p.name for p in tf_report.parameters].index(keras_group.name)
+        rank = len(tf_report.parameters[index].shape)
+        twin = torch_groups[(torch_names[index], _TORCH_AXIS[rank][keras_group.axis])]
+        assert (keras_group.groups, keras_group.zero_groups) == (twin.groups, twin.zero_groups)
+        assert_close(keras_group.name, twin.max_norm, keras_group.max_norm, rtol=tol.rtol)
+        zero += keras_group.zero_groups
+    assert zero > 0 and len(tf_report.groups) == len(torch_report.groups) == 2 * 4 + 2 * 2

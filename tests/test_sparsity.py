@@ -15,6 +15,7 @@ import torch
 
 import tfreg
 import torchref
+from tfreg_core import proximal as prox_core
 from tfreg_core import sparsity as core
 from tfreg_core.validation import InvalidArgumentError
 
@@ -93,12 +94,33 @@ def test_table_and_dict() -> None:
             rule,
             "total                    6      2      4   0.6667  5.0006  3.60555       3",
             "near0: w == 0 or |w| < max(rel * max|w|, atol), rel=0.001, atol=1e-09",
+            "",
+            # Group norms: rows 1e-4 and sqrt(13.00000025) = 3.606 (1e-4 / 3.606 = 2.8e-5);
+            # columns 2, 3 and sqrt(1e-8 + 2.5e-7) = 5.1e-4 (/ 3 = 1.7e-4).
+            "parameter     axis  groups  zero  min|g|>0  max|g|  <=1e-6  <=1e-5  <=1e-4  <=1e-3"
+            "  <=1e-2  <=1e-1  <=1",
+            "-" * 103,
+            "dense/kernel     0       2     0    0.0001    3.61       0       0       1       0"
+            "       0       0    1",
+            "dense/kernel     1       3     0   0.00051       3       0       0       0       1"
+            "       0       0    2",
+            "groups: slices along axis; zero: all entries == 0; <=e: groups with 0 < |g|/max|g| "
+            "<= e, above the previous edge",
         ]
     )
     as_dict = report.as_dict()
     assert json.loads(json.dumps(as_dict)) == as_dict
     assert as_dict["parameters"][0]["shape"] == [2, 3]
     assert as_dict["total"]["zeros"] == 2
+    assert as_dict["groups"][1] == {
+        "name": "dense/kernel",
+        "axis": 1,
+        "groups": 3,
+        "zero_groups": 0,
+        "min_norm": pytest.approx(math.sqrt(2.6e-7), rel=1e-15),
+        "max_norm": 3.0,
+        "histogram": [0, 0, 0, 0, 1, 0, 0, 2],
+    }
 
 
 def test_empty_report() -> None:
@@ -126,22 +148,22 @@ def test_non_real_values_rejected() -> None:
 
 
 def test_numpy_soft_threshold_hand_computed() -> None:
-    out = core.soft_threshold([-3.0, -0.5, -0.25, 0.0, 0.2, 1.5], 0.5)
+    out = prox_core.soft_threshold([-3.0, -0.5, -0.25, 0.0, 0.2, 1.5], 0.5)
     np.testing.assert_array_equal(out, [-2.5, 0.0, 0.0, 0.0, 0.0, 1.0])
     with pytest.raises(InvalidArgumentError, match=r"threshold=-0\.1"):
-        core.soft_threshold([1.0], -0.1)
+        prox_core.soft_threshold([1.0], -0.1)
 
 
 def test_proximal_spec() -> None:
-    spec = core.ProximalL1Spec(l1=0.01, include_bias=True)
-    assert spec.get_config() == {"l1": 0.01, "include_bias": True}
+    spec = prox_core.ProximalL1Spec(l1=0.01, include_bias=True)
+    assert spec.get_config() == {"l1": 0.01, "include_bias": True, "threshold": "auto"}
     assert spec.threshold(0.5) == 0.005
     with pytest.raises(TypeError):
-        core.ProximalL1Spec(0.01)  # type: ignore[misc]
+        prox_core.ProximalL1Spec(0.01)  # type: ignore[misc]
     with pytest.raises(InvalidArgumentError, match="l1=-1"):
-        core.ProximalL1Spec(l1=-1)
+        prox_core.ProximalL1Spec(l1=-1)
     with pytest.raises(InvalidArgumentError, match="include_bias=1"):
-        core.ProximalL1Spec(l1=0.1, include_bias=1)  # type: ignore[arg-type]
+        prox_core.ProximalL1Spec(l1=0.1, include_bias=1)  # type: ignore[arg-type]
     with pytest.raises(InvalidArgumentError, match=r"learning_rate=-0\.5"):
         spec.threshold(-0.5)
 
@@ -275,7 +297,7 @@ def test_tf_rejects_before_changing_anything() -> None:
 def test_tf_proximal_config() -> None:
     proximal = tfreg.ProximalL1(l1=0.25, include_bias=True)
     assert tfreg.ProximalL1(**proximal.get_config()).get_config() == proximal.get_config()
-    assert repr(proximal) == "ProximalL1(l1=0.25, include_bias=True)"
+    assert repr(proximal) == "ProximalL1(l1=0.25, include_bias=True, threshold='auto')"
 
 
 def test_sparsity_callback_logs_into_history() -> None:
@@ -296,6 +318,14 @@ def test_sparsity_callback_logs_into_history() -> None:
     assert "loss" in logged
     assert len(callback.reports) == 2
     assert callback.reports[0].parameters[0].name == model.layers[0].kernel.path
+    # Group view: kernel 0 has no zero row or column; kernel 1 (2, 1) neither.
+    path = model.layers[0].kernel.path
+    assert logged[f"sparsity/zero_groups/{path}/axis0"] == [0.0, 0.0]
+    model.layers[0].kernel.assign([[0.0, 1.0], [0.0, 0.0], [0.0, 1e-5]])  # 1 zero row, 1 column
+    model.fit(x, y, epochs=1, batch_size=2, verbose=0, callbacks=[callback])
+    assert callback.reports[-1].zero_groups(path, 0) == 1
+    assert callback.reports[-1].zero_groups(path, 1) == 1
+    assert callback.reports[-1].group_scalars()[f"sparsity/zero_groups/{path}/axis1"] == 1.0
 
 
 def test_sparsity_callback_with_real_training() -> None:

@@ -299,7 +299,7 @@ def test_get_config_returns_the_keyword_arguments() -> None:
     assert config["regularizer"] == {"class_name": "L2", "config": {"l2": 0.1}}
     assert config["proximal"] == {
         "class_name": "ProximalL1",
-        "config": {"l1": 0.01, "include_bias": False},
+        "config": {"l1": 0.01, "include_bias": False, "threshold": "auto"},
     }
     assert config["accumulation_steps"] == 4 and config["clipnorm"] == 2.0 and config["seed"] == 3
     rebuilt = tfreg.Trainer(mlp(0), "mse", "sgd", **config)

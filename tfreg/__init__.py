@@ -7,6 +7,12 @@ harness lives in :mod:`tfreg.parity` and imports torch only when used.
 from tfreg import accumulation
 from tfreg._compat import keras as _keras  # noqa: F401  (fails early with an install hint)
 from tfreg.penalties import penalized_parameters, penalized_variables, penalty
+from tfreg.proximal import (
+    ProximalChain,
+    ProximalGroupLasso,
+    block_soft_threshold,
+    step_sizes,
+)
 from tfreg.regularizers import (
     L1,
     L1L2,
@@ -25,6 +31,7 @@ from tfreg.regularizers import (
     serialize,
 )
 from tfreg.sparsity import (
+    GroupSparsity,
     ParameterSparsity,
     ProximalL1,
     SparsityCallback,
@@ -43,10 +50,13 @@ __all__ = [
     "L2",
     "AccumulatingModel",
     "GroupLasso",
+    "GroupSparsity",
     "History",
     "OrthogonalRegularizer",
     "PNorm",
     "ParameterSparsity",
+    "ProximalChain",
+    "ProximalGroupLasso",
     "ProximalL1",
     "Regularizer",
     "SparsityCallback",
@@ -55,6 +65,7 @@ __all__ = [
     "__version__",
     "accumulation",
     "apply_proximal_l1",
+    "block_soft_threshold",
     "deserialize",
     "get",
     "group_lasso_penalty",
@@ -68,4 +79,5 @@ __all__ = [
     "serialize",
     "soft_threshold",
     "sparsity_report",
+    "step_sizes",
 ]

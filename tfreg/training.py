@@ -35,8 +35,8 @@ import numpy as np
 from tfreg import accumulation
 from tfreg._compat import keras, tf
 from tfreg.penalties import penalty as _penalty
+from tfreg.proximal import PROXIMAL_CLASSES, Proximal
 from tfreg.regularizers import get as _get_regularizer
-from tfreg.sparsity import ProximalL1
 from tfreg_core.training import (
     NONFINITE_MESSAGE,
     TrainerSpec,
@@ -214,7 +214,7 @@ def _update(
 
 
 def _proximal_step(
-    proximal: ProximalL1 | None, model: keras.layers.Layer, optimizer: Any
+    proximal: Proximal | None, model: keras.layers.Layer, optimizer: Any
 ) -> Callable[[], None] | None:
     # The threshold uses the rate of the step just taken (tfreg.sparsity reads it, schedules
     # included, from the optimizer): once per update, never per micro-batch.
@@ -375,7 +375,7 @@ class Trainer:
         jit_compile: bool = False,
         metrics: Sequence[str] = (),
         seed: int = 0,
-        proximal: ProximalL1 | dict[str, Any] | None = None,
+        proximal: Proximal | dict[str, Any] | Sequence[Any] | None = None,
     ) -> None:
         self.spec = TrainerSpec(
             accumulation_steps=accumulation_steps,
@@ -403,7 +403,7 @@ class Trainer:
         self.loss = loss
         self.optimizer = optimizer
         self.regularizer = None if regularizer is None else _get_regularizer(regularizer)
-        self.proximal = resolve_proximal(proximal, ProximalL1)
+        self.proximal = resolve_proximal(proximal, PROXIMAL_CLASSES, optimizer)
         self._loss_fn = per_example_loss(loss)
         self._engine: _Engine | None = None
         self.stop_training = False
@@ -533,7 +533,7 @@ class AccumulatingModel(keras.Model):
         regularizer: Any = None,
         include_bias: bool = False,
         drop_remainder: bool = False,
-        proximal: ProximalL1 | dict[str, Any] | None = None,
+        proximal: Proximal | dict[str, Any] | Sequence[Any] | None = None,
         **kwargs: Any,
     ) -> None:
         spec = TrainerSpec(
@@ -551,7 +551,7 @@ class AccumulatingModel(keras.Model):
         self.model = model
         self.spec = spec
         self.regularizer = None if regularizer is None else _get_regularizer(regularizer)
-        self.proximal = resolve_proximal(proximal, ProximalL1)
+        self.proximal = resolve_proximal(proximal, PROXIMAL_CLASSES)
         self._acc: accumulation.AccumulatorState | None = None
 
     def call(self, inputs: Any, training: bool | None = None) -> Any:

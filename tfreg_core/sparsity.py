@@ -18,6 +18,15 @@ What is counted, per parameter ``w``:
 - ``nonzeros = size - zeros`` and ``density = nonzeros / size`` (exact zeros only);
 - ``l1 = sum|w|`` and ``l2 = sqrt(sum w^2)`` in float64, whatever the parameter's dtype.
 
+Groups (the structured view), per parameter of rank >= 2 and per axis ``a``: the groups are the
+slices ``w[..., i, ...]`` along ``a`` (their norms run over every other axis) -- on a Dense kernel
+``(in, out)`` axis 0 gives input features and axis 1 neurons; on a Conv2D kernel
+``(kh, kw, in, out)`` axis 2 gives input channels and axis 3 filters (torch's ``(out, in, ...)``
+layouts number them differently: the counts match the *same* slices). Reported: ``groups``,
+``zero_groups`` (every entry exactly 0, what ``ProximalGroupLasso`` produces), the smallest
+non-zero and the largest group norm, and a histogram of ``norm / max norm`` over the decades of
+:data:`HISTOGRAM_EDGES` (first bin: exactly zero).
+
 Totals add the counts and L1 norms; the total L2 is the norm of all entries together
 (``sqrt(sum l2_p^2)``); the total near-zero count is the sum of the per-parameter counts, each
 against its own parameter's largest entry (as the notebook's ``check_weight``).
@@ -35,18 +44,67 @@ import numpy as np
 from tfreg_core import validation
 
 __all__ = [
+    "HISTOGRAM_EDGES",
+    "GroupSparsity",
     "ParameterSparsity",
-    "ProximalL1Spec",
     "SparsityReport",
-    "include_bias_flag",
+    "group_sparsity",
     "parameter_sparsity",
-    "proximal_threshold",
-    "soft_threshold",
     "sparsity_report",
 ]
 
 DEFAULT_REL = 5e-4
 _COLUMNS = ("parameter", "shape", "size", "zeros", "near0", "density", "L1", "L2", "max|w|")
+# Upper edges of the group-norm histogram's bins, relative to the largest group norm; bin 0 holds
+# the exactly-zero groups, bin k >= 1 the norms in (edge[k-2], edge[k-1]] (edge[-1] = 0).
+HISTOGRAM_EDGES = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+_GROUP_COLUMNS = (
+    "parameter",
+    "axis",
+    "groups",
+    "zero",
+    "min|g|>0",
+    "max|g|",
+    *(f"<=1e{round(math.log10(e))}" if e < 1 else "<=1" for e in HISTOGRAM_EDGES),
+)
+
+
+@dataclass(frozen=True)
+class GroupSparsity:
+    """Zero groups of one parameter along one axis (see the module docstring)."""
+
+    name: str
+    axis: int
+    groups: int
+    zero_groups: int
+    min_norm: float
+    max_norm: float
+    histogram: tuple[int, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "histogram": list(self.histogram)}
+
+
+def group_sparsity(name: str, values: Any, axis: int) -> GroupSparsity:
+    """The :class:`GroupSparsity` of the slices of ``values`` along ``axis`` (norms in float64)."""
+    w = np.abs(np.asarray(values).astype(np.float64, copy=False))
+    axis = validation.normalized_axes((axis,), w.ndim, "axis")[0]
+    others = tuple(a for a in range(w.ndim) if a != axis)
+    norms = np.sqrt(np.square(w).sum(axis=others)) if others else w
+    max_norm = float(norms.max(initial=0.0))
+    zero = norms == 0
+    relative = norms[~zero] / max_norm if max_norm else norms[~zero]
+    # right=True: a norm exactly on an edge belongs to the bin that edge closes.
+    counts = np.bincount(np.digitize(relative, HISTOGRAM_EDGES, right=True), minlength=7)
+    return GroupSparsity(
+        name=name,
+        axis=axis,
+        groups=int(norms.size),
+        zero_groups=int(zero.sum()),
+        min_norm=float(norms[~zero].min(initial=np.inf)) if (~zero).any() else 0.0,
+        max_norm=max_norm,
+        histogram=(int(zero.sum()), *(int(c) for c in counts[: len(HISTOGRAM_EDGES)])),
+    )
 
 
 @dataclass(frozen=True)
@@ -93,6 +151,7 @@ class SparsityReport:
     parameters: tuple[ParameterSparsity, ...]
     rel: float
     atol: float
+    groups: tuple[GroupSparsity, ...] = ()
 
     @property
     def size(self) -> int:
@@ -142,34 +201,79 @@ class SparsityReport:
         """The totals as floats keyed ``prefix + name`` (``sparsity/zeros``, ...)."""
         return {f"{prefix}{k}": float(v) for k, v in self.totals().items()}
 
+    def group_scalars(self, prefix: str = "sparsity/") -> dict[str, float]:
+        """Zero groups per parameter and axis: ``prefix + "zero_groups/" + name + "/axis" + a``."""
+        return {
+            f"{prefix}zero_groups/{g.name}/axis{g.axis}": float(g.zero_groups) for g in self.groups
+        }
+
+    def zero_groups(self, name: str, axis: int) -> int:
+        """How many slices of parameter ``name`` along ``axis`` are exactly zero."""
+        for g in self.groups:
+            if g.name == name and g.axis == axis:
+                return g.zero_groups
+        known = sorted({g.name for g in self.groups})
+        raise validation.InvalidArgumentError(
+            f"No group view of parameter {name!r} along axis {axis} (parameters of rank >= 2: "
+            f"{known}). Received: name={name!r}, axis={axis!r}"
+        )
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "rel": self.rel,
             "atol": self.atol,
             "total": self.totals(),
             "parameters": [p.as_dict() for p in self.parameters],
+            "groups": [g.as_dict() for g in self.groups],
         }
 
     def to_table(self) -> str:
         rows = [_row(p.name, str(p.shape), p) for p in self.parameters]
         rows.append(_row("total", "", self))
-        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(_COLUMNS)]
-
-        def line(cells: Sequence[str]) -> str:
-            first = cells[0].ljust(widths[0])
-            rest = (c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True))
-            return "  ".join([first, *rest])
-
+        line = _liner(_COLUMNS, rows)
         rule = "-" * len(line(_COLUMNS))
         legend = (
             f"near0: w == 0 or |w| < max(rel * max|w|, atol), rel={self.rel:g}, atol={self.atol:g}"
         )
-        return "\n".join(
-            [line(_COLUMNS), rule, *map(line, rows[:-1]), rule, line(rows[-1]), legend]
-        )
+        table = [line(_COLUMNS), rule, *map(line, rows[:-1]), rule, line(rows[-1]), legend]
+        if self.groups:
+            group_rows = [_group_row(g) for g in self.groups]
+            group_line = _liner(_GROUP_COLUMNS, group_rows)
+            table += [
+                "",
+                group_line(_GROUP_COLUMNS),
+                "-" * len(group_line(_GROUP_COLUMNS)),
+                *map(group_line, group_rows),
+                "groups: slices along axis; zero: all entries == 0; <=e: groups with "
+                "0 < |g|/max|g| <= e, above the previous edge",
+            ]
+        return "\n".join(table)
 
     def __str__(self) -> str:
         return self.to_table()
+
+
+def _liner(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> Any:
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+
+    def line(cells: Sequence[str]) -> str:
+        first = cells[0].ljust(widths[0])
+        rest = (c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True))
+        return "  ".join([first, *rest])
+
+    return line
+
+
+def _group_row(g: GroupSparsity) -> list[str]:
+    return [
+        g.name,
+        str(g.axis),
+        str(g.groups),
+        str(g.zero_groups),
+        f"{g.min_norm:.3g}",
+        f"{g.max_norm:.3g}",
+        *(str(c) for c in g.histogram[1:]),
+    ]
 
 
 def _row(name: str, shape: str, s: ParameterSparsity | SparsityReport) -> list[str]:
@@ -221,53 +325,9 @@ def sparsity_report(
 ) -> SparsityReport:
     """A :class:`SparsityReport` of ``(name, array)`` pairs, in the order given."""
     rel, atol = _check_thresholds(rel, atol)
-    parameters = tuple(parameter_sparsity(n, v, rel=rel, atol=atol) for n, v in named_values)
-    return SparsityReport(parameters=parameters, rel=rel, atol=atol)
-
-
-# --- proximal L1 ------------------------------------------------------------------------
-
-
-def soft_threshold(x: Any, threshold: float) -> np.ndarray:
-    """NumPy ``sign(x) * max(|x| - threshold, 0)``: the proximal operator of
-    ``threshold * ||x||_1``. The reference the framework versions are tested against."""
-    threshold = validation.non_negative_float(threshold, "threshold")
-    x = np.asarray(x)
-    return np.sign(x) * np.maximum(np.abs(x) - threshold, 0)
-
-
-def proximal_threshold(learning_rate: Any, l1: float) -> float:
-    """``learning_rate * l1``: how far one proximal step moves every entry towards zero.
-
-    Computed once in float64 (then rounded to the weights' dtype by the caller) in both
-    frameworks, so the threshold, like the step, is identical given identical inputs.
-    """
-    return validation.non_negative_float(learning_rate, "learning_rate") * l1
-
-
-def include_bias_flag(value: Any) -> bool:
-    """``include_bias`` must be a real bool: a truthy string or 1 would silently widen the scope."""
-    if not isinstance(value, bool):
-        raise validation.InvalidArgumentError(
-            f"include_bias must be a bool. Received: include_bias={value!r}"
-        )
-    return value
-
-
-class ProximalL1Spec:
-    """Hyperparameters of ``ProximalL1``: ``l1`` (the L1 strength lambda, used exactly -- not
-    rounded through float32, this is not a Keras class) and the scope ``include_bias``."""
-
-    def __init__(self, *, l1: float, include_bias: bool = False) -> None:
-        self.l1 = validation.non_negative_float(l1, "l1")
-        self.include_bias = include_bias_flag(include_bias)
-
-    def threshold(self, learning_rate: float) -> float:
-        """``learning_rate * l1`` for a Python learning rate (see :func:`proximal_threshold`)."""
-        return proximal_threshold(learning_rate, self.l1)
-
-    def get_config(self) -> dict[str, Any]:
-        return {"l1": self.l1, "include_bias": self.include_bias}
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(l1={self.l1!r}, include_bias={self.include_bias!r})"
+    named = [(n, np.asarray(v)) for n, v in named_values]
+    parameters = tuple(parameter_sparsity(n, v, rel=rel, atol=atol) for n, v in named)
+    groups = tuple(
+        group_sparsity(n, v, axis) for n, v in named if v.ndim >= 2 for axis in range(v.ndim)
+    )
+    return SparsityReport(parameters=parameters, rel=rel, atol=atol, groups=groups)

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from tfreg_core import proximal as proximal_core
 from tfreg_core import validation
 from tfreg_core.validation import InvalidArgumentError
 from tfreg_core.windows import epoch_order, plan_epoch
@@ -140,15 +141,15 @@ def object_config(obj: Any) -> Any:
     return {"class_name": type(obj).__name__, "config": obj.get_config()}
 
 
-def resolve_proximal(proximal: Any, cls: type) -> Any:
-    """``None``, a ``cls`` (the framework's ``ProximalL1``) or its ``object_config`` dict."""
-    if proximal is None or isinstance(proximal, cls):
-        return proximal
-    if isinstance(proximal, dict) and proximal.get("class_name") == cls.__name__:
-        return cls(**proximal.get("config", {}))
-    raise InvalidArgumentError(
-        f"proximal must be None, a {cls.__name__} or its config. Received: proximal={proximal!r}"
-    )
+def resolve_proximal(proximal: Any, classes: Sequence[type], optimizer: Any = None) -> Any:
+    """``None``, a framework proximal operator (``classes``: ``PROXIMAL_CLASSES`` of
+    ``tfreg.proximal`` / ``torchref.proximal``), its ``object_config`` dict or a list of them
+    (composed by ``ProximalChain``); with ``optimizer``, an operator that cannot serve it (e.g.
+    ``threshold="preconditioned"`` with SGD) is refused now, before training changes anything."""
+    resolved = proximal_core.resolve(proximal, classes)
+    if resolved is not None and optimizer is not None:
+        resolved.check(optimizer)
+    return resolved
 
 
 class History:

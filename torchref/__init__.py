@@ -6,6 +6,12 @@ Never imports TensorFlow or tfreg; shared, framework-free logic lives in ``tfreg
 from torchref import accumulation
 from torchref._compat import torch as _torch  # noqa: F401  (fails early with an install hint)
 from torchref.penalties import penalized_parameters, penalized_variables, penalty
+from torchref.proximal import (
+    ProximalChain,
+    ProximalGroupLasso,
+    block_soft_threshold,
+    step_sizes,
+)
 from torchref.regularizers import (
     L1,
     L1L2,
@@ -24,6 +30,7 @@ from torchref.regularizers import (
     serialize,
 )
 from torchref.sparsity import (
+    GroupSparsity,
     ParameterSparsity,
     ProximalL1,
     SparsityReport,
@@ -40,11 +47,14 @@ __all__ = [
     "L1L2",
     "L2",
     "GroupLasso",
+    "GroupSparsity",
     "History",
     "KerasAdamW",
     "OrthogonalRegularizer",
     "PNorm",
     "ParameterSparsity",
+    "ProximalChain",
+    "ProximalGroupLasso",
     "ProximalL1",
     "Regularizer",
     "SparsityReport",
@@ -52,6 +62,7 @@ __all__ = [
     "__version__",
     "accumulation",
     "apply_proximal_l1",
+    "block_soft_threshold",
     "deserialize",
     "get",
     "group_lasso_penalty",
@@ -65,4 +76,5 @@ __all__ = [
     "serialize",
     "soft_threshold",
     "sparsity_report",
+    "step_sizes",
 ]

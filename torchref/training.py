@@ -33,8 +33,8 @@ from tfreg_core.validation import InvalidArgumentError, non_negative_float, stri
 from torchref import accumulation
 from torchref._compat import torch
 from torchref.penalties import penalty as _penalty
+from torchref.proximal import PROXIMAL_CLASSES, Proximal
 from torchref.regularizers import get as _get_regularizer
-from torchref.sparsity import ProximalL1
 
 __all__ = ["LOSSES", "History", "KerasAdamW", "Trainer", "per_example_loss"]
 
@@ -256,7 +256,7 @@ class Trainer:
         jit_compile: bool = False,
         metrics: Sequence[str] = (),
         seed: int = 0,
-        proximal: ProximalL1 | dict[str, Any] | None = None,
+        proximal: Proximal | dict[str, Any] | Sequence[Any] | None = None,
     ) -> None:
         self.spec = TrainerSpec(
             accumulation_steps=accumulation_steps,
@@ -286,7 +286,7 @@ class Trainer:
         self.loss = loss
         self.optimizer = optimizer
         self.regularizer = None if regularizer is None else _get_regularizer(regularizer)
-        self.proximal = resolve_proximal(proximal, ProximalL1)
+        self.proximal = resolve_proximal(proximal, PROXIMAL_CLASSES, optimizer)
         self._loss_fn = per_example_loss(loss)
         self._engine = _Engine(self)
         self.stop_training = False

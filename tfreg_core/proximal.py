@@ -1,0 +1,385 @@
+"""Proximal operators, framework-free: the arithmetic ``tfreg.proximal`` and ``torchref.proximal``
+run on their own tensors, plus the validated hyperparameters of their classes.
+
+**Proximal gradient.** A training step on the smooth loss ``f`` followed by the proximal operator
+of the non-smooth penalty ``h`` minimises ``f + h`` with exact zeros (ISTA). One update with
+per-coordinate step ``s`` (a scalar ``lr`` for SGD) moves ``w`` to ``z = w - s * g`` and then to
+
+    prox(z) = argmin_x  sum_i (x_i - z_i)^2 / (2 s_i)  +  h(x).
+
+- L1, ``h = l1 * ||x||_1``:  ``x_i = sign(z_i) * max(|z_i| - s_i * l1, 0)`` (soft-threshold).
+- Group lasso, ``h = lambda * sum_g c_g * ||x_g||_2``, scalar step ``t``: the block soft-threshold
+
+      x_g = z_g * max(0, 1 - t * lambda * c_g / ||z_g||)
+
+  (exact zero groups). ``c_g`` is 1, or ``sqrt(|g|)`` with ``group_weights="sqrt_size"`` (as skglm
+  and group-lasso offer); all groups of one tensor have the same size, so ``c_g`` is one number
+  per tensor.
+- Group lasso, per-coordinate step ``s`` (the diagonal-preconditioned block prox): with
+  ``tau = lambda * c_g``, the group is zero iff ``||z_g / s_g||_2 <= tau``; otherwise
+
+      x_i = z_i * nu / (s_i + nu),   nu = ||x_g|| / tau  the root of  Q(nu) = tau,
+      Q(nu) = || z_g / (s_g + nu) ||_2
+
+  (stationarity ``(x_i - z_i) / s_i + tau * x_i / ||x_g|| = 0``). ``1 / Q`` is concave and
+  increasing in ``nu`` (a power mean of order -2 of functions linear in ``nu``), so Newton's
+  method on ``1/Q(nu) = 1/tau``,
+
+      nu <- nu + (Q / tau - 1) * Q^2 / S,     S = sum_i z_i^2 / (s_i + nu)^3,
+
+  started at the lower bound ``nu_0 = max(0, ||z_g|| / tau - max_i s_i)`` climbs monotonically to
+  the root and converges quadratically; with equal steps it is exact after one iteration and
+  gives the block soft-threshold above. :data:`NEWTON_ITERATIONS` fixed iterations (no host sync,
+  no data-dependent loop: identical in both frameworks) reached the root to float64 round-off in
+  at most 5 iterations on 1200 random groups (sizes 1..3000, step spreads up to 1e8, ``tau``
+  from 1e-12 to 1 - 1e-3 of the zero threshold); closer to the threshold the result is as
+  ill-conditioned as the problem (``x`` tiny, its relative error ~ machine epsilon over the gap).
+- Sparse group lasso, ``h = l1 * ||x||_1 + lambda * sum_g c_g ||x_g||``: the prox is the L1
+  soft-threshold followed by the group prox, with the same steps (scalar or per-coordinate):
+  the group step scales a group by a positive factor, so it keeps the L1 step's signs and zeros,
+  and the KKT conditions of the sum follow. :class:`ProximalChainSpec` enforces that order.
+
+**Adaptive optimizers (ProxGen, Yun et al., NeurIPS 2021).** Adam's update is
+``w <- w - s * m_hat`` with a per-coordinate step ``s``; the consistent prox uses that ``s``
+(``threshold="preconditioned"``) instead of the scalar ``lr`` (``threshold="scalar"``, the old
+heuristic, which minimises a different objective). The step each framework's optimizer took:
+
+    Keras Adam/AdamW   s = lr * sqrt(1 - b2^t) / (sqrt(v) + eps)          (eps outside v_hat)
+    torch Adam/AdamW   s = lr / (sqrt(v) / sqrt(1 - b2^t) + eps)          (eps on sqrt(v_hat))
+    torchref.KerasAdamW  the Keras formula (float32-rounded lr and b2 as Keras rounds them)
+    Keras RMSprop      s = lr / sqrt(v + eps)                              (eps inside the root)
+    torch RMSprop      s = lr / (sqrt(v) + eps)
+
+with ``v`` the optimizer's second-moment state after the step and ``t`` the step count.
+``amsgrad``, centered RMSprop and RMSprop momentum are refused (their step is not this ``s``).
+A zero step (learning rate 0) is replaced by the dtype's smallest normal number, which leaves
+the tensor unchanged, so the arithmetic never divides by zero.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from tfreg_core import validation
+from tfreg_core.specs import GroupLassoSpec
+
+__all__ = [
+    "GROUP_WEIGHTS",
+    "NEWTON_ITERATIONS",
+    "NUMPY_OPS",
+    "THRESHOLD_MODES",
+    "ArrayOps",
+    "ProximalChainSpec",
+    "ProximalGroupLassoSpec",
+    "ProximalL1Spec",
+    "block_soft_threshold",
+    "effective_mode",
+    "group_weight",
+    "include_bias_flag",
+    "preconditioned_block_prox",
+    "proximal_threshold",
+    "resolve",
+    "soft_threshold",
+]
+
+THRESHOLD_MODES = ("auto", "scalar", "preconditioned")
+GROUP_WEIGHTS = (None, "sqrt_size")
+NEWTON_ITERATIONS = 6
+
+
+class ArrayOps(Protocol):
+    """The few array functions the arithmetic needs; each framework supplies its own (operators
+    ``+ - * / > <=`` come from the arrays themselves)."""
+
+    def sqrt(self, x: Any) -> Any: ...
+
+    def where(self, condition: Any, x: Any, y: Any) -> Any: ...
+
+    def sum_keep(self, x: Any, axes: tuple[int, ...]) -> Any: ...
+
+    def max_keep(self, x: Any, axes: tuple[int, ...]) -> Any: ...
+
+    def zeros_like(self, x: Any) -> Any: ...
+
+    def ones_like(self, x: Any) -> Any: ...
+
+    def tiny(self, x: Any) -> float: ...
+
+
+class _NumpyOps:
+    sqrt = staticmethod(np.sqrt)
+    where = staticmethod(np.where)
+    zeros_like = staticmethod(np.zeros_like)
+    ones_like = staticmethod(np.ones_like)
+
+    @staticmethod
+    def sum_keep(x: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+        return np.sum(x, axis=axes, keepdims=True)
+
+    @staticmethod
+    def max_keep(x: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+        return np.max(x, axis=axes, keepdims=True)
+
+    @staticmethod
+    def tiny(x: np.ndarray) -> float:
+        return float(np.finfo(x.dtype).tiny)
+
+
+NUMPY_OPS: ArrayOps = _NumpyOps()
+
+
+def include_bias_flag(value: Any) -> bool:
+    """``include_bias`` must be a real bool: a truthy string or 1 would silently widen the scope."""
+    if not isinstance(value, bool):
+        raise validation.InvalidArgumentError(
+            f"include_bias must be a bool. Received: include_bias={value!r}"
+        )
+    return value
+
+
+def soft_threshold(x: Any, threshold: Any) -> np.ndarray:
+    """NumPy ``sign(x) * max(|x| - threshold, 0)``: the proximal operator of
+    ``threshold * ||x||_1`` (``threshold`` a non-negative number, or an array of per-entry
+    thresholds). The reference the framework versions are tested against."""
+    if np.ndim(threshold) == 0:
+        threshold = validation.non_negative_float(threshold, "threshold")
+    x = np.asarray(x)
+    return np.sign(x) * np.maximum(np.abs(x) - threshold, 0)
+
+
+def proximal_threshold(learning_rate: Any, l1: float) -> float:
+    """``learning_rate * l1``: how far one scalar proximal step moves every entry towards zero.
+
+    Computed once in float64 (then rounded to the weights' dtype by the caller) in both
+    frameworks, so the threshold, like the step, is identical given identical inputs.
+    """
+    return validation.non_negative_float(learning_rate, "learning_rate") * l1
+
+
+def group_weight(shape: Sequence[int], axes: tuple[int, ...], mode: str | None) -> float:
+    """``c_g`` of every group of a tensor of ``shape`` whose groups' norms run over ``axes``:
+    1, or ``sqrt(|g|)`` (``|g|`` = product of the sizes along ``axes``) for ``"sqrt_size"``."""
+    if mode is None:
+        return 1.0
+    return math.sqrt(math.prod(int(shape[a]) for a in axes))
+
+
+def block_soft_threshold(z: Any, threshold: Any, axes: tuple[int, ...], ops: ArrayOps) -> Any:
+    """``z_g * max(0, 1 - threshold / ||z_g||)`` per group (norms over ``axes``): the proximal
+    operator of ``threshold * sum_g ||z_g||``. Groups with ``||z_g|| <= threshold`` become exactly
+    zero; an all-zero group stays zero (no division by its zero norm)."""
+    norm = ops.sqrt(ops.sum_keep(z * z, axes))
+    keep = norm > threshold
+    safe = ops.where(keep, norm, ops.ones_like(norm))
+    return z * ops.where(keep, 1 - threshold / safe, ops.zeros_like(norm))
+
+
+def preconditioned_block_prox(
+    z: Any,
+    step: Any,
+    tau: float,
+    axes: tuple[int, ...],
+    ops: ArrayOps,
+    *,
+    iterations: int = NEWTON_ITERATIONS,
+) -> Any:
+    """``argmin_x sum_i (x_i - z_i)^2 / (2 step_i) + tau * sum_g ||x_g||`` (norms over ``axes``),
+    by the Newton iteration of the module docstring. ``step`` has ``z``'s shape, entries >= 0;
+    ``tau`` > 0 is a Python number."""
+    s = ops.where(step > 0, step, ops.ones_like(step) * ops.tiny(z))
+    zero_group = ops.sqrt(ops.sum_keep((z / s) * (z / s), axes)) <= tau
+    z_norm = ops.sqrt(ops.sum_keep(z * z, axes))
+    nu = z_norm / tau - ops.max_keep(s, axes)
+    # Zero groups' nu is irrelevant (masked at the end); 1 keeps their arithmetic finite (an
+    # all-zero group would otherwise divide 0 by 0).
+    one = ops.ones_like(nu)
+    nu = ops.where(zero_group, one, ops.where(nu > 0, nu, ops.zeros_like(nu)))
+    for _ in range(iterations):
+        d = s + nu
+        q = ops.sqrt(ops.sum_keep((z / d) * (z / d), axes))
+        curvature = ops.where(zero_group, one, ops.sum_keep(z * z / (d * d * d), axes))
+        nu = nu + (q / tau - 1) * q * q / curvature
+    x = z * (nu / (s + nu))
+    return ops.where(zero_group, ops.zeros_like(x), x)
+
+
+def _threshold_mode(value: Any) -> str:
+    return validation.choice(value, "threshold", THRESHOLD_MODES)
+
+
+def effective_mode(requested: str, kind: str, optimizer: Any) -> str:
+    """``"scalar"`` or ``"preconditioned"`` for a ``threshold`` mode and what stepped: ``kind``
+    is ``"number"`` (a learning rate, no optimizer), ``"sgd"``, ``"adaptive"`` (a supported
+    Adam/AdamW/RMSprop) or ``"other"``. ``"auto"`` picks the consistent prox where one is
+    known (scalar for SGD, preconditioned for adaptive) and refuses to guess otherwise."""
+    if requested == "scalar":
+        return "scalar"
+    if kind == "adaptive":
+        return "preconditioned"
+    if requested == "auto" and kind in ("number", "sgd"):
+        return "scalar"
+    name = "a learning rate" if kind == "number" else type(optimizer).__name__
+    if requested == "preconditioned":
+        raise validation.InvalidArgumentError(
+            "threshold='preconditioned' needs the optimizer that took the step, one of Adam, "
+            "AdamW, RMSprop (Keras or torch) or torchref.KerasAdamW, to read its per-coordinate "
+            f"step. Received: {name} ({optimizer!r})"
+        )
+    raise validation.InvalidArgumentError(
+        "threshold='auto' knows the consistent prox for SGD (scalar lr * lambda) and for "
+        "Adam/AdamW/RMSprop (their per-coordinate step); for this optimizer pass "
+        "threshold='scalar' to use lr * lambda (a heuristic: it ignores the optimizer's "
+        f"scaling). Received: optimizer={name}"
+    )
+
+
+class ProximalL1Spec:
+    """Hyperparameters of ``ProximalL1``: ``l1`` (the L1 strength lambda, used exactly -- not
+    rounded through float32, this is not a Keras class), the scope ``include_bias`` and
+    ``threshold`` (``"auto"``, ``"scalar"`` or ``"preconditioned"``, see the module docstring)."""
+
+    def __init__(self, *, l1: float, include_bias: bool = False, threshold: str = "auto") -> None:
+        self.l1 = validation.non_negative_float(l1, "l1")
+        self.include_bias = include_bias_flag(include_bias)
+        self.threshold_mode = _threshold_mode(threshold)
+
+    def threshold(self, learning_rate: float) -> float:
+        """``learning_rate * l1`` for a Python learning rate (see :func:`proximal_threshold`)."""
+        return proximal_threshold(learning_rate, self.l1)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"l1": self.l1, "include_bias": self.include_bias, "threshold": self.threshold_mode}
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(l1={self.l1!r}, include_bias={self.include_bias!r}, "
+            f"threshold={self.threshold_mode!r})"
+        )
+
+
+class ProximalGroupLassoSpec(GroupLassoSpec):
+    """Hyperparameters of ``ProximalGroupLasso``: ``strength`` (lambda, exact) and ``axis`` as
+    ``GroupLasso`` (the norm runs over ``axis``; each index of the other axes is one group),
+    ``group_weights`` (None or ``"sqrt_size"``) and ``threshold`` as ``ProximalL1``. Kernels
+    only (rank >= 2), the scope of ``penalty()``."""
+
+    def __init__(
+        self,
+        strength: float = 0.01,
+        *,
+        axis: int | Sequence[int],
+        group_weights: str | None = None,
+        threshold: str = "auto",
+    ) -> None:
+        super().__init__(strength, axis=axis)
+        if group_weights not in GROUP_WEIGHTS:
+            raise validation.InvalidArgumentError(
+                "Invalid value for argument group_weights: expected None or 'sqrt_size'. "
+                f"Received: group_weights={group_weights!r}"
+            )
+        self.group_weights = group_weights
+        self.threshold_mode = _threshold_mode(threshold)
+
+    def axes_for(self, shape: Sequence[int], name: str) -> tuple[int, ...]:
+        """``axis`` resolved against ``shape`` (raises naming the tensor if out of range)."""
+        try:
+            axes = validation.axes(self.axis, "axis")
+            return validation.normalized_axes(axes, len(shape), "axis")
+        except validation.InvalidArgumentError as error:
+            raise validation.InvalidArgumentError(
+                f"{error} (tensor {name}, shape {tuple(shape)})"
+            ) from None
+
+    def tau(self, shape: Sequence[int], axes: tuple[int, ...]) -> float:
+        """``lambda * c_g`` for a tensor of ``shape``."""
+        return self.strength * group_weight(shape, axes, self.group_weights)
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            **super().get_config(),
+            "group_weights": self.group_weights,
+            "threshold": self.threshold_mode,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.strength!r}, axis={self.axis!r}, "
+            f"group_weights={self.group_weights!r}, threshold={self.threshold_mode!r})"
+        )
+
+
+def resolve(proximal: Any, classes: Sequence[type]) -> Any:
+    """``None``, an instance of one of ``classes`` (a framework's proximal operators), its
+    ``{"class_name", "config"}`` dict, or a list/tuple of those, composed by the class in
+    ``classes`` that derives from :class:`ProximalChainSpec`."""
+    by_name = {cls.__name__: cls for cls in classes}
+    if proximal is None or isinstance(proximal, tuple(classes)):
+        return proximal
+    if isinstance(proximal, dict) and proximal.get("class_name") in by_name:
+        return by_name[proximal["class_name"]](**proximal.get("config", {}))
+    chains = [cls for cls in classes if issubclass(cls, ProximalChainSpec)]
+    if isinstance(proximal, (list, tuple)) and chains:
+        return chains[0](list(proximal))
+    raise validation.InvalidArgumentError(
+        f"proximal must be None, one of {sorted(by_name)}, its config, or a list of them. "
+        f"Received: proximal={proximal!r}"
+    )
+
+
+class ProximalChainSpec:
+    """Several proximal operators applied in order after each update, as one operator.
+
+    Supported: the sparse group lasso ``[ProximalL1, ProximalGroupLasso]`` (L1 first: that
+    composition *is* the prox of the sum, see the module docstring), or either alone. Any other
+    list is refused: the prox of a sum is not in general the composition of the proxes (two
+    group lassos with different axes overlap; group-then-L1 is not the prox of the sum).
+    Elements are operators of ``classes`` or their configs.
+    """
+
+    def __init__(self, operators: Sequence[Any], classes: Sequence[type]) -> None:
+        if isinstance(operators, (str, bytes, dict)) or not isinstance(operators, Sequence):
+            raise validation.InvalidArgumentError(
+                f"operators must be a list of proximal operators. Received: operators={operators!r}"
+            )
+        singles = [cls for cls in classes if not issubclass(cls, ProximalChainSpec)]
+        resolved = [resolve(op, singles) for op in operators]
+        kinds = [
+            "l1"
+            if isinstance(op, ProximalL1Spec)
+            else "group"
+            if isinstance(op, ProximalGroupLassoSpec)
+            else None
+            for op in resolved
+        ]
+        if kinds not in (["l1"], ["group"], ["l1", "group"]):
+            raise validation.InvalidArgumentError(
+                "A proximal chain composes at most one ProximalL1 followed by at most one "
+                "ProximalGroupLasso (the sparse group lasso prox: L1 first); other orders or "
+                f"repeats are not the prox of the summed penalty. Received: operators={operators!r}"
+            )
+        self.operators = resolved
+
+    def apply(self, model: Any, optimizer_or_learning_rate: Any) -> None:
+        """Apply each operator in order (all read the same optimizer step)."""
+        for op in self.operators:
+            op.apply(model, optimizer_or_learning_rate)
+
+    def check(self, optimizer: Any) -> None:
+        """Each operator's ``check`` (refuses an optimizer its threshold cannot serve)."""
+        for op in self.operators:
+            op.check(optimizer)
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            "operators": [
+                {"class_name": type(op).__name__, "config": op.get_config()}
+                for op in self.operators
+            ]
+        }
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.operators!r})"
