@@ -327,9 +327,10 @@ def micro_batch_gradients(
     """Forward ``x`` (training mode), then per term the weighted loss sum, its element count and
     the gradient of ``weight * sum`` (see the module docstring). ``y`` and ``sample_weight`` are a
     tensor, or a list/dict with one entry per output; ``sample_weight`` may be ``None``, per
-    example or per element. ``loss_scale`` (float16 loss scaling): the gradient is taken of the
-    scaled sum and divided back, so the returned gradients are unscaled. ``check_forward`` runs
-    right after the forward pass (the add_loss refusal)."""
+    example or per element. ``loss_scale`` (float16 loss scaling): the gradient is taken of
+    ``scale * S / max(N, 1)`` (the range of Keras' scaled batch mean) and multiplied back by
+    ``max(N, 1) / scale``, so the returned gradients are unscaled gradients of ``S`` (float32).
+    ``check_forward`` runs right after the forward pass (the add_loss refusal)."""
     y_true = _flat(y, names, "y")
     weights = (
         _flat(sample_weight, names, "sample_weight")
@@ -358,18 +359,24 @@ def micro_batch_gradients(
                 count = tf.reduce_sum(tf.cast(mask, tf.float64))
             sums.append(tf.reduce_sum(weighted))
             counts.append(count)
-        # Inside the tape: the weighting (and loss scaling) must be recorded.
-        targets = []
-        for term, total in zip(terms, sums, strict=True):
+        # Inside the tape: the weighting (and loss scaling) must be recorded. Scaled, the
+        # micro-batch *mean* is differentiated (the float16 range Keras' scaled batch loss
+        # uses), and the gradient brought back to the sum's: * max(N, 1) / scale.
+        targets, unscale = [], []
+        for term, total, count in zip(terms, sums, counts, strict=True):
             target = total * tf.cast(term.weight, total.dtype)
             if loss_scale is not None:
-                target = target * tf.cast(loss_scale, total.dtype)
+                factor = tf.cast(loss_scale, total.dtype) / tf.cast(
+                    tf.maximum(count, 1.0), total.dtype
+                )
+                target = target * factor
+                unscale.append(factor)
             targets.append(target)
     grads = []
-    for target in targets:
+    for i, target in enumerate(targets):
         g = tape.gradient(target, list(variables))
         if loss_scale is not None:
-            g = [None if gi is None else _unscale(gi, loss_scale) for gi in g]
+            g = [None if gi is None else _unscale(gi, unscale[i]) for gi in g]
         grads.append(g)
     del tape
     return MicroBatch(grads, [tf.cast(s, tf.float64) for s in sums], counts, y_pred)
