@@ -11,8 +11,9 @@ count ``N_o,W`` of the loss elements that count (Keras masks -- ``compute_mask``
 micro-batch-gradient function both front ends use) -- the gradient Keras'
 ``"sum_over_batch_size"`` loss gives on the concatenated window -- then clipping and one
 optimizer step. A window in which no element of an output counts contributes a zero gradient
-for it (Keras' ``divide_no_nan``), reported as ``elements == 0`` / ``empty_windows``. Penalty, weight decay, clipping and the step happen once per
-update; the optimizer's ``iterations`` counts updates. The last short window of an epoch is
+for it (Keras' ``divide_no_nan``), reported as ``elements == 0`` / ``empty_windows``.
+Penalty, weight decay, clipping and the step happen once per update; the optimizer's
+``iterations`` counts updates (LR schedules see updates). The last short window of an epoch is
 an update scaled by its own example count (``drop_remainder=True`` drops it). A non-finite
 gradient skips the whole update (weights and optimizer state untouched; ``History`` records it)
 or raises ``FloatingPointError`` (``on_nonfinite="raise"``).
