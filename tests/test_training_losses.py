@@ -7,6 +7,8 @@ batch. Tolerances are stated per test with their reason.
 
 from __future__ import annotations
 
+import contextlib
+
 import keras
 import numpy as np
 import pytest
@@ -28,18 +30,25 @@ def rng() -> np.random.Generator:
 
 @pytest.fixture
 def float64_floatx():
-    previous = keras.config.floatx()
-    keras.config.set_floatx("float64")
-    yield
-    keras.config.set_floatx(previous)
+    # fit's data adapter casts float inputs, and Keras losses compute, in floatx.
+    with _global(keras.config.floatx, keras.config.set_floatx, "float64"):
+        yield
 
 
 @pytest.fixture
 def policy(request):
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(request.param)
-    yield request.param
-    keras.config.set_dtype_policy(previous)
+    with _global(keras.config.dtype_policy, keras.config.set_dtype_policy, request.param):
+        yield request.param
+
+
+@contextlib.contextmanager
+def _global(get, set_, value):
+    previous = get()
+    set_(value)
+    try:
+        yield
+    finally:
+        set_(previous)
 
 
 def _masked_model(rng: np.random.Generator) -> keras.Model:
