@@ -8,6 +8,7 @@ batch. Tolerances are stated per test with their reason.
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -309,3 +310,14 @@ def test_float16_overflow_skips_the_window_and_halves_the_scale(rng, policy, fro
     assert int(ours.iterations.numpy()) == 0 == int(reference.optimizer.iterations.numpy())
     for w, w0 in zip(model.get_weights(), before, strict=True):
         np.testing.assert_array_equal(w, w0)
+
+
+def test_readme_masked_sequence_example_runs() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in readme.split("```python")[1:]]
+    (code,) = [b for b in blocks if "# readme: masked-sequence" in b]
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    logs = namespace["logs"]
+    assert len(logs["loss"]) == 2 and np.isfinite(logs["loss"]).all()
+    assert int(namespace["wrapped"].optimizer.iterations.numpy()) == 2 * 3  # 7 micro-batches: 3+3+1
