@@ -137,11 +137,14 @@ def test_accumulating_model_logs_loss_with_penalty_like_keras(rng, float64_float
     reference = keras.models.clone_model(model)
     reference.set_weights(model.get_weights())
     reference.compile(keras.optimizers.SGD(0.125), "mse")
-    expected = reference.fit(x, y, batch_size=6, epochs=2, shuffle=False, verbose=0).history
+    fit = {"epochs": 2, "shuffle": False, "verbose": 0, "validation_data": (x, y)}
+    expected = reference.fit(x, y, batch_size=6, **fit).history
     wrapped = tfreg.AccumulatingModel(model, accumulation_steps=3)
     wrapped.compile(keras.optimizers.SGD(0.125), "mse")
-    logs = wrapped.fit(x, y, batch_size=2, epochs=2, shuffle=False, verbose=0).history
-    assert_close("logged loss", np.array(logs["loss"]), np.array(expected["loss"]), rtol=1e-12)
+    logs = wrapped.fit(x, y, batch_size=2, **fit).history
+    for key in ("loss", "val_loss"):
+        assert_close(key, np.array(logs[key]), np.array(expected[key]), rtol=1e-12)
+    assert "val_data_loss" not in logs  # a training-window log; evaluation has no windows
     assert all(d < total for d, total in zip(logs["data_loss"], logs["loss"], strict=True))
     for ours, ref in zip(model.get_weights(), reference.get_weights(), strict=True):
         assert_close("weights", ours, ref, rtol=EXACT.rtol)

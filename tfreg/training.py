@@ -783,6 +783,13 @@ class AccumulatingModel(keras.Model):
         else:
             self._apply_fn()
 
+    def test_step(self, data: Any) -> dict[str, Any]:
+        # Keras' evaluation computes `loss` itself; `data_loss` is a training-window log only
+        # (it would read 0 here).
+        logs = super().test_step(data)
+        logs.pop("data_loss", None)
+        return logs
+
     def train_step(self, data: Any) -> dict[str, Any]:
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         batch = micro_batch_gradients(
