@@ -350,3 +350,19 @@ def test_trainer_metric_honours_the_mask_like_keras(rng, float64_floatx) -> None
         expected["sparse_categorical_accuracy"][0], rel=1e-12
     )
     assert record["loss"] == pytest.approx(expected["loss"][0], rel=1e-12)
+
+
+def test_target_checks_follow_what_each_keras_loss_expects() -> None:
+    """Class-index losses take integer labels of one rank less; CTC and circle losses take
+    targets of another shape by design, so no broadcast check applies to them."""
+
+    def only_term(loss):
+        (term,) = loss_terms(loss, None, ["output"])
+        return term
+
+    assert only_term(_sparse_ce()).class_index
+    assert only_term(keras.losses.CategoricalGeneralizedCrossEntropy()).class_index
+    assert not only_term(keras.losses.CTC()).builtin
+    assert not only_term(keras.losses.Circle()).builtin
+    assert only_term("mse").builtin and not only_term("mse").class_index
+    assert not only_term(lambda t, p: (t - p) ** 2).builtin  # user functions: their own rules

@@ -47,8 +47,14 @@ __all__ = [
 ]
 
 _ALLOWED_REDUCTIONS = ("sum_over_batch_size", "mean", "none", None)
-# Keras loss functions whose targets are class indices (one fewer dimension than the output).
-_CLASS_INDEX_FNS = (keras.losses.sparse_categorical_crossentropy,)
+# Keras loss functions whose targets are class indices (one fewer dimension than the output),
+# and those whose targets legitimately have another shape (label sequences, labels for
+# embeddings): no target-shape check for the latter.
+_CLASS_INDEX_FNS = (
+    keras.losses.sparse_categorical_crossentropy,
+    keras.losses.categorical_generalized_cross_entropy,
+)
+_FREE_SHAPE_FNS = (keras.losses.ctc, keras.losses.circle)
 
 
 def _rank_fix(shape1: tf.TensorShape, shape2: tf.TensorShape) -> tuple[int, str] | None:
@@ -145,7 +151,9 @@ def output_names(model: keras.layers.Layer) -> list[str]:
 
 def _term(loss: Any, name: str, index: int, weight: Any) -> LossTerm:
     _, fn = _resolve(loss)
-    builtin = getattr(fn, "__module__", type(fn).__module__).startswith("keras.")
+    builtin = fn not in _FREE_SHAPE_FNS and (
+        getattr(fn, "__module__", type(fn).__module__).startswith("keras.")
+    )
     try:
         weight = 1.0 if weight is None else float(weight)
     except (TypeError, ValueError):
