@@ -266,8 +266,8 @@ def _check_target(term: LossTerm, y_true: tf.Tensor, y_pred: tf.Tensor) -> None:
     if term.class_index:
         if y_true.dtype.is_floating:
             raise InvalidArgumentError(
-                f"Output {term.name!r} has a class-index loss (sparse categorical "
-                "crossentropy), which would truncate float labels to integers; pass integer "
+                f"Output {term.name!r} has a class-index loss (its targets are class "
+                "indices), which would truncate float labels to integers; pass integer "
                 f"labels (e.g. y.astype('int64')). Received: y dtype {y_true.dtype.name}"
             )
         t = y_true.shape.as_list()
