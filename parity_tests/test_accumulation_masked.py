@@ -44,11 +44,19 @@ SOME = ["k2", "uneven-short-window"]
 
 @pytest.fixture(autouse=True)
 def float64_floatx():
-    # fit's data adapter casts float inputs, and Keras losses compute, in floatx.
-    previous = keras.config.floatx()
-    keras.config.set_floatx("float64")
+    # fit's data adapter casts float inputs, and Keras losses compute, in floatx; layers take
+    # the global dtype policy, which Keras pins to floatx when the first layer is built: set
+    # both (else a float64 row run after a float32 test silently runs in float32).
+    previous = keras.config.floatx(), keras.config.dtype_policy()
+    _set_dtype("float64")
     yield
-    keras.config.set_floatx(previous)
+    keras.config.set_floatx(previous[0])
+    keras.config.set_dtype_policy(previous[1])
+
+
+def _set_dtype(dtype: str) -> None:
+    keras.config.set_floatx(dtype)
+    keras.config.set_dtype_policy(dtype)
 
 
 def _tokens(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -138,7 +146,7 @@ def test_masked_lstm_float32(rng, front_end) -> None:
     float64 rows above are what shows the arithmetic is exact."""
     tol = tolerance("model_cross", "float32")
     case = CASES["uneven-short-window"]
-    keras.config.set_floatx("float32")  # the autouse fixture restores the previous floatx
+    _set_dtype("float32")  # the autouse fixture restores the previous floatx and policy
     model = _sequence_model(rng, "lstm")
     model.set_weights([w.astype("float32") for w in model.get_weights()])
     x, y = _tokens(rng, case.n), rng.integers(0, CLASSES, size=(case.n, T))
