@@ -151,8 +151,10 @@ def test_optimizer_steps_count_updates(data) -> None:
 def test_bad_arguments_name_the_value() -> None:
     model = mlp(0)
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(InvalidArgumentError, match="reduction='mean'"):
-        torchref.Trainer(model, torch.nn.MSELoss(), sgd)
+    with pytest.raises(InvalidArgumentError, match=r"loss\.reduction='sum'"):
+        torchref.Trainer(model, torch.nn.MSELoss(reduction="sum"), sgd)
+    with pytest.raises(InvalidArgumentError, match=r"loss\.reduction='mean'"):
+        torchref.Trainer(model, torch.nn.CTCLoss(), sgd)  # no element count gives its mean
     with pytest.raises(InvalidArgumentError, match="loss='hinge'"):
         torchref.Trainer(model, "hinge", sgd)
     with pytest.raises(InvalidArgumentError, match="jit_compile=True"):
