@@ -5,9 +5,31 @@ arithmetic.
 
 Differences from TensorFlow (``tfreg.training``): ``optimizer`` is a ``torch.optim`` optimizer
 built on the model's parameters, and ``loss`` is a torch loss -- a name from ``LOSSES``, a
-``torch.nn`` loss module built with ``reduction="none"``, or ``fn(y_pred, y_true)`` returning
-per-example losses (torch's argument order). ``jit_compile`` must be False (torchref runs
-eagerly). Checkpoints are ``state_dict()`` / ``load_state_dict()``.
+``torch.nn`` loss module as users build it, or ``fn(y_pred, y_true)`` returning per-example
+losses (torch's argument order). ``jit_compile`` must be False (torchref runs eagerly).
+Checkpoints are ``state_dict()`` / ``load_state_dict()``.
+
+Loss modules. ``reduction="mean"`` (torch's default) is translated to the module's
+``reduction="none"`` values (a copy; the user's module is untouched, its other arguments --
+``weight``, ``ignore_index``, ``label_smoothing``, ``pos_weight``, ``delta``, ``beta`` -- kept)
+divided by the window's count, so an update equals ``loss(model(X_W), Y_W).backward();
+optimizer.step()`` on the concatenated window ``W``. The count is torch's own denominator:
+the element count for ``MSELoss``, ``L1Loss``, ``HuberLoss``, ``SmoothL1Loss``,
+``BCEWithLogitsLoss``, ``BCELoss``, ``SoftMarginLoss``, ``KLDivLoss`` (``"batchmean"``: the
+example count), and class-probability targets of ``CrossEntropyLoss``; for class indices
+(``CrossEntropyLoss``, ``NLLLoss``, also per timestep: ``(N, C, T)`` logits, ``(N, T)``
+targets) ``sum(weight[y_i])`` over the targets that are not ``ignore_index`` (1 per target
+without ``weight``). ``reduction="none"`` modules get the same denominator. Differences from
+torch: a window whose every target is ignored has a zero data gradient and ``count`` 0 in its
+``History`` record (torch's mean is 0/0 = NaN), and ``reduction="sum"`` is refused (the
+contract is the window's mean). The name ``"cross_entropy"`` is ``nn.CrossEntropyLoss()``:
+labels ``-100`` are ignored, and Keras' ``(N, 1)`` label arrays are accepted.
+
+Refused before any update, naming the argument: floating targets for class indices (torch's
+``.long()`` would truncate them), targets whose shape differs from the predictions' for
+element-wise losses (torch would broadcast them; the Keras-named losses accept ``(N,)``
+targets for ``(N, 1)`` predictions, as Keras does), negative class weights, and an optimizer
+over parameters that are not the model's.
 """
 
 from __future__ import annotations
@@ -453,8 +475,18 @@ class Trainer:
     TensorFlow side; decoupled decay (``AdamW``) happens in ``optimizer.step`` once per update.
     Checkpoint/resume: ``trainer.state_dict()`` holds model, optimizer, accumulator and position;
     ``load_state_dict`` on a fresh trainer continues ``fit`` where it stopped, mid-window included;
-    ``epochs`` is the total to train up to, as in ``tfreg.Trainer``. Floating inputs are cast to
-    the parameters' dtype (Keras casts inputs to its layers' dtype; torch would raise).
+    ``epochs`` is the total to train up to, as in ``tfreg.Trainer``. The checkpoint also holds
+    the torch RNG state Dropout draws from (the CPU generator, and the CUDA generators when the
+    model is on CUDA), which ``load_state_dict`` restores: a resumed Dropout model is
+    bit-identical to an uninterrupted run. Floating inputs are cast to the parameters' dtype
+    (Keras casts inputs to its layers' dtype; torch would raise).
+
+    Modes: ``fit`` calls ``model.train()`` once when the model is in eval mode; a model already
+    in training mode keeps its submodules' modes (a BatchNorm frozen with ``.eval()`` keeps its
+    running statistics). Every submodule's mode is restored when ``fit`` returns or raises.
+    During ``fit`` each parameter's ``.grad`` is its accumulator sum (``backward()`` adds into
+    it, as in a hand-written loop); ``fit`` leaves ``.grad`` at None. See the module docstring
+    for losses, counts and the set-ups refused before any update.
     """
 
     def __init__(
