@@ -1,7 +1,7 @@
 """torchref.Trainer with torch loss modules as users build them (reduction="mean"), against
 exactly ``loss_module(model(X_window), Y_window).backward(); optimizer.step()`` on each
-concatenated window; ignore_index, class weights, target checks, training modes and the RNG
-state in checkpoints. No TensorFlow imported here.
+concatenated window; ignore_index, class weights, target checks and training modes. No
+TensorFlow imported here.
 
 Tolerance: the accumulated update against one step on the concatenated window, float64,
 ``tolerance("accumulation", "float64")`` (1e-12 rel): the two differ only in summation order.
@@ -295,7 +295,7 @@ def test_class_weights_must_be_non_negative() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Training modes and the RNG state
+# Training modes (the RNG state in checkpoints: tests/test_training_torch.py)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -344,36 +344,3 @@ def test_eval_model_trains_in_training_mode_and_is_restored_when_fit_raises() ->
     assert seen == [True, True]
     assert not any(m.training for m in model.modules())
     assert all(p.grad is None for p in model.parameters())
-
-
-def test_dropout_resume_mid_window_is_bit_identical() -> None:
-    rng = np.random.default_rng(9)
-    x, y = rng.normal(size=(14, D)), rng.integers(0, C, size=14)
-
-    def make() -> torchref.Trainer:
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(D, 16), nn.Dropout(0.5), nn.Linear(16, C)).double()
-        return torchref.Trainer(
-            model,
-            "cross_entropy",
-            torch.optim.Adam(model.parameters(), lr=0.01),
-            accumulation_steps=3,
-        )
-
-    reference = make()
-    reference.fit(x, y, batch_size=2, epochs=2, verbose=0)
-
-    class StopMidWindow:
-        def on_micro_batch_end(self, trainer, epoch, micro_batch):
-            if (epoch, micro_batch) == (0, 4):
-                trainer.stop_training = True
-
-    first = make()
-    first.fit(x, y, batch_size=2, epochs=2, callbacks=[StopMidWindow()], verbose=0)
-    saved = first.state_dict()
-    torch.rand(1000)  # whatever ran in between moved the generator on
-    resumed = make()
-    resumed.load_state_dict(saved)
-    resumed.fit(x, y, batch_size=2, epochs=2, verbose=0)
-    for a, b in zip(resumed.model.parameters(), reference.model.parameters(), strict=True):
-        assert torch.equal(a, b)
