@@ -84,7 +84,8 @@ def add(
         for acc, grad in zip(state.sums, grads, strict=True):
             if grad is not None:
                 acc.add_(grad.to(acc.dtype))
-        state.count.add_(torch.as_tensor(count, dtype=torch.float64))
+        # A Python number is added as a float64 scalar: no tensor built per micro-batch.
+        state.count.add_(count if isinstance(count, torch.Tensor) else float(count))
     state.micro_batches += 1
     return state
 

@@ -40,6 +40,8 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
+
 from tfreg_core.specs import float32_rounded
 from tfreg_core.training import (
     NONFINITE_MESSAGE,
@@ -290,6 +292,11 @@ def _check_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -
         )
 
 
+def _all_ones(sample_weight: Any) -> bool:
+    # Host arrays only: reading a device tensor here would synchronise every micro-batch.
+    return isinstance(sample_weight, np.ndarray) and bool(np.all(sample_weight == 1.0))
+
+
 def _all_finite(grads: list[torch.Tensor]) -> bool:
     """Whether every gradient element is finite; one host sync per update (torch has no
     graph-side conditional to keep the decision on the device). A sum is NaN or inf when an
@@ -371,7 +378,8 @@ class _Engine:
         y_pred = self.model(xb)
         y_host = torch.as_tensor(y)
         values, count = self.loss(y_pred, y_host)
-        if sample_weight is None:
+        if sample_weight is None or _all_ones(sample_weight):
+            sample_weight = None  # unweighted: no weight tensor, no product to differentiate
             loss_sum = values.sum()
         else:
             w = torch.as_tensor(sample_weight, device=self.device)
@@ -404,8 +412,9 @@ class _Engine:
         # zero sums: its data gradient is 0 (torch's mean would be 0/0 = NaN).
         divisor = torch.where(self.acc.count > 0, self.acc.count, 1.0)
         if self.in_grad:
+            by_dtype = {total.dtype: divisor.to(total.dtype) for total in self.acc.sums}
             for total in self.acc.sums:
-                total.div_(divisor.to(total.dtype))
+                total.div_(by_dtype[total.dtype])
             return list(self.acc.sums), divisor
         grads = [
             (s / divisor.to(s.dtype)).to(p.dtype)
