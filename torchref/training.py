@@ -179,7 +179,9 @@ class _WindowLoss:
             y_pred = y_pred.float()  # float16/bfloat16 predictions: the loss in float32
         y_true, index = self._check_targets(y_pred, y_true)
         count = self._count(y_pred, y_true) if index else None
-        values = self.fn(y_pred, y_true.to(y_pred.device))
+        if y_true.device != y_pred.device:
+            y_true = y_true.to(y_pred.device)
+        values = self.fn(y_pred, y_true)
         if count is None:
             count = y_pred.shape[0] if self.per_batch else values.numel()
         return values, count
@@ -210,7 +212,7 @@ class _WindowLoss:
                     f"Class-index targets for predictions of shape {pred} (batch, classes, ...) "
                     f"must have shape {expected}. Received: y.shape={true}"
                 )
-            return y_true.long(), True
+            return (y_true if y_true.dtype == torch.int64 else y_true.long()), True
         if kind == "keras" and len(true) == len(pred) - 1 and pred[-1:] == (1,):
             y_true, true = y_true.unsqueeze(-1), (*true, 1)  # as Keras expands (N,) to (N, 1)
         if true != pred:
@@ -223,6 +225,9 @@ class _WindowLoss:
     def _count(self, y_pred: torch.Tensor, y_true: torch.Tensor) -> int | float | torch.Tensor:
         # Counted where the targets live: host targets (the usual case) give a Python number,
         # so the accumulator never waits for the device.
+        if self.class_weight is None and y_true.device.type == "cpu":
+            # NumPy on the tensor's memory: a few microseconds against three torch dispatches.
+            return int(np.count_nonzero(y_true.numpy() != self.ignore_index))
         counted = y_true != self.ignore_index
         if self.class_weight is None:
             total = counted.sum()
@@ -390,7 +395,7 @@ class _Engine:
             for p, total in zip(self.params, self.acc.sums, strict=True):
                 if p.grad is not total:
                     p.grad = total
-            loss_sum.backward(inputs=self.params)
+            loss_sum.backward()
             for p, total in zip(self.params, self.acc.sums, strict=True):
                 if p.grad is not total:  # torch replaced .grad by .grad + g instead of adding
                     total.copy_(p.grad)
@@ -399,7 +404,7 @@ class _Engine:
             grads = torch.autograd.grad(loss_sum, self.params, allow_unused=True)
             accumulation.add(self.acc, grads, count)
         with torch.no_grad():
-            self.loss_sum.add_(loss_sum.detach())
+            self.loss_sum.add_(loss_sum)
             if self.metric_sums:
                 w = torch.ones(len(values), device=self.device) if sample_weight is None else w
                 self.weight_sum.add_(w.sum())
