@@ -82,7 +82,11 @@ def case(name: str, rng: np.random.Generator) -> tuple[nn.Module, nn.Module, np.
             nn.CrossEntropyLoss(weight=weight, label_smoothing=0.1),
             classes(rng, (N,), ignored=3),
         ),
-        "cross_entropy_probabilities": lambda: (dense(C), nn.CrossEntropyLoss(), probabilities),
+        "cross_entropy_probabilities_weighted": lambda: (
+            dense(C),
+            nn.CrossEntropyLoss(weight=weight, label_smoothing=0.2),
+            probabilities,
+        ),
         "nll_weighted_ignore_1": lambda: (
             dense(C, True),
             nn.NLLLoss(weight=weight, ignore_index=1),
@@ -124,7 +128,7 @@ LOSS_CASES = [
     "kl_mean",
     "cross_entropy",
     "cross_entropy_weighted_smoothed_ignored",
-    "cross_entropy_probabilities",
+    "cross_entropy_probabilities_weighted",
     "nll_weighted_ignore_1",
     "per_timestep_ignored",
 ]
