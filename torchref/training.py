@@ -94,6 +94,7 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 }
 
 nn = torch.nn
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Loss modules whose reduction="mean" is sum(values) / values.numel() on the "none" values.
 _ELEMENTWISE_MODULES = (
     nn.MSELoss,
@@ -175,7 +176,7 @@ class _WindowLoss:
     def __call__(
         self, y_pred: torch.Tensor, y_true: torch.Tensor
     ) -> tuple[torch.Tensor, int | float | torch.Tensor]:
-        if y_pred.dtype != torch.float64:
+        if y_pred.dtype in _LOW_PRECISION:
             y_pred = y_pred.float()  # float16/bfloat16 predictions: the loss in float32
         y_true, index = self._check_targets(y_pred, y_true)
         count = self._count(y_pred, y_true) if index else None
@@ -403,9 +404,9 @@ class _Engine:
         else:
             grads = torch.autograd.grad(loss_sum, self.params, allow_unused=True)
             accumulation.add(self.acc, grads, count)
-        with torch.no_grad():
-            self.loss_sum.add_(loss_sum)
-            if self.metric_sums:
+        self.loss_sum.add_(loss_sum.detach())
+        if self.metric_sums:
+            with torch.no_grad():
                 w = torch.ones(len(values), device=self.device) if sample_weight is None else w
                 self.weight_sum.add_(w.sum())
                 for name, total in zip(self.spec.metrics, self.metric_sums, strict=True):
