@@ -348,3 +348,33 @@ def test_eval_model_trains_in_training_mode_and_is_restored_when_fit_raises() ->
     assert seen == [True, True]
     assert not any(m.training for m in model.modules())
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", nn.CrossEntropyLoss()])
+def test_no_host_reads_per_micro_batch(loss, monkeypatch) -> None:
+    # Reads of tensor values (item, bool) happen per update, never per micro-batch: one
+    # update of 8 micro-batches reads as often as one update of 16.
+    reads = []
+    for name in ("item", "__bool__", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            reads.append(1)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    def reads_for(micro_batches: int) -> int:
+        model = dense(C).double()
+        x = np.random.default_rng(10).normal(size=(2 * micro_batches, D))
+        trainer = torchref.Trainer(
+            model,
+            loss,
+            torch.optim.SGD(model.parameters(), lr=LR),
+            accumulation_steps=micro_batches,
+        )
+        reads.clear()
+        trainer.fit(x, np.arange(2 * micro_batches) % C, batch_size=2, shuffle=False, verbose=0)
+        return len(reads)
+
+    assert reads_for(8) == reads_for(16)
