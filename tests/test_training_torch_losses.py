@@ -165,7 +165,7 @@ def test_class_weight_denominator_is_the_sum_of_the_targets_weights() -> None:
         accumulation_steps=2,
     )
     history = trainer.fit(x, y, batch_size=2, epochs=1, shuffle=False, verbose=0)
-    assert [r["count"] for r in history.records] == [3.75, 4.0]
+    assert [r["elements"] for r in history.records] == [3.75, 4.0]
     logits = model(torch.as_tensor(x[:4]))
     expected = loss(logits, torch.as_tensor(y[:4])).item()
     assert_close("data_loss", history.records[0]["data_loss"], expected, rtol=EXACT.rtol)
@@ -183,12 +183,12 @@ def test_cross_entropy_name_does_not_count_ignored_labels() -> None:
     ).fit(x, y, batch_size=2, epochs=1, shuffle=False, verbose=0)
     for a, b in zip(trained.parameters(), expected.parameters(), strict=True):
         assert_close("param", a.detach(), b.detach(), rtol=EXACT.rtol)
-    assert history.records[0]["count"] == 5.0
+    assert history.records[0]["elements"] == 5.0
 
 
 def test_window_with_every_element_ignored_is_a_zero_data_gradient() -> None:
     # torch's own mean is 0/0 = NaN there; the trainer applies a zero data gradient (the
-    # penalty, when there is one, still acts) and reports the window with count 0.
+    # penalty, when there is one, still acts) and reports the window with elements 0.
     model = dense(C).double()
     x = np.random.default_rng(2).normal(size=(8, D))
     y = np.array([0, 1, 2, 1, -100, -100, -100, -100])
@@ -207,7 +207,7 @@ def test_window_with_every_element_ignored_is_a_zero_data_gradient() -> None:
         accumulation_steps=2,
     ).fit(x, y, batch_size=2, epochs=1, shuffle=False, callbacks=[AfterFirstUpdate()], verbose=0)
     last = history.records[-1]
-    assert (last["count"], last["data_loss"], last["skipped"]) == (0.0, 0.0, False)
+    assert (last["elements"], last["data_loss"], last["skipped"]) == (0.0, 0.0, False)
     expected = window_reference(model, nn.CrossEntropyLoss(), x[:4], y[:4], k=2)  # window 0
     for a, b, c in zip(trained.parameters(), expected.parameters(), after_first, strict=True):
         assert_close("param", a.detach(), b.detach(), rtol=EXACT.rtol)

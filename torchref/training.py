@@ -20,10 +20,11 @@ example count), and class-probability targets of ``CrossEntropyLoss``; for class
 (``CrossEntropyLoss``, ``NLLLoss``, also per timestep: ``(N, C, T)`` logits, ``(N, T)``
 targets) ``sum(weight[y_i])`` over the targets that are not ``ignore_index`` (1 per target
 without ``weight``). ``reduction="none"`` modules get the same denominator. Differences from
-torch: a window whose every target is ignored has a zero data gradient and ``count`` 0 in its
-``History`` record (torch's mean is 0/0 = NaN), and ``reduction="sum"`` is refused (the
-contract is the window's mean). The name ``"cross_entropy"`` is ``nn.CrossEntropyLoss()``:
-labels ``-100`` are ignored, and Keras' ``(N, 1)`` label arrays are accepted.
+torch: a window whose every target is ignored has a zero data gradient and ``elements`` 0 in
+its ``History`` record (torch's mean is 0/0 = NaN; each record's ``elements`` is the window's
+denominator), and ``reduction="sum"`` is refused (the contract is the window's mean). The
+name ``"cross_entropy"`` is ``nn.CrossEntropyLoss()``: labels ``-100`` are ignored, and Keras'
+``(N, 1)`` label arrays are accepted.
 
 Refused before any update, naming the argument: floating targets for class indices (torch's
 ``.long()`` would truncate them), targets whose shape differs from the predictions' for
@@ -452,19 +453,25 @@ class _Engine:
             "loss": data_loss + pen,
             "data_loss": data_loss,
             "penalty": pen,
-            "count": self.acc.count.clone(),
+            # N_W, the denominator (sum of class weights for weighted class indices); the
+            # record key tfreg's History uses too.
+            "elements": self.acc.count.clone(),
             "skipped": not finite,
         }
         for name, total in zip(self.spec.metrics, self.metric_sums, strict=True):
             values[name] = total / self.weight_sum
-        accumulation.reset(self.acc)
-        for total in [self.loss_sum, self.weight_sum, *self.metric_sums]:
-            total.zero_()
+        self._reset_window()
         # Raised only now, with the window consumed (as tfreg does): a later fit() must not
         # re-apply the non-finite window.
         if not finite and self.spec.on_nonfinite == "raise":
             raise FloatingPointError(NONFINITE_MESSAGE)
         return values
+
+    def _reset_window(self) -> None:
+        # After the update that consumed the window (in place: checkpoints hold copies).
+        accumulation.reset(self.acc)
+        for total in [self.loss_sum, self.weight_sum, *self.metric_sums]:
+            total.zero_()
 
     def fetch(self, values: dict[str, Any]) -> dict[str, Any]:
         return {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in values.items()}
