@@ -22,7 +22,7 @@ def _models(device: str, torch_activation: str) -> tuple[Any, Any]:
     with tf.device(tf_device(device)):
         keras_model = keras.Sequential(
             [
-                keras.Input((6,)),
+                keras.Input((6,), dtype="float64"),  # a float32 Input would round x
                 keras.layers.Dense(8, activation="relu", dtype="float64"),
                 keras.layers.Dense(3, dtype="float64"),
             ]

@@ -11,8 +11,9 @@ Importing it costs nothing: TensorFlow and torch are imported when a test first 
                               keras_optimizer=..., torch_optimizer=...,
                               rtol={"model_cross/float32": 2e-5})
 
-``parity.check`` is :func:`tfreg.parity.assert_parity` (the test fails with the whole table, and
-on skips unless ``allow_skips=True``) with per-check tolerance overrides. Overrides name the
+``parity.check`` is :func:`tfreg.parity.assert_parity` (the test fails with the whole table; a
+configuration mismatch is a failure, never a skip) with per-check tolerance overrides. Overrides
+name the
 tolerance table's claims (``tfreg_harness.tolerances``: ``model_cross`` covers logits, loss and
 gradients of a transferred model, ``trajectory`` the weights after ``steps``), as ``"claim"``
 (both dtypes) or ``"claim/dtype"``. They come from, the later winning:
@@ -103,7 +104,6 @@ class ParityChecker:
         y: Any,
         *,
         rtol: float | Mapping[str, float] | None = None,
-        allow_skips: bool = False,
         **kwargs: Any,
     ) -> Any:
         """:func:`tfreg.parity.assert_parity` under this test's tolerance overrides; returns the
@@ -131,7 +131,6 @@ class ParityChecker:
                 torch_module,
                 x,
                 y,
-                allow_skips=allow_skips,
                 device=device,
                 rtol=rtol,
                 **kwargs,
