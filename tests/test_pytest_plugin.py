@@ -76,8 +76,10 @@ def test_fixture_checks_pairs_with_overrides_from_ini_marker_and_call(inner) -> 
     inner.makepyfile(test_pairs=_TESTS.replace("EXPECTED", "5e-11"))
     result = inner.runpytest(*_PLUGIN, "-q")
     result.assert_outcomes(passed=3, failed=1)
-    # The broken pair fails with the table, naming the rows that left their tolerance.
-    result.stdout.fnmatch_lines(["*test_broken_pair*", "*parity failed for layer pairing and configuration*relu vs torch tanh*"])
+    # The broken pair fails at pairing (relu vs tanh is a configuration mismatch), with the table.
+    result.stdout.fnmatch_lines(
+        ["*test_broken_pair*", "*parity failed for layer pairing and configuration*relu vs torch tanh*"]
+    )
 
 
 def test_without_overrides_the_table_applies(inner) -> None:
