@@ -78,7 +78,7 @@ def test_fixture_checks_pairs_with_overrides_from_ini_marker_and_call(inner) -> 
     result.assert_outcomes(passed=3, failed=1)
     # The broken pair fails at pairing (relu vs tanh is a configuration mismatch), with the table.
     result.stdout.fnmatch_lines(
-        ["*test_broken_pair*", "*parity failed for layer pairing and configuration*relu vs torch tanh*"]
+        ["*test_broken_pair*", "*parity failed for layer pairing*relu vs torch tanh*"]
     )
 
 
