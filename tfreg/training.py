@@ -714,17 +714,21 @@ class _KerasCallbacks:
 
 class _FlushAtEpochEnd(keras.callbacks.Callback):
     """Flush the partial window after the epoch's last step -- before ``fit`` validates, so
-    validation sees the epoch's final weights (``on_epoch_end`` comes after validation)."""
+    validation sees the epoch's final weights (``on_epoch_end`` comes after validation). Runs
+    after the user's callbacks, so a ``stop_training`` they set on this step flushes too.
+    Epochs of unknown length end with the data: ``AccumulatingModel.make_train_function``
+    flushes there."""
 
     def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
         steps = self.params.get("steps")
-        if steps and batch + 1 >= steps:
+        if (steps and batch + 1 >= steps) or self.model.stop_training:
             self.model.flush()
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-        self.model.flush()  # epochs of unknown length; a no-op after the flush above
+        self.model.flush()  # a no-op after the flushes above
 
 
+@keras.saving.register_keras_serializable(package="tfreg")
 class AccumulatingModel(keras.Model):
     """Exact accumulation inside ``model.fit``: wraps ``model`` (sharing its weights) and
     replaces ``train_step``.
@@ -783,6 +787,38 @@ class AccumulatingModel(keras.Model):
     def call(self, inputs: Any, training: bool | None = None) -> Any:
         return self.model(inputs, training=training)
 
+    def get_config(self) -> dict[str, Any]:
+        """The constructor's arguments, ``model`` serialized: ``.save("m.keras")``,
+        ``keras.models.load_model`` and ``ModelCheckpoint`` round-trip the wrapper (weights and
+        optimizer state come with the file; the accumulator is empty at every epoch end)."""
+        return {
+            **super().get_config(),
+            "model": keras.saving.serialize_keras_object(self.model),
+            "accumulation_steps": self.spec.accumulation_steps,
+            "regularizer": keras.saving.serialize_keras_object(self.regularizer),
+            "include_bias": self.spec.include_bias,
+            "drop_remainder": self.spec.drop_remainder,
+            "proximal": object_config(self.proximal),
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], custom_objects: Any = None) -> AccumulatingModel:
+        config = dict(config)
+        model = keras.saving.deserialize_keras_object(
+            config.pop("model"), custom_objects=custom_objects
+        )
+        regularizer = config.pop("regularizer", None)
+        if regularizer is not None:
+            regularizer = keras.saving.deserialize_keras_object(
+                regularizer, custom_objects=custom_objects
+            )
+        return cls(model, regularizer=regularizer, **config)
+
+    def compile_from_config(self, config: dict[str, Any]) -> None:
+        """``load_model``'s compile: this class's ``compile`` (checks included; it builds the
+        optimizer variables, so the saved optimizer state loads into them)."""
+        self.compile(**keras.saving.deserialize_keras_object(config))
+
     def compile(self, optimizer: Any = "rmsprop", loss: Any = None, **kwargs: Any) -> None:
         optimizer = keras.optimizers.get(optimizer)
         if getattr(optimizer, "gradient_accumulation_steps", None):
@@ -818,7 +854,29 @@ class AccumulatingModel(keras.Model):
         if not self.model.built:
             raise ValueError("Build the wrapped model (e.g. with keras.Input) before fit().")
         self._build_state()
-        return super().fit(*args, callbacks=[_FlushAtEpochEnd(), *(callbacks or [])], **kwargs)
+        return super().fit(*args, callbacks=[*(callbacks or []), _FlushAtEpochEnd()], **kwargs)
+
+    def make_train_function(self, force: bool = False) -> Any:
+        """Keras' train function, flushing the partial window when the epoch's data ends.
+
+        An epoch of unknown length (a ``tf.data`` pipeline of unknown cardinality, a
+        generator) ends when the train function finds no more data; Keras then validates at
+        once. Flushing there, before the end-of-data error reaches ``fit``, makes validation
+        see the epoch's final weights."""
+        if self.train_function is not None and not force:
+            return self.train_function
+        super().make_train_function(force=force)
+        step = self.train_function
+
+        def train_function(iterator: Any) -> Any:
+            try:
+                return step(iterator)
+            except (StopIteration, tf.errors.OutOfRangeError):
+                self.flush()
+                raise
+
+        self.train_function = train_function
+        return train_function
 
     def _apply_window(self) -> None:
         variables = list(self.model.trainable_variables)
