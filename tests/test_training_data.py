@@ -70,9 +70,7 @@ def test_trainer_on_tf_data_of_unknown_cardinality_with_validation(data) -> None
     x, y, sw = data
     model = linear_model()
     t = trainer(model)
-    history = t.fit(
-        unknown_cardinality(x, y, sw), epochs=2, validation_data=(x, y), verbose=0
-    )
+    history = t.fit(unknown_cardinality(x, y, sw), epochs=2, validation_data=(x, y), verbose=0)
     expected_w, expected_b = numpy_sgd(x, y, sw, W0, 0.3, epochs=2)
     assert_close("kernel", model.get_weights()[0][:, 0], expected_w, rtol=EXACT.rtol)
     assert_close("bias", model.get_weights()[1], [expected_b], rtol=EXACT.rtol)
@@ -107,10 +105,12 @@ def test_accumulating_model_validates_unknown_cardinality_on_final_weights(data)
     assert history.history["val_loss"][-1] == pytest.approx(mse(model, x, y), rel=1e-6)
 
 
-def two_input_model() -> keras.Model:
-    a, b = keras.Input((2,), name="a", dtype="float64"), keras.Input((1,), name="b", dtype="float64")
-    out = keras.layers.Dense(1, dtype="float64")(keras.layers.Concatenate(dtype="float64")([a, b]))
-    model = keras.Model({"a": a, "b": b}, out)
+def two_input_model(structure: str) -> keras.Model:
+    a = keras.Input((2,), name="a", dtype="float64")
+    b = keras.Input((1,), name="b", dtype="float64")
+    joined = keras.layers.Concatenate(dtype="float64")([a, b])
+    out = keras.layers.Dense(1, dtype="float64")(joined)
+    model = keras.Model({"a": a, "b": b} if structure == "dict" else [a, b], out)
     model.set_weights([W0.reshape(D, 1), np.array([0.3])])
     return model
 
@@ -119,14 +119,11 @@ def two_input_model() -> keras.Model:
 def test_multi_input_structures(data, feed) -> None:
     x, y, sw = data
     if feed == "tuple-arrays":
-        a, b = keras.Input((2,), dtype="float64"), keras.Input((1,), dtype="float64")
-        out = keras.layers.Dense(1, dtype="float64")(keras.layers.Concatenate(dtype="float64")([a, b]))
-        model = keras.Model([a, b], out)
-        model.set_weights([W0.reshape(D, 1), np.array([0.3])])
+        model = two_input_model("list")
         trainer(model).fit((x[:, :2], x[:, 2:]), y, batch_size=4, epochs=1, shuffle=False,
                            sample_weight=sw, verbose=0)  # fmt: skip
     else:
-        model = two_input_model()
+        model = two_input_model("dict")
         inputs = {"a": x[:, :2], "b": x[:, 2:]}
         if feed == "dict-arrays":
             trainer(model).fit(inputs, y, batch_size=4, shuffle=False, sample_weight=sw, verbose=0)
@@ -175,7 +172,7 @@ def test_stream_resumes_mid_window_bit_identically(data, tmp_path) -> None:
     resumed = trainer(linear_model())
     resumed.build()
     resumed.checkpoint().read(path).assert_consumed()
-    with pytest.raises(InvalidArgumentError, match="an iterable of micro-batches. Received: num"):
+    with pytest.raises(InvalidArgumentError, match=r"an iterable of micro-batches\. Received: num"):
         resumed.fit(x, y, batch_size=4, epochs=2, verbose=0)  # arrays: another plan
     history = resumed.fit(ds, epochs=2, verbose=0)  # skips the 4 consumed micro-batches
     assert [(r["examples"], r["micro_batches"]) for r in history.records] == [(7, 2)]
