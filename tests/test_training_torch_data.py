@@ -143,3 +143,11 @@ def test_state_with_other_metrics_is_refused_at_load(data) -> None:
         other.load_state_dict(saved.state_dict())
     for a, b in zip(other.model.parameters(), before, strict=True):
         assert torch.equal(a, b)
+
+
+def test_fit_to_an_epoch_already_reached_warns(data) -> None:
+    x, y = data
+    t = trainer(mlp())
+    t.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    with pytest.warns(UserWarning, match="Nothing to train: the trainer is at epoch 1"):
+        assert len(t.fit(x, y, batch_size=4, epochs=1, verbose=0)) == 0
