@@ -70,7 +70,8 @@ def test_trainer_on_tf_data_of_unknown_cardinality_with_validation(data) -> None
     x, y, sw = data
     model = linear_model()
     t = trainer(model)
-    history = t.fit(unknown_cardinality(x, y, sw), epochs=2, validation_data=(x, y), verbose=0)
+    validation = unknown_cardinality(x, y, batch=5)  # a stream too: 5,5,5,4 examples
+    history = t.fit(unknown_cardinality(x, y, sw), epochs=2, validation_data=validation, verbose=0)
     expected_w, expected_b = numpy_sgd(x, y, sw, W0, 0.3, epochs=2)
     assert_close("kernel", model.get_weights()[0][:, 0], expected_w, rtol=EXACT.rtol)
     assert_close("bias", model.get_weights()[1], [expected_b], rtol=EXACT.rtol)
