@@ -459,12 +459,14 @@ class Trainer:
     epoch), which is what makes checkpoint/resume bit-identical. ``jit_compile=True`` compiles
     both steps with XLA (one compilation per distinct micro-batch size).
 
-    Checkpoint/resume: ``ckpt = trainer.checkpoint()`` tracks model, optimizer, accumulator and
-    position (epoch, micro-batch); a fresh ``Trainer`` on the same model architecture restores it
-    with ``trainer.checkpoint().restore(path)`` and ``fit`` continues where it stopped, mid-window
-    included. ``epochs`` is therefore the total to train *up to* (Keras' ``epochs`` with
-    ``initial_epoch`` taken from the trainer's position): a second ``fit(epochs=3)`` after a
-    first one does nothing; ``fit(epochs=6)`` trains three more.
+    Checkpoint/resume: ``ckpt = trainer.checkpoint()`` tracks model, optimizer, accumulator,
+    position (epoch, micro-batch) and the model's ``SeedGenerator`` states (Dropout masks); a
+    fresh ``Trainer`` on the same model architecture and ``metrics`` restores it with
+    ``trainer.checkpoint().restore(path)`` and ``fit`` continues where it stopped, mid-window
+    included, bit for bit. ``epochs`` is therefore the final epoch index to train *up to*
+    (Keras' ``epochs`` with ``initial_epoch`` taken from the trainer's position): a second
+    ``fit(epochs=3)`` after a first one trains nothing and warns (``UserWarning``, at every
+    verbosity: Keras' own ``fit`` would stay silent); ``fit(epochs=6)`` trains three more.
     """
 
     def __init__(

@@ -2,9 +2,12 @@
 
 Both trainers are a *step engine* (framework code: one micro-batch's gradient into the
 accumulator; one update from the accumulator) driven by :func:`run_fit`, which owns everything
-that must not differ between the frameworks: option validation (:class:`TrainerSpec`), the window
-plan (:mod:`tfreg_core.windows`), the resumable position, callbacks, progress output and the
-per-update :class:`History`.
+that must not differ between the frameworks: option validation (:class:`TrainerSpec`), the data
+(:func:`fit_data`: in-memory arrays, :class:`ArrayData`, or an iterable of micro-batches,
+:class:`StreamData`, each yielding :class:`tfreg_core.windows.Step` s), the resumable position,
+callbacks (checked before training), validation after each epoch's last update, progress
+output and the per-update :class:`History`. The loop reads top to bottom: for each step,
+micro-batch into the engine; when the step closes its window, apply it (or discard it).
 
 The update rule both engines implement, for a window ``W`` of micro-batches::
 
