@@ -119,20 +119,19 @@ def two_input_model(structure: str) -> keras.Model:
 @pytest.mark.parametrize("feed", ["dict-arrays", "dict-dataset", "tuple-arrays"])
 def test_multi_input_structures(data, feed) -> None:
     x, y, sw = data
+    model = two_input_model("list" if feed == "tuple-arrays" else "dict")
+    t = trainer(model)
     if feed == "tuple-arrays":
-        model = two_input_model("list")
-        trainer(model).fit((x[:, :2], x[:, 2:]), y, batch_size=4, epochs=1, shuffle=False,
-                           sample_weight=sw, verbose=0)  # fmt: skip
-    else:
-        model = two_input_model("dict")
+        t.fit((x[:, :2], x[:, 2:]), y, batch_size=4, shuffle=False, sample_weight=sw, verbose=0)
+    elif feed == "dict-arrays":
         inputs = {"a": x[:, :2], "b": x[:, 2:]}
-        if feed == "dict-arrays":
-            trainer(model).fit(inputs, y, batch_size=4, shuffle=False, sample_weight=sw, verbose=0)
-        else:
-            ds = tf.data.Dataset.from_tensor_slices((inputs, y, sw)).batch(4)
-            trainer(model).fit(ds, verbose=0)
+        t.fit(inputs, y, batch_size=4, shuffle=False, sample_weight=sw, verbose=0)
+    else:
+        inputs = {"a": x[:, :2], "b": x[:, 2:]}
+        t.fit(tf.data.Dataset.from_tensor_slices((inputs, y, sw)).batch(4), verbose=0)
     expected_w, _ = numpy_sgd(x, y, sw, W0, 0.3, epochs=1)
     assert_close("kernel", model.get_weights()[0][:, 0], expected_w, rtol=EXACT.rtol)
+    assert t.trace_counts()["micro"] == 1  # nested TensorSpecs, None batch dimension
 
 
 def test_generator_stream_drop_remainder_and_steps_per_epoch(data) -> None:
