@@ -125,3 +125,42 @@ def test_builtin_loses_the_partial_window(rng, dtype, floatx) -> None:
         )
     lost = compare("flushed vs builtin", flushed.get_weights()[0], builtin.get_weights()[0], rtol=0)
     assert lost.max_rel > 1e3 * tol.rtol, str(lost)
+
+
+@pytest.mark.parametrize("dtype", ["float64"])
+def test_builtin_evaluates_a_schedule_at_the_micro_step(rng, dtype, floatx) -> None:
+    """Documented difference (measured, Keras 3.15): with ``gradient_accumulation_steps=4``
+    Keras evaluates a ``LearningRateSchedule`` at its micro-step counter, so
+    ``PiecewiseConstantDecay([2], [1.0, 0.0])`` -- rate 1 for updates 0..2 -- is already 0 when
+    the first accumulated update is applied: 8 micro-batches, 2 updates, the weights never move.
+    tfreg's optimizer counts updates only: its 2 updates are plain Keras' 2 steps at batch 16."""
+    model, x, y = _setup(rng, dtype, 32)
+    before = model.get_weights()
+
+    def sgd(**kwargs):
+        schedule = keras.optimizers.schedules.PiecewiseConstantDecay([2], [1.0, 0.0])
+        return keras.optimizers.SGD(schedule, **kwargs)
+
+    builtin = keras.models.clone_model(model)
+    builtin.set_weights(before)
+    builtin.compile(sgd(gradient_accumulation_steps=4), _loss(dtype))
+    builtin.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0)
+    assert int(builtin.optimizer.iterations.numpy()) == 2
+    for w, w0 in zip(builtin.get_weights(), before, strict=True):
+        assert (w == w0).all()  # no non-zero rate was ever applied
+
+    one_batch = keras.models.clone_model(model)
+    one_batch.set_weights(before)
+    one_batch.compile(sgd(), _loss(dtype))
+    one_batch.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    exact = keras.models.clone_model(model)
+    exact.set_weights(before)
+    trainer = tfreg.Trainer(exact, _loss(dtype), sgd(), accumulation_steps=4)
+    trainer.fit(x, y, batch_size=4, shuffle=False, verbose=0)
+    assert int(trainer.optimizer.iterations.numpy()) == 2
+    tol = tolerance("accumulation", dtype)
+    for i, (a, b, w0) in enumerate(
+        zip(exact.get_weights(), one_batch.get_weights(), before, strict=True)
+    ):
+        assert_close(f"tfreg = one batch [{i}]", a - w0, b - w0, rtol=tol.rtol)
+    assert any((w != w0).any() for w, w0 in zip(exact.get_weights(), before, strict=True))

@@ -196,3 +196,13 @@ def test_tf_negative_tensor_count_fails_before_any_assign() -> None:
     assert float(tf.reduce_sum(state.sums[0])) == 0.0
     step(tf.constant(2))  # same trace, valid count
     np.testing.assert_array_equal(tfreg.accumulation.result(state)[0].numpy(), [0.5, 0.5])
+
+
+@pytest.mark.parametrize("count", [float("inf"), float("nan")], ids=repr)
+def test_tf_non_finite_tensor_count_fails_before_any_assign(count: float) -> None:
+    """A tensor inf passed the old non-negative assert and zeroed the window's gradient."""
+    state = tfreg.accumulation.init([tf.Variable(tf.zeros(2, tf.float64))])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="finite count >= 0"):
+        tfreg.accumulation.add(state, [tf.ones(2, tf.float64)], tf.constant(count, tf.float64))
+    assert float(tf.reduce_sum(state.sums[0])) == 0.0 and float(state.count.numpy()) == 0.0
+    assert int(state.micro_batches.numpy()) == 0

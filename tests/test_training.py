@@ -267,8 +267,8 @@ def test_rejected_setups() -> None:
     with pytest.raises(InvalidArgumentError, match="activity_regularizer"):
         tfreg.Trainer(noisy, "mse", "sgd")
     scaled = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD())
-    with pytest.raises(InvalidArgumentError, match="optimizer=LossScaleOptimizer"):
-        tfreg.Trainer(mlp(0), "mse", scaled)
+    with pytest.raises(InvalidArgumentError, match="on_nonfinite='raise' with a LossScale"):
+        tfreg.Trainer(mlp(0), "mse", scaled, on_nonfinite="raise")
 
 
 def test_bad_fit_data_changes_nothing(data) -> None:

@@ -76,8 +76,8 @@ def add(state: AccumulatorState, grads: Sequence[Any], count: Any) -> Accumulato
 
     ``None`` gradients (variables the loss does not reach) add nothing; ``tf.IndexedSlices``
     (embedding lookups) are scatter-added without densifying. Shapes, the gradient count and a
-    Python-number ``count >= 0`` are checked before the first assign (nothing half-applied); a
-    tensor count gets a graph-side assert that runs before the sums are touched.
+    finite ``count >= 0`` are checked before the first assign (nothing half-applied); a tensor
+    count gets a graph-side assert (finite, >= 0) that runs before the sums are touched.
     """
     grads = list(grads)
     check_add(
@@ -89,7 +89,10 @@ def add(state: AccumulatorState, grads: Sequence[Any], count: Any) -> Accumulato
     checks = []
     if tf.is_tensor(count):
         # A tensor count is only known at run time: asserted in the graph, before any assign.
-        checks.append(tf.debugging.assert_non_negative(count, message=COUNT_MESSAGE))
+        # inf passed `assert_non_negative` and silently divided the window's gradient to zero.
+        as_float = tf.cast(count, tf.float64)
+        ok = tf.logical_and(tf.math.is_finite(as_float), as_float >= 0)
+        checks.append(tf.debugging.Assert(ok, [COUNT_MESSAGE, as_float]))
     with tf.control_dependencies(checks):
         for acc, grad in zip(state.sums, grads, strict=True):
             if grad is None:

@@ -3,14 +3,27 @@
 
 One update over a window of micro-batches ``W`` applies (see :mod:`tfreg_core.training`)::
 
-    g = sum_{i in W} grad(w_i * l_i) / N_W + grad(penalty),   N_W = loss elements in W
+    g = sum_o lambda_o * sum_{e in W} grad(w_e * l_o(e)) / N_o,W + grad(penalty)
 
--- the gradient Keras' ``"sum_over_batch_size"`` loss gives on the concatenated window -- then
-clipping and one optimizer step. Penalty, weight decay, clipping and the step happen once per
-update; the optimizer's ``iterations`` counts updates. The last short window of an epoch is
+over the outputs ``o`` with a loss (weights ``lambda_o`` = ``loss_weights``), each with its own
+count ``N_o,W`` of the loss elements that count (Keras masks -- ``compute_mask`` /
+``_keras_mask`` -- and ``ignore_class`` excluded; see :mod:`tfreg._losses`, the one
+micro-batch-gradient function both front ends use) -- the gradient Keras'
+``"sum_over_batch_size"`` loss gives on the concatenated window -- then clipping and one
+optimizer step. A window in which no element of an output counts contributes a zero gradient
+for it (Keras' ``divide_no_nan``), reported as ``elements == 0`` / ``empty_windows``.
+Penalty, weight decay, clipping and the step happen once per update; the optimizer's
+``iterations`` counts updates (LR schedules see updates). The last short window of an epoch is
 an update scaled by its own example count (``drop_remainder=True`` drops it). A non-finite
 gradient skips the whole update (weights and optimizer state untouched; ``History`` records it)
 or raises ``FloatingPointError`` (``on_nonfinite="raise"``).
+
+Mixed precision: under ``mixed_bfloat16`` gradients are accumulated in float32. A model that
+computes in float16 gets a ``keras.optimizers.LossScaleOptimizer`` (as ``compile`` does under
+``mixed_float16``; pass one to set its ``initial_scale``): each micro-batch is differentiated
+scaled (Keras' scaled batch mean) and accumulated *unscaled* in float32; the scale is read per
+window and adjusted once per update -- a window that overflowed is skipped and the scale halves,
+as ``LossScaleOptimizer`` does per step without accumulation.
 
 Differences from PyTorch (``torchref.training``): none in the trainer's arithmetic. The
 optimizers differ: Keras keeps the learning rate as a float32 variable and casts momentum,
@@ -35,17 +48,26 @@ import numpy as np
 
 from tfreg import accumulation
 from tfreg._compat import keras, tf
+from tfreg._losses import (
+    LossTerm,
+    element_weights,
+    loss_sums,
+    loss_terms,
+    micro_batch_gradients,
+    output_names,
+)
+from tfreg._losses import per_example_loss as per_example_loss
 from tfreg.penalties import penalty as _penalty
 from tfreg.regularizers import get as _get_regularizer
 from tfreg.sparsity import ProximalL1
 from tfreg_core.training import (
     NONFINITE_MESSAGE,
+    RECORD_FIELDS,
     ArrayData,
     Position,
     StreamData,
     TrainerSpec,
     fit_data,
-    leaves,
     object_config,
     resolve_proximal,
     run_fit,
@@ -55,42 +77,6 @@ from tfreg_core.training import History as History
 from tfreg_core.validation import InvalidArgumentError
 
 __all__ = ["AccumulatingModel", "History", "Trainer", "per_example_loss"]
-
-_ALLOWED_REDUCTIONS = ("sum_over_batch_size", "mean", "none", None)
-
-
-def per_example_loss(loss: Any, dtype: Any = None) -> Callable[[Any, Any], tf.Tensor]:
-    """A function ``(y_true, y_pred) -> per-element losses`` computed in ``dtype``.
-
-    ``loss`` is a Keras loss object, a name ``keras.losses.get`` knows, or a function of
-    ``(y_true, y_pred)`` returning per-example values. Keras losses compute in floatx (float32)
-    unless built with ``dtype=``; here both inputs are cast to ``dtype`` first, as a Keras loss
-    built with ``dtype=dtype`` does. ``dtype=None`` takes the predictions' dtype, promoted to at
-    least float32 (mixed precision): a float64 model gets a float64 loss. A loss object whose
-    reduction is ``"sum"`` or ``"mean_with_sample_weight"`` is rejected: the window contract is
-    ``"sum_over_batch_size"``.
-    """
-    resolved = keras.losses.get(loss) if isinstance(loss, str) else loss
-    if isinstance(resolved, keras.losses.Loss):
-        if resolved.reduction not in _ALLOWED_REDUCTIONS:
-            raise InvalidArgumentError(
-                "The loss's reduction must be 'sum_over_batch_size' (the accumulation contract "
-                f"reproduces it over each window). Received: loss.reduction={resolved.reduction!r}"
-            )
-        fn: Callable[[Any, Any], Any] = resolved.call
-    elif callable(resolved):
-        fn = resolved
-    else:
-        raise InvalidArgumentError(
-            f"loss must be a Keras loss, a loss name or a callable. Received: loss={loss!r}"
-        )
-
-    def values(y_true: Any, y_pred: Any) -> tf.Tensor:
-        y_pred = tf.convert_to_tensor(y_pred)
-        target = dtype or (y_pred.dtype if y_pred.dtype == tf.float64 else tf.float32)
-        return fn(tf.cast(y_true, target), tf.cast(y_pred, target))
-
-    return values
 
 
 def _sparse_categorical_accuracy(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
@@ -115,14 +101,21 @@ _METRIC_FNS = {
 
 
 def _clip(grads: list[tf.Tensor], spec: TrainerSpec) -> list[tf.Tensor]:
-    # Keras' formula g * c / max(||g||, c), per variable or over all of them.
+    """Keras' clipping, op for op, so ``Trainer(clipnorm=c)`` is ``SGD(clipnorm=c)``: per
+    variable ``tf.clip_by_norm(g, c)`` (what Keras' TensorFlow optimizer calls, ``g * c /
+    max(||g||, c)``); globally ``g * c * min(1/||G||, 1/c)`` with ``1/c`` computed in Python and
+    then converted, as Keras' ``clip_by_global_norm`` does. Constants are converted straight to
+    the gradient's dtype (``tf.cast`` of a Python float would round it through float32 first:
+    the 1.5e-8 relative error at ``clipnorm=0.05`` found in issue 9, exact at 0.0625)."""
     if spec.clipnorm is not None:
-        return [
-            g * spec.clipnorm / tf.maximum(tf.norm(g), tf.cast(spec.clipnorm, g.dtype))
-            for g in grads
-        ]
+        return [tf.clip_by_norm(g, spec.clipnorm) for g in grads]
     if spec.global_clipnorm is not None:
-        return tf.clip_by_global_norm(grads, spec.global_clipnorm)[0]
+        dtype = grads[0].dtype
+        norm = tf.sqrt(tf.reduce_sum(tf.stack([tf.reduce_sum(tf.square(g)) for g in grads])))
+        inverse = tf.constant(1.0 / spec.global_clipnorm, dtype)
+        scale = tf.constant(spec.global_clipnorm, dtype) * tf.minimum(1.0 / norm, inverse)
+        scale = scale + (norm - norm)  # NaN for a non-finite norm, as in Keras
+        return [g * scale for g in grads]
     return grads
 
 
@@ -155,17 +148,27 @@ def _reject_added_losses(model: keras.layers.Layer) -> None:
             )
 
 
-def _reject_loss_scaling(optimizer: Any, policy: Any) -> None:
-    # Loss scaling skips and rescales on overflow inside `apply`; with accumulation the overflow
-    # is caught (and the window skipped) before the scaler could ever shrink its scale.
-    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) or (
-        getattr(policy, "name", None) == "mixed_float16"
-    ):
-        raise InvalidArgumentError(
-            "Exact accumulation does not implement float16 loss scaling; use the "
-            "'mixed_bfloat16' policy (no scaling needed) or float32. Received: "
-            f"optimizer={type(optimizer).__name__}, dtype policy={getattr(policy, 'name', policy)}"
-        )
+def _float16_compute(model: keras.layers.Layer) -> bool:
+    return any(
+        getattr(layer, "compute_dtype", None) == "float16"
+        for layer in model._flatten_layers(include_self=True)
+    )
+
+
+def _loss_scaled(optimizer: Any, model: keras.layers.Layer) -> Any:
+    """The optimizer, wrapped in ``keras.optimizers.LossScaleOptimizer`` when the model computes
+    in float16 (what ``compile`` does under ``mixed_float16``), unless it already is one."""
+    lso = keras.optimizers.LossScaleOptimizer
+    if isinstance(optimizer, lso) or not _float16_compute(model):
+        return optimizer
+    return lso(optimizer)
+
+
+def _loss_scale(optimizer: Any) -> tf.Tensor | None:
+    # Read once per micro-batch; it changes only at updates, so a window uses one scale.
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return tf.convert_to_tensor(optimizer.dynamic_scale)
+    return None
 
 
 def _penalty_fn(
@@ -184,19 +187,41 @@ def _penalty_fn(
     return total
 
 
+def _window_gradient(accs: Sequence[accumulation.AccumulatorState]) -> list[tf.Tensor]:
+    """``sum_o sums_o / N_o``, one accumulator per loss term. A term none of whose elements
+    counted in the window (every timestep masked) contributes zero, as Keras'
+    ``divide_no_nan`` does; a window without any micro-batch is NaN (never applied)."""
+    empty = tf.where(accs[0].micro_batches > 0, 0.0, float("nan"))
+    total = None
+    for acc in accs:
+        part = [tf.math.divide_no_nan(s, tf.cast(acc.count, s.dtype)) for s in acc.sums]
+        total = part if total is None else [a + b for a, b in zip(total, part, strict=True)]
+    return [g + tf.cast(empty, g.dtype) for g in total]
+
+
+def _all_finite(grads: list[tf.Tensor]) -> tf.Tensor:
+    return tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+
+
 def _update(
-    acc: accumulation.AccumulatorState,
+    accs: Sequence[accumulation.AccumulatorState],
     variables: list[Any],
     optimizer: keras.optimizers.Optimizer,
     penalty_fn: Callable[[], tf.Tensor | None],
     *,
     clip: Callable[[list[tf.Tensor]], list[tf.Tensor]],
     after_step: Callable[[], None] | None = None,
-) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """One update from the window in ``acc`` (graph code); returns (finite, penalty, count) and
-    resets ``acc``. A non-finite gradient leaves weights and optimizer state untouched;
-    ``after_step`` (the proximal step) runs only after an applied step."""
-    grads = [tf.cast(g, v.dtype) for g, v in zip(accumulation.result(acc), variables, strict=True)]
+) -> tuple[tf.Tensor, tf.Tensor, list[tf.Tensor]]:
+    """One update from the window in ``accs`` (graph code); returns (finite, penalty, counts)
+    and resets ``accs``. A non-finite gradient leaves weights and optimizer state untouched;
+    ``after_step`` (the proximal step) runs only after an applied step.
+
+    With a ``LossScaleOptimizer`` the (unscaled) window gradient is handed to it scaled by its
+    current scale -- a power of two, so the scaling is exact -- and it does what it does
+    without accumulation, once per window: a finite gradient is unscaled and applied (the scale
+    doubles after ``dynamic_growth_steps`` applied updates), a non-finite one (float16
+    overflow) is skipped and the scale halves."""
+    grads = [tf.cast(g, v.dtype) for g, v in zip(_window_gradient(accs), variables, strict=True)]
     with tf.GradientTape() as tape:
         pen = penalty_fn()
     if pen is None:
@@ -204,19 +229,59 @@ def _update(
     else:
         pen_grads = tape.gradient(pen, variables)
         grads = [g if p is None else g + p for g, p in zip(grads, pen_grads, strict=True)]
-    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
     grads = clip(grads)
+    scale = _loss_scale(optimizer)
+    if scale is not None:
+        grads = [g * tf.cast(scale, g.dtype) for g in grads]
+    finite = _all_finite(grads)
 
     def step() -> tf.Tensor:
-        optimizer.apply(grads, variables)
+        if scale is None:
+            optimizer.apply(grads, variables)
         if after_step is not None:
             after_step()
         return tf.constant(True)
 
+    if scale is not None:
+        optimizer.apply(grads, variables)  # skips and shrinks the scale itself
     tf.cond(finite, step, lambda: tf.constant(False))
-    count = tf.identity(acc.count)
-    accumulation.reset(acc)
-    return finite, pen, count
+    counts = [tf.identity(acc.count) for acc in accs]
+    for acc in accs:
+        accumulation.reset(acc)
+    return finite, pen, counts
+
+
+class _LossSums(tf.Module):
+    """Per-term running loss sums of the open window (float64), for reporting."""
+
+    def __init__(self, num_terms: int, name: str = "loss_sums") -> None:
+        super().__init__(name=name)
+        zero = tf.constant(0.0, tf.float64)
+        self.sums = [tf.Variable(zero, trainable=False) for _ in range(num_terms)]
+
+    def add(self, sums: Sequence[tf.Tensor]) -> None:
+        for total, value in zip(self.sums, sums, strict=True):
+            total.assign_add(value)
+
+    def report(
+        self, terms: Sequence[LossTerm], counts: Sequence[tf.Tensor], pen: tf.Tensor
+    ) -> dict[str, tf.Tensor]:
+        """``data_loss = sum_o weight_o * S_o / N_o`` (0 for a term with no element), ``loss``
+        (+ penalty), ``elements`` (sum of N_o; 0 when everything was masked) and, with several
+        terms, ``<output>_loss``; then zeroes the sums."""
+        per_term = [tf.math.divide_no_nan(s, n) for s, n in zip(self.sums, counts, strict=True)]
+        data_loss = tf.add_n([t.weight * v for t, v in zip(terms, per_term, strict=True)])
+        values = {
+            "loss": data_loss + pen,
+            "data_loss": data_loss,
+            "penalty": pen,
+            "elements": tf.add_n(list(counts)),
+        }
+        if len(terms) > 1:
+            values.update({f"{t.name}_loss": v for t, v in zip(terms, per_term, strict=True)})
+        for total in self.sums:
+            total.assign(tf.zeros_like(total))
+        return values
 
 
 def _proximal_step(
@@ -233,17 +298,18 @@ class _Window(tf.Module):
     """Per-window running sums for reporting (float64), the resumable position and the metric
     names the sums belong to (checked when a checkpoint is read)."""
 
-    def __init__(self, metrics: Sequence[str]) -> None:
+    def __init__(self, num_terms: int, metrics: Sequence[str]) -> None:
         super().__init__(name="window")
         zero = tf.constant(0.0, tf.float64)
-        self.loss_sum = tf.Variable(zero, trainable=False)
+        self.losses = _LossSums(num_terms)
         self.weight_sum = tf.Variable(zero, trainable=False)
         self.metric_sums = [tf.Variable(zero, trainable=False) for _ in metrics]
         self.position = tf.Variable(tf.zeros([len(fields(Position))], tf.int64), trainable=False)
         self.metric_names = tf.Variable(",".join(metrics), trainable=False)
 
     def reset(self) -> None:
-        for v in [self.loss_sum, self.weight_sum, *self.metric_sums]:
+        """Zero the per-window metric sums (the loss sums reset in ``_LossSums.report``)."""
+        for v in [self.weight_sum, *self.metric_sums]:
             v.assign(tf.zeros_like(v))
 
 
@@ -297,24 +363,47 @@ def _spec(value: Any) -> tf.TensorSpec:
     return tf.TensorSpec((None, *tensor.shape[1:]), tf.as_dtype(tensor.dtype))
 
 
+def _metric_weights(sample_weight: Any, values: tf.Tensor) -> tf.Tensor:
+    # A metric's per-element values weighted like the loss: ones, per example or per element.
+    w = element_weights(sample_weight, tf.cast(values, tf.float64))
+    return tf.ones_like(values, tf.float64) if w is None else tf.broadcast_to(w, tf.shape(values))
+
+
 class _Engine:
     """The TensorFlow half of ``Trainer``: two ``tf.function`` s, each traced once per input
     signature (the batch dimension is ``None``, so the short last micro-batch reuses the trace).
+    Holds what the steps need, nothing of the trainer: the model, its loss terms, the optimizer,
+    the once-per-update penalty and proximal step, and the options.
     """
 
-    def __init__(self, trainer: Trainer) -> None:
-        self.t = trainer
-        model = trainer.model
+    def __init__(
+        self,
+        model: keras.layers.Layer,
+        terms: Sequence[LossTerm],
+        names: Sequence[str],
+        optimizer: keras.optimizers.Optimizer,
+        *,
+        spec: TrainerSpec,
+        regularizer: Any,
+        proximal: ProximalL1 | None,
+    ) -> None:
+        self.model = model
+        self.terms = tuple(terms)
+        self.names = tuple(names)
+        self.optimizer = optimizer
+        self.spec = spec
         self.variables = list(model.trainable_variables)
         if not self.variables:
             raise InvalidArgumentError(f"The model has no trainable variables: {model.name!r}")
-        self.acc = accumulation.init(self.variables)
-        self.window = _Window(trainer.spec.metrics)
+        self.accs = [accumulation.init(self.variables) for _ in self.terms]
+        self.window = _Window(len(self.terms), spec.metrics)
         self.rng = _SeedStates(model)
-        trainer.optimizer.build(self.variables)
+        optimizer.build(self.variables)
+        self.penalty_fn = _penalty_fn(model, self.variables, regularizer, spec.include_bias)
+        self.after_step = _proximal_step(proximal, model, optimizer)
         self.micro_fns: dict[Any, Any] = {}
         self.eval_fns: dict[Any, Any] = {}
-        self.apply_fn = tf.function(self._apply, jit_compile=trainer.spec.jit_compile)
+        self.apply_fn = tf.function(self._apply, jit_compile=spec.jit_compile)
 
     def _traced(self, cache: dict[Any, Any], fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         """``fn`` as a ``tf.function`` with nested ``TensorSpec`` s of ``args`` (one trace per
@@ -329,91 +418,96 @@ class _Engine:
             cache[key] = tf.function(
                 body,
                 input_signature=list(specs),
-                jit_compile=self.t.spec.jit_compile,
+                jit_compile=self.spec.jit_compile,
                 autograph=False,
             )
         return cache[key]
 
-    def _micro_weighted(self, x: Any, y: Any, w: Any) -> None:
-        # Weights reach `_micro` as float64 (its running sums are float64); absent weights are
-        # ones per example, which is what `sample_weight=None` means for the loss.
-        if w is None:
-            w = tf.ones(tf.shape(leaves(y)[0])[:1], tf.float64)
-        self._micro(x, y, tf.nest.map_structure(lambda v: tf.cast(v, tf.float64), w))
-
     def micro_step(self, x: Any, y: Any, sample_weight: Any) -> None:
         args = _present((x, y, sample_weight))
-        self._traced(self.micro_fns, self._micro_weighted, (x, y, sample_weight))(*args)
+        self._traced(self.micro_fns, self._micro, (x, y, sample_weight))(*args)
 
     def discard_window(self) -> None:
         """``drop_remainder`` on a stream: the short window's sums are thrown away."""
-        accumulation.reset(self.acc)
+        for acc in self.accs:
+            accumulation.reset(acc)
+        for total in self.window.losses.sums:
+            total.assign(tf.zeros_like(total))
         self.window.reset()
 
     def _eval(self, x: Any, y: Any, w: Any) -> tuple[tf.Tensor, ...]:
-        # The validation twin of `_micro`: the same per-element losses, in inference mode.
-        y_pred = self.t.model(x, training=False)
-        values = self.t._loss_fn(y, y_pred)
-        if w is None:
-            w = tf.ones(tf.shape(values)[:1], tf.float64)
-        w = tf.cast(w, tf.float64)
-        weights = tf.reshape(tf.cast(w, values.dtype), [-1] + [1] * (values.shape.rank - 1))
-        sums = [tf.cast(tf.reduce_sum(values * weights), tf.float64), tf.reduce_sum(w)]
-        sums += [tf.reduce_sum(_METRIC_FNS[name](y, y_pred) * w) for name in self.t.spec.metrics]
-        return (tf.cast(tf.size(values), tf.float64), *sums)
+        # Validation: the loss terms and counts `_micro` accumulates, in inference mode.
+        y_pred = self.model(x, training=False)
+        sums, counts = loss_sums(self.terms, self.names, y, y_pred, w)
+        out = [tf.cast(total, tf.float64) for total in sums] + list(counts)
+        if self.spec.metrics:  # one output (checked in Trainer.__init__)
+            values = [_METRIC_FNS[name](y, y_pred) for name in self.spec.metrics]
+            out.append(tf.reduce_sum(_metric_weights(w, values[0])))
+            out += [tf.reduce_sum(v * _metric_weights(w, v)) for v in values]
+        return tuple(out)
 
     def evaluate(self, batches: Iterable[tuple[Any, Any, Any]]) -> dict[str, float]:
-        """``val_loss`` (= data loss ``sum(w*l)/N`` over the data + penalty, as Keras'
+        """``val_loss`` (= ``sum_o weight_o * S_o / N_o`` over the data + penalty, as Keras'
         ``val_loss`` includes the regularization losses), ``val_data_loss`` and metrics."""
         totals: Any = None
         for args in batches:
             out = self._traced(self.eval_fns, self._eval, args)(*_present(args))
             totals = out if totals is None else [a + b for a, b in zip(totals, out, strict=True)]
-        count, loss_sum, weight_sum, *metric_sums = (float(t) for t in totals)
-        penalty = _penalty_fn(
-            self.t.model, self.variables, self.t.regularizer, self.t.spec.include_bias
-        )()
-        data_loss = loss_sum / count
+        totals = [float(t) for t in totals]
+        k = len(self.terms)
+        sums, counts, metric_part = totals[:k], totals[k : 2 * k], totals[2 * k :]
+        per_term = [total / n if n else 0.0 for total, n in zip(sums, counts, strict=True)]
+        data_loss = sum(float(t.weight) * v for t, v in zip(self.terms, per_term, strict=True))
+        penalty = self.penalty_fn()
         logs = {
             "val_loss": data_loss + (0.0 if penalty is None else float(penalty)),
             "val_data_loss": data_loss,
         }
-        for name, total in zip(self.t.spec.metrics, metric_sums, strict=True):
-            logs[f"val_{name}"] = total / weight_sum
+        if k > 1:
+            named = zip(self.terms, per_term, strict=True)
+            logs.update({f"val_{t.name}_loss": v for t, v in named})
+        if metric_part:
+            weight_sum, *metric_sums = metric_part
+            for name, total in zip(self.spec.metrics, metric_sums, strict=True):
+                logs[f"val_{name}"] = total / weight_sum
         return logs
 
-    def _micro(self, x: tf.Tensor, y: tf.Tensor, w: tf.Tensor) -> None:
-        with tf.GradientTape() as tape:
-            y_pred = self.t.model(x, training=True)
-            _reject_added_losses(self.t.model)  # at trace time: nothing has run yet
-            values = self.t._loss_fn(y, y_pred)
-            weights = tf.reshape(tf.cast(w, values.dtype), [-1] + [1] * (values.shape.rank - 1))
-            loss_sum = tf.reduce_sum(values * weights)
-        grads = tape.gradient(loss_sum, self.variables)
-        accumulation.add(self.acc, grads, tf.size(values))
-        self.window.loss_sum.assign_add(tf.cast(loss_sum, tf.float64))
-        self.window.weight_sum.assign_add(tf.reduce_sum(w))
-        for name, total in zip(self.t.spec.metrics, self.window.metric_sums, strict=True):
-            total.assign_add(tf.reduce_sum(_METRIC_FNS[name](y, y_pred) * w))
+    def _micro(self, x: Any, y: Any, w: Any) -> None:
+        batch = micro_batch_gradients(
+            self.model,
+            self.terms,
+            self.names,
+            self.variables,
+            x,
+            y,
+            w,
+            loss_scale=_loss_scale(self.optimizer),
+            check_forward=lambda: _reject_added_losses(self.model),  # at trace time
+        )
+        for acc, grads, count in zip(self.accs, batch.grads, batch.counts, strict=True):
+            accumulation.add(acc, grads, count)
+        self.window.losses.add(batch.sums)
+        if not self.spec.metrics:
+            return
+        # Metrics need one output (checked in Trainer.__init__).
+        for name, total in zip(self.spec.metrics, self.window.metric_sums, strict=True):
+            values = _METRIC_FNS[name](y, batch.y_pred)
+            total.assign_add(tf.reduce_sum(values * _metric_weights(w, values)))
+        self.window.weight_sum.assign_add(tf.reduce_sum(_metric_weights(w, values)))
 
     def _apply(self) -> dict[str, tf.Tensor]:
-        spec = self.t.spec
-        finite, pen, count = _update(
-            self.acc,
+        spec = self.spec
+        finite, pen, counts = _update(
+            self.accs,
             self.variables,
-            self.t.optimizer,
-            _penalty_fn(self.t.model, self.variables, self.t.regularizer, spec.include_bias),
+            self.optimizer,
+            self.penalty_fn,
             clip=lambda grads: _clip(grads, spec),
-            after_step=_proximal_step(self.t.proximal, self.t.model, self.t.optimizer),
+            after_step=self.after_step,
         )
-        data_loss = self.window.loss_sum / count
-        values = {
-            "loss": data_loss + pen,
-            "data_loss": data_loss,
-            "penalty": pen,
-            "skipped": tf.logical_not(finite),
-        }
-        for name, total in zip(self.t.spec.metrics, self.window.metric_sums, strict=True):
+        values = self.window.losses.report(self.terms, counts, pen)
+        values["skipped"] = tf.logical_not(finite)
+        for name, total in zip(spec.metrics, self.window.metric_sums, strict=True):
             values[name] = total / self.window.weight_sum
         self.window.reset()
         return values
@@ -422,7 +516,7 @@ class _Engine:
         values = self.apply_fn()
         # "raise" reads one flag per update back to the host (graph asserts vanish under XLA);
         # the default "skip" never synchronises here.
-        if self.t.spec.on_nonfinite == "raise" and bool(values["skipped"]):
+        if self.spec.on_nonfinite == "raise" and bool(values["skipped"]):
             raise FloatingPointError(NONFINITE_MESSAGE)
         return values
 
@@ -450,10 +544,17 @@ class Trainer:
     ``torch.optim`` optimizer and a torch loss.
 
     ``loss``: Keras loss object/name or ``fn(y_true, y_pred) -> per-example losses``, computed in
-    the model's variable dtype. ``metrics``: names from ``tfreg_core.training.METRICS``, reported
-    per
-    update as ``sum(w*m)/sum(w)`` over the window. ``clipnorm`` clips each variable's gradient,
-    ``global_clipnorm`` all of them (Keras' formula). ``proximal=tfreg.ProximalL1(l1=...)``
+    the model's variable dtype; for several outputs a list/dict of them, or one applied to every
+    output, with ``loss_weights`` (Keras' ``compile`` rules; ``torchref.Trainer`` has one loss).
+    Targets a built-in loss would broadcast against its output, one target array for several
+    outputs, and float labels for a class-index loss are refused while tracing, before any
+    update. Per-example sample weights weight all of an example's loss elements (Keras raises
+    for ``(N,)`` weights on an ``(N, T)`` loss). ``metrics``: names from
+    ``tfreg_core.training.METRICS`` (single-output models), reported per update as
+    ``sum(w*m)/sum(w)`` over the window. History records add ``elements`` (loss elements that
+    counted) and, with several outputs, ``<output>_loss``. ``clipnorm`` clips each variable's
+    gradient, ``global_clipnorm`` all of them, with Keras' ops (bit for bit the optimizer's
+    own ``clipnorm``). ``proximal=tfreg.ProximalL1(l1=...)``
     soft-thresholds once per applied update, right after the step (exact zeros; do not also put
     an L1 penalty on the same weights). ``seed`` fixes the shuffling order (per
     epoch), which is what makes checkpoint/resume bit-identical. ``jit_compile=True`` compiles
@@ -486,6 +587,7 @@ class Trainer:
         metrics: Sequence[str] = (),
         seed: int = 0,
         proximal: ProximalL1 | dict[str, Any] | None = None,
+        loss_weights: float | Sequence[float] | dict[str, float] | None = None,
     ) -> None:
         self.spec = TrainerSpec(
             accumulation_steps=accumulation_steps,
@@ -508,13 +610,27 @@ class Trainer:
                 f"gradient_accumulation_steps={optimizer.gradient_accumulation_steps}"
             )
         _reject_activity_regularizers(model)
-        _reject_loss_scaling(optimizer, model.dtype_policy)
+        optimizer = _loss_scaled(optimizer, model)
+        if on_nonfinite == "raise" and isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            raise InvalidArgumentError(
+                "float16 loss scaling skips the windows that overflow (and shrinks the scale); "
+                "on_nonfinite='raise' would stop training at the first one. Use 'skip'. "
+                "Received: on_nonfinite='raise' with a LossScaleOptimizer (float16 model)"
+            )
+        names = output_names(model)
+        terms = loss_terms(loss, loss_weights, names)
+        if self.spec.metrics and len(names) > 1:
+            raise InvalidArgumentError(
+                "metrics are computed for single-output models only. Received: "
+                f"metrics={self.spec.metrics} for outputs {names}"
+            )
         self.model = model
         self.loss = loss
+        self.loss_weights = loss_weights
         self.optimizer = optimizer
         self.regularizer = None if regularizer is None else _get_regularizer(regularizer)
         self.proximal = resolve_proximal(proximal, ProximalL1)
-        self._loss_fn = per_example_loss(loss)
+        self._names, self._terms = names, terms
         self._engine: _Engine | None = None
         self.stop_training = False
 
@@ -527,12 +643,29 @@ class Trainer:
             if input_shape is None:
                 raise ValueError("The model is not built; pass input_shape or call fit first.")
             self.model.build(input_shape)
-        self._engine = _Engine(self)
+        self._engine = _Engine(
+            self.model,
+            self._terms,
+            self._names,
+            self.optimizer,
+            spec=self.spec,
+            regularizer=self.regularizer,
+            proximal=self.proximal,
+        )
+
+    @property
+    def accumulators(self) -> list[accumulation.AccumulatorState]:
+        """One accumulator per loss term (output with a loss), each with its own count."""
+        self.build()
+        return list(self._engine.accs)
 
     @property
     def accumulator(self) -> accumulation.AccumulatorState:
-        self.build()
-        return self._engine.acc
+        """The accumulator of a single-loss model (see ``accumulators`` for several outputs)."""
+        accs = self.accumulators
+        if len(accs) != 1:
+            raise ValueError(f"The model has {len(accs)} loss terms; use trainer.accumulators.")
+        return accs[0]
 
     def checkpoint(self) -> tf.train.Checkpoint:
         """Everything a resumed ``fit`` needs, mid-window included: model, optimizer,
@@ -544,7 +677,7 @@ class Trainer:
             self.spec.metrics,
             model=self.model,
             optimizer=self.optimizer,
-            accumulator=self._engine.acc,
+            accumulator=self._engine.accs,
             window=self._engine.window,
             rng=self._engine.rng,
         )
@@ -624,6 +757,7 @@ class Trainer:
         config = self.spec.get_config()
         config["regularizer"] = object_config(self.regularizer)
         config["proximal"] = object_config(self.proximal)
+        config["loss_weights"] = self.loss_weights
         return config
 
 
@@ -702,7 +836,7 @@ class _KerasCallbacks:
         self._sync(trainer)
 
     def on_update_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
-        logs = {k: v for k, v in record.items() if isinstance(v, float)}
+        logs = {k: v for k, v in record.items() if k not in RECORD_FIELDS}
         self.list.on_train_batch_end(record["update"], logs)
         self._sync(trainer)
 
@@ -736,13 +870,15 @@ class AccumulatingModel(keras.Model):
     replaces ``train_step``.
 
     Each ``train_step`` (one micro-batch of ``fit``'s ``batch_size``) adds the gradient of
-    ``sum(w_i * l_i)`` and the loss-element count to an accumulator; the step that completes
-    ``accumulation_steps`` micro-batches applies, once::
+    ``sum(w_i * l_i)`` and the loss-element count to an accumulator (one per output with a
+    loss); the step that completes ``accumulation_steps`` micro-batches applies, once::
 
-        g = sum_W grad(w_i * l_i) / N_W + grad(penalty);   optimizer.apply(g)
+        g = sum_o lambda_o * sum_W grad(w_i * l_o,i) / N_o,W + grad(penalty);   optimizer.apply(g)
 
-    (the optimizer's own ``clipnorm``/``weight_decay`` apply once, inside ``apply``). The
-    compiled ``loss`` must be a single Keras loss with ``"sum_over_batch_size"`` reduction; the
+    (the optimizer's own ``clipnorm``/``weight_decay`` apply once, inside ``apply``). ``compile``
+    takes Keras' ``loss`` (one, list or dict; ``"sum_over_batch_size"`` reduction) and
+    ``loss_weights``; masks, ``ignore_class``, per-timestep weights and ``class_weight`` count as
+    in plain Keras, and float16 models train with loss scaling (see the module docstring). The
     penalty is ``regularizer`` (via :func:`tfreg.penalty`) plus the layers' own weight
     regularizers. Windows restart every epoch. The micro-batches left over after an epoch's last
     step (fewer than ``accumulation_steps``) are applied as one update scaled by their own count
@@ -754,7 +890,10 @@ class AccumulatingModel(keras.Model):
     Against Keras' ``optimizer(gradient_accumulation_steps=k)``: Keras averages per-micro-batch
     *means* (biased when sizes or weights differ) and carries a partial window into the next
     epoch, losing it at the end of training. Non-finite windows are skipped and counted in
-    ``skipped_updates``. ``fit``'s ``loss`` log is the running per-example data loss.
+    ``skipped_updates`` (windows in which nothing counted: ``empty_windows``). ``fit`` logs
+    ``loss`` as plain Keras does on the concatenated windows -- data loss plus penalty per
+    window, averaged over the epoch by example count, a skipped window left out -- and
+    ``data_loss`` beside it; between window ends the logs show the windows completed so far.
     """
 
     def __init__(
@@ -784,7 +923,7 @@ class AccumulatingModel(keras.Model):
         self.spec = spec
         self.regularizer = None if regularizer is None else _get_regularizer(regularizer)
         self.proximal = resolve_proximal(proximal, ProximalL1)
-        self._acc: accumulation.AccumulatorState | None = None
+        self._accs: list[accumulation.AccumulatorState] | None = None
 
     def call(self, inputs: Any, training: bool | None = None) -> Any:
         return self.model(inputs, training=training)
@@ -821,36 +960,55 @@ class AccumulatingModel(keras.Model):
         optimizer variables, so the saved optimizer state loads into them)."""
         self.compile(**keras.saving.deserialize_keras_object(config))
 
-    def compile(self, optimizer: Any = "rmsprop", loss: Any = None, **kwargs: Any) -> None:
+    def compile(
+        self,
+        optimizer: Any = "rmsprop",
+        loss: Any = None,
+        loss_weights: Any = None,
+        **kwargs: Any,
+    ) -> None:
         optimizer = keras.optimizers.get(optimizer)
         if getattr(optimizer, "gradient_accumulation_steps", None):
             raise InvalidArgumentError(
                 "AccumulatingModel accumulates itself; the optimizer must not. Received: "
                 f"optimizer.gradient_accumulation_steps={optimizer.gradient_accumulation_steps}"
             )
-        for policy in (self.dtype_policy, self.model.dtype_policy):  # float16 on either: scaling
-            _reject_loss_scaling(optimizer, policy)
-        if loss is None or isinstance(loss, (list, tuple, dict)):
-            raise InvalidArgumentError(
-                f"AccumulatingModel needs one Keras loss (single output). Received: loss={loss!r}"
-            )
-        super().compile(optimizer=optimizer, loss=loss, **kwargs)
-        self._loss_fn = per_example_loss(loss)
+        self._names = output_names(self.model)
+        self._terms = loss_terms(loss, loss_weights, self._names)
+        optimizer = _loss_scaled(optimizer, self.model)
+        super().compile(optimizer=optimizer, loss=loss, loss_weights=loss_weights, **kwargs)
+        self._data_loss_tracker = keras.metrics.Mean(name="data_loss")
         if self.model.built:
             self._build_state()
 
+    @property
+    def metrics(self) -> list[Any]:
+        tracker = getattr(self, "_data_loss_tracker", None)
+        return [*super().metrics, *([tracker] if tracker is not None else [])]
+
     def _build_state(self) -> None:
-        if self._acc is not None:
+        if self._accs is not None:
             return
         variables = list(self.model.trainable_variables)
-        self._acc = accumulation.init(variables)
+        self._accs = [accumulation.init(variables) for _ in self._terms]
+        self._window_losses = _LossSums(len(self._terms))
+        zero = tf.constant(0.0, tf.float64)
+        self._window_examples = tf.Variable(zero, trainable=False)
         self._skipped = tf.Variable(tf.constant(0, tf.int64), trainable=False)
+        self._empty_windows = tf.Variable(tf.constant(0, tf.int64), trainable=False)
         self.optimizer.build(variables)
         self._apply_fn = tf.function(self._apply_window)
 
     @property
     def skipped_updates(self) -> int:
-        return 0 if self._acc is None else int(self._skipped.numpy())
+        """Windows skipped (non-finite gradient, or float16 overflow under loss scaling)."""
+        return 0 if self._accs is None else int(self._skipped.numpy())
+
+    @property
+    def empty_windows(self) -> int:
+        """Windows in which no loss element counted (all masked): applied with a zero data
+        gradient, as Keras does on such a batch."""
+        return 0 if self._accs is None else int(self._empty_windows.numpy())
 
     def fit(self, *args: Any, callbacks: Any = None, **kwargs: Any) -> Any:
         if not self.model.built:
@@ -882,47 +1040,66 @@ class AccumulatingModel(keras.Model):
 
     def _apply_window(self) -> None:
         variables = list(self.model.trainable_variables)
-        finite, _, _ = _update(
-            self._acc,
+        finite, pen, counts = _update(
+            self._accs,
             variables,
             self.optimizer,
             _penalty_fn(self.model, variables, self.regularizer, self.spec.include_bias),
             clip=lambda grads: grads,
             after_step=_proximal_step(self.proximal, self.model, self.optimizer),
         )
+        values = self._window_losses.report(self._terms, counts, pen)
+        # What plain Keras logs for a batch of the window's examples: data loss + penalty,
+        # averaged over the epoch by example count. A skipped window adds nothing (no NaN).
+        weight = tf.where(finite, self._window_examples, tf.zeros_like(self._window_examples))
+        for tracker, key in ((self._loss_tracker, "loss"), (self._data_loss_tracker, "data_loss")):
+            value = tf.where(finite, values[key], tf.zeros_like(values[key]))
+            tracker.update_state(value, sample_weight=weight)
+        self._window_examples.assign(tf.zeros_like(self._window_examples))
         self._skipped.assign_add(tf.cast(tf.logical_not(finite), tf.int64))
+        self._empty_windows.assign_add(tf.cast(values["elements"] == 0, tf.int64))
 
     def flush(self) -> None:
         """Apply (or, with ``drop_remainder``, discard) a partial window; called at epoch end."""
-        if self._acc is None or int(self._acc.micro_batches.numpy()) == 0:
+        if self._accs is None or int(self._accs[0].micro_batches.numpy()) == 0:
             return
         if self.spec.drop_remainder:
-            accumulation.reset(self._acc)
+            for acc in self._accs:
+                accumulation.reset(acc)
+            for total in self._window_losses.sums:
+                total.assign(tf.zeros_like(total))
+            self._window_examples.assign(tf.zeros_like(self._window_examples))
         else:
             self._apply_fn()
 
+    def test_step(self, data: Any) -> dict[str, Any]:
+        # Keras' evaluation computes `loss` itself; `data_loss` is a training-window log only
+        # (it would read 0 here).
+        logs = super().test_step(data)
+        logs.pop("data_loss", None)
+        return logs
+
     def train_step(self, data: Any) -> dict[str, Any]:
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        variables = list(self.model.trainable_variables)
-        with tf.GradientTape() as tape:
-            y_pred = self(x, training=True)
-            _reject_added_losses(self)
-            values = self._loss_fn(y, y_pred)
-            if sample_weight is None:
-                weighted = values
-            else:
-                w = tf.cast(sample_weight, values.dtype)
-                weighted = values * tf.reshape(w, [-1] + [1] * (values.shape.rank - 1))
-            loss_sum = tf.reduce_sum(weighted)
-        grads = tape.gradient(loss_sum, variables)
-        count = tf.size(values)
-        accumulation.add(self._acc, grads, count)
-        self._loss_tracker.update_state(
-            loss_sum / tf.cast(count, loss_sum.dtype), sample_weight=tf.cast(count, tf.float32)
+        batch = micro_batch_gradients(
+            self.model,
+            self._terms,
+            self._names,
+            list(self.model.trainable_variables),
+            x,
+            y,
+            sample_weight,
+            loss_scale=_loss_scale(self.optimizer),
+            check_forward=lambda: _reject_added_losses(self),
         )
+        for acc, grads, count in zip(self._accs, batch.grads, batch.counts, strict=True):
+            accumulation.add(acc, grads, count)
+        self._window_losses.add(batch.sums)
+        first = next(t for t in tf.nest.flatten(x) if t is not None)
+        self._window_examples.assign_add(tf.cast(tf.shape(first)[0], tf.float64))
         tf.cond(
-            self._acc.micro_batches >= self.spec.accumulation_steps,
+            self._accs[0].micro_batches >= self.spec.accumulation_steps,
             lambda: (self._apply_window(), tf.constant(True))[1],
             lambda: tf.constant(False),
         )
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        return self.compute_metrics(x, y, batch.y_pred, sample_weight=sample_weight)
