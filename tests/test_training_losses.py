@@ -324,3 +324,45 @@ def test_readme_masked_sequence_example_runs() -> None:
     logs = namespace["logs"]
     assert len(logs["loss"]) == 2 and np.isfinite(logs["loss"]).all()
     assert int(namespace["wrapped"].optimizer.iterations.numpy()) == 2 * 3  # 7 micro-batches: 3+3+1
+
+
+def test_trainer_metric_honours_the_mask_like_keras(rng, float64_floatx) -> None:
+    """Per-timestep accuracy of a masked model: padded steps weigh 0, as in Keras' metric
+    (before: labels were flattened against (N, T) predictions)."""
+    model = _masked_model(rng)
+    x = rng.integers(0, VOCAB, size=(8, T))
+    y = rng.integers(0, CLASSES, size=(8, T))
+    reference = keras.models.clone_model(model)
+    reference.set_weights(model.get_weights())
+    reference.compile(
+        keras.optimizers.SGD(LR), _sparse_ce(), metrics=["sparse_categorical_accuracy"]
+    )
+    expected = reference.fit(x, y, batch_size=8, shuffle=False, verbose=0).history
+    t = tfreg.Trainer(
+        model,
+        _sparse_ce(),
+        keras.optimizers.SGD(LR),
+        accumulation_steps=2,
+        metrics=["sparse_categorical_accuracy"],
+    )
+    (record,) = t.fit(x, y, batch_size=4, shuffle=False, verbose=0).records
+    assert record["sparse_categorical_accuracy"] == pytest.approx(
+        expected["sparse_categorical_accuracy"][0], rel=1e-12
+    )
+    assert record["loss"] == pytest.approx(expected["loss"][0], rel=1e-12)
+
+
+def test_target_checks_follow_what_each_keras_loss_expects() -> None:
+    """Class-index losses take integer labels of one rank less; CTC and circle losses take
+    targets of another shape by design, so no broadcast check applies to them."""
+
+    def only_term(loss):
+        (term,) = loss_terms(loss, None, ["output"])
+        return term
+
+    assert only_term(_sparse_ce()).class_index
+    assert only_term(keras.losses.CategoricalGeneralizedCrossEntropy()).class_index
+    assert not only_term(keras.losses.CTC()).builtin
+    assert not only_term(keras.losses.Circle()).builtin
+    assert only_term("mse").builtin and not only_term("mse").class_index
+    assert not only_term(lambda t, p: (t - p) ** 2).builtin  # user functions: their own rules

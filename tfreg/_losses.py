@@ -48,8 +48,14 @@ __all__ = [
 ]
 
 _ALLOWED_REDUCTIONS = ("sum_over_batch_size", "mean", "none", None)
-# Keras loss functions whose targets are class indices (one fewer dimension than the output).
-_CLASS_INDEX_FNS = (keras.losses.sparse_categorical_crossentropy,)
+# Keras loss functions whose targets are class indices (one fewer dimension than the output),
+# and those whose targets legitimately have another shape (label sequences, labels for
+# embeddings): no target-shape check for the latter.
+_CLASS_INDEX_FNS = (
+    keras.losses.sparse_categorical_crossentropy,
+    keras.losses.categorical_generalized_cross_entropy,
+)
+_FREE_SHAPE_FNS = (keras.losses.ctc, keras.losses.circle)
 
 
 def _rank_fix(shape1: tf.TensorShape, shape2: tf.TensorShape) -> tuple[int, str] | None:
@@ -146,7 +152,9 @@ def output_names(model: keras.layers.Layer) -> list[str]:
 
 def _term(loss: Any, name: str, index: int, weight: Any) -> LossTerm:
     _, fn = _resolve(loss)
-    builtin = getattr(fn, "__module__", type(fn).__module__).startswith("keras.")
+    builtin = fn not in _FREE_SHAPE_FNS and (
+        getattr(fn, "__module__", type(fn).__module__).startswith("keras.")
+    )
     try:
         weight = 1.0 if weight is None else float(weight)
     except (TypeError, ValueError):
@@ -259,8 +267,8 @@ def _check_target(term: LossTerm, y_true: tf.Tensor, y_pred: tf.Tensor) -> None:
     if term.class_index:
         if y_true.dtype.is_floating:
             raise InvalidArgumentError(
-                f"Output {term.name!r} has a class-index loss (sparse categorical "
-                "crossentropy), which would truncate float labels to integers; pass integer "
+                f"Output {term.name!r} has a class-index loss (its targets are class "
+                "indices), which would truncate float labels to integers; pass integer "
                 f"labels (e.g. y.astype('int64')). Received: y dtype {y_true.dtype.name}"
             )
         t = y_true.shape.as_list()

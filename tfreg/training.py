@@ -80,8 +80,9 @@ __all__ = ["AccumulatingModel", "History", "Trainer", "per_example_loss"]
 
 
 def _sparse_categorical_accuracy(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
-    labels = tf.cast(tf.reshape(y_true, [-1]), tf.int64)
-    return tf.cast(tf.equal(tf.argmax(y_pred, axis=-1), labels), tf.float64)
+    predicted = tf.argmax(y_pred, axis=-1)
+    labels = tf.reshape(tf.cast(y_true, tf.int64), tf.shape(predicted))  # (N,1) or (N,T) labels
+    return tf.cast(tf.equal(predicted, labels), tf.float64)
 
 
 def _categorical_accuracy(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
@@ -363,10 +364,15 @@ def _spec(value: Any) -> tf.TensorSpec:
     return tf.TensorSpec((None, *tensor.shape[1:]), tf.as_dtype(tensor.dtype))
 
 
-def _metric_weights(sample_weight: Any, values: tf.Tensor) -> tf.Tensor:
-    # A metric's per-element values weighted like the loss: ones, per example or per element.
-    w = element_weights(sample_weight, tf.cast(values, tf.float64))
-    return tf.ones_like(values, tf.float64) if w is None else tf.broadcast_to(w, tf.shape(values))
+def _metric_weights(sample_weight: Any, values: tf.Tensor, y_pred: Any) -> tf.Tensor:
+    # A metric's per-element values weighted like the loss -- ones, per example or per element
+    # -- and, as Keras' metrics do, by the output's mask (masked elements weigh 0).
+    w = element_weights(sample_weight, values)
+    w = tf.ones_like(values) if w is None else tf.broadcast_to(w, tf.shape(values))
+    mask = getattr(y_pred, "_keras_mask", None)
+    if mask is not None and mask.shape.rank == values.shape.rank:
+        w = w * tf.cast(mask, w.dtype)
+    return w
 
 
 class _Engine:
@@ -492,8 +498,9 @@ class _Engine:
         # Metrics need one output (checked in Trainer.__init__).
         for name, total in zip(self.spec.metrics, self.window.metric_sums, strict=True):
             values = _METRIC_FNS[name](y, batch.y_pred)
-            total.assign_add(tf.reduce_sum(values * _metric_weights(w, values)))
-        self.window.weight_sum.assign_add(tf.reduce_sum(_metric_weights(w, values)))
+            weights = _metric_weights(w, values, batch.y_pred)
+            total.assign_add(tf.reduce_sum(values * weights))
+        self.window.weight_sum.assign_add(tf.reduce_sum(weights))
 
     def _apply(self) -> dict[str, tf.Tensor]:
         spec = self.spec
