@@ -40,6 +40,7 @@ from tfreg.regularizers import get as _get_regularizer
 from tfreg.sparsity import ProximalL1
 from tfreg_core.training import (
     NONFINITE_MESSAGE,
+    RECORD_FIELDS,
     ArrayData,
     Position,
     StreamData,
@@ -702,7 +703,7 @@ class _KerasCallbacks:
         self._sync(trainer)
 
     def on_update_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
-        logs = {k: v for k, v in record.items() if isinstance(v, float)}
+        logs = {k: v for k, v in record.items() if k not in RECORD_FIELDS}
         self.list.on_train_batch_end(record["update"], logs)
         self._sync(trainer)
 

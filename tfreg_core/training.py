@@ -45,6 +45,7 @@ __all__ = [
     "METRICS",
     "NONFINITE_MESSAGE",
     "NONFINITE_MODES",
+    "RECORD_FIELDS",
     "ArrayData",
     "History",
     "Position",
@@ -487,11 +488,12 @@ def epoch_logs(history: History, epoch: int) -> dict[str, float]:
     batches weighs each batch by its size)."""
     rows = [r for r in history.records if r["epoch"] == epoch and not r["skipped"]]
     total = sum(r["examples"] for r in rows)
-    keys = [k for k in (rows[0] if rows else {}) if k not in _RECORD_FIELDS]
+    keys = [k for k in (rows[0] if rows else {}) if k not in RECORD_FIELDS]
     return {k: sum(r[k] * r["examples"] for r in rows) / total for k in keys}
 
 
-_RECORD_FIELDS = ("epoch", "update", "examples", "micro_batches", "skipped")
+# Bookkeeping entries of a History record (not averaged into the epoch logs).
+RECORD_FIELDS = ("epoch", "update", "examples", "micro_batches", "skipped")
 
 
 def run_fit(
