@@ -302,6 +302,37 @@ def epoch_runner(trainer: Any, x: np.ndarray, y: np.ndarray, batch_size: int) ->
     return run
 
 
+def torch_loop_runner(
+    model: Any, x: np.ndarray, y: np.ndarray, batch_size: int, accumulation_steps: int
+) -> Callable:
+    """The hand-written torch accumulation loop ``torchref.Trainer`` is measured against: a
+    permutation per epoch, per micro-batch ``cross_entropy(reduction="sum") / window size``
+    and ``backward()``, one ``step()`` and ``zero_grad()`` per window (exact, no bookkeeping)."""
+    import torch
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
+    device = next(model.parameters()).device
+    epoch = 0
+
+    def run() -> None:
+        nonlocal epoch
+        order = np.random.default_rng([0, epoch]).permutation(len(x))
+        epoch += 1
+        model.train()
+        for start in range(0, len(x), batch_size * accumulation_steps):
+            window = order[start : start + batch_size * accumulation_steps]
+            for offset in range(0, len(window), batch_size):
+                idx = window[offset : offset + batch_size]
+                logits = model(torch.as_tensor(x[idx], device=device))
+                target = torch.as_tensor(y[idx], device=device)
+                loss = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
+                (loss / len(window)).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+    return run
+
+
 def fit_runner(model: Any, x: np.ndarray, y: np.ndarray, batch_size: int) -> Callable:
     return lambda: model.fit(x, y, batch_size=batch_size, epochs=1, verbose=0)
 
@@ -424,6 +455,7 @@ ACCUMULATION_LABELS = {
     "torchref_kxb": "torchref.Trainer, k×b",
     "torchref_1xb": "torchref.Trainer, 1×b",
     "torchref_1xkb": "torchref.Trainer, 1×(k·b)",
+    "torch_loop_kxb": "hand-written torch accumulation loop, k×b",
 }
 
 ACCUMULATION_RATIOS = (
@@ -446,6 +478,9 @@ ACCUMULATION_RATIOS = (
         "tfreg.AccumulatingModel k×b / Keras fit gradient_accumulation_steps=k",
         "accumulating_model_kxb",
         "keras_fit_kxb",
+    ),
+    Ratio(
+        "torchref.Trainer k×b / hand-written torch loop k×b", "torchref_kxb", "torch_loop_kxb", 1.05
     ),
     Ratio("torchref.Trainer k×b / tfreg.Trainer k×b", "torchref_kxb", "trainer_kxb"),
     Ratio("torchref.Trainer k×b / torchref.Trainer 1×b", "torchref_kxb", "torchref_1xb"),
@@ -485,6 +520,9 @@ def bench_accumulation(
             trainer = torch_trainer(copy.deepcopy(torch_template), accumulation_steps=steps)
             runs[f"torchref_{name}"] = epoch_runner(trainer, xt, yt, batch)
             updates[f"torchref_{name}"] = updates_per_epoch(n, batch, steps)
+        loop = torch_loop_runner(copy.deepcopy(torch_template), xt, yt, b, k)
+        runs["torch_loop_kxb"] = loop
+        updates["torch_loop_kxb"] = updates_per_epoch(n, b, k)
     times = interleave(runs, repeats, sizes.accumulation_rounds)
     return {
         "config": {

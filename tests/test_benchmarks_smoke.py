@@ -121,5 +121,5 @@ def test_torch_only_run_needs_no_tensorflow(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(out.read_text())
     variants = set(results["sections"]["accumulation"]["variants"])
-    assert variants == {"torchref_kxb", "torchref_1xb", "torchref_1xkb"}
+    assert variants == {"torchref_kxb", "torchref_1xb", "torchref_1xkb", "torch_loop_kxb"}
     assert set(results["skipped"]) == {"penalty"} and "tensorflow" not in results["machine"]

@@ -448,8 +448,8 @@ class _Engine:
         out = [tf.cast(total, tf.float64) for total in sums] + list(counts)
         if self.spec.metrics:  # one output (checked in Trainer.__init__)
             values = [_METRIC_FNS[name](y, y_pred) for name in self.spec.metrics]
-            out.append(tf.reduce_sum(_metric_weights(w, values[0])))
-            out += [tf.reduce_sum(v * _metric_weights(w, v)) for v in values]
+            out.append(tf.reduce_sum(_metric_weights(w, values[0], y_pred)))
+            out += [tf.reduce_sum(v * _metric_weights(w, v, y_pred)) for v in values]
         return tuple(out)
 
     def evaluate(self, batches: Iterable[tuple[Any, Any, Any]]) -> dict[str, float]:

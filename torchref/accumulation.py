@@ -21,10 +21,12 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 class AccumulatorState:
-    """``sums[i]`` (one per parameter), ``count`` (float64 tensor) and ``micro_batches``."""
+    """``sums[i]`` (one per parameter, of shape ``shapes[i]``), ``count`` (float64 tensor) and
+    ``micro_batches``."""
 
     def __init__(self, sums: list[torch.Tensor]) -> None:
         self.sums = sums
+        self.shapes = [tuple(s.shape) for s in sums]  # checked by every add(), computed once
         self.count = torch.zeros((), dtype=torch.float64, device=sums[0].device)
         self.micro_batches = 0
 
@@ -73,7 +75,7 @@ def add(
     grads = list(grads)
     check_add(
         [None if g is None else tuple(g.shape) for g in grads],
-        [tuple(s.shape) for s in state.sums],
+        state.shapes,
         count,
         unit="parameters",
     )
@@ -84,7 +86,8 @@ def add(
         for acc, grad in zip(state.sums, grads, strict=True):
             if grad is not None:
                 acc.add_(grad.to(acc.dtype))
-        state.count.add_(torch.as_tensor(count, dtype=torch.float64))
+        # A Python number is added as a float64 scalar: no tensor built per micro-batch.
+        state.count.add_(count if isinstance(count, torch.Tensor) else float(count))
     state.micro_batches += 1
     return state
 
