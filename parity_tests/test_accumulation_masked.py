@@ -44,11 +44,19 @@ SOME = ["k2", "uneven-short-window"]
 
 @pytest.fixture(autouse=True)
 def float64_floatx():
-    # fit's data adapter casts float inputs, and Keras losses compute, in floatx.
-    previous = keras.config.floatx()
-    keras.config.set_floatx("float64")
+    # fit's data adapter casts float inputs, and Keras losses compute, in floatx; layers take
+    # the global dtype policy, which Keras pins to floatx when the first layer is built: set
+    # both (else a float64 row run after a float32 test silently runs in float32).
+    previous = keras.config.floatx(), keras.config.dtype_policy()
+    _set_dtype("float64")
     yield
-    keras.config.set_floatx(previous)
+    keras.config.set_floatx(previous[0])
+    keras.config.set_dtype_policy(previous[1])
+
+
+def _set_dtype(dtype: str) -> None:
+    keras.config.set_floatx(dtype)
+    keras.config.set_dtype_policy(dtype)
 
 
 def _tokens(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -138,7 +146,7 @@ def test_masked_lstm_float32(rng, front_end) -> None:
     float64 rows above are what shows the arithmetic is exact."""
     tol = tolerance("model_cross", "float32")
     case = CASES["uneven-short-window"]
-    keras.config.set_floatx("float32")  # the autouse fixture restores the previous floatx
+    _set_dtype("float32")  # the autouse fixture restores the previous floatx and policy
     model = _sequence_model(rng, "lstm")
     model.set_weights([w.astype("float32") for w in model.get_weights()])
     x, y = _tokens(rng, case.n), rng.integers(0, CLASSES, size=(case.n, T))
@@ -277,3 +285,28 @@ def test_float_labels_for_a_class_index_loss_are_refused(rng, front_end) -> None
         _run(front_end, model, _sparse_ce(), x, y, CASES["k2"])
     for w, w0 in zip(model.get_weights(), before, strict=True):
         np.testing.assert_array_equal(w, w0)
+
+
+def test_masked_and_unmasked_outputs_each_keep_their_own_count(rng) -> None:
+    """A tagger (masked, per timestep) and a sequence classifier (one value per example) on one
+    encoder: each output is divided by its own window count, N_tags = valid steps and
+    N_cls = examples, as Keras does on the concatenated window."""
+    case = CASES["uneven-short-window"]
+    tokens = keras.Input((T,), dtype="int64")
+    hidden = keras.layers.Embedding(VOCAB, 4, mask_zero=True)(tokens)
+    hidden = keras.layers.LSTM(UNITS, return_sequences=True, unroll=True)(hidden)
+    outputs = {
+        "tags": keras.layers.Dense(CLASSES, name="tags")(hidden),
+        "cls": keras.layers.Dense(2, name="cls")(keras.layers.GlobalAveragePooling1D()(hidden)),
+    }
+    model = keras.Model(tokens, outputs)
+    model.set_weights([rng.normal(scale=0.5, size=w.shape) for w in model.get_weights()])
+    x = _tokens(rng, case.n)
+    y = {"tags": rng.integers(0, CLASSES, size=(case.n, T)), "cls": rng.integers(0, 2, size=case.n)}
+    loss = {"tags": _sparse_ce(), "cls": _sparse_ce()}
+    kwargs = {"loss_weights": {"tags": 1.0, "cls": 0.5}}
+    before = model.get_weights()
+    reference, history = _reference(model, loss, x, y, window=12, **kwargs)
+    logged = _run("model", model, loss, x, y, case, **kwargs)
+    _assert_same_update(model, reference, before)
+    assert logged.history["loss"][0] == pytest.approx(history.history["loss"][0], rel=1e-12)

@@ -31,8 +31,13 @@ def rng() -> np.random.Generator:
 
 @pytest.fixture
 def float64_floatx():
-    # fit's data adapter casts float inputs, and Keras losses compute, in floatx.
-    with _global(keras.config.floatx, keras.config.set_floatx, "float64"):
+    # fit's data adapter casts float inputs, and Keras losses compute, in floatx. Layers take
+    # the global dtype *policy*, which Keras pins to floatx when the first layer is built: set
+    # both, or a float64 test run after a float32 one silently runs in float32.
+    with (
+        _global(keras.config.floatx, keras.config.set_floatx, "float64"),
+        _global(keras.config.dtype_policy, keras.config.set_dtype_policy, "float64"),
+    ):
         yield
 
 
