@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from tfreg_core import InvalidArgumentError
 from tfreg_core.training import History, TrainerSpec
-from tfreg_core.windows import epoch_order, plan_epoch
+from tfreg_core.windows import array_steps, epoch_order, plan_epoch, skip, stream_steps
 
 
 def test_hand_written_plan() -> None:
@@ -82,3 +82,54 @@ def test_history_columns() -> None:
     history.records += [{"loss": 1.0, "skipped": False}, {"loss": 2.0, "skipped": True}]
     assert history.history == {"loss": [1.0, 2.0], "skipped": [False, True]}
     assert history.skipped_updates == 1 and len(history) == 2
+
+
+def test_array_steps_resume_at_a_micro_batch() -> None:
+    windows = plan_epoch(10, batch_size=3, accumulation_steps=2)
+    steps = list(array_steps(windows, start=1))
+    assert [(s.micro_batch, s.window, s.item, s.closes) for s in steps] == [
+        (1, 0, (3, 6), True),
+        (2, 1, (6, 9), False),
+        (3, 1, (9, 10), True),
+    ]
+    assert [s.window_micro_batches for s in steps] == [2, 1, 2]
+
+
+def test_stream_steps_close_the_short_window_at_the_end_of_the_data() -> None:
+    steps = list(stream_steps(iter(range(5)), accumulation_steps=2))
+    assert [(s.item, s.window, s.closes, s.drop) for s in steps] == [
+        (0, 0, False, False),
+        (1, 0, True, False),
+        (2, 1, False, False),
+        (3, 1, True, False),
+        (4, 2, True, False),
+    ]
+    dropped = list(stream_steps(range(5), accumulation_steps=2, drop_remainder=True))
+    assert [s.drop for s in dropped] == [False, False, False, False, True]
+    # an exact multiple drops nothing
+    exact = stream_steps(range(4), accumulation_steps=2, drop_remainder=True)
+    assert not any(s.drop for s in exact)
+
+
+def test_stream_steps_never_read_past_the_limit() -> None:
+    shared = iter(range(100))
+    first = [s.item for s in stream_steps(shared, accumulation_steps=3, limit=5)]
+    second = list(stream_steps(shared, accumulation_steps=3, limit=5))
+    assert first == [0, 1, 2, 3, 4]
+    assert [s.item for s in second] == [5, 6, 7, 8, 9]  # nothing lost to the look-ahead
+    assert [s.closes for s in second] == [False, False, True, False, True]
+    # a resumed epoch numbers its steps from `start` (windows keep their places)
+    resumed = list(stream_steps(range(3), accumulation_steps=3, start=4, limit=7))
+    assert [(s.micro_batch, s.window, s.window_micro_batches) for s in resumed] == [
+        (4, 1, 2),
+        (5, 1, 3),
+        (6, 2, 1),
+    ]
+
+
+def test_skip_refuses_data_shorter_than_the_checkpoint() -> None:
+    iterator = iter(range(3))
+    skip(iterator, 2)
+    assert next(iterator) == 2
+    with pytest.raises(InvalidArgumentError, match=r"ended after 3 micro-batches.*consumed 4"):
+        skip(iter(range(3)), 4)

@@ -40,6 +40,7 @@ __all__ = [
     "LossTerm",
     "MicroBatch",
     "element_weights",
+    "loss_sums",
     "loss_terms",
     "micro_batch_gradients",
     "output_names",
@@ -320,6 +321,38 @@ def _mask(y_pred: tf.Tensor, values: tf.Tensor) -> tf.Tensor | None:
     return mask
 
 
+def loss_sums(
+    terms: Sequence[LossTerm], names: Sequence[str], y: Any, y_pred: Any, sample_weight: Any
+) -> tuple[list[tf.Tensor], list[tf.Tensor]]:
+    """Per term the weighted loss sum over the elements that count, and their count (float64):
+    what one micro-batch adds to a window, and what validation sums over its data."""
+    y_true = _flat(y, names, "y")
+    weights = (
+        _flat(sample_weight, names, "sample_weight")
+        if isinstance(sample_weight, (Mapping, list, tuple))
+        else [sample_weight] * len(names)
+    )
+    outputs = _flat(y_pred, names, "the model's outputs")
+    sums, counts = [], []
+    for term in terms:
+        target, output = y_true[term.index], outputs[term.index]
+        _check_target(term, tf.convert_to_tensor(target), output)
+        values = term.values(target, output)
+        mask = _mask(output, values)
+        weighted = values
+        w = element_weights(weights[term.index], values)
+        if w is not None:
+            weighted = weighted * w
+        if mask is None:
+            count = tf.cast(tf.size(values), tf.float64)
+        else:
+            weighted = tf.where(mask, weighted, tf.zeros_like(weighted))
+            count = tf.reduce_sum(tf.cast(mask, tf.float64))
+        sums.append(tf.reduce_sum(weighted))
+        counts.append(count)
+    return sums, counts
+
+
 def micro_batch_gradients(
     model: Callable[..., Any],
     terms: Sequence[LossTerm],
@@ -339,34 +372,11 @@ def micro_batch_gradients(
     ``scale * S / max(N, 1)`` (the range of Keras' scaled batch mean) and multiplied back by
     ``max(N, 1) / scale``, so the returned gradients are unscaled gradients of ``S`` (float32).
     ``check_forward`` runs right after the forward pass (the add_loss refusal)."""
-    y_true = _flat(y, names, "y")
-    weights = (
-        _flat(sample_weight, names, "sample_weight")
-        if isinstance(sample_weight, (Mapping, list, tuple))
-        else [sample_weight] * len(names)
-    )
     with tf.GradientTape(persistent=len(terms) > 1) as tape:
         y_pred = model(x, training=True)
         if check_forward is not None:
             check_forward()
-        outputs = _flat(y_pred, names, "the model's outputs")
-        sums, counts = [], []
-        for term in terms:
-            target, output = y_true[term.index], outputs[term.index]
-            _check_target(term, tf.convert_to_tensor(target), output)
-            values = term.values(target, output)
-            mask = _mask(output, values)
-            weighted = values
-            w = element_weights(weights[term.index], values)
-            if w is not None:
-                weighted = weighted * w
-            if mask is None:
-                count = tf.cast(tf.size(values), tf.float64)
-            else:
-                weighted = tf.where(mask, weighted, tf.zeros_like(weighted))
-                count = tf.reduce_sum(tf.cast(mask, tf.float64))
-            sums.append(tf.reduce_sum(weighted))
-            counts.append(count)
+        sums, counts = loss_sums(terms, names, y, y_pred, sample_weight)
         # Inside the tape: the weighting (and loss scaling) must be recorded. Scaled, the
         # micro-batch *mean* is differentiated (the float16 range Keras' scaled batch loss
         # uses), and the gradient brought back to the sum's: * max(N, 1) / scale.

@@ -40,7 +40,8 @@ are applied once per update.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import fields
 from typing import Any
 
 import numpy as np
@@ -50,6 +51,7 @@ from tfreg._compat import keras, tf
 from tfreg._losses import (
     LossTerm,
     element_weights,
+    loss_sums,
     loss_terms,
     micro_batch_gradients,
     output_names,
@@ -60,11 +62,16 @@ from tfreg.proximal import PROXIMAL_CLASSES, Proximal
 from tfreg.regularizers import get as _get_regularizer
 from tfreg_core.training import (
     NONFINITE_MESSAGE,
+    RECORD_FIELDS,
+    ArrayData,
+    Position,
+    StreamData,
     TrainerSpec,
-    check_fit_data,
+    fit_data,
     object_config,
     resolve_proximal,
     run_fit,
+    unpack_micro_batch,
 )
 from tfreg_core.training import History as History
 from tfreg_core.validation import InvalidArgumentError
@@ -290,15 +297,72 @@ def _proximal_step(
 
 
 class _Window(tf.Module):
-    """Per-window running sums for reporting (float64) and the resumable position."""
+    """Per-window running sums for reporting (float64), the resumable position and the metric
+    names the sums belong to (checked when a checkpoint is read)."""
 
-    def __init__(self, num_terms: int, num_metrics: int) -> None:
+    def __init__(self, num_terms: int, metrics: Sequence[str]) -> None:
         super().__init__(name="window")
         zero = tf.constant(0.0, tf.float64)
         self.losses = _LossSums(num_terms)
         self.weight_sum = tf.Variable(zero, trainable=False)
-        self.metric_sums = [tf.Variable(zero, trainable=False) for _ in range(num_metrics)]
-        self.position = tf.Variable(tf.zeros([5], tf.int64), trainable=False)  # Position
+        self.metric_sums = [tf.Variable(zero, trainable=False) for _ in metrics]
+        self.position = tf.Variable(tf.zeros([len(fields(Position))], tf.int64), trainable=False)
+        self.metric_names = tf.Variable(",".join(metrics), trainable=False)
+
+    def reset(self) -> None:
+        """Zero the per-window metric sums (the loss sums reset in ``_LossSums.report``)."""
+        for v in [self.weight_sum, *self.metric_sums]:
+            v.assign(tf.zeros_like(v))
+
+
+class _SeedStates(tf.Module):
+    """The model's ``SeedGenerator`` states (Dropout, GaussianNoise, ...): in the checkpoint,
+    so a resumed run draws the masks the uninterrupted run drew. ``model.variables`` is
+    ``model.weights`` plus these (Keras 3's documented split)."""
+
+    def __init__(self, model: keras.layers.Layer) -> None:
+        super().__init__(name="rng")
+        weights = {id(w) for w in model.weights}
+        self.states = [v for v in model.variables if id(v) not in weights]
+
+
+class _TrainerCheckpoint(tf.train.Checkpoint):
+    """``tf.train.Checkpoint`` that refuses, before restoring anything, a checkpoint whose
+    window sums belong to other ``metrics`` (they would be reported under the wrong names)."""
+
+    def __init__(self, metrics: Sequence[str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._metrics = ",".join(metrics)
+
+    def _check(self, path: str) -> None:
+        key = "window/metric_names/.ATTRIBUTES/VARIABLE_VALUE"
+        reader = tf.train.load_checkpoint(path)
+        if reader.has_tensor(key):
+            saved = reader.get_tensor(key).decode()
+            if saved != self._metrics:
+                raise InvalidArgumentError(
+                    "The checkpoint was saved by a Trainer with other metrics: "
+                    f"metrics={saved.split(',') if saved else []}. Build the Trainer with them. "
+                    f"Received: metrics={self._metrics.split(',') if self._metrics else []}"
+                )
+
+    def read(self, save_path: str, options: Any = None) -> Any:
+        self._check(save_path)
+        return super().read(save_path, options=options)
+
+    def restore(self, save_path: str, options: Any = None) -> Any:
+        self._check(save_path)
+        return super().restore(save_path, options=options)
+
+
+def _present(args: tuple[Any, Any, Any]) -> tuple[Any, ...]:
+    return args if args[2] is not None else args[:2]
+
+
+def _spec(value: Any) -> tf.TensorSpec:
+    # `None` batch dimension: micro-batches of any size (the short last one too) share a trace.
+    tensor = value if isinstance(value, tf.Tensor) else np.asarray(value)
+    return tf.TensorSpec((None, *tensor.shape[1:]), tf.as_dtype(tensor.dtype))
 
 
 def _metric_weights(sample_weight: Any, values: tf.Tensor, y_pred: Any) -> tf.Tensor:
@@ -339,33 +403,81 @@ class _Engine:
         if not self.variables:
             raise InvalidArgumentError(f"The model has no trainable variables: {model.name!r}")
         self.accs = [accumulation.init(self.variables) for _ in self.terms]
-        self.window = _Window(len(self.terms), len(spec.metrics))
+        self.window = _Window(len(self.terms), spec.metrics)
+        self.rng = _SeedStates(model)
         optimizer.build(self.variables)
         self.penalty_fn = _penalty_fn(model, self.variables, regularizer, spec.include_bias)
         self.after_step = _proximal_step(proximal, model, optimizer)
-        self.micro_fns: dict[tuple[Any, ...], Any] = {}
+        self.micro_fns: dict[Any, Any] = {}
+        self.eval_fns: dict[Any, Any] = {}
         self.apply_fn = tf.function(self._apply, jit_compile=spec.jit_compile)
 
-    def micro_fn(self, x: np.ndarray, y: np.ndarray) -> Any:
-        key = (x.shape[1:], x.dtype.str, y.shape[1:], y.dtype.str)
-        if key not in self.micro_fns:
-            signature = [
-                tf.TensorSpec((None, *x.shape[1:]), tf.as_dtype(x.dtype)),
-                tf.TensorSpec((None, *y.shape[1:]), tf.as_dtype(y.dtype)),
-                tf.TensorSpec((None,), tf.float64),
-            ]
-            # No autograph: `_micro` is straight-line code, and autograph would rewrap its
+    def _traced(self, cache: dict[Any, Any], fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+        """``fn`` as a ``tf.function`` with nested ``TensorSpec`` s of ``args`` (one trace per
+        structure and dtype, never per step). ``sample_weight=None`` gets its own function."""
+        weighted = args[2] is not None
+        specs = tf.nest.map_structure(_spec, args if weighted else args[:2])
+        key = str(specs)
+        if key not in cache:
+            body = fn if weighted else lambda x, y: fn(x, y, None)
+            # No autograph: the bodies are straight-line code, and autograph would rewrap an
             # InvalidArgumentError (add_loss rejection) as a StagingError.
-            self.micro_fns[key] = tf.function(
-                self._micro,
-                input_signature=signature,
+            cache[key] = tf.function(
+                body,
+                input_signature=list(specs),
                 jit_compile=self.spec.jit_compile,
                 autograph=False,
             )
-        return self.micro_fns[key]
+        return cache[key]
 
-    def micro_step(self, x: np.ndarray, y: np.ndarray, sample_weight: np.ndarray) -> None:
-        self.micro_fn(x, y)(x, y, sample_weight)
+    def micro_step(self, x: Any, y: Any, sample_weight: Any) -> None:
+        args = _present((x, y, sample_weight))
+        self._traced(self.micro_fns, self._micro, (x, y, sample_weight))(*args)
+
+    def discard_window(self) -> None:
+        """``drop_remainder`` on a stream: the short window's sums are thrown away."""
+        for acc in self.accs:
+            accumulation.reset(acc)
+        for total in self.window.losses.sums:
+            total.assign(tf.zeros_like(total))
+        self.window.reset()
+
+    def _eval(self, x: Any, y: Any, w: Any) -> tuple[tf.Tensor, ...]:
+        # Validation: the loss terms and counts `_micro` accumulates, in inference mode.
+        y_pred = self.model(x, training=False)
+        sums, counts = loss_sums(self.terms, self.names, y, y_pred, w)
+        out = [tf.cast(total, tf.float64) for total in sums] + list(counts)
+        if self.spec.metrics:  # one output (checked in Trainer.__init__)
+            values = [_METRIC_FNS[name](y, y_pred) for name in self.spec.metrics]
+            out.append(tf.reduce_sum(_metric_weights(w, values[0], y_pred)))
+            out += [tf.reduce_sum(v * _metric_weights(w, v, y_pred)) for v in values]
+        return tuple(out)
+
+    def evaluate(self, batches: Iterable[tuple[Any, Any, Any]]) -> dict[str, float]:
+        """``val_loss`` (= ``sum_o weight_o * S_o / N_o`` over the data + penalty, as Keras'
+        ``val_loss`` includes the regularization losses), ``val_data_loss`` and metrics."""
+        totals: Any = None
+        for args in batches:
+            out = self._traced(self.eval_fns, self._eval, args)(*_present(args))
+            totals = out if totals is None else [a + b for a, b in zip(totals, out, strict=True)]
+        totals = [float(t) for t in totals]
+        k = len(self.terms)
+        sums, counts, metric_part = totals[:k], totals[k : 2 * k], totals[2 * k :]
+        per_term = [total / n if n else 0.0 for total, n in zip(sums, counts, strict=True)]
+        data_loss = sum(float(t.weight) * v for t, v in zip(self.terms, per_term, strict=True))
+        penalty = self.penalty_fn()
+        logs = {
+            "val_loss": data_loss + (0.0 if penalty is None else float(penalty)),
+            "val_data_loss": data_loss,
+        }
+        if k > 1:
+            named = zip(self.terms, per_term, strict=True)
+            logs.update({f"val_{t.name}_loss": v for t, v in named})
+        if metric_part:
+            weight_sum, *metric_sums = metric_part
+            for name, total in zip(self.spec.metrics, metric_sums, strict=True):
+                logs[f"val_{name}"] = total / weight_sum
+        return logs
 
     def _micro(self, x: Any, y: Any, w: Any) -> None:
         batch = micro_batch_gradients(
@@ -405,8 +517,7 @@ class _Engine:
         values["skipped"] = tf.logical_not(finite)
         for name, total in zip(spec.metrics, self.window.metric_sums, strict=True):
             values[name] = total / self.window.weight_sum
-        for v in [self.window.weight_sum, *self.window.metric_sums]:
-            v.assign(tf.zeros_like(v))
+        self.window.reset()
         return values
 
     def apply_step(self) -> dict[str, tf.Tensor]:
@@ -459,12 +570,14 @@ class Trainer:
     ``jit_compile=True`` compiles both steps with XLA (one compilation per distinct micro-batch
     size).
 
-    Checkpoint/resume: ``ckpt = trainer.checkpoint()`` tracks model, optimizer, accumulator and
-    position (epoch, micro-batch); a fresh ``Trainer`` on the same model architecture restores it
-    with ``trainer.checkpoint().restore(path)`` and ``fit`` continues where it stopped, mid-window
-    included. ``epochs`` is therefore the total to train *up to* (Keras' ``epochs`` with
-    ``initial_epoch`` taken from the trainer's position): a second ``fit(epochs=3)`` after a
-    first one does nothing; ``fit(epochs=6)`` trains three more.
+    Checkpoint/resume: ``ckpt = trainer.checkpoint()`` tracks model, optimizer, accumulator,
+    position (epoch, micro-batch) and the model's ``SeedGenerator`` states (Dropout masks); a
+    fresh ``Trainer`` on the same model architecture and ``metrics`` restores it with
+    ``trainer.checkpoint().restore(path)`` and ``fit`` continues where it stopped, mid-window
+    included, bit for bit. ``epochs`` is therefore the final epoch index to train *up to*
+    (Keras' ``epochs`` with ``initial_epoch`` taken from the trainer's position): a second
+    ``fit(epochs=3)`` after a first one trains nothing and warns (``UserWarning``, at every
+    verbosity: Keras' own ``fit`` would stay silent); ``fit(epochs=6)`` trains three more.
     """
 
     def __init__(
@@ -531,14 +644,15 @@ class Trainer:
         self._engine: _Engine | None = None
         self.stop_training = False
 
-    def build(self, input_shape: Sequence[int | None] | None = None) -> None:
-        """Create accumulator, optimizer variables and position (``fit`` calls this)."""
+    def build(self, input_shape: Any = None) -> None:
+        """Create accumulator, optimizer variables and position (``fit`` calls this).
+        ``input_shape`` builds an unbuilt model (a shape, or a structure of shapes)."""
         if self._engine is not None:
             return
         if not self.model.built:
             if input_shape is None:
                 raise ValueError("The model is not built; pass input_shape or call fit first.")
-            self.model.build(tuple(input_shape))
+            self.model.build(input_shape)
         self._engine = _Engine(
             self.model,
             self._terms,
@@ -564,29 +678,53 @@ class Trainer:
         return accs[0]
 
     def checkpoint(self) -> tf.train.Checkpoint:
-        """Everything a resumed ``fit`` needs, mid-window included."""
+        """Everything a resumed ``fit`` needs, mid-window included: model, optimizer,
+        accumulator, position and the model's ``SeedGenerator`` states (Dropout masks).
+        ``read``/``restore`` refuse a checkpoint saved with other ``metrics`` before
+        restoring anything."""
         self.build()
-        return tf.train.Checkpoint(
+        return _TrainerCheckpoint(
+            self.spec.metrics,
             model=self.model,
             optimizer=self.optimizer,
             accumulator=self._engine.accs,
             window=self._engine.window,
+            rng=self._engine.rng,
         )
 
     def fit(
         self,
         x: Any,
-        y: Any,
+        y: Any = None,
         *,
-        batch_size: int,
+        batch_size: int | None = None,
         epochs: int = 1,
         shuffle: bool = True,
         sample_weight: Any = None,
+        steps_per_epoch: int | None = None,
+        validation_data: Any = None,
         callbacks: Sequence[Any] | None = None,
         verbose: int = 1,
     ) -> History:
-        """Train; returns one :class:`History` record per update (see ``tfreg_core.training``)."""
-        x, y, weights, _ = check_fit_data(
+        """Train; returns one :class:`History` record per update (see ``tfreg_core.training``).
+
+        ``x``/``y``: arrays, or dicts/tuples of arrays for multi-input/-output models, cut into
+        micro-batches of ``batch_size`` (shuffled per epoch with ``seed``). Or ``y=None`` and
+        ``x`` an iterable of micro-batches -- a ``tf.data.Dataset`` (prefetched; its tensors
+        go to the step function without a host copy), a generator, a list -- yielding
+        ``(x, y)`` or ``(x, y, sample_weight)``; unknown cardinality is fine,
+        ``steps_per_epoch`` micro-batches make an epoch of an infinite one, and
+        ``batch_size``/``sample_weight`` must be None (``shuffle`` does not apply: the data's
+        order is used, as Keras does). See :class:`tfreg_core.training.StreamData` for
+        resuming mid-epoch. ``validation_data``: ``(x, y)`` / ``(x, y, sample_weight)`` arrays
+        (in batches of ``batch_size``, 32 for streams) or an iterable of such micro-batches,
+        evaluated after each epoch's last update; ``history.epochs`` gets ``val_loss``,
+        ``val_data_loss`` and the metrics. ``callbacks``: ``keras.callbacks.Callback`` objects
+        (Keras' hooks: ``on_train_batch_end`` once per update, ``on_epoch_end`` with the epoch
+        logs, ``model.stop_training`` honoured; ``self.model`` is the trained model) and/or
+        the project's hooks (``tfreg_core.training.HOOKS``), all checked before training.
+        """
+        data = fit_data(
             x,
             y,
             sample_weight,
@@ -594,20 +732,26 @@ class Trainer:
             epochs=epochs,
             shuffle=shuffle,
             verbose=verbose,
+            steps_per_epoch=steps_per_epoch,
         )
-        self.build((None, *x.shape[1:]))
+        validation = _validation_batches(validation_data, batch_size)
+        keras_callbacks = [c for c in callbacks or () if isinstance(c, keras.callbacks.Callback)]
+        hooks = [c for c in callbacks or () if not isinstance(c, keras.callbacks.Callback)]
+        if keras_callbacks:
+            hooks.append(_KerasCallbacks(keras_callbacks, self.model, epochs, data, verbose))
+        if isinstance(data, StreamData) and isinstance(data.data, tf.data.Dataset):
+            data.data = data.data.prefetch(tf.data.AUTOTUNE)
+        self.build(_input_shape(data))
+        engine = self._engine
         return run_fit(
-            self._engine,
+            engine,
             self,
             self.spec,
-            x,
-            y,
-            weights,
-            batch_size=batch_size,
+            data,
             epochs=epochs,
-            shuffle=shuffle,
-            callbacks=callbacks,
+            callbacks=hooks,
             verbose=verbose,
+            validate=None if validation is None else lambda: engine.evaluate(validation()),
         )
 
     def trace_counts(self) -> dict[str, int]:
@@ -627,19 +771,110 @@ class Trainer:
         return config
 
 
+def _input_shape(data: ArrayData | StreamData) -> Any:
+    # Builds an unbuilt model from the data's shapes (a dataset's element_spec: nothing is
+    # consumed); a generic iterable needs a built model.
+    if isinstance(data, ArrayData):
+        x = data.x
+    elif isinstance(data.data, tf.data.Dataset):
+        x = unpack_micro_batch(data.data.element_spec)[0]
+    else:
+        return None
+    shapes = tf.nest.map_structure(lambda v: (None, *v.shape[1:]), x)
+    return shapes
+
+
+def _validation_batches(
+    validation_data: Any, batch_size: int | None
+) -> Callable[[], Iterable[tuple[Any, Any, Any]]] | None:
+    """``validation_data`` checked now (before training); returns a fresh pass per call."""
+    if validation_data is None:
+        return None
+    if isinstance(validation_data, tuple):
+        vx, vy, vw = unpack_micro_batch(validation_data)
+        arrays = ArrayData(vx, vy, vw, batch_size=batch_size or 32, shuffle=False)
+        spec = TrainerSpec()
+        return lambda: (batch for _, batch in arrays.steps(spec, 0, 0))
+    stream = StreamData(validation_data, steps_per_epoch=None)
+    return lambda: (unpack_micro_batch(element) for element in stream.data)
+
+
+class _KerasCallbacks:
+    """``keras.callbacks.Callback`` objects driven by ``run_fit``'s hooks with Keras'
+    signatures: ``on_train_batch_end(update, logs)`` per update (``logs``: the record's
+    values), ``on_epoch_end(epoch, logs)`` after validation; ``model.stop_training`` (what
+    ``EarlyStopping`` sets) stops the trainer."""
+
+    def __init__(
+        self,
+        callbacks: list[Any],
+        model: keras.Model,
+        epochs: int,
+        data: ArrayData | StreamData,
+        verbose: int,
+    ) -> None:
+        self.model = model
+        self.list = keras.callbacks.CallbackList(
+            callbacks,
+            add_history=False,
+            add_progbar=False,
+            model=model,
+            epochs=epochs,
+            steps=None,
+            verbose=verbose,
+        )
+        self.data = data
+
+    def _sync(self, trainer: Trainer) -> None:
+        if getattr(self.model, "stop_training", False):
+            trainer.stop_training = True
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        self.list.set_params(
+            {
+                "epochs": self.list.params["epochs"],
+                "verbose": self.list.params["verbose"],
+                "steps": self.data.updates(trainer.spec),
+            }
+        )
+        self.model.stop_training = False
+        self.list.on_train_begin()
+        self._sync(trainer)
+
+    def on_epoch_begin(self, trainer: Trainer, epoch: int) -> None:
+        self.list.on_epoch_begin(epoch)
+        self._sync(trainer)
+
+    def on_update_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        logs = {k: v for k, v in record.items() if k not in RECORD_FIELDS}
+        self.list.on_train_batch_end(record["update"], logs)
+        self._sync(trainer)
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, history: History) -> None:
+        self.list.on_epoch_end(epoch, dict(history.epochs[-1]))
+        self._sync(trainer)
+
+    def on_train_end(self, trainer: Trainer, history: History) -> None:
+        self.list.on_train_end(dict(history.epochs[-1]) if history.epochs else None)
+
+
 class _FlushAtEpochEnd(keras.callbacks.Callback):
     """Flush the partial window after the epoch's last step -- before ``fit`` validates, so
-    validation sees the epoch's final weights (``on_epoch_end`` comes after validation)."""
+    validation sees the epoch's final weights (``on_epoch_end`` comes after validation). Runs
+    after the user's callbacks, so a ``stop_training`` they set on this step flushes too.
+    Epochs of unknown length end with the data: ``AccumulatingModel.make_train_function``
+    flushes there."""
 
     def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
         steps = self.params.get("steps")
-        if steps and batch + 1 >= steps:
+        if (steps and batch + 1 >= steps) or self.model.stop_training:
             self.model.flush()
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-        self.model.flush()  # epochs of unknown length; a no-op after the flush above
+        self.model.flush()  # a no-op after the flushes above
 
 
+@keras.saving.register_keras_serializable(package="tfreg")
 class AccumulatingModel(keras.Model):
     """Exact accumulation inside ``model.fit``: wraps ``model`` (sharing its weights) and
     replaces ``train_step``.
@@ -703,6 +938,38 @@ class AccumulatingModel(keras.Model):
     def call(self, inputs: Any, training: bool | None = None) -> Any:
         return self.model(inputs, training=training)
 
+    def get_config(self) -> dict[str, Any]:
+        """The constructor's arguments, ``model`` serialized: ``.save("m.keras")``,
+        ``keras.models.load_model`` and ``ModelCheckpoint`` round-trip the wrapper (weights and
+        optimizer state come with the file; the accumulator is empty at every epoch end)."""
+        return {
+            **super().get_config(),
+            "model": keras.saving.serialize_keras_object(self.model),
+            "accumulation_steps": self.spec.accumulation_steps,
+            "regularizer": keras.saving.serialize_keras_object(self.regularizer),
+            "include_bias": self.spec.include_bias,
+            "drop_remainder": self.spec.drop_remainder,
+            "proximal": object_config(self.proximal),
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], custom_objects: Any = None) -> AccumulatingModel:
+        config = dict(config)
+        model = keras.saving.deserialize_keras_object(
+            config.pop("model"), custom_objects=custom_objects
+        )
+        regularizer = config.pop("regularizer", None)
+        if regularizer is not None:
+            regularizer = keras.saving.deserialize_keras_object(
+                regularizer, custom_objects=custom_objects
+            )
+        return cls(model, regularizer=regularizer, **config)
+
+    def compile_from_config(self, config: dict[str, Any]) -> None:
+        """``load_model``'s compile: this class's ``compile`` (checks included; it builds the
+        optimizer variables, so the saved optimizer state loads into them)."""
+        self.compile(**keras.saving.deserialize_keras_object(config))
+
     def compile(
         self,
         optimizer: Any = "rmsprop",
@@ -757,7 +1024,29 @@ class AccumulatingModel(keras.Model):
         if not self.model.built:
             raise ValueError("Build the wrapped model (e.g. with keras.Input) before fit().")
         self._build_state()
-        return super().fit(*args, callbacks=[_FlushAtEpochEnd(), *(callbacks or [])], **kwargs)
+        return super().fit(*args, callbacks=[*(callbacks or []), _FlushAtEpochEnd()], **kwargs)
+
+    def make_train_function(self, force: bool = False) -> Any:
+        """Keras' train function, flushing the partial window when the epoch's data ends.
+
+        An epoch of unknown length (a ``tf.data`` pipeline of unknown cardinality, a
+        generator) ends when the train function finds no more data; Keras then validates at
+        once. Flushing there, before the end-of-data error reaches ``fit``, makes validation
+        see the epoch's final weights."""
+        if self.train_function is not None and not force:
+            return self.train_function
+        super().make_train_function(force=force)
+        step = self.train_function
+
+        def train_function(iterator: Any) -> Any:
+            try:
+                return step(iterator)
+            except (StopIteration, tf.errors.OutOfRangeError):
+                self.flush()
+                raise
+
+        self.train_function = train_function
+        return train_function
 
     def _apply_window(self) -> None:
         variables = list(self.model.trainable_variables)

@@ -2,9 +2,12 @@
 
 Both trainers are a *step engine* (framework code: one micro-batch's gradient into the
 accumulator; one update from the accumulator) driven by :func:`run_fit`, which owns everything
-that must not differ between the frameworks: option validation (:class:`TrainerSpec`), the window
-plan (:mod:`tfreg_core.windows`), the resumable position, callbacks, progress output and the
-per-update :class:`History`.
+that must not differ between the frameworks: option validation (:class:`TrainerSpec`), the data
+(:func:`fit_data`: in-memory arrays, :class:`ArrayData`, or an iterable of micro-batches,
+:class:`StreamData`, each yielding :class:`tfreg_core.windows.Step` s), the resumable position,
+callbacks (checked before training), validation after each epoch's last update, progress
+output and the per-update :class:`History`. The loop reads top to bottom: for each step,
+micro-batch into the engine; when the step closes its window, apply it (or discard it).
 
 The update rule both engines implement, for a window ``W`` of micro-batches::
 
@@ -21,12 +24,14 @@ Clipping is ``g * c / max(||g||, c)`` (Keras); ``torch.nn.utils.clip_grad_norm_`
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import sys
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import astuple, dataclass
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import astuple, dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -34,20 +39,30 @@ import numpy as np
 from tfreg_core import proximal as proximal_core
 from tfreg_core import validation
 from tfreg_core.validation import InvalidArgumentError
-from tfreg_core.windows import epoch_order, plan_epoch
+from tfreg_core.windows import Step, array_steps, epoch_order, plan_epoch, skip, stream_steps
 
 __all__ = [
+    "HOOKS",
     "METRICS",
     "NONFINITE_MESSAGE",
     "NONFINITE_MODES",
+    "RECORD_FIELDS",
+    "ArrayData",
     "History",
     "Position",
     "StepEngine",
+    "StreamData",
     "TrainerSpec",
-    "check_fit_data",
+    "check_callbacks",
+    "epoch_logs",
+    "fit_data",
+    "leading_dim",
+    "leaves",
+    "map_structure",
     "object_config",
     "resolve_proximal",
     "run_fit",
+    "unpack_micro_batch",
 ]
 
 NONFINITE_MODES = ("skip", "raise")
@@ -159,10 +174,13 @@ class History:
     ``micro_batches``, ``loss`` (= ``data_loss + penalty``, what the step minimised),
     ``data_loss`` (``sum(w*l)/N`` over the window), ``penalty`` (at the pre-update weights),
     one entry per metric, and ``skipped`` (True when a non-finite gradient skipped the update).
+    ``epochs`` holds one dict per completed epoch: :func:`epoch_logs` and, with
+    ``validation_data``, the ``val_`` values (Keras' ``History.history`` rows).
     """
 
     def __init__(self) -> None:
         self.records: list[dict[str, Any]] = []
+        self.epochs: list[dict[str, float]] = []  # per epoch: epoch_logs + validation values
 
     @property
     def history(self) -> dict[str, list[Any]]:
@@ -191,17 +209,24 @@ class Position:
     num_examples: int = 0
     batch_size: int = 0
     shuffle: int = 0
+    window_examples: int = 0  # examples the open window holds (its History record's count)
 
     def as_tuple(self) -> tuple[int, ...]:
         return astuple(self)
 
+    def _replace_window(self, window_examples: int) -> Position:
+        return replace(self, window_examples=window_examples)
+
 
 class StepEngine(Protocol):
-    """What a framework provides to :func:`run_fit`."""
+    """What a framework provides to :func:`run_fit`. ``x``/``y`` may be nested (dicts, tuples);
+    ``sample_weight`` is ``None`` (every loss element weighs 1) or what the data gave."""
 
-    def micro_step(self, x: np.ndarray, y: np.ndarray, sample_weight: np.ndarray) -> None: ...
+    def micro_step(self, x: Any, y: Any, sample_weight: Any) -> None: ...
 
     def apply_step(self) -> Mapping[str, Any]: ...
+
+    def discard_window(self) -> None: ...
 
     def fetch(self, values: Mapping[str, Any]) -> dict[str, float]: ...
 
@@ -210,135 +235,391 @@ class StepEngine(Protocol):
     def set_position(self, position: tuple[int, ...]) -> None: ...
 
 
-def check_fit_data(
-    x: Any, y: Any, sample_weight: Any, *, batch_size: Any, epochs: Any, shuffle: Any, verbose: Any
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Validate ``fit``'s arguments; return x, y, weights (ones when None) and the example count."""
-    x = np.asarray(x)
-    y = np.asarray(y)
-    if x.ndim == 0 or y.ndim == 0 or len(x) != len(y) or len(x) == 0:
+def _is_structure(value: Any) -> bool:
+    return isinstance(value, (dict, list, tuple))
+
+
+def map_structure(fn: Any, structure: Any) -> Any:
+    """``fn`` on every leaf of nested dicts/lists/tuples (the structure is kept)."""
+    if isinstance(structure, dict):
+        return {k: map_structure(fn, v) for k, v in structure.items()}
+    if isinstance(structure, (list, tuple)):
+        return type(structure)(map_structure(fn, v) for v in structure)
+    return fn(structure)
+
+
+def leaves(structure: Any) -> list[Any]:
+    """The leaves of nested dicts/lists/tuples, in order (dicts by insertion order)."""
+    if isinstance(structure, dict):
+        return [leaf for v in structure.values() for leaf in leaves(v)]
+    if isinstance(structure, (list, tuple)):
+        return [leaf for v in structure for leaf in leaves(v)]
+    return [structure]
+
+
+def leading_dim(structure: Any) -> int:
+    """The micro-batch size: the first dimension of the first leaf (a static shape, no sync)."""
+    shape = getattr(leaves(structure)[0], "shape", None)
+    if not shape:
         raise InvalidArgumentError(
-            "x and y must be non-empty arrays with the same first dimension. "
-            f"Received: x.shape={x.shape}, y.shape={y.shape}"
+            "Every micro-batch leaf must be an array or tensor with a batch dimension. "
+            f"Received: a leaf of shape {shape!r}"
         )
-    n = len(x)
-    if sample_weight is None:
-        weights = np.ones(n)
-    else:
-        weights = np.asarray(sample_weight, dtype=np.float64)
-        if weights.shape != (n,):
+    return int(shape[0])
+
+
+class ArrayData:
+    """In-memory arrays (nested dicts/tuples of them for multi-input/-output models), cut by
+    :func:`tfreg_core.windows.plan_epoch` in the order :func:`epoch_order` gives."""
+
+    def __init__(self, x: Any, y: Any, sample_weight: Any, *, batch_size: int, shuffle: bool):
+        self.x = map_structure(np.asarray, x)
+        self.y = map_structure(np.asarray, y)
+        self.sample_weight = (
+            None if sample_weight is None else map_structure(np.asarray, sample_weight)
+        )
+        shapes = {
+            name: [np.shape(leaf) for leaf in leaves(value)]
+            for name, value in (("x", self.x), ("y", self.y))
+        }
+        firsts = {s[0] if s else None for shape_list in shapes.values() for s in shape_list}
+        if len(firsts) != 1 or None in firsts or 0 in firsts:
             raise InvalidArgumentError(
-                f"sample_weight must have shape ({n},), one weight per example. "
-                f"Received: sample_weight.shape={weights.shape}"
+                "x and y must be non-empty arrays (or dicts/tuples of arrays) with the same "
+                f"first dimension. Received: x.shape={_shapes(self.x)}, y.shape={_shapes(self.y)}"
             )
-    validation.positive_int(batch_size, "batch_size")
+        self.num_examples = firsts.pop()
+        if self.sample_weight is not None:
+            for leaf in leaves(self.sample_weight):
+                if leaf.ndim == 0 or leaf.shape[0] != self.num_examples:
+                    raise InvalidArgumentError(
+                        f"sample_weight must have first dimension {self.num_examples}, one "
+                        "weight (or one per loss element) per example. Received: "
+                        f"sample_weight.shape={_shapes(self.sample_weight)}"
+                    )
+        self.batch_size = validation.positive_int(batch_size, "batch_size")
+        self.shuffle = _bool(shuffle, "shuffle")
+        self.plan = (self.num_examples, self.batch_size, int(self.shuffle))
+
+    def updates(self, spec: TrainerSpec) -> int | None:
+        return len(self._windows(spec))
+
+    def _windows(self, spec: TrainerSpec) -> tuple[Any, ...]:
+        return plan_epoch(
+            self.num_examples,
+            batch_size=self.batch_size,
+            accumulation_steps=spec.accumulation_steps,
+            drop_remainder=spec.drop_remainder,
+        )
+
+    def steps(self, spec: TrainerSpec, epoch: int, start: int) -> Iterator[tuple[Step, Any]]:
+        order = epoch_order(self.num_examples, shuffle=self.shuffle, seed=spec.seed, epoch=epoch)
+        for step in array_steps(self._windows(spec), start=start):
+            idx = order[step.item[0] : step.item[1]]
+
+            def take(a: np.ndarray, idx: np.ndarray = idx) -> np.ndarray:
+                return a[idx]
+
+            weights = self.sample_weight
+            if weights is not None:
+                weights = map_structure(take, weights)
+            yield step, (map_structure(take, self.x), map_structure(take, self.y), weights)
+
+
+def _shapes(structure: Any) -> Any:
+    return map_structure(np.shape, structure) if _is_structure(structure) else np.shape(structure)
+
+
+class StreamData:
+    """An iterable of micro-batches ``(x, y)`` or ``(x, y, sample_weight)``: windows of
+    ``accumulation_steps`` consecutive ones (:func:`tfreg_core.windows.stream_steps`).
+
+    Without ``steps_per_epoch`` an epoch is one pass (``iter(data)`` afresh each epoch); a
+    resumed epoch skips the micro-batches the checkpoint already consumed, which reproduces the
+    uninterrupted run when each pass yields the same micro-batches (unshuffled data, or a
+    shuffle that depends on the epoch only). With ``steps_per_epoch`` the data is one stream
+    read on across epochs (``steps_per_epoch`` micro-batches each; an infinite iterable
+    needs it) and a resumed run reads on from the iterable it is given -- pass one positioned
+    where the checkpointed run stopped. Micro-batch sizes may vary.
+    """
+
+    plan = (0, 0, 0)  # no array plan: a checkpoint saved on a stream resumes only on a stream
+
+    def __init__(self, data: Any, *, steps_per_epoch: int | None) -> None:
+        if not hasattr(data, "__iter__") or isinstance(data, (str, bytes, dict, np.ndarray)):
+            raise InvalidArgumentError(
+                "x must be arrays (with y) or an iterable of (x, y) / (x, y, sample_weight) "
+                f"micro-batches (with y=None). Received: x={type(data).__name__}"
+            )
+        self.data = data
+        self.steps_per_epoch = (
+            None
+            if steps_per_epoch is None
+            else validation.positive_int(steps_per_epoch, "steps_per_epoch")
+        )
+        self._stream: Iterator[Any] | None = None
+
+    def updates(self, spec: TrainerSpec) -> int | None:
+        if self.steps_per_epoch is None:
+            return None
+        return -(-self.steps_per_epoch // spec.accumulation_steps)
+
+    def steps(self, spec: TrainerSpec, epoch: int, start: int) -> Iterator[tuple[Step, Any]]:
+        if self.steps_per_epoch is None:
+            iterator = iter(self.data)
+            skip(iterator, start)
+        else:
+            if self._stream is None:
+                self._stream = iter(self.data)
+            iterator = self._stream
+        consumed = start
+        for step in stream_steps(
+            iterator,
+            accumulation_steps=spec.accumulation_steps,
+            drop_remainder=spec.drop_remainder,
+            start=start,
+            limit=self.steps_per_epoch,
+        ):
+            consumed = step.micro_batch + 1
+            yield step, unpack_micro_batch(step.item)
+        if consumed == 0:
+            raise InvalidArgumentError(
+                f"The data yielded no micro-batch in epoch {epoch}. Received: an empty iterable"
+                + (" (an exhausted iterator?)" if epoch else "")
+            )
+        if self.steps_per_epoch is not None and consumed < self.steps_per_epoch:
+            self._stream = None  # ran out before steps_per_epoch: the next epoch starts afresh
+
+    def check_epochs(self, epochs_left: int) -> None:
+        """An iterator (not re-iterable) is used up by one pass: refuse before training."""
+        if self.steps_per_epoch is None and epochs_left > 1 and iter(self.data) is self.data:
+            raise InvalidArgumentError(
+                "An iterator (a generator, iter(dataset)) yields one pass only, but "
+                f"{epochs_left} epochs are left: pass a re-iterable (a tf.data.Dataset, a "
+                "DataLoader, a list) or steps_per_epoch. Received: x="
+                f"{type(self.data).__name__}"
+            )
+
+
+def unpack_micro_batch(element: Any) -> tuple[Any, Any, Any]:
+    """``(x, y)`` or ``(x, y, sample_weight)``, as Keras' ``unpack_x_y_sample_weight``."""
+    if isinstance(element, (list, tuple)) and len(element) in (2, 3):
+        x, y, *rest = element
+        return x, y, rest[0] if rest else None
+    raise InvalidArgumentError(
+        "Each element of the data must be a tuple (x, y) or (x, y, sample_weight); x and y may "
+        f"be tensors, tuples or dicts. Received: an element of type {type(element).__name__}"
+        + (f" and length {len(element)}" if isinstance(element, (list, tuple)) else "")
+    )
+
+
+def fit_data(
+    x: Any,
+    y: Any,
+    sample_weight: Any,
+    *,
+    batch_size: Any,
+    epochs: Any,
+    shuffle: Any,
+    verbose: Any,
+    steps_per_epoch: Any = None,
+) -> ArrayData | StreamData:
+    """Validate ``fit``'s arguments: arrays (``y`` given) or an iterable of micro-batches
+    (``y=None``, ``batch_size=None``, ``sample_weight=None``: the elements carry them)."""
     if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 0:
         raise InvalidArgumentError(f"epochs must be an int >= 0. Received: epochs={epochs!r}")
-    _bool(shuffle, "shuffle")
     if verbose not in (0, 1, 2) or isinstance(verbose, bool):
         raise InvalidArgumentError(f"verbose must be 0, 1 or 2. Received: verbose={verbose!r}")
-    return x, y, weights, n
+    _bool(shuffle, "shuffle")
+    if y is not None:
+        if steps_per_epoch is not None:
+            raise InvalidArgumentError(
+                "steps_per_epoch is for an iterable of micro-batches; arrays are cut by "
+                f"batch_size. Received: steps_per_epoch={steps_per_epoch!r}"
+            )
+        return ArrayData(x, y, sample_weight, batch_size=batch_size, shuffle=shuffle)
+    for name, value in (("batch_size", batch_size), ("sample_weight", sample_weight)):
+        if value is not None:
+            raise InvalidArgumentError(
+                f"With an iterable of micro-batches (y=None), {name} comes from the data and "
+                f"must be None. Received: {name}={value!r}"
+            )
+    return StreamData(x, steps_per_epoch=steps_per_epoch)
+
+
+def check_callbacks(callbacks: Sequence[Any] | None) -> list[Any]:
+    """The project's callbacks, checked before any training: each defines at least one of
+    ``HOOKS`` and each defined hook accepts the arguments ``run_fit`` passes."""
+    checked = list(callbacks or ())
+    for callback in checked:
+        defined = [name for name in HOOKS if callable(getattr(callback, name, None))]
+        if not defined:
+            raise InvalidArgumentError(
+                f"A callback must define one of {list(HOOKS)} (or be a keras.callbacks.Callback "
+                f"where Keras callbacks are supported). Received: {callback!r}"
+            )
+        for name in defined:
+            try:
+                inspect.signature(getattr(callback, name)).bind(*(None,) * HOOKS[name])
+            except TypeError:
+                received = inspect.signature(getattr(callback, name))
+                raise InvalidArgumentError(
+                    f"Callback hook {type(callback).__name__}.{name} must accept "
+                    f"{HOOK_ARGS[name]}. Received: {name}{received}"
+                ) from None
+            except ValueError:  # no signature to inspect (a builtin): trust it
+                continue
+    return checked
+
+
+HOOK_ARGS = {
+    "on_train_begin": "(trainer)",
+    "on_epoch_begin": "(trainer, epoch)",
+    "on_micro_batch_end": "(trainer, epoch, micro_batch)",
+    "on_update_end": "(trainer, record)",
+    "on_epoch_end": "(trainer, epoch, history)",
+    "on_train_end": "(trainer, history)",
+}
+HOOKS = {name: args.count(",") + 1 for name, args in HOOK_ARGS.items()}
+
+
+def epoch_logs(history: History, epoch: int) -> dict[str, float]:
+    """One epoch's logs (as Keras' ``on_epoch_end`` gets them): each value averaged over the
+    epoch's applied updates, weighted by their example counts (Keras' running mean over
+    batches weighs each batch by its size)."""
+    rows = [r for r in history.records if r["epoch"] == epoch and not r["skipped"]]
+    total = sum(r["examples"] for r in rows)
+    keys = [k for k in (rows[0] if rows else {}) if k not in RECORD_FIELDS]
+    return {k: sum(r[k] * r["examples"] for r in rows) / total for k in keys}
+
+
+# Bookkeeping entries of a History record (not averaged into the epoch logs).
+RECORD_FIELDS = ("epoch", "update", "examples", "micro_batches", "elements", "skipped")
 
 
 def run_fit(
     engine: StepEngine,
     trainer: Any,
     spec: TrainerSpec,
-    x: np.ndarray,
-    y: np.ndarray,
-    weights: np.ndarray,
+    data: ArrayData | StreamData,
     *,
-    batch_size: int,
     epochs: int,
-    shuffle: bool,
     callbacks: Sequence[Any] | None,
     verbose: int,
+    validate: Callable[[], Mapping[str, float]] | None = None,
 ) -> History:
     """Train from the engine's position (epoch, micro-batch) up to ``epochs`` epochs in total.
 
-    A checkpoint saved mid-window holds the accumulator and the position; resuming replays
-    nothing and re-plans nothing, so the remaining micro-batches land exactly where the
-    uninterrupted run put them. Callbacks may define ``on_micro_batch_end(trainer, epoch,
-    micro_batch)``, ``on_update_end(trainer, record)``, ``on_epoch_end(trainer, epoch, history)``
-    and stop training by setting ``trainer.stop_training = True``.
+    ``epochs`` is the final epoch index, as Keras' ``fit(epochs=..., initial_epoch=...)`` with
+    ``initial_epoch`` taken from the position: a trainer already at ``epochs`` trains nothing
+    and warns (``UserWarning``) at every verbosity. A checkpoint saved mid-window holds the
+    accumulator and the position; resuming replays nothing and re-plans nothing, so the
+    remaining micro-batches land exactly where the uninterrupted run put them. Callbacks
+    (checked by :func:`check_callbacks` before anything runs) may define the ``HOOKS``; they
+    stop training by setting ``trainer.stop_training = True``. ``validate()`` runs after the
+    epoch's last update (its weights are the epoch's final ones) and before ``on_epoch_end``;
+    its values and :func:`epoch_logs` go into ``history.epochs``.
     """
-    callbacks = list(callbacks or ())
+    callbacks = check_callbacks(callbacks)
     history = History()
     saved = Position(*engine.get_position())
-    n = len(x)
-    plan = (n, batch_size, int(shuffle))
-    if saved.micro_batch and plan != (saved.num_examples, saved.batch_size, saved.shuffle):
+    if saved.micro_batch and data.plan != (saved.num_examples, saved.batch_size, saved.shuffle):
         raise InvalidArgumentError(
-            "Resuming mid-epoch needs the plan the checkpoint was saved with: num_examples="
-            f"{saved.num_examples}, batch_size={saved.batch_size}, shuffle="
-            f"{bool(saved.shuffle)}. Received: num_examples={n}, batch_size={batch_size}, "
-            f"shuffle={shuffle}"
+            "Resuming mid-epoch needs the data the checkpoint was saved with: "
+            f"{_describe_plan(saved.as_tuple()[2:5])}. Received: {_describe_plan(data.plan)}"
         )
-    start_epoch, start_micro = saved.epoch, saved.micro_batch
+    start_epoch = saved.epoch
     trainer.stop_training = False
     progress = _Progress(verbose)
-    wants_records = progress.live or any(hasattr(c, "on_update_end") for c in callbacks)
-    if verbose and start_epoch >= epochs:
-        print(f"Nothing to train: the trainer is at epoch {start_epoch} and epochs={epochs} is the")
-        print("total to train up to (pass a larger epochs to continue).")
-    for epoch in range(start_epoch, epochs):
-        order = epoch_order(n, shuffle=shuffle, seed=spec.seed, epoch=epoch)
-        windows = plan_epoch(
-            n,
-            batch_size=batch_size,
-            accumulation_steps=spec.accumulation_steps,
-            drop_remainder=spec.drop_remainder,
+    if start_epoch >= epochs:
+        warnings.warn(
+            f"Nothing to train: the trainer is at epoch {start_epoch} and epochs={epochs} is the "
+            "final epoch index to train up to (Keras' epochs with initial_epoch at the trainer's "
+            "position); pass a larger epochs to continue.",
+            UserWarning,
+            stacklevel=3,
         )
-        first_micro = start_micro if epoch == start_epoch else 0
+    if isinstance(data, StreamData):
+        data.check_epochs(epochs - start_epoch)
+    hooks = _Hooks(callbacks, trainer)
+    wants_records = progress.live or hooks.has("on_update_end")
+    hooks.call("on_train_begin")
+    for epoch in range(start_epoch, epochs):
+        resumed = epoch == start_epoch
+        examples = saved.window_examples if resumed else 0
         pending: list[tuple[dict[str, Any], Mapping[str, Any]]] = []
-        progress.start_epoch(epoch, epochs, len(windows))
-        for window in windows:
-            for offset, (start, stop) in enumerate(window.micro_batches):
-                micro_batch = window.first_micro_batch + offset
-                if micro_batch < first_micro:
-                    continue
-                idx = order[start:stop]
-                engine.micro_step(x[idx], y[idx], weights[idx])
-                is_last = offset == len(window.micro_batches) - 1
-                if is_last:
-                    record = {
-                        "epoch": epoch,
-                        "update": window.index,
-                        "examples": window.examples,
-                        "micro_batches": len(window.micro_batches),
-                    }
-                    try:
-                        values = engine.apply_step()
-                    except FloatingPointError:
-                        # on_nonfinite="raise": the engine reset the window before raising, so
-                        # the position moves past it too; a later fit() starts cleanly after it.
-                        engine.set_position(Position(epoch, micro_batch + 1, *plan).as_tuple())
-                        raise
-                    pending.append((record, values))
-                    if wants_records:
-                        _resolve(engine, pending, history)
-                        progress.update(history.records[-1])
-                        for c in callbacks:
-                            if hasattr(c, "on_update_end"):
-                                c.on_update_end(trainer, history.records[-1])
-                engine.set_position(Position(epoch, micro_batch + 1, *plan).as_tuple())
-                for c in callbacks:
-                    if hasattr(c, "on_micro_batch_end"):
-                        c.on_micro_batch_end(trainer, epoch, micro_batch)
-                if trainer.stop_training:
+        progress.start_epoch(epoch, epochs, data.updates(spec))
+        hooks.call("on_epoch_begin", epoch)
+        for step, (x, y, weights) in data.steps(spec, epoch, saved.micro_batch if resumed else 0):
+            engine.micro_step(x, y, weights)
+            examples += leading_dim(y)
+            next_position = Position(epoch, step.micro_batch + 1, *data.plan, examples)
+            if step.closes and step.drop:
+                engine.discard_window()
+            elif step.closes:
+                record = {
+                    "epoch": epoch,
+                    "update": step.window,
+                    "examples": examples,
+                    "micro_batches": step.window_micro_batches,
+                }
+                try:
+                    values = engine.apply_step()
+                except FloatingPointError:
+                    # on_nonfinite="raise": the engine reset the window before raising, so
+                    # the position moves past it too; a later fit() starts cleanly after it.
+                    engine.set_position(next_position._replace_window(0).as_tuple())
+                    raise
+                pending.append((record, values))
+                if wants_records:
                     _resolve(engine, pending, history)
-                    progress.close(history)
-                    return history
+                    progress.update(history.records[-1])
+                    hooks.call("on_update_end", history.records[-1])
+            if step.closes:
+                examples = 0
+                next_position = next_position._replace_window(0)
+            engine.set_position(next_position.as_tuple())
+            hooks.call("on_micro_batch_end", epoch, step.micro_batch)
+            if trainer.stop_training:
+                _resolve(engine, pending, history)
+                progress.close(history)
+                hooks.call("on_train_end", history)
+                return history
         _resolve(engine, pending, history)
-        engine.set_position(Position(epoch + 1, 0, *plan).as_tuple())
+        engine.set_position(Position(epoch + 1, 0, *data.plan).as_tuple())
+        logs = epoch_logs(history, epoch)
+        if validate is not None:
+            logs.update(validate())
+        history.epochs.append(logs)
         progress.end_epoch(history, epoch)
-        for c in callbacks:
-            if hasattr(c, "on_epoch_end"):
-                c.on_epoch_end(trainer, epoch, history)
+        hooks.call("on_epoch_end", epoch, history)
         if trainer.stop_training:
             break
     progress.close(history)
+    hooks.call("on_train_end", history)
     return history
+
+
+def _describe_plan(plan: Sequence[int]) -> str:
+    if tuple(plan) == StreamData.plan:
+        return "an iterable of micro-batches"
+    n, batch_size, shuffle = plan
+    return f"num_examples={n}, batch_size={batch_size}, shuffle={bool(shuffle)}"
+
+
+class _Hooks:
+    def __init__(self, callbacks: list[Any], trainer: Any) -> None:
+        self.callbacks = callbacks
+        self.trainer = trainer
+
+    def has(self, name: str) -> bool:
+        return any(callable(getattr(c, name, None)) for c in self.callbacks)
+
+    def call(self, name: str, *args: Any) -> None:
+        for c in self.callbacks:
+            hook = getattr(c, name, None)
+            if callable(hook):
+                hook(self.trainer, *args)
 
 
 def _resolve(
@@ -371,7 +652,7 @@ class _Progress:
         else:
             self.live = verbose == 1  # a live bar shows each update's loss: read per update
 
-    def start_epoch(self, epoch: int, epochs: int, updates: int) -> None:
+    def start_epoch(self, epoch: int, epochs: int, updates: int | None) -> None:
         self.started = time.perf_counter()
         self.label = f"Epoch {epoch + 1}/{epochs}"
         if not self.live:

@@ -8,18 +8,31 @@ update. The last window of an epoch is short when the micro-batch count is not a
 scaled by its own example count (exactly one step on its concatenated examples);
 ``drop_remainder=True`` skips its examples instead. Windows never span epochs.
 
+Both kinds of data reach the trainers as a sequence of :class:`Step` s, resume included, so the
+fit loop reads top to bottom: :func:`array_steps` walks a plan over in-memory arrays;
+:func:`stream_steps` cuts an iterable of micro-batches (a ``tf.data.Dataset``, a ``DataLoader``,
+a generator) into windows of ``accumulation_steps`` consecutive micro-batches. A stream's length
+need not be known: it looks one micro-batch ahead, so the micro-batch that ends the data closes
+the short last window (``drop=True`` on it when ``drop_remainder``: its gradient is discarded,
+since which window is short is only known once the data ends). For a stream, ``drop_remainder``
+drops a window with fewer than ``accumulation_steps`` micro-batches; a full window whose last
+micro-batch is short is kept (the stream does not know the intended batch size), as in
+``AccumulatingModel``.
+
 Plain Python/NumPy so that ``tfreg`` and ``torchref`` cannot disagree on the partition.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from tfreg_core import validation
 
-__all__ = ["Window", "epoch_order", "plan_epoch"]
+__all__ = ["Step", "Window", "array_steps", "epoch_order", "plan_epoch", "skip", "stream_steps"]
 
 
 @dataclass(frozen=True)
@@ -74,3 +87,96 @@ def epoch_order(num_examples: int, *, shuffle: bool, seed: int, epoch: int) -> n
     if not shuffle:
         return np.arange(n)
     return np.random.default_rng([int(seed), int(epoch)]).permutation(n)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One micro-batch of an epoch and what follows it.
+
+    ``item`` is the micro-batch: ``(start, stop)`` positions into the epoch's order
+    (:func:`array_steps`) or the element the iterable yielded (:func:`stream_steps`).
+    ``closes``: the window is complete after this micro-batch (apply it, or discard it when
+    ``drop``). ``window_micro_batches``: how many micro-batches the window holds so far,
+    this one included (earlier ones may predate a resume).
+    """
+
+    micro_batch: int
+    window: int
+    item: Any
+    closes: bool
+    window_micro_batches: int
+    drop: bool = False
+
+
+def array_steps(windows: Sequence[Window], *, start: int = 0) -> Iterator[Step]:
+    """The steps of a planned epoch from micro-batch ``start`` on (a resumed epoch skips the
+    micro-batches the checkpoint already holds; nothing is replayed).
+
+    >>> [(s.micro_batch, s.closes) for s in array_steps(plan_epoch(5, batch_size=2,
+    ...                                                            accumulation_steps=2), start=1)]
+    [(1, True), (2, True)]
+    """
+    for window in windows:
+        for offset, bounds in enumerate(window.micro_batches):
+            micro_batch = window.first_micro_batch + offset
+            if micro_batch >= start:
+                closes = offset == len(window.micro_batches) - 1
+                yield Step(micro_batch, window.index, bounds, closes, offset + 1)
+
+
+_END = object()
+
+
+def stream_steps(
+    items: Iterable[Any] | Iterator[Any],
+    *,
+    accumulation_steps: int,
+    drop_remainder: bool = False,
+    start: int = 0,
+    limit: int | None = None,
+) -> Iterator[Step]:
+    """Steps over ``items``: micro-batches ``start, start+1, ...`` of an epoch, windows of
+    ``accumulation_steps`` consecutive ones, until ``items`` ends or ``limit`` micro-batches
+    (the epoch's ``steps_per_epoch``) are reached. The element that ends the data closes the
+    last window, found by reading one element ahead (never past ``limit``, so an iterator shared
+    by consecutive epochs loses nothing). ``start`` only numbers the steps: the caller positions
+    ``items`` (see ``skip``).
+
+    >>> [(s.micro_batch, s.window, s.closes) for s in stream_steps("abcde", accumulation_steps=2)]
+    [(0, 0, False), (1, 0, True), (2, 1, False), (3, 1, True), (4, 2, True)]
+    >>> [s.drop for s in stream_steps("abc", accumulation_steps=2, drop_remainder=True)]
+    [False, False, True]
+    """
+    k = validation.positive_int(accumulation_steps, "accumulation_steps")
+    iterator = iter(items)
+    micro_batch = start
+    upcoming = _END if limit is not None and micro_batch >= limit else next(iterator, _END)
+    while upcoming is not _END:
+        item = upcoming
+        # Never read ahead past `limit`: the next epoch's share of a shared stream.
+        at_limit = limit is not None and micro_batch + 1 >= limit
+        upcoming = _END if at_limit else next(iterator, _END)
+        in_window = micro_batch % k + 1
+        full = in_window == k
+        ends = upcoming is _END
+        yield Step(
+            micro_batch,
+            micro_batch // k,
+            item,
+            full or ends,
+            in_window,
+            drop=bool(drop_remainder and ends and not full),
+        )
+        micro_batch += 1
+
+
+def skip(iterator: Iterator[Any], count: int) -> None:
+    """Advance ``iterator`` past ``count`` micro-batches (a resumed epoch's consumed ones);
+    raises ``InvalidArgumentError`` when it ends first."""
+    for seen in range(count):
+        if next(iterator, _END) is _END:
+            raise validation.InvalidArgumentError(
+                f"The data ended after {seen} micro-batches, but the checkpoint's epoch already "
+                f"consumed {count}: resuming mid-epoch needs the same data. Received: an "
+                f"iterable of {seen} micro-batches"
+            )

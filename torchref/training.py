@@ -48,7 +48,8 @@ from tfreg_core.training import (
     NONFINITE_MESSAGE,
     Position,
     TrainerSpec,
-    check_fit_data,
+    fit_data,
+    map_structure,
     object_config,
     resolve_proximal,
     run_fit,
@@ -284,6 +285,24 @@ def _clip(grads: list[torch.Tensor], spec: TrainerSpec) -> list[torch.Tensor]:
     return grads
 
 
+def call_module(module: torch.nn.Module, x: Any) -> Any:
+    """``module(x)``; a tuple/list of inputs is passed as positional arguments and a dict as
+    keyword arguments (``forward(self, a, b)``), where Keras hands the structure over whole."""
+    if isinstance(x, dict):
+        return module(**x)
+    if isinstance(x, (list, tuple)):
+        return module(*x)
+    return module(x)
+
+
+def _host_arrays(structure: Any) -> Any:
+    # Tensors given as arrays: NumPy views for the window plan's indexing (`.cpu()` copies a
+    # device tensor once, not once per micro-batch).
+    return map_structure(
+        lambda v: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v, structure
+    )
+
+
 def _check_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> None:
     # An optimizer built on another module steps parameters the loss never reaches: every
     # "update" would leave the model unchanged.
@@ -367,6 +386,14 @@ class _Engine:
         self.metric_sums = [zero.clone() for _ in spec.metrics]
         self.position = Position().as_tuple()
 
+    def _tensors(self, structure: Any, dtype: torch.dtype | None = None) -> Any:
+        # Floating inputs are cast to `dtype` (as Keras casts inputs to the layer's dtype).
+        def convert(value: Any) -> torch.Tensor:
+            tensor = torch.as_tensor(value, device=self.device)
+            return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+        return map_structure(convert, structure)
+
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
         """Around one ``fit``: training mode, and the parameters' ``.grad`` released after."""
@@ -378,10 +405,8 @@ class _Engine:
                 p.grad = None
 
     def micro_step(self, x: Any, y: Any, sample_weight: Any) -> None:
-        xb = torch.as_tensor(x, device=self.device)
-        if xb.is_floating_point() and xb.dtype != self.dtype:
-            xb = xb.to(self.dtype)  # as Keras casts inputs to the layer's dtype
-        y_pred = self.model(xb)
+        xb = self._tensors(x, self.dtype)
+        y_pred = call_module(self.model, xb)
         y_host = torch.as_tensor(y)
         values, count = self.loss(y_pred, y_host)
         if sample_weight is None or _all_ones(sample_weight):
@@ -469,6 +494,10 @@ class _Engine:
         if not finite and self.spec.on_nonfinite == "raise":
             raise FloatingPointError(NONFINITE_MESSAGE)
         return values
+
+    def discard_window(self) -> None:
+        """``drop_remainder`` on a stream: the short window's sums are thrown away."""
+        self._reset_window()
 
     def _reset_window(self) -> None:
         # After the update that consumed the window (in place: checkpoints hold copies).
@@ -583,6 +612,7 @@ class Trainer:
             "model": {k: v.clone() for k, v in self.model.state_dict().items()},
             "optimizer": _clone(self.optimizer.state_dict()),
             "accumulator": e.acc.state_dict(),
+            "metrics": list(self.spec.metrics),
             "window": {
                 "loss_sum": e.loss_sum.clone(),
                 "weight_sum": e.weight_sum.clone(),
@@ -593,6 +623,14 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()``; a state saved with other ``metrics`` is refused before
+        anything is restored (its window sums would be reported under the wrong names)."""
+        saved = state.get("metrics", [])
+        if list(saved) != self.spec.metrics:
+            raise InvalidArgumentError(
+                f"The state was saved by a Trainer with other metrics: metrics={list(saved)}. "
+                f"Build the Trainer with them. Received: metrics={self.spec.metrics}"
+            )
         e = self._engine
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -608,36 +646,52 @@ class Trainer:
     def fit(
         self,
         x: Any,
-        y: Any,
+        y: Any = None,
         *,
-        batch_size: int,
+        batch_size: int | None = None,
         epochs: int = 1,
         shuffle: bool = True,
         sample_weight: Any = None,
+        steps_per_epoch: int | None = None,
         callbacks: Sequence[Any] | None = None,
         verbose: int = 1,
     ) -> History:
-        """Train; returns one :class:`History` record per update (see ``tfreg_core.training``)."""
-        x, y, weights, _ = check_fit_data(
-            x,
-            y,
-            sample_weight,
+        """Train; returns one :class:`History` record per update (see ``tfreg_core.training``).
+
+        ``x``/``y``: arrays or tensors (dicts/tuples of them for multi-input models: a tuple is
+        passed to ``forward`` as positional arguments, a dict as keyword arguments), cut into
+        micro-batches of ``batch_size``; a ``TensorDataset`` of ``(x, y)`` or ``(x, y, w)``
+        is the same arrays. Or ``y=None`` and ``x`` a ``DataLoader`` / any iterable of
+        ``(x, y)`` or ``(x, y, w)`` micro-batches (``batch_size``/``sample_weight`` None,
+        ``steps_per_epoch`` for infinite ones; the loader's own order, so ``shuffle`` does
+        not apply), as in ``tfreg.Trainer.fit``.
+        """
+        if isinstance(x, torch.utils.data.TensorDataset) and y is None and sample_weight is None:
+            x, y, sample_weight = _tensor_dataset(x)
+        elif isinstance(x, torch.utils.data.Dataset) and not isinstance(
+            x, torch.utils.data.IterableDataset
+        ):
+            raise InvalidArgumentError(
+                "A map-style Dataset yields single examples: pass DataLoader(dataset, "
+                f"batch_size=...) (its micro-batches) instead. Received: x={type(x).__name__}"
+            )
+        data = fit_data(
+            _host_arrays(x) if y is not None else x,
+            _host_arrays(y),
+            _host_arrays(sample_weight),
             batch_size=batch_size,
             epochs=epochs,
             shuffle=shuffle,
             verbose=verbose,
+            steps_per_epoch=steps_per_epoch,
         )
         with self._engine.session():
             return run_fit(
                 self._engine,
                 self,
                 self.spec,
-                x,
-                y,
-                weights,
-                batch_size=batch_size,
+                data,
                 epochs=epochs,
-                shuffle=shuffle,
                 callbacks=callbacks,
                 verbose=verbose,
             )
@@ -648,6 +702,16 @@ class Trainer:
         config["regularizer"] = object_config(self.regularizer)
         config["proximal"] = object_config(self.proximal)
         return config
+
+
+def _tensor_dataset(dataset: Any) -> tuple[Any, Any, Any]:
+    tensors = dataset.tensors
+    if len(tensors) not in (2, 3):
+        raise InvalidArgumentError(
+            "A TensorDataset must hold (x, y) or (x, y, sample_weight). Received: a "
+            f"TensorDataset of {len(tensors)} tensors"
+        )
+    return tensors[0], tensors[1], tensors[2] if len(tensors) == 3 else None
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
