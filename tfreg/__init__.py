@@ -7,6 +7,7 @@ harness lives in :mod:`tfreg.parity` and imports torch only when used.
 from tfreg import accumulation
 from tfreg._compat import keras as _keras  # noqa: F401  (fails early with an install hint)
 from tfreg.penalties import penalized_parameters, penalized_variables, penalty
+from tfreg.pruning import PruneResult, prune
 from tfreg.regularizers import (
     L1,
     L1L2,
@@ -48,6 +49,7 @@ __all__ = [
     "PNorm",
     "ParameterSparsity",
     "ProximalL1",
+    "PruneResult",
     "Regularizer",
     "SparsityCallback",
     "SparsityReport",
@@ -65,6 +67,7 @@ __all__ = [
     "penalized_variables",
     "penalty",
     "pnorm_penalty",
+    "prune",
     "serialize",
     "soft_threshold",
     "sparsity_report",

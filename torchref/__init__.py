@@ -6,6 +6,7 @@ Never imports TensorFlow or tfreg; shared, framework-free logic lives in ``tfreg
 from torchref import accumulation
 from torchref._compat import torch as _torch  # noqa: F401  (fails early with an install hint)
 from torchref.penalties import penalized_parameters, penalized_variables, penalty
+from torchref.pruning import PruneResult, prune
 from torchref.regularizers import (
     L1,
     L1L2,
@@ -46,6 +47,7 @@ __all__ = [
     "PNorm",
     "ParameterSparsity",
     "ProximalL1",
+    "PruneResult",
     "Regularizer",
     "SparsityReport",
     "Trainer",
@@ -62,6 +64,7 @@ __all__ = [
     "penalized_variables",
     "penalty",
     "pnorm_penalty",
+    "prune",
     "serialize",
     "soft_threshold",
     "sparsity_report",
