@@ -206,27 +206,28 @@ CASES = [
 ]
 
 
-def _cnn(framework: str, padding: str, functional: bool) -> object:
-    return _keras_cnn(padding, functional) if framework == "tfreg" else _torch_cnn(padding)
+def _pruned_cnn(framework: str, padding: str, functional: bool) -> object:
+    """Prunes the CNN and checks its outputs on random images; returns the PruneResult."""
+    model = _keras_cnn(padding, functional) if framework == "tfreg" else _torch_cnn(padding)
+    lib = tfreg if framework == "tfreg" else torchref
+    x = np.random.default_rng(4).normal(size=(8, 6, 6, 2))
+    x = x if framework == "tfreg" else x.transpose(0, 3, 1, 2)
+    before = _forward(model, x)
+    result = lib.prune(model)
+    _close(_forward(result.model, x), before)
+    return result
 
 
 @pytest.mark.parametrize(("framework", "functional"), CASES)
 def test_cnn_folds_a_batchnorm_shifted_zero_filter_through_valid_conv(
     framework: str, functional: bool
 ) -> None:
-    model = _cnn(framework, "valid", functional)
-    lib = tfreg if framework == "tfreg" else torchref
-    x = np.random.default_rng(4).normal(size=(8, 6, 6, 2))
-    x = x if framework == "tfreg" else x.transpose(0, 3, 1, 2)
-    before = _forward(model, x)
-
-    result = lib.prune(model)
+    result = _pruned_cnn(framework, "valid", functional)
     assert [k.tolist() for k in result.kept.values()] == [[1, 2], [0, 2, 3], [0, 1, 3, 4], [0, 1]]
     assert result.notes == ()
     assert result.params_before == CNN_BEFORE + (36 * 5 + 5) + (5 * 2 + 2) == 318
     after = (2 * 9 * 2 + 2) + 4 * 2 + (2 * 4 * 3 + 3) + (27 * 4 + 4) + (4 * 2 + 2)
     assert result.params_after == after == 195
-    _close(_forward(result.model, x), before)
 
 
 @pytest.mark.parametrize(("framework", "functional"), CASES)
@@ -235,13 +236,7 @@ def test_cnn_keeps_a_constant_filter_before_a_zero_padded_conv(
 ) -> None:
     # conv2 pads with zeros: at its borders the constant 1 from BN is seen through fewer taps,
     # so no bias can stand in for it; the filter stays (a note says why), the rest is pruned.
-    model = _cnn(framework, "same", functional)
-    lib = tfreg if framework == "tfreg" else torchref
-    x = np.random.default_rng(5).normal(size=(8, 6, 6, 2))
-    x = x if framework == "tfreg" else x.transpose(0, 3, 1, 2)
-    before = _forward(model, x)
-
-    result = lib.prune(model)
+    result = _pruned_cnn(framework, "same", functional)
     assert [k.tolist() for k in result.kept.values()] == [
         [0, 1, 2],
         [0, 2, 3],
@@ -252,7 +247,6 @@ def test_cnn_keeps_a_constant_filter_before_a_zero_padded_conv(
     assert "[0]" in note and "pads with zeros" in note and "same" in note
     after = (2 * 9 * 3 + 3) + 4 * 3 + (3 * 4 * 3 + 3) + (16 * 3 * 4 + 4) + (4 * 2 + 2)
     assert result.params_after == after == 314
-    _close(_forward(result.model, x), before)
 
 
 def test_torch_keeps_dtype_mode_and_names() -> None:
