@@ -13,6 +13,7 @@ from tfreg.proximal import (
     block_soft_threshold,
     step_sizes,
 )
+from tfreg.pruning import PruneResult, prune
 from tfreg.regularizers import (
     L1,
     L1L2,
@@ -58,6 +59,7 @@ __all__ = [
     "ProximalChain",
     "ProximalGroupLasso",
     "ProximalL1",
+    "PruneResult",
     "Regularizer",
     "SparsityCallback",
     "SparsityReport",
@@ -76,6 +78,7 @@ __all__ = [
     "penalized_variables",
     "penalty",
     "pnorm_penalty",
+    "prune",
     "serialize",
     "soft_threshold",
     "sparsity_report",

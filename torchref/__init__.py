@@ -12,6 +12,7 @@ from torchref.proximal import (
     block_soft_threshold,
     step_sizes,
 )
+from torchref.pruning import PruneResult, prune
 from torchref.regularizers import (
     L1,
     L1L2,
@@ -56,6 +57,7 @@ __all__ = [
     "ProximalChain",
     "ProximalGroupLasso",
     "ProximalL1",
+    "PruneResult",
     "Regularizer",
     "SparsityReport",
     "Trainer",
@@ -73,6 +75,7 @@ __all__ = [
     "penalized_variables",
     "penalty",
     "pnorm_penalty",
+    "prune",
     "serialize",
     "soft_threshold",
     "sparsity_report",
