@@ -281,6 +281,8 @@ def run_fit(
     if verbose and start_epoch >= epochs:
         print(f"Nothing to train: the trainer is at epoch {start_epoch} and epochs={epochs} is the")
         print("total to train up to (pass a larger epochs to continue).")
+    # Optional engine hook (torchref on a process group: DDP synchronises the closing backward).
+    begin_micro_batch = getattr(engine, "begin_micro_batch", None)
     for epoch in range(start_epoch, epochs):
         order = epoch_order(n, shuffle=shuffle, seed=spec.seed, epoch=epoch)
         windows = plan_epoch(
@@ -298,8 +300,10 @@ def run_fit(
                 if micro_batch < first_micro:
                     continue
                 idx = order[start:stop]
-                engine.micro_step(x[idx], y[idx], weights[idx])
                 is_last = offset == len(window.micro_batches) - 1
+                if begin_micro_batch is not None:
+                    begin_micro_batch(is_last)
+                engine.micro_step(x[idx], y[idx], weights[idx])
                 if is_last:
                     record = {
                         "epoch": epoch,

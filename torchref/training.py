@@ -57,6 +57,7 @@ from tfreg_core.training import History as History
 from tfreg_core.validation import InvalidArgumentError, non_negative_float, strict_bool
 from torchref import accumulation
 from torchref._compat import torch
+from torchref.distributed import process_group
 from torchref.penalties import penalty as _penalty
 from torchref.proximal import PROXIMAL_CLASSES, Proximal
 from torchref.regularizers import get as _get_regularizer
@@ -361,6 +362,9 @@ class _Engine:
         self.device = self.params[0].device
         self.dtype = self.params[0].dtype
         self.loss = _WindowLoss(loss, self.device)
+        # torch.distributed initialised: this rank's share, DDP's no_sync, one reduction/update.
+        self.group = process_group(model, self.params, accumulates_in_grad=self.in_grad)
+        self.closes = True
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
         self.loss_sum = zero.clone()
         self.weight_sum = zero.clone()
@@ -377,7 +381,18 @@ class _Engine:
             for p in self.params:
                 p.grad = None
 
+    def begin_micro_batch(self, closes: bool) -> None:
+        """Told by the driver before each micro-batch: whether it closes its window (under DDP
+        only the closing micro-batch's backward synchronises)."""
+        self.closes = closes
+
     def micro_step(self, x: Any, y: Any, sample_weight: Any) -> None:
+        if self.group is None:
+            return self._micro_step(x, y, sample_weight)
+        with self.group.micro_batch(self.closes):
+            return self._micro_step(*self.group.local(x, y, sample_weight))
+
+    def _micro_step(self, x: Any, y: Any, sample_weight: Any) -> None:
         xb = torch.as_tensor(x, device=self.device)
         if xb.is_floating_point() and xb.dtype != self.dtype:
             xb = xb.to(self.dtype)  # as Keras casts inputs to the layer's dtype
@@ -433,6 +448,9 @@ class _Engine:
         return grads, divisor
 
     def apply_step(self) -> dict[str, Any]:
+        if self.group is not None:  # the global window: before the division and the penalty
+            stats = [self.acc.count, self.loss_sum, self.weight_sum, *self.metric_sums]
+            self.group.reduce(self.acc.sums, stats)
         grads, divisor = self._window_gradient()
         if self.regularizer is not None:
             pen = _penalty(self.model, self.regularizer, include_bias=self.spec.include_bias)
@@ -512,6 +530,10 @@ class Trainer:
     During ``fit`` each parameter's ``.grad`` is its accumulator sum (``backward()`` adds into
     it, as in a hand-written loop); ``fit`` leaves ``.grad`` at None. See the module docstring
     for losses, counts and the set-ups refused before any update.
+
+    On an initialised ``torch.distributed`` process group (module optionally wrapped in
+    ``DistributedDataParallel``) ``batch_size`` is per rank and an update is one step on the
+    concatenated window of all ranks: see :mod:`torchref.distributed`.
     """
 
     def __init__(
@@ -618,7 +640,7 @@ class Trainer:
         verbose: int = 1,
     ) -> History:
         """Train; returns one :class:`History` record per update (see ``tfreg_core.training``)."""
-        x, y, weights, _ = check_fit_data(
+        x, y, weights, n = check_fit_data(
             x,
             y,
             sample_weight,
@@ -627,6 +649,10 @@ class Trainer:
             shuffle=shuffle,
             verbose=verbose,
         )
+        if self._engine.group is not None:  # per-rank batch_size: plan global micro-batches
+            batch_size = self._engine.group.global_batch(
+                batch_size, self.spec.accumulation_steps, n
+            )
         with self._engine.session():
             return run_fit(
                 self._engine,
