@@ -145,6 +145,17 @@ def _scenarios(rank: int) -> dict[str, Any]:
     t2.load_state_dict(state)
     t2.fit(x, y, batch_size=4, epochs=2, sample_weight=sw, verbose=0)
     out["resume-resumed"] = weights(fresh)
+    out["refused"] = []  # refusals raised on every rank before any update
+    for case in ("params", "batch"):
+        model = mlp()
+        if case == "params":
+            with torch.no_grad():
+                model[0].bias[0] += rank  # rank 1's weights differ from rank 0's
+        x, y, _ = data(16)
+        try:
+            trainer(model, "sgd", 1).fit(x, y, batch_size=4 + rank * (case == "batch"), verbose=0)
+        except ValueError as error:
+            out["refused"].append(str(error))
     return out
 
 
@@ -317,6 +328,13 @@ def test_checkpoint_mid_window_resumes_bitwise(ranks) -> None:
     for r in ranks:
         for name, value in r["resume-straight"].items():
             assert torch.equal(value, r["resume-resumed"][name]), name
+
+
+def test_differing_parameters_or_batch_size_refused_on_every_rank(ranks) -> None:
+    for r in ranks:
+        params, batch = r["refused"]
+        assert "parameters differ across ranks" in params
+        assert "same arrays (num_examples), batch_size" in batch
 
 
 def test_rank_that_raises_fails_the_other_within_bounded_time() -> None:

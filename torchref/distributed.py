@@ -95,9 +95,12 @@ class ProcessGroup:
                 f"{self.rank}: num_examples={num_examples}, batch_size={batch_size}, "
                 f"accumulation_steps={accumulation_steps}"
             )
-        with torch.no_grad():
-            flat = torch.cat([p.detach().reshape(-1).double() for p in self.params])
-        if not self._same_everywhere(flat):
+        # DDP broadcast rank 0's parameters when it was built; a plain module is checked (one
+        # flattened copy per dtype, once per fit).
+        if self.ddp is None and not all(
+            self._same_everywhere(torch.cat([p.detach().reshape(-1) for p in group]))
+            for group in _by_dtype(self.params).values()
+        ):
             raise InvalidArgumentError(
                 "The model's parameters differ across ranks: build the model identically on "
                 "every rank (same seed) or wrap it in DistributedDataParallel, which broadcasts "
@@ -108,6 +111,7 @@ class ProcessGroup:
         return global_batch_size(batch_size, self.world_size)
 
     def _same_everywhere(self, values: torch.Tensor) -> bool:
+        # max(v) == -max(-v) == min(v) on every element: exact, and no MIN op needed.
         high, low = values.clone(), -values
         self._all_reduce(high, dist.ReduceOp.MAX)
         self._all_reduce(low, dist.ReduceOp.MAX)
@@ -155,10 +159,7 @@ class ProcessGroup:
                     for s in sums:
                         s.mul_(self.world_size)  # DDP averaged: back to the sum over ranks
                 return
-            by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-            for s in sums:
-                by_dtype.setdefault(s.dtype, []).append(s)
-            for group in by_dtype.values():
+            for group in _by_dtype(sums).values():
                 flat = torch.cat([s.reshape(-1) for s in group])
                 self._all_reduce(flat, dist.ReduceOp.SUM)
                 offset = 0
@@ -173,6 +174,14 @@ class ProcessGroup:
             raise RuntimeError(
                 _COLLECTIVE_FAILED.format(rank=self.rank, world=self.world_size, error=error)
             ) from error
+
+
+def _by_dtype(tensors: Sequence[torch.Tensor]) -> dict[torch.dtype, list[torch.Tensor]]:
+    # One flattened buffer per dtype: torch.cat needs a common dtype.
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.dtype, []).append(t)
+    return groups
 
 
 def process_group(
