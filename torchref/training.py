@@ -364,6 +364,9 @@ class _Engine:
         self.loss = _WindowLoss(loss, self.device)
         # torch.distributed initialised: this rank's share, DDP's no_sync, one reduction/update.
         self.group = process_group(model, self.params, accumulates_in_grad=self.in_grad)
+        # Set by the driver before each micro-batch. Left True (a driver that never says),
+        # DDP syncs every micro-batch: still exact (it averages the accumulated .grad, whose
+        # already-reduced part is equal on every rank), only k all-reduces instead of one.
         self.closes = True
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
         self.loss_sum = zero.clone()
@@ -531,9 +534,9 @@ class Trainer:
     it, as in a hand-written loop); ``fit`` leaves ``.grad`` at None. See the module docstring
     for losses, counts and the set-ups refused before any update.
 
-    On an initialised ``torch.distributed`` process group (module optionally wrapped in
-    ``DistributedDataParallel``) ``batch_size`` is per rank and an update is one step on the
-    concatenated window of all ranks: see :mod:`torchref.distributed`.
+    On a ``torch.distributed`` process group initialised before the trainer is built (module
+    optionally wrapped in ``DistributedDataParallel``) ``batch_size`` is per rank and an update
+    is one step on the concatenated window of all ranks: see :mod:`torchref.distributed`.
     """
 
     def __init__(
