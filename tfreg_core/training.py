@@ -543,6 +543,8 @@ def run_fit(
         data.check_epochs(epochs - start_epoch)
     hooks = _Hooks(callbacks, trainer)
     wants_records = progress.live or hooks.has("on_update_end")
+    # Optional engine hook (torchref on a process group: DDP synchronises the closing backward).
+    begin_micro_batch = getattr(engine, "begin_micro_batch", None)
     hooks.call("on_train_begin")
     for epoch in range(start_epoch, epochs):
         resumed = epoch == start_epoch
@@ -551,6 +553,8 @@ def run_fit(
         progress.start_epoch(epoch, epochs, data.updates(spec))
         hooks.call("on_epoch_begin", epoch)
         for step, (x, y, weights) in data.steps(spec, epoch, saved.micro_batch if resumed else 0):
+            if begin_micro_batch is not None:
+                begin_micro_batch(step.closes)
             engine.micro_step(x, y, weights)
             examples += leading_dim(y)
             next_position = Position(epoch, step.micro_batch + 1, *data.plan, examples)

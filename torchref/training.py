@@ -46,6 +46,7 @@ import numpy as np
 from tfreg_core.specs import float32_rounded
 from tfreg_core.training import (
     NONFINITE_MESSAGE,
+    ArrayData,
     Position,
     TrainerSpec,
     fit_data,
@@ -58,6 +59,7 @@ from tfreg_core.training import History as History
 from tfreg_core.validation import InvalidArgumentError, non_negative_float, strict_bool
 from torchref import accumulation
 from torchref._compat import torch
+from torchref.distributed import process_group
 from torchref.penalties import penalty as _penalty
 from torchref.proximal import PROXIMAL_CLASSES, Proximal
 from torchref.regularizers import get as _get_regularizer
@@ -380,6 +382,12 @@ class _Engine:
         self.device = self.params[0].device
         self.dtype = self.params[0].dtype
         self.loss = _WindowLoss(loss, self.device)
+        # torch.distributed initialised: this rank's share, DDP's no_sync, one reduction/update.
+        self.group = process_group(model, self.params, accumulates_in_grad=self.in_grad)
+        # Set by the driver before each micro-batch. Left True (a driver that never says),
+        # DDP syncs every micro-batch: still exact (it averages the accumulated .grad, whose
+        # already-reduced part is equal on every rank), only k all-reduces instead of one.
+        self.closes = True
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
         self.loss_sum = zero.clone()
         self.weight_sum = zero.clone()
@@ -404,7 +412,18 @@ class _Engine:
             for p in self.params:
                 p.grad = None
 
+    def begin_micro_batch(self, closes: bool) -> None:
+        """Told by the driver before each micro-batch: whether it closes its window (under DDP
+        only the closing micro-batch's backward synchronises)."""
+        self.closes = closes
+
     def micro_step(self, x: Any, y: Any, sample_weight: Any) -> None:
+        if self.group is None:
+            return self._micro_step(x, y, sample_weight)
+        with self.group.micro_batch(self.closes):
+            return self._micro_step(*self.group.local(x, y, sample_weight))
+
+    def _micro_step(self, x: Any, y: Any, sample_weight: Any) -> None:
         xb = self._tensors(x, self.dtype)
         y_pred = call_module(self.model, xb)
         y_host = torch.as_tensor(y)
@@ -458,6 +477,9 @@ class _Engine:
         return grads, divisor
 
     def apply_step(self) -> dict[str, Any]:
+        if self.group is not None:  # the global window: before the division and the penalty
+            stats = [self.acc.count, self.loss_sum, self.weight_sum, *self.metric_sums]
+            self.group.reduce(self.acc.sums, stats)
         grads, divisor = self._window_gradient()
         if self.regularizer is not None:
             pen = _penalty(self.model, self.regularizer, include_bias=self.spec.include_bias)
@@ -541,6 +563,10 @@ class Trainer:
     During ``fit`` each parameter's ``.grad`` is its accumulator sum (``backward()`` adds into
     it, as in a hand-written loop); ``fit`` leaves ``.grad`` at None. See the module docstring
     for losses, counts and the set-ups refused before any update.
+
+    On a ``torch.distributed`` process group initialised before the trainer is built (module
+    optionally wrapped in ``DistributedDataParallel``) ``batch_size`` is per rank and an update
+    is one step on the concatenated window of all ranks: see :mod:`torchref.distributed`.
     """
 
     def __init__(
@@ -675,16 +701,20 @@ class Trainer:
                 "A map-style Dataset yields single examples: pass DataLoader(dataset, "
                 f"batch_size=...) (its micro-batches) instead. Received: x={type(x).__name__}"
             )
+        arrays = (_host_arrays(x) if y is not None else x, _host_arrays(y))
+        weights = _host_arrays(sample_weight)
+        options = dict(epochs=epochs, shuffle=shuffle, verbose=verbose)
         data = fit_data(
-            _host_arrays(x) if y is not None else x,
-            _host_arrays(y),
-            _host_arrays(sample_weight),
-            batch_size=batch_size,
-            epochs=epochs,
-            shuffle=shuffle,
-            verbose=verbose,
-            steps_per_epoch=steps_per_epoch,
+            *arrays, weights, batch_size=batch_size, steps_per_epoch=steps_per_epoch, **options
         )
+        group = self._engine.group
+        if group is not None and isinstance(data, ArrayData):
+            # batch_size is per rank: plan the epoch in global micro-batches of R*b, each rank
+            # then trains on its share (a DataLoader is already the rank's own shard).
+            global_batch = group.global_batch(
+                batch_size, self.spec.accumulation_steps, data.plan[0]
+            )
+            data = fit_data(*arrays, weights, batch_size=global_batch, **options)
         with self._engine.session():
             return run_fit(
                 self._engine,
