@@ -9,12 +9,16 @@ tolerance (``model_cross``, 1e-10: different kernels, same arithmetic).
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 import tfreg
 import torchref
-from tfreg.parity.models import build_keras, build_torch, cnn_spec, forward_keras, forward_torch
+from tfreg.architecture import build_model as build_keras
 from tfreg.parity.transfer import transfer_weights
 from tfreg_harness import tolerance
+from tfreg_harness.architecture import cnn_spec
+from tfreg_harness.layouts import to_channels_first
+from torchref.architecture import build_model as build_torch
 
 
 def _rel(a: np.ndarray, e: np.ndarray) -> float:
@@ -56,10 +60,12 @@ def test_pruning_the_transferred_seed_cnn_agrees_across_frameworks() -> None:
         assert (result.params_before, result.params_after) == (before, after)
 
     x = rng.normal(size=(6, 8, 8, 1))
-    keras_before = np.asarray(forward_keras(keras_model, x))
-    keras_after = np.asarray(forward_keras(pruned["tfreg"].model, x))
-    torch_before = forward_torch(torch_model, x).detach().numpy()
-    torch_after = forward_torch(pruned["torchref"].model, x).detach().numpy()
+    keras_before = np.asarray(keras_model(x))
+    keras_after = np.asarray(pruned["tfreg"].model(x))
+    x_nchw = torch.as_tensor(to_channels_first(x))
+    with torch.no_grad():
+        torch_before = torch_model(x_nchw).numpy()
+        torch_after = pruned["torchref"].model(x_nchw).numpy()
     assert _rel(keras_after, keras_before) <= 1e-12
     assert _rel(torch_after, torch_before) <= 1e-12
     assert _rel(torch_after, keras_after) <= tolerance("model_cross", "float64").rtol
