@@ -71,8 +71,8 @@ class FullSetLoss:
     """The training-set loss (no penalty) of ``model`` after every update, in every set-up."""
 
     def __init__(self, model: keras.Model, x: np.ndarray, y: np.ndarray) -> None:
-        self.model, self.x, self.y, self.values = model, x, y, [0.0]
-        self.values[0] = self.measure()
+        self.model, self.x, self.y = model, x, y
+        self.values = [self.measure()]  # before the first update
         self._last = self._fingerprint()
 
     def measure(self) -> float:
