@@ -147,9 +147,12 @@ def test_masked_sequence_trajectories_match(rnn: str, steps: int) -> None:
 @pytest.mark.parametrize("rnn", list(RNNS))
 def test_mask_ignorant_torch_loss_fails(rnn: str) -> None:
     """Without ``ignore_index`` torch trains on the padded steps: the comparison must fail."""
-    _, k_traj, t_traj = _run(RNNS[rnn], 3, mask_aware_torch=False)
+    pairs, k_traj, t_traj = _run(RNNS[rnn], 3, mask_aware_torch=False)
+    with pytest.raises(AssertionError, match="FAIL"):
+        for pair, a, b in zip(pairs, k_traj[-1], t_traj[-1], strict=True):
+            assert_close(f"{pair.layer} {pair.torch_name}", a, b, rtol=RTOL)
     gap = max(
         np.max(np.abs(a - b)) / np.max(np.abs(a))
         for a, b in zip(k_traj[-1], t_traj[-1], strict=True)
     )
-    assert gap > 1e3 * RTOL
+    assert gap > 1e-2  # measured 0.19 (LSTM) / 0.21 (GRU): the padded steps' share of the loss
