@@ -224,6 +224,14 @@ class GroupLasso(specs.GroupLassoSpec, Regularizer):
 _CLASSES: dict[str, type[Regularizer]] = {
     cls.__name__: cls for cls in (L1, L2, L1L2, OrthogonalRegularizer, PNorm, GroupLasso)
 }
+# Keras' own lookup of a *config* (``Dense(kernel_regularizer={"class_name": "p_norm", ...})``)
+# finds class names among the global custom objects, so the key is added there. A bare string
+# (``kernel_regularizer="p_norm"``) cannot be taught to Keras: its ``regularizers.get`` reads
+# strings from its built-in table only, with no public way to extend it -- pass
+# ``tfreg.get("p_norm")`` or ``tfreg.PNorm()``. Only keys that build without arguments are added
+# ("group_lasso" needs an axis).
+for _key in ("p_norm",):
+    keras.saving.get_custom_objects().setdefault(_key, _CLASSES[registry.class_name_for(_key)])
 
 
 def serialize(regularizer: Regularizer) -> dict[str, Any]:

@@ -50,7 +50,14 @@ def resolve(
         name = class_name_for(identifier)
         obj = classes.get(name) if name else None
     if isinstance(obj, type):
-        obj = obj()
+        try:
+            obj = obj()
+        except TypeError as err:  # a required argument (GroupLasso's axis has no default)
+            raise InvalidArgumentError(
+                f"{identifier!r} cannot be built without arguments ({err}): pass a config, e.g. "
+                f"{{'class_name': {obj.__name__!r}, 'config': {{...}}}}, or the object itself. "
+                f"Received: identifier={identifier!r}"
+            ) from None
     if not callable(obj):
         raise InvalidArgumentError(f"Could not interpret regularizer identifier: {identifier}")
     return obj
