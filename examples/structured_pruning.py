@@ -76,6 +76,13 @@ class LayerwiseGroupLasso(tfreg.ProximalGroupLasso):
             path: tfreg.ProximalGroupLasso(strength, axis=a) for path, a in axes.items()
         }
 
+    def get_config(self) -> dict[str, Any]:
+        axes = {path: op.axis for path, op in self.operators.items()}
+        return {"strength": self.strength, "axes": axes}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.strength!r}, axes={self.get_config()['axes']!r})"
+
     def apply(self, model_or_variables: Any, learning_rate: Any) -> None:
         by_path = {v.path: v for v in model_or_variables.trainable_variables}
         for path, operator in self.operators.items():
@@ -135,6 +142,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     result = tfreg.prune(model)
     print(f"\n{result}")
+    for note in result.notes:  # units prune kept although zero, and why
+        print(f"  note: {note}")
     acc_before, logits_before = accuracy_and_logits(model, x_test, y_test)
     acc_after, logits_after = accuracy_and_logits(result.model, x_test, y_test)
     max_diff = float(np.max(np.abs(logits_before - logits_after)))
