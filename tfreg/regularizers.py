@@ -230,8 +230,7 @@ _CLASSES: dict[str, type[Regularizer]] = {
 # strings from its built-in table only, with no public way to extend it -- pass
 # ``tfreg.get("p_norm")`` or ``tfreg.PNorm()``. Only keys that build without arguments are added
 # ("group_lasso" needs an axis).
-for _key in ("p_norm",):
-    keras.saving.get_custom_objects().setdefault(_key, _CLASSES[registry.class_name_for(_key)])
+keras.saving.get_custom_objects().setdefault("p_norm", PNorm)
 
 
 def serialize(regularizer: Regularizer) -> dict[str, Any]:

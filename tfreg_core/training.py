@@ -88,12 +88,6 @@ def _optional_positive_float(value: Any, name: str) -> float | None:
     return as_float
 
 
-def _bool(value: Any, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise InvalidArgumentError(f"{name} must be a bool. Received: {name}={value!r}")
-    return value
-
-
 class TrainerSpec:
     """Validated keyword options shared by both ``Trainer`` classes; ``get_config`` returns
     exactly these keyword arguments."""
@@ -112,7 +106,7 @@ class TrainerSpec:
         seed: int = 0,
     ) -> None:
         self.accumulation_steps = validation.positive_int(accumulation_steps, "accumulation_steps")
-        self.include_bias = _bool(include_bias, "include_bias")
+        self.include_bias = validation.strict_bool(include_bias, "include_bias")
         self.clipnorm = _optional_positive_float(clipnorm, "clipnorm")
         self.global_clipnorm = _optional_positive_float(global_clipnorm, "global_clipnorm")
         if self.clipnorm is not None and self.global_clipnorm is not None:
@@ -121,8 +115,8 @@ class TrainerSpec:
                 f"Received: clipnorm={clipnorm!r}, global_clipnorm={global_clipnorm!r}"
             )
         self.on_nonfinite = validation.choice(on_nonfinite, "on_nonfinite", NONFINITE_MODES)
-        self.drop_remainder = _bool(drop_remainder, "drop_remainder")
-        self.jit_compile = _bool(jit_compile, "jit_compile")
+        self.drop_remainder = validation.strict_bool(drop_remainder, "drop_remainder")
+        self.jit_compile = validation.strict_bool(jit_compile, "jit_compile")
         if isinstance(metrics, str) or not isinstance(metrics, Sequence):
             raise InvalidArgumentError(
                 f"metrics must be a sequence of names from {METRICS}. Received: metrics={metrics!r}"
@@ -298,7 +292,7 @@ class ArrayData:
                         f"sample_weight.shape={_shapes(self.sample_weight)}"
                     )
         self.batch_size = validation.positive_int(batch_size, "batch_size")
-        self.shuffle = _bool(shuffle, "shuffle")
+        self.shuffle = validation.strict_bool(shuffle, "shuffle")
         self.plan = (self.num_examples, self.batch_size, int(self.shuffle))
 
     def updates(self, spec: TrainerSpec) -> int | None:
@@ -430,7 +424,7 @@ def fit_data(
         raise InvalidArgumentError(f"epochs must be an int >= 0. Received: epochs={epochs!r}")
     if verbose not in (0, 1, 2) or isinstance(verbose, bool):
         raise InvalidArgumentError(f"verbose must be 0, 1 or 2. Received: verbose={verbose!r}")
-    _bool(shuffle, "shuffle")
+    validation.strict_bool(shuffle, "shuffle")
     if y is not None:
         if steps_per_epoch is not None:
             raise InvalidArgumentError(
