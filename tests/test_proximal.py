@@ -324,6 +324,9 @@ def test_trainer_refuses_unsupported_pairings_at_construction(optimizer, thresho
     proximal = tfreg.ProximalGroupLasso(0.1, axis=1, threshold=threshold)
     with pytest.raises(InvalidArgumentError, match=message):
         tfreg.Trainer(_mlp(), "mse", optimizer(), proximal=proximal)
+    model = tfreg.AccumulatingModel(_mlp(), accumulation_steps=2, proximal=proximal)
+    with pytest.raises(InvalidArgumentError, match=message):  # at compile, not at the first update
+        model.compile(optimizer(), "mse")
 
 
 @pytest.mark.parametrize(

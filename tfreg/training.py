@@ -986,6 +986,8 @@ class AccumulatingModel(keras.Model):
         self._names = output_names(self.model)
         self._terms = loss_terms(loss, loss_weights, self._names)
         optimizer = _loss_scaled(optimizer, self.model)
+        if self.proximal is not None:  # as Trainer does at construction: before any update
+            self.proximal.check(optimizer)
         super().compile(optimizer=optimizer, loss=loss, loss_weights=loss_weights, **kwargs)
         self._data_loss_tracker = keras.metrics.Mean(name="data_loss")
         if self.model.built:
