@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from tfreg._compat import tf
+from tfreg.distributed import local_variable
 from tfreg_core.accumulation import COUNT_MESSAGE, check_add
 
 __all__ = ["AccumulatorState", "add", "init", "reset", "result"]
@@ -49,17 +50,18 @@ class AccumulatorState(tf.Module):
     def __init__(self, variables: Sequence[Any], dtype: Any = None, name: str | None = None):
         super().__init__(name=name or "accumulator")
         with self.name_scope:
+            # Replica-local under a tf.distribute strategy (each replica adds its own
+            # micro-batches, no collective); plain variables without one.
             self.sums = [
-                tf.Variable(
+                local_variable(
                     tf.zeros(v.shape, dtype=_sum_dtype(tf.as_dtype(v.dtype), dtype)),
-                    trainable=False,
                     name=f"sum_{i}",
                 )
                 for i, v in enumerate(variables)
             ]
-            self.count = tf.Variable(tf.constant(0.0, tf.float64), trainable=False, name="count")
-            self.micro_batches = tf.Variable(
-                tf.constant(0, tf.int64), trainable=False, name="micro_batches"
+            self.count = local_variable(tf.constant(0.0, tf.float64), name="count")
+            self.micro_batches = local_variable(
+                tf.constant(0, tf.int64), name="micro_batches", first=True
             )
 
 

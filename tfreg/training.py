@@ -40,6 +40,7 @@ are applied once per update.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import fields
 from typing import Any
@@ -57,6 +58,7 @@ from tfreg._losses import (
     output_names,
 )
 from tfreg._losses import per_example_loss as per_example_loss
+from tfreg.distributed import Replicas, local_variable, replicas
 from tfreg.penalties import penalty as _penalty
 from tfreg.proximal import PROXIMAL_CLASSES, Proximal
 from tfreg.regularizers import get as _get_regularizer
@@ -189,20 +191,43 @@ def _penalty_fn(
     return total
 
 
-def _window_gradient(accs: Sequence[accumulation.AccumulatorState]) -> list[tf.Tensor]:
-    """``sum_o sums_o / N_o``, one accumulator per loss term. A term none of whose elements
-    counted in the window (every timestep masked) contributes zero, as Keras'
+def _window_gradient(
+    sums: Sequence[Sequence[tf.Tensor]], counts: Sequence[tf.Tensor], micro_batches: tf.Tensor
+) -> list[tf.Tensor]:
+    """``sum_o sums_o / N_o`` from each loss term's gradient sums and count. A term none of
+    whose elements counted in the window (every timestep masked) contributes zero, as Keras'
     ``divide_no_nan`` does; a window without any micro-batch is NaN (never applied)."""
-    empty = tf.where(accs[0].micro_batches > 0, 0.0, float("nan"))
+    empty = tf.where(micro_batches > 0, 0.0, float("nan"))
     total = None
-    for acc in accs:
-        part = [tf.math.divide_no_nan(s, tf.cast(acc.count, s.dtype)) for s in acc.sums]
+    for term_sums, count in zip(sums, counts, strict=True):
+        part = [tf.math.divide_no_nan(s, tf.cast(count, s.dtype)) for s in term_sums]
         total = part if total is None else [a + b for a, b in zip(total, part, strict=True)]
     return [g + tf.cast(empty, g.dtype) for g in total]
 
 
 def _all_finite(grads: list[tf.Tensor]) -> tf.Tensor:
     return tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+
+
+class _Reduced:
+    """The window after the reduction over replicas (without a strategy: the values as they
+    are): per loss term the gradient sums and the count, and ``extras`` (loss/metric sums)."""
+
+    def __init__(
+        self,
+        accs: Sequence[accumulation.AccumulatorState],
+        extras: Sequence[Any],
+        replicas: Replicas | None,
+    ) -> None:
+        local = [*(s for acc in accs for s in acc.sums), *(acc.count for acc in accs), *extras]
+        if replicas is None:
+            values = [tf.convert_to_tensor(v) for v in local]
+        else:  # one all-reduce per dtype of every replica's local sums
+            values = replicas.reduce(local)
+        n, terms = len(accs[0].sums), len(accs)
+        self.sums = [values[i * n : (i + 1) * n] for i in range(terms)]
+        self.counts = values[n * terms : (n + 1) * terms]
+        self.extras = values[(n + 1) * terms :]
 
 
 def _update(
@@ -213,17 +238,23 @@ def _update(
     *,
     clip: Callable[[list[tf.Tensor]], list[tf.Tensor]],
     after_step: Callable[[], None] | None = None,
-) -> tuple[tf.Tensor, tf.Tensor, list[tf.Tensor]]:
-    """One update from the window in ``accs`` (graph code); returns (finite, penalty, counts)
-    and resets ``accs``. A non-finite gradient leaves weights and optimizer state untouched;
-    ``after_step`` (the proximal step) runs only after an applied step.
+    extras: Sequence[Any] = (),
+    replicas: Replicas | None = None,
+) -> tuple[tf.Tensor, tf.Tensor, _Reduced]:
+    """One update from the window in ``accs`` (graph code; cross-replica context under a
+    strategy, see :mod:`tfreg.distributed`); returns (finite, penalty, the reduced window) and
+    resets ``accs``. ``extras`` (replica-local statistics) are reduced with the gradient sums.
+    A non-finite gradient leaves weights and optimizer state untouched; ``after_step`` (the
+    proximal step) runs only after an applied step.
 
     With a ``LossScaleOptimizer`` the (unscaled) window gradient is handed to it scaled by its
     current scale -- a power of two, so the scaling is exact -- and it does what it does
     without accumulation, once per window: a finite gradient is unscaled and applied (the scale
     doubles after ``dynamic_growth_steps`` applied updates), a non-finite one (float16
     overflow) is skipped and the scale halves."""
-    grads = [tf.cast(g, v.dtype) for g, v in zip(_window_gradient(accs), variables, strict=True)]
+    window = _Reduced(accs, extras, replicas)
+    grads = _window_gradient(window.sums, window.counts, accs[0].micro_batches)
+    grads = [tf.cast(g, v.dtype) for g, v in zip(grads, variables, strict=True)]
     with tf.GradientTape() as tape:
         pen = penalty_fn()
     if pen is None:
@@ -247,10 +278,9 @@ def _update(
     if scale is not None:
         optimizer.apply(grads, variables)  # skips and shrinks the scale itself
     tf.cond(finite, step, lambda: tf.constant(False))
-    counts = [tf.identity(acc.count) for acc in accs]
     for acc in accs:
         accumulation.reset(acc)
-    return finite, pen, counts
+    return finite, pen, window
 
 
 class _LossSums(tf.Module):
@@ -259,19 +289,24 @@ class _LossSums(tf.Module):
     def __init__(self, num_terms: int, name: str = "loss_sums") -> None:
         super().__init__(name=name)
         zero = tf.constant(0.0, tf.float64)
-        self.sums = [tf.Variable(zero, trainable=False) for _ in range(num_terms)]
+        self.sums = [local_variable(zero) for _ in range(num_terms)]
 
     def add(self, sums: Sequence[tf.Tensor]) -> None:
         for total, value in zip(self.sums, sums, strict=True):
             total.assign_add(value)
 
     def report(
-        self, terms: Sequence[LossTerm], counts: Sequence[tf.Tensor], pen: tf.Tensor
+        self,
+        terms: Sequence[LossTerm],
+        counts: Sequence[tf.Tensor],
+        pen: tf.Tensor,
+        sums: Sequence[tf.Tensor],
     ) -> dict[str, tf.Tensor]:
         """``data_loss = sum_o weight_o * S_o / N_o`` (0 for a term with no element), ``loss``
         (+ penalty), ``elements`` (sum of N_o; 0 when everything was masked) and, with several
-        terms, ``<output>_loss``; then zeroes the sums."""
-        per_term = [tf.math.divide_no_nan(s, n) for s, n in zip(self.sums, counts, strict=True)]
+        terms, ``<output>_loss``, from the window's (reduced) ``sums`` of ``self.sums``; then
+        zeroes the sums."""
+        per_term = [tf.math.divide_no_nan(s, n) for s, n in zip(sums, counts, strict=True)]
         data_loss = tf.add_n([t.weight * v for t, v in zip(terms, per_term, strict=True)])
         values = {
             "loss": data_loss + pen,
@@ -304,8 +339,8 @@ class _Window(tf.Module):
         super().__init__(name="window")
         zero = tf.constant(0.0, tf.float64)
         self.losses = _LossSums(num_terms)
-        self.weight_sum = tf.Variable(zero, trainable=False)
-        self.metric_sums = [tf.Variable(zero, trainable=False) for _ in metrics]
+        self.weight_sum = local_variable(zero)
+        self.metric_sums = [local_variable(zero) for _ in metrics]
         self.position = tf.Variable(tf.zeros([len(fields(Position))], tf.int64), trainable=False)
         self.metric_names = tf.Variable(",".join(metrics), trainable=False)
 
@@ -393,8 +428,10 @@ class _Engine:
         spec: TrainerSpec,
         regularizer: Any,
         proximal: Proximal | None,
+        replicas: Replicas | None,
     ) -> None:
         self.model = model
+        self.replicas = replicas
         self.terms = tuple(terms)
         self.names = tuple(names)
         self.optimizer = optimizer
@@ -432,7 +469,14 @@ class _Engine:
 
     def micro_step(self, x: Any, y: Any, sample_weight: Any) -> None:
         args = _present((x, y, sample_weight))
-        self._traced(self.micro_fns, self._micro, (x, y, sample_weight))(*args)
+        self._traced(self.micro_fns, self._micro_everywhere, (x, y, sample_weight))(*args)
+
+    def _micro_everywhere(self, x: Any, y: Any, w: Any) -> None:
+        # Under a strategy every replica accumulates its share of the global micro-batch.
+        if self.replicas is None:
+            self._micro(x, y, w)
+        else:
+            self.replicas.run(self._micro, (x, y, w), split=True)
 
     def discard_window(self) -> None:
         """``drop_remainder`` on a stream: the short window's sums are thrown away."""
@@ -505,19 +549,24 @@ class _Engine:
 
     def _apply(self) -> dict[str, tf.Tensor]:
         spec = self.spec
-        finite, pen, counts = _update(
+        window = self.window
+        finite, pen, reduced = _update(
             self.accs,
             self.variables,
             self.optimizer,
             self.penalty_fn,
             clip=lambda grads: _clip(grads, spec),
             after_step=self.after_step,
+            extras=[*window.losses.sums, window.weight_sum, *window.metric_sums],
+            replicas=self.replicas,
         )
-        values = self.window.losses.report(self.terms, counts, pen)
+        k = len(self.terms)
+        loss_sums, (weight_sum, *metric_sums) = reduced.extras[:k], reduced.extras[k:]
+        values = window.losses.report(self.terms, reduced.counts, pen, loss_sums)
         values["skipped"] = tf.logical_not(finite)
-        for name, total in zip(spec.metrics, self.window.metric_sums, strict=True):
-            values[name] = total / self.window.weight_sum
-        self.window.reset()
+        for name, total in zip(spec.metrics, metric_sums, strict=True):
+            values[name] = total / weight_sum
+        window.reset()
         return values
 
     def apply_step(self) -> dict[str, tf.Tensor]:
@@ -627,6 +676,9 @@ class Trainer:
                 "on_nonfinite='raise' would stop training at the first one. Use 'skip'. "
                 "Received: on_nonfinite='raise' with a LossScaleOptimizer (float16 model)"
             )
+        self._replicas = replicas(model, owner="Trainer")
+        if self._replicas is not None:
+            self._replicas.check_options(optimizer, jit_compile=jit_compile)
         names = output_names(model)
         terms = loss_terms(loss, loss_weights, names)
         if self.spec.metrics and len(names) > 1:
@@ -652,8 +704,13 @@ class Trainer:
         if not self.model.built:
             if input_shape is None:
                 raise ValueError("The model is not built; pass input_shape or call fit first.")
-            self.model.build(input_shape)
-        self._engine = _Engine(
+            with _scope(self._replicas):
+                self.model.build(input_shape)
+        with _scope(self._replicas):
+            self._engine = self._new_engine()
+
+    def _new_engine(self) -> _Engine:
+        return _Engine(
             self.model,
             self._terms,
             self._names,
@@ -661,6 +718,7 @@ class Trainer:
             spec=self.spec,
             regularizer=self.regularizer,
             proximal=self.proximal,
+            replicas=self._replicas,
         )
 
     @property
@@ -741,6 +799,8 @@ class Trainer:
             hooks.append(_KerasCallbacks(keras_callbacks, self.model, epochs, data, verbose))
         if isinstance(data, StreamData) and isinstance(data.data, tf.data.Dataset):
             data.data = data.data.prefetch(tf.data.AUTOTUNE)
+        if self._replicas is not None and isinstance(data, ArrayData):
+            self._replicas.check_plan(data.plan, self.spec.accumulation_steps)
         self.build(_input_shape(data))
         engine = self._engine
         return run_fit(
@@ -769,6 +829,11 @@ class Trainer:
         config["proximal"] = object_config(self.proximal)
         config["loss_weights"] = self.loss_weights
         return config
+
+
+def _scope(replicas: Replicas | None) -> Any:
+    # Variables the trainer creates (accumulators, optimizer slots) belong to the strategy.
+    return contextlib.nullcontext() if replicas is None else replicas.strategy.scope()
 
 
 def _input_shape(data: ArrayData | StreamData) -> Any:
@@ -934,6 +999,8 @@ class AccumulatingModel(keras.Model):
         self.regularizer = None if regularizer is None else _get_regularizer(regularizer)
         self.proximal = resolve_proximal(proximal, PROXIMAL_CLASSES)
         self._accs: list[accumulation.AccumulatorState] | None = None
+        self._replicas: Replicas | None = None
+        self._pending = 0  # micro-batches of the open window, counted on the host (strategy)
 
     def call(self, inputs: Any, training: bool | None = None) -> Any:
         return self.model(inputs, training=training)
@@ -989,6 +1056,10 @@ class AccumulatingModel(keras.Model):
         if self.proximal is not None:  # as Trainer does at construction: before any update
             self.proximal.check(optimizer)
         super().compile(optimizer=optimizer, loss=loss, loss_weights=loss_weights, **kwargs)
+        with self.distribute_strategy.scope():
+            self._replicas = replicas(self.model, owner="AccumulatingModel")
+        if self._replicas is not None:
+            self._replicas.check_options(self.optimizer, jit_compile=self.jit_compile is True)
         self._data_loss_tracker = keras.metrics.Mean(name="data_loss")
         if self.model.built:
             self._build_state()
@@ -1002,13 +1073,14 @@ class AccumulatingModel(keras.Model):
         if self._accs is not None:
             return
         variables = list(self.model.trainable_variables)
-        self._accs = [accumulation.init(variables) for _ in self._terms]
-        self._window_losses = _LossSums(len(self._terms))
-        zero = tf.constant(0.0, tf.float64)
-        self._window_examples = tf.Variable(zero, trainable=False)
-        self._skipped = tf.Variable(tf.constant(0, tf.int64), trainable=False)
-        self._empty_windows = tf.Variable(tf.constant(0, tf.int64), trainable=False)
-        self.optimizer.build(variables)
+        with self.distribute_strategy.scope():
+            self._accs = [accumulation.init(variables) for _ in self._terms]
+            self._window_losses = _LossSums(len(self._terms))
+            zero = tf.constant(0.0, tf.float64)
+            self._window_examples = local_variable(zero)
+            self._skipped = tf.Variable(tf.constant(0, tf.int64), trainable=False)
+            self._empty_windows = tf.Variable(tf.constant(0, tf.int64), trainable=False)
+            self.optimizer.build(variables)
         self._apply_fn = tf.function(self._apply_window)
 
     @property
@@ -1037,36 +1109,66 @@ class AccumulatingModel(keras.Model):
         see the epoch's final weights."""
         if self.train_function is not None and not force:
             return self.train_function
+        if self._replicas is not None and self.steps_per_execution != 1:
+            raise InvalidArgumentError(
+                "Under a tf.distribute strategy AccumulatingModel closes its windows between "
+                "Keras steps: compile with steps_per_execution=1. Received: "
+                f"steps_per_execution={self.steps_per_execution}"
+            )
         super().make_train_function(force=force)
         step = self.train_function
 
         def train_function(iterator: Any) -> Any:
             try:
-                return step(iterator)
+                logs = step(iterator)
             except (StopIteration, tf.errors.OutOfRangeError):
                 self.flush()
                 raise
+            if self._replicas is not None:
+                # Under a strategy the window closes here, in cross-replica context (an
+                # all-reduce inside the replicas' tf.cond is what Keras cannot do).
+                self._pending += 1
+                if self._pending >= self.spec.accumulation_steps:
+                    self._apply_fn()
+                    self._pending = 0
+            return logs
 
         self.train_function = train_function
         return train_function
 
     def _apply_window(self) -> None:
         variables = list(self.model.trainable_variables)
-        finite, pen, counts = _update(
+        losses = self._window_losses
+        finite, pen, reduced = _update(
             self._accs,
             variables,
             self.optimizer,
             _penalty_fn(self.model, variables, self.regularizer, self.spec.include_bias),
             clip=lambda grads: grads,
             after_step=_proximal_step(self.proximal, self.model, self.optimizer),
+            extras=[*losses.sums, self._window_examples],
+            replicas=self._replicas,
         )
-        values = self._window_losses.report(self._terms, counts, pen)
+        *loss_sums, examples = reduced.extras
+        values = losses.report(self._terms, reduced.counts, pen, loss_sums)
         # What plain Keras logs for a batch of the window's examples: data loss + penalty,
         # averaged over the epoch by example count. A skipped window adds nothing (no NaN).
-        weight = tf.where(finite, self._window_examples, tf.zeros_like(self._window_examples))
-        for tracker, key in ((self._loss_tracker, "loss"), (self._data_loss_tracker, "data_loss")):
-            value = tf.where(finite, values[key], tf.zeros_like(values[key]))
-            tracker.update_state(value, sample_weight=weight)
+        weight = tf.where(finite, examples, tf.zeros_like(examples))
+        logged = {k: tf.where(finite, values[k], tf.zeros_like(values[k])) for k in values}
+
+        def track() -> None:
+            # Under a strategy Keras' metrics update in replica context; every replica adds
+            # the same (value, weight), so the mean over replicas is the value.
+            for tracker, key in (
+                (self._loss_tracker, "loss"),
+                (self._data_loss_tracker, "data_loss"),
+            ):
+                tracker.update_state(logged[key], sample_weight=weight)
+
+        if self._replicas is None:
+            track()
+        else:
+            self._replicas.run_in_replicas(track)
         self._window_examples.assign(tf.zeros_like(self._window_examples))
         self._skipped.assign_add(tf.cast(tf.logical_not(finite), tf.int64))
         self._empty_windows.assign_add(tf.cast(values["elements"] == 0, tf.int64))
@@ -1075,6 +1177,7 @@ class AccumulatingModel(keras.Model):
         """Apply (or, with ``drop_remainder``, discard) a partial window; called at epoch end."""
         if self._accs is None or int(self._accs[0].micro_batches.numpy()) == 0:
             return
+        self._pending = 0
         if self.spec.drop_remainder:
             for acc in self._accs:
                 accumulation.reset(acc)
@@ -1109,6 +1212,8 @@ class AccumulatingModel(keras.Model):
         self._window_losses.add(batch.sums)
         first = next(t for t in tf.nest.flatten(x) if t is not None)
         self._window_examples.assign_add(tf.cast(tf.shape(first)[0], tf.float64))
+        if self._replicas is not None:  # the window closes in make_train_function's loop
+            return self.compute_metrics(x, y, batch.y_pred, sample_weight=sample_weight)
         tf.cond(
             self._accs[0].micro_batches >= self.spec.accumulation_steps,
             lambda: (self._apply_window(), tf.constant(True))[1],

@@ -1,0 +1,242 @@
+"""``tfreg.Trainer`` and ``tfreg.AccumulatingModel`` under ``tf.distribute``: exact accumulation
+across replicas (``MirroredStrategy``: the devices of one machine; ``MultiWorkerMirroredStrategy``:
+several processes or machines, configured by ``TF_CONFIG``).
+
+Build the model, and then the trainer or wrapper (and ``compile``), inside ``strategy.scope()``;
+the trainer runs distributed by itself. Per update, over ``R`` replicas each accumulating its
+share of ``k`` micro-batches (``batch_size`` is the **global** micro-batch, as in Keras ``fit``
+under a strategy)::
+
+    g = (sum_{replicas} sum_{micro-batches} grad(w_i * l_i)) / N_global  +  grad(penalty)
+    N_global = all-reduced count of the loss elements that count (masks, ignore_class)
+
+which is one step on the concatenated window. ``Trainer`` with arrays or an iterable of
+micro-batches: every worker passes the same data and replica ``r`` (of all workers) trains on
+its share of each global micro-batch -- positions ``[r*b, (r+1)*b)`` with ``b = ceil(B/R)``
+(:mod:`tfreg_core.distributed`) -- so no example is repeated or dropped; the last micro-batch
+may leave a replica few examples, or none (it still joins the all-reduce, with zero gradients).
+``AccumulatingModel`` leaves the input to Keras ``fit`` (its distributed dataset splits each
+global batch across the replicas); the counts are all-reduced the same way.
+
+Communication per update: every replica adds its micro-batches into its own (``ON_READ``)
+accumulator, with no collective; the update all-reduces the local gradient sums, counts and
+loss/metric sums **once** -- one flattened vector per dtype -- in cross-replica context. The
+penalty, clipping (the global norm of the reduced gradient), the non-finite check and the
+optimizer step then run once, in cross-replica context, on values identical on every worker:
+the optimizer is handed the reduced gradient (no second all-reduce) and every copy of a
+variable receives the same update, so the replicas stay bit-identical. A non-finite gradient
+on any replica is non-finite in the reduced sum, so every replica skips (or raises) together.
+The penalty is counted once, not ``R`` times.
+
+Differences from ``torch.distributed`` (``torchref.distributed``): ``batch_size`` is global here
+(Keras' convention) and per rank there (torch's); here the strategy owns the collectives and
+the optimizer receives the reduced gradient, there DDP's bucketed all-reduce runs on the
+window's closing backward and is rescaled from its average to the sum. Both reduce once per
+update and both give the same numbers (``parity_tests/test_distributed_parity.py``).
+
+Refused before training: a model whose variables were not created under the trainer's strategy
+(or the reverse), strategies other than the two above, ``jit_compile=True`` (XLA does not
+compile ``strategy.run``), and -- ``Trainer`` under ``MultiWorkerMirroredStrategy`` -- workers
+passing different data sizes, ``batch_size`` or ``accumulation_steps``. ``AccumulatingModel``
+needs ``steps_per_execution=1`` under a strategy (the window closes between Keras steps).
+A worker that raises leaves the others in a collective: they fail with TensorFlow's error once
+the collective times out (``tf.distribute.experimental.CommunicationOptions(timeout_seconds=)``
+on the strategy, or the cluster's heartbeat) -- keep it short in tests.
+
+Inputs: each replica slices its share of the global micro-batch on its device, so the whole
+micro-batch is copied to every device; on GPUs feed ``AccumulatingModel`` a ``tf.data``
+pipeline (Keras distributes it) when that copy matters. Validation (``Trainer``) runs on each
+worker's first device on the full validation data. BatchNorm normalises each replica's share
+(Keras' ``synchronized=True`` for global statistics): not an exactness claim of this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from tfreg._compat import keras, tf
+from tfreg_core.validation import InvalidArgumentError
+
+__all__ = ["Replicas", "local_variable", "replicas"]
+
+_SUPPORTED = (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
+def local_variable(initial_value: Any, *, name: str | None = None, first: bool = False) -> Any:
+    """A non-trainable variable each replica updates on its own (``ON_READ``): the accumulator
+    sums and window statistics. Read in cross-replica context it is the sum over replicas
+    (``first=True``: replica 0's value, for counters every replica advances alike, so reading
+    it needs no collective). Without a strategy it is a plain variable."""
+    aggregation = tf.VariableAggregation.ONLY_FIRST_REPLICA if first else tf.VariableAggregation.SUM
+    return tf.Variable(
+        initial_value,
+        trainable=False,
+        name=name,
+        synchronization=tf.VariableSynchronization.ON_READ,
+        aggregation=aggregation,
+    )
+
+
+def _distributed(variable: Any) -> bool:
+    value = getattr(variable, "value", variable)  # a Keras variable wraps the tf.Variable
+    return isinstance(value, tf.distribute.DistributedValues)
+
+
+class Replicas:
+    """What the engines ask a ``tf.distribute`` strategy: run a micro-batch on every replica
+    (each on its share), and the one reduction per update. Built by :func:`replicas`."""
+
+    def __init__(self, strategy: tf.distribute.Strategy) -> None:
+        self.strategy = strategy
+        self.num_replicas = int(strategy.num_replicas_in_sync)
+
+    def check_options(self, optimizer: Any, *, jit_compile: bool) -> None:
+        """Refuse what the distributed path does not support, before any variable exists."""
+        if jit_compile:
+            raise InvalidArgumentError(
+                "jit_compile=True is not supported under a tf.distribute strategy (XLA does "
+                "not compile strategy.run). Received: jit_compile=True"
+            )
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            raise InvalidArgumentError(
+                "float16 loss scaling (LossScaleOptimizer) is not supported under a "
+                "tf.distribute strategy yet; train in float32 or mixed_bfloat16. Received: "
+                f"optimizer={type(optimizer).__name__}"
+            )
+        if not _distributed(optimizer.iterations):
+            raise InvalidArgumentError(
+                "The optimizer was created outside strategy.scope(): create it (or pass its "
+                "name) inside the scope, with the model. Received: optimizer="
+                f"{type(optimizer).__name__} built outside {type(self.strategy).__name__}"
+            )
+
+    # -- per micro-batch (graph code) ----------------------------------------------------
+
+    def run(self, fn: Callable[..., Any], args: Sequence[Any], *, split: bool) -> Any:
+        """``fn(*args)`` on every replica. ``split``: ``args`` are one global micro-batch (the
+        same on every worker) and each replica gets its share; else they are the replica's
+        own already (values from a distributed dataset)."""
+        if not split:
+            return self.strategy.run(fn, args=tuple(args))
+        return self.strategy.run(lambda *values: fn(*_share(values)), args=tuple(args))
+
+    # -- per update (cross-replica graph code) -------------------------------------------
+
+    def reduce(self, tensors: Sequence[Any]) -> list[tf.Tensor]:
+        """The sum over replicas of each replica's local value of ``tensors`` (``ON_READ``
+        variables or replica-local tensors), in one all-reduce per dtype of the flattened
+        values. Called in cross-replica context; every worker gets the same values."""
+        tensors = list(tensors)
+
+        def local() -> list[tf.Tensor]:
+            values = [tf.convert_to_tensor(t) for t in tensors]
+            groups: dict[tf.DType, list[int]] = {}
+            for i, value in enumerate(values):
+                groups.setdefault(value.dtype, []).append(i)
+            context = tf.distribute.get_replica_context()
+            out: list[tf.Tensor | None] = [None] * len(values)
+            for indices in groups.values():
+                flat = tf.concat([tf.reshape(values[i], [-1]) for i in indices], axis=0)
+                flat = context.all_reduce(tf.distribute.ReduceOp.SUM, flat)
+                sizes = [int(values[i].shape.num_elements()) for i in indices]
+                for i, part in zip(indices, tf.split(flat, sizes), strict=True):
+                    out[i] = tf.reshape(part, values[i].shape)
+            return out
+
+        reduced = self.strategy.run(local)
+        # Identical on every replica after the all-reduce: take this worker's first copy.
+        return [self.strategy.experimental_local_results(r)[0] for r in reduced]
+
+    def check_plan(self, plan: Sequence[int], accumulation_steps: int) -> None:
+        """Every worker must cut the same windows from the same arrays (one collective per
+        ``fit``; the replicas of one process share the plan by construction)."""
+        if not isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            return
+        num_examples, batch_size, _ = plan
+        if not self.same_everywhere([num_examples, batch_size, accumulation_steps]):
+            raise InvalidArgumentError(
+                "Every worker must call fit with the same arrays (num_examples), batch_size and "
+                f"accumulation_steps. Received on worker {self._worker()}: num_examples="
+                f"{num_examples}, batch_size={batch_size}, accumulation_steps="
+                f"{accumulation_steps}"
+            )
+
+    def _worker(self) -> int:
+        resolver = self.strategy.cluster_resolver
+        return 0 if resolver is None else int(resolver.task_id or 0)
+
+    def same_everywhere(self, values: Sequence[float]) -> bool:
+        """Whether ``values`` (host numbers) are equal on every worker (eager; a collective
+        every worker must join: once per ``fit``)."""
+        vector = tf.constant([float(v) for v in values], tf.float64)
+
+        def extremes() -> tuple[tf.Tensor, tf.Tensor]:
+            context = tf.distribute.get_replica_context()
+            high = context.all_reduce(tf.distribute.ReduceOp.MAX, vector)
+            return high, context.all_reduce(tf.distribute.ReduceOp.MAX, -vector)
+
+        high, low = tf.function(lambda: self.strategy.run(extremes), autograph=False)()
+        high = self.strategy.experimental_local_results(high)[0]
+        low = self.strategy.experimental_local_results(low)[0]
+        return bool(tf.reduce_all(tf.equal(high, -low)))
+
+    def run_in_replicas(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` on every replica (cross-replica graph code): state that must be updated in
+        replica context (Keras metrics under a strategy)."""
+        return self.strategy.run(fn)
+
+
+def _share(values: Sequence[Any]) -> list[Any]:
+    # Replica r of R takes positions [r*b, (r+1)*b) of the global micro-batch, b = ceil(n/R),
+    # clipped to n (tfreg_core.distributed.rank_share, in graph ops): a partition, empty
+    # shares included.
+    context = tf.distribute.get_replica_context()
+    replica = tf.cast(context.replica_id_in_sync_group, tf.int32)
+    world = context.num_replicas_in_sync
+    leaves = [v for v in tf.nest.flatten(values[1]) if v is not None]
+    n = tf.shape(leaves[0])[0]
+    b = (n + world - 1) // world
+    start = tf.minimum(replica * b, n)
+    stop = tf.minimum(start + b, n)
+    return [
+        None if v is None else tf.nest.map_structure(lambda t: t[start:stop], v) for v in values
+    ]
+
+
+def replicas(model: keras.layers.Layer, *, owner: str) -> Replicas | None:
+    """The :class:`Replicas` of the strategy in scope when ``owner`` is built (``None`` without
+    one), after checking that ``model``'s variables belong to it."""
+    strategy = tf.distribute.get_strategy() if tf.distribute.has_strategy() else None
+    variables = list(model.variables)
+    distributed = [_distributed(v) for v in variables]
+    if strategy is None:
+        if any(distributed):
+            raise InvalidArgumentError(
+                f"The model's variables were created under a tf.distribute strategy: build the "
+                f"{owner} inside the same strategy.scope(). Received: {owner} built outside any "
+                "strategy scope"
+            )
+        return None
+    if not isinstance(strategy, _SUPPORTED):
+        raise InvalidArgumentError(
+            "Exact distributed accumulation supports tf.distribute.MirroredStrategy and "
+            f"MultiWorkerMirroredStrategy. Received: strategy={type(strategy).__name__}"
+        )
+    if variables and not all(distributed):
+        raise InvalidArgumentError(
+            f"The {owner} is built inside strategy.scope() but the model's variables are not "
+            "distributed: build (or load) the model inside the same scope. Received: "
+            f"a model built outside strategy.scope() ({type(strategy).__name__})"
+        )
+    foreign = [
+        v.name
+        for v in variables
+        if getattr(getattr(v, "value", v), "distribute_strategy", strategy) is not strategy
+    ]
+    if foreign:
+        raise InvalidArgumentError(
+            f"The model's variables belong to another strategy than the one the {owner} is "
+            f"built in. Received: variables {foreign[:3]} from another strategy.scope()"
+        )
+    return Replicas(strategy)
