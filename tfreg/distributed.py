@@ -111,6 +111,20 @@ class Replicas:
                 f"{type(optimizer).__name__} built outside {type(self.strategy).__name__}"
             )
 
+    def check_keras_fit(self) -> None:
+        """``AccumulatingModel`` trains inside Keras ``fit``, which (Keras 3.15, TF 2.21) fails
+        under ``MultiWorkerMirroredStrategy`` before its first step -- ``fit``'s symbolic build
+        reduces a ``PerReplica`` batch it cannot convert -- for a plain model too
+        (``tests/test_distributed_tf.py`` pins it). Refuse it at ``compile``, naming the
+        engine that works."""
+        if isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            raise InvalidArgumentError(
+                "AccumulatingModel runs inside Keras fit(), which fails under "
+                "MultiWorkerMirroredStrategy in this Keras version even without accumulation; "
+                "use tfreg.Trainer (exact under MultiWorkerMirroredStrategy) instead. "
+                "Received: strategy=MultiWorkerMirroredStrategy"
+            )
+
     # -- per micro-batch (graph code) ----------------------------------------------------
 
     def run(self, fn: Callable[..., Any], args: Sequence[Any], *, split: bool) -> Any:
@@ -166,20 +180,21 @@ class Replicas:
         resolver = self.strategy.cluster_resolver
         return 0 if resolver is None else int(resolver.task_id or 0)
 
-    def same_everywhere(self, values: Sequence[float]) -> bool:
-        """Whether ``values`` (host numbers) are equal on every worker (eager; a collective
-        every worker must join: once per ``fit``)."""
+    def same_everywhere(self, values: Sequence[int]) -> bool:
+        """Whether ``values`` (host integers below 2**26) are equal on every worker (eager; a
+        collective every worker must join: once per ``fit``). ``ReduceOp`` has no MAX: with
+        ``s1 = sum(v)`` and ``s2 = sum(v*v)`` over the ``R`` replicas, all are equal exactly
+        when ``s1 == R*v`` and ``s2 == R*v*v`` (zero variance; exact in float64)."""
         vector = tf.constant([float(v) for v in values], tf.float64)
+        local = tf.concat([vector, vector * vector], axis=0)
 
-        def extremes() -> tuple[tf.Tensor, tf.Tensor]:
+        def total() -> tf.Tensor:
             context = tf.distribute.get_replica_context()
-            high = context.all_reduce(tf.distribute.ReduceOp.MAX, vector)
-            return high, context.all_reduce(tf.distribute.ReduceOp.MAX, -vector)
+            return context.all_reduce(tf.distribute.ReduceOp.SUM, local)
 
-        high, low = tf.function(lambda: self.strategy.run(extremes), autograph=False)()
-        high = self.strategy.experimental_local_results(high)[0]
-        low = self.strategy.experimental_local_results(low)[0]
-        return bool(tf.reduce_all(tf.equal(high, -low)))
+        summed = tf.function(lambda: self.strategy.run(total), autograph=False)()
+        summed = self.strategy.experimental_local_results(summed)[0]
+        return bool(tf.reduce_all(tf.equal(summed, float(self.num_replicas) * local)))
 
     def run_in_replicas(self, fn: Callable[[], Any]) -> Any:
         """``fn()`` on every replica (cross-replica graph code): state that must be updated in

@@ -331,6 +331,23 @@ def _proximal_step(
     return lambda: proximal.apply(model, optimizer)
 
 
+class _Names(tf.train.experimental.PythonState):
+    """The metric names, saved in the checkpoint as a string -- not a variable, which
+    ``MultiWorkerMirroredStrategy`` would have to broadcast (it cannot broadcast strings).
+    Read back by ``_TrainerCheckpoint`` before anything is restored; restoring leaves it."""
+
+    KEY = "window/metric_names/.ATTRIBUTES/py_state"
+
+    def __init__(self, names: str) -> None:
+        self.names = names
+
+    def serialize(self) -> str:
+        return self.names
+
+    def deserialize(self, string_value: Any) -> None:
+        pass  # checked equal before the restore
+
+
 class _Window(tf.Module):
     """Per-window running sums for reporting (float64), the resumable position and the metric
     names the sums belong to (checked when a checkpoint is read)."""
@@ -342,7 +359,7 @@ class _Window(tf.Module):
         self.weight_sum = local_variable(zero)
         self.metric_sums = [local_variable(zero) for _ in metrics]
         self.position = tf.Variable(tf.zeros([len(fields(Position))], tf.int64), trainable=False)
-        self.metric_names = tf.Variable(",".join(metrics), trainable=False)
+        self.metric_names = _Names(",".join(metrics))
 
     def reset(self) -> None:
         """Zero the per-window metric sums (the loss sums reset in ``_LossSums.report``)."""
@@ -370,10 +387,9 @@ class _TrainerCheckpoint(tf.train.Checkpoint):
         self._metrics = ",".join(metrics)
 
     def _check(self, path: str) -> None:
-        key = "window/metric_names/.ATTRIBUTES/VARIABLE_VALUE"
         reader = tf.train.load_checkpoint(path)
-        if reader.has_tensor(key):
-            saved = reader.get_tensor(key).decode()
+        if reader.has_tensor(_Names.KEY):
+            saved = reader.get_tensor(_Names.KEY).decode()
             if saved != self._metrics:
                 raise InvalidArgumentError(
                     "The checkpoint was saved by a Trainer with other metrics: "
@@ -1059,6 +1075,7 @@ class AccumulatingModel(keras.Model):
         with self.distribute_strategy.scope():
             self._replicas = replicas(self.model, owner="AccumulatingModel")
         if self._replicas is not None:
+            self._replicas.check_keras_fit()
             self._replicas.check_options(self.optimizer, jit_compile=self.jit_compile is True)
         self._data_loss_tracker = keras.metrics.Mean(name="data_loss")
         if self.model.built:
