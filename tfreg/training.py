@@ -331,18 +331,17 @@ def _proximal_step(
     return lambda: proximal.apply(model, optimizer)
 
 
-class _Names(tf.train.experimental.PythonState):
-    """The metric names, saved in the checkpoint as a string -- not a variable, which
-    ``MultiWorkerMirroredStrategy`` would have to broadcast (it cannot broadcast strings).
-    Read back by ``_TrainerCheckpoint`` before anything is restored; restoring leaves it."""
+class _Text(tf.train.experimental.PythonState):
+    """A string saved in the checkpoint (metric names, the replica count) -- not a variable,
+    which ``MultiWorkerMirroredStrategy`` would have to broadcast (it cannot broadcast
+    strings). ``_TrainerCheckpoint`` reads it back before anything is restored; restoring
+    leaves it."""
 
-    KEY = "window/metric_names/.ATTRIBUTES/py_state"
-
-    def __init__(self, names: str) -> None:
-        self.names = names
+    def __init__(self, text: str) -> None:
+        self.text = text
 
     def serialize(self) -> str:
-        return self.names
+        return self.text
 
     def deserialize(self, string_value: Any) -> None:
         pass  # checked equal before the restore
@@ -359,12 +358,22 @@ class _Window(tf.Module):
         self.weight_sum = local_variable(zero)
         self.metric_sums = [local_variable(zero) for _ in metrics]
         self.position = tf.Variable(tf.zeros([len(fields(Position))], tf.int64), trainable=False)
-        self.metric_names = _Names(",".join(metrics))
+        self.metric_names = _Text(",".join(metrics))
 
     def reset(self) -> None:
         """Zero the per-window metric sums (the loss sums reset in ``_LossSums.report``)."""
         for v in [self.weight_sum, *self.metric_sums]:
             v.assign(tf.zeros_like(v))
+
+
+class _WindowHeader(tf.Module):
+    """The window's position and metric names, without its replica-local sums (a strategy
+    saves those per replica, see ``_ReplicaLocal``)."""
+
+    def __init__(self, window: _Window) -> None:
+        super().__init__(name="window")
+        self.position = window.position
+        self.metric_names = window.metric_names
 
 
 class _SeedStates(tf.Module):
@@ -378,24 +387,54 @@ class _SeedStates(tf.Module):
         self.states = [v for v in model.variables if id(v) not in weights]
 
 
+_NAMES_KEY = "window/metric_names/.ATTRIBUTES/py_state"
+_REPLICAS_KEY = "replicas/count/.ATTRIBUTES/py_state"
+
+
+class _ReplicaLocal(tf.Module):
+    """Under a strategy: every local replica's own copy of the open window's partial sums
+    (accumulator and statistics), saved component by component. Saving the ``ON_READ``
+    variables themselves would store their sum over replicas and restore ``sum / R`` on each:
+    the same total, but not the uninterrupted run's summation order, so not bitwise."""
+
+    def __init__(self, replicas: Replicas, variables: Sequence[Any]) -> None:
+        super().__init__(name="replicas")
+        self.count = _Text(str(replicas.num_replicas))
+        per_variable = [replicas.strategy.experimental_local_results(v) for v in variables]
+        self.local = [list(copies) for copies in zip(*per_variable, strict=True)]
+
+
 class _TrainerCheckpoint(tf.train.Checkpoint):
     """``tf.train.Checkpoint`` that refuses, before restoring anything, a checkpoint whose
-    window sums belong to other ``metrics`` (they would be reported under the wrong names)."""
+    window sums belong to other ``metrics`` (they would be reported under the wrong names) or
+    to another number of replicas (the partial sums are per replica)."""
 
-    def __init__(self, metrics: Sequence[str], **kwargs: Any) -> None:
+    def __init__(self, metrics: Sequence[str], num_replicas: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._metrics = ",".join(metrics)
+        self._replicas = num_replicas
 
     def _check(self, path: str) -> None:
         reader = tf.train.load_checkpoint(path)
-        if reader.has_tensor(_Names.KEY):
-            saved = reader.get_tensor(_Names.KEY).decode()
+        if reader.has_tensor(_NAMES_KEY):
+            saved = reader.get_tensor(_NAMES_KEY).decode()
             if saved != self._metrics:
                 raise InvalidArgumentError(
                     "The checkpoint was saved by a Trainer with other metrics: "
                     f"metrics={saved.split(',') if saved else []}. Build the Trainer with them. "
                     f"Received: metrics={self._metrics.split(',') if self._metrics else []}"
                 )
+        saved_replicas = (
+            int(reader.get_tensor(_REPLICAS_KEY).decode())
+            if reader.has_tensor(_REPLICAS_KEY)
+            else 1
+        )
+        if saved_replicas != self._replicas:
+            raise InvalidArgumentError(
+                f"The checkpoint was saved by a Trainer on {saved_replicas} replica(s) (per "
+                "worker): its open window's partial sums are per replica. Resume under the same "
+                f"strategy and device count. Received: {self._replicas} replica(s)"
+            )
 
     def read(self, save_path: str, options: Any = None) -> Any:
         self._check(save_path)
@@ -755,16 +794,31 @@ class Trainer:
         """Everything a resumed ``fit`` needs, mid-window included: model, optimizer,
         accumulator, position and the model's ``SeedGenerator`` states (Dropout masks).
         ``read``/``restore`` refuse a checkpoint saved with other ``metrics`` before
-        restoring anything."""
+        restoring anything.
+
+        Under a strategy the open window's partial sums are saved per replica, so a resume
+        mid-window is bitwise too; it needs the same strategy and device count (refused
+        otherwise). Under ``MultiWorkerMirroredStrategy`` each worker writes and restores its
+        own checkpoint (its replicas' partial sums; model and optimizer are identical on every
+        worker), at the same point of training."""
         self.build()
-        return _TrainerCheckpoint(
-            self.spec.metrics,
-            model=self.model,
-            optimizer=self.optimizer,
-            accumulator=self._engine.accs,
-            window=self._engine.window,
-            rng=self._engine.rng,
-        )
+        engine = self._engine
+        state: dict[str, Any] = {"model": self.model, "optimizer": self.optimizer}
+        if self._replicas is None:
+            state.update(accumulator=engine.accs, window=engine.window)
+        else:
+            local = [
+                v
+                for module in (*engine.accs, engine.window)
+                for v in module.variables
+                if v.synchronization == tf.VariableSynchronization.ON_READ
+            ]
+            state.update(
+                replicas=_ReplicaLocal(self._replicas, local),
+                window=_WindowHeader(engine.window),
+            )
+        count = 1 if self._replicas is None else self._replicas.num_replicas
+        return _TrainerCheckpoint(self.spec.metrics, count, rng=engine.rng, **state)
 
     def fit(
         self,
@@ -797,7 +851,19 @@ class Trainer:
         (Keras' hooks: ``on_train_batch_end`` once per update, ``on_epoch_end`` with the epoch
         logs, ``model.stop_training`` honoured; ``self.model`` is the trained model) and/or
         the project's hooks (``tfreg_core.training.HOOKS``), all checked before training.
+
+        Under a ``tf.distribute`` strategy (see :mod:`tfreg.distributed`) ``batch_size`` -- or
+        a dataset's batches -- is the global micro-batch: pass the same arrays or
+        ``tf.data.Dataset`` on every worker, not a distributed dataset; each replica trains
+        on its share.
         """
+        if isinstance(x, tf.distribute.DistributedDataset):
+            raise InvalidArgumentError(
+                "Pass the tf.data.Dataset of global micro-batches itself (the same on every "
+                "worker): the Trainer gives each replica its share of each micro-batch and "
+                "counts the window globally. Received: x=DistributedDataset (from "
+                "experimental_distribute_dataset / distribute_datasets_from_function)"
+            )
         data = fit_data(
             x,
             y,

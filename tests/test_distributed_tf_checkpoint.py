@@ -1,0 +1,151 @@
+"""tfreg.Trainer checkpoints under MirroredStrategy (2 logical CPUs): a resume mid-window is
+bitwise, and a checkpoint is refused on another replica count.
+
+The scenarios run in one subprocess (this file run as a script), because logical devices must
+be configured before TensorFlow starts; results come back as JSON. Bitwise means
+``np.array_equal``: the resumed run must add the remaining micro-batches to each replica's own
+partial sums, in the uninterrupted run's order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+TIMEOUT_S = 180
+N, BATCH, K = 23, 4, 3  # global micro-batch 4 (2 per replica); windows of 12, 11 examples
+STOP_AT = 4  # micro-batch index of epoch 0 after which the first run stops: mid-window 2
+
+
+def _scenarios(outdir: str) -> dict[str, Any]:
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import keras
+
+    import tfreg
+    from tfreg_core.validation import InvalidArgumentError
+
+    keras.backend.set_floatx("float64")
+    rng = np.random.default_rng(0)
+    x, y, w = rng.normal(size=(N, 3)), rng.integers(0, 3, size=N), rng.uniform(0.5, 2, size=N)
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+    def trainer(scope: Any) -> tfreg.Trainer:
+        keras.utils.set_random_seed(1)
+        with scope:
+            model = keras.Sequential(
+                [keras.Input((3,)), keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(3)]
+            )
+            return tfreg.Trainer(
+                model,
+                keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                keras.optimizers.Adam(0.125),
+                accumulation_steps=K,
+                regularizer=tfreg.L2(2.0**-7),
+                metrics=["sparse_categorical_accuracy"],
+            )
+
+    def fit(t: tfreg.Trainer, **kwargs: Any) -> Any:
+        return t.fit(x, y, sample_weight=w, batch_size=BATCH, epochs=2, verbose=0, **kwargs)
+
+    def state(t: tfreg.Trainer) -> list[list[float]]:
+        return [v.numpy().ravel().tolist() for v in t.model.trainable_variables]
+
+    class Stop:
+        def on_micro_batch_end(self, t: Any, epoch: int, micro_batch: int) -> None:
+            if (epoch, micro_batch) == (0, STOP_AT):
+                t.stop_training = True
+
+    uninterrupted = trainer(strategy.scope())
+    history = fit(uninterrupted)
+    first = trainer(strategy.scope())
+    fit(first, callbacks=[Stop()])
+    path = first.checkpoint().write(os.path.join(outdir, "mid_window"))
+    resumed = trainer(strategy.scope())
+    resumed.checkpoint().read(path)
+    resumed_history = fit(resumed)
+
+    def refusal(scope: Any, checkpoint: str) -> str:
+        try:
+            trainer(scope).checkpoint().read(checkpoint)
+        except InvalidArgumentError as error:
+            return str(error)
+        return ""
+
+    import contextlib
+
+    one_device = trainer(contextlib.nullcontext())
+    single_path = one_device.checkpoint().write(os.path.join(outdir, "one_device"))
+    distributed = strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)
+    )
+    try:
+        trainer(strategy.scope()).fit(distributed, epochs=1, verbose=0)
+        distributed_error = ""
+    except InvalidArgumentError as error:
+        distributed_error = str(error)
+    return {
+        "uninterrupted": state(uninterrupted),
+        "resumed": state(resumed),
+        "records": [r["loss"] for r in history.records[-2:]],
+        "resumed_records": [r["loss"] for r in resumed_history.records[-2:]],
+        "two_into_one": refusal(contextlib.nullcontext(), path),
+        "one_into_two": refusal(strategy.scope(), single_path),
+        "distributed_dataset": distributed_error,
+    }
+
+
+@pytest.fixture(scope="module")
+def results() -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as outdir:
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+        root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+        done = subprocess.run(
+            [sys.executable, __file__, outdir],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT_S,
+        )
+        assert done.returncode == 0, done.stderr[-4000:]
+        return json.loads((Path(outdir) / "results.json").read_text())
+
+
+def test_resume_mid_window_is_bitwise(results: dict[str, Any]) -> None:
+    for resumed, uninterrupted in zip(results["resumed"], results["uninterrupted"], strict=True):
+        assert np.array_equal(resumed, uninterrupted)
+    # The update records after the resume: the same losses, to the bit.
+    assert results["resumed_records"] == results["records"]
+
+
+@pytest.mark.parametrize(
+    ("case", "saved", "now"),
+    [("two_into_one", "2 replica", "1 replica"), ("one_into_two", "1 replica", "2 replica")],
+    ids=["2-replicas-into-1-device", "1-device-into-2-replicas"],
+)
+def test_checkpoint_on_another_replica_count_refused(
+    results: dict[str, Any], case: str, saved: str, now: str
+) -> None:
+    message = results[case]
+    assert f"saved by a Trainer on {saved}" in message
+    assert f"Received: {now}" in message
+
+
+def test_distributed_dataset_refused(results: dict[str, Any]) -> None:
+    assert "Received: x=DistributedDataset" in results["distributed_dataset"]
+
+
+if __name__ == "__main__":
+    out = sys.argv[1]
+    Path(out, "results.json").write_text(json.dumps(_scenarios(out)))
