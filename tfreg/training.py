@@ -1149,8 +1149,22 @@ class AccumulatingModel(keras.Model):
 
     @property
     def metrics(self) -> list[Any]:
+        # `data_loss` is a training-window log only. Evaluation leaves it out of the metrics
+        # too (not only of the step's logs): Keras returns its metrics' cross-replica results
+        # only when their names match the step's logs, and otherwise the last step's logs --
+        # under a strategy, one replica's partial value (a wrong val_loss).
         tracker = getattr(self, "_data_loss_tracker", None)
-        return [*super().metrics, *([tracker] if tracker is not None else [])]
+        metrics = [m for m in super().metrics if m is not tracker]  # Keras tracks it too
+        if tracker is not None and not getattr(self, "_evaluating", False):
+            metrics.append(tracker)
+        return metrics
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> Any:
+        self._evaluating = True
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self._evaluating = False
 
     def _build_state(self) -> None:
         if self._accs is not None:
@@ -1269,13 +1283,6 @@ class AccumulatingModel(keras.Model):
             self._window_examples.assign(tf.zeros_like(self._window_examples))
         else:
             self._apply_fn()
-
-    def test_step(self, data: Any) -> dict[str, Any]:
-        # Keras' evaluation computes `loss` itself; `data_loss` is a training-window log only
-        # (it would read 0 here).
-        logs = super().test_step(data)
-        logs.pop("data_loss", None)
-        return logs
 
     def train_step(self, data: Any) -> dict[str, Any]:
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)

@@ -1,5 +1,6 @@
-"""tfreg.Trainer checkpoints under MirroredStrategy (2 logical CPUs): a resume mid-window is
-bitwise, and a checkpoint is refused on another replica count.
+"""State under MirroredStrategy (2 logical CPUs): tfreg.Trainer checkpoints (a resume
+mid-window is bitwise; another replica count is refused) and AccumulatingModel's evaluation
+(``val_loss`` equals the one-device value).
 
 The scenarios run in one subprocess (this file run as a script), because logical devices must
 be configured before TensorFlow starts; results come back as JSON. Bitwise means
@@ -9,6 +10,7 @@ partial sums, in the uninterrupted run's order.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -82,8 +84,6 @@ def _scenarios(outdir: str) -> dict[str, Any]:
             return str(error)
         return ""
 
-    import contextlib
-
     one_device = trainer(contextlib.nullcontext())
     single_path = one_device.checkpoint().write(os.path.join(outdir, "one_device"))
     distributed = strategy.experimental_distribute_dataset(
@@ -94,7 +94,24 @@ def _scenarios(outdir: str) -> dict[str, Any]:
         distributed_error = ""
     except InvalidArgumentError as error:
         distributed_error = str(error)
+
+    def evaluation(scope: Any) -> dict[str, float]:
+        keras.utils.set_random_seed(1)
+        with scope:
+            model = keras.Sequential(
+                [keras.Input((3,)), keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(3)]
+            )
+            wrapper = tfreg.AccumulatingModel(model, accumulation_steps=1)
+            wrapper.compile(
+                keras.optimizers.SGD(0.125),
+                keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            )
+        # 7 examples in batches of 6: the last is split 1/0 over the replicas.
+        return wrapper.evaluate(x[:7], y[:7], batch_size=6, verbose=0, return_dict=True)
+
     return {
+        "evaluate_one_device": evaluation(contextlib.nullcontext()),
+        "evaluate_mirrored": evaluation(strategy.scope()),
         "uninterrupted": state(uninterrupted),
         "resumed": state(resumed),
         "records": [r["loss"] for r in history.records[-2:]],
@@ -140,6 +157,15 @@ def test_checkpoint_on_another_replica_count_refused(
     message = results[case]
     assert f"saved by a Trainer on {saved}" in message
     assert f"Received: {now}" in message
+
+
+def test_accumulating_model_evaluate_equals_one_device(results: dict[str, Any]) -> None:
+    # float64; 1e-15 relative: the same per-example losses summed in another order (replica
+    # shares, then batches). Before the fix Keras returned one replica's partial mean:
+    # 1.0158 against 1.0482 on this data, 3e-2 off.
+    expected, actual = results["evaluate_one_device"], results["evaluate_mirrored"]
+    assert set(actual) == {"loss"}  # no training-only data_loss (it would read 0)
+    assert actual["loss"] == pytest.approx(expected["loss"], rel=1e-15)
 
 
 def test_distributed_dataset_refused(results: dict[str, Any]) -> None:
