@@ -1,6 +1,8 @@
 """``tfreg.Trainer`` and ``tfreg.AccumulatingModel`` under ``tf.distribute``: exact accumulation
-across replicas (``MirroredStrategy``: the devices of one machine; ``MultiWorkerMirroredStrategy``:
-several processes or machines, configured by ``TF_CONFIG``).
+across replicas -- ``MirroredStrategy`` (the devices of one machine) for both, and
+``MultiWorkerMirroredStrategy`` (several processes or machines, configured by ``TF_CONFIG``)
+for ``Trainer`` (Keras' own ``fit``, which ``AccumulatingModel`` runs in, fails under it in
+Keras 3.15: refused at ``compile``).
 
 Build the model, and then the trainer or wrapper (and ``compile``), inside ``strategy.scope()``;
 the trainer runs distributed by itself. Per update, over ``R`` replicas each accumulating its
@@ -28,6 +30,10 @@ variable receives the same update, so the replicas stay bit-identical. A non-fin
 on any replica is non-finite in the reduced sum, so every replica skips (or raises) together.
 The penalty is counted once, not ``R`` times.
 
+Checkpoints (``Trainer.checkpoint()``) hold each replica's partial window sums, so a resume
+mid-window is bitwise; they resume under the same strategy and device count (refused
+otherwise). Under ``MultiWorkerMirroredStrategy`` every worker writes and reads its own.
+
 Differences from ``torch.distributed`` (``torchref.distributed``): ``batch_size`` is global here
 (Keras' convention) and per rank there (torch's); here the strategy owns the collectives and
 the optimizer receives the reduced gradient, there DDP's bucketed all-reduce runs on the
@@ -35,9 +41,12 @@ window's closing backward and is rescaled from its average to the sum. Both redu
 update and both give the same numbers (``parity_tests/test_distributed_parity.py``).
 
 Refused before training: a model whose variables were not created under the trainer's strategy
-(or the reverse), strategies other than the two above, ``jit_compile=True`` (XLA does not
-compile ``strategy.run``), and -- ``Trainer`` under ``MultiWorkerMirroredStrategy`` -- workers
-passing different data sizes, ``batch_size`` or ``accumulation_steps``. ``AccumulatingModel``
+(or the reverse), an optimizer created outside the scope, strategies other than the two
+above, ``jit_compile=True`` (XLA does not compile ``strategy.run``), float16 loss scaling
+(untested under a strategy), a distributed dataset passed to ``Trainer.fit`` (pass the
+``tf.data.Dataset`` of global micro-batches), and -- ``Trainer`` under
+``MultiWorkerMirroredStrategy`` -- workers passing different data sizes, ``batch_size`` or
+``accumulation_steps``. ``AccumulatingModel``
 needs ``steps_per_execution=1`` under a strategy (the window closes between Keras steps).
 A worker that raises leaves the others in a collective: they fail with TensorFlow's error once
 the collective times out (``tf.distribute.experimental.CommunicationOptions(timeout_seconds=)``
@@ -127,12 +136,9 @@ class Replicas:
 
     # -- per micro-batch (graph code) ----------------------------------------------------
 
-    def run(self, fn: Callable[..., Any], args: Sequence[Any], *, split: bool) -> Any:
-        """``fn(*args)`` on every replica. ``split``: ``args`` are one global micro-batch (the
-        same on every worker) and each replica gets its share; else they are the replica's
-        own already (values from a distributed dataset)."""
-        if not split:
-            return self.strategy.run(fn, args=tuple(args))
+    def run(self, fn: Callable[..., Any], args: Sequence[Any]) -> Any:
+        """``fn(*share)`` on every replica, ``share`` its part of ``args`` = ``(x, y,
+        sample_weight)``, one global micro-batch (the same on every worker)."""
         return self.strategy.run(lambda *values: fn(*_share(values)), args=tuple(args))
 
     # -- per update (cross-replica graph code) -------------------------------------------

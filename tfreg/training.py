@@ -531,7 +531,7 @@ class _Engine:
         if self.replicas is None:
             self._micro(x, y, w)
         else:
-            self.replicas.run(self._micro, (x, y, w), split=True)
+            self.replicas.run(self._micro, (x, y, w))
 
     def discard_window(self) -> None:
         """``drop_remainder`` on a stream: the short window's sums are thrown away."""
