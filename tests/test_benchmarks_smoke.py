@@ -123,3 +123,22 @@ def test_torch_only_run_needs_no_tensorflow(tmp_path: Path) -> None:
     variants = set(results["sections"]["accumulation"]["variants"])
     assert variants == {"torchref_kxb", "torchref_1xb", "torchref_1xkb", "torch_loop_kxb"}
     assert set(results["skipped"]) == {"penalty"} and "tensorflow" not in results["machine"]
+
+
+def test_distributed_tf_counts_one_collective_per_dtype_per_update() -> None:
+    # Its own process: the 2 logical CPU devices must exist before TensorFlow starts.
+    command = [sys.executable, str(REPO / "benchmarks" / "distributed_tf.py")]
+    command += ["--window", "32", "--batch", "8", "--updates", "2", "--repeats", "2"]
+    done = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, check=False, timeout=180
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["replicas"] == 2
+    assert out["micro_batches_per_replica"] == {"mirrored_2x": 2, "one_device_1x": 4}
+    # Per replica and update: the float32 gradient sums and the float64 count/loss sums, one
+    # all-reduce each; nothing per micro-batch; each step function traced once.
+    assert out["collectives_per_update"] == {"float32": 1, "float64": 1}
+    assert out["collectives_per_micro_batch"] == 0
+    assert out["trace_counts"] == {"apply": 1, "micro": 1}
+    assert all(math.isfinite(out["ratio"][c]["median"]) for c in run.CLOCKS)
