@@ -4,7 +4,7 @@ The TensorFlow twin of ``benchmarks/distributed_torch.py``, in one process (Tens
 the CPU into 2 logical devices before it starts; a one-device ``MirroredStrategy`` cannot share
 the process with the two-device one, so the one-device variant is the plain trainer)::
 
-    python benchmarks/distributed_tf.py [--window 128 --batch 16 --updates 8 --repeats 5]
+    python benchmarks/distributed_tf.py [--window 128 --batch 16 --updates 8 --repeats 5 --input 8]
 
 Both variants train the seed CNN (float32, Adam) on the same ``--window`` examples per update
 with the same per-device micro-batch ``b = --batch``: ``mirrored_2x`` accumulates ``k/2``
@@ -50,7 +50,7 @@ def collectives(function: Any) -> dict[str, int]:
     return {dtype: n / WORLD for dtype, n in sorted(counts.items())}
 
 
-def measure(window: int, batch: int, updates: int, repeats: int) -> dict[str, Any]:
+def measure(window: int, batch: int, updates: int, repeats: int, size: int) -> dict[str, Any]:
     """Both variants, interleaved; the results dictionary the script prints."""
     import tensorflow as tf
 
@@ -63,8 +63,8 @@ def measure(window: int, batch: int, updates: int, repeats: int) -> dict[str, An
     k = window // batch
     if k % WORLD or k * batch != window:
         raise SystemExit(f"--window must be a multiple of {WORLD} * --batch; got {window}")
-    x, y = run.image_data(updates * window, 8)
-    template = run.keras_cnn(8)
+    x, y = run.image_data(updates * window, size)
+    template = run.keras_cnn(size)
     strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(WORLD)])
     with strategy.scope():
         mirrored = run.tf_trainer(run.keras_copy(template), accumulation_steps=k // WORLD)
@@ -81,12 +81,13 @@ def measure(window: int, batch: int, updates: int, repeats: int) -> dict[str, An
         "replicas": strategy.num_replicas_in_sync,
         "micro_batches_per_replica": {"mirrored_2x": k // WORLD, "one_device_1x": k},
         "examples_per_update": window,
+        "input": f"{size}x{size}x1",
     }
     for name in runs:
         for clock in run.CLOCKS:
             median = statistics.median(times[name][clock])
             out[f"{name}_s_per_update_{clock}"] = median / updates
-    out["ratio"] = {c: {s: ratio[c][s] for s in ("median", "min", "max")} for c in run.CLOCKS}
+    out["ratio"] = {c: ratio[c] for c in run.CLOCKS}  # run.summarize: median, spread, values
     engine = mirrored._engine  # the traced step functions (Trainer.trace_counts reads them too)
     out["collectives_per_update"] = collectives(engine.apply_fn)
     out["collectives_per_micro_batch"] = sum(
@@ -102,8 +103,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch", type=int, default=16, help="micro-batch per device")
     parser.add_argument("--updates", type=int, default=8, help="updates per timed epoch")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--input", type=int, default=8, help="image side (8: digits-sized)")
     args = parser.parse_args(argv)
-    out = measure(args.window, args.batch, args.updates, args.repeats)
+    out = measure(args.window, args.batch, args.updates, args.repeats, args.input)
     print(json.dumps(out))
     return out
 

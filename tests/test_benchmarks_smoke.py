@@ -85,7 +85,9 @@ def test_quick_run_reports_every_section() -> None:
     assert retracing["constant"] is True
 
     markdown = report.render(results)
-    for heading in ("## Machine", "## 1.", "## 2.", "## 3.", "## 4.", "## Goals missed"):
+    assert sections["distributed"]["one_collective_per_dtype"] is True  # detailed below
+    headings = ("## Machine", "## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## Goals missed")
+    for heading in headings:
         assert heading in markdown
     assert results["machine"]["cpu"] and results["machine"]["tensorflow"]
     json.loads(json.dumps(results))
@@ -126,19 +128,17 @@ def test_torch_only_run_needs_no_tensorflow(tmp_path: Path) -> None:
 
 
 def test_distributed_tf_counts_one_collective_per_dtype_per_update() -> None:
-    # Its own process: the 2 logical CPU devices must exist before TensorFlow starts.
-    command = [sys.executable, str(REPO / "benchmarks" / "distributed_tf.py")]
-    command += ["--window", "32", "--batch", "8", "--updates", "2", "--repeats", "2"]
-    done = subprocess.run(
-        command, cwd=REPO, capture_output=True, text=True, check=False, timeout=180
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
-    assert out["replicas"] == 2
-    assert out["micro_batches_per_replica"] == {"mirrored_2x": 2, "one_device_1x": 4}
+    # distributed_tf.py in its own process (the logical devices exist before TensorFlow starts).
+    section = run.bench_distributed(run.QUICK, REPEATS)
+    (row,) = section["rows"]
+    assert row["replicas"] == 2
+    assert row["micro_batches_per_replica"] == {"mirrored_2x": 2, "one_device_1x": 4}
     # Per replica and update: the float32 gradient sums and the float64 count/loss sums, one
     # all-reduce each; nothing per micro-batch; each step function traced once.
-    assert out["collectives_per_update"] == {"float32": 1, "float64": 1}
-    assert out["collectives_per_micro_batch"] == 0
-    assert out["trace_counts"] == {"apply": 1, "micro": 1}
-    assert all(math.isfinite(out["ratio"][c]["median"]) for c in run.CLOCKS)
+    assert row["collectives_per_update"] == {"float32": 1, "float64": 1}
+    assert row["collectives_per_micro_batch"] == 0
+    assert row["trace_counts"] == {"apply": 1, "micro": 1}
+    assert section["one_collective_per_dtype"] is True
+    assert all(_finite_positive(row["ratio"][c]) for c in run.CLOCKS)
+    markdown = "\n".join(report._distributed(section))
+    assert "| 8x8x1 | 32 | 2 / 4 |" in markdown and "1 float32, 1 float64 | 0 |" in markdown
