@@ -232,14 +232,15 @@ def _run(directory: Path) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
     TIMEOUT_S in all; returns their results."""
     deadline = time.monotonic() + TIMEOUT_S
     path = [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
-    tf_process = subprocess.Popen(
-        [sys.executable, __file__, str(directory)],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(path)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    log = directory / "tf.log"  # a file, not a pipe nobody reads while the ranks run
+    with log.open("w") as out:
+        tf_process = subprocess.Popen(
+            [sys.executable, __file__, str(directory)],
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(path)},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     ctx = torch.multiprocessing.get_context("spawn")
     port = _free_port()
     ranks = [ctx.Process(target=_rank, args=(r, port, str(directory))) for r in range(WORLD)]
@@ -251,7 +252,7 @@ def _run(directory: Path) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
         hung = [p for p in ranks if p.is_alive()]
         assert not hung, f"{len(hung)} rank(s) still running after {TIMEOUT_S} s"
         try:
-            output, _ = tf_process.communicate(timeout=max(deadline - time.monotonic(), 1))
+            tf_process.wait(timeout=max(deadline - time.monotonic(), 1))
         except subprocess.TimeoutExpired:
             pytest.fail(f"the MirroredStrategy process still running after {TIMEOUT_S} s")
     finally:
@@ -261,8 +262,8 @@ def _run(directory: Path) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
                 p.join()
         if tf_process.poll() is None:
             tf_process.kill()
-            tf_process.communicate()
-    assert tf_process.returncode == 0, output[-3000:]
+            tf_process.wait()
+    assert tf_process.returncode == 0, log.read_text()[-3000:]
     files = [directory / f"rank{r}.pt" for r in range(WORLD)]
     missing = [f.name for f in files if not f.exists()]
     assert not missing, f"ranks wrote no result: {missing}"
