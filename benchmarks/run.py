@@ -18,6 +18,10 @@ memory        peak memory of k x b against one batch of k*b (and 1 x b), each co
               accumulator) the peak RSS is reset through ``/proc/self/clear_refs``, so the delta
               is the training steps' own peak; on CUDA also ``torch.cuda`` peak statistics.
 retracing     ``tfreg.Trainer.trace_counts()`` after 10 and after 1,000 updates.
+distributed   tfreg.Trainer on MirroredStrategy (2 logical CPUs, k/2 micro-batches per replica)
+              against one device (k micro-batches), per configuration in a subprocess
+              (``benchmarks/distributed_tf.py``: the logical devices must exist before
+              TensorFlow starts), and the collectives per update in the traced graphs.
 
 Clock: ``cpu`` (process CPU time, all threads) by default on CPU, ``wall`` with ``--device
 cuda``; both are always recorded. With one intra-op thread per framework (``--threads 1``, the
@@ -57,7 +61,7 @@ if str(REPO) not in sys.path:  # `python benchmarks/run.py` puts benchmarks/ fir
 from benchmarks import report  # noqa: E402
 
 FRAMEWORKS = ("tf", "torch")
-PARTS = ("accumulation", "penalty", "memory", "retracing")
+PARTS = ("accumulation", "penalty", "memory", "retracing", "distributed")
 CLOCKS = ("cpu", "wall")
 RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
 LEARNING_RATE = 1e-3
@@ -78,6 +82,18 @@ class PenaltyModel:
     batch_size: int
     untimed: tuple[str, ...] = ()
     rounds: int = 1
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """One run of ``benchmarks/distributed_tf.py``: the seed CNN on ``input_size`` x
+    ``input_size`` x 1 images, ``window`` examples per update in micro-batches of
+    ``batch_size`` per device, ``updates`` per timed epoch."""
+
+    input_size: int
+    window: int
+    batch_size: int
+    updates: int
 
 
 @dataclass(frozen=True)
@@ -104,6 +120,12 @@ class Sizes:
     penalty_calls: int = 200
     # None: every regularizer of `regularizers()`.
     penalties: tuple[str, ...] | None = None
+    distributed: tuple[DistributedConfig, ...] = (
+        DistributedConfig(8, 128, 16, 8),  # distributed_torch.py's defaults
+        # The same per-update cost spread over 2 and over 32 micro-batches of the larger model.
+        DistributedConfig(28, 64, 32, 8),
+        DistributedConfig(28, 1024, 32, 2),
+    )
 
 
 DEFAULT = Sizes()
@@ -122,6 +144,7 @@ QUICK = Sizes(
     penalty_calls=3,
     # One of each path: Trainer(regularizer=), Dense kernel_regularizer, not timed.
     penalties=("L1", "OrthogonalRegularizer(rows)", "OrthogonalRegularizer(columns)"),
+    distributed=(DistributedConfig(8, 32, 8, 2),),
 )
 
 
@@ -732,13 +755,20 @@ def memory_worker(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
+def json_subprocess(command: Sequence[str], what: str) -> dict[str, Any]:
+    """Run ``command`` (a Python script) in the repository; the JSON line it printed last."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    command = [sys.executable, str(Path(__file__).resolve()), "--memory-worker", json.dumps(spec)]
-    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, check=False)
+    done = subprocess.run(
+        [sys.executable, *command], capture_output=True, text=True, env=env, cwd=REPO, check=False
+    )
     if done.returncode != 0:
-        raise RuntimeError(f"memory worker {spec} failed:\n{done.stderr[-4000:]}")
+        raise RuntimeError(f"{what} failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    command = [str(Path(__file__).resolve()), "--memory-worker", json.dumps(spec)]
+    return json_subprocess(command, f"memory worker {spec}")
 
 
 def memory_ratio(numerators: list[float], denominators: list[float]) -> dict[str, Any]:
@@ -874,6 +904,39 @@ def bench_retracing(sizes: Sizes) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
+# 5. Distributed accumulation (subprocess per configuration)
+# --------------------------------------------------------------------------------------------
+
+
+def bench_distributed(sizes: Sizes, repeats: int) -> dict[str, Any]:
+    """``benchmarks/distributed_tf.py`` once per configuration, one after the other (each
+    interleaves its own two variants; two at once would share the two cores)."""
+    script = str(Path(__file__).resolve().parent / "distributed_tf.py")
+    rows = []
+    for c in sizes.distributed:
+        command = [script, "--input", str(c.input_size), "--window", str(c.window)]
+        command += ["--batch", str(c.batch_size), "--updates", str(c.updates)]
+        command += ["--repeats", str(repeats)]
+        rows.append(json_subprocess(command, f"distributed_tf.py {c}"))
+    # The claim: per update one all-reduce per dtype (gradient sums; count and loss sums),
+    # none per micro-batch.
+    one_per_dtype = all(
+        set(r["collectives_per_update"].values()) == {1} and r["collectives_per_micro_batch"] == 0
+        for r in rows
+    )
+    return {
+        "config": {
+            "model": "seed CNN, float32, Adam, tfreg.Trainer",
+            "devices": "MirroredStrategy over 2 logical CPU devices vs no strategy (one device)",
+            "threads": "1 intra-op / 2 inter-op",
+            "unit": "1 epoch per variant per repeat",
+        },
+        "rows": rows,
+        "one_collective_per_dtype": one_per_dtype,
+    }
+
+
+# --------------------------------------------------------------------------------------------
 # Machine, driver, CLI
 # --------------------------------------------------------------------------------------------
 
@@ -945,7 +1008,7 @@ def run_benchmarks(
     started = time.perf_counter()
     for part in parts:
         section_started = time.perf_counter()
-        if part in ("penalty", "retracing") and "tf" not in frameworks:
+        if part in ("penalty", "retracing", "distributed") and "tf" not in frameworks:
             results["skipped"][part] = "measures tfreg: needs TensorFlow (--frameworks tf)"
         elif part == "accumulation":
             results["sections"][part] = bench_accumulation(
@@ -959,6 +1022,8 @@ def run_benchmarks(
             )
         elif part == "retracing":
             results["sections"][part] = bench_retracing(sizes)
+        elif part == "distributed":
+            results["sections"][part] = bench_distributed(sizes, repeats)
         if part in results["sections"]:
             results["sections"][part]["elapsed_s"] = round(time.perf_counter() - section_started, 1)
     results["machine"]["load_average_before"] = [round(v, 2) for v in load_before]

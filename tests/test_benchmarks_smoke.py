@@ -85,7 +85,9 @@ def test_quick_run_reports_every_section() -> None:
     assert retracing["constant"] is True
 
     markdown = report.render(results)
-    for heading in ("## Machine", "## 1.", "## 2.", "## 3.", "## 4.", "## Goals missed"):
+    assert sections["distributed"]["one_collective_per_dtype"] is True  # detailed below
+    headings = ("## Machine", "## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## Goals missed")
+    for heading in headings:
         assert heading in markdown
     assert results["machine"]["cpu"] and results["machine"]["tensorflow"]
     json.loads(json.dumps(results))
@@ -123,3 +125,20 @@ def test_torch_only_run_needs_no_tensorflow(tmp_path: Path) -> None:
     variants = set(results["sections"]["accumulation"]["variants"])
     assert variants == {"torchref_kxb", "torchref_1xb", "torchref_1xkb", "torch_loop_kxb"}
     assert set(results["skipped"]) == {"penalty"} and "tensorflow" not in results["machine"]
+
+
+def test_distributed_tf_counts_one_collective_per_dtype_per_update() -> None:
+    # distributed_tf.py in its own process (the logical devices exist before TensorFlow starts).
+    section = run.bench_distributed(run.QUICK, REPEATS)
+    (row,) = section["rows"]
+    assert row["replicas"] == 2
+    assert row["micro_batches_per_replica"] == {"mirrored_2x": 2, "one_device_1x": 4}
+    # Per replica and update: the float32 gradient sums and the float64 count/loss sums, one
+    # all-reduce each; nothing per micro-batch; each step function traced once.
+    assert row["collectives_per_update"] == {"float32": 1, "float64": 1}
+    assert row["collectives_per_micro_batch"] == 0
+    assert row["trace_counts"] == {"apply": 1, "micro": 1}
+    assert section["one_collective_per_dtype"] is True
+    assert all(_finite_positive(row["ratio"][c]) for c in run.CLOCKS)
+    markdown = "\n".join(report._distributed(section))
+    assert "| 8x8x1 | 32 | 2 / 4 |" in markdown and "1 float32, 1 float64 | 0 |" in markdown
