@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from tfreg._compat import tf
-from tfreg.distributed import local_variable
+from tfreg.distributed import local_variable, scatter_add
 from tfreg_core.accumulation import COUNT_MESSAGE, check_add
 
 __all__ = ["AccumulatorState", "add", "init", "reset", "result"]
@@ -100,7 +100,7 @@ def add(state: AccumulatorState, grads: Sequence[Any], count: Any) -> Accumulato
             if grad is None:
                 continue
             if isinstance(grad, tf.IndexedSlices):
-                acc.scatter_add(tf.IndexedSlices(tf.cast(grad.values, acc.dtype), grad.indices))
+                scatter_add(acc, tf.IndexedSlices(tf.cast(grad.values, acc.dtype), grad.indices))
             else:
                 acc.assign_add(tf.cast(grad, acc.dtype))
         state.count.assign_add(tf.cast(count, tf.float64))
