@@ -175,18 +175,37 @@ def fit_wrapper(wrapper: tfreg.AccumulatingModel, data: tuple, batch_size: int) 
 
 
 def _exact_trainer(out: _Results, key: str, model_fn, data_fn, k: int, b: int, n: int) -> dict:
-    """One epoch (weights, records), then two more epochs for the trace counts (each epoch's
-    last global micro-batch is short: one example)."""
+    """One epoch (weights, records, each replica's accumulated count after every micro-batch),
+    then two more epochs for the trace counts (each epoch's last global micro-batch is short:
+    one example)."""
     with out.strategy.scope():
         model = model_fn()
         opt, t = penalised_trainer(model, k)
     x, y, sw = data_fn(n)
     batch_size = out.strategy.num_replicas_in_sync * b
-    history = t.fit(x, y, batch_size=batch_size, sample_weight=sw, verbose=0)
+    shares = _Shares(out.strategy)
+    history = t.fit(x, y, batch_size=batch_size, sample_weight=sw, verbose=0, callbacks=[shares])
     out.state(key, model, opt)
     traces = [t.trace_counts()]
     t.fit(x, y, batch_size=batch_size, sample_weight=sw, epochs=3, verbose=0)
-    return {"records": history.records, "traces": [*traces, t.trace_counts()]}
+    return {
+        "records": history.records,
+        "traces": [*traces, t.trace_counts()],
+        "shares": shares.counts,
+    }
+
+
+class _Shares:
+    """Each replica's copy of the open window's count, after every micro-batch (a closing one
+    has been applied and reset)."""
+
+    def __init__(self, strategy: tf.distribute.Strategy) -> None:
+        self.strategy = strategy
+        self.counts: list[list[float]] = []
+
+    def on_micro_batch_end(self, trainer: Any, epoch: int, micro_batch: int) -> None:
+        count = trainer.accumulator.count
+        self.counts.append([float(c) for c in self.strategy.experimental_local_results(count)])
 
 
 def _exact_wrapper(out: _Results, key: str, model_fn, data_fn, k: int, b: int, n: int) -> dict:
