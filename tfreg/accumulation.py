@@ -77,7 +77,9 @@ def add(state: AccumulatorState, grads: Sequence[Any], count: Any) -> Accumulato
     """Add one micro-batch: ``grads`` of its loss *sum*, and its loss-element ``count``.
 
     ``None`` gradients (variables the loss does not reach) add nothing; ``tf.IndexedSlices``
-    (embedding lookups) are scatter-added without densifying. Shapes, the gradient count and a
+    (embedding lookups) are scatter-added without densifying (under a ``tf.distribute``
+    strategy summed densely: replica-local variables have no scatter-add, see
+    :func:`tfreg.distributed.scatter_add`). Shapes, the gradient count and a
     finite ``count >= 0`` are checked before the first assign (nothing half-applied); a tensor
     count gets a graph-side assert (finite, >= 0) that runs before the sums are touched.
     """
