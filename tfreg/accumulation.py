@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from tfreg._compat import tf
-from tfreg.distributed import local_variable
+from tfreg.distributed import local_variable, scatter_add
 from tfreg_core.accumulation import COUNT_MESSAGE, check_add
 
 __all__ = ["AccumulatorState", "add", "init", "reset", "result"]
@@ -77,7 +77,9 @@ def add(state: AccumulatorState, grads: Sequence[Any], count: Any) -> Accumulato
     """Add one micro-batch: ``grads`` of its loss *sum*, and its loss-element ``count``.
 
     ``None`` gradients (variables the loss does not reach) add nothing; ``tf.IndexedSlices``
-    (embedding lookups) are scatter-added without densifying. Shapes, the gradient count and a
+    (embedding lookups) are scatter-added without densifying (under a ``tf.distribute``
+    strategy summed densely: replica-local variables have no scatter-add, see
+    :func:`tfreg.distributed.scatter_add`). Shapes, the gradient count and a
     finite ``count >= 0`` are checked before the first assign (nothing half-applied); a tensor
     count gets a graph-side assert (finite, >= 0) that runs before the sums are touched.
     """
@@ -100,7 +102,7 @@ def add(state: AccumulatorState, grads: Sequence[Any], count: Any) -> Accumulato
             if grad is None:
                 continue
             if isinstance(grad, tf.IndexedSlices):
-                acc.scatter_add(tf.IndexedSlices(tf.cast(grad.values, acc.dtype), grad.indices))
+                scatter_add(acc, tf.IndexedSlices(tf.cast(grad.values, acc.dtype), grad.indices))
             else:
                 acc.assign_add(tf.cast(grad, acc.dtype))
         state.count.assign_add(tf.cast(count, tf.float64))

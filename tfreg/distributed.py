@@ -67,7 +67,7 @@ from typing import Any
 from tfreg._compat import keras, tf
 from tfreg_core.validation import InvalidArgumentError
 
-__all__ = ["Replicas", "local_variable", "replicas"]
+__all__ = ["Replicas", "local_variable", "replicas", "scatter_add"]
 
 _SUPPORTED = (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)
 
@@ -87,8 +87,20 @@ def local_variable(initial_value: Any, *, name: str | None = None, first: bool =
     )
 
 
+def scatter_add(variable: Any, slices: tf.IndexedSlices) -> None:
+    """``variable.scatter_add(slices)`` (an embedding's sparse gradient into its accumulator).
+    A replica-local (``ON_READ``) variable has no ``scatter_add``: there the slices are summed
+    into a dense tensor first and added (the same sum, reassociated where rows repeat)."""
+    if not _distributed(variable):
+        variable.scatter_add(slices)
+        return
+    rows = tf.TensorShape(variable.shape)[0]
+    variable.assign_add(tf.math.unsorted_segment_sum(slices.values, slices.indices, rows))
+
+
 def _distributed(variable: Any) -> bool:
-    value = getattr(variable, "value", variable)  # a Keras variable wraps the tf.Variable
+    # A Keras variable wraps the tf.Variable in `.value` (a tf.Variable's `value` is a method).
+    value = variable.value if isinstance(variable, keras.Variable) else variable
     return isinstance(value, tf.distribute.DistributedValues)
 
 
