@@ -14,9 +14,11 @@ under a strategy)::
 
 which is one step on the concatenated window. ``Trainer`` with arrays or an iterable of
 micro-batches: every worker passes the same data and replica ``r`` (of all workers) trains on
-its share of each global micro-batch -- positions ``[r*b, (r+1)*b)`` with ``b = ceil(B/R)``
-(:mod:`tfreg_core.distributed`) -- so no example is repeated or dropped; the last micro-batch
-may leave a replica few examples, or none (it still joins the all-reduce, with zero gradients).
+its share of each global micro-batch of ``n`` examples -- positions ``[r*b, (r+1)*b)`` clipped
+to ``n``, with ``b = ceil(n/R)`` (as ``tf.data`` splits a global batch; torch's
+``tfreg_core.distributed.rank_share`` keeps ``b`` per rank fixed instead) -- so no example is
+repeated or dropped; a short micro-batch may leave a replica few examples, or none (it still
+joins the all-reduce, with zero gradients).
 ``AccumulatingModel`` leaves the input to Keras ``fit`` (its distributed dataset splits each
 global batch across the replicas); the counts are all-reduced the same way.
 
