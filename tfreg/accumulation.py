@@ -77,9 +77,11 @@ def add(state: AccumulatorState, grads: Sequence[Any], count: Any) -> Accumulato
     """Add one micro-batch: ``grads`` of its loss *sum*, and its loss-element ``count``.
 
     ``None`` gradients (variables the loss does not reach) add nothing; ``tf.IndexedSlices``
-    (embedding lookups) are scatter-added without densifying. Shapes, the gradient count and a
-    finite ``count >= 0`` are checked before the first assign (nothing half-applied); a tensor
-    count gets a graph-side assert (finite, >= 0) that runs before the sums are touched.
+    (embedding lookups) are scatter-added without densifying (densified under a
+    ``tf.distribute`` strategy, whose replica-local sums have no ``scatter_add``). Shapes, the
+    gradient count and a finite ``count >= 0`` are checked before the first assign (nothing
+    half-applied); a tensor count gets a graph-side assert (finite, >= 0) that runs before the
+    sums are touched.
     """
     grads = list(grads)
     check_add(
@@ -100,7 +102,13 @@ def add(state: AccumulatorState, grads: Sequence[Any], count: Any) -> Accumulato
             if grad is None:
                 continue
             if isinstance(grad, tf.IndexedSlices):
-                acc.scatter_add(tf.IndexedSlices(tf.cast(grad.values, acc.dtype), grad.indices))
+                values = tf.cast(grad.values, acc.dtype)
+                if isinstance(acc, tf.distribute.DistributedValues):
+                    # A replica-local (ON_READ) variable has no scatter_add: add the dense
+                    # sum of the slices (repeated indices summed, as scatter_add does).
+                    acc.assign_add(tf.math.unsorted_segment_sum(values, grad.indices, acc.shape[0]))
+                else:
+                    acc.scatter_add(tf.IndexedSlices(values, grad.indices))
             else:
                 acc.assign_add(tf.cast(grad, acc.dtype))
         state.count.assign_add(tf.cast(count, tf.float64))
