@@ -3,7 +3,7 @@
 Each launch starts 2 workers (this file run as a script) with a ``TF_CONFIG`` naming two free
 localhost ports -- TensorFlow's gRPC server itself listens on ``[::]:port``, hard-coded in TF --
 and waits for them at most ``LAUNCH_TIMEOUT_S``; every worker writes its results to a file. Two
-launches per run of this module (a start costs ~7 s on a loaded 2-core machine): one runs every
+launches per run of this module (a start costs 7-10 s on a loaded 2-core machine): one runs every
 exactness scenario and refusal in one process pair, the other the fault of a worker that raises
 (a failed collective leaves the process unusable: "Restart your program to reset").
 """
@@ -214,14 +214,12 @@ def _worker(worker: int, scenario: str, outdir: Path) -> None:
     timeout = COLLECTIVE_TIMEOUT_S[scenario]
     options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout)
     strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
-    started = time.monotonic()
     try:
         result: dict[str, Any] = {
             "value": {"scenarios": _scenarios, "fault": _fault}[scenario](worker, strategy)
         }
     except Exception as error:  # reported to the parent, which asserts on it
         result = {"error": f"{type(error).__name__}: {error}", "trace": traceback.format_exc()}
-    result["elapsed"] = time.monotonic() - started
     path = outdir / f"worker{worker}.pkl"
     path.with_suffix(".tmp").write_bytes(pickle.dumps(result))
     path.with_suffix(".tmp").rename(path)  # the peer polls for a complete file
@@ -408,7 +406,6 @@ def test_plain_keras_fit_still_fails_under_multiworker(workers) -> None:
 
 
 def test_worker_that_raises_fails_the_other_within_bounded_time() -> None:
-    started = time.monotonic()
     first, second = values(run_workers("fault"))
     assert second["error"] == "ValueError: worker 1 fails on purpose"
     assert first["error"] is not None, "worker 0 finished although worker 1 raised"
@@ -416,7 +413,6 @@ def test_worker_that_raises_fails_the_other_within_bounded_time() -> None:
     detected = first["detected_after"]
     timeout = COLLECTIVE_TIMEOUT_S["fault"]
     assert timeout - 1 <= detected <= timeout + 20, first
-    assert time.monotonic() - started < LAUNCH_TIMEOUT_S
 
 
 if (
