@@ -415,7 +415,6 @@ def test_worker_that_raises_fails_the_other_within_bounded_time() -> None:
     assert timeout - 1 <= detected <= timeout + 20, first
 
 
-if (
-    __name__ == "__main__"
-):  # a worker: python tests/test_distributed_tf_multiworker.py I SCENARIO DIR
+# A worker (run_workers starts it): python tests/test_distributed_tf_multiworker.py I SCENARIO DIR
+if __name__ == "__main__":
     _worker(int(sys.argv[1]), sys.argv[2], Path(sys.argv[3]))
