@@ -48,11 +48,16 @@ above, ``jit_compile=True`` (XLA does not compile ``strategy.run``), float16 los
 (untested under a strategy), a distributed dataset passed to ``Trainer.fit`` (pass the
 ``tf.data.Dataset`` of global micro-batches), and -- ``Trainer`` under
 ``MultiWorkerMirroredStrategy`` -- workers passing different data sizes, ``batch_size`` or
-``accumulation_steps``. ``AccumulatingModel``
-needs ``steps_per_execution=1`` under a strategy (the window closes between Keras steps).
-A worker that raises leaves the others in a collective: they fail with TensorFlow's error once
-the collective times out (``tf.distribute.experimental.CommunicationOptions(timeout_seconds=)``
-on the strategy, or the cluster's heartbeat) -- keep it short in tests.
+``accumulation_steps``. ``AccumulatingModel`` needs ``steps_per_execution=1`` under a
+strategy (the window closes between Keras steps).
+A worker that raises leaves the others in a collective. One whose process exits is noticed at
+once (its socket closes: ``UnavailableError``, ~1 s); one that stays alive (stuck elsewhere, or
+catching the error) holds the others until the collective times out
+(``tf.distribute.experimental.CommunicationOptions(timeout_seconds=)`` on the strategy:
+``DeadlineExceededError``; without it they wait for ever). Either way ``Trainer`` re-raises
+TensorFlow's error, same class, with a message naming the worker and the likely cause (as
+``torchref.distributed`` does for a process group); the process cannot train again (TensorFlow:
+"Restart your program to reset").
 
 Inputs: each replica slices its share of the global micro-batch on its device, so the whole
 micro-batch is copied to every device; on GPUs feed ``AccumulatingModel`` a ``tf.data``
@@ -63,7 +68,8 @@ worker's first device on the full validation data. BatchNorm normalises each rep
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from tfreg._compat import keras, tf
@@ -72,6 +78,19 @@ from tfreg_core.validation import InvalidArgumentError
 __all__ = ["Replicas", "local_variable", "replicas", "scatter_add"]
 
 _SUPPORTED = (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)
+_COLLECTIVE_FAILED = (
+    "A collective of tfreg.Trainer failed on worker {worker} of MultiWorkerMirroredStrategy: "
+    "another worker raised, exited or timed out (CommunicationOptions(timeout_seconds=...) on "
+    "the strategy bounds the wait). Original error: {error}"
+)
+# What a collective raises when a peer is gone: its socket closed (Unavailable), the strategy's
+# timeout (DeadlineExceeded), or a collective aborted by an earlier failure (Cancelled/Aborted).
+_PEER_FAILURES = (
+    tf.errors.UnavailableError,
+    tf.errors.DeadlineExceededError,
+    tf.errors.CancelledError,
+    tf.errors.AbortedError,
+)
 
 
 def local_variable(initial_value: Any, *, name: str | None = None, first: bool = False) -> Any:
@@ -138,7 +157,7 @@ class Replicas:
         """``AccumulatingModel`` trains inside Keras ``fit``, which (Keras 3.15, TF 2.21) fails
         under ``MultiWorkerMirroredStrategy`` before its first step -- ``fit``'s symbolic build
         reduces a ``PerReplica`` batch it cannot convert -- for a plain model too
-        (``tests/test_distributed_tf.py`` pins it). Refuse it at ``compile``, naming the
+        (``tests/test_distributed_tf_multiworker.py`` pins it). Refuse it at ``compile``, naming the
         engine that works."""
         if isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
             raise InvalidArgumentError(
@@ -196,6 +215,19 @@ class Replicas:
                 f"{accumulation_steps}"
             )
 
+    @contextlib.contextmanager
+    def collectives(self) -> Iterator[None]:
+        """Around host calls that run collectives (the update, :meth:`same_everywhere`): under
+        ``MultiWorkerMirroredStrategy`` a peer's failure is re-raised as the same TensorFlow
+        error class with a message saying what probably happened."""
+        try:
+            yield
+        except _PEER_FAILURES as error:
+            if not isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+                raise
+            message = _COLLECTIVE_FAILED.format(worker=self._worker(), error=error.message)
+            raise type(error)(error.node_def, error.op, message) from error
+
     def _worker(self) -> int:
         resolver = self.strategy.cluster_resolver
         return 0 if resolver is None else int(resolver.task_id or 0)
@@ -212,7 +244,8 @@ class Replicas:
             context = tf.distribute.get_replica_context()
             return context.all_reduce(tf.distribute.ReduceOp.SUM, local)
 
-        summed = tf.function(lambda: self.strategy.run(total), autograph=False)()
+        with self.collectives():
+            summed = tf.function(lambda: self.strategy.run(total), autograph=False)()
         summed = self.strategy.experimental_local_results(summed)[0]
         return bool(tf.reduce_all(tf.equal(summed, float(self.num_replicas) * local)))
 

@@ -625,7 +625,8 @@ class _Engine:
         return values
 
     def apply_step(self) -> dict[str, tf.Tensor]:
-        values = self.apply_fn()
+        with _collectives(self.replicas):
+            values = self.apply_fn()
         # "raise" reads one flag per update back to the host (graph asserts vanish under XLA);
         # the default "skip" never synchronises here.
         if self.spec.on_nonfinite == "raise" and bool(values["skipped"]):
@@ -916,6 +917,11 @@ class Trainer:
 def _scope(replicas: Replicas | None) -> Any:
     # Variables the trainer creates (accumulators, optimizer slots) belong to the strategy.
     return contextlib.nullcontext() if replicas is None else replicas.strategy.scope()
+
+
+def _collectives(replicas: Replicas | None) -> Any:
+    # A peer's failure in the update's all-reduce re-raised with a clear message.
+    return contextlib.nullcontext() if replicas is None else replicas.collectives()
 
 
 def _input_shape(data: ArrayData | StreamData) -> Any:
