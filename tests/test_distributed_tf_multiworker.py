@@ -145,6 +145,7 @@ def _scenarios(worker: int, strategy: Any) -> dict[str, Any]:
     snapshots = _Snapshots(model)
     history = t.fit(x, y, batch_size=6, shuffle=False, verbose=0, callbacks=[snapshots])
     out["nan"] = {"weights": snapshots.weights, "skipped": [r["skipped"] for r in history.records]}
+    out["resume"] = _resume_mid_window(strategy)
     out["refused"] = {}  # raised on every worker before any update
     for case in ("batch_size", "length"):
         with strategy.scope():
@@ -181,6 +182,39 @@ def _scenarios(worker: int, strategy: Any) -> dict[str, Any]:
     except Exception as error:  # whichever Keras raises: the test asserts on it
         out["keras_fit"] = f"{type(error).__name__}: {error}"
     return out
+
+
+class _StopMidWindow:
+    """Stops the first fit after micro-batch 4 of epoch 0: window 1 holds 2 of its 3."""
+
+    def on_micro_batch_end(self, trainer: Any, epoch: int, micro_batch: int) -> None:
+        if (epoch, micro_batch) == (0, 4):
+            trainer.stop_training = True
+
+
+def _resume_mid_window(strategy: Any) -> dict[str, Any]:
+    # Every worker writes and reads its own checkpoint (its replica's partial window sums).
+    x, y, sw = data(23, seed=4)
+
+    def fresh() -> tuple[keras.Model, tfreg.Trainer]:
+        with strategy.scope():
+            model = mlp()
+            optimizer = keras.optimizers.Adam(LR)
+            return model, tfreg.Trainer(model, loss(), optimizer, accumulation_steps=3)
+
+    def fit(t: tfreg.Trainer, **kwargs: Any) -> Any:
+        return t.fit(x, y, batch_size=4, sample_weight=sw, epochs=2, verbose=0, **kwargs)
+
+    model, t = fresh()
+    fit(t)
+    uninterrupted = model.get_weights()
+    _, t = fresh()
+    fit(t, callbacks=[_StopMidWindow()])
+    path = t.checkpoint().write(os.path.join(tempfile.mkdtemp(), "mid_window"))
+    model, t = fresh()
+    t.checkpoint().read(path)
+    fit(t)
+    return {"uninterrupted": uninterrupted, "resumed": model.get_weights()}
 
 
 class _RaisesOnWorker1:
@@ -379,6 +413,12 @@ def test_nonfinite_share_on_one_worker_skips_everywhere(workers) -> None:
         assert_bit_identical(after_skipped, after_first)  # the skipped update changed nothing
         assert all(np.isfinite(v).all() for v in after_skipped)
     assert_bit_identical(workers[0]["nan"]["weights"][1], workers[1]["nan"]["weights"][1])
+
+
+def test_checkpoint_mid_window_resumes_bitwise(workers) -> None:
+    for w in workers:
+        assert_bit_identical(w["resume"]["resumed"], w["resume"]["uninterrupted"])
+    assert_bit_identical(workers[0]["resume"]["resumed"], workers[1]["resume"]["resumed"])
 
 
 @pytest.mark.parametrize("case", ["batch_size", "length"])
