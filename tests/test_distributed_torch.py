@@ -145,6 +145,7 @@ def _scenarios(rank: int) -> dict[str, Any]:
     t2.load_state_dict(state)
     t2.fit(x, y, batch_size=4, epochs=2, sample_weight=sw, verbose=0)
     out["resume-resumed"] = weights(fresh)
+    out["loader"] = _loader_scenarios(rank)
     out["refused"] = []  # refusals raised on every rank before any update
     for case in ("params", "batch"):
         model = mlp()
@@ -156,6 +157,42 @@ def _scenarios(rank: int) -> dict[str, Any]:
             trainer(model, "sgd", 1).fit(x, y, batch_size=4 + rank * (case == "batch"), verbose=0)
         except ValueError as error:
             out["refused"].append(str(error))
+    return out
+
+
+LOADER = {"k": 2, "b": 3, "n": 26}  # 13 examples per rank, no padding: 5 micro-batches each
+
+
+def _loader(n: int, **sampler: Any) -> torch.utils.data.DataLoader:
+    x, y, sw = data(n, seed=5)
+    dataset = torch.utils.data.TensorDataset(*(torch.as_tensor(v) for v in (x, y, sw)))
+    shard = torch.utils.data.DistributedSampler(dataset, shuffle=False, **sampler)
+    return torch.utils.data.DataLoader(dataset, batch_size=LOADER["b"], sampler=shard)
+
+
+def _loader_scenarios(rank: int) -> dict[str, Any]:
+    """Each rank its own DistributedSampler shard. Unshuffled, rank r holds examples r, r+2, ...,
+    so micro-batch j of both ranks together is examples [6j, 6j+6): the one-process plan of
+    global micro-batches of 6."""
+    out: dict[str, Any] = {}
+    model = _ddp(mlp())
+    history = trainer(model, "sgd", LOADER["k"]).fit(_loader(LOADER["n"]), verbose=0)
+    out["weights"], out["records"] = weights(model), history.records
+    refused = []
+    # 25 examples on 2 ranks: the sampler repeats one; then shards of different lengths.
+    uneven = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(*(torch.as_tensor(v) for v in data(12 + 3 * rank)[:2])),
+        batch_size=3,
+    )
+    for loader in (_loader(LOADER["n"] - 1), uneven):
+        model = mlp()
+        before = weights(model)
+        try:
+            trainer(model, "sgd", 2).fit(loader, verbose=0)
+        except ValueError as error:
+            unchanged = all(torch.equal(v, before[k]) for k, v in weights(model).items())
+            refused.append({"error": str(error), "unchanged": unchanged})
+    out["refused"] = refused
     return out
 
 
@@ -328,6 +365,33 @@ def test_checkpoint_mid_window_resumes_bitwise(ranks) -> None:
     for r in ranks:
         for name, value in r["resume-straight"].items():
             assert torch.equal(value, r["resume-resumed"][name]), name
+
+
+def test_distributed_sampler_shards_equal_one_step_per_window(ranks) -> None:
+    k, b, n = LOADER["k"], LOADER["b"], LOADER["n"]
+    x, y, sw = data(n, seed=5)
+    model = mlp()  # one process, the same examples in global micro-batches of WORLD * b
+    history = trainer(model, "sgd", k).fit(
+        x, y, batch_size=WORLD * b, shuffle=False, sample_weight=sw, verbose=0
+    )
+    for r in ranks:
+        assert_weights_close(r["loader"]["weights"], weights(model), EXACT.rtol)
+        assert [rec["examples"] for rec in r["loader"]["records"]] == [12, 12, 2]
+        assert [rec["loss"] for rec in r["loader"]["records"]] == pytest.approx(
+            [rec["loss"] for rec in history.records], rel=EXACT.rtol
+        )
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [(0, "DistributedSampler pads the dataset by repeating 1 example"), (1, "same number of")],
+    ids=["padding-sampler", "uneven-shards"],
+)
+def test_shards_that_would_miscount_refused_on_every_rank(ranks, case, message) -> None:
+    for r in ranks:
+        refused = r["loader"]["refused"][case]
+        assert message in refused["error"]
+        assert refused["unchanged"]
 
 
 def test_differing_parameters_or_batch_size_refused_on_every_rank(ranks) -> None:

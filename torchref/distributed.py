@@ -28,7 +28,10 @@ inf survive the sum), so every rank skips (or raises) on the same update.
 
 Refused before training: parameters that differ across ranks (DDP broadcasts rank 0's at
 construction; a plain module must be built identically), ranks passing different
-``num_examples``/``batch_size``/``accumulation_steps``, and DDP over parameters whose
+``num_examples``/``batch_size``/``accumulation_steps``, a ``DataLoader`` whose
+``DistributedSampler`` pads (it repeats examples: ``drop_last=False`` on a length the world size
+does not divide), shards with different numbers of micro-batches per epoch (checked when the
+loader has a length or ``steps_per_epoch`` is given), and DDP over parameters whose
 accumulator dtype differs from theirs (float16/bfloat16: DDP all-reduces ``.grad``, which the
 trainer does not accumulate into then). A rank that raises leaves the others in a collective:
 they fail with the backend's error (gloo: "connection closed by peer" when the process exits)
@@ -110,6 +113,38 @@ class ProcessGroup:
             )
         self.per_rank_batch = batch_size
         return global_batch_size(batch_size, self.world_size)
+
+    def check_shards(self, loader: Any, steps_per_epoch: int | None) -> None:
+        """A stream (each rank its own shard): refuse what would silently miscount, before
+        training. A ``DistributedSampler`` that pads (``drop_last=False`` on a dataset whose
+        length the world size does not divide) repeats examples in the last window; ranks
+        whose epochs have different numbers of micro-batches would close windows at different
+        micro-batches (mismatched collectives). One collective when the loader has a length
+        (or ``steps_per_epoch`` is given); an iterable without either must yield the same
+        number of micro-batches on every rank."""
+        sampler = getattr(loader, "sampler", None)
+        if isinstance(sampler, torch.utils.data.DistributedSampler):
+            padded = sampler.total_size - len(sampler.dataset)
+            if padded > 0:
+                raise InvalidArgumentError(
+                    "DistributedSampler pads the dataset by repeating "
+                    f"{padded} example(s) (drop_last=False, {len(sampler.dataset)} examples "
+                    f"over {sampler.num_replicas} ranks): they would count twice. Pass the full "
+                    "arrays (every rank; nothing is padded) or DistributedSampler(drop_last=True). "
+                    f"Received on rank {self.rank}: a DataLoader whose sampler pads {padded}"
+                )
+        length = steps_per_epoch
+        if length is None and hasattr(loader, "__len__"):
+            length = len(loader)
+        if length is None:
+            return
+        counts = torch.tensor([float(length)], dtype=torch.float64, device=self._device)
+        if not self._same_everywhere(counts):
+            raise InvalidArgumentError(
+                "Every rank's data must yield the same number of micro-batches per epoch (the "
+                "windows close together). Received on rank "
+                f"{self.rank}: {length} micro-batches per epoch"
+            )
 
     def _same_everywhere(self, values: torch.Tensor) -> bool:
         # max(v) == -max(-v) == min(v) on every element: exact, and no MIN op needed.

@@ -50,6 +50,7 @@ from tfreg_core.training import (
     Position,
     TrainerSpec,
     fit_data,
+    leading_dim,
     map_structure,
     object_config,
     resolve_proximal,
@@ -392,6 +393,9 @@ class _Engine:
         self.loss_sum = zero.clone()
         self.weight_sum = zero.clone()
         self.metric_sums = [zero.clone() for _ in spec.metrics]
+        # On a process group: this rank's examples in the window, all-reduced with the stats so
+        # that History's `examples` is the global window's for a DataLoader shard too.
+        self.examples = zero.clone()
         self.position = Position().as_tuple()
 
     def _tensors(self, structure: Any, dtype: torch.dtype | None = None) -> Any:
@@ -420,8 +424,10 @@ class _Engine:
     def micro_step(self, x: Any, y: Any, sample_weight: Any) -> None:
         if self.group is None:
             return self._micro_step(x, y, sample_weight)
+        x, y, sample_weight = self.group.local(x, y, sample_weight)
+        self.examples.add_(leading_dim(y))
         with self.group.micro_batch(self.closes):
-            return self._micro_step(*self.group.local(x, y, sample_weight))
+            return self._micro_step(x, y, sample_weight)
 
     def _micro_step(self, x: Any, y: Any, sample_weight: Any) -> None:
         xb = self._tensors(x, self.dtype)
@@ -478,8 +484,8 @@ class _Engine:
 
     def apply_step(self) -> dict[str, Any]:
         if self.group is not None:  # the global window: before the division and the penalty
-            stats = [self.acc.count, self.loss_sum, self.weight_sum, *self.metric_sums]
-            self.group.reduce(self.acc.sums, stats)
+            stats = [self.acc.count, self.loss_sum, self.weight_sum, self.examples]
+            self.group.reduce(self.acc.sums, [*stats, *self.metric_sums])
         grads, divisor = self._window_gradient()
         if self.regularizer is not None:
             pen = _penalty(self.model, self.regularizer, include_bias=self.spec.include_bias)
@@ -510,6 +516,8 @@ class _Engine:
         }
         for name, total in zip(self.spec.metrics, self.metric_sums, strict=True):
             values[name] = total / self.weight_sum
+        if self.group is not None:  # the global window's (a shard's host count is its own)
+            values["examples"] = self.examples.clone()
         self._reset_window()
         # Raised only now, with the window consumed (as tfreg does): a later fit() must not
         # re-apply the non-finite window.
@@ -524,11 +532,14 @@ class _Engine:
     def _reset_window(self) -> None:
         # After the update that consumed the window (in place: checkpoints hold copies).
         accumulation.reset(self.acc)
-        for total in [self.loss_sum, self.weight_sum, *self.metric_sums]:
+        for total in [self.loss_sum, self.weight_sum, self.examples, *self.metric_sums]:
             total.zero_()
 
     def fetch(self, values: dict[str, Any]) -> dict[str, Any]:
-        return {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in values.items()}
+        out = {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in values.items()}
+        if "examples" in out:  # reduced as float64 (exact): the record's integer
+            out["examples"] = int(out["examples"])
+        return out
 
     def get_position(self) -> tuple[int, ...]:
         return self.position
@@ -715,6 +726,8 @@ class Trainer:
                 batch_size, self.spec.accumulation_steps, data.plan[0]
             )
             data = fit_data(*arrays, weights, batch_size=global_batch, **options)
+        elif group is not None:
+            group.check_shards(x, steps_per_epoch)
         with self._engine.session():
             return run_fit(
                 self._engine,
