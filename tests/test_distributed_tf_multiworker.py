@@ -196,6 +196,68 @@ class _RaisesOnWorker1:
             raise ValueError("worker 1 fails on purpose")
 
 
+# Checkpoints: N=23 examples, global micro-batch 4, k=3; the first run stops after micro-batch
+# STOP_AT of epoch 0, mid-window (2 of the second window's 3 micro-batches accumulated).
+CKPT = {"n": 23, "batch": 4, "k": 3, "stop_at": 4}
+PEER_WAIT_S = 60  # the peer writes its checkpoint at the same point of training (lockstep)
+
+
+class _StopMidWindow:
+    def on_micro_batch_end(self, trainer: Any, epoch: int, micro_batch: int) -> None:
+        if (epoch, micro_batch) == (0, CKPT["stop_at"]):
+            trainer.stop_training = True
+
+
+def _checkpoint_trainer(strategy: Any) -> tfreg.Trainer:
+    with strategy.scope():
+        return trainer(mlp(), CKPT["k"])
+
+
+def _fit_checkpoint_case(t: tfreg.Trainer, **kwargs: Any) -> None:
+    x, y, sw = data(CKPT["n"])
+    t.fit(x, y, batch_size=CKPT["batch"], sample_weight=sw, verbose=0, **kwargs)
+
+
+def _mid_window_checkpoint(strategy: Any, path: Path) -> None:
+    first = _checkpoint_trainer(strategy)
+    _fit_checkpoint_case(first, callbacks=[_StopMidWindow()])
+    first.checkpoint().write(str(path))
+
+
+def _write_mirrored_checkpoint(outdir: Path) -> None:
+    # One process, 2 logical CPUs: 2 replicas in sync, as on 2 workers, but both replicas'
+    # partial sums in one file.
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    _mid_window_checkpoint(strategy, outdir / "mirrored")
+
+
+def _checkpoints(worker: int, strategy: Any, outdir: Path) -> dict[str, Any]:
+    """Resume mid-window from this worker's own checkpoint; read the peer's and the
+    2-device process's (each must be refused before anything is restored)."""
+    out: dict[str, Any] = {}
+    uninterrupted = _checkpoint_trainer(strategy)
+    _fit_checkpoint_case(uninterrupted)
+    out["uninterrupted"] = uninterrupted.model.get_weights()
+    _mid_window_checkpoint(strategy, outdir / f"mid{worker}")
+    (outdir / f"mid{worker}.done").touch()
+    deadline = time.monotonic() + PEER_WAIT_S
+    while not (outdir / f"mid{1 - worker}.done").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for case, path in (("peer", f"mid{1 - worker}"), ("mirrored", "mirrored")):
+        try:
+            _checkpoint_trainer(strategy).checkpoint().read(str(outdir / path))
+            out[case] = ""
+        except InvalidArgumentError as error:
+            out[case] = str(error)
+    resumed = _checkpoint_trainer(strategy)
+    resumed.checkpoint().read(str(outdir / f"mid{worker}"))
+    _fit_checkpoint_case(resumed)
+    out["resumed"] = resumed.model.get_weights()
+    return out
+
+
 def _fault(worker: int, strategy: Any) -> dict[str, Any]:
     x, y, _ = data(40)
     with strategy.scope():
@@ -215,9 +277,13 @@ def _worker(worker: int, scenario: str, outdir: Path) -> None:
     options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout)
     strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     try:
-        result: dict[str, Any] = {
-            "value": {"scenarios": _scenarios, "fault": _fault}[scenario](worker, strategy)
-        }
+        if scenario == "scenarios":
+            # The checkpoints first: _scenarios ends with Keras' failing fit.
+            checkpoints = _checkpoints(worker, strategy, outdir)
+            value = {**_scenarios(worker, strategy), "checkpoints": checkpoints}
+        else:
+            value = _fault(worker, strategy)
+        result: dict[str, Any] = {"value": value}
     except Exception as error:  # reported to the parent, which asserts on it
         result = {"error": f"{type(error).__name__}: {error}", "trace": traceback.format_exc()}
     path = outdir / f"worker{worker}.pkl"
@@ -247,11 +313,16 @@ def run_workers(scenario: str) -> list[dict[str, Any]]:
     cluster = {"worker": [f"localhost:{port}" for port in _free_ports(WORLD)]}
     with tempfile.TemporaryDirectory() as tmp:
         outdir = Path(tmp)
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        if scenario == "scenarios":  # the 2-device checkpoint the workers must refuse
+            command = [sys.executable, __file__, "mirrored", str(outdir)]
+            done = subprocess.run(command, env=env, capture_output=True, timeout=LAUNCH_TIMEOUT_S)
+            assert done.returncode == 0, done.stderr[-3000:]
         procs = []
         for index in range(WORLD):
             config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
-            env = {**os.environ, "TF_CONFIG": json.dumps(config), "PYTHONPATH": str(ROOT)}
-            env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+            env = {**env, "TF_CONFIG": json.dumps(config)}
             log = open(outdir / f"worker{index}.log", "wb")  # noqa: SIM115 (closed below)
             command = [sys.executable, __file__, str(index), scenario, str(outdir)]
             procs.append((subprocess.Popen(command, env=env, stdout=log, stderr=log), log))
@@ -405,6 +476,23 @@ def test_plain_keras_fit_still_fails_under_multiworker(workers) -> None:
         assert w["keras_fit"].startswith("ValueError: Attempt to convert a value (PerReplica")
 
 
+def test_resume_mid_window_from_own_checkpoint_is_bitwise(workers) -> None:
+    for w in workers:
+        assert_bit_identical(w["checkpoints"]["resumed"], w["checkpoints"]["uninterrupted"])
+
+
+@pytest.mark.parametrize("case", ["peer", "mirrored"], ids=["other-worker", "two-device-process"])
+def test_checkpoint_of_another_replica_layout_refused(workers, case) -> None:
+    # Both have 2 replicas in sync. Before the layout was checked the 2-device file restored
+    # replica 0's partial sums on both workers (replica 1's lost, replica 0's counted twice):
+    # the resumed weights came out 1.7e-2 relative off the uninterrupted run, silently.
+    saved = {"peer": lambda index: f"1 of them on worker {1 - index}", "mirrored": lambda _: "2 of"}
+    for index, w in enumerate(workers):
+        message = w["checkpoints"][case]
+        assert f"saved by a Trainer on 2 replica(s), {saved[case](index)}" in message
+        assert f"Received: 2 replica(s), 1 of them on worker {index}" in message
+
+
 def test_worker_that_raises_fails_the_other_within_bounded_time() -> None:
     first, second = values(run_workers("fault"))
     assert second["error"] == "ValueError: worker 1 fails on purpose"
@@ -416,5 +504,9 @@ def test_worker_that_raises_fails_the_other_within_bounded_time() -> None:
 
 
 # A worker (run_workers starts it): python tests/test_distributed_tf_multiworker.py I SCENARIO DIR
+# or the 2-device checkpoint writer: ... mirrored DIR
 if __name__ == "__main__":
-    _worker(int(sys.argv[1]), sys.argv[2], Path(sys.argv[3]))
+    if sys.argv[1] == "mirrored":
+        _write_mirrored_checkpoint(Path(sys.argv[2]))
+    else:
+        _worker(int(sys.argv[1]), sys.argv[2], Path(sys.argv[3]))

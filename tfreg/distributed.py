@@ -33,8 +33,9 @@ on any replica is non-finite in the reduced sum, so every replica skips (or rais
 The penalty is counted once, not ``R`` times.
 
 Checkpoints (``Trainer.checkpoint()``) hold each replica's partial window sums, so a resume
-mid-window is bitwise; they resume under the same strategy and device count (refused
-otherwise). Under ``MultiWorkerMirroredStrategy`` every worker writes and reads its own.
+mid-window is bitwise; they resume under the same strategy, replica count and replicas per
+worker, and under ``MultiWorkerMirroredStrategy`` every worker writes and reads its own (the
+checkpoint records the layout and worker index; anything else is refused before restoring).
 
 Differences from ``torch.distributed`` (``torchref.distributed``): ``batch_size`` is global here
 (Keras' convention) and per rank there (torch's); here the strategy owns the collectives and
@@ -231,6 +232,14 @@ class Replicas:
     def _worker(self) -> int:
         resolver = self.strategy.cluster_resolver
         return 0 if resolver is None else int(resolver.task_id or 0)
+
+    def layout(self) -> tuple[int, int, int]:
+        """(replicas of all workers, replicas of this worker, this worker's index): what a
+        checkpoint of per-replica partial sums belongs to. ``MirroredStrategy`` on 2 devices and
+        ``MultiWorkerMirroredStrategy`` on 2 workers of 1 device both have 2 replicas in sync,
+        but the first saves 2 replicas' sums per file and the second 1."""
+        local = len(self.strategy.extended.worker_devices)
+        return self.num_replicas, local, self._worker()
 
     def same_everywhere(self, values: Sequence[int]) -> bool:
         """Whether ``values`` (host integers below 2**26) are equal on every worker (eager; a

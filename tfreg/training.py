@@ -389,6 +389,16 @@ class _SeedStates(tf.Module):
 
 _NAMES_KEY = "window/metric_names/.ATTRIBUTES/py_state"
 _REPLICAS_KEY = "replicas/count/.ATTRIBUTES/py_state"
+_ONE_DEVICE = (1, 1, 0)  # the layout of a checkpoint without per-replica sums
+
+
+def _layout_text(layout: tuple[int, int, int]) -> str:
+    return "/".join(str(n) for n in layout)
+
+
+def _describe_layout(layout: tuple[int, int, int]) -> str:
+    total, local, worker = layout
+    return f"{total} replica(s), {local} of them on worker {worker}"
 
 
 class _ReplicaLocal(tf.Module):
@@ -399,7 +409,7 @@ class _ReplicaLocal(tf.Module):
 
     def __init__(self, replicas: Replicas, variables: Sequence[Any]) -> None:
         super().__init__(name="replicas")
-        self.count = _Text(str(replicas.num_replicas))
+        self.count = _Text(_layout_text(replicas.layout()))
         per_variable = [replicas.strategy.experimental_local_results(v) for v in variables]
         self.local = [list(copies) for copies in zip(*per_variable, strict=True)]
 
@@ -409,10 +419,10 @@ class _TrainerCheckpoint(tf.train.Checkpoint):
     window sums belong to other ``metrics`` (they would be reported under the wrong names) or
     to another number of replicas (the partial sums are per replica)."""
 
-    def __init__(self, metrics: Sequence[str], num_replicas: int, **kwargs: Any) -> None:
+    def __init__(self, metrics: Sequence[str], layout: tuple[int, int, int], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._metrics = ",".join(metrics)
-        self._replicas = num_replicas
+        self._layout = layout
 
     def _check(self, path: str) -> None:
         reader = tf.train.load_checkpoint(path)
@@ -424,16 +434,20 @@ class _TrainerCheckpoint(tf.train.Checkpoint):
                     f"metrics={saved.split(',') if saved else []}. Build the Trainer with them. "
                     f"Received: metrics={self._metrics.split(',') if self._metrics else []}"
                 )
-        saved_replicas = (
-            int(reader.get_tensor(_REPLICAS_KEY).decode())
+        # The replicas in sync alone do not say whose partial sums the file holds: 2 devices
+        # of one process save both replicas', each of 2 workers its own replica's (restored
+        # across, one replica's sums would count twice or not at all, silently).
+        saved = (
+            tuple(int(n) for n in reader.get_tensor(_REPLICAS_KEY).decode().split("/"))
             if reader.has_tensor(_REPLICAS_KEY)
-            else 1
+            else _ONE_DEVICE
         )
-        if saved_replicas != self._replicas:
+        if saved != self._layout:
             raise InvalidArgumentError(
-                f"The checkpoint was saved by a Trainer on {saved_replicas} replica(s) (per "
-                "worker): its open window's partial sums are per replica. Resume under the same "
-                f"strategy and device count. Received: {self._replicas} replica(s)"
+                f"The checkpoint was saved by a Trainer on {_describe_layout(saved)}: its open "
+                "window's partial sums are per replica. Resume under the same strategy and "
+                "devices, each worker from its own checkpoint. Received: "
+                f"{_describe_layout(self._layout)}"
             )
 
     def read(self, save_path: str, options: Any = None) -> Any:
@@ -798,10 +812,10 @@ class Trainer:
         restoring anything.
 
         Under a strategy the open window's partial sums are saved per replica, so a resume
-        mid-window is bitwise too; it needs the same strategy and device count (refused
-        otherwise). Under ``MultiWorkerMirroredStrategy`` each worker writes and restores its
-        own checkpoint (its replicas' partial sums; model and optimizer are identical on every
-        worker), at the same point of training."""
+        mid-window is bitwise too; it needs the same strategy, replica count and replicas per
+        worker (refused otherwise). Under ``MultiWorkerMirroredStrategy`` each worker writes and
+        restores its own checkpoint (its replicas' partial sums; another worker's is refused;
+        model and optimizer are identical on every worker), at the same point of training."""
         self.build()
         engine = self._engine
         state: dict[str, Any] = {"model": self.model, "optimizer": self.optimizer}
@@ -818,8 +832,8 @@ class Trainer:
                 replicas=_ReplicaLocal(self._replicas, local),
                 window=_WindowHeader(engine.window),
             )
-        count = 1 if self._replicas is None else self._replicas.num_replicas
-        return _TrainerCheckpoint(self.spec.metrics, count, rng=engine.rng, **state)
+        layout = _ONE_DEVICE if self._replicas is None else self._replicas.layout()
+        return _TrainerCheckpoint(self.spec.metrics, layout, rng=engine.rng, **state)
 
     def fit(
         self,
