@@ -127,6 +127,9 @@ def _scenarios(worker: int, strategy: Any) -> dict[str, Any]:
             t = trainer(model, k, regularizer=tfreg.L2(L2), global_clipnorm=CLIP)
         history = t.fit(x, y, batch_size=WORLD * b, sample_weight=sw, verbose=0)
         out[f"exact-{k}-{b}"] = {"weights": model.get_weights(), "records": history.records}
+    # This worker's all-reduces in the traced update (one replica per worker here).
+    graph = t._engine.apply_fn.get_concrete_function().graph
+    out["collectives"] = [op.type for op in graph.get_operations()].count("CollectiveReduceV2")
     x, y, sw = sequences()
     with strategy.scope():
         model = sequence_model()
@@ -430,6 +433,13 @@ def test_two_workers_equal_one_step_per_concatenated_window(workers, k, b, n) ->
     window = WORLD * k * b
     full = n // window
     assert [r["examples"] for r in results[0]["records"]] == [window] * full + [n - full * window]
+
+
+def test_one_all_reduce_per_update(workers) -> None:
+    # Everything the update reduces is float64: one flattened vector. Zeroing the replica-local
+    # sums with assign(zeros_like(v)) read each one in cross-replica context, an all-reduce
+    # apiece: 8 per update for this model before zeroing them without reading.
+    assert [w["collectives"] for w in workers] == [1] * WORLD
 
 
 def test_masked_loss_divides_by_the_global_count_of_unmasked_steps(workers) -> None:

@@ -76,7 +76,7 @@ from typing import Any
 from tfreg._compat import keras, tf
 from tfreg_core.validation import InvalidArgumentError
 
-__all__ = ["Replicas", "local_variable", "replicas", "scatter_add"]
+__all__ = ["Replicas", "local_variable", "replicas", "scatter_add", "zero"]
 
 _SUPPORTED = (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)
 _COLLECTIVE_FAILED = (
@@ -107,6 +107,15 @@ def local_variable(initial_value: Any, *, name: str | None = None, first: bool =
         synchronization=tf.VariableSynchronization.ON_READ,
         aggregation=aggregation,
     )
+
+
+def zero(variable: Any) -> None:
+    """Assign zeros to ``variable`` without reading it. Reading a replica-local (``ON_READ``)
+    sum in cross-replica context is a reduction over the replicas, and both
+    ``zeros_like(v)`` and ``assign``'s default ``read_value=True`` read it: under
+    ``MultiWorkerMirroredStrategy`` one more all-reduce per variable and update (8 besides the
+    update's one for a 2-layer model), in eager code a collective every worker must join."""
+    variable.assign(tf.zeros(variable.shape, variable.dtype), read_value=False)
 
 
 def scatter_add(variable: Any, slices: tf.IndexedSlices) -> None:

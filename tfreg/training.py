@@ -58,7 +58,7 @@ from tfreg._losses import (
     output_names,
 )
 from tfreg._losses import per_example_loss as per_example_loss
-from tfreg.distributed import Replicas, local_variable, replicas
+from tfreg.distributed import Replicas, local_variable, replicas, zero
 from tfreg.penalties import penalty as _penalty
 from tfreg.proximal import PROXIMAL_CLASSES, Proximal
 from tfreg.regularizers import get as _get_regularizer
@@ -317,7 +317,7 @@ class _LossSums(tf.Module):
         if len(terms) > 1:
             values.update({f"{t.name}_loss": v for t, v in zip(terms, per_term, strict=True)})
         for total in self.sums:
-            total.assign(tf.zeros_like(total))
+            zero(total)
         return values
 
 
@@ -363,7 +363,7 @@ class _Window(tf.Module):
     def reset(self) -> None:
         """Zero the per-window metric sums (the loss sums reset in ``_LossSums.report``)."""
         for v in [self.weight_sum, *self.metric_sums]:
-            v.assign(tf.zeros_like(v))
+            zero(v)
 
 
 class _WindowHeader(tf.Module):
@@ -552,7 +552,7 @@ class _Engine:
         for acc in self.accs:
             accumulation.reset(acc)
         for total in self.window.losses.sums:
-            total.assign(tf.zeros_like(total))
+            zero(total)
         self.window.reset()
 
     def _eval(self, x: Any, y: Any, w: Any) -> tuple[tf.Tensor, ...]:
@@ -1286,7 +1286,7 @@ class AccumulatingModel(keras.Model):
             track()
         else:
             self._replicas.run_in_replicas(track)
-        self._window_examples.assign(tf.zeros_like(self._window_examples))
+        zero(self._window_examples)
         self._skipped.assign_add(tf.cast(tf.logical_not(finite), tf.int64))
         self._empty_windows.assign_add(tf.cast(values["elements"] == 0, tf.int64))
 
@@ -1299,8 +1299,8 @@ class AccumulatingModel(keras.Model):
             for acc in self._accs:
                 accumulation.reset(acc)
             for total in self._window_losses.sums:
-                total.assign(tf.zeros_like(total))
-            self._window_examples.assign(tf.zeros_like(self._window_examples))
+                zero(total)
+            zero(self._window_examples)
         else:
             self._apply_fn()
 
