@@ -48,9 +48,11 @@ Refused before training: a model whose variables were not created under the trai
 above, ``jit_compile=True`` (XLA does not compile ``strategy.run``), float16 loss scaling
 (untested under a strategy), a distributed dataset passed to ``Trainer.fit`` (pass the
 ``tf.data.Dataset`` of global micro-batches), and -- ``Trainer`` under
-``MultiWorkerMirroredStrategy`` -- workers passing different data sizes, ``batch_size`` or
-``accumulation_steps``. ``AccumulatingModel`` needs ``steps_per_execution=1`` under a
-strategy (the window closes between Keras steps).
+``MultiWorkerMirroredStrategy`` -- workers passing arrays of different sizes or a different
+``batch_size``, ``shuffle``, ``seed``, ``accumulation_steps`` or ``drop_remainder`` (a
+``tf.data`` pipeline or iterable is not compared: each worker must pass the same one).
+``AccumulatingModel`` needs ``steps_per_execution=1`` under a strategy (the window closes
+between Keras steps).
 A worker that raises leaves the others in a collective. One whose process exits is noticed at
 once (its socket closes: ``UnavailableError``, ~1 s); one that stays alive (stuck elsewhere, or
 catching the error) holds the others until the collective times out
@@ -70,10 +72,12 @@ worker's first device on the full validation data. BatchNorm normalises each rep
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from tfreg._compat import keras, tf
+from tfreg_core.training import TrainerSpec
 from tfreg_core.validation import InvalidArgumentError
 
 __all__ = ["Replicas", "local_variable", "replicas", "scatter_add", "zero"]
@@ -211,18 +215,26 @@ class Replicas:
         # Identical on every replica after the all-reduce: take this worker's first copy.
         return [self.strategy.experimental_local_results(r)[0] for r in reduced]
 
-    def check_plan(self, plan: Sequence[int], accumulation_steps: int) -> None:
-        """Every worker must cut the same windows from the same arrays (one collective per
-        ``fit``; the replicas of one process share the plan by construction)."""
+    def check_plan(self, plan: Sequence[int], spec: TrainerSpec) -> None:
+        """Every worker must cut the same windows from the same arrays in the same order (one
+        collective per ``fit``; the replicas of one process share the plan by construction):
+        a worker with another ``shuffle`` or ``seed`` would take its replicas' shares from
+        another order -- some examples trained twice, others never, silently."""
         if not isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
             return
-        num_examples, batch_size, _ = plan
-        if not self.same_everywhere([num_examples, batch_size, accumulation_steps]):
+        num_examples, batch_size, shuffle = plan
+        # The seed (any non-negative int) as four 16-bit limbs of a digest: a fixed length
+        # on every worker, each limb within same_everywhere's exact range.
+        digest = hashlib.blake2b(str(spec.seed).encode(), digest_size=8).digest()
+        limbs = [int.from_bytes(digest[i : i + 2], "little") for i in range(0, 8, 2)]
+        steps, drop = spec.accumulation_steps, int(spec.drop_remainder)
+        if not self.same_everywhere([num_examples, batch_size, shuffle, steps, drop, *limbs]):
             raise InvalidArgumentError(
-                "Every worker must call fit with the same arrays (num_examples), batch_size and "
-                f"accumulation_steps. Received on worker {self._worker()}: num_examples="
-                f"{num_examples}, batch_size={batch_size}, accumulation_steps="
-                f"{accumulation_steps}"
+                "Every worker must call fit with the same arrays (num_examples), batch_size, "
+                "shuffle, seed, accumulation_steps and drop_remainder. Received on worker "
+                f"{self._worker()}: num_examples={num_examples}, batch_size={batch_size}, "
+                f"shuffle={bool(shuffle)}, seed={spec.seed}, accumulation_steps={steps}, "
+                f"drop_remainder={spec.drop_remainder}"
             )
 
     @contextlib.contextmanager

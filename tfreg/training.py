@@ -897,7 +897,7 @@ class Trainer:
         if isinstance(data, StreamData) and isinstance(data.data, tf.data.Dataset):
             data.data = data.data.prefetch(tf.data.AUTOTUNE)
         if self._replicas is not None and isinstance(data, ArrayData):
-            self._replicas.check_plan(data.plan, self.spec.accumulation_steps)
+            self._replicas.check_plan(data.plan, self.spec)
         self.build(_input_shape(data))
         engine = self._engine
         return run_fit(
