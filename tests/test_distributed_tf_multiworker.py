@@ -105,10 +105,18 @@ def trainer(model: keras.Model, k: int, **kwargs: Any) -> tfreg.Trainer:
     return tfreg.Trainer(model, loss(), keras.optimizers.SGD(LR), accumulation_steps=k, **kwargs)
 
 
-# What one worker passes differently to fit (each case refused on every worker). Another
-# shuffle or seed ran before, on another example order per worker: 1.5e-2 and 1.7e-2 relative
-# off the run with the same order everywhere, silently.
-REFUSED_PLANS = ("batch_size", "length", "shuffle", "seed")
+# What one worker passes differently to fit (each case refused on every worker), and the
+# message's start. Another shuffle or seed ran before, on another example order per worker:
+# 1.5e-2 and 1.7e-2 relative off the run with the same order everywhere, silently; weights set
+# per worker after the strategy's initial broadcast trained two different models.
+SAME_PLAN = "Every worker must call fit with the same arrays"
+REFUSED = {
+    "batch_size": SAME_PLAN,
+    "length": SAME_PLAN,
+    "shuffle": SAME_PLAN,
+    "seed": SAME_PLAN,
+    "weights": "Every worker must start fit from the same model weights",
+}
 
 
 # -- what each worker runs --------------------------------------------------------------------
@@ -155,9 +163,11 @@ def _scenarios(worker: int, strategy: Any) -> dict[str, Any]:
     history = t.fit(x, y, batch_size=6, shuffle=False, verbose=0, callbacks=[snapshots])
     out["nan"] = {"weights": snapshots.weights, "skipped": [r["skipped"] for r in history.records]}
     out["refused"] = {}  # raised on every worker before any update
-    for case in REFUSED_PLANS:
+    for case in REFUSED:
         with strategy.scope():
             model = mlp()
+            if case == "weights":  # after the broadcast of the initial values
+                _init(model, worker)
             t = trainer(model, 1, seed=worker * (case == "seed"))
         before = model.get_weights()
         x, y, _ = data(16 + worker * (case == "length"))
@@ -469,11 +479,11 @@ def test_nonfinite_share_on_one_worker_skips_everywhere(workers) -> None:
     assert_bit_identical(workers[0]["nan"]["weights"][1], workers[1]["nan"]["weights"][1])
 
 
-@pytest.mark.parametrize("case", REFUSED_PLANS)
+@pytest.mark.parametrize("case", REFUSED)
 def test_workers_with_different_data_are_refused_before_any_update(workers, case) -> None:
     for index, w in enumerate(workers):
         refused = w["refused"][case]
-        assert "Every worker must call fit with the same arrays" in refused["error"]
+        assert REFUSED[case] in refused["error"]
         assert f"worker {index}" in refused["error"]
         assert refused["unchanged"] and refused["iterations"] == 0
 

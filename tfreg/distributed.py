@@ -50,7 +50,9 @@ above, ``jit_compile=True`` (XLA does not compile ``strategy.run``), float16 los
 ``tf.data.Dataset`` of global micro-batches), and -- ``Trainer`` under
 ``MultiWorkerMirroredStrategy`` -- workers passing arrays of different sizes or a different
 ``batch_size``, ``shuffle``, ``seed``, ``accumulation_steps`` or ``drop_remainder`` (a
-``tf.data`` pipeline or iterable is not compared: each worker must pass the same one).
+``tf.data`` pipeline or iterable is not compared: each worker must pass the same one), and
+workers starting ``fit`` from different weights, optimizer state or position (set or loaded
+on some workers only: the strategy broadcasts initial values, not later assignments).
 ``AccumulatingModel`` needs ``steps_per_execution=1`` under a strategy (the window closes
 between Keras steps).
 A worker that raises leaves the others in a collective. One whose process exits is noticed at
@@ -223,10 +225,7 @@ class Replicas:
         if not isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
             return
         num_examples, batch_size, shuffle = plan
-        # The seed (any non-negative int) as four 16-bit limbs of a digest: a fixed length
-        # on every worker, each limb within same_everywhere's exact range.
-        digest = hashlib.blake2b(str(spec.seed).encode(), digest_size=8).digest()
-        limbs = [int.from_bytes(digest[i : i + 2], "little") for i in range(0, 8, 2)]
+        limbs = _digest([str(spec.seed).encode()])
         steps, drop = spec.accumulation_steps, int(spec.drop_remainder)
         if not self.same_everywhere([num_examples, batch_size, shuffle, steps, drop, *limbs]):
             raise InvalidArgumentError(
@@ -235,6 +234,25 @@ class Replicas:
                 f"{self._worker()}: num_examples={num_examples}, batch_size={batch_size}, "
                 f"shuffle={bool(shuffle)}, seed={spec.seed}, accumulation_steps={steps}, "
                 f"drop_remainder={spec.drop_remainder}"
+            )
+
+    def check_state(self, variables: Sequence[Any]) -> None:
+        """Every worker must start ``fit`` from the same weights, optimizer state and position
+        (one collective per ``fit``). The strategy broadcasts a variable's initial value only;
+        weights set or loaded on some workers (``set_weights``, ``load_weights`` or a checkpoint
+        restored on the chief alone) would be updated by the same reduced gradient on each
+        worker from different values: replicas apart for good, silently."""
+        if not isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            return
+        # Eager reads of mirrored variables: this worker's first copy, no collective.
+        limbs = _digest([tf.convert_to_tensor(v).numpy().tobytes() for v in variables])
+        if not self.same_everywhere(limbs):
+            raise InvalidArgumentError(
+                "Every worker must start fit from the same model weights, optimizer state and "
+                "position: set, load or restore them on every worker alike "
+                "(MultiWorkerMirroredStrategy broadcasts only the initial values). Received on "
+                f"worker {self._worker()}: weights/optimizer/position that differ from another "
+                "worker's"
             )
 
     @contextlib.contextmanager
@@ -283,6 +301,16 @@ class Replicas:
         """``fn()`` on every replica (cross-replica graph code): state that must be updated in
         replica context (Keras metrics under a strategy)."""
         return self.strategy.run(fn)
+
+
+def _digest(parts: Sequence[bytes]) -> list[int]:
+    # Four 16-bit limbs of a digest of `parts`: a fixed length on every worker, each limb
+    # within same_everywhere's exact range (a byte-level compare: one ulp apart differs).
+    hasher = hashlib.blake2b(digest_size=8)
+    for part in parts:
+        hasher.update(part)
+    digest = hasher.digest()
+    return [int.from_bytes(digest[i : i + 2], "little") for i in range(0, 8, 2)]
 
 
 def _share(values: Sequence[Any]) -> list[Any]:

@@ -900,6 +900,9 @@ class Trainer:
             self._replicas.check_plan(data.plan, self.spec)
         self.build(_input_shape(data))
         engine = self._engine
+        if self._replicas is not None:
+            state = [*self.model.weights, *self.optimizer.variables, engine.window.position]
+            self._replicas.check_state(state)
         return run_fit(
             engine,
             self,
