@@ -1251,6 +1251,10 @@ class AccumulatingModel(keras.Model):
                 if self._pending >= self.spec.accumulation_steps:
                     self._apply_fn()
                     self._pending = 0
+                    # The step's logs were read before the window closed: the closing step
+                    # reports the window, as on one device (where it closes inside the step).
+                    trackers = (self._loss_tracker, self._data_loss_tracker)
+                    logs = {**logs, **{t.name: t.result() for t in trackers if t.name in logs}}
             return logs
 
         self.train_function = train_function
