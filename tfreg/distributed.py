@@ -69,6 +69,10 @@ micro-batch is copied to every device; on GPUs feed ``AccumulatingModel`` a ``tf
 pipeline (Keras distributes it) when that copy matters. Validation (``Trainer``) runs on each
 worker's first device on the full validation data. BatchNorm normalises each replica's share
 (Keras' ``synchronized=True`` for global statistics): not an exactness claim of this module.
+Random layers (``Dropout``, ``GaussianNoise``) draw from one ``SeedGenerator`` state that every
+replica holds a copy of, so every replica draws the same mask for its share (one device draws
+one mask for the whole micro-batch): the noise repeats across replicas, and a run with a
+Dropout model is not the one-device run.
 """
 
 from __future__ import annotations
