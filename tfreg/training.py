@@ -396,7 +396,9 @@ def _layout_text(layout: tuple[int, int, int]) -> str:
     return "/".join(str(n) for n in layout)
 
 
-def _describe_layout(layout: tuple[int, int, int]) -> str:
+def _describe_layout(layout: tuple[int, ...]) -> str:
+    if len(layout) != 3:  # written before the layout was recorded: the replica count alone
+        return f"{layout[0]} replica(s), replicas per worker not recorded"
     total, local, worker = layout
     return f"{total} replica(s), {local} of them on worker {worker}"
 
