@@ -105,6 +105,20 @@ def trainer(model: keras.Model, k: int, **kwargs: Any) -> tfreg.Trainer:
     return tfreg.Trainer(model, loss(), keras.optimizers.SGD(LR), accumulation_steps=k, **kwargs)
 
 
+# What one worker passes differently to fit (each case refused on every worker), and the
+# message's start. Another shuffle or seed ran before, on another example order per worker:
+# 1.5e-2 and 1.7e-2 relative off the run with the same order everywhere, silently; weights set
+# per worker after the strategy's initial broadcast trained two different models.
+SAME_PLAN = "Every worker must call fit with the same arrays"
+REFUSED = {
+    "batch_size": SAME_PLAN,
+    "length": SAME_PLAN,
+    "shuffle": SAME_PLAN,
+    "seed": SAME_PLAN,
+    "weights": "Every worker must start fit from the same model weights",
+}
+
+
 # -- what each worker runs --------------------------------------------------------------------
 
 
@@ -127,6 +141,9 @@ def _scenarios(worker: int, strategy: Any) -> dict[str, Any]:
             t = trainer(model, k, regularizer=tfreg.L2(L2), global_clipnorm=CLIP)
         history = t.fit(x, y, batch_size=WORLD * b, sample_weight=sw, verbose=0)
         out[f"exact-{k}-{b}"] = {"weights": model.get_weights(), "records": history.records}
+    # This worker's all-reduces in the traced update (one replica per worker here).
+    graph = t._engine.apply_fn.get_concrete_function().graph
+    out["collectives"] = [op.type for op in graph.get_operations()].count("CollectiveReduceV2")
     x, y, sw = sequences()
     with strategy.scope():
         model = sequence_model()
@@ -145,16 +162,18 @@ def _scenarios(worker: int, strategy: Any) -> dict[str, Any]:
     snapshots = _Snapshots(model)
     history = t.fit(x, y, batch_size=6, shuffle=False, verbose=0, callbacks=[snapshots])
     out["nan"] = {"weights": snapshots.weights, "skipped": [r["skipped"] for r in history.records]}
-    out["resume"] = _resume_mid_window(strategy)
     out["refused"] = {}  # raised on every worker before any update
-    for case in ("batch_size", "length"):
+    for case in REFUSED:
         with strategy.scope():
             model = mlp()
-            t = trainer(model, 1)
+            if case == "weights":  # after the broadcast of the initial values
+                _init(model, worker)
+            t = trainer(model, 1, seed=worker * (case == "seed"))
         before = model.get_weights()
         x, y, _ = data(16 + worker * (case == "length"))
+        batch_size = 8 + 2 * worker * (case == "batch_size")
         try:
-            t.fit(x, y, batch_size=8 + 2 * worker * (case == "batch_size"), verbose=0)
+            t.fit(x, y, batch_size=batch_size, shuffle=worker == 0 or case != "shuffle", verbose=0)
         except InvalidArgumentError as error:
             unchanged = all(
                 np.array_equal(a, b) for a, b in zip(model.get_weights(), before, strict=True)
@@ -184,39 +203,6 @@ def _scenarios(worker: int, strategy: Any) -> dict[str, Any]:
     return out
 
 
-class _StopMidWindow:
-    """Stops the first fit after micro-batch 4 of epoch 0: window 1 holds 2 of its 3."""
-
-    def on_micro_batch_end(self, trainer: Any, epoch: int, micro_batch: int) -> None:
-        if (epoch, micro_batch) == (0, 4):
-            trainer.stop_training = True
-
-
-def _resume_mid_window(strategy: Any) -> dict[str, Any]:
-    # Every worker writes and reads its own checkpoint (its replica's partial window sums).
-    x, y, sw = data(23, seed=4)
-
-    def fresh() -> tuple[keras.Model, tfreg.Trainer]:
-        with strategy.scope():
-            model = mlp()
-            optimizer = keras.optimizers.Adam(LR)
-            return model, tfreg.Trainer(model, loss(), optimizer, accumulation_steps=3)
-
-    def fit(t: tfreg.Trainer, **kwargs: Any) -> Any:
-        return t.fit(x, y, batch_size=4, sample_weight=sw, epochs=2, verbose=0, **kwargs)
-
-    model, t = fresh()
-    fit(t)
-    uninterrupted = model.get_weights()
-    _, t = fresh()
-    fit(t, callbacks=[_StopMidWindow()])
-    path = t.checkpoint().write(os.path.join(tempfile.mkdtemp(), "mid_window"))
-    model, t = fresh()
-    t.checkpoint().read(path)
-    fit(t)
-    return {"uninterrupted": uninterrupted, "resumed": model.get_weights()}
-
-
 class _RaisesOnWorker1:
     """A user's hook that fails on worker 1 after its first update (a bug on one worker)."""
 
@@ -228,6 +214,68 @@ class _RaisesOnWorker1:
         self.last_update = time.monotonic()
         if self.worker == 1 and record["update"] == 0:
             raise ValueError("worker 1 fails on purpose")
+
+
+# Checkpoints: N=23 examples, global micro-batch 4, k=3; the first run stops after micro-batch
+# STOP_AT of epoch 0, mid-window (2 of the second window's 3 micro-batches accumulated).
+CKPT = {"n": 23, "batch": 4, "k": 3, "stop_at": 4}
+PEER_WAIT_S = 60  # the peer writes its checkpoint at the same point of training (lockstep)
+
+
+class _StopMidWindow:
+    def on_micro_batch_end(self, trainer: Any, epoch: int, micro_batch: int) -> None:
+        if (epoch, micro_batch) == (0, CKPT["stop_at"]):
+            trainer.stop_training = True
+
+
+def _checkpoint_trainer(strategy: Any) -> tfreg.Trainer:
+    with strategy.scope():
+        return trainer(mlp(), CKPT["k"])
+
+
+def _fit_checkpoint_case(t: tfreg.Trainer, **kwargs: Any) -> None:
+    x, y, sw = data(CKPT["n"])
+    t.fit(x, y, batch_size=CKPT["batch"], sample_weight=sw, verbose=0, **kwargs)
+
+
+def _mid_window_checkpoint(strategy: Any, path: Path) -> None:
+    first = _checkpoint_trainer(strategy)
+    _fit_checkpoint_case(first, callbacks=[_StopMidWindow()])
+    first.checkpoint().write(str(path))
+
+
+def _write_mirrored_checkpoint(outdir: Path) -> None:
+    # One process, 2 logical CPUs: 2 replicas in sync, as on 2 workers, but both replicas'
+    # partial sums in one file.
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    _mid_window_checkpoint(strategy, outdir / "mirrored")
+
+
+def _checkpoints(worker: int, strategy: Any, outdir: Path) -> dict[str, Any]:
+    """Resume mid-window from this worker's own checkpoint; read the peer's and the
+    2-device process's (each must be refused before anything is restored)."""
+    out: dict[str, Any] = {}
+    uninterrupted = _checkpoint_trainer(strategy)
+    _fit_checkpoint_case(uninterrupted)
+    out["uninterrupted"] = uninterrupted.model.get_weights()
+    _mid_window_checkpoint(strategy, outdir / f"mid{worker}")
+    (outdir / f"mid{worker}.done").touch()
+    deadline = time.monotonic() + PEER_WAIT_S
+    while not (outdir / f"mid{1 - worker}.done").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for case, path in (("peer", f"mid{1 - worker}"), ("mirrored", "mirrored")):
+        try:
+            _checkpoint_trainer(strategy).checkpoint().read(str(outdir / path))
+            out[case] = ""
+        except InvalidArgumentError as error:
+            out[case] = str(error)
+    resumed = _checkpoint_trainer(strategy)
+    resumed.checkpoint().read(str(outdir / f"mid{worker}"))
+    _fit_checkpoint_case(resumed)
+    out["resumed"] = resumed.model.get_weights()
+    return out
 
 
 def _fault(worker: int, strategy: Any) -> dict[str, Any]:
@@ -249,9 +297,13 @@ def _worker(worker: int, scenario: str, outdir: Path) -> None:
     options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout)
     strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     try:
-        result: dict[str, Any] = {
-            "value": {"scenarios": _scenarios, "fault": _fault}[scenario](worker, strategy)
-        }
+        if scenario == "scenarios":
+            # The checkpoints first: _scenarios ends with Keras' failing fit.
+            checkpoints = _checkpoints(worker, strategy, outdir)
+            value = {**_scenarios(worker, strategy), "checkpoints": checkpoints}
+        else:
+            value = _fault(worker, strategy)
+        result: dict[str, Any] = {"value": value}
     except Exception as error:  # reported to the parent, which asserts on it
         result = {"error": f"{type(error).__name__}: {error}", "trace": traceback.format_exc()}
     path = outdir / f"worker{worker}.pkl"
@@ -281,11 +333,16 @@ def run_workers(scenario: str) -> list[dict[str, Any]]:
     cluster = {"worker": [f"localhost:{port}" for port in _free_ports(WORLD)]}
     with tempfile.TemporaryDirectory() as tmp:
         outdir = Path(tmp)
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        if scenario == "scenarios":  # the 2-device checkpoint the workers must refuse
+            command = [sys.executable, __file__, "mirrored", str(outdir)]
+            done = subprocess.run(command, env=env, capture_output=True, timeout=LAUNCH_TIMEOUT_S)
+            assert done.returncode == 0, done.stderr[-3000:]
         procs = []
         for index in range(WORLD):
             config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
-            env = {**os.environ, "TF_CONFIG": json.dumps(config), "PYTHONPATH": str(ROOT)}
-            env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+            env = {**env, "TF_CONFIG": json.dumps(config)}
             log = open(outdir / f"worker{index}.log", "wb")  # noqa: SIM115 (closed below)
             command = [sys.executable, __file__, str(index), scenario, str(outdir)]
             procs.append((subprocess.Popen(command, env=env, stdout=log, stderr=log), log))
@@ -395,6 +452,13 @@ def test_two_workers_equal_one_step_per_concatenated_window(workers, k, b, n) ->
     assert [r["examples"] for r in results[0]["records"]] == [window] * full + [n - full * window]
 
 
+def test_one_all_reduce_per_update(workers) -> None:
+    # Everything the update reduces is float64: one flattened vector. Zeroing the replica-local
+    # sums with assign(zeros_like(v)) read each one in cross-replica context, an all-reduce
+    # apiece: 8 per update for this model before zeroing them without reading.
+    assert [w["collectives"] for w in workers] == [1] * WORLD
+
+
 def test_masked_loss_divides_by_the_global_count_of_unmasked_steps(workers) -> None:
     x, _, _ = sequences()
     assert not (x[3:6] != 0).any(), "worker 1's first share is meant to be fully padded"
@@ -415,17 +479,11 @@ def test_nonfinite_share_on_one_worker_skips_everywhere(workers) -> None:
     assert_bit_identical(workers[0]["nan"]["weights"][1], workers[1]["nan"]["weights"][1])
 
 
-def test_checkpoint_mid_window_resumes_bitwise(workers) -> None:
-    for w in workers:
-        assert_bit_identical(w["resume"]["resumed"], w["resume"]["uninterrupted"])
-    assert_bit_identical(workers[0]["resume"]["resumed"], workers[1]["resume"]["resumed"])
-
-
-@pytest.mark.parametrize("case", ["batch_size", "length"])
+@pytest.mark.parametrize("case", REFUSED)
 def test_workers_with_different_data_are_refused_before_any_update(workers, case) -> None:
     for index, w in enumerate(workers):
         refused = w["refused"][case]
-        assert "Every worker must call fit with the same arrays" in refused["error"]
+        assert REFUSED[case] in refused["error"]
         assert f"worker {index}" in refused["error"]
         assert refused["unchanged"] and refused["iterations"] == 0
 
@@ -445,6 +503,23 @@ def test_plain_keras_fit_still_fails_under_multiworker(workers) -> None:
         assert w["keras_fit"].startswith("ValueError: Attempt to convert a value (PerReplica")
 
 
+def test_resume_mid_window_from_own_checkpoint_is_bitwise(workers) -> None:
+    for w in workers:
+        assert_bit_identical(w["checkpoints"]["resumed"], w["checkpoints"]["uninterrupted"])
+
+
+@pytest.mark.parametrize("case", ["peer", "mirrored"], ids=["other-worker", "two-device-process"])
+def test_checkpoint_of_another_replica_layout_refused(workers, case) -> None:
+    # Both have 2 replicas in sync. Before the layout was checked the 2-device file restored
+    # replica 0's partial sums on both workers (replica 1's lost, replica 0's counted twice):
+    # the resumed weights came out 1.7e-2 relative off the uninterrupted run, silently.
+    saved = {"peer": lambda index: f"1 of them on worker {1 - index}", "mirrored": lambda _: "2 of"}
+    for index, w in enumerate(workers):
+        message = w["checkpoints"][case]
+        assert f"saved by a Trainer on 2 replica(s), {saved[case](index)}" in message
+        assert f"Received: 2 replica(s), 1 of them on worker {index}" in message
+
+
 def test_worker_that_raises_fails_the_other_within_bounded_time() -> None:
     first, second = values(run_workers("fault"))
     assert second["error"] == "ValueError: worker 1 fails on purpose"
@@ -456,5 +531,9 @@ def test_worker_that_raises_fails_the_other_within_bounded_time() -> None:
 
 
 # A worker (run_workers starts it): python tests/test_distributed_tf_multiworker.py I SCENARIO DIR
+# or the 2-device checkpoint writer: ... mirrored DIR
 if __name__ == "__main__":
-    _worker(int(sys.argv[1]), sys.argv[2], Path(sys.argv[3]))
+    if sys.argv[1] == "mirrored":
+        _write_mirrored_checkpoint(Path(sys.argv[2]))
+    else:
+        _worker(int(sys.argv[1]), sys.argv[2], Path(sys.argv[3]))

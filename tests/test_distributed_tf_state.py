@@ -22,6 +22,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tfreg_harness import tolerance
+
+# float64: the same windows summed per replica, then across them (the design table's
+# "accumulation" row, 1e-12 relative).
+EXACT = tolerance("accumulation", "float64")
 TIMEOUT_S = 180
 N, BATCH, K = 23, 4, 3  # global micro-batch 4 (2 per replica); windows of 12, 11 examples
 STOP_AT = 4  # micro-batch index of epoch 0 after which the first run stops: mid-window 2
@@ -109,7 +114,35 @@ def _scenarios(outdir: str) -> dict[str, Any]:
         # 7 examples in batches of 6: the last is split 1/0 over the replicas.
         return wrapper.evaluate(x[:7], y[:7], batch_size=6, verbose=0, return_dict=True)
 
+    class BatchLosses(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.losses: list[float] = []
+
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            self.losses.append(float(logs["loss"]))
+
+    def batch_losses(scope: Any) -> list[float]:
+        # AccumulatingModel's per-step logs (what a progress bar or TensorBoard shows), k=2.
+        keras.utils.set_random_seed(1)
+        with scope:
+            model = keras.Sequential(
+                [keras.Input((3,)), keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(3)]
+            )
+            wrapper = tfreg.AccumulatingModel(model, accumulation_steps=2)
+            wrapper.compile(
+                keras.optimizers.SGD(0.125),
+                keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            )
+        recorder = BatchLosses()
+        wrapper.fit(
+            x, y, sample_weight=w, batch_size=BATCH, shuffle=False, verbose=0, callbacks=[recorder]
+        )
+        return recorder.losses
+
     return {
+        "batch_losses_one_device": batch_losses(contextlib.nullcontext()),
+        "batch_losses_mirrored": batch_losses(strategy.scope()),
         "evaluate_one_device": evaluation(contextlib.nullcontext()),
         "evaluate_mirrored": evaluation(strategy.scope()),
         "uninterrupted": state(uninterrupted),
@@ -166,6 +199,16 @@ def test_accumulating_model_evaluate_equals_one_device(results: dict[str, Any]) 
     expected, actual = results["evaluate_one_device"], results["evaluate_mirrored"]
     assert set(actual) == {"loss"}  # no training-only data_loss (it would read 0)
     assert actual["loss"] == pytest.approx(expected["loss"], rel=1e-15)
+
+
+def test_accumulating_model_step_logs_equal_one_device(results: dict[str, Any]) -> None:
+    # float64; 1e-12 relative (the accumulation row: the window's sums reassociated across the
+    # replicas). Under the strategy the window closes after Keras' step, which read its logs
+    # before: every window-closing step reported the previous window (steps 1, 3, 5 logged
+    # 0.0, 2.1392, 2.1835 where one device logs 2.1392, 2.1835, 2.0896).
+    expected, actual = results["batch_losses_one_device"], results["batch_losses_mirrored"]
+    assert len(actual) == len(expected) == 6  # 23 examples in micro-batches of 4
+    assert actual == pytest.approx(expected, rel=EXACT.rtol)
 
 
 def test_distributed_dataset_refused(results: dict[str, Any]) -> None:

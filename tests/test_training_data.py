@@ -234,6 +234,20 @@ def test_checkpoint_with_other_metrics_is_refused_at_load(tmp_path) -> None:
     np.testing.assert_array_equal(other.model.get_weights()[0][:, 0], W0)  # nothing restored
 
 
+def test_checkpoint_with_only_a_replica_count_is_refused_clearly(tmp_path) -> None:
+    # A distributed checkpoint written before the replica layout was recorded holds the count
+    # alone ("2"); reading it raised an unpacking ValueError instead of the refusal.
+    from tfreg.training import _Text
+
+    t = trainer(linear_model())
+    saved = tf.train.Checkpoint(model=t.model, replicas=tf.Module())
+    saved.replicas.count = _Text("2")
+    path = saved.write(str(tmp_path / "ckpt"))
+    with pytest.raises(InvalidArgumentError, match=r"on 2 replica\(s\), replicas per worker not "
+                       r"recorded.*Received: 1 replica\(s\)"):  # fmt: skip
+        t.checkpoint().read(path)
+
+
 class Recorder(keras.callbacks.Callback):
     def __init__(self) -> None:
         super().__init__()

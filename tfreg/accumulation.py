@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from tfreg._compat import tf
-from tfreg.distributed import local_variable, scatter_add
+from tfreg.distributed import local_variable, scatter_add, zero
 from tfreg_core.accumulation import COUNT_MESSAGE, check_add
 
 __all__ = ["AccumulatorState", "add", "init", "reset", "result"]
@@ -122,7 +122,7 @@ def result(state: AccumulatorState) -> list[tf.Tensor]:
 def reset(state: AccumulatorState) -> AccumulatorState:
     """Zero the sums and counters (after the update that consumed them)."""
     for acc in state.sums:
-        acc.assign(tf.zeros_like(acc))
-    state.count.assign(0.0)
-    state.micro_batches.assign(0)
+        zero(acc)
+    zero(state.count)
+    zero(state.micro_batches)
     return state

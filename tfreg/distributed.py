@@ -33,8 +33,9 @@ on any replica is non-finite in the reduced sum, so every replica skips (or rais
 The penalty is counted once, not ``R`` times.
 
 Checkpoints (``Trainer.checkpoint()``) hold each replica's partial window sums, so a resume
-mid-window is bitwise; they resume under the same strategy and device count (refused
-otherwise). Under ``MultiWorkerMirroredStrategy`` every worker writes and reads its own.
+mid-window is bitwise; they resume under the same strategy, replica count and replicas per
+worker, and under ``MultiWorkerMirroredStrategy`` every worker writes and reads its own (the
+checkpoint records the layout and worker index; anything else is refused before restoring).
 
 Differences from ``torch.distributed`` (``torchref.distributed``): ``batch_size`` is global here
 (Keras' convention) and per rank there (torch's); here the strategy owns the collectives and
@@ -47,9 +48,13 @@ Refused before training: a model whose variables were not created under the trai
 above, ``jit_compile=True`` (XLA does not compile ``strategy.run``), float16 loss scaling
 (untested under a strategy), a distributed dataset passed to ``Trainer.fit`` (pass the
 ``tf.data.Dataset`` of global micro-batches), and -- ``Trainer`` under
-``MultiWorkerMirroredStrategy`` -- workers passing different data sizes, ``batch_size`` or
-``accumulation_steps``. ``AccumulatingModel`` needs ``steps_per_execution=1`` under a
-strategy (the window closes between Keras steps).
+``MultiWorkerMirroredStrategy`` -- workers passing arrays of different sizes or a different
+``batch_size``, ``shuffle``, ``seed``, ``accumulation_steps`` or ``drop_remainder`` (a
+``tf.data`` pipeline or iterable is not compared: each worker must pass the same one), and
+workers starting ``fit`` from different weights, optimizer state or position (set or loaded
+on some workers only: the strategy broadcasts initial values, not later assignments).
+``AccumulatingModel`` needs ``steps_per_execution=1`` under a strategy (the window closes
+between Keras steps).
 A worker that raises leaves the others in a collective. One whose process exits is noticed at
 once (its socket closes: ``UnavailableError``, ~1 s); one that stays alive (stuck elsewhere, or
 catching the error) holds the others until the collective times out
@@ -64,18 +69,24 @@ micro-batch is copied to every device; on GPUs feed ``AccumulatingModel`` a ``tf
 pipeline (Keras distributes it) when that copy matters. Validation (``Trainer``) runs on each
 worker's first device on the full validation data. BatchNorm normalises each replica's share
 (Keras' ``synchronized=True`` for global statistics): not an exactness claim of this module.
+Random layers (``Dropout``, ``GaussianNoise``) draw from one ``SeedGenerator`` state that every
+replica holds a copy of, so every replica draws the same mask for its share (one device draws
+one mask for the whole micro-batch): the noise repeats across replicas, and a run with a
+Dropout model is not the one-device run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from tfreg._compat import keras, tf
+from tfreg_core.training import TrainerSpec
 from tfreg_core.validation import InvalidArgumentError
 
-__all__ = ["Replicas", "local_variable", "replicas", "scatter_add"]
+__all__ = ["Replicas", "local_variable", "replicas", "scatter_add", "zero"]
 
 _SUPPORTED = (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)
 _COLLECTIVE_FAILED = (
@@ -106,6 +117,15 @@ def local_variable(initial_value: Any, *, name: str | None = None, first: bool =
         synchronization=tf.VariableSynchronization.ON_READ,
         aggregation=aggregation,
     )
+
+
+def zero(variable: Any) -> None:
+    """Assign zeros to ``variable`` without reading it. Reading a replica-local (``ON_READ``)
+    sum in cross-replica context is a reduction over the replicas, and both
+    ``zeros_like(v)`` and ``assign``'s default ``read_value=True`` read it: under
+    ``MultiWorkerMirroredStrategy`` one more all-reduce per variable and update (8 besides the
+    update's one for a 2-layer model), in eager code a collective every worker must join."""
+    variable.assign(tf.zeros(variable.shape, variable.dtype), read_value=False)
 
 
 def scatter_add(variable: Any, slices: tf.IndexedSlices) -> None:
@@ -201,18 +221,42 @@ class Replicas:
         # Identical on every replica after the all-reduce: take this worker's first copy.
         return [self.strategy.experimental_local_results(r)[0] for r in reduced]
 
-    def check_plan(self, plan: Sequence[int], accumulation_steps: int) -> None:
-        """Every worker must cut the same windows from the same arrays (one collective per
-        ``fit``; the replicas of one process share the plan by construction)."""
+    def check_plan(self, plan: Sequence[int], spec: TrainerSpec) -> None:
+        """Every worker must cut the same windows from the same arrays in the same order (one
+        collective per ``fit``; the replicas of one process share the plan by construction):
+        a worker with another ``shuffle`` or ``seed`` would take its replicas' shares from
+        another order -- some examples trained twice, others never, silently."""
         if not isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
             return
-        num_examples, batch_size, _ = plan
-        if not self.same_everywhere([num_examples, batch_size, accumulation_steps]):
+        num_examples, batch_size, shuffle = plan
+        limbs = _digest([str(spec.seed).encode()])
+        steps, drop = spec.accumulation_steps, int(spec.drop_remainder)
+        if not self.same_everywhere([num_examples, batch_size, shuffle, steps, drop, *limbs]):
             raise InvalidArgumentError(
-                "Every worker must call fit with the same arrays (num_examples), batch_size and "
-                f"accumulation_steps. Received on worker {self._worker()}: num_examples="
-                f"{num_examples}, batch_size={batch_size}, accumulation_steps="
-                f"{accumulation_steps}"
+                "Every worker must call fit with the same arrays (num_examples), batch_size, "
+                "shuffle, seed, accumulation_steps and drop_remainder. Received on worker "
+                f"{self._worker()}: num_examples={num_examples}, batch_size={batch_size}, "
+                f"shuffle={bool(shuffle)}, seed={spec.seed}, accumulation_steps={steps}, "
+                f"drop_remainder={spec.drop_remainder}"
+            )
+
+    def check_state(self, variables: Sequence[Any]) -> None:
+        """Every worker must start ``fit`` from the same weights, optimizer state and position
+        (one collective per ``fit``). The strategy broadcasts a variable's initial value only;
+        weights set or loaded on some workers (``set_weights``, ``load_weights`` or a checkpoint
+        restored on the chief alone) would be updated by the same reduced gradient on each
+        worker from different values: replicas apart for good, silently."""
+        if not isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            return
+        # Eager reads of mirrored variables: this worker's first copy, no collective.
+        limbs = _digest([tf.convert_to_tensor(v).numpy().tobytes() for v in variables])
+        if not self.same_everywhere(limbs):
+            raise InvalidArgumentError(
+                "Every worker must start fit from the same model weights, optimizer state and "
+                "position: set, load or restore them on every worker alike "
+                "(MultiWorkerMirroredStrategy broadcasts only the initial values). Received on "
+                f"worker {self._worker()}: weights/optimizer/position that differ from another "
+                "worker's"
             )
 
     @contextlib.contextmanager
@@ -231,6 +275,14 @@ class Replicas:
     def _worker(self) -> int:
         resolver = self.strategy.cluster_resolver
         return 0 if resolver is None else int(resolver.task_id or 0)
+
+    def layout(self) -> tuple[int, int, int]:
+        """(replicas of all workers, replicas of this worker, this worker's index): what a
+        checkpoint of per-replica partial sums belongs to. ``MirroredStrategy`` on 2 devices and
+        ``MultiWorkerMirroredStrategy`` on 2 workers of 1 device both have 2 replicas in sync,
+        but the first saves 2 replicas' sums per file and the second 1."""
+        local = len(self.strategy.extended.worker_devices)
+        return self.num_replicas, local, self._worker()
 
     def same_everywhere(self, values: Sequence[int]) -> bool:
         """Whether ``values`` (host integers below 2**26) are equal on every worker (eager; a
@@ -253,6 +305,16 @@ class Replicas:
         """``fn()`` on every replica (cross-replica graph code): state that must be updated in
         replica context (Keras metrics under a strategy)."""
         return self.strategy.run(fn)
+
+
+def _digest(parts: Sequence[bytes]) -> list[int]:
+    # Four 16-bit limbs of a digest of `parts`: a fixed length on every worker, each limb
+    # within same_everywhere's exact range (a byte-level compare: one ulp apart differs).
+    hasher = hashlib.blake2b(digest_size=8)
+    for part in parts:
+        hasher.update(part)
+    digest = hasher.digest()
+    return [int.from_bytes(digest[i : i + 2], "little") for i in range(0, 8, 2)]
 
 
 def _share(values: Sequence[Any]) -> list[Any]:

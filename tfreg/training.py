@@ -58,7 +58,7 @@ from tfreg._losses import (
     output_names,
 )
 from tfreg._losses import per_example_loss as per_example_loss
-from tfreg.distributed import Replicas, local_variable, replicas
+from tfreg.distributed import Replicas, local_variable, replicas, zero
 from tfreg.penalties import penalty as _penalty
 from tfreg.proximal import PROXIMAL_CLASSES, Proximal
 from tfreg.regularizers import get as _get_regularizer
@@ -317,7 +317,7 @@ class _LossSums(tf.Module):
         if len(terms) > 1:
             values.update({f"{t.name}_loss": v for t, v in zip(terms, per_term, strict=True)})
         for total in self.sums:
-            total.assign(tf.zeros_like(total))
+            zero(total)
         return values
 
 
@@ -363,7 +363,7 @@ class _Window(tf.Module):
     def reset(self) -> None:
         """Zero the per-window metric sums (the loss sums reset in ``_LossSums.report``)."""
         for v in [self.weight_sum, *self.metric_sums]:
-            v.assign(tf.zeros_like(v))
+            zero(v)
 
 
 class _WindowHeader(tf.Module):
@@ -389,6 +389,18 @@ class _SeedStates(tf.Module):
 
 _NAMES_KEY = "window/metric_names/.ATTRIBUTES/py_state"
 _REPLICAS_KEY = "replicas/count/.ATTRIBUTES/py_state"
+_ONE_DEVICE = (1, 1, 0)  # the layout of a checkpoint without per-replica sums
+
+
+def _layout_text(layout: tuple[int, int, int]) -> str:
+    return "/".join(str(n) for n in layout)
+
+
+def _describe_layout(layout: tuple[int, ...]) -> str:
+    if len(layout) != 3:  # written before the layout was recorded: the replica count alone
+        return f"{layout[0]} replica(s), replicas per worker not recorded"
+    total, local, worker = layout
+    return f"{total} replica(s), {local} of them on worker {worker}"
 
 
 class _ReplicaLocal(tf.Module):
@@ -399,7 +411,7 @@ class _ReplicaLocal(tf.Module):
 
     def __init__(self, replicas: Replicas, variables: Sequence[Any]) -> None:
         super().__init__(name="replicas")
-        self.count = _Text(str(replicas.num_replicas))
+        self.count = _Text(_layout_text(replicas.layout()))
         per_variable = [replicas.strategy.experimental_local_results(v) for v in variables]
         self.local = [list(copies) for copies in zip(*per_variable, strict=True)]
 
@@ -409,10 +421,10 @@ class _TrainerCheckpoint(tf.train.Checkpoint):
     window sums belong to other ``metrics`` (they would be reported under the wrong names) or
     to another number of replicas (the partial sums are per replica)."""
 
-    def __init__(self, metrics: Sequence[str], num_replicas: int, **kwargs: Any) -> None:
+    def __init__(self, metrics: Sequence[str], layout: tuple[int, int, int], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._metrics = ",".join(metrics)
-        self._replicas = num_replicas
+        self._layout = layout
 
     def _check(self, path: str) -> None:
         reader = tf.train.load_checkpoint(path)
@@ -424,16 +436,20 @@ class _TrainerCheckpoint(tf.train.Checkpoint):
                     f"metrics={saved.split(',') if saved else []}. Build the Trainer with them. "
                     f"Received: metrics={self._metrics.split(',') if self._metrics else []}"
                 )
-        saved_replicas = (
-            int(reader.get_tensor(_REPLICAS_KEY).decode())
+        # The replicas in sync alone do not say whose partial sums the file holds: 2 devices
+        # of one process save both replicas', each of 2 workers its own replica's (restored
+        # across, one replica's sums would count twice or not at all, silently).
+        saved = (
+            tuple(int(n) for n in reader.get_tensor(_REPLICAS_KEY).decode().split("/"))
             if reader.has_tensor(_REPLICAS_KEY)
-            else 1
+            else _ONE_DEVICE
         )
-        if saved_replicas != self._replicas:
+        if saved != self._layout:
             raise InvalidArgumentError(
-                f"The checkpoint was saved by a Trainer on {saved_replicas} replica(s) (per "
-                "worker): its open window's partial sums are per replica. Resume under the same "
-                f"strategy and device count. Received: {self._replicas} replica(s)"
+                f"The checkpoint was saved by a Trainer on {_describe_layout(saved)}: its open "
+                "window's partial sums are per replica. Resume under the same strategy and "
+                "devices, each worker from its own checkpoint. Received: "
+                f"{_describe_layout(self._layout)}"
             )
 
     def read(self, save_path: str, options: Any = None) -> Any:
@@ -538,7 +554,7 @@ class _Engine:
         for acc in self.accs:
             accumulation.reset(acc)
         for total in self.window.losses.sums:
-            total.assign(tf.zeros_like(total))
+            zero(total)
         self.window.reset()
 
     def _eval(self, x: Any, y: Any, w: Any) -> tuple[tf.Tensor, ...]:
@@ -798,10 +814,10 @@ class Trainer:
         restoring anything.
 
         Under a strategy the open window's partial sums are saved per replica, so a resume
-        mid-window is bitwise too; it needs the same strategy and device count (refused
-        otherwise). Under ``MultiWorkerMirroredStrategy`` each worker writes and restores its
-        own checkpoint (its replicas' partial sums; model and optimizer are identical on every
-        worker), at the same point of training."""
+        mid-window is bitwise too; it needs the same strategy, replica count and replicas per
+        worker (refused otherwise). Under ``MultiWorkerMirroredStrategy`` each worker writes and
+        restores its own checkpoint (its replicas' partial sums; another worker's is refused;
+        model and optimizer are identical on every worker), at the same point of training."""
         self.build()
         engine = self._engine
         state: dict[str, Any] = {"model": self.model, "optimizer": self.optimizer}
@@ -818,8 +834,8 @@ class Trainer:
                 replicas=_ReplicaLocal(self._replicas, local),
                 window=_WindowHeader(engine.window),
             )
-        count = 1 if self._replicas is None else self._replicas.num_replicas
-        return _TrainerCheckpoint(self.spec.metrics, count, rng=engine.rng, **state)
+        layout = _ONE_DEVICE if self._replicas is None else self._replicas.layout()
+        return _TrainerCheckpoint(self.spec.metrics, layout, rng=engine.rng, **state)
 
     def fit(
         self,
@@ -883,9 +899,12 @@ class Trainer:
         if isinstance(data, StreamData) and isinstance(data.data, tf.data.Dataset):
             data.data = data.data.prefetch(tf.data.AUTOTUNE)
         if self._replicas is not None and isinstance(data, ArrayData):
-            self._replicas.check_plan(data.plan, self.spec.accumulation_steps)
+            self._replicas.check_plan(data.plan, self.spec)
         self.build(_input_shape(data))
         engine = self._engine
+        if self._replicas is not None:
+            state = [*self.model.weights, *self.optimizer.variables, engine.window.position]
+            self._replicas.check_state(state)
         return run_fit(
             engine,
             self,
@@ -1234,6 +1253,10 @@ class AccumulatingModel(keras.Model):
                 if self._pending >= self.spec.accumulation_steps:
                     self._apply_fn()
                     self._pending = 0
+                    # The step's logs were read before the window closed: the closing step
+                    # reports the window, as on one device (where it closes inside the step).
+                    trackers = (self._loss_tracker, self._data_loss_tracker)
+                    logs = {**logs, **{t.name: t.result() for t in trackers if t.name in logs}}
             return logs
 
         self.train_function = train_function
@@ -1272,7 +1295,7 @@ class AccumulatingModel(keras.Model):
             track()
         else:
             self._replicas.run_in_replicas(track)
-        self._window_examples.assign(tf.zeros_like(self._window_examples))
+        zero(self._window_examples)
         self._skipped.assign_add(tf.cast(tf.logical_not(finite), tf.int64))
         self._empty_windows.assign_add(tf.cast(values["elements"] == 0, tf.int64))
 
@@ -1285,8 +1308,8 @@ class AccumulatingModel(keras.Model):
             for acc in self._accs:
                 accumulation.reset(acc)
             for total in self._window_losses.sums:
-                total.assign(tf.zeros_like(total))
-            self._window_examples.assign(tf.zeros_like(self._window_examples))
+                zero(total)
+            zero(self._window_examples)
         else:
             self._apply_fn()
 
