@@ -1,6 +1,6 @@
 """State under MirroredStrategy (2 logical CPUs): tfreg.Trainer checkpoints (a resume
 mid-window is bitwise; another replica count is refused) and AccumulatingModel's evaluation
-(``val_loss`` equals the one-device value).
+(``val_loss`` equals the one-device value; a ``batch_size`` below the replica count is refused).
 
 The scenarios run in one subprocess (this file run as a script), because logical devices must
 be configured before TensorFlow starts; results come back as JSON. Bitwise means
@@ -109,7 +109,29 @@ def _scenarios(outdir: str) -> dict[str, Any]:
         # 7 examples in batches of 6: the last is split 1/0 over the replicas.
         return wrapper.evaluate(x[:7], y[:7], batch_size=6, verbose=0, return_dict=True)
 
+    def wrapper_batch_of_one() -> dict[str, Any]:
+        # batch_size=1 on 2 replicas: Keras fit builds on the first global batch summed across
+        # the replicas, which fails in TensorFlow when a share is empty (a plain model too).
+        with strategy.scope():
+            model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(3)])
+            wrapper = tfreg.AccumulatingModel(model, accumulation_steps=K)
+            wrapper.compile(
+                keras.optimizers.SGD(0.125),
+                keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            )
+        try:
+            wrapper.fit(x, y, batch_size=1, verbose=0)
+            error = None
+        except Exception as caught:  # the class is the finding: ours, not TensorFlow's
+            error = caught
+        return {
+            "class": f"{type(error).__module__}.{type(error).__name__}",
+            "message": str(error),
+            "iterations": int(wrapper.optimizer.iterations.numpy()),
+        }
+
     return {
+        "wrapper_batch_of_one": wrapper_batch_of_one(),
         "evaluate_one_device": evaluation(contextlib.nullcontext()),
         "evaluate_mirrored": evaluation(strategy.scope()),
         "uninterrupted": state(uninterrupted),
@@ -166,6 +188,13 @@ def test_accumulating_model_evaluate_equals_one_device(results: dict[str, Any]) 
     expected, actual = results["evaluate_one_device"], results["evaluate_mirrored"]
     assert set(actual) == {"loss"}  # no training-only data_loss (it would read 0)
     assert actual["loss"] == pytest.approx(expected["loss"], rel=1e-15)
+
+
+def test_accumulating_model_batch_smaller_than_replicas_refused(results: dict[str, Any]) -> None:
+    refusal = results["wrapper_batch_of_one"]
+    assert refusal["class"] == "tfreg_core.validation.InvalidArgumentError"
+    assert "Received: batch_size=1 on 2 replicas" in refusal["message"]
+    assert refusal["iterations"] == 0  # before any update
 
 
 def test_distributed_dataset_refused(results: dict[str, Any]) -> None:

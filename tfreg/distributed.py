@@ -49,7 +49,8 @@ above, ``jit_compile=True`` (XLA does not compile ``strategy.run``), float16 los
 ``tf.data.Dataset`` of global micro-batches), and -- ``Trainer`` under
 ``MultiWorkerMirroredStrategy`` -- workers passing different data sizes, ``batch_size`` or
 ``accumulation_steps``. ``AccumulatingModel`` needs ``steps_per_execution=1`` under a
-strategy (the window closes between Keras steps).
+strategy (the window closes between Keras steps) and a ``batch_size`` of at least the replica
+count (Keras' ``fit`` fails on an empty share in its first batch).
 A worker that raises leaves the others in a collective. One whose process exits is noticed at
 once (its socket closes: ``UnavailableError``, ~1 s); one that stays alive (stuck elsewhere, or
 catching the error) holds the others until the collective times out
@@ -165,6 +166,20 @@ class Replicas:
                 "MultiWorkerMirroredStrategy in this Keras version even without accumulation; "
                 "use tfreg.Trainer (exact under MultiWorkerMirroredStrategy) instead. "
                 "Received: strategy=MultiWorkerMirroredStrategy"
+            )
+
+    def check_keras_batch_size(self, batch_size: int | None) -> None:
+        """``AccumulatingModel.fit``'s ``batch_size`` (global) must give every replica an
+        example: Keras 3.15's ``fit`` builds its step on the first global batch summed across
+        the replicas, which fails in TensorFlow (``AddN`` of shapes ``[1, d]`` and ``[0, d]``)
+        when a replica's share is empty -- for a plain model too, before any update. Later short
+        batches are fine (Keras builds once). ``Trainer`` has no such limit."""
+        if batch_size is not None and batch_size < self.num_replicas:
+            raise InvalidArgumentError(
+                "Under a tf.distribute strategy batch_size is the global batch, split across the "
+                "replicas, and Keras fit needs at least one example per replica in it: use "
+                f"batch_size >= {self.num_replicas} (or tfreg.Trainer, which has no such limit). "
+                f"Received: batch_size={batch_size} on {self.num_replicas} replicas"
             )
 
     # -- per micro-batch (graph code) ----------------------------------------------------

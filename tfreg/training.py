@@ -41,6 +41,7 @@ are applied once per update.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import fields
 from typing import Any
@@ -1201,6 +1202,9 @@ class AccumulatingModel(keras.Model):
         if not self.model.built:
             raise ValueError("Build the wrapped model (e.g. with keras.Input) before fit().")
         self._build_state()
+        if self._replicas is not None:
+            bound = inspect.signature(keras.Model.fit).bind_partial(self, *args, **kwargs)
+            self._replicas.check_keras_batch_size(bound.arguments.get("batch_size"))
         return super().fit(*args, callbacks=[*(callbacks or []), _FlushAtEpochEnd()], **kwargs)
 
     def make_train_function(self, force: bool = False) -> Any:
