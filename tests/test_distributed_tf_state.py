@@ -109,9 +109,10 @@ def _scenarios(outdir: str) -> dict[str, Any]:
         # 7 examples in batches of 6: the last is split 1/0 over the replicas.
         return wrapper.evaluate(x[:7], y[:7], batch_size=6, verbose=0, return_dict=True)
 
-    def wrapper_batch_of_one() -> dict[str, Any]:
-        # batch_size=1 on 2 replicas: Keras fit builds on the first global batch summed across
-        # the replicas, which fails in TensorFlow when a share is empty (a plain model too).
+    def wrapper_batch_of_one(call: str, **kwargs: Any) -> dict[str, Any]:
+        # A global batch of 1 on 2 replicas: Keras fit/evaluate build on the first global batch
+        # summed across the replicas, which fails in TensorFlow when a share is empty (a plain
+        # model too; in fit's validation only after the epoch's updates).
         with strategy.scope():
             model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(3)])
             wrapper = tfreg.AccumulatingModel(model, accumulation_steps=K)
@@ -120,7 +121,7 @@ def _scenarios(outdir: str) -> dict[str, Any]:
                 keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             )
         try:
-            wrapper.fit(x, y, batch_size=1, verbose=0)
+            getattr(wrapper, call)(x, y, verbose=0, **kwargs)
             error = None
         except Exception as caught:  # the class is the finding: ours, not TensorFlow's
             error = caught
@@ -131,7 +132,13 @@ def _scenarios(outdir: str) -> dict[str, Any]:
         }
 
     return {
-        "wrapper_batch_of_one": wrapper_batch_of_one(),
+        "wrapper_batch_of_one": {
+            "fit-batch_size": wrapper_batch_of_one("fit", batch_size=1),
+            "fit-validation_batch_size": wrapper_batch_of_one(
+                "fit", batch_size=BATCH, validation_data=(x, y), validation_batch_size=1
+            ),
+            "evaluate-batch_size": wrapper_batch_of_one("evaluate", batch_size=1),
+        },
         "evaluate_one_device": evaluation(contextlib.nullcontext()),
         "evaluate_mirrored": evaluation(strategy.scope()),
         "uninterrupted": state(uninterrupted),
@@ -190,10 +197,16 @@ def test_accumulating_model_evaluate_equals_one_device(results: dict[str, Any]) 
     assert actual["loss"] == pytest.approx(expected["loss"], rel=1e-15)
 
 
-def test_accumulating_model_batch_smaller_than_replicas_refused(results: dict[str, Any]) -> None:
-    refusal = results["wrapper_batch_of_one"]
+@pytest.mark.parametrize(
+    "case", ["fit-batch_size", "fit-validation_batch_size", "evaluate-batch_size"]
+)
+def test_accumulating_model_batch_smaller_than_replicas_refused(
+    results: dict[str, Any], case: str
+) -> None:
+    refusal = results["wrapper_batch_of_one"][case]
+    argument = case.split("-")[1]
     assert refusal["class"] == "tfreg_core.validation.InvalidArgumentError"
-    assert "Received: batch_size=1 on 2 replicas" in refusal["message"]
+    assert f"Received: {argument}=1 on 2 replicas" in refusal["message"]
     assert refusal["iterations"] == 0  # before any update
 
 

@@ -49,8 +49,9 @@ above, ``jit_compile=True`` (XLA does not compile ``strategy.run``), float16 los
 ``tf.data.Dataset`` of global micro-batches), and -- ``Trainer`` under
 ``MultiWorkerMirroredStrategy`` -- workers passing different data sizes, ``batch_size`` or
 ``accumulation_steps``. ``AccumulatingModel`` needs ``steps_per_execution=1`` under a
-strategy (the window closes between Keras steps) and a ``batch_size`` of at least the replica
-count (Keras' ``fit`` fails on an empty share in its first batch).
+strategy (the window closes between Keras steps), and ``batch_size``/``validation_batch_size``
+of at least the replica count (Keras' ``fit``/``evaluate`` fail on an empty share in the first
+batch).
 A worker that raises leaves the others in a collective. One whose process exits is noticed at
 once (its socket closes: ``UnavailableError``, ~1 s); one that stays alive (stuck elsewhere, or
 catching the error) holds the others until the collective times out
@@ -168,19 +169,22 @@ class Replicas:
                 "Received: strategy=MultiWorkerMirroredStrategy"
             )
 
-    def check_keras_batch_size(self, batch_size: int | None) -> None:
-        """``AccumulatingModel.fit``'s ``batch_size`` (global) must give every replica an
-        example: Keras 3.15's ``fit`` builds its step on the first global batch summed across
-        the replicas, which fails in TensorFlow (``AddN`` of shapes ``[1, d]`` and ``[0, d]``)
-        when a replica's share is empty -- for a plain model too, before any update. Later short
-        batches are fine (Keras builds once). ``Trainer`` has no such limit."""
-        if batch_size is not None and batch_size < self.num_replicas:
-            raise InvalidArgumentError(
-                "Under a tf.distribute strategy batch_size is the global batch, split across the "
-                "replicas, and Keras fit needs at least one example per replica in it: use "
-                f"batch_size >= {self.num_replicas} (or tfreg.Trainer, which has no such limit). "
-                f"Received: batch_size={batch_size} on {self.num_replicas} replicas"
-            )
+    def check_keras_batch_sizes(self, method: str, arguments: dict[str, Any]) -> None:
+        """``AccumulatingModel.fit``/``evaluate``'s ``batch_size`` and ``validation_batch_size``
+        (global) must give every replica an example: Keras 3.15's ``fit`` and ``evaluate`` build
+        their step on the first global batch summed across the replicas, which fails in
+        TensorFlow (``AddN`` of shapes ``[1, d]`` and ``[0, d]``) when a replica's share is
+        empty -- for a plain model too; in ``fit``'s validation only after the epoch's updates.
+        Later short batches are fine (the step is built once). ``Trainer`` has no such limit."""
+        for name in ("batch_size", "validation_batch_size"):
+            size = arguments.get(name)
+            if size is not None and size < self.num_replicas:
+                raise InvalidArgumentError(
+                    f"Under a tf.distribute strategy {name} is the global batch, split across "
+                    f"the replicas, and Keras {method} needs at least one example per replica "
+                    f"in it: use {name} >= {self.num_replicas} (or tfreg.Trainer, which has no "
+                    f"such limit). Received: {name}={size} on {self.num_replicas} replicas"
+                )
 
     # -- per micro-batch (graph code) ----------------------------------------------------
 

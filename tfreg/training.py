@@ -1167,11 +1167,17 @@ class AccumulatingModel(keras.Model):
         return metrics
 
     def evaluate(self, *args: Any, **kwargs: Any) -> Any:
+        self._check_batch_sizes(keras.Model.evaluate, args, kwargs)
         self._evaluating = True
         try:
             return super().evaluate(*args, **kwargs)
         finally:
             self._evaluating = False
+
+    def _check_batch_sizes(self, method: Callable[..., Any], args: Any, kwargs: Any) -> None:
+        if self._replicas is not None:
+            bound = inspect.signature(method).bind_partial(self, *args, **kwargs)
+            self._replicas.check_keras_batch_sizes(method.__name__, bound.arguments)
 
     def _build_state(self) -> None:
         if self._accs is not None:
@@ -1202,9 +1208,7 @@ class AccumulatingModel(keras.Model):
         if not self.model.built:
             raise ValueError("Build the wrapped model (e.g. with keras.Input) before fit().")
         self._build_state()
-        if self._replicas is not None:
-            bound = inspect.signature(keras.Model.fit).bind_partial(self, *args, **kwargs)
-            self._replicas.check_keras_batch_size(bound.arguments.get("batch_size"))
+        self._check_batch_sizes(keras.Model.fit, args, kwargs)
         return super().fit(*args, callbacks=[*(callbacks or []), _FlushAtEpochEnd()], **kwargs)
 
     def make_train_function(self, force: bool = False) -> Any:
