@@ -1,6 +1,7 @@
 """State under MirroredStrategy (2 logical CPUs): tfreg.Trainer checkpoints (a resume
 mid-window is bitwise; another replica count is refused) and AccumulatingModel's evaluation
-(``val_loss`` equals the one-device value; a ``batch_size`` below the replica count is refused).
+(``val_loss`` equals the one-device value; a ``batch_size`` below the replica count is refused),
+and ``fit`` called inside ``strategy.scope()`` (the usual Keras pattern) equal to outside it.
 
 The scenarios run in one subprocess (this file run as a script), because logical devices must
 be configured before TensorFlow starts; results come back as JSON. Bitwise means
@@ -70,6 +71,11 @@ def _scenarios(outdir: str) -> dict[str, Any]:
 
     uninterrupted = trainer(strategy.scope())
     history = fit(uninterrupted)
+    # The usual Keras pattern: fit called inside the scope too (the update is traced there in
+    # cross-replica context; the optimizer's merge_call and the penalty gradient failed).
+    inside = trainer(strategy.scope())
+    with strategy.scope():
+        fit(inside)
     first = trainer(strategy.scope())
     fit(first, callbacks=[Stop()])
     path = first.checkpoint().write(os.path.join(outdir, "mid_window"))
@@ -109,6 +115,23 @@ def _scenarios(outdir: str) -> dict[str, Any]:
         # 7 examples in batches of 6: the last is split 1/0 over the replicas.
         return wrapper.evaluate(x[:7], y[:7], batch_size=6, verbose=0, return_dict=True)
 
+    def wrapper_fit(inside_scope: bool) -> list[list[float]]:
+        keras.utils.set_random_seed(1)
+        with strategy.scope():
+            model = keras.Sequential(
+                [keras.Input((3,)), keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(3)]
+            )
+            wrapper = tfreg.AccumulatingModel(
+                model, accumulation_steps=K, regularizer=tfreg.L2(2.0**-7)
+            )
+            wrapper.compile(
+                keras.optimizers.Adam(0.125),
+                keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            )
+        with strategy.scope() if inside_scope else contextlib.nullcontext():
+            wrapper.fit(x, y, sample_weight=w, batch_size=BATCH, epochs=2, verbose=0)
+        return [v.numpy().ravel().tolist() for v in model.trainable_variables]
+
     def wrapper_batch_of_one(call: str, **kwargs: Any) -> dict[str, Any]:
         # A global batch of 1 on 2 replicas: Keras fit/evaluate build on the first global batch
         # summed across the replicas, which fails in TensorFlow when a share is empty (a plain
@@ -132,6 +155,9 @@ def _scenarios(outdir: str) -> dict[str, Any]:
         }
 
     return {
+        "inside_scope": state(inside),
+        "wrapper_outside_scope": wrapper_fit(inside_scope=False),
+        "wrapper_inside_scope": wrapper_fit(inside_scope=True),
         "wrapper_batch_of_one": {
             "fit-batch_size": wrapper_batch_of_one("fit", batch_size=1),
             "fit-validation_batch_size": wrapper_batch_of_one(
@@ -173,6 +199,19 @@ def test_resume_mid_window_is_bitwise(results: dict[str, Any]) -> None:
         assert np.array_equal(resumed, uninterrupted)
     # The update records after the resume: the same losses, to the bit.
     assert results["resumed_records"] == results["records"]
+
+
+@pytest.mark.parametrize(
+    ("inside", "outside"),
+    [("inside_scope", "uninterrupted"), ("wrapper_inside_scope", "wrapper_outside_scope")],
+    ids=["trainer", "accumulating-model"],
+)
+def test_fit_inside_the_scope_equals_fit_outside_it(
+    results: dict[str, Any], inside: str, outside: str
+) -> None:
+    # Bitwise: the update is traced as outside the scope, so the same graph runs.
+    for a, b in zip(results[inside], results[outside], strict=True):
+        assert np.array_equal(a, b)
 
 
 @pytest.mark.parametrize(

@@ -77,7 +77,7 @@ from typing import Any
 from tfreg._compat import keras, tf
 from tfreg_core.validation import InvalidArgumentError
 
-__all__ = ["Replicas", "local_variable", "replicas", "scatter_add"]
+__all__ = ["Replicas", "local_variable", "replicas", "scatter_add", "update_function"]
 
 _SUPPORTED = (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)
 _COLLECTIVE_FAILED = (
@@ -119,6 +119,32 @@ def scatter_add(variable: Any, slices: tf.IndexedSlices) -> None:
         return
     rows = tf.TensorShape(variable.shape)[0]
     variable.assign_add(tf.math.unsorted_segment_sum(slices.values, slices.indices, rows))
+
+
+def update_function(fn: Callable[[], Any], replicas: Replicas | None, **kwargs: Any) -> Any:
+    """``tf.function(fn, **kwargs)`` for an update (cross-replica graph code); under a strategy
+    traced as when ``fit`` is called outside ``strategy.scope()``, also when the user calls it
+    inside (the usual Keras pattern). Inside the scope, in cross-replica context, Keras' code
+    fails: its TensorFlow optimizer applies through ``maybe_merge_call``, which asks the replica
+    context -- ``None`` there -- for a ``merge_call`` (``AttributeError: 'NoneType' object has
+    no attribute 'merge_call'``), and the penalty's gradient reads a mirrored variable's
+    ``handle``, refused there. Outside it the optimizer calls ``strategy.extended.update``
+    directly (which enters the variables' strategy itself), and the collectives go through
+    ``strategy.run`` either way: the tested path. Only the traced graph's copy of the
+    distribution stack is emptied (a ``tf.function`` traces with its own copy)."""
+    if replicas is None:
+        return tf.function(fn, **kwargs)
+
+    def outside_scope() -> Any:
+        graph = tf.compat.v1.get_default_graph()
+        stack = graph._distribution_strategy_stack  # no public way to leave a scope
+        graph._distribution_strategy_stack = []
+        try:
+            return fn()
+        finally:
+            graph._distribution_strategy_stack = stack
+
+    return tf.function(outside_scope, **kwargs)
 
 
 def _distributed(variable: Any) -> bool:

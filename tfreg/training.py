@@ -59,7 +59,7 @@ from tfreg._losses import (
     output_names,
 )
 from tfreg._losses import per_example_loss as per_example_loss
-from tfreg.distributed import Replicas, local_variable, replicas
+from tfreg.distributed import Replicas, local_variable, replicas, update_function
 from tfreg.penalties import penalty as _penalty
 from tfreg.proximal import PROXIMAL_CLASSES, Proximal
 from tfreg.regularizers import get as _get_regularizer
@@ -503,7 +503,7 @@ class _Engine:
         self.after_step = _proximal_step(proximal, model, optimizer)
         self.micro_fns: dict[Any, Any] = {}
         self.eval_fns: dict[Any, Any] = {}
-        self.apply_fn = tf.function(self._apply, jit_compile=spec.jit_compile)
+        self.apply_fn = update_function(self._apply, self.replicas, jit_compile=spec.jit_compile)
 
     def _traced(self, cache: dict[Any, Any], fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         """``fn`` as a ``tf.function`` with nested ``TensorSpec`` s of ``args`` (one trace per
@@ -1191,7 +1191,7 @@ class AccumulatingModel(keras.Model):
             self._skipped = tf.Variable(tf.constant(0, tf.int64), trainable=False)
             self._empty_windows = tf.Variable(tf.constant(0, tf.int64), trainable=False)
             self.optimizer.build(variables)
-        self._apply_fn = tf.function(self._apply_window)
+        self._apply_fn = update_function(self._apply_window, self._replicas)
 
     @property
     def skipped_updates(self) -> int:
