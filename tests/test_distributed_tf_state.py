@@ -1,6 +1,7 @@
 """State under MirroredStrategy (2 logical CPUs): tfreg.Trainer checkpoints (a resume
 mid-window is bitwise; another replica count is refused) and AccumulatingModel's evaluation
-(``val_loss`` equals the one-device value).
+(``val_loss`` equals the one-device value; a ``batch_size`` below the replica count is refused),
+and ``fit`` called inside ``strategy.scope()`` (the usual Keras pattern) equal to outside it.
 
 The scenarios run in one subprocess (this file run as a script), because logical devices must
 be configured before TensorFlow starts; results come back as JSON. Bitwise means
@@ -75,6 +76,11 @@ def _scenarios(outdir: str) -> dict[str, Any]:
 
     uninterrupted = trainer(strategy.scope())
     history = fit(uninterrupted)
+    # The usual Keras pattern: fit called inside the scope too (the update is traced there in
+    # cross-replica context; the optimizer's merge_call and the penalty gradient failed).
+    inside = trainer(strategy.scope())
+    with strategy.scope():
+        fit(inside)
     first = trainer(strategy.scope())
     fit(first, callbacks=[Stop()])
     path = first.checkpoint().write(os.path.join(outdir, "mid_window"))
@@ -140,7 +146,56 @@ def _scenarios(outdir: str) -> dict[str, Any]:
         )
         return recorder.losses
 
+    def wrapper_fit(inside_scope: bool) -> list[list[float]]:
+        keras.utils.set_random_seed(1)
+        with strategy.scope():
+            model = keras.Sequential(
+                [keras.Input((3,)), keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(3)]
+            )
+            wrapper = tfreg.AccumulatingModel(
+                model, accumulation_steps=K, regularizer=tfreg.L2(2.0**-7)
+            )
+            wrapper.compile(
+                keras.optimizers.Adam(0.125),
+                keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            )
+        with strategy.scope() if inside_scope else contextlib.nullcontext():
+            wrapper.fit(x, y, sample_weight=w, batch_size=BATCH, epochs=2, verbose=0)
+        return [v.numpy().ravel().tolist() for v in model.trainable_variables]
+
+    def wrapper_batch_of_one(call: str, **kwargs: Any) -> dict[str, Any]:
+        # A global batch of 1 on 2 replicas: Keras fit/evaluate build on the first global batch
+        # summed across the replicas, which fails in TensorFlow when a share is empty (a plain
+        # model too; in fit's validation only after the epoch's updates).
+        with strategy.scope():
+            model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(3)])
+            wrapper = tfreg.AccumulatingModel(model, accumulation_steps=K)
+            wrapper.compile(
+                keras.optimizers.SGD(0.125),
+                keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            )
+        try:
+            getattr(wrapper, call)(x, y, verbose=0, **kwargs)
+            error = None
+        except Exception as caught:  # the class is the finding: ours, not TensorFlow's
+            error = caught
+        return {
+            "class": f"{type(error).__module__}.{type(error).__name__}",
+            "message": str(error),
+            "iterations": int(wrapper.optimizer.iterations.numpy()),
+        }
+
     return {
+        "inside_scope": state(inside),
+        "wrapper_outside_scope": wrapper_fit(inside_scope=False),
+        "wrapper_inside_scope": wrapper_fit(inside_scope=True),
+        "wrapper_batch_of_one": {
+            "fit-batch_size": wrapper_batch_of_one("fit", batch_size=1),
+            "fit-validation_batch_size": wrapper_batch_of_one(
+                "fit", batch_size=BATCH, validation_data=(x, y), validation_batch_size=1
+            ),
+            "evaluate-batch_size": wrapper_batch_of_one("evaluate", batch_size=1),
+        },
         "batch_losses_one_device": batch_losses(contextlib.nullcontext()),
         "batch_losses_mirrored": batch_losses(strategy.scope()),
         "evaluate_one_device": evaluation(contextlib.nullcontext()),
@@ -180,6 +235,19 @@ def test_resume_mid_window_is_bitwise(results: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize(
+    ("inside", "outside"),
+    [("inside_scope", "uninterrupted"), ("wrapper_inside_scope", "wrapper_outside_scope")],
+    ids=["trainer", "accumulating-model"],
+)
+def test_fit_inside_the_scope_equals_fit_outside_it(
+    results: dict[str, Any], inside: str, outside: str
+) -> None:
+    # Bitwise: the update is traced as outside the scope, so the same graph runs.
+    for a, b in zip(results[inside], results[outside], strict=True):
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize(
     ("case", "saved", "now"),
     [("two_into_one", "2 replica", "1 replica"), ("one_into_two", "1 replica", "2 replica")],
     ids=["2-replicas-into-1-device", "1-device-into-2-replicas"],
@@ -209,6 +277,19 @@ def test_accumulating_model_step_logs_equal_one_device(results: dict[str, Any]) 
     expected, actual = results["batch_losses_one_device"], results["batch_losses_mirrored"]
     assert len(actual) == len(expected) == 6  # 23 examples in micro-batches of 4
     assert actual == pytest.approx(expected, rel=EXACT.rtol)
+
+
+@pytest.mark.parametrize(
+    "case", ["fit-batch_size", "fit-validation_batch_size", "evaluate-batch_size"]
+)
+def test_accumulating_model_batch_smaller_than_replicas_refused(
+    results: dict[str, Any], case: str
+) -> None:
+    refusal = results["wrapper_batch_of_one"][case]
+    argument = case.split("-")[1]
+    assert refusal["class"] == "tfreg_core.validation.InvalidArgumentError"
+    assert f"Received: {argument}=1 on 2 replicas" in refusal["message"]
+    assert refusal["iterations"] == 0  # before any update
 
 
 def test_distributed_dataset_refused(results: dict[str, Any]) -> None:

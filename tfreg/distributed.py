@@ -54,7 +54,8 @@ above, ``jit_compile=True`` (XLA does not compile ``strategy.run``), float16 los
 workers starting ``fit`` from different weights, optimizer state or position (set or loaded
 on some workers only: the strategy broadcasts initial values, not later assignments).
 ``AccumulatingModel`` needs ``steps_per_execution=1`` under a strategy (the window closes
-between Keras steps).
+between Keras steps), and ``batch_size``/``validation_batch_size`` of at least the replica
+count (Keras' ``fit``/``evaluate`` fail on an empty share in the first batch).
 A worker that raises leaves the others in a collective. One whose process exits is noticed at
 once (its socket closes: ``UnavailableError``, ~1 s); one that stays alive (stuck elsewhere, or
 catching the error) holds the others until the collective times out
@@ -86,7 +87,7 @@ from tfreg._compat import keras, tf
 from tfreg_core.training import TrainerSpec
 from tfreg_core.validation import InvalidArgumentError
 
-__all__ = ["Replicas", "local_variable", "replicas", "scatter_add", "zero"]
+__all__ = ["Replicas", "local_variable", "replicas", "scatter_add", "update_function", "zero"]
 
 _SUPPORTED = (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)
 _COLLECTIVE_FAILED = (
@@ -139,6 +140,32 @@ def scatter_add(variable: Any, slices: tf.IndexedSlices) -> None:
     variable.assign_add(tf.math.unsorted_segment_sum(slices.values, slices.indices, rows))
 
 
+def update_function(fn: Callable[[], Any], replicas: Replicas | None, **kwargs: Any) -> Any:
+    """``tf.function(fn, **kwargs)`` for an update (cross-replica graph code); under a strategy
+    traced as when ``fit`` is called outside ``strategy.scope()``, also when the user calls it
+    inside (the usual Keras pattern). Inside the scope, in cross-replica context, Keras' code
+    fails: its TensorFlow optimizer applies through ``maybe_merge_call``, which asks the replica
+    context -- ``None`` there -- for a ``merge_call`` (``AttributeError: 'NoneType' object has
+    no attribute 'merge_call'``), and the penalty's gradient reads a mirrored variable's
+    ``handle``, refused there. Outside it the optimizer calls ``strategy.extended.update``
+    directly (which enters the variables' strategy itself), and the collectives go through
+    ``strategy.run`` either way: the tested path. Only the traced graph's copy of the
+    distribution stack is emptied (a ``tf.function`` traces with its own copy)."""
+    if replicas is None:
+        return tf.function(fn, **kwargs)
+
+    def outside_scope() -> Any:
+        graph = tf.compat.v1.get_default_graph()
+        stack = graph._distribution_strategy_stack  # no public way to leave a scope
+        graph._distribution_strategy_stack = []
+        try:
+            return fn()
+        finally:
+            graph._distribution_strategy_stack = stack
+
+    return tf.function(outside_scope, **kwargs)
+
+
 def _distributed(variable: Any) -> bool:
     # A Keras variable wraps the tf.Variable in `.value` (a tf.Variable's `value` is a method).
     value = variable.value if isinstance(variable, keras.Variable) else variable
@@ -186,6 +213,23 @@ class Replicas:
                 "use tfreg.Trainer (exact under MultiWorkerMirroredStrategy) instead. "
                 "Received: strategy=MultiWorkerMirroredStrategy"
             )
+
+    def check_keras_batch_sizes(self, method: str, arguments: dict[str, Any]) -> None:
+        """``AccumulatingModel.fit``/``evaluate``'s ``batch_size`` and ``validation_batch_size``
+        (global) must give every replica an example: Keras 3.15's ``fit`` and ``evaluate`` build
+        their step on the first global batch summed across the replicas, which fails in
+        TensorFlow (``AddN`` of shapes ``[1, d]`` and ``[0, d]``) when a replica's share is
+        empty -- for a plain model too; in ``fit``'s validation only after the epoch's updates.
+        Later short batches are fine (the step is built once). ``Trainer`` has no such limit."""
+        for name in ("batch_size", "validation_batch_size"):
+            size = arguments.get(name)
+            if size is not None and size < self.num_replicas:
+                raise InvalidArgumentError(
+                    f"Under a tf.distribute strategy {name} is the global batch, split across "
+                    f"the replicas, and Keras {method} needs at least one example per replica "
+                    f"in it: use {name} >= {self.num_replicas} (or tfreg.Trainer, which has no "
+                    f"such limit). Received: {name}={size} on {self.num_replicas} replicas"
+                )
 
     # -- per micro-batch (graph code) ----------------------------------------------------
 

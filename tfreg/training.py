@@ -41,6 +41,7 @@ are applied once per update.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import fields
 from typing import Any
@@ -58,7 +59,7 @@ from tfreg._losses import (
     output_names,
 )
 from tfreg._losses import per_example_loss as per_example_loss
-from tfreg.distributed import Replicas, local_variable, replicas, zero
+from tfreg.distributed import Replicas, local_variable, replicas, update_function, zero
 from tfreg.penalties import penalty as _penalty
 from tfreg.proximal import PROXIMAL_CLASSES, Proximal
 from tfreg.regularizers import get as _get_regularizer
@@ -518,7 +519,7 @@ class _Engine:
         self.after_step = _proximal_step(proximal, model, optimizer)
         self.micro_fns: dict[Any, Any] = {}
         self.eval_fns: dict[Any, Any] = {}
-        self.apply_fn = tf.function(self._apply, jit_compile=spec.jit_compile)
+        self.apply_fn = update_function(self._apply, self.replicas, jit_compile=spec.jit_compile)
 
     def _traced(self, cache: dict[Any, Any], fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         """``fn`` as a ``tf.function`` with nested ``TensorSpec`` s of ``args`` (one trace per
@@ -1185,11 +1186,17 @@ class AccumulatingModel(keras.Model):
         return metrics
 
     def evaluate(self, *args: Any, **kwargs: Any) -> Any:
+        self._check_batch_sizes(keras.Model.evaluate, args, kwargs)
         self._evaluating = True
         try:
             return super().evaluate(*args, **kwargs)
         finally:
             self._evaluating = False
+
+    def _check_batch_sizes(self, method: Callable[..., Any], args: Any, kwargs: Any) -> None:
+        if self._replicas is not None:
+            bound = inspect.signature(method).bind_partial(self, *args, **kwargs)
+            self._replicas.check_keras_batch_sizes(method.__name__, bound.arguments)
 
     def _build_state(self) -> None:
         if self._accs is not None:
@@ -1203,7 +1210,7 @@ class AccumulatingModel(keras.Model):
             self._skipped = tf.Variable(tf.constant(0, tf.int64), trainable=False)
             self._empty_windows = tf.Variable(tf.constant(0, tf.int64), trainable=False)
             self.optimizer.build(variables)
-        self._apply_fn = tf.function(self._apply_window)
+        self._apply_fn = update_function(self._apply_window, self._replicas)
 
     @property
     def skipped_updates(self) -> int:
@@ -1220,6 +1227,7 @@ class AccumulatingModel(keras.Model):
         if not self.model.built:
             raise ValueError("Build the wrapped model (e.g. with keras.Input) before fit().")
         self._build_state()
+        self._check_batch_sizes(keras.Model.fit, args, kwargs)
         return super().fit(*args, callbacks=[*(callbacks or []), _FlushAtEpochEnd()], **kwargs)
 
     def make_train_function(self, force: bool = False) -> Any:
