@@ -116,6 +116,9 @@ REFUSED = {
     "shuffle": SAME_PLAN,
     "seed": SAME_PLAN,
     "weights": "Every worker must start fit from the same model weights",
+    # A per-worker dataset.shard(): each replica would take its share of its own worker's
+    # batches, training on half the examples; compared at the first micro-batch.
+    "shard": "Every worker must pass the same stream of global micro-batches",
 }
 
 
@@ -162,6 +165,16 @@ def _scenarios(worker: int, strategy: Any) -> dict[str, Any]:
     snapshots = _Snapshots(model)
     history = t.fit(x, y, batch_size=6, shuffle=False, verbose=0, callbacks=[snapshots])
     out["nan"] = {"weights": snapshots.weights, "skipped": [r["skipped"] for r in history.records]}
+    x, y, sw = data(23, seed=6)  # the same tf.data pipeline on both workers == the arrays
+    for source in ("arrays", "dataset"):
+        with strategy.scope():
+            model = mlp()
+            t = trainer(model, 2)
+        if source == "arrays":
+            t.fit(x, y, batch_size=6, sample_weight=sw, shuffle=False, verbose=0)
+        else:
+            t.fit(tf.data.Dataset.from_tensor_slices((x, y, sw)).batch(6), verbose=0)
+        out[f"stream-{source}"] = model.get_weights()
     out["refused"] = {}  # raised on every worker before any update
     for case in REFUSED:
         with strategy.scope():
@@ -173,7 +186,12 @@ def _scenarios(worker: int, strategy: Any) -> dict[str, Any]:
         x, y, _ = data(16 + worker * (case == "length"))
         batch_size = 8 + 2 * worker * (case == "batch_size")
         try:
-            t.fit(x, y, batch_size=batch_size, shuffle=worker == 0 or case != "shuffle", verbose=0)
+            if case == "shard":
+                stream = tf.data.Dataset.from_tensor_slices((x, y)).shard(WORLD, worker)
+                t.fit(stream.batch(batch_size), verbose=0)
+            else:
+                shuffle = worker == 0 or case != "shuffle"
+                t.fit(x, y, batch_size=batch_size, shuffle=shuffle, verbose=0)
         except InvalidArgumentError as error:
             unchanged = all(
                 np.array_equal(a, b) for a, b in zip(model.get_weights(), before, strict=True)
@@ -479,6 +497,12 @@ def test_nonfinite_share_on_one_worker_skips_everywhere(workers) -> None:
     assert_bit_identical(workers[0]["nan"]["weights"][1], workers[1]["nan"]["weights"][1])
 
 
+def test_same_dataset_on_every_worker_equals_arrays(workers) -> None:
+    for w in workers:
+        assert_weights_close(w["stream-dataset"], w["stream-arrays"])
+    assert_bit_identical(workers[0]["stream-dataset"], workers[1]["stream-dataset"])
+
+
 @pytest.mark.parametrize("case", REFUSED)
 def test_workers_with_different_data_are_refused_before_any_update(workers, case) -> None:
     for index, w in enumerate(workers):
@@ -524,7 +548,7 @@ def test_worker_that_raises_fails_the_other_within_bounded_time() -> None:
     first, second = values(run_workers("fault"))
     assert second["error"] == "ValueError: worker 1 fails on purpose"
     assert first["error"] is not None, "worker 0 finished although worker 1 raised"
-    assert "another worker raised, exited or timed out" in first["error"]
+    assert "another worker raised, exited, stopped early" in first["error"]
     detected = first["detected_after"]
     timeout = COLLECTIVE_TIMEOUT_S["fault"]
     assert timeout - 1 <= detected <= timeout + 20, first

@@ -50,7 +50,8 @@ above, ``jit_compile=True`` (XLA does not compile ``strategy.run``), float16 los
 ``tf.data.Dataset`` of global micro-batches), and -- ``Trainer`` under
 ``MultiWorkerMirroredStrategy`` -- workers passing arrays of different sizes or a different
 ``batch_size``, ``shuffle``, ``seed``, ``accumulation_steps`` or ``drop_remainder`` (a
-``tf.data`` pipeline or iterable is not compared: each worker must pass the same one), and
+``tf.data`` pipeline or iterable is compared at its first micro-batch and its length, once
+per ``fit``: each worker must pass the same one, unsharded), and
 workers starting ``fit`` from different weights, optimizer state or position (set or loaded
 on some workers only: the strategy broadcasts initial values, not later assignments).
 ``AccumulatingModel`` needs ``steps_per_execution=1`` under a strategy (the window closes
@@ -83,6 +84,8 @@ import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
+
 from tfreg._compat import keras, tf
 from tfreg_core.training import TrainerSpec
 from tfreg_core.validation import InvalidArgumentError
@@ -92,8 +95,9 @@ __all__ = ["Replicas", "local_variable", "replicas", "scatter_add", "update_func
 _SUPPORTED = (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)
 _COLLECTIVE_FAILED = (
     "A collective of tfreg.Trainer failed on worker {worker} of MultiWorkerMirroredStrategy: "
-    "another worker raised, exited or timed out (CommunicationOptions(timeout_seconds=...) on "
-    "the strategy bounds the wait). Original error: {error}"
+    "another worker raised, exited, stopped early (stop_training or a callback on some workers "
+    "only) or timed out (CommunicationOptions(timeout_seconds=...) on the strategy bounds the "
+    "wait). Original error: {error}"
 )
 # What a collective raises when a peer is gone: its socket closed (Unavailable), the strategy's
 # timeout (DeadlineExceeded), or a collective aborted by an earlier failure (Cancelled/Aborted).
@@ -282,6 +286,29 @@ class Replicas:
                 f"{self._worker()}: num_examples={num_examples}, batch_size={batch_size}, "
                 f"shuffle={bool(shuffle)}, seed={spec.seed}, accumulation_steps={steps}, "
                 f"drop_remainder={spec.drop_remainder}"
+            )
+
+    def check_stream(self, element: Sequence[Any], length: int) -> None:
+        """A stream (a ``tf.data.Dataset`` or iterable of global micro-batches) must be the
+        same on every worker: each replica takes its share of its own worker's micro-batch, so
+        a per-worker ``dataset.shard()`` or an unseeded shuffle would train on part of each
+        worker's batches -- examples dropped, silently -- and streams of different lengths
+        would stop in mismatched collectives. Compared once per ``fit``, at its first
+        micro-batch (``element``, on the host: no peeking, which would shift a reshuffling
+        dataset's epochs), with ``length`` (micro-batches per epoch; -1 unknown)."""
+        if not isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            return
+        leaves = [np.asarray(v) for v in tf.nest.flatten(list(element)) if v is not None]
+        limbs = _digest([f"{v.dtype}{v.shape}".encode() + v.tobytes() for v in leaves])
+        if not self.same_everywhere([length, *limbs]):
+            raise InvalidArgumentError(
+                "Every worker must pass the same stream of global micro-batches (each replica "
+                "trains on its share of each): the first micro-batch or the number of "
+                "micro-batches differs across workers (a per-worker dataset.shard(), an "
+                "unseeded shuffle?). Pass the same unsharded tf.data.Dataset, seeded, on every "
+                f"worker. Received on worker {self._worker()}: micro-batches per epoch="
+                f"{'unknown' if length < 0 else length} and a first micro-batch that differs "
+                "from another worker's"
             )
 
     def check_state(self, variables: Sequence[Any]) -> None:

@@ -504,6 +504,9 @@ class _Engine:
     ) -> None:
         self.model = model
         self.replicas = replicas
+        # Set by Trainer.fit on a stream under a strategy: compared across workers at the next
+        # micro-batch (see Replicas.check_stream).
+        self.stream_length: int | None = None
         self.terms = tuple(terms)
         self.names = tuple(names)
         self.optimizer = optimizer
@@ -540,6 +543,9 @@ class _Engine:
         return cache[key]
 
     def micro_step(self, x: Any, y: Any, sample_weight: Any) -> None:
+        if self.stream_length is not None:  # the first micro-batch of a fit on a stream
+            self.replicas.check_stream((x, y, sample_weight), self.stream_length)
+            self.stream_length = None
         args = _present((x, y, sample_weight))
         self._traced(self.micro_fns, self._micro_everywhere, (x, y, sample_weight))(*args)
 
@@ -906,6 +912,8 @@ class Trainer:
         if self._replicas is not None:
             state = [*self.model.weights, *self.optimizer.variables, engine.window.position]
             self._replicas.check_state(state)
+            if isinstance(data, StreamData):
+                engine.stream_length = _stream_length(data)
         return run_fit(
             engine,
             self,
@@ -932,6 +940,15 @@ class Trainer:
         config["proximal"] = object_config(self.proximal)
         config["loss_weights"] = self.loss_weights
         return config
+
+
+def _stream_length(data: StreamData) -> int:
+    # Micro-batches per epoch where known (compared across workers), else -1.
+    if data.steps_per_epoch is not None:
+        return data.steps_per_epoch
+    if isinstance(data.data, tf.data.Dataset):
+        return int(data.data.cardinality())  # -1 unknown, -2 infinite
+    return len(data.data) if hasattr(data.data, "__len__") else -1
 
 
 def _scope(replicas: Replicas | None) -> Any:
