@@ -145,6 +145,17 @@ def _scenarios(rank: int) -> dict[str, Any]:
     t2.load_state_dict(state)
     t2.fit(x, y, batch_size=4, epochs=2, sample_weight=sw, verbose=0)
     out["resume-resumed"] = weights(fresh)
+    x, y, sw = data(IGNORED["n"], seed=7)
+    y[IGNORED["ignored"]] = -100  # nn.CrossEntropyLoss's ignore_index: the mask of a torch loss
+    model = _ddp(mlp())
+    t = torchref.Trainer(
+        model, "cross_entropy", torch.optim.SGD(model.parameters(), lr=LR), accumulation_steps=2
+    )
+    history = t.fit(x, y, batch_size=IGNORED["b"], sample_weight=sw, shuffle=False, verbose=0)
+    out["ignored"] = {
+        "weights": weights(model),
+        "elements": [r["elements"] for r in history.records],
+    }
     out["loader"] = _loader_scenarios(rank)
     out["refused"] = []  # refusals raised on every rank before any update
     for case in ("params", "batch"):
@@ -160,6 +171,9 @@ def _scenarios(rank: int) -> dict[str, Any]:
     return out
 
 
+# Masked (ignore_index) case: k=2, b=3 per rank, no shuffle, 25 = 12 + 12 + 1 examples. Rank 1's
+# whole share of the first micro-batch (3..5) is ignored, and 9 and 20.
+IGNORED = {"b": 3, "n": 25, "ignored": [3, 4, 5, 9, 20]}
 LOADER = {"k": 2, "b": 3, "n": 26}  # 13 examples per rank, no padding: 5 micro-batches each
 
 
@@ -297,6 +311,30 @@ def reference_epoch(k: int, b: int, n: int) -> dict[str, torch.Tensor]:
     return weights(model)
 
 
+def reference_ignored() -> tuple[dict[str, torch.Tensor], list[float]]:
+    """One SGD step per window of 12 consecutive examples: sum(w*l) over the targets that are
+    not ignored / their count (0 when none counts), in plain torch; and the counts."""
+    x, y, sw = data(IGNORED["n"], seed=7)
+    y[IGNORED["ignored"]] = -100
+    model = mlp()
+    params = list(model.parameters())
+    counts = []
+    for start in range(0, IGNORED["n"], WORLD * 2 * IGNORED["b"]):
+        idx = slice(start, start + WORLD * 2 * IGNORED["b"])
+        target = torch.tensor(y[idx])
+        values = torch.nn.functional.cross_entropy(
+            model(torch.tensor(x[idx])), target, reduction="none", ignore_index=-100
+        )
+        count = int((target != -100).sum())
+        counts.append(float(count))
+        loss = (values * torch.tensor(sw[idx])).sum() / max(count, 1)
+        grads = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            for p, g in zip(params, grads, strict=True):
+                p -= LR * g
+    return weights(model), counts
+
+
 def assert_weights_close(actual: dict, expected: dict, rtol: float) -> None:
     for name, value in expected.items():
         scale = value.abs().max().item()
@@ -365,6 +403,14 @@ def test_checkpoint_mid_window_resumes_bitwise(ranks) -> None:
     for r in ranks:
         for name, value in r["resume-straight"].items():
             assert torch.equal(value, r["resume-resumed"][name]), name
+
+
+def test_ignored_targets_divide_by_the_global_count(ranks) -> None:
+    expected, counts = reference_ignored()
+    assert counts == [8.0, 11.0, 1.0]  # hand count: 12 - 4 ignored, 12 - 1, 1
+    for r in ranks:
+        assert_weights_close(r["ignored"]["weights"], expected, EXACT.rtol)
+        assert r["ignored"]["elements"] == counts
 
 
 def test_distributed_sampler_shards_equal_one_step_per_window(ranks) -> None:
