@@ -802,7 +802,11 @@ class Trainer:
 
     @property
     def accumulators(self) -> list[accumulation.AccumulatorState]:
-        """One accumulator per loss term (output with a loss), each with its own count."""
+        """One accumulator per loss term (output with a loss), each with its own count.
+
+        Under a strategy the sums and counts are replica-local: reading one in cross-replica
+        context gives the sum over the replicas, a collective under
+        ``MultiWorkerMirroredStrategy`` (every worker must read it, or the others hang)."""
         self.build()
         return list(self._engine.accs)
 
