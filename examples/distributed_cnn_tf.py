@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ if __package__ in (None, ""):  # run as a script: make `examples` importable
 
 from examples._common import load_mnist, make_parser
 from examples.cnn_weight_regularization import NOTEBOOK_CNN
+from tfreg_core.distributed import localhost_tf_configs
 
 # A worker whose peer died or hangs fails after this long in a collective instead of waiting
 # for ever (the strategy's CommunicationOptions); generous for a loaded machine.
@@ -61,25 +61,12 @@ def _parser() -> Any:
     return parser
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 def launch(argv: Sequence[str], workers: int, timeout: float, out: Path) -> dict[str, Any]:
     """Run this script as ``workers`` processes on localhost (each with its ``TF_CONFIG``; the
     same ``argv``), wait at most ``timeout`` seconds, return worker 0's result."""
-    cluster = {"worker": [f"localhost:{port}" for port in _free_ports(workers)]}
     procs = []
-    for index in range(workers):
-        config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
-        env = {**os.environ, "TF_CONFIG": json.dumps(config)}
+    for config in localhost_tf_configs(workers):
+        env = {**os.environ, "TF_CONFIG": config}
         procs.append(subprocess.Popen([sys.executable, __file__, *argv], env=env))
     deadline = time.monotonic() + timeout
     codes = []

@@ -10,10 +10,8 @@ exactness scenario and refusal in one process pair, the other the fault of a wor
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +25,7 @@ import pytest
 
 import tfreg
 from tfreg._compat import keras, tf
+from tfreg_core.distributed import localhost_tf_configs
 from tfreg_core.validation import InvalidArgumentError
 from tfreg_core.windows import epoch_order
 from tfreg_harness import tolerance
@@ -335,20 +334,9 @@ def _worker(worker: int, scenario: str, outdir: Path) -> None:
             time.sleep(0.2)
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 def run_workers(scenario: str) -> list[dict[str, Any]]:
     """Start WORLD workers on localhost, wait at most LAUNCH_TIMEOUT_S, return their results."""
-    cluster = {"worker": [f"localhost:{port}" for port in _free_ports(WORLD)]}
+    configs = localhost_tf_configs(WORLD)
     with tempfile.TemporaryDirectory() as tmp:
         outdir = Path(tmp)
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -358,9 +346,8 @@ def run_workers(scenario: str) -> list[dict[str, Any]]:
             done = subprocess.run(command, env=env, capture_output=True, timeout=LAUNCH_TIMEOUT_S)
             assert done.returncode == 0, done.stderr[-3000:]
         procs = []
-        for index in range(WORLD):
-            config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
-            env = {**env, "TF_CONFIG": json.dumps(config)}
+        for index, config in enumerate(configs):
+            env = {**env, "TF_CONFIG": config}
             log = open(outdir / f"worker{index}.log", "wb")  # noqa: SIM115 (closed below)
             command = [sys.executable, __file__, str(index), scenario, str(outdir)]
             procs.append((subprocess.Popen(command, env=env, stdout=log, stderr=log), log))

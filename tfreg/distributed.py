@@ -90,7 +90,14 @@ from tfreg._compat import keras, tf
 from tfreg_core.training import TrainerSpec
 from tfreg_core.validation import InvalidArgumentError
 
-__all__ = ["Replicas", "local_variable", "replicas", "scatter_add", "update_function", "zero"]
+__all__ = [
+    "Replicas",
+    "local_variable",
+    "replicas",
+    "scatter_add",
+    "update_function",
+    "zero",
+]
 
 _SUPPORTED = (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)
 _COLLECTIVE_FAILED = (

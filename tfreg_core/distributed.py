@@ -18,11 +18,13 @@ collectives (with zero gradients), so every rank runs the same number of micro-b
 
 from __future__ import annotations
 
+import json
 import numbers
+import socket
 
 from tfreg_core import validation
 
-__all__ = ["check_rank", "global_batch_size", "rank_share"]
+__all__ = ["check_rank", "global_batch_size", "localhost_tf_configs", "rank_share"]
 
 
 def _is_int(value: object) -> bool:
@@ -59,3 +61,23 @@ def rank_share(size: int, *, rank: int, world_size: int, batch_size: int) -> tup
         )
     start = min(rank * b, int(size))
     return start, min(start + b, int(size))
+
+
+def localhost_tf_configs(workers: int) -> list[str]:
+    """``TF_CONFIG`` values (JSON) for a ``MultiWorkerMirroredStrategy`` cluster of ``workers``
+    processes on free localhost ports, one per worker index: to try or test multi-worker
+    training on one machine (TensorFlow's server listens on ``[::]:port`` whatever the
+    address; the ports are picked free on 127.0.0.1)."""
+    sockets = [socket.socket() for _ in range(validation.positive_int(workers, "workers"))]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        ports = [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+    cluster = {"worker": [f"localhost:{port}" for port in ports]}
+    return [
+        json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+        for index in range(len(ports))
+    ]
