@@ -106,19 +106,25 @@ def _scenarios(outdir: str) -> dict[str, Any]:
     except InvalidArgumentError as error:
         distributed_error = str(error)
 
-    def evaluation(scope: Any) -> dict[str, float]:
+    def wrapper(
+        scope: Any, k: int, optimizer: Any = keras.optimizers.SGD, **kwargs: Any
+    ) -> tfreg.AccumulatingModel:
         keras.utils.set_random_seed(1)
         with scope:
             model = keras.Sequential(
                 [keras.Input((3,)), keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(3)]
             )
-            wrapper = tfreg.AccumulatingModel(model, accumulation_steps=1)
-            wrapper.compile(
-                keras.optimizers.SGD(0.125),
+            wrapped = tfreg.AccumulatingModel(model, accumulation_steps=k, **kwargs)
+            wrapped.compile(
+                optimizer(0.125),  # created inside the scope
                 keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             )
+        return wrapped
+
+    def evaluation(scope: Any) -> dict[str, float]:
         # 7 examples in batches of 6: the last is split 1/0 over the replicas.
-        return wrapper.evaluate(x[:7], y[:7], batch_size=6, verbose=0, return_dict=True)
+        model = wrapper(scope, 1)
+        return model.evaluate(x[:7], y[:7], batch_size=6, verbose=0, return_dict=True)
 
     class BatchLosses(keras.callbacks.Callback):
         def __init__(self) -> None:
@@ -130,59 +136,32 @@ def _scenarios(outdir: str) -> dict[str, Any]:
 
     def batch_losses(scope: Any) -> list[float]:
         # AccumulatingModel's per-step logs (what a progress bar or TensorBoard shows), k=2.
-        keras.utils.set_random_seed(1)
-        with scope:
-            model = keras.Sequential(
-                [keras.Input((3,)), keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(3)]
-            )
-            wrapper = tfreg.AccumulatingModel(model, accumulation_steps=2)
-            wrapper.compile(
-                keras.optimizers.SGD(0.125),
-                keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            )
         recorder = BatchLosses()
-        wrapper.fit(
+        wrapper(scope, 2).fit(
             x, y, sample_weight=w, batch_size=BATCH, shuffle=False, verbose=0, callbacks=[recorder]
         )
         return recorder.losses
 
     def wrapper_fit(inside_scope: bool) -> list[list[float]]:
-        keras.utils.set_random_seed(1)
-        with strategy.scope():
-            model = keras.Sequential(
-                [keras.Input((3,)), keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(3)]
-            )
-            wrapper = tfreg.AccumulatingModel(
-                model, accumulation_steps=K, regularizer=tfreg.L2(2.0**-7)
-            )
-            wrapper.compile(
-                keras.optimizers.Adam(0.125),
-                keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            )
+        model = wrapper(strategy.scope(), K, keras.optimizers.Adam, regularizer=tfreg.L2(2.0**-7))
         with strategy.scope() if inside_scope else contextlib.nullcontext():
-            wrapper.fit(x, y, sample_weight=w, batch_size=BATCH, epochs=2, verbose=0)
-        return [v.numpy().ravel().tolist() for v in model.trainable_variables]
+            model.fit(x, y, sample_weight=w, batch_size=BATCH, epochs=2, verbose=0)
+        return [v.numpy().ravel().tolist() for v in model.model.trainable_variables]
 
     def wrapper_batch_of_one(call: str, **kwargs: Any) -> dict[str, Any]:
         # A global batch of 1 on 2 replicas: Keras fit/evaluate build on the first global batch
         # summed across the replicas, which fails in TensorFlow when a share is empty (a plain
         # model too; in fit's validation only after the epoch's updates).
-        with strategy.scope():
-            model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(3)])
-            wrapper = tfreg.AccumulatingModel(model, accumulation_steps=K)
-            wrapper.compile(
-                keras.optimizers.SGD(0.125),
-                keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            )
+        model = wrapper(strategy.scope(), K)
         try:
-            getattr(wrapper, call)(x, y, verbose=0, **kwargs)
+            getattr(model, call)(x, y, verbose=0, **kwargs)
             error = None
         except Exception as caught:  # the class is the finding: ours, not TensorFlow's
             error = caught
         return {
             "class": f"{type(error).__module__}.{type(error).__name__}",
             "message": str(error),
-            "iterations": int(wrapper.optimizer.iterations.numpy()),
+            "iterations": int(model.optimizer.iterations.numpy()),
         }
 
     return {
