@@ -134,8 +134,10 @@ def _scenarios(rank: int) -> dict[str, Any]:
                 t.stop_training = True
 
     model = _ddp(mlp())
-    trainer(model, "adam", 3).fit(x, y, batch_size=4, epochs=2, sample_weight=sw, verbose=0)
+    straight = trainer(model, "adam", 3)
+    history = straight.fit(x, y, batch_size=4, epochs=2, sample_weight=sw, verbose=0)
     out["resume-straight"] = weights(model)
+    out["resume-straight-history"] = {"records": history.records, "epochs": history.epochs}
     model = _ddp(mlp())
     t = trainer(model, "adam", 3)
     t.fit(x, y, batch_size=4, epochs=2, sample_weight=sw, verbose=0, callbacks=[Stop()])
@@ -143,8 +145,9 @@ def _scenarios(rank: int) -> dict[str, Any]:
     fresh = _ddp(mlp())
     t2 = trainer(fresh, "adam", 3)
     t2.load_state_dict(state)
-    t2.fit(x, y, batch_size=4, epochs=2, sample_weight=sw, verbose=0)
+    history = t2.fit(x, y, batch_size=4, epochs=2, sample_weight=sw, verbose=0)
     out["resume-resumed"] = weights(fresh)
+    out["resume-resumed-history"] = {"records": history.records, "epochs": history.epochs}
     x, y, sw = data(IGNORED["n"], seed=7)
     y[IGNORED["ignored"]] = -100  # nn.CrossEntropyLoss's ignore_index: the mask of a torch loss
     model = _ddp(mlp())
@@ -403,6 +406,18 @@ def test_checkpoint_mid_window_resumes_bitwise(ranks) -> None:
     for r in ranks:
         for name, value in r["resume-straight"].items():
             assert torch.equal(value, r["resume-resumed"][name]), name
+
+
+def test_checkpoint_mid_window_resumes_the_window_records(ranks) -> None:
+    # The resumed window's record counts the examples added before the checkpoint too (the
+    # all-reduced `examples` statistic is part of the state), and so the epoch's loss, which
+    # weights each update's by its examples, is the uninterrupted run's: bitwise, the same
+    # window sums reduced in the same order. 34 examples, 2 ranks x 4, k=3: windows of 24, 10.
+    for r in ranks:
+        straight, resumed = r["resume-straight-history"], r["resume-resumed-history"]
+        assert [rec["examples"] for rec in resumed["records"]] == [24, 10]
+        assert resumed["records"] == straight["records"][-2:]
+        assert resumed["epochs"][-1] == straight["epochs"][-1]
 
 
 def test_ignored_targets_divide_by_the_global_count(ranks) -> None:

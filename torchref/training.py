@@ -653,6 +653,7 @@ class Trainer:
             "window": {
                 "loss_sum": e.loss_sum.clone(),
                 "weight_sum": e.weight_sum.clone(),
+                "examples": e.examples.clone(),
                 "metric_sums": [m.clone() for m in e.metric_sums],
                 "position": list(e.position),
             },
@@ -675,6 +676,11 @@ class Trainer:
         window = state["window"]
         e.loss_sum = window["loss_sum"].clone()
         e.weight_sum = window["weight_sum"].clone()
+        # This rank's examples in the open window (History's `examples` on a process group). A
+        # state written before it was saved lacks it: the resumed window then counts only the
+        # examples after the resume.
+        if "examples" in window:
+            e.examples = window["examples"].clone()
         e.metric_sums = [m.clone() for m in window["metric_sums"]]
         e.set_position(tuple(window["position"]))
         if "rng" in state:  # checkpoints written before the RNG state was saved lack it
