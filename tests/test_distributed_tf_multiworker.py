@@ -96,6 +96,14 @@ def sequence_model() -> keras.Model:
     return _init(keras.Sequential(model), 2)
 
 
+def string_model() -> keras.Model:
+    words = keras.Input((1,), dtype="string")
+    one_hot = keras.layers.StringLookup(vocabulary=["a", "b", "c", "d"], output_mode="one_hot")
+    return _init(
+        keras.Sequential([words, one_hot, keras.layers.Flatten(), keras.layers.Dense(3)]), 0
+    )
+
+
 def loss() -> keras.losses.Loss:
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -118,6 +126,8 @@ REFUSED = {
     # A per-worker dataset.shard(): each replica would take its share of its own worker's
     # batches, training on half the examples; compared at the first micro-batch.
     "shard": "Every worker must pass the same stream of global micro-batches",
+    # String features that differ across workers (compared by content).
+    "strings": "Every worker must pass the same stream of global micro-batches",
 }
 
 
@@ -174,6 +184,15 @@ def _scenarios(worker: int, strategy: Any) -> dict[str, Any]:
         else:
             t.fit(tf.data.Dataset.from_tensor_slices((x, y, sw)).batch(6), verbose=0)
         out[f"stream-{source}"] = model.get_weights()
+    # String features (a StringLookup model): the same pipeline everywhere trains; the
+    # first-micro-batch comparison reads the strings, not the pointers of numpy's object array
+    # (it refused identical data).
+    words, labels = np.array(["a", "b", "c", "d"] * 6)[:, None], np.arange(24) % 3
+    with strategy.scope():
+        model = string_model()
+        t = trainer(model, 2)
+    history = t.fit(tf.data.Dataset.from_tensor_slices((words, labels)).batch(4), verbose=0)
+    out["stream-strings"] = {"weights": model.get_weights(), "updates": len(history.records)}
     out["refused"] = {}  # raised on every worker before any update
     for case in REFUSED:
         with strategy.scope():
@@ -188,6 +207,13 @@ def _scenarios(worker: int, strategy: Any) -> dict[str, Any]:
             if case == "shard":
                 stream = tf.data.Dataset.from_tensor_slices((x, y)).shard(WORLD, worker)
                 t.fit(stream.batch(batch_size), verbose=0)
+            elif case == "strings":
+                with strategy.scope():
+                    model = string_model()
+                    t = trainer(model, 1)
+                before = model.get_weights()
+                words = np.array([["a"], ["b"]][worker] * 16)[:, None]
+                t.fit(tf.data.Dataset.from_tensor_slices((words, y)).batch(batch_size), verbose=0)
             else:
                 shuffle = worker == 0 or case != "shuffle"
                 t.fit(x, y, batch_size=batch_size, shuffle=shuffle, verbose=0)
@@ -488,6 +514,14 @@ def test_same_dataset_on_every_worker_equals_arrays(workers) -> None:
     for w in workers:
         assert_weights_close(w["stream-dataset"], w["stream-arrays"])
     assert_bit_identical(workers[0]["stream-dataset"], workers[1]["stream-dataset"])
+
+
+def test_same_string_dataset_on_every_worker_trains(workers) -> None:
+    for w in workers:
+        assert w["stream-strings"]["updates"] == 3  # 24 examples, micro-batches of 4, k=2
+    assert_bit_identical(
+        workers[0]["stream-strings"]["weights"], workers[1]["stream-strings"]["weights"]
+    )
 
 
 @pytest.mark.parametrize("case", REFUSED)

@@ -306,7 +306,7 @@ class Replicas:
         if not isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
             return
         leaves = [np.asarray(v) for v in tf.nest.flatten(list(element)) if v is not None]
-        limbs = _digest([f"{v.dtype}{v.shape}".encode() + v.tobytes() for v in leaves])
+        limbs = _digest([f"{v.dtype}{v.shape}".encode() + _contents(v) for v in leaves])
         if not self.same_everywhere([length, *limbs]):
             raise InvalidArgumentError(
                 "Every worker must pass the same stream of global micro-batches (each replica "
@@ -393,6 +393,16 @@ def _digest(parts: Sequence[bytes]) -> list[int]:
         hasher.update(part)
     digest = hasher.digest()
     return [int.from_bytes(digest[i : i + 2], "little") for i in range(0, 8, 2)]
+
+
+def _contents(array: np.ndarray) -> bytes:
+    # The bytes of an array's values. A tf.string tensor comes back as an object array of
+    # `bytes`, whose own buffer holds pointers (different in every process): its strings are
+    # digested instead, each prefixed by its length.
+    if array.dtype != object:
+        return array.tobytes()
+    strings = [e if isinstance(e, bytes) else str(e).encode() for e in array.ravel()]
+    return b"".join(len(e).to_bytes(8, "little") + e for e in strings)
 
 
 def _share(values: Sequence[Any]) -> list[Any]:
