@@ -210,7 +210,30 @@ def _loader_scenarios(rank: int) -> dict[str, Any]:
             unchanged = all(torch.equal(v, before[k]) for k, v in weights(model).items())
             refused.append({"error": str(error), "unchanged": unchanged})
     out["refused"] = refused
+    # A shuffling DistributedSampler over 3 epochs: the order each rank trains on, per epoch.
+    probe = _Probe()
+    shuffled = torch.utils.data.DistributedSampler(_INDICES, shuffle=True, seed=3)
+    loader = torch.utils.data.DataLoader(_INDICES, batch_size=LOADER["b"], sampler=shuffled)
+    trainer(probe, "sgd", LOADER["k"]).fit(loader, epochs=3, verbose=0)
+    out["shuffled"] = probe.seen
     return out
+
+
+# Examples whose feature is their index: _Probe records which ones a rank trains on, in order.
+_INDICES = torch.utils.data.TensorDataset(
+    torch.arange(LOADER["n"], dtype=torch.float64)[:, None].expand(-1, 3).contiguous(),
+    torch.arange(LOADER["n"]) % 3,
+)
+
+
+class _Probe(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, self.seen = mlp(), []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.extend(int(v) for v in x[:, 0])
+        return self.inner(x)
 
 
 class _Raises(torch.nn.Module):
@@ -441,6 +464,23 @@ def test_distributed_sampler_shards_equal_one_step_per_window(ranks) -> None:
         assert [rec["loss"] for rec in r["loader"]["records"]] == pytest.approx(
             [rec["loss"] for rec in history.records], rel=EXACT.rtol
         )
+
+
+def test_distributed_sampler_reshuffles_every_epoch(ranks) -> None:
+    # torch's own sampler, stepped as a torch loop steps it (set_epoch before each epoch):
+    # each epoch its own permutation (without set_epoch all three were epoch 0's).
+    per_epoch = LOADER["n"] // WORLD
+    for rank, r in enumerate(ranks):
+        sampler = torch.utils.data.DistributedSampler(
+            _INDICES, num_replicas=WORLD, rank=rank, shuffle=True, seed=3
+        )
+        expected = []
+        for epoch in range(3):
+            sampler.set_epoch(epoch)
+            expected.extend(sampler)
+        assert r["loader"]["shuffled"] == expected
+        epochs = [expected[e * per_epoch : (e + 1) * per_epoch] for e in range(3)]
+        assert epochs[0] != epochs[1] != epochs[2]
 
 
 @pytest.mark.parametrize(

@@ -707,7 +707,8 @@ class Trainer:
         is the same arrays. Or ``y=None`` and ``x`` a ``DataLoader`` / any iterable of
         ``(x, y)`` or ``(x, y, w)`` micro-batches (``batch_size``/``sample_weight`` None,
         ``steps_per_epoch`` for infinite ones; the loader's own order, so ``shuffle`` does
-        not apply), as in ``tfreg.Trainer.fit``.
+        not apply; a sampler with ``set_epoch``, e.g. ``DistributedSampler``, gets
+        ``set_epoch(epoch)`` before each epoch, as in a torch loop), as in ``tfreg.Trainer.fit``.
         """
         if isinstance(x, torch.utils.data.TensorDataset) and y is None and sample_weight is None:
             x, y, sample_weight = _tensor_dataset(x)
@@ -734,6 +735,8 @@ class Trainer:
             data = fit_data(*arrays, weights, batch_size=global_batch, **options)
         elif group is not None:
             group.check_shards(x, steps_per_epoch)
+        if not isinstance(data, ArrayData):
+            callbacks = [*_sampler_epochs(x), *(callbacks or [])]
         with self._engine.session():
             return run_fit(
                 self._engine,
@@ -751,6 +754,28 @@ class Trainer:
         config["regularizer"] = object_config(self.regularizer)
         config["proximal"] = object_config(self.proximal)
         return config
+
+
+class _SamplerEpoch:
+    """``sampler.set_epoch(epoch)`` before each epoch's iterator, as a torch loop does: a
+    ``DistributedSampler`` shuffles by ``seed + epoch``, so without it every epoch -- and a
+    resumed one -- repeats epoch 0's order (the trainer owns the epoch loop)."""
+
+    def __init__(self, sampler: Any) -> None:
+        self.sampler = sampler
+
+    def on_epoch_begin(self, trainer: Any, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+
+def _sampler_epochs(loader: Any) -> list[_SamplerEpoch]:
+    # A DataLoader's sampler, or its batch_sampler's (a sampler given inside a BatchSampler).
+    candidates = [
+        getattr(loader, "sampler", None),
+        getattr(getattr(loader, "batch_sampler", None), "sampler", None),
+    ]
+    samplers = [s for s in candidates if callable(getattr(s, "set_epoch", None))]
+    return [_SamplerEpoch(s) for s in dict.fromkeys(samplers)]
 
 
 def _tensor_dataset(dataset: Any) -> tuple[Any, Any, Any]:
