@@ -48,10 +48,11 @@ Refused before training: a model whose variables were not created under the trai
 above, ``jit_compile=True`` (XLA does not compile ``strategy.run``), float16 loss scaling
 (untested under a strategy), a distributed dataset passed to ``Trainer.fit`` (pass the
 ``tf.data.Dataset`` of global micro-batches), and -- ``Trainer`` under
-``MultiWorkerMirroredStrategy`` -- workers passing arrays of different sizes or a different
-``batch_size``, ``shuffle``, ``seed``, ``accumulation_steps`` or ``drop_remainder`` (a
-``tf.data`` pipeline or iterable is compared at its first micro-batch and its length, once
-per ``fit``: each worker must pass the same one, unsharded), and
+``MultiWorkerMirroredStrategy`` -- workers passing different arrays (sizes or values, e.g.
+each its own shard: compared by a digest, once per ``fit``) or a different ``batch_size``,
+``shuffle``, ``seed``, ``accumulation_steps`` or ``drop_remainder`` (a ``tf.data`` pipeline or
+iterable is compared at its first micro-batch and its length, once per ``fit``: each worker
+must pass the same one, unsharded), and
 workers starting ``fit`` from different weights, optimizer state or position (set or loaded
 on some workers only: the strategy broadcasts initial values, not later assignments).
 ``AccumulatingModel`` needs ``steps_per_execution=1`` under a strategy (the window closes
@@ -276,23 +277,28 @@ class Replicas:
         # Identical on every replica after the all-reduce: take this worker's first copy.
         return [self.strategy.experimental_local_results(r)[0] for r in reduced]
 
-    def check_plan(self, plan: Sequence[int], spec: TrainerSpec) -> None:
+    def check_plan(self, plan: Sequence[int], spec: TrainerSpec, arrays: Sequence[Any]) -> None:
         """Every worker must cut the same windows from the same arrays in the same order (one
         collective per ``fit``; the replicas of one process share the plan by construction):
         a worker with another ``shuffle`` or ``seed`` would take its replicas' shares from
-        another order -- some examples trained twice, others never, silently."""
+        another order -- some examples trained twice, others never, silently -- and workers
+        passing their own shard of the data (equal sizes) would each train on part of their
+        shard. ``arrays`` (``x, y, sample_weight``) are compared by a digest of their values
+        (hashed on the host once per ``fit``: about a second per GB)."""
         if not isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
             return
         num_examples, batch_size, shuffle = plan
-        limbs = _digest([str(spec.seed).encode()])
+        limbs = _digest([str(spec.seed).encode(), *_leaf_parts(arrays)])
         steps, drop = spec.accumulation_steps, int(spec.drop_remainder)
         if not self.same_everywhere([num_examples, batch_size, shuffle, steps, drop, *limbs]):
             raise InvalidArgumentError(
-                "Every worker must call fit with the same arrays (num_examples), batch_size, "
-                "shuffle, seed, accumulation_steps and drop_remainder. Received on worker "
-                f"{self._worker()}: num_examples={num_examples}, batch_size={batch_size}, "
+                "Every worker must call fit with the same arrays (sizes and values), batch_size, "
+                "shuffle, seed, accumulation_steps and drop_remainder (not each worker its own "
+                "shard: every replica takes its share of each global micro-batch). Received on "
+                f"worker {self._worker()}: num_examples={num_examples}, batch_size={batch_size}, "
                 f"shuffle={bool(shuffle)}, seed={spec.seed}, accumulation_steps={steps}, "
-                f"drop_remainder={spec.drop_remainder}"
+                f"drop_remainder={spec.drop_remainder}, and array values or a seed that may "
+                "differ from another worker's"
             )
 
     def check_stream(self, element: Sequence[Any], length: int) -> None:
@@ -305,8 +311,7 @@ class Replicas:
         dataset's epochs), with ``length`` (micro-batches per epoch; -1 unknown)."""
         if not isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
             return
-        leaves = [np.asarray(v) for v in tf.nest.flatten(list(element)) if v is not None]
-        limbs = _digest([f"{v.dtype}{v.shape}".encode() + _contents(v) for v in leaves])
+        limbs = _digest(_leaf_parts(element))
         if not self.same_everywhere([length, *limbs]):
             raise InvalidArgumentError(
                 "Every worker must pass the same stream of global micro-batches (each replica "
@@ -393,6 +398,13 @@ def _digest(parts: Sequence[bytes]) -> list[int]:
         hasher.update(part)
     digest = hasher.digest()
     return [int.from_bytes(digest[i : i + 2], "little") for i in range(0, 8, 2)]
+
+
+def _leaf_parts(structure: Sequence[Any]) -> list[bytes]:
+    # Each array of `structure` (x, y, sample_weight; None left out) as its dtype, shape and
+    # values, for _digest.
+    leaves = [np.asarray(v) for v in tf.nest.flatten(list(structure)) if v is not None]
+    return [f"{v.dtype}{v.shape}".encode() + _contents(v) for v in leaves]
 
 
 def _contents(array: np.ndarray) -> bytes:

@@ -910,7 +910,8 @@ class Trainer:
         if isinstance(data, StreamData) and isinstance(data.data, tf.data.Dataset):
             data.data = data.data.prefetch(tf.data.AUTOTUNE)
         if self._replicas is not None and isinstance(data, ArrayData):
-            self._replicas.check_plan(data.plan, self.spec)
+            arrays = (data.x, data.y, data.sample_weight)
+            self._replicas.check_plan(data.plan, self.spec, arrays)
         self.build(_input_shape(data))
         engine = self._engine
         if self._replicas is not None:
