@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import torchref
-from tfreg_core.distributed import rank_share
+from tfreg_core.distributed import digest, rank_share
 from tfreg_core.windows import epoch_order
 from tfreg_harness import tolerance
 
@@ -161,12 +161,14 @@ def _scenarios(rank: int) -> dict[str, Any]:
     }
     out["loader"] = _loader_scenarios(rank)
     out["refused"] = []  # refusals raised on every rank before any update
-    for case in ("params", "batch"):
+    for case in ("params", "batch", "values"):
         model = mlp()
         if case == "params":
             with torch.no_grad():
                 model[0].bias[0] += rank  # rank 1's weights differ from rank 0's
-        x, y, _ = data(16)
+        # "values": each rank its own shard as arrays (equal sizes): each would train on its
+        # share of its own shard only, half of every shard never seen, silently.
+        x, y, _ = data(16, seed=1 + rank * (case == "values"))
         try:
             trainer(model, "sgd", 1).fit(x, y, batch_size=4 + rank * (case == "batch"), verbose=0)
         except ValueError as error:
@@ -381,6 +383,18 @@ def test_rank_shares_partition_each_global_micro_batch() -> None:
         rank_share(4, rank=2, world_size=2, batch_size=4)
 
 
+def test_digest_compares_values_not_buffers() -> None:
+    # Equal strings in two separate object arrays (pointer buffers differ) digest alike; one
+    # ulp, another dtype or another shape of the same bytes does not.
+    words = np.array([b"ab", b"c"], dtype=object)
+    assert digest([words]) == digest([np.array([b"a" + b"b", b"c"], dtype=object)])
+    assert digest([words]) != digest([np.array([b"a", b"bc"], dtype=object)])
+    values = np.array([0.5, 1.0])
+    assert digest([values]) != digest([np.array([0.5, np.nextafter(1.0, 2.0)])])
+    assert digest([values]) != digest([values.view(np.int64)])
+    assert digest([values]) != digest([values.reshape(2, 1)])
+
+
 @pytest.mark.parametrize("wrap", ["ddp", "plain"])
 @pytest.mark.parametrize(("k", "b", "n"), CASES, ids=[f"R2-k{k}-b{b}-N{n}" for k, b, n in CASES])
 def test_two_ranks_equal_one_step_per_concatenated_window(ranks, wrap, k, b, n) -> None:
@@ -497,9 +511,10 @@ def test_shards_that_would_miscount_refused_on_every_rank(ranks, case, message) 
 
 def test_differing_parameters_or_batch_size_refused_on_every_rank(ranks) -> None:
     for r in ranks:
-        params, batch = r["refused"]
+        params, batch, values = r["refused"]
         assert "parameters differ across ranks" in params
-        assert "same arrays (num_examples), batch_size" in batch
+        assert "Every rank must call fit with the same arrays" in batch
+        assert "Every rank must call fit with the same arrays" in values
 
 
 def test_rank_that_raises_fails_the_other_within_bounded_time() -> None:

@@ -81,13 +81,13 @@ Dropout model is not the one-device run.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 from tfreg._compat import keras, tf
+from tfreg_core.distributed import digest
 from tfreg_core.training import TrainerSpec
 from tfreg_core.validation import InvalidArgumentError
 
@@ -288,7 +288,7 @@ class Replicas:
         if not isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
             return
         num_examples, batch_size, shuffle = plan
-        limbs = _digest([str(spec.seed).encode(), *_leaf_parts(arrays)])
+        limbs = digest(_arrays(arrays), str(spec.seed))
         steps, drop = spec.accumulation_steps, int(spec.drop_remainder)
         if not self.same_everywhere([num_examples, batch_size, shuffle, steps, drop, *limbs]):
             raise InvalidArgumentError(
@@ -311,7 +311,7 @@ class Replicas:
         dataset's epochs), with ``length`` (micro-batches per epoch; -1 unknown)."""
         if not isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
             return
-        limbs = _digest(_leaf_parts(element))
+        limbs = digest(_arrays(element))
         if not self.same_everywhere([length, *limbs]):
             raise InvalidArgumentError(
                 "Every worker must pass the same stream of global micro-batches (each replica "
@@ -332,7 +332,7 @@ class Replicas:
         if not isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
             return
         # Eager reads of mirrored variables: this worker's first copy, no collective.
-        limbs = _digest([tf.convert_to_tensor(v).numpy().tobytes() for v in variables])
+        limbs = digest([tf.convert_to_tensor(v).numpy() for v in variables])
         if not self.same_everywhere(limbs):
             raise InvalidArgumentError(
                 "Every worker must start fit from the same model weights, optimizer state and "
@@ -390,31 +390,9 @@ class Replicas:
         return self.strategy.run(fn)
 
 
-def _digest(parts: Sequence[bytes]) -> list[int]:
-    # Four 16-bit limbs of a digest of `parts`: a fixed length on every worker, each limb
-    # within same_everywhere's exact range (a byte-level compare: one ulp apart differs).
-    hasher = hashlib.blake2b(digest_size=8)
-    for part in parts:
-        hasher.update(part)
-    digest = hasher.digest()
-    return [int.from_bytes(digest[i : i + 2], "little") for i in range(0, 8, 2)]
-
-
-def _leaf_parts(structure: Sequence[Any]) -> list[bytes]:
-    # Each array of `structure` (x, y, sample_weight; None left out) as its dtype, shape and
-    # values, for _digest.
-    leaves = [np.asarray(v) for v in tf.nest.flatten(list(structure)) if v is not None]
-    return [f"{v.dtype}{v.shape}".encode() + _contents(v) for v in leaves]
-
-
-def _contents(array: np.ndarray) -> bytes:
-    # The bytes of an array's values. A tf.string tensor comes back as an object array of
-    # `bytes`, whose own buffer holds pointers (different in every process): its strings are
-    # digested instead, each prefixed by its length.
-    if array.dtype != object:
-        return array.tobytes()
-    strings = [e if isinstance(e, bytes) else str(e).encode() for e in array.ravel()]
-    return b"".join(len(e).to_bytes(8, "little") + e for e in strings)
+def _arrays(structure: Sequence[Any]) -> list[np.ndarray]:
+    # The arrays of `structure` (x, y, sample_weight; None left out), for digest.
+    return [np.asarray(v) for v in tf.nest.flatten(list(structure)) if v is not None]
 
 
 def _share(values: Sequence[Any]) -> list[Any]:

@@ -18,13 +18,17 @@ collectives (with zero gradients), so every rank runs the same number of micro-b
 
 from __future__ import annotations
 
+import hashlib
 import json
 import numbers
 import socket
+from collections.abc import Sequence
+
+import numpy as np
 
 from tfreg_core import validation
 
-__all__ = ["check_rank", "global_batch_size", "localhost_tf_configs", "rank_share"]
+__all__ = ["check_rank", "digest", "global_batch_size", "localhost_tf_configs", "rank_share"]
 
 
 def _is_int(value: object) -> bool:
@@ -81,3 +85,24 @@ def localhost_tf_configs(workers: int) -> list[str]:
         json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
         for index in range(len(ports))
     ]
+
+
+def digest(arrays: Sequence[np.ndarray], *texts: str) -> list[int]:
+    """Four 16-bit integers digesting ``arrays`` (their dtypes, shapes and values) and
+    ``texts``: what workers or ranks compare with one small collective to check they hold the
+    same data (byte-level: values one ulp apart differ). A string array (numpy's object array
+    of a ``tf.string`` tensor, whose own buffer holds pointers, different in every process) is
+    digested by its strings."""
+    hasher = hashlib.blake2b(digest_size=8)
+    for text in texts:
+        hasher.update(len(text).to_bytes(8, "little") + text.encode())
+    for array in arrays:
+        hasher.update(f"{array.dtype}{array.shape}".encode())
+        if array.dtype != object:
+            hasher.update(array.tobytes())
+            continue
+        for item in array.ravel():
+            item = item if isinstance(item, bytes) else str(item).encode()
+            hasher.update(len(item).to_bytes(8, "little") + item)
+    value = hasher.digest()
+    return [int.from_bytes(value[i : i + 2], "little") for i in range(0, 8, 2)]

@@ -27,8 +27,10 @@ A non-finite gradient on any rank makes the reduced gradient non-finite on every
 inf survive the sum), so every rank skips (or raises) on the same update.
 
 Refused before training: parameters that differ across ranks (DDP broadcasts rank 0's at
-construction; a plain module must be built identically), ranks passing different
-``num_examples``/``batch_size``/``accumulation_steps``, a ``DataLoader`` whose
+construction; a plain module must be built identically), ranks passing different arrays
+(sizes or values -- each rank its own shard as arrays: compared by a digest, once per ``fit``;
+a rank's own shard goes in a ``DataLoader``) or ``batch_size``/``accumulation_steps``, a
+``DataLoader`` whose
 ``DistributedSampler`` pads (it repeats examples: ``drop_last=False`` on a length the world size
 does not divide), shards with different numbers of micro-batches per epoch (checked when the
 loader has a length or ``steps_per_epoch`` is given), and DDP over parameters whose
@@ -51,8 +53,10 @@ import contextlib
 from collections.abc import Sequence
 from typing import Any
 
-from tfreg_core.distributed import check_rank, global_batch_size, rank_share
-from tfreg_core.training import leading_dim, map_structure
+import numpy as np
+
+from tfreg_core.distributed import check_rank, digest, global_batch_size, rank_share
+from tfreg_core.training import leading_dim, leaves, map_structure
 from tfreg_core.validation import InvalidArgumentError
 from torchref._compat import torch
 
@@ -86,18 +90,28 @@ class ProcessGroup:
 
     # -- before training -------------------------------------------------------------------
 
-    def global_batch(self, batch_size: int, accumulation_steps: int, num_examples: int) -> int:
-        """Check that every rank trains on the same plan and identical parameters; return the
-        global micro-batch ``R*b`` to plan the epoch with (each rank then takes its share)."""
+    def global_batch(
+        self, batch_size: int, accumulation_steps: int, num_examples: int, arrays: Sequence[Any]
+    ) -> int:
+        """Check that every rank trains on the same plan, the same ``arrays`` (``x, y,
+        sample_weight``: a digest of their values, hashed on the host once per ``fit``) and
+        identical parameters; return the global micro-batch ``R*b`` to plan the epoch with
+        (each rank then takes its share). A rank passing its own shard of the arrays would
+        train on its share of that shard only: part of every shard never seen, silently."""
+        values = [np.asarray(v) for v in leaves(list(arrays)) if v is not None]
         plan = torch.tensor(
-            [num_examples, batch_size, accumulation_steps], dtype=torch.float64, device=self._device
+            [num_examples, batch_size, accumulation_steps, *digest(values)],
+            dtype=torch.float64,
+            device=self._device,
         )
         if not self._same_everywhere(plan):
             raise InvalidArgumentError(
-                "Every rank must call fit with the same arrays (num_examples), batch_size and "
-                "accumulation_steps. Received on rank "
+                "Every rank must call fit with the same arrays (num_examples and values), "
+                "batch_size and accumulation_steps (not each rank its own shard as arrays: pass "
+                "a DataLoader with a DistributedSampler for that). Received on rank "
                 f"{self.rank}: num_examples={num_examples}, batch_size={batch_size}, "
-                f"accumulation_steps={accumulation_steps}"
+                f"accumulation_steps={accumulation_steps}, and array values that may differ "
+                "from another rank's"
             )
         # DDP broadcast rank 0's parameters when it was built; a plain module is checked (one
         # flattened copy per dtype, once per fit).

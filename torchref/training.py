@@ -730,7 +730,10 @@ class Trainer:
             # batch_size is per rank: plan the epoch in global micro-batches of R*b, each rank
             # then trains on its share (a DataLoader is already the rank's own shard).
             global_batch = group.global_batch(
-                batch_size, self.spec.accumulation_steps, data.plan[0]
+                batch_size,
+                self.spec.accumulation_steps,
+                data.plan[0],
+                (data.x, data.y, data.sample_weight),
             )
             data = fit_data(*arrays, weights, batch_size=global_batch, **options)
         elif group is not None:
