@@ -203,7 +203,13 @@ def _loader_scenarios(rank: int) -> dict[str, Any]:
         torch.utils.data.TensorDataset(*(torch.as_tensor(v) for v in data(12 + 3 * rank)[:2])),
         batch_size=3,
     )
-    for loader in (_loader(LOADER["n"] - 1), uneven):
+    # The padding sampler inside a BatchSampler (the loader's own sampler is then a default one).
+    padded = _loader(LOADER["n"] - 1)
+    batched = torch.utils.data.DataLoader(
+        padded.dataset,
+        batch_sampler=torch.utils.data.BatchSampler(padded.sampler, LOADER["b"], drop_last=False),
+    )
+    for loader in (padded, uneven, batched):
         model = mlp()
         before = weights(model)
         try:
@@ -499,8 +505,12 @@ def test_distributed_sampler_reshuffles_every_epoch(ranks) -> None:
 
 @pytest.mark.parametrize(
     ("case", "message"),
-    [(0, "DistributedSampler pads the dataset by repeating 1 example"), (1, "same number of")],
-    ids=["padding-sampler", "uneven-shards"],
+    [
+        (0, "DistributedSampler pads the dataset by repeating 1 example"),
+        (1, "same number of"),
+        (2, "DistributedSampler pads the dataset by repeating 1 example"),
+    ],
+    ids=["padding-sampler", "uneven-shards", "padding-sampler-in-batch-sampler"],
 )
 def test_shards_that_would_miscount_refused_on_every_rank(ranks, case, message) -> None:
     for r in ranks:

@@ -60,13 +60,24 @@ from tfreg_core.training import leading_dim, leaves, map_structure
 from tfreg_core.validation import InvalidArgumentError
 from torchref._compat import torch
 
-__all__ = ["ProcessGroup", "process_group"]
+__all__ = ["ProcessGroup", "loader_samplers", "process_group"]
 
 dist = torch.distributed
 _COLLECTIVE_FAILED = (
     "A collective of torchref.Trainer failed on rank {rank} of {world}: another rank raised, "
     "exited or timed out (see the process group's timeout). Original error: {error}"
 )
+
+
+def loader_samplers(loader: Any) -> list[Any]:
+    """A ``DataLoader``'s samplers: its ``sampler`` and, given a ``batch_sampler`` (such as
+    ``BatchSampler(DistributedSampler(...), ...)``), the sampler inside that -- where a
+    ``DistributedSampler`` is, the loader's own ``sampler`` being then a default one."""
+    candidates = [
+        getattr(loader, "sampler", None),
+        getattr(getattr(loader, "batch_sampler", None), "sampler", None),
+    ]
+    return list(dict.fromkeys(s for s in candidates if s is not None))
 
 
 def _ddp_class() -> type:
@@ -136,8 +147,9 @@ class ProcessGroup:
         micro-batches (mismatched collectives). One collective when the loader has a length
         (or ``steps_per_epoch`` is given); an iterable without either must yield the same
         number of micro-batches on every rank."""
-        sampler = getattr(loader, "sampler", None)
-        if isinstance(sampler, torch.utils.data.DistributedSampler):
+        for sampler in loader_samplers(loader):
+            if not isinstance(sampler, torch.utils.data.DistributedSampler):
+                continue
             padded = sampler.total_size - len(sampler.dataset)
             if padded > 0:
                 raise InvalidArgumentError(

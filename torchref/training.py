@@ -60,7 +60,7 @@ from tfreg_core.training import History as History
 from tfreg_core.validation import InvalidArgumentError, non_negative_float, strict_bool
 from torchref import accumulation
 from torchref._compat import torch
-from torchref.distributed import process_group
+from torchref.distributed import loader_samplers, process_group
 from torchref.penalties import penalty as _penalty
 from torchref.proximal import PROXIMAL_CLASSES, Proximal
 from torchref.regularizers import get as _get_regularizer
@@ -772,13 +772,8 @@ class _SamplerEpoch:
 
 
 def _sampler_epochs(loader: Any) -> list[_SamplerEpoch]:
-    # A DataLoader's sampler, or its batch_sampler's (a sampler given inside a BatchSampler).
-    candidates = [
-        getattr(loader, "sampler", None),
-        getattr(getattr(loader, "batch_sampler", None), "sampler", None),
-    ]
-    samplers = [s for s in candidates if callable(getattr(s, "set_epoch", None))]
-    return [_SamplerEpoch(s) for s in dict.fromkeys(samplers)]
+    samplers = loader_samplers(loader)
+    return [_SamplerEpoch(s) for s in samplers if callable(getattr(s, "set_epoch", None))]
 
 
 def _tensor_dataset(dataset: Any) -> tuple[Any, Any, Any]:
