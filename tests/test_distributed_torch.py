@@ -198,18 +198,22 @@ def _loader_scenarios(rank: int) -> dict[str, Any]:
     history = trainer(model, "sgd", LOADER["k"]).fit(_loader(LOADER["n"]), verbose=0)
     out["weights"], out["records"] = weights(model), history.records
     refused = []
-    # 25 examples on 2 ranks: the sampler repeats one; then shards of different lengths.
-    uneven = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(*(torch.as_tensor(v) for v in data(12 + 3 * rank)[:2])),
-        batch_size=3,
+    # 25 examples on 2 ranks: the sampler repeats one; then shards of different lengths (a
+    # list of micro-batches: its length is known); then the whole dataset on every rank.
+    uneven = list(
+        torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(*(torch.as_tensor(v) for v in data(12 + 3 * rank)[:2])),
+            batch_size=3,
+        )
     )
+    whole = torch.utils.data.DataLoader(_loader(LOADER["n"]).dataset, batch_size=LOADER["b"])
     # The padding sampler inside a BatchSampler (the loader's own sampler is then a default one).
     padded = _loader(LOADER["n"] - 1)
     batched = torch.utils.data.DataLoader(
         padded.dataset,
         batch_sampler=torch.utils.data.BatchSampler(padded.sampler, LOADER["b"], drop_last=False),
     )
-    for loader in (padded, uneven, batched):
+    for loader in (padded, uneven, batched, whole):
         model = mlp()
         before = weights(model)
         try:
@@ -509,8 +513,14 @@ def test_distributed_sampler_reshuffles_every_epoch(ranks) -> None:
         (0, "DistributedSampler pads the dataset by repeating 1 example"),
         (1, "same number of"),
         (2, "DistributedSampler pads the dataset by repeating 1 example"),
+        (3, "Every rank would iterate the whole dataset"),
     ],
-    ids=["padding-sampler", "uneven-shards", "padding-sampler-in-batch-sampler"],
+    ids=[
+        "padding-sampler",
+        "uneven-shards",
+        "padding-sampler-in-batch-sampler",
+        "whole-dataset-on-every-rank",
+    ],
 )
 def test_shards_that_would_miscount_refused_on_every_rank(ranks, case, message) -> None:
     for r in ranks:

@@ -141,13 +141,24 @@ class ProcessGroup:
 
     def check_shards(self, loader: Any, steps_per_epoch: int | None) -> None:
         """A stream (each rank its own shard): refuse what would silently miscount, before
-        training. A ``DistributedSampler`` that pads (``drop_last=False`` on a dataset whose
-        length the world size does not divide) repeats examples in the last window; ranks
+        training. A ``DataLoader`` with the default sampler (every rank the whole dataset, each
+        example counted ``R`` times); a ``DistributedSampler`` that pads (``drop_last=False`` on
+        a dataset whose length the world size does not divide) repeats examples; ranks
         whose epochs have different numbers of micro-batches would close windows at different
         micro-batches (mismatched collectives). One collective when the loader has a length
         (or ``steps_per_epoch`` is given); an iterable without either must yield the same
         number of micro-batches on every rank."""
-        for sampler in loader_samplers(loader):
+        samplers = loader_samplers(loader)
+        default = (torch.utils.data.SequentialSampler, torch.utils.data.RandomSampler)
+        if samplers and all(isinstance(s, default) for s in samplers):
+            raise InvalidArgumentError(
+                "Every rank would iterate the whole dataset (the DataLoader's default sampler): "
+                f"each example would count {self.world_size} times in every window's sums and "
+                "counts. Give each rank its shard with sampler=DistributedSampler(dataset), or "
+                f"pass the full arrays. Received on rank {self.rank}: a DataLoader with "
+                f"{type(samplers[0]).__name__}"
+            )
+        for sampler in samplers:
             if not isinstance(sampler, torch.utils.data.DistributedSampler):
                 continue
             padded = sampler.total_size - len(sampler.dataset)
