@@ -207,6 +207,15 @@ def _loader_scenarios(rank: int) -> dict[str, Any]:
         )
     )
     whole = torch.utils.data.DataLoader(_loader(LOADER["n"]).dataset, batch_size=LOADER["b"])
+    # Each rank's own dataset (half of the data) with the default sampler: exact, as the
+    # DistributedSampler shards (rank r holds examples r, r+2, ...).
+    own = _loader(LOADER["n"]).dataset
+    subset = torch.utils.data.Subset(own, list(range(rank, LOADER["n"], WORLD)))
+    model = _ddp(mlp())
+    trainer(model, "sgd", LOADER["k"]).fit(
+        torch.utils.data.DataLoader(subset, batch_size=LOADER["b"]), verbose=0
+    )
+    out["subset_weights"] = weights(model)
     # The padding sampler inside a BatchSampler (the loader's own sampler is then a default one).
     padded = _loader(LOADER["n"] - 1)
     batched = torch.utils.data.DataLoader(
@@ -484,6 +493,7 @@ def test_distributed_sampler_shards_equal_one_step_per_window(ranks) -> None:
     )
     for r in ranks:
         assert_weights_close(r["loader"]["weights"], weights(model), EXACT.rtol)
+        assert_weights_close(r["loader"]["subset_weights"], weights(model), EXACT.rtol)
         assert [rec["examples"] for rec in r["loader"]["records"]] == [12, 12, 2]
         assert [rec["loss"] for rec in r["loader"]["records"]] == pytest.approx(
             [rec["loss"] for rec in history.records], rel=EXACT.rtol

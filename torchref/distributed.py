@@ -141,8 +141,9 @@ class ProcessGroup:
 
     def check_shards(self, loader: Any, steps_per_epoch: int | None) -> None:
         """A stream (each rank its own shard): refuse what would silently miscount, before
-        training. A ``DataLoader`` with the default sampler (every rank the whole dataset, each
-        example counted ``R`` times); a ``DistributedSampler`` that pads (``drop_last=False`` on
+        training. A ``DataLoader`` with the default sampler over the same dataset on every rank
+        (every rank the whole dataset, each example counted ``R`` times; a per-rank dataset is
+        fine); a ``DistributedSampler`` that pads (``drop_last=False`` on
         a dataset whose length the world size does not divide) repeats examples; ranks
         whose epochs have different numbers of micro-batches would close windows at different
         micro-batches (mismatched collectives). One collective when the loader has a length
@@ -150,7 +151,11 @@ class ProcessGroup:
         number of micro-batches on every rank."""
         samplers = loader_samplers(loader)
         default = (torch.utils.data.SequentialSampler, torch.utils.data.RandomSampler)
-        if samplers and all(isinstance(s, default) for s in samplers):
+        if (
+            samplers
+            and all(isinstance(s, default) for s in samplers)
+            and self._same_dataset(loader)
+        ):
             raise InvalidArgumentError(
                 "Every rank would iterate the whole dataset (the DataLoader's default sampler): "
                 f"each example would count {self.world_size} times in every window's sums and "
@@ -182,6 +187,19 @@ class ProcessGroup:
                 "windows close together). Received on rank "
                 f"{self.rank}: {length} micro-batches per epoch"
             )
+
+    def _same_dataset(self, loader: Any) -> bool:
+        """Whether every rank's loader reads the same map-style dataset (its length and first
+        example compared by a digest: one collective; no sampling, so no RNG is consumed). A
+        dataset sharded per rank (``Subset``, per-rank files) differs."""
+        dataset = getattr(loader, "dataset", None)
+        if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
+            return False
+        size = len(dataset)
+        first = dataset[0] if size else ()
+        leaves = [np.asarray(v) for v in (first if isinstance(first, (tuple, list)) else [first])]
+        limbs = torch.tensor([float(size), *digest(leaves)], dtype=torch.float64)
+        return self._same_everywhere(limbs.to(self._device))
 
     def _same_everywhere(self, values: torch.Tensor) -> bool:
         # max(v) == -max(-v) == min(v) on every element: exact, and no MIN op needed.
