@@ -84,8 +84,6 @@ import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import numpy as np
-
 from tfreg._compat import keras, tf
 from tfreg_core.distributed import digest
 from tfreg_core.training import TrainerSpec
@@ -191,6 +189,9 @@ class Replicas:
     def __init__(self, strategy: tf.distribute.Strategy) -> None:
         self.strategy = strategy
         self.num_replicas = int(strategy.num_replicas_in_sync)
+        # Several processes: what the cross-worker checks and error messages are about (the
+        # replicas of one process share their data, plan and weights by construction).
+        self.multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
 
     def check_options(self, optimizer: Any, *, jit_compile: bool) -> None:
         """Refuse what the distributed path does not support, before any variable exists."""
@@ -218,7 +219,7 @@ class Replicas:
         reduces a ``PerReplica`` batch it cannot convert -- for a plain model too
         (``tests/test_distributed_tf_multiworker.py`` pins it). Refuse it at ``compile``, naming the
         engine that works."""
-        if isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        if self.multi_worker:
             raise InvalidArgumentError(
                 "AccumulatingModel runs inside Keras fit(), which fails under "
                 "MultiWorkerMirroredStrategy in this Keras version even without accumulation; "
@@ -285,10 +286,10 @@ class Replicas:
         passing their own shard of the data (equal sizes) would each train on part of their
         shard. ``arrays`` (``x, y, sample_weight``) are compared by a digest of their values
         (hashed on the host once per ``fit``: measured 0.4 GB/s on this project's CPU machine)."""
-        if not isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        if not self.multi_worker:
             return
         num_examples, batch_size, shuffle = plan
-        limbs = digest(_arrays(arrays), str(spec.seed))
+        limbs = digest(arrays, str(spec.seed))
         steps, drop = spec.accumulation_steps, int(spec.drop_remainder)
         if not self.same_everywhere([num_examples, batch_size, shuffle, steps, drop, *limbs]):
             raise InvalidArgumentError(
@@ -309,9 +310,9 @@ class Replicas:
         would stop in mismatched collectives. Compared once per ``fit``, at its first
         micro-batch (``element``, on the host: no peeking, which would shift a reshuffling
         dataset's epochs), with ``length`` (micro-batches per epoch; -1 unknown)."""
-        if not isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        if not self.multi_worker:
             return
-        limbs = digest(_arrays(element))
+        limbs = digest(element)
         if not self.same_everywhere([length, *limbs]):
             raise InvalidArgumentError(
                 "Every worker must pass the same stream of global micro-batches (each replica "
@@ -329,7 +330,7 @@ class Replicas:
         weights set or loaded on some workers (``set_weights``, ``load_weights`` or a checkpoint
         restored on the chief alone) would be updated by the same reduced gradient on each
         worker from different values: replicas apart for good, silently."""
-        if not isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        if not self.multi_worker:
             return
         # Eager reads of mirrored variables: this worker's first copy, no collective.
         limbs = digest([tf.convert_to_tensor(v).numpy() for v in variables])
@@ -350,7 +351,7 @@ class Replicas:
         try:
             yield
         except _PEER_FAILURES as error:
-            if not isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            if not self.multi_worker:
                 raise
             message = _COLLECTIVE_FAILED.format(worker=self._worker(), error=error.message)
             raise type(error)(error.node_def, error.op, message) from error
@@ -388,11 +389,6 @@ class Replicas:
         """``fn()`` on every replica (cross-replica graph code): state that must be updated in
         replica context (Keras metrics under a strategy)."""
         return self.strategy.run(fn)
-
-
-def _arrays(structure: Sequence[Any]) -> list[np.ndarray]:
-    # The arrays of `structure` (x, y, sample_weight; None left out), for digest.
-    return [np.asarray(v) for v in tf.nest.flatten(list(structure)) if v is not None]
 
 
 def _share(values: Sequence[Any]) -> list[Any]:

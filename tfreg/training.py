@@ -317,9 +317,13 @@ class _LossSums(tf.Module):
         }
         if len(terms) > 1:
             values.update({f"{t.name}_loss": v for t, v in zip(terms, per_term, strict=True)})
+        self.reset()
+        return values
+
+    def reset(self) -> None:
+        """Zero the sums (after ``report``, or when a short window is dropped)."""
         for total in self.sums:
             zero(total)
-        return values
 
 
 def _proximal_step(
@@ -560,8 +564,7 @@ class _Engine:
         """``drop_remainder`` on a stream: the short window's sums are thrown away."""
         for acc in self.accs:
             accumulation.reset(acc)
-        for total in self.window.losses.sums:
-            zero(total)
+        self.window.losses.reset()
         self.window.reset()
 
     def _eval(self, x: Any, y: Any, w: Any) -> tuple[tf.Tensor, ...]:
@@ -780,25 +783,21 @@ class Trainer:
         ``input_shape`` builds an unbuilt model (a shape, or a structure of shapes)."""
         if self._engine is not None:
             return
-        if not self.model.built:
-            if input_shape is None:
-                raise ValueError("The model is not built; pass input_shape or call fit first.")
-            with _scope(self._replicas):
-                self.model.build(input_shape)
+        if not self.model.built and input_shape is None:
+            raise ValueError("The model is not built; pass input_shape or call fit first.")
         with _scope(self._replicas):
-            self._engine = self._new_engine()
-
-    def _new_engine(self) -> _Engine:
-        return _Engine(
-            self.model,
-            self._terms,
-            self._names,
-            self.optimizer,
-            spec=self.spec,
-            regularizer=self.regularizer,
-            proximal=self.proximal,
-            replicas=self._replicas,
-        )
+            if not self.model.built:
+                self.model.build(input_shape)
+            self._engine = _Engine(
+                self.model,
+                self._terms,
+                self._names,
+                self.optimizer,
+                spec=self.spec,
+                regularizer=self.regularizer,
+                proximal=self.proximal,
+                replicas=self._replicas,
+            )
 
     @property
     def accumulators(self) -> list[accumulation.AccumulatorState]:
@@ -1337,8 +1336,7 @@ class AccumulatingModel(keras.Model):
         if self.spec.drop_remainder:
             for acc in self._accs:
                 accumulation.reset(acc)
-            for total in self._window_losses.sums:
-                zero(total)
+            self._window_losses.reset()
             zero(self._window_examples)
         else:
             self._apply_fn()

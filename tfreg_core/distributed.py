@@ -22,11 +22,12 @@ import hashlib
 import json
 import numbers
 import socket
-from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from tfreg_core import validation
+from tfreg_core.training import leaves
 
 __all__ = ["check_rank", "digest", "global_batch_size", "localhost_tf_configs", "rank_share"]
 
@@ -87,16 +88,17 @@ def localhost_tf_configs(workers: int) -> list[str]:
     ]
 
 
-def digest(arrays: Sequence[np.ndarray], *texts: str) -> list[int]:
-    """Four 16-bit integers digesting ``arrays`` (their dtypes, shapes and values) and
-    ``texts``: what workers or ranks compare with one small collective to check they hold the
-    same data (byte-level: values one ulp apart differ). A string array (numpy's object array
-    of a ``tf.string`` tensor, whose own buffer holds pointers, different in every process) is
+def digest(structure: Any, *texts: str) -> list[int]:
+    """Four 16-bit integers digesting the arrays of ``structure`` (nested dicts/lists/tuples of
+    arrays or tensors, ``None`` left out: their dtypes, shapes and values) and ``texts``: what
+    workers or ranks compare with one small collective to check they hold the same data
+    (byte-level: values one ulp apart differ). A string array (numpy's object array of a
+    ``tf.string`` tensor, whose own buffer holds pointers, different in every process) is
     digested by its strings."""
     hasher = hashlib.blake2b(digest_size=8)
     for text in texts:
         hasher.update(len(text).to_bytes(8, "little") + text.encode())
-    for array in arrays:
+    for array in (np.asarray(v) for v in leaves(structure) if v is not None):
         hasher.update(f"{array.dtype}{array.shape}".encode())
         if array.dtype != object:
             hasher.update(array.tobytes())

@@ -29,11 +29,12 @@ inf survive the sum), so every rank skips (or raises) on the same update.
 Refused before training: parameters that differ across ranks (DDP broadcasts rank 0's at
 construction; a plain module must be built identically), ranks passing different arrays
 (sizes or values -- each rank its own shard as arrays: compared by a digest, once per ``fit``;
-a rank's own shard goes in a ``DataLoader``) or ``batch_size``/``accumulation_steps``, a
-``DataLoader`` whose
-``DistributedSampler`` pads (it repeats examples: ``drop_last=False`` on a length the world size
-does not divide), shards with different numbers of micro-batches per epoch (checked when the
-loader has a length or ``steps_per_epoch`` is given), and DDP over parameters whose
+a rank's own shard goes in a ``DataLoader``) or ``batch_size``/``accumulation_steps``; a
+``DataLoader`` with the default sampler over the same dataset on every rank (each example
+counted ``R`` times), or whose ``DistributedSampler`` pads (it repeats examples:
+``drop_last=False`` on a length the world size does not divide); shards with different numbers
+of micro-batches per epoch (checked when the loader has a length or ``steps_per_epoch`` is
+given); and DDP over parameters whose
 accumulator dtype differs from theirs (float16/bfloat16: DDP all-reduces ``.grad``, which the
 trainer does not accumulate into then). A rank that raises leaves the others in a collective:
 they fail with the backend's error (gloo: "connection closed by peer" when the process exits)
@@ -53,10 +54,8 @@ import contextlib
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
 from tfreg_core.distributed import check_rank, digest, global_batch_size, rank_share
-from tfreg_core.training import leading_dim, leaves, map_structure
+from tfreg_core.training import leading_dim, map_structure
 from tfreg_core.validation import InvalidArgumentError
 from torchref._compat import torch
 
@@ -109,9 +108,8 @@ class ProcessGroup:
         identical parameters; return the global micro-batch ``R*b`` to plan the epoch with
         (each rank then takes its share). A rank passing its own shard of the arrays would
         train on its share of that shard only: part of every shard never seen, silently."""
-        values = [np.asarray(v) for v in leaves(list(arrays)) if v is not None]
         plan = torch.tensor(
-            [num_examples, batch_size, accumulation_steps, *digest(values)],
+            [num_examples, batch_size, accumulation_steps, *digest(arrays)],
             dtype=torch.float64,
             device=self._device,
         )
@@ -143,12 +141,12 @@ class ProcessGroup:
         """A stream (each rank its own shard): refuse what would silently miscount, before
         training. A ``DataLoader`` with the default sampler over the same dataset on every rank
         (every rank the whole dataset, each example counted ``R`` times; a per-rank dataset is
-        fine); a ``DistributedSampler`` that pads (``drop_last=False`` on
-        a dataset whose length the world size does not divide) repeats examples; ranks
-        whose epochs have different numbers of micro-batches would close windows at different
-        micro-batches (mismatched collectives). One collective when the loader has a length
-        (or ``steps_per_epoch`` is given); an iterable without either must yield the same
-        number of micro-batches on every rank."""
+        fine); a ``DistributedSampler`` that pads (``drop_last=False`` on a dataset whose length
+        the world size does not divide) repeats examples; ranks whose epochs have different
+        numbers of micro-batches would close windows at different micro-batches (mismatched
+        collectives). One collective when the loader has a length (or ``steps_per_epoch`` is
+        given); an iterable without either must yield the same number of micro-batches on
+        every rank."""
         samplers = loader_samplers(loader)
         default = (torch.utils.data.SequentialSampler, torch.utils.data.RandomSampler)
         if (
@@ -196,9 +194,9 @@ class ProcessGroup:
         if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
             return False
         size = len(dataset)
-        first = dataset[0] if size else ()
-        leaves = [np.asarray(v) for v in (first if isinstance(first, (tuple, list)) else [first])]
-        limbs = torch.tensor([float(size), *digest(leaves)], dtype=torch.float64)
+        limbs = torch.tensor(
+            [float(size), *digest(dataset[0] if size else ())], dtype=torch.float64
+        )
         return self._same_everywhere(limbs.to(self._device))
 
     def _same_everywhere(self, values: torch.Tensor) -> bool:
