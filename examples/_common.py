@@ -40,6 +40,20 @@ def make_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def distributed_cnn_parser(description: str, *, batch: str) -> argparse.ArgumentParser:
+    """The options of the two-process seed-CNN examples (``ddp_cnn``, ``distributed_cnn_tf``):
+    data size, epochs, micro-batch (``batch`` says per rank or global: the frameworks'
+    conventions differ), accumulation steps and learning rate."""
+    parser = make_parser(description)
+    parser.add_argument("--mnist", type=Path, help="directory with MNIST's IDX files or npz")
+    parser.add_argument("--train", type=int, default=512, help="training examples")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=16, help=f"micro-batch size {batch}")
+    parser.add_argument("--accumulation", type=int, default=2, help="micro-batches per update")
+    parser.add_argument("--lr", type=float, default=0.05)
+    return parser
+
+
 @dataclass(frozen=True)
 class ImageData:
     """Grey-scale images in ``[0, 1]``, shape ``(n, height, width)``, integer labels."""

@@ -36,7 +36,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make `examples` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from examples._common import load_mnist, make_parser
+from examples._common import distributed_cnn_parser, load_mnist
 from examples.cnn_weight_regularization import NOTEBOOK_CNN
 from tfreg_core.distributed import localhost_tf_configs
 
@@ -47,13 +47,7 @@ RESULT = "distributed_cnn_tf.json"
 
 
 def _parser() -> Any:
-    parser = make_parser(__doc__.splitlines()[0])
-    parser.add_argument("--mnist", type=Path, help="directory with MNIST's IDX files or npz")
-    parser.add_argument("--train", type=int, default=512, help="training examples")
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=16, help="GLOBAL micro-batch size")
-    parser.add_argument("--accumulation", type=int, default=2, help="micro-batches per update")
-    parser.add_argument("--lr", type=float, default=0.05)
+    parser = distributed_cnn_parser(__doc__.splitlines()[0], batch="GLOBAL")
     parser.add_argument(
         "--workers", type=int, default=1, help="start this many localhost worker processes"
     )
