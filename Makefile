@@ -8,17 +8,25 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# One stamp per set of extras: `make docs` adds the docs extra on top of $(STAMP)'s install (pip
+# only adds what is missing), so `make test` never installs the documentation tools.
+EXTRAS := tensorflow-cpu,torch,test,dev,examples,progress
+DOCS_STAMP := $(VENV)/.installed-docs
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONHASHSEED ?= 0
 
-.PHONY: demo test lint format bench examples clean
+.PHONY: demo test lint format bench examples docs docs-images clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[tensorflow-cpu,torch,test,dev,examples,progress]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[$(EXTRAS)]'
 	touch $(STAMP)
+
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e '.[$(EXTRAS),docs]'
+	touch $(DOCS_STAMP)
 
 demo: $(STAMP)
 	$(PY) -m tfreg.parity --quick
@@ -40,8 +48,21 @@ examples: $(STAMP)
 		$(PY) -m examples.$$ex || exit 1; \
 	done
 
+# The site, into site/ (--strict: a broken link or reference, or a public name without a docstring,
+# fails). The pictures are committed PNGs under docs/images/: `make docs-images` redraws them.
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
+# Redraws docs/images/ from the examples (their default, small sizes) and a parity run's --plot.
+docs-images: $(STAMP)
+	for ex in linear_regression cnn_weight_regularization dropout_batchnorm \
+	          tf_gradient_accumulation structured_pruning lasso_logistic_regression; do \
+		$(PY) -m examples.$$ex --out docs/images || exit 1; \
+	done
+	$(PY) -m tfreg.parity --group penalties --group models --plot docs/images
+
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build site *.egg-info .pytest_cache .ruff_cache

@@ -42,8 +42,9 @@ def penalized_variables(
     return list(model_or_variables)
 
 
-# torchref's name for the same function, so code written against either twin runs on both.
 penalized_parameters = penalized_variables
+"""torchref's name for :func:`penalized_variables`, so code written against either twin runs on
+both."""
 
 
 def penalty(

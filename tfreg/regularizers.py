@@ -42,6 +42,8 @@ __all__ = [
 ]
 
 Regularizer = keras.regularizers.Regularizer
+"""``keras.regularizers.Regularizer``, re-exported: the base class of every regularizer here, so
+``isinstance(r, tfreg.Regularizer)`` holds for Keras' own regularizers too."""
 _PACKAGE = "tfreg"
 
 

@@ -16,6 +16,10 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Comparison:
+    """One comparison of ``actual`` against ``expected`` (see :func:`compare`): the norm-wise
+    ``max_rel = max|a - e| / max|e|`` and ``max_abs``, the index of the largest difference with
+    both values there, the bounds applied and whether it ``passed``."""
+
     name: str
     dtype: str
     max_abs: float

@@ -81,6 +81,7 @@ class BatchNormDifferences:
 
     @staticmethod
     def keras_momentum(torch_momentum: float) -> float:
+        """Keras' ``momentum`` (weight of the old value) for torch's ``momentum``."""
         return 1.0 - torch_momentum
 
     @staticmethod
@@ -192,6 +193,8 @@ FRAMEWORK_DIFFERENCES = FrameworkDifferences(
         }
     ),
 )
+"""Every Keras <-> PyTorch difference the harness knows (see the module docstring); the
+documentation's differences page is generated from it."""
 
 
 def note(topic: str) -> str:

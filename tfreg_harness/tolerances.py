@@ -21,6 +21,9 @@ from tfreg_core.validation import InvalidArgumentError
 
 @dataclass(frozen=True)
 class Tolerance:
+    """One entry of the tolerance table: the norm-wise relative bound ``rtol`` and ``why`` it is
+    that number (printed with every failing comparison)."""
+
     rtol: float
     why: str
 
@@ -54,6 +57,8 @@ TOLERANCES: dict[tuple[str, str], Tolerance] = {
     ("sparsity_norms", "float64"): Tolerance(1e-12, "norms of identical weights; summation order"),
     ("sparsity_norms", "float32"): Tolerance(1e-6, "float32 summation order"),
 }
+"""``(claim, dtype) -> Tolerance``: the bound every parity check cites (DESIGN.md's table, as data).
+Look entries up with :func:`tolerance`, which honours :func:`tolerance_overrides`."""
 
 
 def tolerance(claim: str, dtype: str) -> Tolerance:

@@ -36,8 +36,9 @@ def penalized_parameters(
     return list(module_or_tensors)
 
 
-# tfreg's name for the same function, so code written against either twin runs on both.
 penalized_variables = penalized_parameters
+"""tfreg's name for :func:`penalized_parameters`, so code written against either twin runs on
+both."""
 
 
 def penalty(

@@ -144,8 +144,6 @@ def build_cnn(
 # Losses
 # --------------------------------------------------------------------------------------------
 
-# Loss names the harness knows, each with its Keras object and the torchref loss that computes
-# the same per-example values (see torchref.training.LOSSES). Crossentropies take logits.
 LOSS_PAIRS: dict[str, tuple[Any, str]] = {
     "sparse_categorical_crossentropy": (
         lambda dtype: keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype=dtype),
@@ -157,6 +155,9 @@ LOSS_PAIRS: dict[str, tuple[Any, str]] = {
     ),
     "mean_squared_error": (lambda dtype: keras.losses.MeanSquaredError(dtype=dtype), "mse"),
 }
+"""Loss names the harness knows (``check_parity(loss=...)``), each with a factory of its Keras loss
+(called with the dtype) and the name of the torchref loss that computes the same per-example values
+(see ``torchref.training.LOSSES``). Crossentropies take logits."""
 
 
 def _loss_name(loss: str) -> str:

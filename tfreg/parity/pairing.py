@@ -57,6 +57,11 @@ class LayerMatch:
 
 @dataclass(frozen=True)
 class Pairing:
+    """The result of :func:`pair_layers`: every Keras leaf layer's match in definition order, and
+    whether torch takes its input / gives its output channels first (the Keras side is always
+    channels last). ``paired`` leaves out Keras layers computed in the torch module's forward
+    code."""
+
     matches: tuple[LayerMatch, ...]
     input_channels_first: bool
     output_channels_first: bool
