@@ -53,13 +53,15 @@ examples: $(STAMP)
 docs: $(DOCS_STAMP)
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
-# Redraws docs/images/ from the examples (their default, small sizes) and a parity run's --plot.
+# Redraws docs/images/ (about 8 minutes) from the examples at their default, small sizes and the
+# --plot of `tfreg-parity --quick`, as 64-colour PNGs (~220 KB in all).
 docs-images: $(STAMP)
 	for ex in linear_regression cnn_weight_regularization dropout_batchnorm \
 	          tf_gradient_accumulation structured_pruning lasso_logistic_regression; do \
 		$(PY) -m examples.$$ex --out docs/images || exit 1; \
 	done
-	$(PY) -m tfreg.parity --group penalties --group models --plot docs/images
+	$(PY) -m tfreg.parity --quick --plot docs/images
+	$(PY) docs/_hooks/shrink_png.py docs/images/*.png
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
