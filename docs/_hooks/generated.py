@@ -15,8 +15,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import griffe
-
 log = logging.getLogger("mkdocs.hooks.generated")
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,6 +27,8 @@ PACKAGES = {
     "tfreg_harness": "reference/tfreg-harness.md",
 }
 ANCHOR = re.compile(r'id="([\w.]+)"')
+# The docstrings cite names Sphinx-style (:func:`name`); Markdown renders the role as text.
+SPHINX_ROLE = re.compile(r":(?:func|class|meth|mod|data|attr|exc|obj):(?=<code>)")
 MARKER = re.compile(r"<!-- generated: (\w+) -->")
 
 
@@ -127,6 +127,8 @@ def on_page_markdown(markdown: str, page: Any, **kwargs: Any) -> str:
 def undocumented() -> list[str]:
     """The names in ``__all__`` of :data:`PACKAGES` that have no docstring, as griffe (and so
     mkdocstrings) reads them."""
+    import griffe  # the docs extra; the table generators above need only tfreg_harness
+
     loader = griffe.GriffeLoader(search_paths=[str(ROOT)])
     for top in dict.fromkeys(package.split(".")[0] for package in PACKAGES):
         loader.load(top)
@@ -140,18 +142,22 @@ def undocumented() -> list[str]:
 def exports(package: str) -> list[str]:
     """``package.__all__`` as griffe reads it, less ``__version__`` (a string, documented by the
     changelog)."""
+    import griffe
+
     loader = griffe.GriffeLoader(search_paths=[str(ROOT)])
     module = loader.load(package)
     return [name for name in map(str, module.exports or []) if name != "__version__"]
 
 
 def _undocumented(module: Any, package: str) -> list[str]:
+    from griffe import AliasResolutionError, CyclicAliasError
+
     missing = []
     for name in exports(package):
         try:
             member = module[name]
             docstring = member.docstring
-        except (KeyError, griffe.AliasResolutionError, griffe.CyclicAliasError):
+        except (KeyError, AliasResolutionError, CyclicAliasError):
             missing.append(f"{package}.{name} (cannot be resolved)")
             continue
         if docstring is None or not docstring.value.strip():
@@ -162,6 +168,11 @@ def _undocumented(module: Any, package: str) -> list[str]:
 def on_pre_build(config: Any, **kwargs: Any) -> None:
     for name in undocumented():
         log.warning("public name without a docstring: %s", name)
+
+
+def on_page_content(html: str, page: Any, **kwargs: Any) -> str:
+    """Drop the Sphinx role before a code span (``:func:`x` `` renders as ``x``)."""
+    return SPHINX_ROLE.sub("", html)
 
 
 def on_post_page(output: str, page: Any, **kwargs: Any) -> str:
