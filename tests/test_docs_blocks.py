@@ -16,6 +16,7 @@ run; ``bash``/``text``/``ini`` fences are shown, not executed.
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,8 @@ def test_block_runs(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     if block.page not in pages:
+        if "keras" in sys.modules:  # fresh layer names per page, as a reader's new session has
+            sys.modules["keras"].backend.clear_session()
         pages[block.page] = PageState(
             {"__name__": "__docs__"}, tmp_path_factory.mktemp(block.page.stem), 0
         )
