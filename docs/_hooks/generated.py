@@ -61,7 +61,8 @@ def differences_markdown() -> str:
         f"| momentum default | {bn.keras_momentum_default} | {bn.torch_momentum_default} "
         "(= 1 − Keras' m) |",
         f"| epsilon default | {bn.keras_epsilon_default:g} | {bn.torch_epsilon_default:g} |",
-        f"| moving variance | {_cell(bn.keras_moving_variance)} | {_cell(bn.torch_running_var)} |",
+        f"| moving variance | `{_cell(bn.keras_moving_variance)}` "
+        f"| `{_cell(bn.torch_running_var)}` |",
         "",
         "### Activation constants (visible in float64)",
         "",
