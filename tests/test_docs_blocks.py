@@ -26,6 +26,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 FENCE = re.compile(r"^```(\S*)[^\n]*$")
+INDENTED_PYTHON = re.compile(r"^\s+```python")
 DIRECTIVE = re.compile(r"^<!-- docs-test: (.+?) -->$")
 
 
@@ -50,6 +51,8 @@ def parse(page: Path) -> list[Block]:
     while i < len(lines):
         fence = FENCE.match(lines[i])
         if not fence:
+            if INDENTED_PYTHON.match(lines[i]):  # in a list or admonition: would never run
+                raise ValueError(f"{page}:{i + 1}: indented python fence; start it at column 0")
             i += 1
             continue
         end = next((j for j in range(i + 1, len(lines)) if lines[j].startswith("```")), None)
@@ -101,13 +104,16 @@ def test_the_pages_have_blocks_and_skips_say_why() -> None:
     assert all(b.skip for b in BLOCKS if b.skip is not None)
 
 
-def test_a_malformed_directive_is_an_error(tmp_path: Path) -> None:
+def test_a_malformed_directive_or_a_block_that_would_not_run_is_an_error(tmp_path: Path) -> None:
     page = tmp_path / "page.md"
     page.write_text("<!-- docs-test: skipp: typo -->\n```python\nx = 1\n```\n")
     with pytest.raises(ValueError, match="unknown directive"):
         parse(page)
     page.write_text("```python\nx = 1\n")
     with pytest.raises(ValueError, match="never closed"):
+        parse(page)
+    page.write_text("- a list item:\n\n    ```python\n    x = 1\n    ```\n")
+    with pytest.raises(ValueError, match="indented python fence"):
         parse(page)
 
 
