@@ -5,8 +5,13 @@ arithmetic.
 
 Differences from TensorFlow (``tfreg.training``): ``optimizer`` is a ``torch.optim`` optimizer
 built on the model's parameters, and ``loss`` is a torch loss -- a name from ``LOSSES``, a
-``torch.nn`` loss module as users build it, or ``fn(y_pred, y_true)`` returning per-example
-losses (torch's argument order). ``jit_compile`` must be False (torchref runs eagerly).
+``torch.nn`` loss module as users build it, a ``torch.nn.functional`` loss (``F.cross_entropy``,
+``F.mse_loss``... or a ``functools.partial`` of one with ``weight``, ``ignore_index``,
+``label_smoothing``, ``reduction``...: read as its module twin built with those keyword
+arguments), or a callable declared with :func:`per_element` (per-element values and which of
+them count). Any other callable is refused when the trainer is built: its denominator is
+invisible (``F.cross_entropy`` behind a lambda returns a batch mean; averaging those per
+micro-batch is not the window's mean). ``jit_compile`` must be False (torchref runs eagerly).
 Checkpoints are ``state_dict()`` / ``load_state_dict()``.
 
 Loss modules. ``reduction="mean"`` (torch's default) is translated to the module's
@@ -37,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -65,7 +71,15 @@ from torchref.penalties import penalty as _penalty
 from torchref.proximal import PROXIMAL_CLASSES, Proximal
 from torchref.regularizers import get as _get_regularizer
 
-__all__ = ["LOSSES", "History", "KerasAdamW", "Trainer", "per_example_loss"]
+__all__ = [
+    "LOSSES",
+    "History",
+    "KerasAdamW",
+    "PerElementLoss",
+    "Trainer",
+    "per_element",
+    "per_example_loss",
+]
 
 F = torch.nn.functional
 
@@ -100,19 +114,120 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 
 nn = torch.nn
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-# Loss modules whose reduction="mean" is sum(values) / values.numel() on the "none" values.
-_ELEMENTWISE_MODULES = (
-    nn.MSELoss,
-    nn.L1Loss,
-    nn.HuberLoss,
-    nn.SmoothL1Loss,
-    nn.BCEWithLogitsLoss,
-    nn.BCELoss,
-    nn.SoftMarginLoss,
-    nn.KLDivLoss,
-)
-# Class-index losses: reduction="mean" divides by sum(weight[y_i]) over i with y_i != ignore_index.
-_INDEX_MODULES = (nn.CrossEntropyLoss, nn.NLLLoss)
+# The torch losses whose denominator the trainer knows, each added here once: the module class,
+# its functional twin (understood as the module built with the call's keyword arguments) and
+# the targets it takes. "elements": reduction="mean" is sum(values) / values.numel() on the
+# "none" values. "index"/"index_or_probabilities": class indices divide by sum(weight[y_i]) over
+# i with y_i != ignore_index (class probabilities of CrossEntropyLoss: the element count).
+_KNOWN_LOSSES: dict[type[nn.Module], tuple[Callable[..., torch.Tensor], str]] = {
+    nn.MSELoss: (F.mse_loss, "elements"),
+    nn.L1Loss: (F.l1_loss, "elements"),
+    nn.HuberLoss: (F.huber_loss, "elements"),
+    nn.SmoothL1Loss: (F.smooth_l1_loss, "elements"),
+    nn.BCEWithLogitsLoss: (F.binary_cross_entropy_with_logits, "elements"),
+    nn.BCELoss: (F.binary_cross_entropy, "elements"),
+    nn.SoftMarginLoss: (F.soft_margin_loss, "elements"),
+    nn.KLDivLoss: (F.kl_div, "elements"),
+    nn.CrossEntropyLoss: (F.cross_entropy, "index_or_probabilities"),
+    nn.NLLLoss: (F.nll_loss, "index"),
+}
+_FUNCTIONAL_TWINS = {fn: module for module, (fn, _) in _KNOWN_LOSSES.items()}
+_ELEMENTWISE_MODULES = tuple(m for m, (_, kind) in _KNOWN_LOSSES.items() if kind == "elements")
+_INDEX_MODULES = tuple(m for m, (_, kind) in _KNOWN_LOSSES.items() if kind != "elements")
+
+
+class PerElementLoss:
+    """A loss callable that states what it returns: see :func:`per_element`."""
+
+    def __init__(
+        self,
+        fn: Callable[[Any, Any], torch.Tensor],
+        *,
+        ignore_index: int | None = None,
+        mask: Callable[[Any, Any], torch.Tensor] | None = None,
+    ) -> None:
+        if not callable(fn):
+            raise InvalidArgumentError(f"per_element needs a callable. Received: fn={fn!r}")
+        if ignore_index is not None and mask is not None:
+            raise InvalidArgumentError(
+                "per_element takes ignore_index or mask, not both. Received: "
+                f"ignore_index={ignore_index!r}, mask={mask!r}"
+            )
+        if ignore_index is not None and (
+            isinstance(ignore_index, bool) or not isinstance(ignore_index, int)
+        ):
+            raise InvalidArgumentError(
+                f"ignore_index must be an int. Received: ignore_index={ignore_index!r}"
+            )
+        if mask is not None and not callable(mask):
+            raise InvalidArgumentError(
+                f"mask must be a callable (y_pred, y_true) -> mask. Received: mask={mask!r}"
+            )
+        self.fn, self.ignore_index, self.mask = fn, ignore_index, mask
+
+    def __call__(self, y_pred: Any, y_true: Any) -> torch.Tensor:
+        return self.fn(y_pred, y_true)
+
+    def __repr__(self) -> str:
+        counted = (
+            f"ignore_index={self.ignore_index}"
+            if self.ignore_index is not None
+            else ("mask=" + repr(self.mask) if self.mask is not None else "every element")
+        )
+        return f"per_element({self.fn!r}, {counted})"
+
+
+def per_element(
+    fn: Callable[[Any, Any], torch.Tensor],
+    *,
+    ignore_index: int | None = None,
+    mask: Callable[[Any, Any], torch.Tensor] | None = None,
+) -> PerElementLoss:
+    """Declare what a custom loss callable returns, so that ``Trainer`` can divide exactly.
+
+    ``fn(y_pred, y_true)`` must return per-element losses (``reduction="none"`` values: at least
+    one value per example, the batch axis first), never a batch mean. The window's loss is
+    ``sum(w * values over the elements that count) / (number of elements that count)``, summed
+    and counted over the whole window -- what ``fn`` followed by a mean over the counted
+    elements gives on the concatenated window (HF's ``num_items_in_batch``, done by the trainer).
+    Which elements count:
+
+    - default: every value ``fn`` returns;
+    - ``ignore_index=i``: ``values`` has the targets' shape; elements whose target is ``i``
+      count neither in the sum nor in the denominator (``-100``: ``F.cross_entropy``'s padding);
+    - ``mask=m``: ``m(y_pred, y_true)`` gives a boolean (or 0/1) tensor of ``values``' shape;
+      the elements where it is true count.
+
+    Example: ``torchref.per_element(lambda logits, y: F.cross_entropy(logits, y,
+    reduction="none"), ignore_index=-100)`` trains as ``nn.CrossEntropyLoss()`` on the window.
+    ``torch.nn.functional`` losses themselves (``F.cross_entropy``, ``functools.partial`` of
+    them) need no wrapper: ``Trainer`` reads them like their module twins.
+    """
+    return PerElementLoss(fn, ignore_index=ignore_index, mask=mask)
+
+
+def _functional_module(loss: Any) -> nn.Module | None:
+    """A ``torch.nn.functional`` loss (or a ``functools.partial`` of one) as its module twin,
+    built with the call's keyword arguments; None for anything else."""
+    fn, args, keywords = loss, (), {}
+    if isinstance(loss, functools.partial):
+        fn, args, keywords = loss.func, loss.args, dict(loss.keywords)
+    module = _FUNCTIONAL_TWINS.get(fn) if callable(fn) else None
+    if module is None:
+        return None
+    if args:
+        raise InvalidArgumentError(
+            f"A functools.partial of {fn.__name__} must bind keyword arguments only (the "
+            f"trainer passes (y_pred, y_true)). Received: loss={loss!r}"
+        )
+    try:
+        return module(**keywords)
+    except TypeError as error:
+        raise InvalidArgumentError(
+            f"torchref.Trainer reads {fn.__name__} as nn.{module.__name__}, which does not take "
+            f"these arguments ({error}). Use a reduction='none' callable wrapped in "
+            f"torchref.per_element instead. Received: loss={loss!r}"
+        ) from None
 
 
 class _WindowLoss:
@@ -126,6 +241,11 @@ class _WindowLoss:
         self.sparse_labels = False  # the "cross_entropy" name also takes Keras' (N, 1) labels
         self.class_weight: torch.Tensor | None = None
         self.per_batch = False  # KLDivLoss(reduction="batchmean"): one count per example
+        self.mask: Callable[[Any, Any], torch.Tensor] | None = None  # per_element(mask=...)
+        self.masked = False  # per_element(ignore_index=...): values of the targets' shape
+        functional = None if isinstance(loss, (str, nn.Module)) else _functional_module(loss)
+        if functional is not None:
+            loss = functional
         if isinstance(loss, str):
             if loss not in LOSSES:
                 raise InvalidArgumentError(
@@ -138,11 +258,23 @@ class _WindowLoss:
                 self.ignore_index = -100  # F.cross_entropy's default, as nn.CrossEntropyLoss()
         elif isinstance(loss, nn.modules.loss._Loss):
             self.fn = self._per_element_module(loss, device)
+        elif isinstance(loss, PerElementLoss):
+            self.fn, self.targets, self.mask = loss.fn, "free", loss.mask
+            if loss.ignore_index is not None:
+                self.ignore_index, self.masked = loss.ignore_index, True
         elif callable(loss):
-            self.fn, self.targets = loss, "free"
+            raise InvalidArgumentError(
+                "torchref.Trainer cannot see the denominator of a loss callable (a batch mean "
+                "averaged per micro-batch is not the window's mean). Pass a torch loss module "
+                "or a torch.nn.functional loss (or a functools.partial of one), or wrap a "
+                "callable returning per-element losses: torchref.per_element(fn) (every value "
+                "counts), per_element(fn, ignore_index=-100) or per_element(fn, mask=m). "
+                f"Received: loss={loss!r}"
+            )
         else:
             raise InvalidArgumentError(
-                f"loss must be a name, a torch loss module or a callable. Received: loss={loss!r}"
+                "loss must be a name, a torch loss module, a torch.nn.functional loss or "
+                f"torchref.per_element(fn). Received: loss={loss!r}"
             )
 
     def _per_element_module(self, loss: nn.Module, device: torch.device) -> nn.Module:
@@ -184,13 +316,45 @@ class _WindowLoss:
         if y_pred.dtype in _LOW_PRECISION:
             y_pred = y_pred.float()  # float16/bfloat16 predictions: the loss in float32
         y_true, index = self._check_targets(y_pred, y_true)
-        count = self._count(y_pred, y_true) if index else None
+        count = self._count(y_pred, y_true) if index or self.masked else None
         if y_true.device != y_pred.device:
             y_true = y_true.to(y_pred.device)
         values = self.fn(y_pred, y_true)
+        if not isinstance(values, torch.Tensor) or values.ndim == 0:
+            raise InvalidArgumentError(
+                "The loss must return per-element values (reduction='none'), the batch axis "
+                "first; a scalar (a batch mean or sum) cannot be divided by the window's count. "
+                f"Received: {type(values).__name__} of shape "
+                f"{tuple(getattr(values, 'shape', ()))} from loss={self.fn!r}"
+            )
+        if self.masked or self.mask is not None:
+            return self._counted(values, y_pred, y_true, count)
         if count is None:
             count = y_pred.shape[0] if self.per_batch else values.numel()
         return values, count
+
+    def _counted(
+        self,
+        values: torch.Tensor,
+        y_pred: torch.Tensor,
+        y_true: torch.Tensor,
+        count: int | float | torch.Tensor | None,
+    ) -> tuple[torch.Tensor, int | float | torch.Tensor]:
+        """``per_element`` values where they count (elsewhere 0, NaN-safe) and their number
+        (``count``: already counted on the host for ``ignore_index``)."""
+        if self.mask is not None:
+            counted = torch.as_tensor(self.mask(y_pred, y_true), device=values.device)
+            what = "mask(y_pred, y_true)"
+        else:
+            counted, what = y_true != self.ignore_index, "the targets (ignore_index)"
+        if tuple(counted.shape) != tuple(values.shape):
+            raise InvalidArgumentError(
+                f"per_element: the loss values have shape {tuple(values.shape)} but "
+                f"{what} has shape {tuple(counted.shape)}; they must match (one value per "
+                "element that may count)"
+            )
+        counted = counted.to(torch.bool)
+        return torch.where(counted, values, 0), counted.sum() if count is None else count
 
     def _check_targets(
         self, y_pred: torch.Tensor, y_true: torch.Tensor
