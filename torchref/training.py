@@ -537,8 +537,11 @@ class _Engine:
     ) -> None:
         self.model, self.optimizer, self.spec = model, optimizer, spec
         self.regularizer, self.proximal = regularizer, proximal
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        if not self.params:
+        # Every parameter the optimizer steps or that is trainable now: one frozen now may be
+        # unfrozen between updates. Which of them take part is read per window (`touched`).
+        stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        self.params = [p for p in model.parameters() if p.requires_grad or id(p) in stepped]
+        if not any(p.requires_grad for p in self.params):
             raise InvalidArgumentError("The model has no trainable parameters.")
         self.acc = accumulation.init(self.params)
         self.in_grad = all(
@@ -561,6 +564,10 @@ class _Engine:
         # that History's `examples` is the global window's for a DataLoader shard too.
         self.examples = zero.clone()
         self.position = Position().as_tuple()
+        # Per parameter: whether the open window gave it a gradient (host flags, no sync). One
+        # that none reached keeps `.grad` None at the step, so the optimizer skips it as in a
+        # plain loop (a zero gradient would still move it by momentum or decoupled decay).
+        self.touched = [False] * len(self.params)
 
     def _tensors(self, structure: Any, dtype: torch.dtype | None = None) -> Any:
         # Floating inputs are cast to `dtype` (as Keras casts inputs to the layer's dtype).
@@ -607,21 +614,25 @@ class _Engine:
                 values * w.to(values.dtype).reshape([-1] + [1] * (values.ndim - 1))
             )
         if self.in_grad:
-            for p, total in zip(self.params, self.acc.sums, strict=True):
-                if p.grad is not total:
-                    p.grad = total
+            self._expose_sums()
             loss_sum.backward()
-            for p, total in zip(self.params, self.acc.sums, strict=True):
-                if p.grad is not total:  # torch replaced .grad by .grad + g instead of adding
+            for i, (p, total) in enumerate(zip(self.params, self.acc.sums, strict=True)):
+                if p.grad is not None and p.grad is not total:
+                    # The window's first gradient (backward created .grad), or torch replaced
+                    # .grad by .grad + g instead of adding in place: into the sum.
                     total.copy_(p.grad)
+                    p.grad = total
+                    self.touched[i] = True
             # The gradients are in the sums already; what add() would do with no gradients,
             # without re-checking shapes the sums have by construction (count >= 0 is
             # guaranteed by _WindowLoss: element counts or sums of weights validated >= 0).
             self.acc.count.add_(count)
             self.acc.micro_batches += 1
         else:
-            grads = torch.autograd.grad(loss_sum, self.params, allow_unused=True)
+            grads = self._grads(loss_sum)
             accumulation.add(self.acc, grads, count)
+            for i, g in enumerate(grads):
+                self.touched[i] = self.touched[i] or g is not None
         self.loss_sum.add_(loss_sum.detach())
         if self.metric_sums:
             with torch.no_grad():
@@ -629,6 +640,31 @@ class _Engine:
                 self.weight_sum.add_(w.sum())
                 for name, total in zip(self.spec.metrics, self.metric_sums, strict=True):
                     total.add_(torch.sum(_METRIC_FNS[name](y_pred, y_host.to(self.device)) * w))
+
+    def _expose_sums(self) -> None:
+        """Each sum as its parameter's ``.grad`` for ``backward()`` to add into -- only where
+        the window has reached the parameter: elsewhere ``.grad`` is None, so that backward
+        reports which parameters it reaches. On a process group every trainable parameter
+        takes part (DDP reduces each one's ``.grad``; the ranks must agree on the set)."""
+        for i, (p, total) in enumerate(zip(self.params, self.acc.sums, strict=True)):
+            if self.group is not None and p.requires_grad:
+                self.touched[i] = True
+            p.grad = total if self.touched[i] else None
+
+    def _grads(self, value: torch.Tensor) -> list[torch.Tensor | None]:
+        """``d value / d p`` for each parameter trainable now; None where it is frozen or not
+        reached (on a process group, zeros for every trainable one, as ``_expose_sums``)."""
+        trainable = [p for p in self.params if p.requires_grad]
+        found = iter(
+            torch.autograd.grad(value, trainable, allow_unused=True) if value.requires_grad else ()
+        )
+        grads = [next(found, None) if p.requires_grad else None for p in self.params]
+        if self.group is not None:
+            grads = [
+                torch.zeros_like(p) if g is None and p.requires_grad else g
+                for g, p in zip(grads, self.params, strict=True)
+            ]
+        return grads
 
     @torch.no_grad()
     def _window_gradient(self) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -653,18 +689,22 @@ class _Engine:
         grads, divisor = self._window_gradient()
         if self.regularizer is not None:
             pen = _penalty(self.model, self.regularizer, include_bias=self.spec.include_bias)
-            pen_grads = torch.autograd.grad(pen, self.params, allow_unused=True)
             with torch.no_grad():
-                for g, p in zip(grads, pen_grads, strict=True):
+                for i, (g, p) in enumerate(zip(grads, self._grads(pen), strict=True)):
                     if p is not None:
                         g.add_(p)
+                        self.touched[i] = True
             pen = pen.detach().double()
         else:
             pen = torch.zeros((), dtype=torch.float64, device=self.device)
-        finite = _all_finite(grads)
+        stepped = [i for i, reached in enumerate(self.touched) if reached]
+        finite = _all_finite([grads[i] for i in stepped]) if stepped else True
         if finite:
-            for p, g in zip(self.params, _clip(grads, self.spec), strict=True):
-                p.grad = g
+            for p in self.params:
+                p.grad = None  # not reached in this window: skipped by the optimizer
+            clipped = _clip([grads[i] for i in stepped], self.spec)
+            for i, g in zip(stepped, clipped, strict=True):
+                self.params[i].grad = g
             self.optimizer.step()
             if self.proximal is not None:  # the rate of the step just taken, once per update
                 self.proximal.apply(self.model, self.optimizer)
@@ -696,6 +736,7 @@ class _Engine:
     def _reset_window(self) -> None:
         # After the update that consumed the window (in place: checkpoints hold copies).
         accumulation.reset(self.acc)
+        self.touched = [False] * len(self.params)
         for total in [self.loss_sum, self.weight_sum, self.examples, *self.metric_sums]:
             total.zero_()
 
@@ -820,6 +861,7 @@ class Trainer:
                 "examples": e.examples.clone(),
                 "metric_sums": [m.clone() for m in e.metric_sums],
                 "position": list(e.position),
+                "touched": list(e.touched),
             },
             "rng": _rng_state(e.device),
         }
@@ -846,6 +888,12 @@ class Trainer:
         if "examples" in window:
             e.examples = window["examples"].clone()
         e.metric_sums = [m.clone() for m in window["metric_sums"]]
+        # Which parameters the open window reached; a state written before it was saved: the
+        # trainable ones, when the window holds micro-batches.
+        open_window = e.acc.micro_batches > 0
+        e.touched = [bool(t) for t in window.get("touched", [])] or [
+            open_window and p.requires_grad for p in e.params
+        ]
         e.set_position(tuple(window["position"]))
         if "rng" in state:  # checkpoints written before the RNG state was saved lack it
             _set_rng_state(state["rng"])
