@@ -75,6 +75,7 @@ __all__ = [
     "LOSSES",
     "History",
     "KerasAdamW",
+    "LossScale",
     "PerElementLoss",
     "Trainer",
     "per_element",
@@ -518,6 +519,74 @@ def _training_mode(model: torch.nn.Module) -> Iterator[None]:
             module.train(mode)
 
 
+_AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _autocast_dtype(autocast: Any) -> torch.dtype | None:
+    if autocast is None:
+        return None
+    dtype = _AUTOCAST_DTYPES.get(autocast) if isinstance(autocast, str) else autocast
+    if dtype not in _AUTOCAST_DTYPES.values():
+        raise InvalidArgumentError(
+            "autocast must be None, 'bfloat16', 'float16', torch.bfloat16 or torch.float16. "
+            f"Received: autocast={autocast!r}"
+        )
+    return dtype
+
+
+class LossScale:
+    """Dynamic loss scaling for ``autocast="float16"``, once per window: torch.amp.GradScaler's
+    rule (``init_scale``, ``growth_factor``, ``backoff_factor``, ``growth_interval``, read from
+    a ``torch.amp.GradScaler`` when one is given) applied to the accumulated window::
+
+        backward(scale / u * sum(w * l))  per micro-batch   (u: see ``unit``)
+        g = sums / (N_W * scale / u)      once per window (unscale)
+        non-finite g: the window is skipped (weights and optimizer state untouched),
+                      scale *= backoff_factor, tracker = 0
+        else: step; tracker += 1; tracker == growth_interval: scale *= growth_factor, tracker = 0
+
+    ``u`` (``unit``) is fixed at a window's first micro-batch: its loss-element count times
+    ``accumulation_steps``, i.e. ``N_W`` for equal micro-batches. It makes each micro-batch's
+    float16 backward carry the values a GradScaler loop's ``backward(scale * mean over W)``
+    carries, so the two overflow on the same windows (the micro-batch's *sum* times ``scale``
+    would overflow ``log2(N_W)`` halvings earlier). The scale and tracker live on the host:
+    no synchronisation beyond the finiteness check every update already has."""
+
+    def __init__(self, scaler: Any = None) -> None:
+        if scaler is None:
+            scaler = torch.amp.GradScaler("cpu")  # its defaults; only its settings are read
+        if not isinstance(scaler, torch.amp.GradScaler) or not scaler.is_enabled():
+            raise InvalidArgumentError(
+                "grad_scaler must be an enabled torch.amp.GradScaler (its init_scale, "
+                "growth_factor, backoff_factor and growth_interval are used once per window). "
+                f"Received: grad_scaler={scaler!r}"
+            )
+        self.scale = float(scaler.get_scale())
+        self.growth_factor = float(scaler.get_growth_factor())
+        self.backoff_factor = float(scaler.get_backoff_factor())
+        self.growth_interval = int(scaler.get_growth_interval())
+        self.growth_tracker = 0
+        self.unit = 1.0
+
+    def update(self, finite: bool) -> None:
+        if not finite:
+            self.scale *= self.backoff_factor
+            self.growth_tracker = 0
+            return
+        self.growth_tracker += 1
+        if self.growth_tracker == self.growth_interval:
+            self.scale *= self.growth_factor
+            self.growth_tracker = 0
+
+    def state_dict(self) -> dict[str, float]:
+        return {"scale": self.scale, "growth_tracker": self.growth_tracker, "unit": self.unit}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.scale = float(state["scale"])
+        self.growth_tracker = int(state["growth_tracker"])
+        self.unit = float(state["unit"])
+
+
 class _Engine:
     """The PyTorch half of ``Trainer``: one micro-batch into the accumulator, one update from it.
 
@@ -534,8 +603,11 @@ class _Engine:
         spec: TrainerSpec,
         regularizer: Any,
         proximal: Proximal | None,
+        autocast: torch.dtype | None = None,
+        loss_scale: LossScale | None = None,
     ) -> None:
         self.model, self.optimizer, self.spec = model, optimizer, spec
+        self.autocast, self.loss_scale = autocast, loss_scale
         self.regularizer, self.proximal = regularizer, proximal
         # Every parameter the optimizer steps or that is trainable now: one frozen now may be
         # unfrozen between updates. Which of them take part is read per window (`touched`).
@@ -602,7 +674,13 @@ class _Engine:
 
     def _micro_step(self, x: Any, y: Any, sample_weight: Any) -> None:
         xb = self._tensors(x, self.dtype)
-        y_pred = call_module(self.model, xb)
+        if self.autocast is None:
+            y_pred = call_module(self.model, xb)
+        else:
+            # Entered per micro-batch: leaving it clears autocast's cache of low-precision
+            # weight copies, which would otherwise go stale once the optimizer steps.
+            with torch.autocast(self.device.type, dtype=self.autocast):
+                y_pred = call_module(self.model, xb)
         y_host = torch.as_tensor(y)
         values, count = self.loss(y_pred, y_host)
         if sample_weight is None or _all_ones(sample_weight):
@@ -613,9 +691,17 @@ class _Engine:
             loss_sum = torch.sum(
                 values * w.to(values.dtype).reshape([-1] + [1] * (values.ndim - 1))
             )
+        scaled = loss_sum
+        if self.loss_scale is not None:
+            if self.acc.micro_batches == 0:
+                # Ranks must agree on the unit: on a process group it is 1 per micro-batch.
+                unit = count if isinstance(count, (int, float)) else leading_dim(y_host)
+                unit = 1.0 if self.group is not None else max(float(unit), 1.0)
+                self.loss_scale.unit = unit * self.spec.accumulation_steps
+            scaled = loss_sum * (self.loss_scale.scale / self.loss_scale.unit)
         if self.in_grad:
             self._expose_sums()
-            loss_sum.backward()
+            scaled.backward()
             for i, (p, total) in enumerate(zip(self.params, self.acc.sums, strict=True)):
                 if p.grad is not None and p.grad is not total:
                     # The window's first gradient (backward created .grad), or torch replaced
@@ -629,7 +715,7 @@ class _Engine:
             self.acc.count.add_(count)
             self.acc.micro_batches += 1
         else:
-            grads = self._grads(loss_sum)
+            grads = self._grads(scaled)
             accumulation.add(self.acc, grads, count)
             for i, g in enumerate(grads):
                 self.touched[i] = self.touched[i] or g is not None
@@ -671,13 +757,16 @@ class _Engine:
         # sums / count, in place. A window whose every loss element is ignored has count 0 and
         # zero sums: its data gradient is 0 (torch's mean would be 0/0 = NaN).
         divisor = torch.where(self.acc.count > 0, self.acc.count, 1.0)
+        unscale = divisor
+        if self.loss_scale is not None:  # the sums hold scale / unit times the gradient
+            unscale = divisor * (self.loss_scale.scale / self.loss_scale.unit)
         if self.in_grad:
-            by_dtype = {total.dtype: divisor.to(total.dtype) for total in self.acc.sums}
+            by_dtype = {total.dtype: unscale.to(total.dtype) for total in self.acc.sums}
             for total in self.acc.sums:
                 total.div_(by_dtype[total.dtype])
             return list(self.acc.sums), divisor
         grads = [
-            (s / divisor.to(s.dtype)).to(p.dtype)
+            (s / unscale.to(s.dtype)).to(p.dtype)
             for s, p in zip(self.acc.sums, self.params, strict=True)
         ]
         return grads, divisor
@@ -708,6 +797,8 @@ class _Engine:
             self.optimizer.step()
             if self.proximal is not None:  # the rate of the step just taken, once per update
                 self.proximal.apply(self.model, self.optimizer)
+        if self.loss_scale is not None:  # once per window, as GradScaler.update per step
+            self.loss_scale.update(finite)
         data_loss = self.loss_sum / divisor
         values = {
             "loss": data_loss + pen,
@@ -773,6 +864,29 @@ class Trainer:
     bit-identical to an uninterrupted run. Floating inputs are cast to the parameters' dtype
     (Keras casts inputs to its layers' dtype; torch would raise).
 
+    Parameters as torch sees them: the candidates are the model's trainable parameters and
+    those the optimizer holds; ``requires_grad`` is read each window. A parameter no gradient
+    reached in a window (frozen, an unused head) has ``.grad`` None at the step, so the
+    optimizer skips it (no momentum, no decoupled decay), as a plain loop with
+    ``zero_grad(set_to_none=True)`` does; one unfrozen later trains from then on. On a process
+    group every parameter trainable in the window takes part (DDP reduces each one's
+    ``.grad``; an unused one is stepped with a zero gradient there).
+
+    Mixed precision: ``autocast=torch.bfloat16`` (or ``"bfloat16"``) runs each micro-batch's
+    forward under ``torch.autocast`` on the parameters' device (entered per micro-batch, so its
+    cache of low-precision weight copies never outlives an update); the parameters (master
+    weights), accumulators and the loss stay float32 (the model must be float32).
+    ``autocast="float16"`` adds dynamic loss scaling once per window (see :class:`LossScale`:
+    torch.amp.GradScaler's rule; ``grad_scaler=torch.amp.GradScaler(...)`` sets its
+    ``init_scale``/``growth_factor``/``backoff_factor``/``growth_interval``): an overflowing
+    window is skipped (``skipped`` in its record; weights and optimizer state unchanged) and
+    the scale halves; the scale is in ``state_dict()``. ``fit`` inside a user's
+    ``torch.autocast`` is refused (its weight cache would go stale after the first step).
+    Differences from a plain autocast loop on the concatenated window: each micro-batch's
+    weight gradient is rounded to the low precision before the float32 sum (≤ (k+1)·2^-9 of
+    an update for bfloat16, (k+1)·2^-11 for float16; bitwise equal for k=1 with power-of-two
+    window counts).
+
     Modes: ``fit`` calls ``model.train()`` once when the model is in eval mode; a model already
     in training mode keeps its submodules' modes (a BatchNorm frozen with ``.eval()`` keeps its
     running statistics). Every submodule's mode is restored when ``fit`` returns or raises.
@@ -802,6 +916,8 @@ class Trainer:
         metrics: Sequence[str] = (),
         seed: int = 0,
         proximal: Proximal | dict[str, Any] | Sequence[Any] | None = None,
+        autocast: str | torch.dtype | None = None,
+        grad_scaler: Any = None,
     ) -> None:
         self.spec = TrainerSpec(
             accumulation_steps=accumulation_steps,
@@ -833,6 +949,8 @@ class Trainer:
         self.regularizer = None if regularizer is None else _get_regularizer(regularizer)
         self.proximal = resolve_proximal(proximal, PROXIMAL_CLASSES, optimizer)
         _check_optimizer(optimizer, model)
+        self.autocast = _autocast_dtype(autocast)
+        loss_scale = _check_mixed_precision(model, self.autocast, grad_scaler, self.spec)
         self._engine = _Engine(
             model,
             loss,
@@ -840,6 +958,8 @@ class Trainer:
             self.spec,
             self.regularizer,
             self.proximal,
+            self.autocast,
+            loss_scale,
         )
         self.stop_training = False
 
@@ -864,6 +984,7 @@ class Trainer:
                 "touched": list(e.touched),
             },
             "rng": _rng_state(e.device),
+            **({} if e.loss_scale is None else {"loss_scale": e.loss_scale.state_dict()}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -897,6 +1018,8 @@ class Trainer:
         e.set_position(tuple(window["position"]))
         if "rng" in state:  # checkpoints written before the RNG state was saved lack it
             _set_rng_state(state["rng"])
+        if e.loss_scale is not None and "loss_scale" in state:
+            e.loss_scale.load_state_dict(state["loss_scale"])
 
     def fit(
         self,
@@ -922,6 +1045,7 @@ class Trainer:
         not apply; a sampler with ``set_epoch``, e.g. ``DistributedSampler``, gets
         ``set_epoch(epoch)`` before each epoch, as in a torch loop), as in ``tfreg.Trainer.fit``.
         """
+        _refuse_outer_autocast(self._engine.device)
         if isinstance(x, torch.utils.data.TensorDataset) and y is None and sample_weight is None:
             x, y, sample_weight = _tensor_dataset(x)
         elif isinstance(x, torch.utils.data.Dataset) and not isinstance(
@@ -968,7 +1092,52 @@ class Trainer:
         config = self.spec.get_config()
         config["regularizer"] = object_config(self.regularizer)
         config["proximal"] = object_config(self.proximal)
+        config["autocast"] = None if self.autocast is None else str(self.autocast).split(".")[-1]
         return config
+
+
+def _check_mixed_precision(
+    model: torch.nn.Module, autocast: torch.dtype | None, grad_scaler: Any, spec: TrainerSpec
+) -> LossScale | None:
+    """The loss scale ``autocast=float16`` trains with (None otherwise), after checking that
+    the master weights are float32 and the options fit together."""
+    if grad_scaler is not None and autocast != torch.float16:
+        raise InvalidArgumentError(
+            "grad_scaler configures the loss scaling of autocast='float16' (bfloat16 has "
+            f"float32's range and needs none). Received: grad_scaler={grad_scaler!r} with "
+            f"autocast={autocast}"
+        )
+    if autocast is None:
+        return None
+    dtypes = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point()})
+    if dtypes != ["torch.float32"]:
+        raise InvalidArgumentError(
+            "autocast trains float32 master weights (and float32 accumulators) with "
+            f"{autocast} forward ops: the model's parameters must be float32. Received: "
+            f"parameter dtypes {dtypes}"
+        )
+    if autocast != torch.float16:
+        return None
+    if spec.on_nonfinite == "raise":
+        raise InvalidArgumentError(
+            "autocast='float16' skips each window whose scaled gradient overflows and lowers "
+            "the loss scale (as torch.amp.GradScaler); on_nonfinite='raise' would stop at the "
+            "first overflow. Received: on_nonfinite='raise' with autocast=torch.float16"
+        )
+    return LossScale(grad_scaler)
+
+
+def _refuse_outer_autocast(device: torch.device) -> None:
+    # Autocast around fit caches low-precision copies of the weights for the whole context:
+    # after the first step every forward would read stale copies (silently wrong updates).
+    for device_type in dict.fromkeys(("cpu", "cuda", device.type)):
+        if torch.is_autocast_enabled(device_type):
+            raise InvalidArgumentError(
+                "fit() was called inside torch.autocast: its weight cache would go stale after "
+                "the first update. Call fit outside it and pass Trainer(..., "
+                "autocast=torch.bfloat16) or autocast='float16' (with loss scaling) instead. "
+                f"Received: autocast enabled on {device_type!r}"
+            )
 
 
 class _SamplerEpoch:
