@@ -61,6 +61,7 @@ from tfreg_core.training import (
     object_config,
     resolve_proximal,
     run_fit,
+    validation_batches,
 )
 from tfreg_core.training import History as History
 from tfreg_core.validation import InvalidArgumentError, non_negative_float, strict_bool
@@ -673,14 +674,7 @@ class _Engine:
             return self._micro_step(x, y, sample_weight)
 
     def _micro_step(self, x: Any, y: Any, sample_weight: Any) -> None:
-        xb = self._tensors(x, self.dtype)
-        if self.autocast is None:
-            y_pred = call_module(self.model, xb)
-        else:
-            # Entered per micro-batch: leaving it clears autocast's cache of low-precision
-            # weight copies, which would otherwise go stale once the optimizer steps.
-            with torch.autocast(self.device.type, dtype=self.autocast):
-                y_pred = call_module(self.model, xb)
+        y_pred = self._forward(x)
         y_host = torch.as_tensor(y)
         values, count = self.loss(y_pred, y_host)
         if sample_weight is None or _all_ones(sample_weight):
@@ -726,6 +720,55 @@ class _Engine:
                 self.weight_sum.add_(w.sum())
                 for name, total in zip(self.spec.metrics, self.metric_sums, strict=True):
                     total.add_(torch.sum(_METRIC_FNS[name](y_pred, y_host.to(self.device)) * w))
+
+    def _forward(self, x: Any) -> Any:
+        xb = self._tensors(x, self.dtype)
+        if self.autocast is None:
+            return call_module(self.model, xb)
+        # Entered per micro-batch: leaving it clears autocast's cache of low-precision weight
+        # copies, which would otherwise go stale once the optimizer steps.
+        with torch.autocast(self.device.type, dtype=self.autocast):
+            return call_module(self.model, xb)
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[tuple[Any, Any, Any]]) -> dict[str, float]:
+        """``val_loss`` (the data loss over all the batches -- ``sum(w * l) / N`` with the
+        training loss's count -- plus the penalty at the current weights, as Keras' val_loss
+        includes the regularization losses), ``val_data_loss`` and ``val_<metric>``, in eval
+        mode (Dropout off, BatchNorm's running statistics), as Keras evaluates with
+        ``training=False``; every submodule's mode is restored after. One host read."""
+        modes = [(module, module.training) for module in self.model.modules()]
+        self.model.eval()
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        loss_sum, count, weight_sum = zero.clone(), zero.clone(), zero.clone()
+        metric_sums = [zero.clone() for _ in self.spec.metrics]
+        try:
+            for x, y, sample_weight in batches:
+                y_pred = self._forward(x)
+                y_host = torch.as_tensor(y)
+                values, n = self.loss(y_pred, y_host)
+                w = torch.ones(len(values), device=self.device, dtype=torch.float64)
+                if sample_weight is not None:
+                    w = torch.as_tensor(sample_weight, device=self.device).to(torch.float64)
+                shaped = w.reshape([-1] + [1] * (values.ndim - 1))
+                loss_sum.add_(torch.sum(values.double() * shaped))
+                count.add_(n)
+                weight_sum.add_(w.sum())
+                for name, total in zip(self.spec.metrics, metric_sums, strict=True):
+                    total.add_(torch.sum(_METRIC_FNS[name](y_pred, y_host.to(self.device)) * w))
+        finally:
+            for module, mode in modes:
+                module.train(mode)
+        data_loss = torch.where(count > 0, loss_sum / torch.where(count > 0, count, 1.0), 0.0)
+        penalty = zero
+        if self.regularizer is not None:
+            penalty = _penalty(self.model, self.regularizer, include_bias=self.spec.include_bias)
+        values = [data_loss + penalty.double(), data_loss]
+        values += [total / weight_sum for total in metric_sums]
+        fetched = torch.stack(values).tolist()
+        logs = {"val_loss": fetched[0], "val_data_loss": fetched[1]}
+        logs.update({f"val_{m}": v for m, v in zip(self.spec.metrics, fetched[2:], strict=True)})
+        return logs
 
     def _expose_sums(self) -> None:
         """Each sum as its parameter's ``.grad`` for ``backward()`` to add into -- only where
@@ -1031,6 +1074,7 @@ class Trainer:
         shuffle: bool = True,
         sample_weight: Any = None,
         steps_per_epoch: int | None = None,
+        validation_data: Any = None,
         callbacks: Sequence[Any] | None = None,
         verbose: int = 1,
     ) -> History:
@@ -1044,6 +1088,14 @@ class Trainer:
         ``steps_per_epoch`` for infinite ones; the loader's own order, so ``shuffle`` does
         not apply; a sampler with ``set_epoch``, e.g. ``DistributedSampler``, gets
         ``set_epoch(epoch)`` before each epoch, as in a torch loop), as in ``tfreg.Trainer.fit``.
+
+        ``validation_data``: ``(x, y)`` / ``(x, y, sample_weight)`` arrays or tensors (in
+        batches of ``batch_size``, 32 for streams) or an iterable of such micro-batches (a
+        ``DataLoader``), checked before the first update and evaluated after each epoch's last
+        update (:meth:`_Engine.evaluate`: eval mode, no gradient); ``history.epochs`` gets
+        ``val_loss``, ``val_data_loss`` and ``val_<metric>``, so early stopping is a callback
+        reading them in ``on_epoch_end(trainer, epoch, history)`` and setting
+        ``trainer.stop_training``, as Keras' ``EarlyStopping`` does.
         """
         _refuse_outer_autocast(self._engine.device)
         if isinstance(x, torch.utils.data.TensorDataset) and y is None and sample_weight is None:
@@ -1074,17 +1126,32 @@ class Trainer:
             data = fit_data(*arrays, weights, batch_size=global_batch, **options)
         elif group is not None:
             group.check_shards(x, steps_per_epoch)
+        if isinstance(validation_data, torch.utils.data.TensorDataset):
+            validation_data = tuple(v for v in _tensor_dataset(validation_data) if v is not None)
+        elif isinstance(validation_data, torch.utils.data.Dataset) and not isinstance(
+            validation_data, torch.utils.data.IterableDataset
+        ):
+            raise InvalidArgumentError(
+                "A map-style Dataset yields single examples: pass validation_data="
+                "DataLoader(dataset, batch_size=...) instead. Received: validation_data="
+                f"{type(validation_data).__name__}"
+            )
+        if isinstance(validation_data, tuple):
+            validation_data = _host_arrays(validation_data)
+        validation = validation_batches(validation_data, batch_size)
         if not isinstance(data, ArrayData):
             callbacks = [*_sampler_epochs(x), *(callbacks or [])]
-        with self._engine.session():
+        engine = self._engine
+        with engine.session():
             return run_fit(
-                self._engine,
+                engine,
                 self,
                 self.spec,
                 data,
                 epochs=epochs,
                 callbacks=callbacks,
                 verbose=verbose,
+                validate=None if validation is None else lambda: engine.evaluate(validation()),
             )
 
     def get_config(self) -> dict[str, Any]:
