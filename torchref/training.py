@@ -992,6 +992,15 @@ class Trainer:
         self.regularizer = None if regularizer is None else _get_regularizer(regularizer)
         self.proximal = resolve_proximal(proximal, PROXIMAL_CLASSES, optimizer)
         _check_optimizer(optimizer, model)
+        if self.regularizer is not None and any(g.get("maximize") for g in optimizer.param_groups):
+            raise InvalidArgumentError(
+                "A regularizer is a penalty added to the loss; an optimizer with maximize=True "
+                "would maximize it too and grow the weights (coupled weight_decay, which "
+                "L2.from_torch_weight_decay mirrors, still shrinks them under maximize: torch "
+                "adds wd * w after negating the gradient). Keep weight_decay in the optimizer, "
+                f"or minimize the negated objective. Received: regularizer={self.regularizer!r} "
+                f"with {type(optimizer).__name__}(maximize=True)"
+            )
         self.autocast = _autocast_dtype(autocast)
         loss_scale = _check_mixed_precision(model, self.autocast, grad_scaler, self.spec)
         self._engine = _Engine(
