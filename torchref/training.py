@@ -279,7 +279,7 @@ class _WindowLoss:
                 f"torchref.per_element(fn). Received: loss={loss!r}"
             )
 
-    def _per_element_module(self, loss: nn.Module, device: torch.device) -> nn.Module:
+    def _per_element_module(self, loss: Any, device: torch.device | None) -> nn.Module:
         known = isinstance(loss, (*_ELEMENTWISE_MODULES, *_INDEX_MODULES))
         allowed = ("none", "mean", "batchmean") if isinstance(loss, nn.KLDivLoss) else ("none",)
         if loss.reduction not in allowed + (("mean",) if known else ()):
@@ -348,7 +348,7 @@ class _WindowLoss:
             counted = torch.as_tensor(self.mask(y_pred, y_true), device=values.device)
             what = "mask(y_pred, y_true)"
         else:
-            counted, what = y_true != self.ignore_index, "the targets (ignore_index)"
+            counted, what = torch.ne(y_true, self.ignore_index), "the targets (ignore_index)"
         if tuple(counted.shape) != tuple(values.shape):
             raise InvalidArgumentError(
                 f"per_element: the loss values have shape {tuple(values.shape)} but "
@@ -763,9 +763,9 @@ class _Engine:
         penalty = zero
         if self.regularizer is not None:
             penalty = _penalty(self.model, self.regularizer, include_bias=self.spec.include_bias)
-        values = [data_loss + penalty.double(), data_loss]
-        values += [total / weight_sum for total in metric_sums]
-        fetched = torch.stack(values).tolist()
+        results = [data_loss + penalty.double(), data_loss]
+        results += [total / weight_sum for total in metric_sums]
+        fetched = torch.stack(results).tolist()
         logs = {"val_loss": fetched[0], "val_data_loss": fetched[1]}
         logs.update({f"val_{m}": v for m, v in zip(self.spec.metrics, fetched[2:], strict=True)})
         return logs
