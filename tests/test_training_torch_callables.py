@@ -106,6 +106,12 @@ def per_token(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, labels, reduction="none")
 
 
+def flattened_per_token(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    # The usual language-model idiom: (N*T, V) logits against (N*T,) labels.
+    flat = logits.transpose(1, 2).reshape(-1, VOCAB)
+    return F.cross_entropy(flat, labels.reshape(-1), reduction="none")
+
+
 def padding_mask(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return labels >= 0
 
@@ -117,6 +123,10 @@ GPT_LOSSES: dict[str, tuple[Any, Callable[..., torch.Tensor]]] = {
     "nn.CrossEntropyLoss": (nn.CrossEntropyLoss(), F.cross_entropy),
     "per_element_ignore_index": (
         torchref.per_element(per_token, ignore_index=-100),
+        F.cross_entropy,
+    ),
+    "per_element_flattened": (
+        torchref.per_element(flattened_per_token, ignore_index=-100),
         F.cross_entropy,
     ),
     "per_element_mask": (torchref.per_element(per_token, mask=padding_mask), F.cross_entropy),

@@ -195,8 +195,10 @@ def per_element(
     Which elements count:
 
     - default: every value ``fn`` returns;
-    - ``ignore_index=i``: ``values`` has the targets' shape; elements whose target is ``i``
-      count neither in the sum nor in the denominator (``-100``: ``F.cross_entropy``'s padding);
+    - ``ignore_index=i``: ``values`` has the targets' shape (or is them flattened, as
+      ``F.cross_entropy(logits.view(-1, V), labels.view(-1), reduction="none")``); elements
+      whose target is ``i`` count neither in the sum nor in the denominator (``-100``:
+      ``F.cross_entropy``'s padding);
     - ``mask=m``: ``m(y_pred, y_true)`` gives a boolean (or 0/1) tensor of ``values``' shape;
       the elements where it is true count.
 
@@ -349,6 +351,9 @@ class _WindowLoss:
             what = "mask(y_pred, y_true)"
         else:
             counted, what = torch.ne(y_true, self.ignore_index), "the targets (ignore_index)"
+        if tuple(counted.shape) != tuple(values.shape) and counted.numel() == values.numel():
+            counted = counted.reshape(values.shape)  # flattened values: F.cross_entropy(
+            # logits.view(-1, V), labels.view(-1)) keeps the targets' row-major order
         if tuple(counted.shape) != tuple(values.shape):
             raise InvalidArgumentError(
                 f"per_element: the loss values have shape {tuple(values.shape)} but "
