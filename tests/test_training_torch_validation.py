@@ -151,8 +151,12 @@ def test_early_stopping_is_a_callback_on_val_loss() -> None:
         ((np.zeros((5, D)), np.zeros(4, dtype=np.int64)), "same first dimension"),
         ((np.zeros((5, D)),), "tuple"),
         (42, "iterable"),
+        ((np.zeros((5, D)), np.full(5, 0.5)), r"y\.dtype=torch\.float64"),  # CE targets
+        ((np.zeros((5, D)), np.zeros((5, 2), dtype=np.int64)), r"y\.shape=\(4, 2\)"),
+        (iter([(torch.zeros(2, D), torch.zeros(2, dtype=torch.int64))]), "one pass"),
+        ([], "no batch"),
     ],
-    ids=["lengths", "no_targets", "not_data"],
+    ids=["lengths", "no_targets", "not_data", "float_labels", "shape", "iterator", "empty"],
 )
 def test_bad_validation_data_is_refused_before_any_update(validation, match) -> None:
     x, y = data(20, 0)
@@ -161,8 +165,26 @@ def test_bad_validation_data_is_refused_before_any_update(validation, match) -> 
     opt = torch.optim.SGD(m.parameters(), lr=0.2)
     with pytest.raises(InvalidArgumentError, match=match):
         torchref.Trainer(m, "cross_entropy", opt).fit(
-            x, y, batch_size=4, validation_data=validation, verbose=0
+            x, y, batch_size=4, epochs=2, validation_data=validation, verbose=0
         )
     for key, value in m.state_dict().items():
         assert torch.equal(value, before[key]), key
     assert not opt.state
+
+
+def test_an_iterator_serves_the_one_validation_of_a_single_epoch() -> None:
+    x, y = data(20, 0)
+    xv, yv = data(8, 1)
+    batches = iter(
+        [
+            (torch.as_tensor(xv[:4]), torch.as_tensor(yv[:4])),
+            (torch.as_tensor(xv[4:]), torch.as_tensor(yv[4:])),
+        ]
+    )
+    reference = Reference(xv, yv)
+    history = trainer(model()).fit(
+        x, y, batch_size=4, epochs=1, validation_data=batches, callbacks=[reference], verbose=0
+    )
+    assert_close(
+        "val_loss", history.epochs[0]["val_loss"], reference.logs[0]["val_loss"], rtol=EXACT.rtol
+    )

@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -747,8 +748,10 @@ class _Engine:
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
         loss_sum, count, weight_sum = zero.clone(), zero.clone(), zero.clone()
         metric_sums = [zero.clone() for _ in self.spec.metrics]
+        seen = 0
         try:
             for x, y, sample_weight in batches:
+                seen += 1
                 y_pred = self._forward(x)
                 y_host = torch.as_tensor(y)
                 values, n = self.loss(y_pred, y_host)
@@ -764,6 +767,11 @@ class _Engine:
         finally:
             for module, mode in modes:
                 module.train(mode)
+        if not seen:
+            raise InvalidArgumentError(
+                "validation_data yielded no batch (an exhausted iterator?): pass arrays or a "
+                "re-iterable (a list, a DataLoader). Received: an empty validation pass"
+            )
         data_loss = torch.where(count > 0, loss_sum / torch.where(count > 0, count, 1.0), 0.0)
         penalty = zero
         if self.regularizer is not None:
@@ -1153,6 +1161,8 @@ class Trainer:
         if isinstance(validation_data, tuple):
             validation_data = _host_arrays(validation_data)
         validation = validation_batches(validation_data, batch_size)
+        if validation is not None:
+            self._check_validation(validation_data, validation, epochs)
         if not isinstance(data, ArrayData):
             callbacks = [*_sampler_epochs(x), *(callbacks or [])]
         engine = self._engine
@@ -1167,6 +1177,24 @@ class Trainer:
                 verbose=verbose,
                 validate=None if validation is None else lambda: engine.evaluate(validation()),
             )
+
+    def _check_validation(
+        self, validation_data: Any, validation: Callable[[], Iterable[Any]], epochs: int
+    ) -> None:
+        """Before the first update: an iterator (one pass) is refused when more than one epoch
+        is left, and the first validation batch goes through the model (eval mode, no
+        gradient: nothing changes) and the loss's target checks."""
+        left = epochs - Position(*self._engine.get_position()).epoch
+        if iter(validation_data) is validation_data:
+            if left > 1:
+                raise InvalidArgumentError(
+                    "validation_data is evaluated after every epoch, but an iterator yields "
+                    f"one pass and {left} epochs are left: pass arrays or a re-iterable (a "
+                    f"list, a DataLoader). Received: validation_data="
+                    f"{type(validation_data).__name__}"
+                )
+            return  # one pass, kept for the one validation
+        self._engine.evaluate(itertools.islice(validation(), 1))
 
     def get_config(self) -> dict[str, Any]:
         """The keyword arguments (model, loss and optimizer are positional and not included)."""
