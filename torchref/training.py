@@ -599,7 +599,9 @@ class _Engine:
 
     Where a parameter and its accumulator sum share a dtype, the sum *is* the parameter's
     ``.grad`` during ``fit``: ``backward()`` adds each micro-batch's gradient into it in place,
-    as a hand-written accumulation loop does, with no per-micro-batch gradient copies.
+    as a hand-written accumulation loop does. Only a window's first gradient of a parameter is
+    copied into the sum (``.grad`` is None until then, so that backward tells which
+    parameters it reaches: see ``touched``).
     """
 
     def __init__(
@@ -946,8 +948,9 @@ class Trainer:
     Modes: ``fit`` calls ``model.train()`` once when the model is in eval mode; a model already
     in training mode keeps its submodules' modes (a BatchNorm frozen with ``.eval()`` keeps its
     running statistics). Every submodule's mode is restored when ``fit`` returns or raises.
-    During ``fit`` each parameter's ``.grad`` is its accumulator sum (``backward()`` adds into
-    it, as in a hand-written loop); ``fit`` leaves ``.grad`` at None. See the module docstring
+    During ``fit`` each parameter's ``.grad`` is its accumulator sum once the window has
+    reached it (``backward()`` adds into it, as in a hand-written loop), None before;
+    ``fit`` leaves ``.grad`` at None. See the module docstring
     for losses, counts and the set-ups refused before any update.
 
     On a ``torch.distributed`` process group initialised before the trainer is built (module
