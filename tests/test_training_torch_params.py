@@ -74,7 +74,7 @@ def fresh() -> TwoHeads:
     return model
 
 
-def plain_loop(optimizer: str) -> TwoHeads:
+def plain_loop(optimizer: str, regularizer: Any = None) -> TwoHeads:
     model = fresh()
     opt = OPTIMIZERS[optimizer](model.parameters())
     x, y = data()
@@ -83,7 +83,10 @@ def plain_loop(optimizer: str) -> TwoHeads:
         for start in range(0, N, K * BATCH):
             opt.zero_grad(set_to_none=True)
             window = slice(start, start + K * BATCH)
-            F.mse_loss(model(torch.as_tensor(x[window])), torch.as_tensor(y[window])).backward()
+            loss = F.mse_loss(model(torch.as_tensor(x[window])), torch.as_tensor(y[window]))
+            if regularizer is not None:
+                loss = loss + torchref.penalty(model, regularizer)
+            loss.backward()
             opt.step()
             schedule(model, update)
             update += 1
@@ -99,10 +102,14 @@ class Schedule:
         self.updates += 1
 
 
-def trained(optimizer: str) -> TwoHeads:
+def trained(optimizer: str, regularizer: Any = None) -> TwoHeads:
     model = fresh()
     trainer = torchref.Trainer(
-        model, "mse", OPTIMIZERS[optimizer](model.parameters()), accumulation_steps=K
+        model,
+        "mse",
+        OPTIMIZERS[optimizer](model.parameters()),
+        accumulation_steps=K,
+        regularizer=regularizer,
     )
     x, y = data()
     trainer.fit(
@@ -177,3 +184,14 @@ def test_a_checkpoint_mid_window_keeps_which_parameters_were_reached() -> None:
     rest.fit(x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=False, callbacks=[again], verbose=0)
     for (name, a), b in zip(resumed.named_parameters(), reference.parameters(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_a_penalty_reaches_the_unused_heads_kernel_as_in_plain_torch() -> None:
+    # loss + L2 penalty: the unused head's kernel gets the penalty's gradient (and is stepped),
+    # its bias (not penalized) none; the frozen kernel none while frozen.
+    expected, actual = plain_loop("adamw", torchref.L2(0.01)), trained("adamw", torchref.L2(0.01))
+    untouched = fresh()
+    assert torch.equal(actual.unused.bias, untouched.unused.bias)
+    assert not torch.equal(actual.unused.weight, untouched.unused.weight)
+    for (name, a), b in zip(actual.named_parameters(), expected.parameters(), strict=True):
+        assert_close(name, a.detach(), b.detach(), rtol=EXACT.rtol)
