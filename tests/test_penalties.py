@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from typing import Any
 
 import keras
 import numpy as np
@@ -275,6 +276,47 @@ def test_from_torch_weight_decay_with_a_non_float32_factor_is_off_by_its_roundin
     np.testing.assert_allclose(decayed - keras_factor, factor_error, rtol=0, atol=rounding)
     tf_reg = tfreg.L2.from_torch_weight_decay(wd)
     assert tf_reg.get_config() == {"l2": wd / 2} and tf_reg.to_torch_weight_decay() == wd
+
+
+@pytest.mark.parametrize("optimizer", [torch.optim.SGD, torch.optim.Adam])
+def test_from_torch_weight_decay_does_not_hold_under_maximize(optimizer) -> None:
+    """Pinned difference: torch negates the objective's gradient before adding wd * w, so under
+    maximize=True coupled decay still shrinks the weights while L2(wd / 2) in the objective is
+    maximized and grows them. One SGD step: decay moves w by -lr*wd*w, the penalty by +lr*wd*w
+    (difference 2*lr*wd*w, to float64 round-off); Adam: the decay's part of the step is reversed
+    too (2.0 of it, measured)."""
+    rng = np.random.default_rng(5)
+    weight, x, lr, wd = rng.normal(size=(4, 3)), rng.normal(size=(6, 3)), 0.1, 2.0**-13
+
+    def step(weight_decay: float, regularizer: Any) -> np.ndarray:
+        w = torch.tensor(weight, requires_grad=True)
+        objective = -(torch.as_tensor(x) @ w.T).square().mean()  # a reward, maximized
+        if regularizer is not None:
+            objective = objective + regularizer(w)
+        objective.backward()
+        optimizer([w], lr=lr, weight_decay=weight_decay, maximize=True).step()
+        return w.detach().numpy()
+
+    decayed = step(wd, None)
+    penalised = step(0.0, torchref.L2.from_torch_weight_decay(wd))
+    plain = step(0.0, None)
+    decay_part, penalty_part = decayed - plain, penalised - plain
+    rounding = 4 * np.finfo(np.float64).eps * np.abs(weight).max()
+    if optimizer is torch.optim.SGD:
+        np.testing.assert_allclose(decay_part, -lr * wd * weight, rtol=0, atol=rounding)
+        np.testing.assert_allclose(penalty_part, lr * wd * weight, rtol=0, atol=rounding)
+    else:  # Adam's normalisation: the sign flips, the size is about the same
+        assert np.all(np.sign(decay_part) == -np.sign(penalty_part))
+        rel = np.abs(decayed - penalised).max() / np.abs(decay_part).max()
+        assert 1.9 < rel < 2.1
+
+
+def test_trainer_refuses_a_regularizer_with_a_maximizing_optimizer() -> None:
+    model = torch.nn.Linear(3, 1).double()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, maximize=True)
+    with pytest.raises(ValueError, match=r"maximize=True"):
+        torchref.Trainer(model, "mse", sgd, regularizer=torchref.L2.from_torch_weight_decay(1e-4))
+    torchref.Trainer(model, "mse", sgd)  # maximize without a penalty: the user's objective
 
 
 # --- import boundaries -------------------------------------------------------------------------

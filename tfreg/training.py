@@ -75,6 +75,7 @@ from tfreg_core.training import (
     resolve_proximal,
     run_fit,
     unpack_micro_batch,
+    validation_batches,
 )
 from tfreg_core.training import History as History
 from tfreg_core.validation import InvalidArgumentError
@@ -901,7 +902,7 @@ class Trainer:
             verbose=verbose,
             steps_per_epoch=steps_per_epoch,
         )
-        validation = _validation_batches(validation_data, batch_size)
+        validation = validation_batches(validation_data, batch_size)
         keras_callbacks = [c for c in callbacks or () if isinstance(c, keras.callbacks.Callback)]
         hooks = [c for c in callbacks or () if not isinstance(c, keras.callbacks.Callback)]
         if keras_callbacks:
@@ -976,21 +977,6 @@ def _input_shape(data: ArrayData | StreamData) -> Any:
         return None
     shapes = tf.nest.map_structure(lambda v: (None, *v.shape[1:]), x)
     return shapes
-
-
-def _validation_batches(
-    validation_data: Any, batch_size: int | None
-) -> Callable[[], Iterable[tuple[Any, Any, Any]]] | None:
-    """``validation_data`` checked now (before training); returns a fresh pass per call."""
-    if validation_data is None:
-        return None
-    if isinstance(validation_data, tuple):
-        vx, vy, vw = unpack_micro_batch(validation_data)
-        arrays = ArrayData(vx, vy, vw, batch_size=batch_size or 32, shuffle=False)
-        spec = TrainerSpec()
-        return lambda: (batch for _, batch in arrays.steps(spec, 0, 0))
-    stream = StreamData(validation_data, steps_per_epoch=None)
-    return lambda: (unpack_micro_batch(element) for element in stream.data)
 
 
 class _KerasCallbacks:

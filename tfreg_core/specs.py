@@ -53,6 +53,13 @@ class L2Spec:
         is not a penalty: it shrinks ``w <- w - lr * wd * w`` outside the adaptive scaling, so no
         ``L2`` reproduces it under Adam. Use the optimizer's own argument for that.
 
+        Not under torch's ``maximize=True``: torch negates the objective's gradient *before*
+        adding ``wd * w``, so coupled decay still shrinks the weights, while a penalty in the
+        objective is maximized with it and grows them: per SGD step the two differ by
+        ``2 * lr * wd * w`` (the decay term reversed; 1e-3 of a step here, up to the whole step
+        when decay dominates). ``torchref.Trainer`` refuses a ``regularizer`` with such an
+        optimizer; keep ``weight_decay`` in the optimizer there.
+
         Like every Keras ``L2``, the factor is applied through float32: on float64 weights the
         gradient is ``wd * w`` exactly only when ``wd / 2`` is a float32 number (``2**-13``; not
         ``1e-4``, off by ~1e-8 relative). ``l2_penalty(w, wd / 2)`` is exact for any ``wd``.

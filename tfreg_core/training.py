@@ -30,7 +30,7 @@ import numbers
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import astuple, dataclass, replace
 from typing import Any, Protocol
 
@@ -63,6 +63,7 @@ __all__ = [
     "resolve_proximal",
     "run_fit",
     "unpack_micro_batch",
+    "validation_batches",
 ]
 
 NONFINITE_MODES = ("skip", "raise")
@@ -439,6 +440,24 @@ def fit_data(
                 f"must be None. Received: {name}={value!r}"
             )
     return StreamData(x, steps_per_epoch=steps_per_epoch)
+
+
+def validation_batches(
+    validation_data: Any, batch_size: int | None
+) -> Callable[[], Iterable[tuple[Any, Any, Any]]] | None:
+    """``fit``'s ``validation_data`` checked now, before training: ``(x, y)`` /
+    ``(x, y, sample_weight)`` arrays (in batches of ``batch_size``, 32 when None) or an
+    iterable of such micro-batches. Returns a function giving a fresh pass of
+    ``(x, y, sample_weight)`` batches per call (None without validation data)."""
+    if validation_data is None:
+        return None
+    if isinstance(validation_data, tuple):
+        vx, vy, vw = unpack_micro_batch(validation_data)
+        arrays = ArrayData(vx, vy, vw, batch_size=batch_size or 32, shuffle=False)
+        spec = TrainerSpec()
+        return lambda: (batch for _, batch in arrays.steps(spec, 0, 0))
+    stream = StreamData(validation_data, steps_per_epoch=None)
+    return lambda: (unpack_micro_batch(element) for element in stream.data)
 
 
 def check_callbacks(callbacks: Sequence[Any] | None) -> list[Any]:

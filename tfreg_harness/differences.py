@@ -185,7 +185,8 @@ FRAMEWORK_DIFFERENCES = FrameworkDifferences(
             "reset_after=True applies the reset gate after the recurrent matmul, as torch does.",
             "weight_decay": "torch SGD/Adam weight_decay=wd is coupled and equals Keras L2(wd/2); "
             "AdamW and every Keras optimizer's weight_decay are decoupled "
-            "(tfreg_core.conversions).",
+            "(tfreg_core.conversions). Not under torch's maximize=True: decay still shrinks the "
+            "weights while the L2 penalty is maximized and grows them (2*lr*wd*w per SGD step).",
             "adam_epsilon": "Keras adds epsilon to sqrt(v) and folds bias correction into the "
             "learning rate; torch adds epsilon to sqrt(v_hat). Same formula only as eps -> 0.",
             "optimizer_hyperparameters": "Keras keeps learning rate, betas etc. as float32 "

@@ -39,7 +39,7 @@ from torchref.sparsity import (
     soft_threshold,
     sparsity_report,
 )
-from torchref.training import History, KerasAdamW, Trainer
+from torchref.training import History, KerasAdamW, PerElementLoss, Trainer, per_element
 
 __version__ = "0.1.0"
 
@@ -54,6 +54,7 @@ __all__ = [
     "OrthogonalRegularizer",
     "PNorm",
     "ParameterSparsity",
+    "PerElementLoss",
     "ProximalChain",
     "ProximalGroupLasso",
     "ProximalL1",
@@ -74,6 +75,7 @@ __all__ = [
     "penalized_parameters",
     "penalized_variables",
     "penalty",
+    "per_element",
     "pnorm_penalty",
     "prune",
     "serialize",

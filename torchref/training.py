@@ -5,8 +5,13 @@ arithmetic.
 
 Differences from TensorFlow (``tfreg.training``): ``optimizer`` is a ``torch.optim`` optimizer
 built on the model's parameters, and ``loss`` is a torch loss -- a name from ``LOSSES``, a
-``torch.nn`` loss module as users build it, or ``fn(y_pred, y_true)`` returning per-example
-losses (torch's argument order). ``jit_compile`` must be False (torchref runs eagerly).
+``torch.nn`` loss module as users build it, a ``torch.nn.functional`` loss (``F.cross_entropy``,
+``F.mse_loss``... or a ``functools.partial`` of one with ``weight``, ``ignore_index``,
+``label_smoothing``, ``reduction``...: read as its module twin built with those keyword
+arguments), or a callable declared with :func:`per_element` (per-element values and which of
+them count). Any other callable is refused when the trainer is built: its denominator is
+invisible (``F.cross_entropy`` behind a lambda returns a batch mean; averaging those per
+micro-batch is not the window's mean). ``jit_compile`` must be False (torchref runs eagerly).
 Checkpoints are ``state_dict()`` / ``load_state_dict()``.
 
 Loss modules. ``reduction="mean"`` (torch's default) is translated to the module's
@@ -37,6 +42,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -55,6 +62,7 @@ from tfreg_core.training import (
     object_config,
     resolve_proximal,
     run_fit,
+    validation_batches,
 )
 from tfreg_core.training import History as History
 from tfreg_core.validation import InvalidArgumentError, non_negative_float, strict_bool
@@ -65,7 +73,16 @@ from torchref.penalties import penalty as _penalty
 from torchref.proximal import PROXIMAL_CLASSES, Proximal
 from torchref.regularizers import get as _get_regularizer
 
-__all__ = ["LOSSES", "History", "KerasAdamW", "Trainer", "per_example_loss"]
+__all__ = [
+    "LOSSES",
+    "History",
+    "KerasAdamW",
+    "LossScale",
+    "PerElementLoss",
+    "Trainer",
+    "per_element",
+    "per_example_loss",
+]
 
 F = torch.nn.functional
 
@@ -100,19 +117,122 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 
 nn = torch.nn
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-# Loss modules whose reduction="mean" is sum(values) / values.numel() on the "none" values.
-_ELEMENTWISE_MODULES = (
-    nn.MSELoss,
-    nn.L1Loss,
-    nn.HuberLoss,
-    nn.SmoothL1Loss,
-    nn.BCEWithLogitsLoss,
-    nn.BCELoss,
-    nn.SoftMarginLoss,
-    nn.KLDivLoss,
-)
-# Class-index losses: reduction="mean" divides by sum(weight[y_i]) over i with y_i != ignore_index.
-_INDEX_MODULES = (nn.CrossEntropyLoss, nn.NLLLoss)
+# The torch losses whose denominator the trainer knows, each added here once: the module class,
+# its functional twin (understood as the module built with the call's keyword arguments) and
+# the targets it takes. "elements": reduction="mean" is sum(values) / values.numel() on the
+# "none" values. "index"/"index_or_probabilities": class indices divide by sum(weight[y_i]) over
+# i with y_i != ignore_index (class probabilities of CrossEntropyLoss: the element count).
+_KNOWN_LOSSES: dict[type[nn.Module], tuple[Callable[..., torch.Tensor], str]] = {
+    nn.MSELoss: (F.mse_loss, "elements"),
+    nn.L1Loss: (F.l1_loss, "elements"),
+    nn.HuberLoss: (F.huber_loss, "elements"),
+    nn.SmoothL1Loss: (F.smooth_l1_loss, "elements"),
+    nn.BCEWithLogitsLoss: (F.binary_cross_entropy_with_logits, "elements"),
+    nn.BCELoss: (F.binary_cross_entropy, "elements"),
+    nn.SoftMarginLoss: (F.soft_margin_loss, "elements"),
+    nn.KLDivLoss: (F.kl_div, "elements"),
+    nn.CrossEntropyLoss: (F.cross_entropy, "index_or_probabilities"),
+    nn.NLLLoss: (F.nll_loss, "index"),
+}
+_FUNCTIONAL_TWINS = {fn: module for module, (fn, _) in _KNOWN_LOSSES.items()}
+_ELEMENTWISE_MODULES = tuple(m for m, (_, kind) in _KNOWN_LOSSES.items() if kind == "elements")
+_INDEX_MODULES = tuple(m for m, (_, kind) in _KNOWN_LOSSES.items() if kind != "elements")
+
+
+class PerElementLoss:
+    """A loss callable that states what it returns: see :func:`per_element`."""
+
+    def __init__(
+        self,
+        fn: Callable[[Any, Any], torch.Tensor],
+        *,
+        ignore_index: int | None = None,
+        mask: Callable[[Any, Any], torch.Tensor] | None = None,
+    ) -> None:
+        if not callable(fn):
+            raise InvalidArgumentError(f"per_element needs a callable. Received: fn={fn!r}")
+        if ignore_index is not None and mask is not None:
+            raise InvalidArgumentError(
+                "per_element takes ignore_index or mask, not both. Received: "
+                f"ignore_index={ignore_index!r}, mask={mask!r}"
+            )
+        if ignore_index is not None and (
+            isinstance(ignore_index, bool) or not isinstance(ignore_index, int)
+        ):
+            raise InvalidArgumentError(
+                f"ignore_index must be an int. Received: ignore_index={ignore_index!r}"
+            )
+        if mask is not None and not callable(mask):
+            raise InvalidArgumentError(
+                f"mask must be a callable (y_pred, y_true) -> mask. Received: mask={mask!r}"
+            )
+        self.fn, self.ignore_index, self.mask = fn, ignore_index, mask
+
+    def __call__(self, y_pred: Any, y_true: Any) -> torch.Tensor:
+        return self.fn(y_pred, y_true)
+
+    def __repr__(self) -> str:
+        counted = (
+            f"ignore_index={self.ignore_index}"
+            if self.ignore_index is not None
+            else ("mask=" + repr(self.mask) if self.mask is not None else "every element")
+        )
+        return f"per_element({self.fn!r}, {counted})"
+
+
+def per_element(
+    fn: Callable[[Any, Any], torch.Tensor],
+    *,
+    ignore_index: int | None = None,
+    mask: Callable[[Any, Any], torch.Tensor] | None = None,
+) -> PerElementLoss:
+    """Declare what a custom loss callable returns, so that ``Trainer`` can divide exactly.
+
+    ``fn(y_pred, y_true)`` must return per-element losses (``reduction="none"`` values: at least
+    one value per example, the batch axis first), never a batch mean. The window's loss is
+    ``sum(w * values over the elements that count) / (number of elements that count)``, summed
+    and counted over the whole window -- what ``fn`` followed by a mean over the counted
+    elements gives on the concatenated window (HF's ``num_items_in_batch``, done by the trainer).
+    Which elements count:
+
+    - default: every value ``fn`` returns;
+    - ``ignore_index=i``: ``values`` has the targets' shape (or is them flattened, as
+      ``F.cross_entropy(logits.view(-1, V), labels.view(-1), reduction="none")``); elements
+      whose target is ``i`` count neither in the sum nor in the denominator (``-100``:
+      ``F.cross_entropy``'s padding);
+    - ``mask=m``: ``m(y_pred, y_true)`` gives a boolean (or 0/1) tensor of ``values``' shape;
+      the elements where it is true count.
+
+    Example: ``torchref.per_element(lambda logits, y: F.cross_entropy(logits, y,
+    reduction="none"), ignore_index=-100)`` trains as ``nn.CrossEntropyLoss()`` on the window.
+    ``torch.nn.functional`` losses themselves (``F.cross_entropy``, ``functools.partial`` of
+    them) need no wrapper: ``Trainer`` reads them like their module twins.
+    """
+    return PerElementLoss(fn, ignore_index=ignore_index, mask=mask)
+
+
+def _functional_module(loss: Any) -> nn.Module | None:
+    """A ``torch.nn.functional`` loss (or a ``functools.partial`` of one) as its module twin,
+    built with the call's keyword arguments; None for anything else."""
+    fn, args, keywords = loss, (), {}
+    if isinstance(loss, functools.partial):
+        fn, args, keywords = loss.func, loss.args, dict(loss.keywords)
+    module = _FUNCTIONAL_TWINS.get(fn) if callable(fn) else None
+    if module is None:
+        return None
+    if args:
+        raise InvalidArgumentError(
+            f"A functools.partial of {fn.__name__} must bind keyword arguments only (the "
+            f"trainer passes (y_pred, y_true)). Received: loss={loss!r}"
+        )
+    try:
+        return module(**keywords)
+    except TypeError as error:
+        raise InvalidArgumentError(
+            f"torchref.Trainer reads {fn.__name__} as nn.{module.__name__}, which does not take "
+            f"these arguments ({error}). Use a reduction='none' callable wrapped in "
+            f"torchref.per_element instead. Received: loss={loss!r}"
+        ) from None
 
 
 class _WindowLoss:
@@ -126,6 +246,11 @@ class _WindowLoss:
         self.sparse_labels = False  # the "cross_entropy" name also takes Keras' (N, 1) labels
         self.class_weight: torch.Tensor | None = None
         self.per_batch = False  # KLDivLoss(reduction="batchmean"): one count per example
+        self.mask: Callable[[Any, Any], torch.Tensor] | None = None  # per_element(mask=...)
+        self.masked = False  # per_element(ignore_index=...): values of the targets' shape
+        functional = None if isinstance(loss, (str, nn.Module)) else _functional_module(loss)
+        if functional is not None:
+            loss = functional
         if isinstance(loss, str):
             if loss not in LOSSES:
                 raise InvalidArgumentError(
@@ -138,14 +263,26 @@ class _WindowLoss:
                 self.ignore_index = -100  # F.cross_entropy's default, as nn.CrossEntropyLoss()
         elif isinstance(loss, nn.modules.loss._Loss):
             self.fn = self._per_element_module(loss, device)
+        elif isinstance(loss, PerElementLoss):
+            self.fn, self.targets, self.mask = loss.fn, "free", loss.mask
+            if loss.ignore_index is not None:
+                self.ignore_index, self.masked = loss.ignore_index, True
         elif callable(loss):
-            self.fn, self.targets = loss, "free"
+            raise InvalidArgumentError(
+                "torchref.Trainer cannot see the denominator of a loss callable (a batch mean "
+                "averaged per micro-batch is not the window's mean). Pass a torch loss module "
+                "or a torch.nn.functional loss (or a functools.partial of one), or wrap a "
+                "callable returning per-element losses: torchref.per_element(fn) (every value "
+                "counts), per_element(fn, ignore_index=-100) or per_element(fn, mask=m). "
+                f"Received: loss={loss!r}"
+            )
         else:
             raise InvalidArgumentError(
-                f"loss must be a name, a torch loss module or a callable. Received: loss={loss!r}"
+                "loss must be a name, a torch loss module, a torch.nn.functional loss or "
+                f"torchref.per_element(fn). Received: loss={loss!r}"
             )
 
-    def _per_element_module(self, loss: nn.Module, device: torch.device) -> nn.Module:
+    def _per_element_module(self, loss: Any, device: torch.device | None) -> nn.Module:
         known = isinstance(loss, (*_ELEMENTWISE_MODULES, *_INDEX_MODULES))
         allowed = ("none", "mean", "batchmean") if isinstance(loss, nn.KLDivLoss) else ("none",)
         if loss.reduction not in allowed + (("mean",) if known else ()):
@@ -184,13 +321,48 @@ class _WindowLoss:
         if y_pred.dtype in _LOW_PRECISION:
             y_pred = y_pred.float()  # float16/bfloat16 predictions: the loss in float32
         y_true, index = self._check_targets(y_pred, y_true)
-        count = self._count(y_pred, y_true) if index else None
+        count = self._count(y_pred, y_true) if index or self.masked else None
         if y_true.device != y_pred.device:
             y_true = y_true.to(y_pred.device)
         values = self.fn(y_pred, y_true)
+        if not isinstance(values, torch.Tensor) or values.ndim == 0:
+            raise InvalidArgumentError(
+                "The loss must return per-element values (reduction='none'), the batch axis "
+                "first; a scalar (a batch mean or sum) cannot be divided by the window's count. "
+                f"Received: {type(values).__name__} of shape "
+                f"{tuple(getattr(values, 'shape', ()))} from loss={self.fn!r}"
+            )
+        if self.masked or self.mask is not None:
+            return self._counted(values, y_pred, y_true, count)
         if count is None:
             count = y_pred.shape[0] if self.per_batch else values.numel()
         return values, count
+
+    def _counted(
+        self,
+        values: torch.Tensor,
+        y_pred: torch.Tensor,
+        y_true: torch.Tensor,
+        count: int | float | torch.Tensor | None,
+    ) -> tuple[torch.Tensor, int | float | torch.Tensor]:
+        """``per_element`` values where they count (elsewhere 0, NaN-safe) and their number
+        (``count``: already counted on the host for ``ignore_index``)."""
+        if self.mask is not None:
+            counted = torch.as_tensor(self.mask(y_pred, y_true), device=values.device)
+            what = "mask(y_pred, y_true)"
+        else:
+            counted, what = torch.ne(y_true, self.ignore_index), "the targets (ignore_index)"
+        if tuple(counted.shape) != tuple(values.shape) and counted.numel() == values.numel():
+            counted = counted.reshape(values.shape)  # flattened values: F.cross_entropy(
+            # logits.view(-1, V), labels.view(-1)) keeps the targets' row-major order
+        if tuple(counted.shape) != tuple(values.shape):
+            raise InvalidArgumentError(
+                f"per_element: the loss values have shape {tuple(values.shape)} but "
+                f"{what} has shape {tuple(counted.shape)}; they must match (one value per "
+                "element that may count)"
+            )
+        counted = counted.to(torch.bool)
+        return torch.where(counted, values, 0), counted.sum() if count is None else count
 
     def _check_targets(
         self, y_pred: torch.Tensor, y_true: torch.Tensor
@@ -354,12 +526,82 @@ def _training_mode(model: torch.nn.Module) -> Iterator[None]:
             module.train(mode)
 
 
+_AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _autocast_dtype(autocast: Any) -> torch.dtype | None:
+    if autocast is None:
+        return None
+    dtype = _AUTOCAST_DTYPES.get(autocast) if isinstance(autocast, str) else autocast
+    if dtype not in _AUTOCAST_DTYPES.values():
+        raise InvalidArgumentError(
+            "autocast must be None, 'bfloat16', 'float16', torch.bfloat16 or torch.float16. "
+            f"Received: autocast={autocast!r}"
+        )
+    return dtype
+
+
+class LossScale:
+    """Dynamic loss scaling for ``autocast="float16"``, once per window: torch.amp.GradScaler's
+    rule (``init_scale``, ``growth_factor``, ``backoff_factor``, ``growth_interval``, read from
+    a ``torch.amp.GradScaler`` when one is given) applied to the accumulated window::
+
+        backward(scale / u * sum(w * l))  per micro-batch   (u: see ``unit``)
+        g = sums / (N_W * scale / u)      once per window (unscale)
+        non-finite g: the window is skipped (weights and optimizer state untouched),
+                      scale *= backoff_factor, tracker = 0
+        else: step; tracker += 1; tracker == growth_interval: scale *= growth_factor, tracker = 0
+
+    ``u`` (``unit``) is fixed at a window's first micro-batch: its loss-element count times
+    ``accumulation_steps``, i.e. ``N_W`` for equal micro-batches. It makes each micro-batch's
+    float16 backward carry the values a GradScaler loop's ``backward(scale * mean over W)``
+    carries, so the two overflow on the same windows (the micro-batch's *sum* times ``scale``
+    would overflow ``log2(N_W)`` halvings earlier). The scale and tracker live on the host:
+    no synchronisation beyond the finiteness check every update already has."""
+
+    def __init__(self, scaler: Any = None) -> None:
+        if scaler is None:
+            scaler = torch.amp.GradScaler("cpu")  # its defaults; only its settings are read
+        if not isinstance(scaler, torch.amp.GradScaler) or not scaler.is_enabled():
+            raise InvalidArgumentError(
+                "grad_scaler must be an enabled torch.amp.GradScaler (its init_scale, "
+                "growth_factor, backoff_factor and growth_interval are used once per window). "
+                f"Received: grad_scaler={scaler!r}"
+            )
+        self.scale = float(scaler.get_scale())
+        self.growth_factor = float(scaler.get_growth_factor())
+        self.backoff_factor = float(scaler.get_backoff_factor())
+        self.growth_interval = int(scaler.get_growth_interval())
+        self.growth_tracker = 0
+        self.unit = 1.0
+
+    def update(self, finite: bool) -> None:
+        if not finite:
+            self.scale *= self.backoff_factor
+            self.growth_tracker = 0
+            return
+        self.growth_tracker += 1
+        if self.growth_tracker == self.growth_interval:
+            self.scale *= self.growth_factor
+            self.growth_tracker = 0
+
+    def state_dict(self) -> dict[str, float]:
+        return {"scale": self.scale, "growth_tracker": self.growth_tracker, "unit": self.unit}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.scale = float(state["scale"])
+        self.growth_tracker = int(state["growth_tracker"])
+        self.unit = float(state["unit"])
+
+
 class _Engine:
     """The PyTorch half of ``Trainer``: one micro-batch into the accumulator, one update from it.
 
     Where a parameter and its accumulator sum share a dtype, the sum *is* the parameter's
     ``.grad`` during ``fit``: ``backward()`` adds each micro-batch's gradient into it in place,
-    as a hand-written accumulation loop does, with no per-micro-batch gradient copies.
+    as a hand-written accumulation loop does. Only a window's first gradient of a parameter is
+    copied into the sum (``.grad`` is None until then, so that backward tells which
+    parameters it reaches: see ``touched``).
     """
 
     def __init__(
@@ -370,11 +612,17 @@ class _Engine:
         spec: TrainerSpec,
         regularizer: Any,
         proximal: Proximal | None,
+        autocast: torch.dtype | None = None,
+        loss_scale: LossScale | None = None,
     ) -> None:
         self.model, self.optimizer, self.spec = model, optimizer, spec
+        self.autocast, self.loss_scale = autocast, loss_scale
         self.regularizer, self.proximal = regularizer, proximal
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        if not self.params:
+        # Every parameter the optimizer steps or that is trainable now: one frozen now may be
+        # unfrozen between updates. Which of them take part is read per window (`touched`).
+        stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        self.params = [p for p in model.parameters() if p.requires_grad or id(p) in stepped]
+        if not any(p.requires_grad for p in self.params):
             raise InvalidArgumentError("The model has no trainable parameters.")
         self.acc = accumulation.init(self.params)
         self.in_grad = all(
@@ -397,6 +645,10 @@ class _Engine:
         # that History's `examples` is the global window's for a DataLoader shard too.
         self.examples = zero.clone()
         self.position = Position().as_tuple()
+        # Per parameter: whether the open window gave it a gradient (host flags, no sync). One
+        # that none reached keeps `.grad` None at the step, so the optimizer skips it as in a
+        # plain loop (a zero gradient would still move it by momentum or decoupled decay).
+        self.touched = [False] * len(self.params)
 
     def _tensors(self, structure: Any, dtype: torch.dtype | None = None) -> Any:
         # Floating inputs are cast to `dtype` (as Keras casts inputs to the layer's dtype).
@@ -430,8 +682,7 @@ class _Engine:
             return self._micro_step(x, y, sample_weight)
 
     def _micro_step(self, x: Any, y: Any, sample_weight: Any) -> None:
-        xb = self._tensors(x, self.dtype)
-        y_pred = call_module(self.model, xb)
+        y_pred = self._forward(x)
         y_host = torch.as_tensor(y)
         values, count = self.loss(y_pred, y_host)
         if sample_weight is None or _all_ones(sample_weight):
@@ -442,22 +693,34 @@ class _Engine:
             loss_sum = torch.sum(
                 values * w.to(values.dtype).reshape([-1] + [1] * (values.ndim - 1))
             )
+        scaled = loss_sum
+        if self.loss_scale is not None:
+            if self.acc.micro_batches == 0:
+                # Ranks must agree on the unit: on a process group it is 1 per micro-batch.
+                unit = count if isinstance(count, (int, float)) else leading_dim(y_host)
+                unit = 1.0 if self.group is not None else max(float(unit), 1.0)
+                self.loss_scale.unit = unit * self.spec.accumulation_steps
+            scaled = loss_sum * (self.loss_scale.scale / self.loss_scale.unit)
         if self.in_grad:
-            for p, total in zip(self.params, self.acc.sums, strict=True):
-                if p.grad is not total:
-                    p.grad = total
-            loss_sum.backward()
-            for p, total in zip(self.params, self.acc.sums, strict=True):
-                if p.grad is not total:  # torch replaced .grad by .grad + g instead of adding
+            self._expose_sums()
+            scaled.backward()
+            for i, (p, total) in enumerate(zip(self.params, self.acc.sums, strict=True)):
+                if p.grad is not None and p.grad is not total:
+                    # The window's first gradient (backward created .grad), or torch replaced
+                    # .grad by .grad + g instead of adding in place: into the sum.
                     total.copy_(p.grad)
+                    p.grad = total
+                    self.touched[i] = True
             # The gradients are in the sums already; what add() would do with no gradients,
             # without re-checking shapes the sums have by construction (count >= 0 is
             # guaranteed by _WindowLoss: element counts or sums of weights validated >= 0).
             self.acc.count.add_(count)
             self.acc.micro_batches += 1
         else:
-            grads = torch.autograd.grad(loss_sum, self.params, allow_unused=True)
+            grads = self._grads(scaled)
             accumulation.add(self.acc, grads, count)
+            for i, g in enumerate(grads):
+                self.touched[i] = self.touched[i] or g is not None
         self.loss_sum.add_(loss_sum.detach())
         if self.metric_sums:
             with torch.no_grad():
@@ -466,18 +729,102 @@ class _Engine:
                 for name, total in zip(self.spec.metrics, self.metric_sums, strict=True):
                     total.add_(torch.sum(_METRIC_FNS[name](y_pred, y_host.to(self.device)) * w))
 
+    def _forward(self, x: Any) -> Any:
+        xb = self._tensors(x, self.dtype)
+        if self.autocast is None:
+            return call_module(self.model, xb)
+        # Entered per micro-batch: leaving it clears autocast's cache of low-precision weight
+        # copies, which would otherwise go stale once the optimizer steps.
+        with torch.autocast(self.device.type, dtype=self.autocast):
+            return call_module(self.model, xb)
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[tuple[Any, Any, Any]]) -> dict[str, float]:
+        """``val_loss`` (the data loss over all the batches -- ``sum(w * l) / N`` with the
+        training loss's count -- plus the penalty at the current weights, as Keras' val_loss
+        includes the regularization losses), ``val_data_loss`` and ``val_<metric>``, in eval
+        mode (Dropout off, BatchNorm's running statistics), as Keras evaluates with
+        ``training=False``; every submodule's mode is restored after. One host read."""
+        modes = [(module, module.training) for module in self.model.modules()]
+        self.model.eval()
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        loss_sum, count, weight_sum = zero.clone(), zero.clone(), zero.clone()
+        metric_sums = [zero.clone() for _ in self.spec.metrics]
+        seen = 0
+        try:
+            for x, y, sample_weight in batches:
+                seen += 1
+                y_pred = self._forward(x)
+                y_host = torch.as_tensor(y)
+                values, n = self.loss(y_pred, y_host)
+                w = torch.ones(len(values), device=self.device, dtype=torch.float64)
+                if sample_weight is not None:
+                    w = torch.as_tensor(sample_weight, device=self.device).to(torch.float64)
+                shaped = w.reshape([-1] + [1] * (values.ndim - 1))
+                loss_sum.add_(torch.sum(values.double() * shaped))
+                count.add_(n)
+                weight_sum.add_(w.sum())
+                for name, total in zip(self.spec.metrics, metric_sums, strict=True):
+                    total.add_(torch.sum(_METRIC_FNS[name](y_pred, y_host.to(self.device)) * w))
+        finally:
+            for module, mode in modes:
+                module.train(mode)
+        if not seen:
+            raise InvalidArgumentError(
+                "validation_data yielded no batch (an exhausted iterator?): pass arrays or a "
+                "re-iterable (a list, a DataLoader). Received: an empty validation pass"
+            )
+        data_loss = torch.where(count > 0, loss_sum / torch.where(count > 0, count, 1.0), 0.0)
+        penalty = zero
+        if self.regularizer is not None:
+            penalty = _penalty(self.model, self.regularizer, include_bias=self.spec.include_bias)
+        results = [data_loss + penalty.double(), data_loss]
+        results += [total / weight_sum for total in metric_sums]
+        fetched = torch.stack(results).tolist()
+        logs = {"val_loss": fetched[0], "val_data_loss": fetched[1]}
+        logs.update({f"val_{m}": v for m, v in zip(self.spec.metrics, fetched[2:], strict=True)})
+        return logs
+
+    def _expose_sums(self) -> None:
+        """Each sum as its parameter's ``.grad`` for ``backward()`` to add into -- only where
+        the window has reached the parameter: elsewhere ``.grad`` is None, so that backward
+        reports which parameters it reaches. On a process group every trainable parameter
+        takes part (DDP reduces each one's ``.grad``; the ranks must agree on the set)."""
+        for i, (p, total) in enumerate(zip(self.params, self.acc.sums, strict=True)):
+            if self.group is not None and p.requires_grad:
+                self.touched[i] = True
+            p.grad = total if self.touched[i] else None
+
+    def _grads(self, value: torch.Tensor) -> list[torch.Tensor | None]:
+        """``d value / d p`` for each parameter trainable now; None where it is frozen or not
+        reached (on a process group, zeros for every trainable one, as ``_expose_sums``)."""
+        trainable = [p for p in self.params if p.requires_grad]
+        found = iter(
+            torch.autograd.grad(value, trainable, allow_unused=True) if value.requires_grad else ()
+        )
+        grads = [next(found, None) if p.requires_grad else None for p in self.params]
+        if self.group is not None:
+            grads = [
+                torch.zeros_like(p) if g is None and p.requires_grad else g
+                for g, p in zip(grads, self.params, strict=True)
+            ]
+        return grads
+
     @torch.no_grad()
     def _window_gradient(self) -> tuple[list[torch.Tensor], torch.Tensor]:
         # sums / count, in place. A window whose every loss element is ignored has count 0 and
         # zero sums: its data gradient is 0 (torch's mean would be 0/0 = NaN).
         divisor = torch.where(self.acc.count > 0, self.acc.count, 1.0)
+        unscale = divisor
+        if self.loss_scale is not None:  # the sums hold scale / unit times the gradient
+            unscale = divisor * (self.loss_scale.scale / self.loss_scale.unit)
         if self.in_grad:
-            by_dtype = {total.dtype: divisor.to(total.dtype) for total in self.acc.sums}
+            by_dtype = {total.dtype: unscale.to(total.dtype) for total in self.acc.sums}
             for total in self.acc.sums:
                 total.div_(by_dtype[total.dtype])
             return list(self.acc.sums), divisor
         grads = [
-            (s / divisor.to(s.dtype)).to(p.dtype)
+            (s / unscale.to(s.dtype)).to(p.dtype)
             for s, p in zip(self.acc.sums, self.params, strict=True)
         ]
         return grads, divisor
@@ -489,21 +836,27 @@ class _Engine:
         grads, divisor = self._window_gradient()
         if self.regularizer is not None:
             pen = _penalty(self.model, self.regularizer, include_bias=self.spec.include_bias)
-            pen_grads = torch.autograd.grad(pen, self.params, allow_unused=True)
             with torch.no_grad():
-                for g, p in zip(grads, pen_grads, strict=True):
+                for i, (g, p) in enumerate(zip(grads, self._grads(pen), strict=True)):
                     if p is not None:
                         g.add_(p)
+                        self.touched[i] = True
             pen = pen.detach().double()
         else:
             pen = torch.zeros((), dtype=torch.float64, device=self.device)
-        finite = _all_finite(grads)
+        stepped = [i for i, reached in enumerate(self.touched) if reached]
+        finite = _all_finite([grads[i] for i in stepped]) if stepped else True
         if finite:
-            for p, g in zip(self.params, _clip(grads, self.spec), strict=True):
-                p.grad = g
+            for p in self.params:
+                p.grad = None  # not reached in this window: skipped by the optimizer
+            clipped = _clip([grads[i] for i in stepped], self.spec)
+            for i, g in zip(stepped, clipped, strict=True):
+                self.params[i].grad = g
             self.optimizer.step()
             if self.proximal is not None:  # the rate of the step just taken, once per update
                 self.proximal.apply(self.model, self.optimizer)
+        if self.loss_scale is not None:  # once per window, as GradScaler.update per step
+            self.loss_scale.update(finite)
         data_loss = self.loss_sum / divisor
         values = {
             "loss": data_loss + pen,
@@ -532,6 +885,7 @@ class _Engine:
     def _reset_window(self) -> None:
         # After the update that consumed the window (in place: checkpoints hold copies).
         accumulation.reset(self.acc)
+        self.touched = [False] * len(self.params)
         for total in [self.loss_sum, self.weight_sum, self.examples, *self.metric_sums]:
             total.zero_()
 
@@ -568,11 +922,35 @@ class Trainer:
     bit-identical to an uninterrupted run. Floating inputs are cast to the parameters' dtype
     (Keras casts inputs to its layers' dtype; torch would raise).
 
+    Parameters as torch sees them: the candidates are the model's trainable parameters and
+    those the optimizer holds; ``requires_grad`` is read each window. A parameter no gradient
+    reached in a window (frozen, an unused head) has ``.grad`` None at the step, so the
+    optimizer skips it (no momentum, no decoupled decay), as a plain loop with
+    ``zero_grad(set_to_none=True)`` does; one unfrozen later trains from then on. On a process
+    group every parameter trainable in the window takes part (DDP reduces each one's
+    ``.grad``; an unused one is stepped with a zero gradient there).
+
+    Mixed precision: ``autocast=torch.bfloat16`` (or ``"bfloat16"``) runs each micro-batch's
+    forward under ``torch.autocast`` on the parameters' device (entered per micro-batch, so its
+    cache of low-precision weight copies never outlives an update); the parameters (master
+    weights), accumulators and the loss stay float32 (the model must be float32).
+    ``autocast="float16"`` adds dynamic loss scaling once per window (see :class:`LossScale`:
+    torch.amp.GradScaler's rule; ``grad_scaler=torch.amp.GradScaler(...)`` sets its
+    ``init_scale``/``growth_factor``/``backoff_factor``/``growth_interval``): an overflowing
+    window is skipped (``skipped`` in its record; weights and optimizer state unchanged) and
+    the scale halves; the scale is in ``state_dict()``. ``fit`` inside a user's
+    ``torch.autocast`` is refused (its weight cache would go stale after the first step).
+    Differences from a plain autocast loop on the concatenated window: each micro-batch's
+    weight gradient is rounded to the low precision before the float32 sum (≤ (k+1)·2^-9 of
+    an update for bfloat16, (k+1)·2^-11 for float16; bitwise equal for k=1 with power-of-two
+    window counts).
+
     Modes: ``fit`` calls ``model.train()`` once when the model is in eval mode; a model already
     in training mode keeps its submodules' modes (a BatchNorm frozen with ``.eval()`` keeps its
     running statistics). Every submodule's mode is restored when ``fit`` returns or raises.
-    During ``fit`` each parameter's ``.grad`` is its accumulator sum (``backward()`` adds into
-    it, as in a hand-written loop); ``fit`` leaves ``.grad`` at None. See the module docstring
+    During ``fit`` each parameter's ``.grad`` is its accumulator sum once the window has
+    reached it (``backward()`` adds into it, as in a hand-written loop), None before;
+    ``fit`` leaves ``.grad`` at None. See the module docstring
     for losses, counts and the set-ups refused before any update.
 
     On a ``torch.distributed`` process group initialised before the trainer is built (module
@@ -597,6 +975,8 @@ class Trainer:
         metrics: Sequence[str] = (),
         seed: int = 0,
         proximal: Proximal | dict[str, Any] | Sequence[Any] | None = None,
+        autocast: str | torch.dtype | None = None,
+        grad_scaler: Any = None,
     ) -> None:
         self.spec = TrainerSpec(
             accumulation_steps=accumulation_steps,
@@ -628,6 +1008,17 @@ class Trainer:
         self.regularizer = None if regularizer is None else _get_regularizer(regularizer)
         self.proximal = resolve_proximal(proximal, PROXIMAL_CLASSES, optimizer)
         _check_optimizer(optimizer, model)
+        if self.regularizer is not None and any(g.get("maximize") for g in optimizer.param_groups):
+            raise InvalidArgumentError(
+                "A regularizer is a penalty added to the loss; an optimizer with maximize=True "
+                "would maximize it too and grow the weights (coupled weight_decay, which "
+                "L2.from_torch_weight_decay mirrors, still shrinks them under maximize: torch "
+                "adds wd * w after negating the gradient). Keep weight_decay in the optimizer, "
+                f"or minimize the negated objective. Received: regularizer={self.regularizer!r} "
+                f"with {type(optimizer).__name__}(maximize=True)"
+            )
+        self.autocast = _autocast_dtype(autocast)
+        loss_scale = _check_mixed_precision(model, self.autocast, grad_scaler, self.spec)
         self._engine = _Engine(
             model,
             loss,
@@ -635,6 +1026,8 @@ class Trainer:
             self.spec,
             self.regularizer,
             self.proximal,
+            self.autocast,
+            loss_scale,
         )
         self.stop_training = False
 
@@ -656,8 +1049,10 @@ class Trainer:
                 "examples": e.examples.clone(),
                 "metric_sums": [m.clone() for m in e.metric_sums],
                 "position": list(e.position),
+                "touched": list(e.touched),
             },
             "rng": _rng_state(e.device),
+            **({} if e.loss_scale is None else {"loss_scale": e.loss_scale.state_dict()}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -682,9 +1077,17 @@ class Trainer:
         if "examples" in window:
             e.examples = window["examples"].clone()
         e.metric_sums = [m.clone() for m in window["metric_sums"]]
+        # Which parameters the open window reached; a state written before it was saved: the
+        # trainable ones, when the window holds micro-batches.
+        open_window = e.acc.micro_batches > 0
+        e.touched = [bool(t) for t in window.get("touched", [])] or [
+            open_window and p.requires_grad for p in e.params
+        ]
         e.set_position(tuple(window["position"]))
         if "rng" in state:  # checkpoints written before the RNG state was saved lack it
             _set_rng_state(state["rng"])
+        if e.loss_scale is not None and "loss_scale" in state:
+            e.loss_scale.load_state_dict(state["loss_scale"])
 
     def fit(
         self,
@@ -696,6 +1099,7 @@ class Trainer:
         shuffle: bool = True,
         sample_weight: Any = None,
         steps_per_epoch: int | None = None,
+        validation_data: Any = None,
         callbacks: Sequence[Any] | None = None,
         verbose: int = 1,
     ) -> History:
@@ -709,7 +1113,16 @@ class Trainer:
         ``steps_per_epoch`` for infinite ones; the loader's own order, so ``shuffle`` does
         not apply; a sampler with ``set_epoch``, e.g. ``DistributedSampler``, gets
         ``set_epoch(epoch)`` before each epoch, as in a torch loop), as in ``tfreg.Trainer.fit``.
+
+        ``validation_data``: ``(x, y)`` / ``(x, y, sample_weight)`` arrays or tensors (in
+        batches of ``batch_size``, 32 for streams) or an iterable of such micro-batches (a
+        ``DataLoader``), checked before the first update and evaluated after each epoch's last
+        update (:meth:`_Engine.evaluate`: eval mode, no gradient); ``history.epochs`` gets
+        ``val_loss``, ``val_data_loss`` and ``val_<metric>``, so early stopping is a callback
+        reading them in ``on_epoch_end(trainer, epoch, history)`` and setting
+        ``trainer.stop_training``, as Keras' ``EarlyStopping`` does.
         """
+        _refuse_outer_autocast(self._engine.device)
         if isinstance(x, torch.utils.data.TensorDataset) and y is None and sample_weight is None:
             x, y, sample_weight = _tensor_dataset(x)
         elif isinstance(x, torch.utils.data.Dataset) and not isinstance(
@@ -738,25 +1151,105 @@ class Trainer:
             data = fit_data(*arrays, weights, batch_size=global_batch, **options)
         elif group is not None:
             group.check_shards(x, steps_per_epoch)
+        if isinstance(validation_data, torch.utils.data.TensorDataset):
+            validation_data = tuple(v for v in _tensor_dataset(validation_data) if v is not None)
+        elif isinstance(validation_data, torch.utils.data.Dataset) and not isinstance(
+            validation_data, torch.utils.data.IterableDataset
+        ):
+            raise InvalidArgumentError(
+                "A map-style Dataset yields single examples: pass validation_data="
+                "DataLoader(dataset, batch_size=...) instead. Received: validation_data="
+                f"{type(validation_data).__name__}"
+            )
+        if isinstance(validation_data, tuple):
+            validation_data = _host_arrays(validation_data)
+        validation = validation_batches(validation_data, batch_size)
+        if validation is not None:
+            self._check_validation(validation_data, validation, epochs)
         if not isinstance(data, ArrayData):
             callbacks = [*_sampler_epochs(x), *(callbacks or [])]
-        with self._engine.session():
+        engine = self._engine
+        with engine.session():
             return run_fit(
-                self._engine,
+                engine,
                 self,
                 self.spec,
                 data,
                 epochs=epochs,
                 callbacks=callbacks,
                 verbose=verbose,
+                validate=None if validation is None else lambda: engine.evaluate(validation()),
             )
+
+    def _check_validation(
+        self, validation_data: Any, validation: Callable[[], Iterable[Any]], epochs: int
+    ) -> None:
+        """Before the first update: an iterator (one pass) is refused when more than one epoch
+        is left, and the first validation batch goes through the model (eval mode, no
+        gradient: nothing changes) and the loss's target checks."""
+        left = epochs - Position(*self._engine.get_position()).epoch
+        if iter(validation_data) is validation_data:
+            if left > 1:
+                raise InvalidArgumentError(
+                    "validation_data is evaluated after every epoch, but an iterator yields "
+                    f"one pass and {left} epochs are left: pass arrays or a re-iterable (a "
+                    f"list, a DataLoader). Received: validation_data="
+                    f"{type(validation_data).__name__}"
+                )
+            return  # one pass, kept for the one validation
+        self._engine.evaluate(itertools.islice(validation(), 1))
 
     def get_config(self) -> dict[str, Any]:
         """The keyword arguments (model, loss and optimizer are positional and not included)."""
         config = self.spec.get_config()
         config["regularizer"] = object_config(self.regularizer)
         config["proximal"] = object_config(self.proximal)
+        config["autocast"] = None if self.autocast is None else str(self.autocast).split(".")[-1]
         return config
+
+
+def _check_mixed_precision(
+    model: torch.nn.Module, autocast: torch.dtype | None, grad_scaler: Any, spec: TrainerSpec
+) -> LossScale | None:
+    """The loss scale ``autocast=float16`` trains with (None otherwise), after checking that
+    the master weights are float32 and the options fit together."""
+    if grad_scaler is not None and autocast != torch.float16:
+        raise InvalidArgumentError(
+            "grad_scaler configures the loss scaling of autocast='float16' (bfloat16 has "
+            f"float32's range and needs none). Received: grad_scaler={grad_scaler!r} with "
+            f"autocast={autocast}"
+        )
+    if autocast is None:
+        return None
+    dtypes = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point()})
+    if dtypes != ["torch.float32"]:
+        raise InvalidArgumentError(
+            "autocast trains float32 master weights (and float32 accumulators) with "
+            f"{autocast} forward ops: the model's parameters must be float32. Received: "
+            f"parameter dtypes {dtypes}"
+        )
+    if autocast != torch.float16:
+        return None
+    if spec.on_nonfinite == "raise":
+        raise InvalidArgumentError(
+            "autocast='float16' skips each window whose scaled gradient overflows and lowers "
+            "the loss scale (as torch.amp.GradScaler); on_nonfinite='raise' would stop at the "
+            "first overflow. Received: on_nonfinite='raise' with autocast=torch.float16"
+        )
+    return LossScale(grad_scaler)
+
+
+def _refuse_outer_autocast(device: torch.device) -> None:
+    # Autocast around fit caches low-precision copies of the weights for the whole context:
+    # after the first step every forward would read stale copies (silently wrong updates).
+    for device_type in dict.fromkeys(("cpu", "cuda", device.type)):
+        if torch.is_autocast_enabled(device_type):
+            raise InvalidArgumentError(
+                "fit() was called inside torch.autocast: its weight cache would go stale after "
+                "the first update. Call fit outside it and pass Trainer(..., "
+                "autocast=torch.bfloat16) or autocast='float16' (with loss scaling) instead. "
+                f"Received: autocast enabled on {device_type!r}"
+            )
 
 
 class _SamplerEpoch:
