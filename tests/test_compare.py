@@ -29,15 +29,23 @@ def test_norm_wise_relative_ignores_tiny_entries() -> None:
 
 
 @pytest.mark.parametrize(
-    ("actual", "expected", "passed"),
+    ("actual", "expected"),
     [
-        pytest.param([np.nan, 1.0], [np.nan, 1.0], True, id="same-nan"),
-        pytest.param([np.nan, 1.0], [0.0, 1.0], False, id="nan-vs-number"),
-        pytest.param([np.inf, 1.0], [-np.inf, 1.0], False, id="opposite-inf"),
+        pytest.param([np.nan, 1.0], [np.nan, 1.0], id="same-nan"),
+        pytest.param([np.nan, np.nan], [np.nan, np.nan], id="all-nan"),
+        pytest.param([np.inf, 1.0], [np.inf, 1.0], id="same-inf"),
+        pytest.param([np.nan, 1.0], [0.0, 1.0], id="nan-vs-number"),
+        pytest.param([1.0, 2.0], [1.0, np.nan], id="number-vs-nan"),
+        pytest.param([np.inf, 1.0], [-np.inf, 1.0], id="opposite-inf"),
     ],
 )
-def test_non_finite_patterns_must_match(actual, expected, passed) -> None:
-    assert compare("x", np.array(actual), np.array(expected), rtol=1e-3).passed is passed
+def test_non_finite_values_never_match(actual, expected) -> None:
+    # NaN == NaN is not agreement: two diverged runs say nothing about the port (issue 18).
+    result = compare("x", np.array(actual), np.array(expected), rtol=1e-3, atol=1.0)
+    assert not result.passed
+    assert result.max_abs == np.inf and "FAIL" in str(result)
+    first_bad = next(i for i, (a, e) in enumerate(zip(actual, expected)) if not np.isfinite(a + e))
+    assert result.index == (first_bad,)
 
 
 def test_shape_mismatch_is_an_error_naming_both_shapes() -> None:
