@@ -44,7 +44,9 @@ def test_non_finite_values_never_match(actual, expected) -> None:
     result = compare("x", np.array(actual), np.array(expected), rtol=1e-3, atol=1.0)
     assert not result.passed
     assert result.max_abs == np.inf and "FAIL" in str(result)
-    first_bad = next(i for i, (a, e) in enumerate(zip(actual, expected)) if not np.isfinite(a + e))
+    first_bad = next(
+        i for i, (a, e) in enumerate(zip(actual, expected, strict=True)) if not np.isfinite(a + e)
+    )
     assert result.index == (first_bad,)
 
 
