@@ -18,6 +18,13 @@ from tfreg_harness.compare import compare
 from tfreg_harness.report import Report, Row
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _builtin_checks_registered() -> None:
+    """Register the built-in checks before any test swaps ``checks.CHECKS`` for a copy: else the
+    first registration lands in the copy and is lost when it is restored (test-order fragility)."""
+    registered_groups()
+
+
 def _check(fn) -> Check:
     return Check(name="demo", group="test", run=fn)
 

@@ -593,3 +593,15 @@ def test_sigint_in_a_real_process_exits_130_without_a_traceback(factories) -> No
     assert "Traceback" not in err and err.endswith("interrupted\n")
     assert not (factories / "r.json").exists()
     assert not [p for p in factories.iterdir() if p.name.startswith(".r.json")]
+
+
+def test_outputs_are_written_with_the_permissions_a_plain_write_gives(tmp_path) -> None:
+    # The temporary file of an atomic write is private (0600); the report must not stay so.
+    bundle = _save(tmp_path / "b.npz", [penalty_case()])
+    umask = os.umask(0o022)
+    try:
+        assert main([bundle, "--json", str(tmp_path / "r.json")]) == 0
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.npz").stat().st_mode & 0o777 == 0o666 & ~umask

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,12 +66,24 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     )
     os.close(fd)
     try:
+        # mkstemp makes the file private (0600); the result gets the permissions a plain
+        # open() would give it (an existing file's, else 0666 less the umask).
+        os.chmod(temporary, _mode(target))
         yield Path(temporary)
         os.replace(temporary, target)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
+
+
+def _mode(target: Path) -> int:
+    try:
+        return stat.S_IMODE(target.stat().st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -322,7 +322,7 @@ def load_torch_factory(spec: str) -> Callable[..., Any]:
         raise FactoryError(
             f"torch factory {spec!r}: cannot import {module_name!r}: {detail}"
         ) from None
-    factory = getattr(module, attribute, None)
+    factory: Callable[..., Any] | None = getattr(module, attribute, None)
     if not callable(factory):
         raise FactoryError(f"torch factory {spec!r}: {module_name} has no callable {attribute!r}")
     return factory
@@ -447,7 +447,7 @@ def _verify_pair(case: Case, device: str) -> list[Comparison]:
     atol = zero_gradient_atol(case.dtype, scale)
 
     def host(tensor: Any) -> np.ndarray:
-        return tensor.detach().cpu().numpy()
+        return np.asarray(tensor.detach().cpu().numpy())
 
     def grad_of(name: str) -> np.ndarray:
         grad = params[name].grad

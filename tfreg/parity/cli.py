@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from tfreg.parity.checks import GROUPS
 from tfreg_harness.deadline import DEFAULT_TIMEOUT_S, RunTimeout, deadline
@@ -339,7 +340,7 @@ def _verdict(report: Report, *, missing_allowed: bool) -> tuple[int, str]:
     return 0, ""
 
 
-def _environment() -> dict[str, dict[str, object]]:
+def _environment() -> dict[str, Any]:
     from tfreg.parity.environment import machine, versions
 
     return {"versions": versions(), "machine": machine()}

@@ -200,6 +200,9 @@ def user_pair_case(spec: str, torch_factory: str) -> Case:
         raise _refuse(spec, f"rtol={rtol!r}: only a number (or none) can be recorded")
     loss = kwargs.get("loss", "sparse_categorical_crossentropy")
     steps = kwargs.get("steps", 0)
+    keras_optimizer = kwargs.get("keras_optimizer")
+    if steps and keras_optimizer is None:
+        raise _refuse(spec, f"{steps} steps need a keras_optimizer")
     dtype = model_dtype(keras_model)
     if dtype not in DTYPES:
         raise _refuse(spec, f"the model's dtype {dtype} is not one of {DTYPES}")
@@ -250,12 +253,11 @@ def user_pair_case(spec: str, torch_factory: str) -> Case:
         f"grad/{p.torch_names[0]}": p.to_torch(evaluation.gradients[p.keras_variable.path])
         for p in trainable
     }
-    optimizer = kwargs.get("keras_optimizer")
     for step in range(1, steps + 1):
         if step > 1:
             evaluation = evaluate_keras(pair, x, y, loss=loss)
         with tf.device(tf_device("cpu")):
-            optimizer.apply_gradients(
+            keras_optimizer.apply_gradients(
                 [
                     (tf.constant(evaluation.gradients[p.keras_variable.path]), p.keras_variable)
                     for p in trainable

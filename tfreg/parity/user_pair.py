@@ -71,7 +71,7 @@ def load_pair_factory(spec: str) -> Callable[..., Any]:
         raise PairSpecError(
             f"--model {spec!r}: cannot import {module_name!r}: {_one_line(exc)}"
         ) from None
-    factory = getattr(module, attribute, None)
+    factory: Callable[..., Any] | None = getattr(module, attribute, None)
     if not callable(factory):
         raise PairSpecError(
             f"--model {spec!r}: {module_name} has no callable {attribute!r} "
