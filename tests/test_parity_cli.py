@@ -228,7 +228,7 @@ def pair_modules(tmp_path, monkeypatch) -> Path:
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("parity_pair_example", "must look like pkg.module:make_pair"),
+        ("parity_pair_example", "--model must look like pkg.module:function"),
         ("no_such_module_here:make_pair", "cannot import 'no_such_module_here'"),
         ("parity_pair_example:missing", "has no callable 'missing'"),
         ("parity_pair_example:make_three_things", "tuple of 3 items"),

@@ -366,7 +366,7 @@ HOSTILE = {
     ),
     "factory spec without colon": (
         _param(3, "torch_factory", "torch_factory_example"),
-        "does not look like pkg.module:function",
+        "torch factory must look like pkg.module:function",
     ),
     "step arrays missing": (_forget_array(3, "step1/bias"), "step 1 must record the parameters"),
 }

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from numpy.lib import format as npy_format
 
+from tfreg_harness.exits import one_line
 from tfreg_harness.outputs import atomic_path
 from tfreg_harness.tolerances import TOLERANCES
 
@@ -115,8 +116,7 @@ def load_bundle(
         raise BundleError(f"{path}: {exc}") from None
     except _CORRUPT as exc:
         # A corrupt archive or npy stream: the reader's own words, on one line.
-        detail = " ".join(f"{type(exc).__name__}: {exc}".split())
-        raise BundleError(f"{path}: not a tfreg parity bundle ({detail})") from None
+        raise BundleError(f"{path}: not a tfreg parity bundle ({one_line(exc)})") from None
 
 
 def _read_arrays(archive: zipfile.ZipFile, max_bytes: int) -> dict[str, np.ndarray]:

@@ -29,11 +29,9 @@ Exit status:
 from __future__ import annotations
 
 import argparse
-import importlib
 import inspect
 import json
 import math
-import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,7 +42,9 @@ import numpy as np
 from tfreg_harness import architecture
 from tfreg_harness.bundle import MAX_BUNDLE_BYTES, BundleError, Case, load_bundle
 from tfreg_harness.compare import Comparison, compare
-from tfreg_harness.deadline import DEFAULT_TIMEOUT_S, RunTimeout, deadline
+from tfreg_harness.deadline import DEFAULT_TIMEOUT_S
+from tfreg_harness.exits import guarded, one_line, unusable
+from tfreg_harness.factories import FactorySpecError, import_factory
 from tfreg_harness.outputs import OutputPathError, check_output_path, write_text_atomic
 from tfreg_harness.report import Report, Row
 from tfreg_harness.tolerances import tolerance, zero_gradient_atol
@@ -308,24 +308,12 @@ class FactoryError(BundleError):
 
 
 def load_torch_factory(spec: str) -> Callable[..., Any]:
-    """Import ``"pkg.module:function"`` (the working directory on ``sys.path``, as ``python -m``
-    would) and return the function; :class:`FactoryError` naming it otherwise."""
-    module_name, sep, attribute = spec.partition(":")
-    if not sep or not module_name or not attribute:
-        raise FactoryError(f"torch factory {spec!r} does not look like pkg.module:function")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    """Import ``"pkg.module:function"`` (:func:`tfreg_harness.factories.import_factory`);
+    :class:`FactoryError` naming it otherwise."""
     try:
-        module = importlib.import_module(module_name)
-    except (Exception, SystemExit) as exc:  # SyntaxError, a crash at import, sys.exit()
-        detail = " ".join(f"{type(exc).__name__}: {exc}".split())
-        raise FactoryError(
-            f"torch factory {spec!r}: cannot import {module_name!r}: {detail}"
-        ) from None
-    factory: Callable[..., Any] | None = getattr(module, attribute, None)
-    if not callable(factory):
-        raise FactoryError(f"torch factory {spec!r}: {module_name} has no callable {attribute!r}")
-    return factory
+        return import_factory(spec, option="torch factory")
+    except FactorySpecError as exc:
+        raise FactoryError(str(exc)) from None
 
 
 def make_torch(factory: Callable[..., Any], spec: str, device: str) -> tuple[Any, Any]:
@@ -339,8 +327,7 @@ def make_torch(factory: Callable[..., Any], spec: str, device: str) -> tuple[Any
     try:
         made = factory(device=torch_device(device)) if takes_device else factory()
     except (Exception, SystemExit) as exc:
-        detail = " ".join(f"{type(exc).__name__}: {exc}".split())
-        raise FactoryError(f"torch factory {spec!r} raised {detail}") from None
+        raise FactoryError(f"torch factory {spec!r} raised {one_line(exc)}") from None
     module, optimizer = (
         (made.get("torch_module"), made.get("torch_optimizer"))
         if isinstance(made, dict)
@@ -524,8 +511,7 @@ def verify_cases(cases: Sequence[Case], *, device: str = "cpu") -> Report:
         try:
             comparisons = VERIFIERS[case.kind].run(case, device)
         except (Exception, SystemExit) as exc:  # the report shows it; the run goes on
-            detail = " ".join(f"{type(exc).__name__}: {exc}".split())
-            report.extend([Row(case.name, case.dtype, device, "error", detail=detail)])
+            report.extend([Row(case.name, case.dtype, device, "error", detail=one_line(exc))])
             continue
         failing = [c.name for c in comparisons if not c.passed]
         report.extend(
@@ -611,21 +597,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = False
         if not torch.cuda.is_available():
             parser.error("--device cuda: torch sees no CUDA device")
-    try:
-        with deadline(args.timeout, f"{PROG} {args.bundle}"):
-            return _run(args)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    except RunTimeout as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
+    return guarded(PROG, lambda: _run(args), timeout=args.timeout, what=f"{PROG} {args.bundle}")
 
 
 def _error(message: str) -> int:
-    """Unusable input: one line on stderr, status 2."""
-    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
-    return 2
+    return unusable(PROG, message)
 
 
 def _run(args: argparse.Namespace) -> int:

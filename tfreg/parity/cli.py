@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from tfreg.parity.checks import GROUPS
-from tfreg_harness.deadline import DEFAULT_TIMEOUT_S, RunTimeout, deadline
+from tfreg_harness.deadline import DEFAULT_TIMEOUT_S
+from tfreg_harness.exits import guarded, unusable
 from tfreg_harness.outputs import OutputPathError, check_output_path, write_text_atomic
 from tfreg_harness.report import Report, Row
 
@@ -175,9 +176,7 @@ def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) 
 
 
 def _error(message: str) -> int:
-    """Unusable input: one line on stderr, status 2."""
-    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
-    return 2
+    return unusable(PROG, message)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -191,18 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 check_output_path(option, getattr(args, attribute), directory=directory)
     except OutputPathError as exc:
         return _error(str(exc))
-    try:
-        with deadline(args.timeout, PROG if not args.model else f"{PROG} --model {args.model}"):
-            outcome = _run(args)
-        if isinstance(outcome, int):
-            return outcome
-        return _finish(args, *outcome)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    except RunTimeout as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
+    what = PROG if not args.model else f"{PROG} --model {args.model}"
+    return guarded(PROG, lambda: _finish(args, _run(args)), timeout=args.timeout, what=what)
 
 
 def _run(args: argparse.Namespace) -> int | tuple[Report, list[float | None], float, str]:
@@ -283,12 +272,12 @@ def _run(args: argparse.Namespace) -> int | tuple[Report, list[float | None], fl
 
 
 def _finish(
-    args: argparse.Namespace,
-    report: Report,
-    seconds: list[float | None],
-    elapsed: float,
-    recorded: str,
+    args: argparse.Namespace, outcome: int | tuple[Report, list[float | None], float, str]
 ) -> int:
+    """Print the report and write the outputs (an ``int`` outcome: the run's exit status)."""
+    if isinstance(outcome, int):
+        return outcome
+    report, seconds, elapsed, recorded = outcome
     status, verdict = _verdict(report, missing_allowed=args.optional)
     print(report.to_text())
     counts = report.counts()

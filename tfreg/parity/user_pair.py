@@ -22,14 +22,13 @@ exits an "error" row.
 
 from __future__ import annotations
 
-import importlib
 import inspect
-import os
-import sys
 from collections.abc import Callable
 from typing import Any
 
 from tfreg.parity.api import check_parity
+from tfreg_harness.exits import one_line
+from tfreg_harness.factories import FactorySpecError, import_factory
 from tfreg_harness.report import Report, Row
 
 __all__ = [
@@ -52,32 +51,12 @@ class PairFactoryExited(Exception):
     """``make_pair`` called ``sys.exit()``: no pair, nothing checked (never a pass)."""
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(f"{type(exc).__name__}: {exc}".split())
-
-
 def load_pair_factory(spec: str) -> Callable[..., Any]:
-    """Import ``"pkg.module:function"`` and return the function."""
-    module_name, sep, attribute = spec.partition(":")
-    if not sep or not module_name or not attribute:
-        raise PairSpecError(
-            f"--model must look like pkg.module:make_pair. Received: --model {spec!r}"
-        )
-    if os.getcwd() not in sys.path:  # console scripts do not put the working directory there
-        sys.path.insert(0, os.getcwd())
+    """Import ``"pkg.module:function"`` and return the function (:class:`PairSpecError`)."""
     try:
-        module = importlib.import_module(module_name)
-    except (Exception, SystemExit) as exc:  # ImportError, SyntaxError, a crash or exit at import
-        raise PairSpecError(
-            f"--model {spec!r}: cannot import {module_name!r}: {_one_line(exc)}"
-        ) from None
-    factory: Callable[..., Any] | None = getattr(module, attribute, None)
-    if not callable(factory):
-        raise PairSpecError(
-            f"--model {spec!r}: {module_name} has no callable {attribute!r} "
-            f"(found {type(factory).__name__})"
-        )
-    return factory
+        return import_factory(spec, option="--model")
+    except FactorySpecError as exc:
+        raise PairSpecError(str(exc)) from None
 
 
 def _passed_on_keywords() -> set[str]:
@@ -130,7 +109,7 @@ def make_user_pair(
         ) from None
     except Exception as exc:
         raise PairSpecError(
-            f"--model {spec!r}: {factory.__name__}() raised {_one_line(exc)}"
+            f"--model {spec!r}: {factory.__name__}() raised {one_line(exc)}"
         ) from None
     return _arguments(spec, made)
 
@@ -155,6 +134,6 @@ def check_user_pair(spec: str, *, devices: list[str]) -> Report:
             report.extend(check_parity(*args, device=device, **kwargs).rows)
         except (Exception, SystemExit) as exc:  # the report shows it, like a crashing check
             report.extend(
-                [Row(f"check_parity({spec})", "-", device, "error", detail=_one_line(exc))]
+                [Row(f"check_parity({spec})", "-", device, "error", detail=one_line(exc))]
             )
     return report
