@@ -74,3 +74,14 @@ def test_tolerance_table_lookup_and_unknown_claim() -> None:
 def test_invalid_argument_error_is_both_value_and_type_error() -> None:
     assert issubclass(InvalidArgumentError, ValueError)
     assert issubclass(InvalidArgumentError, TypeError)
+
+
+def test_compare_floored_is_absolute_near_zero_and_relative_elsewhere() -> None:
+    from tfreg_harness.compare import compare_floored
+
+    # expected within atol of 0: |1e-17 - 3e-17| = 2e-17 <= atol 1e-16 passes, named "== 0".
+    near_zero = compare_floored("g", [3e-17], [1e-17], rtol=1e-12, atol=1e-16)
+    assert near_zero.passed and near_zero.name == "g == 0" and near_zero.rtol == 0.0
+    # elsewhere relative: 1 vs 1 + 1e-9 fails at 1e-12, and NaN never passes either way.
+    assert not compare_floored("w", [1.0 + 1e-9], [1.0], rtol=1e-12, atol=1e-16).passed
+    assert not compare_floored("w", [np.nan], [np.nan], rtol=1e-12, atol=1e-16).passed

@@ -82,6 +82,18 @@ def compare(name: str, actual: Any, expected: Any, *, rtol: float, atol: float =
     )
 
 
+def compare_floored(
+    name: str, actual: Any, expected: Any, *, rtol: float, atol: float
+) -> Comparison:
+    """``compare`` at ``rtol``; an ``expected`` within ``atol`` of 0 (an analytically zero
+    gradient, a weight moved only by one) is compared absolutely against 0 and named
+    ``"name == 0"``, as its relative error would be round-off over round-off."""
+    if float(np.max(np.abs(np.asarray(expected)), initial=0.0)) <= atol:
+        zeros = np.zeros_like(np.asarray(expected))
+        return compare(f"{name} == 0", actual, zeros, rtol=0.0, atol=atol)
+    return compare(name, actual, expected, rtol=rtol)
+
+
 def assert_close(
     name: str, actual: Any, expected: Any, *, rtol: float, atol: float = 0.0
 ) -> Comparison:

@@ -41,7 +41,7 @@ import numpy as np
 
 from tfreg_harness import architecture
 from tfreg_harness.bundle import MAX_BUNDLE_BYTES, BundleError, Case, load_bundle
-from tfreg_harness.compare import Comparison, compare
+from tfreg_harness.compare import Comparison, compare, compare_floored
 from tfreg_harness.deadline import DEFAULT_TIMEOUT_S
 from tfreg_harness.exits import guarded, one_line, unusable
 from tfreg_harness.factories import FactorySpecError, import_factory
@@ -375,16 +375,6 @@ def _validate_pair(case: Case) -> None:
             _array(case, f"step{step}/{name}", case.arrays[f"state/{name}"].shape)
 
 
-def _floored(
-    name: str, actual: np.ndarray, expected: np.ndarray, rtol: float, atol: float
-) -> Comparison:
-    """Relative at ``rtol``; an expected value within ``atol`` of 0 (an analytically zero
-    gradient, a weight moved only by one) absolutely, as in ``tfreg.parity.check_parity``."""
-    if float(np.max(np.abs(expected), initial=0.0)) <= atol:
-        return compare(f"{name} == 0", actual, np.zeros_like(expected), rtol=0.0, atol=atol)
-    return compare(name, actual, expected, rtol=rtol)
-
-
 def _verify_pair(case: Case, device: str) -> list[Comparison]:
     from torchref.training import per_example_loss
 
@@ -444,7 +434,10 @@ def _verify_pair(case: Case, device: str) -> list[Comparison]:
         compare("logits", host(logits), case.arrays["logits"], rtol=rtol),
         compare("loss", host(value), case.arrays["loss"], rtol=rtol),
     ]
-    out += [_floored(f"grad {n}", grad_of(n), expected_grads[n], rtol, atol) for n in grads]
+    out += [
+        compare_floored(f"grad {n}", grad_of(n), expected_grads[n], rtol=rtol, atol=atol)
+        for n in grads
+    ]
     if steps:
         step_rtol = tolerance("trajectory", case.dtype).rtol if claim_rtol is None else claim_rtol
         weight_scale = max(
@@ -456,12 +449,12 @@ def _verify_pair(case: Case, device: str) -> list[Comparison]:
                 evaluate()
             optimizer.step()
             out += [
-                _floored(
+                compare_floored(
                     f"step {step} {n}",
                     host(params[n]),
                     case.arrays[f"step{step}/{n}"],
-                    step_rtol,
-                    step_atol,
+                    rtol=step_rtol,
+                    atol=step_atol,
                 )
                 for n in grads
             ]
