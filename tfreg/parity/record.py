@@ -195,6 +195,8 @@ def user_pair_case(spec: str, torch_factory: str) -> Case:
     for key, default in _DEFAULTS.items():
         if key in kwargs and kwargs[key] is not default and kwargs[key] != default:
             raise _refuse(spec, f"{key}={kwargs[key]!r} cannot be recorded (only {default!r})")
+    if any(isinstance(v, dict | list | tuple) for v in (x, y)):
+        raise _refuse(spec, "only one input array and one target array can be recorded")
     rtol = kwargs.get("rtol")
     if rtol is not None and (isinstance(rtol, bool) or not isinstance(rtol, int | float)):
         raise _refuse(spec, f"rtol={rtol!r}: only a number (or none) can be recorded")
