@@ -420,3 +420,17 @@ def test_record_refuses_an_unimportable_torch_factory(pair_modules, tmp_path, ca
     assert cli.main(argv) == 2
     assert "cannot import 'no_such_module'" in capsys.readouterr().err
     assert not (tmp_path / "b.npz").exists()
+
+
+def test_a_pair_that_fails_here_is_not_recorded(pair_modules, tmp_path, capsys) -> None:
+    bundle = tmp_path / "b.npz"
+    argv = ["--model", "parity_pair_example:make_broken_pair", "--record", str(bundle)]
+    assert cli.main([*argv, "--torch-factory", "parity_pair_example:make_torch_tanh"]) == 1
+    assert "not recorded" in capsys.readouterr().out and not bundle.exists()
+
+
+def test_plot_without_matplotlib_is_a_usage_error(monkeypatch, tmp_path) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(SystemExit) as usage:
+        cli.main(["--group", "penalties", "--plot", str(tmp_path)])
+    assert usage.value.code == 2

@@ -605,3 +605,18 @@ def test_outputs_are_written_with_the_permissions_a_plain_write_gives(tmp_path) 
         os.umask(umask)
     assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "b.npz").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_late_write_failure_is_exit_2_and_the_json_says_so(tmp_path, monkeypatch, capsys):
+    from tfreg_harness import junit
+
+    def disk_full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(junit, "write_junit_xml", disk_full)
+    bundle = _save(tmp_path / "b.npz", [penalty_case()])
+    argv = [bundle, "--junit-xml", str(tmp_path / "v.xml"), "--json", str(tmp_path / "r.json")]
+    assert main(argv) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["exit_status"] == 2 and data["counts"]["pass"] == 1

@@ -615,15 +615,22 @@ def _run(args: argparse.Namespace) -> int:
     if not cases:
         status = 1
         print(f"{PROG}: the bundle holds no case: nothing was verified", file=sys.stderr)
-    if args.json is not None:
-        data = report.as_dict() | {"ok": status == 0, "exit_status": status}
-        write_text_atomic(args.json, json.dumps(data, indent=2) + "\n")
-    if args.markdown is not None:
-        report.write_markdown(args.markdown)
-    if args.junit_xml is not None:
-        from tfreg_harness.junit import write_junit_xml
+    try:
+        if args.markdown is not None:
+            report.write_markdown(args.markdown)
+        if args.junit_xml is not None:
+            from tfreg_harness.junit import write_junit_xml
 
-        write_junit_xml(report, args.junit_xml, suite="torchref.verify")
+            write_junit_xml(report, args.junit_xml, suite="torchref.verify")
+    except OSError as exc:  # checked before the run; a disk that filled up since
+        status = _error(f"cannot write an output: {exc}")
+    if args.json is not None:
+        # Last, so that its exit_status is the one this run returns.
+        data = report.as_dict() | {"ok": status == 0, "exit_status": status}
+        try:
+            write_text_atomic(args.json, json.dumps(data, indent=2) + "\n")
+        except OSError as exc:
+            status = _error(f"--json {args.json}: {exc}")
     return status
 
 
