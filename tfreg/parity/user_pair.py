@@ -10,6 +10,10 @@ The contract, for ``FUNCTION`` (called ``make_pair`` below):
   as ``make_pair(device="cpu")`` / ``make_pair(device="gpu")``, and must put the torch module on
   that device. A ``make_pair`` without one is run on the CPU only.
 
+With ``--record PATH --torch-factory T:make_torch`` the pair is also recorded for
+``python -m torchref.verify`` on a machine without TensorFlow (``tfreg.parity.record``):
+``make_torch`` is a torch-only function of the team's code that builds the same torch module.
+
 ``MODULE`` is imported with the current directory on ``sys.path`` (as ``python -m`` would), so a
 team's ``tests/parity_pairs.py`` is ``--model tests.parity_pairs:make_pair`` from the repository
 root. Anything wrong with the spec or the returned value -- a module that cannot be imported, has
