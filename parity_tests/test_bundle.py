@@ -10,7 +10,7 @@ import pytest
 
 from tfreg.parity.devices import torch_device
 from tfreg.parity.record import record_bundle
-from tfreg_harness.bundle import Case, load_bundle, save_bundle
+from tfreg_harness.bundle import BundleError, Case, load_bundle, save_bundle
 from torchref.verify import main as verify_main
 from torchref.verify import verify_bundle
 
@@ -58,11 +58,12 @@ def test_a_tampered_bundle_fails(bundle: str, tmp_path) -> None:
     assert verify_main([str(tampered)]) == 1
 
 
-def test_unknown_case_kind_is_an_error_row(tmp_path) -> None:
+def test_unknown_case_kind_is_refused_before_anything_runs(tmp_path) -> None:
     path = tmp_path / "odd.npz"
     save_bundle(path, [Case("mystery", "no-such-kind", "penalty_cross", "float64")], {})
-    report = verify_bundle(str(path))
-    assert report.rows[0].status == "error" and "no-such-kind" in report.rows[0].detail
+    with pytest.raises(BundleError, match="mystery: unknown kind 'no-such-kind'"):
+        verify_bundle(str(path))
+    assert verify_main([str(path)]) == 2
 
 
 def test_unsupported_format_version_is_rejected(tmp_path) -> None:

@@ -14,7 +14,6 @@ import numpy as np
 
 def _models(device: str, torch_activation: str) -> tuple[Any, Any]:
     import keras
-    import torch
 
     from tfreg._compat import tf
     from tfreg.parity.devices import tf_device, torch_device
@@ -27,9 +26,15 @@ def _models(device: str, torch_activation: str) -> tuple[Any, Any]:
                 keras.layers.Dense(3, dtype="float64"),
             ]
         )
+    return keras_model, _torch_module(torch_device(device), torch_activation)
+
+
+def _torch_module(device: str, torch_activation: str) -> Any:
+    import torch
+
     activation = {"relu": torch.nn.ReLU, "tanh": torch.nn.Tanh}[torch_activation]
     torch_module = torch.nn.Sequential(torch.nn.Linear(6, 8), activation(), torch.nn.Linear(8, 3))
-    return keras_model, torch_module.to(device=torch_device(device), dtype=torch.float64)
+    return torch_module.to(device=device, dtype=torch.float64)
 
 
 def _data() -> tuple[np.ndarray, np.ndarray]:
@@ -54,6 +59,22 @@ def make_pair(device: str = "cpu") -> dict[str, Any]:
     }
 
 
+def make_torch(device: str = "cpu") -> dict[str, Any]:
+    """The torch side alone (torch only, no TensorFlow): what ``tfreg-parity --record
+    --torch-factory parity_pair_example:make_torch`` names, so that ``torchref.verify`` rebuilds
+    this module on a machine without TensorFlow (``device``: a torch device)."""
+    import torch
+
+    torch_module = _torch_module("cuda" if device == "gpu" else device, "relu")
+    optimizer = torch.optim.SGD(torch_module.parameters(), lr=0.125)
+    return {"torch_module": torch_module, "torch_optimizer": optimizer}
+
+
+def make_torch_tanh() -> Any:
+    """A wrong port of the same pair (tanh for relu), torch only: verify must fail it."""
+    return _torch_module("cpu", "tanh")
+
+
 def make_broken_pair() -> tuple[Any, Any, np.ndarray, np.ndarray]:
     """The tuple form; torch uses tanh where Keras uses relu, so every logit differs."""
     return (*_models("cpu", "tanh"), *_data())
@@ -62,3 +83,32 @@ def make_broken_pair() -> tuple[Any, Any, np.ndarray, np.ndarray]:
 def make_three_things() -> tuple[Any, Any, np.ndarray]:
     """Breaks the contract (no labels): the CLI's usage error, exit 2."""
     return make_broken_pair()[:3]
+
+
+def make_nan_pair() -> tuple[Any, Any, np.ndarray, np.ndarray]:
+    """A correct port fed NaN inputs: both frameworks output NaN everywhere (never a pass)."""
+    x, y = _data()
+    return (*_models("cpu", "relu"), np.full_like(x, np.nan), y)
+
+
+def make_exiting_pair() -> None:
+    """A factory that exits (a guard in the team's code, say): nothing runs, never exit 0."""
+    import sys
+
+    sys.exit(0)
+
+
+def make_looping_pair() -> None:
+    """A factory that never returns: --timeout must stop it."""
+    while True:
+        pass
+
+
+def make_interrupted_pair() -> None:
+    """Ctrl-C while the pair is being built (a real SIGINT to this process)."""
+    import os
+    import signal
+    import time
+
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(5)

@@ -29,15 +29,25 @@ def test_norm_wise_relative_ignores_tiny_entries() -> None:
 
 
 @pytest.mark.parametrize(
-    ("actual", "expected", "passed"),
+    ("actual", "expected"),
     [
-        pytest.param([np.nan, 1.0], [np.nan, 1.0], True, id="same-nan"),
-        pytest.param([np.nan, 1.0], [0.0, 1.0], False, id="nan-vs-number"),
-        pytest.param([np.inf, 1.0], [-np.inf, 1.0], False, id="opposite-inf"),
+        pytest.param([np.nan, 1.0], [np.nan, 1.0], id="same-nan"),
+        pytest.param([np.nan, np.nan], [np.nan, np.nan], id="all-nan"),
+        pytest.param([np.inf, 1.0], [np.inf, 1.0], id="same-inf"),
+        pytest.param([np.nan, 1.0], [0.0, 1.0], id="nan-vs-number"),
+        pytest.param([1.0, 2.0], [1.0, np.nan], id="number-vs-nan"),
+        pytest.param([np.inf, 1.0], [-np.inf, 1.0], id="opposite-inf"),
     ],
 )
-def test_non_finite_patterns_must_match(actual, expected, passed) -> None:
-    assert compare("x", np.array(actual), np.array(expected), rtol=1e-3).passed is passed
+def test_non_finite_values_never_match(actual, expected) -> None:
+    # NaN == NaN is not agreement: two diverged runs say nothing about the port (issue 18).
+    result = compare("x", np.array(actual), np.array(expected), rtol=1e-3, atol=1.0)
+    assert not result.passed
+    assert result.max_abs == np.inf and "FAIL" in str(result)
+    first_bad = next(
+        i for i, (a, e) in enumerate(zip(actual, expected, strict=True)) if not np.isfinite(a + e)
+    )
+    assert result.index == (first_bad,)
 
 
 def test_shape_mismatch_is_an_error_naming_both_shapes() -> None:
@@ -64,3 +74,14 @@ def test_tolerance_table_lookup_and_unknown_claim() -> None:
 def test_invalid_argument_error_is_both_value_and_type_error() -> None:
     assert issubclass(InvalidArgumentError, ValueError)
     assert issubclass(InvalidArgumentError, TypeError)
+
+
+def test_compare_floored_is_absolute_near_zero_and_relative_elsewhere() -> None:
+    from tfreg_harness.compare import compare_floored
+
+    # expected within atol of 0: |1e-17 - 3e-17| = 2e-17 <= atol 1e-16 passes, named "== 0".
+    near_zero = compare_floored("g", [3e-17], [1e-17], rtol=1e-12, atol=1e-16)
+    assert near_zero.passed and near_zero.name == "g == 0" and near_zero.rtol == 0.0
+    # elsewhere relative: 1 vs 1 + 1e-9 fails at 1e-12, and NaN never passes either way.
+    assert not compare_floored("w", [1.0 + 1e-9], [1.0], rtol=1e-12, atol=1e-16).passed
+    assert not compare_floored("w", [np.nan], [np.nan], rtol=1e-12, atol=1e-16).passed

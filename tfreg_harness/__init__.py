@@ -1,7 +1,9 @@
 """Framework-free part of the parity harness: comparisons, the tolerance table, reports, bundles,
 the table of framework differences (``differences``), the layout maps (``layouts``), the seed-model
-descriptions both frameworks build (``architecture``) and per-layer divergence records
-(``divergence``).
+descriptions both frameworks build (``architecture``), per-layer divergence records
+(``divergence``), and what both command-line tools share: exit statuses (``exits``), outputs
+checked before a run and written atomically (``outputs``), ``--timeout`` (``deadline``) and
+importing ``pkg.module:function`` specs (``factories``).
 
 Both ``tfreg.parity`` (which sees both frameworks) and ``torchref.verify`` (torch only) build on
 it, so it imports neither framework. It depends on ``tfreg_core`` for validation only.

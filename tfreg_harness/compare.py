@@ -1,5 +1,9 @@
 """Numeric comparison with a report: which tensor, how far apart, where, and against what bound.
 
+A non-finite value (NaN, +-inf) on either side is never a match: a pair whose outputs are NaN in
+both frameworks (a diverged run, an uninitialised buffer) must not read as "identical". The report
+then points at the first non-finite entry, with ``max_abs = inf``.
+
 Relative error is *norm-wise*: ``max|a - e| / max|e|``. Element-wise relative error is meaningless
 for entries that are zero up to round-off (a gradient entry of 1e-17 against 3e-17), which every
 real gradient has; norm-wise error is what ``rtol`` bounds in this project. The element-wise
@@ -46,8 +50,10 @@ class Comparison:
 def compare(name: str, actual: Any, expected: Any, *, rtol: float, atol: float = 0.0) -> Comparison:
     """Compare two array-likes (already on the host as NumPy-convertible values).
 
-    Passes when ``max|a - e| <= atol + rtol * max|e|`` and NaN/inf patterns match exactly.
-    Shapes must match; a mismatch raises ``ValueError`` naming both shapes.
+    Passes when every value on both sides is finite and ``max|a - e| <= atol + rtol * max|e|``.
+    NaN/inf anywhere fails, even where both sides hold the same NaN/inf: non-finite results say
+    nothing about whether the two computations agree. Shapes must match; a mismatch raises
+    ``ValueError`` naming both shapes.
     """
     a = np.asarray(actual)
     e = np.asarray(expected)
@@ -55,17 +61,17 @@ def compare(name: str, actual: Any, expected: Any, *, rtol: float, atol: float =
         raise ValueError(f"{name}: shape mismatch, actual {a.shape} vs expected {e.shape}")
     a64 = a.astype(np.float64)
     e64 = e.astype(np.float64)
-    same_nonfinite = bool(np.array_equal(~np.isfinite(a64), ~np.isfinite(e64))) and bool(
-        np.array_equal(a64[~np.isfinite(a64)], e64[~np.isfinite(e64)], equal_nan=True)
-    )
     finite = np.isfinite(a64) & np.isfinite(e64)
-    diff = np.where(finite, np.abs(a64 - e64), 0.0)
+    all_finite = bool(finite.all())
+    with np.errstate(invalid="ignore"):  # inf - inf: masked out below, no warning wanted
+        diff = np.where(finite, np.abs(a64 - e64), np.inf)
     scale = float(np.max(np.abs(np.where(finite, e64, 0.0)), initial=0.0))
+    # argmax returns the first maximum: the first non-finite entry when there is one.
     flat_idx = int(np.argmax(diff)) if diff.size else 0
     index = tuple(int(i) for i in np.unravel_index(flat_idx, diff.shape)) if diff.size else ()
     max_abs = float(diff.flat[flat_idx]) if diff.size else 0.0
     max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
-    passed = same_nonfinite and max_abs <= atol + rtol * scale
+    passed = all_finite and max_abs <= atol + rtol * scale
     return Comparison(
         name=name,
         dtype=str(e.dtype),
@@ -78,6 +84,18 @@ def compare(name: str, actual: Any, expected: Any, *, rtol: float, atol: float =
         atol=atol,
         passed=passed,
     )
+
+
+def compare_floored(
+    name: str, actual: Any, expected: Any, *, rtol: float, atol: float
+) -> Comparison:
+    """``compare`` at ``rtol``; an ``expected`` within ``atol`` of 0 (an analytically zero
+    gradient, a weight moved only by one) is compared absolutely against 0 and named
+    ``"name == 0"``, as its relative error would be round-off over round-off."""
+    if float(np.max(np.abs(np.asarray(expected)), initial=0.0)) <= atol:
+        zeros = np.zeros_like(np.asarray(expected))
+        return compare(f"{name} == 0", actual, zeros, rtol=0.0, atol=atol)
+    return compare(name, actual, expected, rtol=rtol)
 
 
 def assert_close(

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
+from tfreg_harness.outputs import write_text_atomic
 from tfreg_harness.report import Report, Row, format_number
 
 __all__ = ["junit_xml", "write_junit_xml"]
@@ -92,8 +93,8 @@ def write_junit_xml(
     total_seconds: float | None = None,
     properties: Mapping[str, object] | None = None,
 ) -> None:
-    """Write :func:`junit_xml` to ``path`` (UTF-8)."""
+    """Write :func:`junit_xml` to ``path`` (UTF-8, atomically)."""
     xml = junit_xml(
         report, suite=suite, seconds=seconds, total_seconds=total_seconds, properties=properties
     )
-    Path(path).write_text(xml, encoding="utf-8")
+    write_text_atomic(path, xml)

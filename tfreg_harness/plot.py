@@ -19,6 +19,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tfreg_harness.outputs import atomic_path
+
 if TYPE_CHECKING:
     from tfreg_harness.report import Report, Row
 
@@ -123,5 +125,6 @@ def plot_report(report: Report, path: str | Path, *, title: str | None = None) -
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     out = Path(path)
-    figure.savefig(out, dpi=110)
+    with atomic_path(out) as temporary:  # the temporary keeps the suffix matplotlib reads
+        figure.savefig(temporary, dpi=110)
     return out

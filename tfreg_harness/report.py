@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from tfreg_harness.outputs import write_text_atomic
+
 Status = Literal["pass", "fail", "skip", "error"]
 
 
@@ -52,7 +54,7 @@ class Report:
         return {"ok": self.ok, "counts": self.counts(), "rows": [asdict(r) for r in self.rows]}
 
     def write_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.as_dict(), indent=2) + "\n")
+        write_text_atomic(path, json.dumps(self.as_dict(), indent=2) + "\n")
 
     def to_markdown(self) -> str:
         lines = [
@@ -73,7 +75,7 @@ class Report:
         return "\n".join(lines) + "\n"
 
     def write_markdown(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_markdown())
+        write_text_atomic(path, self.to_markdown())
 
     def plot(self, path: str | Path, *, title: str | None = None) -> Path:
         """Draw each row's max relative difference against its tolerance (and, for rows named

@@ -4,23 +4,42 @@ Exit status (what a CI job keys on):
 
 - 0: every check that ran passed, and at least one ran;
 - 1: a check failed or errored, a requested device is missing (``--device gpu`` on a machine
-  without a GPU visible to both frameworks, unless ``--allow-missing-device``), or nothing ran
-  (a run that checks nothing is not a pass);
-- 2: usage error or unusable input (unknown ``--group``, a ``--model`` that cannot be imported or
-  breaks the pair contract, ``--plot`` without matplotlib).
+  without a GPU visible to both frameworks, unless ``--allow-missing-device``), nothing ran
+  (a run that checks nothing is not a pass; a ``make_pair`` that calls ``sys.exit()``), or the
+  run exceeded ``--timeout``;
+- 2: usage error or unusable input, one line on stderr (unknown ``--group``, a ``--model`` that
+  cannot be imported -- SyntaxError, an exception at import -- or breaks the pair contract,
+  ``--plot`` without matplotlib, an output path that cannot be written, found before the run);
+- 130: interrupted (SIGINT); no output file is left half-written (every file is written to a
+  temporary name and renamed).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from tfreg.parity.checks import GROUPS
+from tfreg_harness.deadline import DEFAULT_TIMEOUT_S
+from tfreg_harness.exits import guarded, unusable
+from tfreg_harness.outputs import OutputPathError, check_output_path, write_text_atomic
 from tfreg_harness.report import Report, Row
+
+PROG = "tfreg-parity"
+# (option, attribute, a directory?) of every file the run writes.
+OUTPUTS = (
+    ("--json", "json", False),
+    ("--markdown", "markdown", False),
+    ("--junit-xml", "junit_xml", False),
+    ("--plot", "plot", True),
+    ("--record", "record", False),
+)
 
 _DESCRIPTION = """\
 Run the TensorFlow/Keras vs PyTorch parity matrix and print a table: check, dtype, device,
@@ -43,11 +62,17 @@ examples:
   tfreg-parity --group models --json out.json --junit-xml parity.xml --plot parity-plots/
   tfreg-parity --model tests.parity_pairs:make_pair   your own pair (see tfreg.parity.user_pair)
 
+  tfreg-parity --model tests.parity_pairs:make_pair --record pair.npz \
+      --torch-factory tests.parity_pairs:make_torch   record your pair for torchref.verify
+
 exit status:
-  0  every check that ran passed, and at least one ran
-  1  a check failed or errored; --device gpu without a GPU (unless --allow-missing-device);
-     or nothing ran
-  2  usage error or unusable input (unknown group, --model not importable or malformed)
+  0    every check that ran passed, and at least one ran
+  1    a check failed or errored; --device gpu without a GPU (unless --allow-missing-device);
+       nothing ran (no check, make_pair called sys.exit); the run exceeded --timeout
+  2    usage error or unusable input, one line: unknown group, --model not importable
+       (SyntaxError, exception at import) or malformed, an output path that cannot be
+       written (checked before the run)
+  130  interrupted (Ctrl-C); no output file is left half-written
 """
 )
 
@@ -56,7 +81,7 @@ _MISSING_DEVICE = "no GPU visible to both frameworks"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="tfreg-parity",
+        prog=PROG,
         description=_DESCRIPTION,
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -106,7 +131,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--record",
         metavar="PATH",
         help="also write TensorFlow's results to a .npz bundle for `python -m torchref.verify` "
-        "on a machine without TensorFlow (e.g. a torch-only GPU image)",
+        "on a machine without TensorFlow (e.g. a torch-only GPU image); with --model, your "
+        "pair's (needs --torch-factory), else the built-in cases",
+    )
+    parser.add_argument(
+        "--torch-factory",
+        metavar="MODULE:FUNCTION",
+        help="with --model and --record: the torch-only function of your code base that builds "
+        "the torch module (FUNCTION() returns it, or {'torch_module': ..., 'torch_optimizer': "
+        "...} when make_pair has steps); torchref.verify imports it to rebuild your module",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="SECONDS",
+        help="stop a run (a --model factory or a check that hangs) after SECONDS: exit 1 "
+        "(default %(default)g)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -118,6 +159,15 @@ def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         parser.error("--model runs your pair only; it takes no --group/--quick/--full")
     if args.model and args.dtype != "all":
         parser.error("--model: the dtype is your model's; --dtype does not apply")
+    if args.model and args.record is not None and not args.torch_factory:
+        parser.error(
+            "--record with --model needs --torch-factory MODULE:FUNCTION: the torch-only "
+            "function that builds your module, so torchref.verify can rebuild and check it"
+        )
+    if args.torch_factory and not (args.model and args.record is not None):
+        parser.error("--torch-factory applies to --model with --record only")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        parser.error(f"--timeout must be a number of seconds > 0. Received: {args.timeout}")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -125,11 +175,28 @@ def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) 
             parser.error('--plot needs matplotlib: pip install "tfreg[plot]"')
 
 
+def _error(message: str) -> int:
+    return unusable(PROG, message)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     _check_arguments(parser, args)
+    try:
+        for option, attribute, directory in OUTPUTS:
+            if getattr(args, attribute) is not None:
+                check_output_path(option, getattr(args, attribute), directory=directory)
+    except OutputPathError as exc:
+        return _error(str(exc))
+    what = PROG if not args.model else f"{PROG} --model {args.model}"
+    return guarded(PROG, lambda: _finish(args, _run(args)), timeout=args.timeout, what=what)
+
+
+def _run(args: argparse.Namespace) -> int | tuple[Report, list[float | None], float, str]:
+    """Run the checks (and the recording): the report, per-row seconds, total seconds and what
+    was recorded -- or an exit status when the run cannot produce a report."""
     from tfreg._compat import tf
 
     # Each check builds fresh trainers, whose first traces TF would report as "retracing".
@@ -144,12 +211,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = Report()
     seconds: list[float | None] = []
     if args.model:
-        from tfreg.parity.user_pair import PairSpecError, check_user_pair
+        from tfreg.parity.user_pair import PairFactoryExited, PairSpecError, check_user_pair
 
         try:
             report = check_user_pair(args.model, devices=[d for d in devices if d not in missing])
         except PairSpecError as exc:
-            parser.error(str(exc))
+            return _error(str(exc))
+        except PairFactoryExited as exc:
+            print(f"{PROG}: {exc}: a run that checks nothing is not a pass", file=sys.stderr)
+            return 1
         seconds = [None] * len(report.rows)
         for device in missing:
             report.extend([_missing_row(f"model {args.model}", "-", device, optional)])
@@ -160,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             checks = selected(full=args.full, groups=args.group)
         except ValueError as exc:
-            parser.error(f"--group: {exc}")
+            build_parser().error(f"--group: {exc}")
         cells = [
             (check, dtype, device)
             for check in checks
@@ -178,18 +248,57 @@ def main(argv: Sequence[str] | None = None) -> int:
                 report.extend([row])
                 seconds.append(time.perf_counter() - cell_started)
                 advance(check.name)
-    elapsed = time.perf_counter() - started
+    recorded = ""
+    if args.record is not None:
+        status, _ = _verdict(report, missing_allowed=optional)
+        if args.model and status != 0:
+            recorded = f"not recorded to {args.record}: the pair did not pass here"
+        elif args.model:
+            from tfreg.parity.record import record_user_pair
+            from tfreg.parity.user_pair import PairSpecError
 
-    status, verdict = _verdict(report, missing_allowed=optional)
+            try:
+                record_user_pair(args.record, args.model, args.torch_factory)
+            except PairSpecError as exc:
+                return _error(str(exc))
+            recorded = f"recorded your pair ({args.model}) to {args.record}"
+        else:
+            from tfreg.parity.record import record_bundle
+
+            n_cases = record_bundle(args.record)
+            recorded = f"recorded {n_cases} TensorFlow cases to {args.record}"
+    args.optional = optional
+    return report, seconds, time.perf_counter() - started, recorded
+
+
+def _finish(
+    args: argparse.Namespace, outcome: int | tuple[Report, list[float | None], float, str]
+) -> int:
+    """Print the report and write the outputs (an ``int`` outcome: the run's exit status)."""
+    if isinstance(outcome, int):
+        return outcome
+    report, seconds, elapsed, recorded = outcome
+    status, verdict = _verdict(report, missing_allowed=args.optional)
     print(report.to_text())
     counts = report.counts()
     print(
         f"\n{counts['pass']} passed, {counts['fail'] + counts['error']} failed, "
         f"{counts['skip']} skipped in {elapsed:.1f}s"
     )
+    if recorded:
+        print(recorded)
     if verdict:
         print(verdict, file=sys.stderr)
-    _write_outputs(args, report, seconds, elapsed, status)
+    try:
+        _write_outputs(args, report, seconds, elapsed)
+    except OSError as exc:  # checked before the run; a disk that filled up since
+        status = _error(f"cannot write an output: {exc}")
+    if args.json is not None:
+        # Last, so that its exit_status is the one this run returns.
+        try:
+            _write_json(args, report, seconds, elapsed, status)
+        except OSError as exc:
+            status = _error(f"--json {args.json}: {exc}")
     return status
 
 
@@ -220,38 +329,49 @@ def _verdict(report: Report, *, missing_allowed: bool) -> tuple[int, str]:
     return 0, ""
 
 
-def _write_outputs(
+def _environment() -> dict[str, Any]:
+    from tfreg.parity.environment import machine, versions
+
+    return {"versions": versions(), "machine": machine()}
+
+
+def _write_json(
     args: argparse.Namespace,
     report: Report,
     seconds: list[float | None],
     elapsed: float,
     status: int,
 ) -> None:
-    if args.json or args.junit_xml:
-        from tfreg.parity.environment import machine, versions
+    data = report.as_dict()
+    for row, took in zip(data["rows"], seconds, strict=True):
+        row["seconds"] = None if took is None else round(took, 4)
+    data |= {
+        "ok": status == 0,
+        "exit_status": status,
+        "command": [PROG, *args.argv],
+        "model": args.model,
+        **_environment(),
+        "timings": {
+            "total_s": round(elapsed, 4),
+            "checks_s": round(sum(t for t in seconds if t is not None), 4),
+        },
+    }
+    write_text_atomic(args.json, json.dumps(data, indent=2) + "\n")
 
-        environment = {"versions": versions(), "machine": machine()}
-    if args.json:
-        data = report.as_dict()
-        for row, took in zip(data["rows"], seconds, strict=True):
-            row["seconds"] = None if took is None else round(took, 4)
-        data |= {
-            "ok": status == 0,
-            "exit_status": status,
-            "command": ["tfreg-parity", *args.argv],
-            "model": args.model,
-            **environment,
-            "timings": {
-                "total_s": round(elapsed, 4),
-                "checks_s": round(sum(t for t in seconds if t is not None), 4),
-            },
-        }
-        Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
-    if args.markdown:
+
+def _write_outputs(
+    args: argparse.Namespace,
+    report: Report,
+    seconds: list[float | None],
+    elapsed: float,
+) -> None:
+    """Markdown, JUnit XML and the plot, each written atomically (the JSON comes last)."""
+    if args.markdown is not None:
         report.write_markdown(args.markdown)
-    if args.junit_xml:
+    if args.junit_xml is not None:
         from tfreg_harness.junit import write_junit_xml
 
+        environment = _environment()
         properties = {f"version.{k}": v for k, v in environment["versions"].items()}
         properties |= {
             f"machine.{k}": json.dumps(v) if isinstance(v, dict) else v
@@ -260,18 +380,13 @@ def _write_outputs(
         write_junit_xml(
             report,
             args.junit_xml,
-            suite="tfreg-parity",
+            suite=PROG,
             seconds=seconds,
             total_seconds=elapsed,
             properties=properties,
         )
-    if args.plot:
+    if args.plot is not None:
         _plot(report, Path(args.plot))
-    if args.record:
-        from tfreg.parity.record import record_bundle
-
-        n_cases = record_bundle(args.record)
-        print(f"recorded {n_cases} TensorFlow cases to {args.record}")
 
 
 def _plot(report: Report, directory: Path) -> None:

@@ -10,25 +10,39 @@ The contract, for ``FUNCTION`` (called ``make_pair`` below):
   as ``make_pair(device="cpu")`` / ``make_pair(device="gpu")``, and must put the torch module on
   that device. A ``make_pair`` without one is run on the CPU only.
 
+With ``--record PATH --torch-factory T:make_torch`` the pair is also recorded for
+``python -m torchref.verify`` on a machine without TensorFlow (``tfreg.parity.record``):
+``make_torch`` is a torch-only function of the team's code that builds the same torch module.
+
 ``MODULE`` is imported with the current directory on ``sys.path`` (as ``python -m`` would), so a
 team's ``tests/parity_pairs.py`` is ``--model tests.parity_pairs:make_pair`` from the repository
-root. Anything wrong with the spec or the returned value raises :class:`PairSpecError` (the CLI's
-exit status 2: unusable input); what ``check_parity`` finds is a report row (status 1 on failure).
+root. Anything wrong with the spec or the returned value -- a module that cannot be imported, has
+a SyntaxError or raises at import, a ``make_pair`` that raises -- raises :class:`PairSpecError`
+(the CLI's exit status 2: unusable input); a ``make_pair`` that calls ``sys.exit()`` raises
+:class:`PairFactoryExited` (status 1: nothing ran, whatever the exit code it asked for); what
+``check_parity`` finds is a report row (status 1 on failure), a ``check_parity`` that raises or
+exits an "error" row.
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
-import os
-import sys
 from collections.abc import Callable
 from typing import Any
 
 from tfreg.parity.api import check_parity
+from tfreg_harness.exits import one_line
+from tfreg_harness.factories import FactorySpecError, import_factory
 from tfreg_harness.report import Report, Row
 
-__all__ = ["PAIR_KEYS", "PairSpecError", "check_user_pair", "load_pair_factory"]
+__all__ = [
+    "PAIR_KEYS",
+    "PairFactoryExited",
+    "PairSpecError",
+    "check_user_pair",
+    "load_pair_factory",
+    "make_user_pair",
+]
 
 PAIR_KEYS = ("keras_model", "torch_module", "x", "y")
 
@@ -37,26 +51,16 @@ class PairSpecError(ValueError):
     """The ``--model`` spec cannot be imported or its function broke the pair contract."""
 
 
+class PairFactoryExited(Exception):
+    """``make_pair`` called ``sys.exit()``: no pair, nothing checked (never a pass)."""
+
+
 def load_pair_factory(spec: str) -> Callable[..., Any]:
-    """Import ``"pkg.module:function"`` and return the function."""
-    module_name, sep, attribute = spec.partition(":")
-    if not sep or not module_name or not attribute:
-        raise PairSpecError(
-            f"--model must look like pkg.module:make_pair. Received: --model {spec!r}"
-        )
-    if os.getcwd() not in sys.path:  # console scripts do not put the working directory there
-        sys.path.insert(0, os.getcwd())
+    """Import ``"pkg.module:function"`` and return the function (:class:`PairSpecError`)."""
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise PairSpecError(f"--model {spec!r}: cannot import {module_name!r}: {exc}") from exc
-    factory = getattr(module, attribute, None)
-    if not callable(factory):
-        raise PairSpecError(
-            f"--model {spec!r}: {module_name} has no callable {attribute!r} "
-            f"(found {type(factory).__name__})"
-        )
-    return factory
+        return import_factory(spec, option="--model")
+    except FactorySpecError as exc:
+        raise PairSpecError(str(exc)) from None
 
 
 def _passed_on_keywords() -> set[str]:
@@ -96,11 +100,30 @@ def _arguments(spec: str, made: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     )
 
 
+def make_user_pair(
+    spec: str, factory: Callable[..., Any], device: str
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Call ``factory`` for ``device``: ``(keras_model, torch_module, x, y)`` and the
+    ``check_parity`` keyword arguments it returned."""
+    try:
+        made = factory(device=device) if _takes_device(factory) else factory()
+    except SystemExit as exc:
+        raise PairFactoryExited(
+            f"--model {spec!r}: {factory.__name__}() called sys.exit({exc.code!r}); nothing ran"
+        ) from None
+    except Exception as exc:
+        raise PairSpecError(
+            f"--model {spec!r}: {factory.__name__}() raised {one_line(exc)}"
+        ) from None
+    return _arguments(spec, made)
+
+
 def check_user_pair(spec: str, *, devices: list[str]) -> Report:
     """Build the pair of ``spec`` for each of ``devices`` and return :func:`check_parity`'s rows.
 
-    A ``check_parity`` that raises becomes an ``error`` row naming the exception (the pair was
-    usable input, the harness could not check it); a broken spec raises :class:`PairSpecError`.
+    A ``check_parity`` that raises (or exits) becomes an ``error`` row naming the exception (the
+    pair was usable input, the harness could not check it); a broken spec raises
+    :class:`PairSpecError`, a factory that exits :class:`PairFactoryExited`.
     """
     factory = load_pair_factory(spec)
     if any(d != "cpu" for d in devices) and not _takes_device(factory):
@@ -110,23 +133,11 @@ def check_user_pair(spec: str, *, devices: list[str]) -> Report:
         )
     report = Report()
     for device in devices:
-        try:
-            made = factory(device=device) if _takes_device(factory) else factory()
-        except Exception as exc:
-            raise PairSpecError(f"--model {spec!r}: {factory.__name__}() raised {exc!r}") from exc
-        args, kwargs = _arguments(spec, made)
+        args, kwargs = make_user_pair(spec, factory, device)
         try:
             report.extend(check_parity(*args, device=device, **kwargs).rows)
-        except Exception as exc:  # the report shows it, like a crashing check in the matrix
+        except (Exception, SystemExit) as exc:  # the report shows it, like a crashing check
             report.extend(
-                [
-                    Row(
-                        f"check_parity({spec})",
-                        "-",
-                        device,
-                        "error",
-                        detail=f"{type(exc).__name__}: {exc}",
-                    )
-                ]
+                [Row(f"check_parity({spec})", "-", device, "error", detail=one_line(exc))]
             )
     return report
