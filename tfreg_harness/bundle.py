@@ -46,7 +46,9 @@ def save_bundle(path: str | Path, cases: list[Case], meta: dict[str, Any]) -> No
             for c in cases
         ],
     }
-    arrays = {f"{i}/{key}": value for i, c in enumerate(cases) for key, value in c.arrays.items()}
+    arrays: dict[str, Any] = {
+        f"{i}/{key}": value for i, c in enumerate(cases) for key, value in c.arrays.items()
+    }
     np.savez_compressed(path, __manifest__=np.array(json.dumps(manifest)), **arrays)
 
 
