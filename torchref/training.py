@@ -38,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -145,7 +145,9 @@ class _WindowLoss:
                 f"loss must be a name, a torch loss module or a callable. Received: loss={loss!r}"
             )
 
-    def _per_element_module(self, loss: nn.Module, device: torch.device) -> nn.Module:
+    def _per_element_module(
+        self, loss: nn.modules.loss._Loss, device: torch.device | None
+    ) -> nn.Module:
         known = isinstance(loss, (*_ELEMENTWISE_MODULES, *_INDEX_MODULES))
         allowed = ("none", "mean", "batchmean") if isinstance(loss, nn.KLDivLoss) else ("none",)
         if loss.reduction not in allowed + (("mean",) if known else ()):
@@ -231,10 +233,11 @@ class _WindowLoss:
     def _count(self, y_pred: torch.Tensor, y_true: torch.Tensor) -> int | float | torch.Tensor:
         # Counted where the targets live: host targets (the usual case) give a Python number,
         # so the accumulator never waits for the device.
+        assert self.ignore_index is not None  # class-index targets: every index loss sets it
         if self.class_weight is None and y_true.device.type == "cpu":
             # NumPy on the tensor's memory: a few microseconds against three torch dispatches.
             return int(np.count_nonzero(y_true.numpy() != self.ignore_index))
-        counted = y_true != self.ignore_index
+        counted = y_true.ne(self.ignore_index)
         if self.class_weight is None:
             total = counted.sum()
         else:
@@ -449,6 +452,7 @@ class _Engine:
             loss_sum.backward()
             for p, total in zip(self.params, self.acc.sums, strict=True):
                 if p.grad is not total:  # torch replaced .grad by .grad + g instead of adding
+                    assert p.grad is not None  # it held the sum before backward()
                     total.copy_(p.grad)
             # The gradients are in the sums already; what add() would do with no gradients,
             # without re-checking shapes the sums have by construction (count >= 0 is
@@ -535,7 +539,7 @@ class _Engine:
         for total in [self.loss_sum, self.weight_sum, self.examples, *self.metric_sums]:
             total.zero_()
 
-    def fetch(self, values: dict[str, Any]) -> dict[str, Any]:
+    def fetch(self, values: Mapping[str, Any]) -> dict[str, Any]:
         out = {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in values.items()}
         if "examples" in out:  # reduced as float64 (exact): the record's integer
             out["examples"] = int(out["examples"])
@@ -730,7 +734,7 @@ class Trainer:
             # batch_size is per rank: plan the epoch in global micro-batches of R*b, each rank
             # then trains on its share (a DataLoader is already the rank's own shard).
             global_batch = group.global_batch(
-                batch_size,
+                data.batch_size,
                 self.spec.accumulation_steps,
                 data.plan[0],
                 (data.x, data.y, data.sample_weight),
