@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from tfreg.parity.checks import GROUPS
@@ -230,7 +230,10 @@ def _write_outputs(
     if args.json or args.junit_xml:
         from tfreg.parity.environment import machine, versions
 
-        environment = {"versions": versions(), "machine": machine()}
+        environment: dict[str, Mapping[str, object]] = {
+            "versions": versions(),
+            "machine": machine(),
+        }
     if args.json:
         data = report.as_dict()
         for row, took in zip(data["rows"], seconds, strict=True):
@@ -297,12 +300,13 @@ class _progress:
                 return
             self.bar = Progress(transient=True)
 
-    def __enter__(self):  # -> Callable[[str], None]
-        if self.bar is None:
+    def __enter__(self) -> Callable[[str], None]:
+        bar = self.bar
+        if bar is None:
             return lambda _name: None
-        self.bar.start()
-        task = self.bar.add_task("parity checks", total=self.total)
-        return lambda name: self.bar.update(task, advance=1, description=name[:48])
+        bar.start()
+        task = bar.add_task("parity checks", total=self.total)
+        return lambda name: bar.update(task, advance=1, description=name[:48])
 
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:
