@@ -15,7 +15,7 @@ DOCS_STAMP := $(VENV)/.installed-docs
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONHASHSEED ?= 0
 
-.PHONY: demo test lint format bench examples docs docs-images clean
+.PHONY: demo test lint format bench examples docs docs-images clean wheel-check
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,12 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+# Builds the sdist and wheel and installs the wheel into fresh venvs, one per extra set
+# (tensorflow-cpu, torch, both): see .ci/wheel_check.
+wheel-check: $(STAMP)
+	bash .ci/wheel_check $(PY)
 
 format: $(STAMP)
 	$(PY) -m ruff format .
@@ -67,4 +73,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) build site *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist site *.egg-info .pytest_cache .ruff_cache .mypy_cache

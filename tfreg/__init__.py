@@ -42,8 +42,7 @@ from tfreg.sparsity import (
     sparsity_report,
 )
 from tfreg.training import AccumulatingModel, History, Trainer
-
-__version__ = "0.1.0"
+from tfreg_core._version import __version__
 
 __all__ = [
     "L1",

@@ -78,7 +78,7 @@ def _same_rank(x1: tf.Tensor, x2: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     return pair[0], pair[1]
 
 
-def _same_rank_shapes(s1: tf.TensorShape, s2: tf.TensorShape) -> tuple[list, list]:
+def _same_rank_shapes(s1: tf.TensorShape, s2: tf.TensorShape) -> tuple[list[Any], list[Any]]:
     fix = _rank_fix(s1, s2)
     pair = [s1.as_list(), s2.as_list()]
     if fix is not None:
@@ -311,7 +311,7 @@ def element_weights(sample_weight: Any, values: tf.Tensor) -> tf.Tensor | None:
 
 def _mask(y_pred: tf.Tensor, values: tf.Tensor) -> tf.Tensor | None:
     # As keras.losses.Loss.__call__: the output's mask and the values' own mask, and-ed.
-    masks = [getattr(t, "_keras_mask", None) for t in (y_pred, values)]
+    masks: list[Any] = [getattr(t, "_keras_mask", None) for t in (y_pred, values)]
     masks = [tf.cast(m, tf.bool) for m in masks if m is not None]
     if not masks:
         return None

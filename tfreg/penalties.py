@@ -62,12 +62,12 @@ def penalty(
     or ``keras.config.floatx()`` for an empty sequence -- so adding it to a float64 loss works.
     """
     variables = penalized_variables(model_or_variables, include_bias=include_bias)
-    if regularizer is None:
+    reg = get(regularizer)  # None only for None
+    if reg is None:
         raise validation.InvalidArgumentError(
             "penalty() needs a regularizer (a callable, a config or a key such as 'l2'). "
             f"Received: regularizer={regularizer!r}"
         )
-    reg = get(regularizer)
     if not variables:
         return tf.zeros((), dtype=_variable_dtype(model_or_variables))
     return tf.add_n([tf.convert_to_tensor(reg(v)) for v in variables])

@@ -39,7 +39,7 @@ from ``optimizer.param_groups`` and the second moments from ``optimizer.state``)
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 
@@ -61,7 +61,7 @@ __all__ = [
     "step_sizes",
 ]
 
-_Variables = keras.layers.Layer | Sequence[Any]
+_Variables: TypeAlias = keras.layers.Layer | Sequence[Any]
 
 
 class _TFOps:

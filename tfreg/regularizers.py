@@ -16,7 +16,7 @@ core and the torch-style classes (``PNorm``, ``GroupLasso``) use the factor exac
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 from tfreg._compat import keras, tf
 from tfreg_core import registry, specs, validation
@@ -41,7 +41,7 @@ __all__ = [
     "serialize",
 ]
 
-Regularizer = keras.regularizers.Regularizer
+Regularizer: TypeAlias = keras.regularizers.Regularizer
 """``keras.regularizers.Regularizer``, re-exported: the base class of every regularizer here, so
 ``isinstance(r, tfreg.Regularizer)`` holds for Keras' own regularizers too."""
 _PACKAGE = "tfreg"

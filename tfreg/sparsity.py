@@ -13,7 +13,7 @@ The torch twin is :mod:`torchref.sparsity` (same names and arithmetic; no callba
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 from tfreg._compat import keras
 from tfreg.proximal import (
@@ -40,7 +40,7 @@ __all__ = [
     "sparsity_report",
 ]
 
-_Variables = keras.layers.Layer | Sequence[Any]
+_Variables: TypeAlias = keras.layers.Layer | Sequence[Any]
 
 
 def sparsity_report(

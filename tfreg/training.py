@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import fields
 from typing import Any
 
@@ -200,10 +200,11 @@ def _window_gradient(
     whose elements counted in the window (every timestep masked) contributes zero, as Keras'
     ``divide_no_nan`` does; a window without any micro-batch is NaN (never applied)."""
     empty = tf.where(micro_batches > 0, 0.0, float("nan"))
-    total = None
+    total: list[tf.Tensor] | None = None
     for term_sums, count in zip(sums, counts, strict=True):
         part = [tf.math.divide_no_nan(s, tf.cast(count, s.dtype)) for s in term_sums]
         total = part if total is None else [a + b for a, b in zip(total, part, strict=True)]
+    assert total is not None, "a model has at least one loss term"
     return [g + tf.cast(empty, g.dtype) for g in total]
 
 
@@ -549,6 +550,7 @@ class _Engine:
 
     def micro_step(self, x: Any, y: Any, sample_weight: Any) -> None:
         if self.stream_length is not None:  # the first micro-batch of a fit on a stream
+            assert self.replicas is not None  # stream_length is set under a strategy only
             self.replicas.check_stream((x, y, sample_weight), self.stream_length)
             self.stream_length = None
         args = _present((x, y, sample_weight))
@@ -660,7 +662,7 @@ class _Engine:
             raise FloatingPointError(NONFINITE_MESSAGE)
         return values
 
-    def fetch(self, values: dict[str, tf.Tensor]) -> dict[str, Any]:
+    def fetch(self, values: Mapping[str, tf.Tensor]) -> dict[str, Any]:
         return {k: v.numpy().item() for k, v in values.items()}
 
     def get_position(self) -> tuple[int, ...]:
@@ -808,6 +810,7 @@ class Trainer:
         context gives the sum over the replicas, a collective under
         ``MultiWorkerMirroredStrategy`` (every worker must read it, or the others hang)."""
         self.build()
+        assert self._engine is not None  # build() made it
         return list(self._engine.accs)
 
     @property
@@ -831,13 +834,15 @@ class Trainer:
         model and optimizer are identical on every worker), at the same point of training."""
         self.build()
         engine = self._engine
+        assert engine is not None  # build() made it
         state: dict[str, Any] = {"model": self.model, "optimizer": self.optimizer}
         if self._replicas is None:
             state.update(accumulator=engine.accs, window=engine.window)
         else:
+            modules: list[tf.Module] = [*engine.accs, engine.window]
             local = [
                 v
-                for module in (*engine.accs, engine.window)
+                for module in modules
                 for v in module.variables
                 if v.synchronization == tf.VariableSynchronization.ON_READ
             ]
@@ -914,6 +919,7 @@ class Trainer:
             self._replicas.check_plan(data.plan, self.spec, arrays)
         self.build(_input_shape(data))
         engine = self._engine
+        assert engine is not None  # build() made it
         if self._replicas is not None:
             state = [*self.model.weights, *self.optimizer.variables, engine.window.position]
             self._replicas.check_state(state)
@@ -933,6 +939,7 @@ class Trainer:
     def trace_counts(self) -> dict[str, int]:
         """How often each step function was traced (constant after the first update)."""
         self.build()
+        assert self._engine is not None  # build() made it
         counts = {"apply": self._engine.apply_fn.experimental_get_tracing_count()}
         micro = sum(f.experimental_get_tracing_count() for f in self._engine.micro_fns.values())
         counts["micro"] = micro
@@ -1274,10 +1281,11 @@ class AccumulatingModel(keras.Model):
                     logs = {**logs, **{t.name: t.result() for t in trackers if t.name in logs}}
             return logs
 
-        self.train_function = train_function
+        self.train_function: Any = train_function
         return train_function
 
     def _apply_window(self) -> None:
+        assert self._accs is not None  # fit() built the state
         variables = list(self.model.trainable_variables)
         losses = self._window_losses
         finite, pen, reduced = _update(
@@ -1340,6 +1348,7 @@ class AccumulatingModel(keras.Model):
             loss_scale=_loss_scale(self.optimizer),
             check_forward=lambda: _reject_added_losses(self),
         )
+        assert self._accs is not None  # fit() built the state
         for acc, grads, count in zip(self._accs, batch.grads, batch.counts, strict=True):
             accumulation.add(acc, grads, count)
         self._window_losses.add(batch.sums)
@@ -1347,9 +1356,14 @@ class AccumulatingModel(keras.Model):
         self._window_examples.assign_add(tf.cast(tf.shape(first)[0], tf.float64))
         if self._replicas is not None:  # the window closes in make_train_function's loop
             return self.compute_metrics(x, y, batch.y_pred, sample_weight=sample_weight)
+
+        def close_window() -> tf.Tensor:
+            self._apply_window()
+            return tf.constant(True)
+
         tf.cond(
             self._accs[0].micro_batches >= self.spec.accumulation_steps,
-            lambda: (self._apply_window(), tf.constant(True))[1],
+            close_window,
             lambda: tf.constant(False),
         )
         return self.compute_metrics(x, y, batch.y_pred, sample_weight=sample_weight)

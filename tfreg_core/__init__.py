@@ -7,11 +7,13 @@ framework-free code (comparisons, the tolerance table, reports, reference bundle
 ``tfreg_harness``.
 """
 
+from tfreg_core._version import __version__
 from tfreg_core.conversions import l2_to_torch_weight_decay, torch_weight_decay_to_l2
 from tfreg_core.validation import InvalidArgumentError
 
 __all__ = [
     "InvalidArgumentError",
+    "__version__",
     "l2_to_torch_weight_decay",
     "torch_weight_decay_to_l2",
 ]

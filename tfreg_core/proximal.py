@@ -118,11 +118,11 @@ class _NumpyOps:
 
     @staticmethod
     def sum_keep(x: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
-        return np.sum(x, axis=axes, keepdims=True)
+        return np.asarray(np.sum(x, axis=axes, keepdims=True))
 
     @staticmethod
     def max_keep(x: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
-        return np.max(x, axis=axes, keepdims=True)
+        return np.asarray(np.max(x, axis=axes, keepdims=True))
 
     @staticmethod
     def tiny(x: np.ndarray) -> float:
@@ -148,7 +148,8 @@ def soft_threshold(x: Any, threshold: Any) -> np.ndarray:
     if np.ndim(threshold) == 0:
         threshold = validation.non_negative_float(threshold, "threshold")
     x = np.asarray(x)
-    return np.sign(x) * np.maximum(np.abs(x) - threshold, 0)
+    shrunk: np.ndarray = np.sign(x) * np.maximum(np.abs(x) - threshold, 0)
+    return shrunk
 
 
 def proximal_threshold(learning_rate: Any, l1: float) -> float:
@@ -312,7 +313,7 @@ class ProximalGroupLassoSpec(GroupLassoSpec):
         )
 
 
-def resolve(proximal: Any, classes: Sequence[type]) -> Any:
+def resolve(proximal: Any, classes: Sequence[type[Any]]) -> Any:
     """``None``, an instance of one of ``classes`` (a framework's proximal operators), its
     ``{"class_name", "config"}`` dict, or a list/tuple of those, composed by the class in
     ``classes`` that derives from :class:`ProximalChainSpec`."""
@@ -321,7 +322,7 @@ def resolve(proximal: Any, classes: Sequence[type]) -> Any:
         return proximal
     if isinstance(proximal, dict) and proximal.get("class_name") in by_name:
         return by_name[proximal["class_name"]](**proximal.get("config", {}))
-    chains = [cls for cls in classes if issubclass(cls, ProximalChainSpec)]
+    chains: list[type[Any]] = [cls for cls in classes if issubclass(cls, ProximalChainSpec)]
     if isinstance(proximal, (list, tuple)) and chains:
         return chains[0](list(proximal))
     raise validation.InvalidArgumentError(
@@ -340,7 +341,7 @@ class ProximalChainSpec:
     Elements are operators of ``classes`` or their configs.
     """
 
-    def __init__(self, operators: Sequence[Any], classes: Sequence[type]) -> None:
+    def __init__(self, operators: Sequence[Any], classes: Sequence[type[Any]]) -> None:
         if isinstance(operators, (str, bytes, dict)) or not isinstance(operators, Sequence):
             raise validation.InvalidArgumentError(
                 f"operators must be a list of proximal operators. Received: operators={operators!r}"

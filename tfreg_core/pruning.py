@@ -118,7 +118,7 @@ class PruneResult:
 def _all_zero_except(array: np.ndarray, axis: int) -> np.ndarray:
     """For each index along ``axis``: whether every entry of that slice is exactly zero."""
     moved = np.moveaxis(array, axis, 0)
-    return ~np.any(moved.reshape(moved.shape[0], -1) != 0, axis=1)
+    return np.asarray(~np.any(moved.reshape(moved.shape[0], -1) != 0, axis=1))
 
 
 def _row_channels(rows: int, channels: int, boundary: Boundary) -> np.ndarray:
@@ -213,8 +213,9 @@ def _prune_boundary(
         biases[i + 1] = fold if biases[i + 1] is None else biases[i + 1] + fold
     keep = ~drop
     kernels[i] = np.compress(keep, kernels[i], axis=-1)
-    if biases[i] is not None:
-        biases[i] = biases[i][keep]
+    bias = biases[i]
+    if bias is not None:
+        biases[i] = bias[keep]
     kernels[i + 1] = np.compress(keep[row_channel], nxt, axis=-2)
     kept[i] = kept[i][keep]
     return True

@@ -28,14 +28,14 @@ def class_name_for(key: str) -> str | None:
     return key if key in CLASS_NAMES else _KEYS.get(key)
 
 
-def lookup_table(classes: Mapping[str, type]) -> dict[str, type]:
+def lookup_table(classes: Mapping[str, type[Any]]) -> dict[str, type[Any]]:
     """Every name a config's ``class_name`` may use -> class: class names and string keys."""
     return {**classes, **{key: classes[name] for key, name in _KEYS.items() if name in classes}}
 
 
 def resolve(
     identifier: Any,
-    classes: Mapping[str, type],
+    classes: Mapping[str, type[Any]],
     from_dict: Callable[[dict[str, Any]], Any],
 ) -> Any:
     """Keras' ``regularizers.get`` algorithm over one framework's ``classes`` (by class name)."""
@@ -63,7 +63,7 @@ def resolve(
     return obj
 
 
-def to_dict(regularizer: Any, classes: Mapping[str, type]) -> dict[str, Any]:
+def to_dict(regularizer: Any, classes: Mapping[str, type[Any]]) -> dict[str, Any]:
     """``{"class_name", "config"}`` -- the part of Keras' serialized form both frameworks read."""
     name = type(regularizer).__name__
     if classes.get(name) is not type(regularizer):
@@ -74,7 +74,7 @@ def to_dict(regularizer: Any, classes: Mapping[str, type]) -> dict[str, Any]:
     return {"class_name": name, "config": regularizer.get_config()}
 
 
-def from_dict(config: Any, classes: Mapping[str, type]) -> Any:
+def from_dict(config: Any, classes: Mapping[str, type[Any]]) -> Any:
     """The regularizer a ``{"class_name": ..., "config": {...}}`` dict describes. Keras' extra
     keys (``module``, ``registered_name``) are ignored, so tfreg's and Keras' output loads too;
     ``class_name`` may be a class name or a string key."""

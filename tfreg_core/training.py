@@ -125,7 +125,7 @@ class TrainerSpec:
         for name in metrics:
             validation.choice(name, "metrics", METRICS)
         self.metrics = list(metrics)
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        if isinstance(seed, bool) or not isinstance(seed, (int, numbers.Integral)) or seed < 0:
             raise InvalidArgumentError(f"seed must be a non-negative int. Received: seed={seed!r}")
         self.seed = int(seed)
 
@@ -151,7 +151,7 @@ def object_config(obj: Any) -> Any:
     return {"class_name": type(obj).__name__, "config": obj.get_config()}
 
 
-def resolve_proximal(proximal: Any, classes: Sequence[type], optimizer: Any = None) -> Any:
+def resolve_proximal(proximal: Any, classes: Sequence[type[Any]], optimizer: Any = None) -> Any:
     """``None``, a framework proximal operator (``classes``: ``PROXIMAL_CLASSES`` of
     ``tfreg.proximal`` / ``torchref.proximal``), its ``object_config`` dict or a list of them
     (composed by ``ProximalChain``); with ``optimizer``, an operator that cannot serve it (e.g.
@@ -277,8 +277,9 @@ class ArrayData:
             name: [np.shape(leaf) for leaf in leaves(value)]
             for name, value in (("x", self.x), ("y", self.y))
         }
-        firsts = {s[0] if s else None for shape_list in shapes.values() for s in shape_list}
-        if len(firsts) != 1 or None in firsts or 0 in firsts:
+        # A scalar leaf (shape ()) counts as an empty first dimension: refused with the rest.
+        firsts = {s[0] if s else 0 for shape_list in shapes.values() for s in shape_list}
+        if len(firsts) != 1 or 0 in firsts:
             raise InvalidArgumentError(
                 "x and y must be non-empty arrays (or dicts/tuples of arrays) with the same "
                 f"first dimension. Received: x.shape={_shapes(self.x)}, y.shape={_shapes(self.y)}"
@@ -313,7 +314,8 @@ class ArrayData:
             idx = order[step.item[0] : step.item[1]]
 
             def take(a: np.ndarray, idx: np.ndarray = idx) -> np.ndarray:
-                return a[idx]
+                rows: np.ndarray = a[idx]
+                return rows
 
             weights = self.sample_weight
             if weights is not None:

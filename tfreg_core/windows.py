@@ -67,7 +67,7 @@ def plan_epoch(
             f"drop_remainder must be a bool. Received: drop_remainder={drop_remainder!r}"
         )
     bounds = [(start, min(start + b, n)) for start in range(0, n, b)]
-    windows = []
+    windows: list[Window] = []
     for first in range(0, len(bounds), k):
         micro = tuple(bounds[first : first + k])
         window = Window(index=len(windows), first_micro_batch=first, micro_batches=micro)

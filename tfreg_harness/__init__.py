@@ -9,6 +9,7 @@ Both ``tfreg.parity`` (which sees both frameworks) and ``torchref.verify`` (torc
 it, so it imports neither framework. It depends on ``tfreg_core`` for validation only.
 """
 
+from tfreg_core._version import __version__
 from tfreg_harness.compare import Comparison, assert_close, compare
 from tfreg_harness.tolerances import TOLERANCES, Tolerance, tolerance
 
@@ -16,6 +17,7 @@ __all__ = [
     "TOLERANCES",
     "Comparison",
     "Tolerance",
+    "__version__",
     "assert_close",
     "compare",
     "tolerance",

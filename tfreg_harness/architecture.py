@@ -72,7 +72,7 @@ class Dropout:
 
 
 Layer = Dense | Conv2D | MaxPool2D | Flatten | ReLU | BatchNorm | Dropout
-LAYER_TYPES: tuple[type, ...] = (Dense, Conv2D, MaxPool2D, Flatten, ReLU, BatchNorm, Dropout)
+LAYER_TYPES: tuple[type[Layer], ...] = (Dense, Conv2D, MaxPool2D, Flatten, ReLU, BatchNorm, Dropout)
 
 
 def _checked(layer: object) -> Layer:
@@ -177,7 +177,7 @@ def initial_weights(
         channels = shape[-1]
         if isinstance(layer, (Dense, Conv2D)):
             size = layer.units if isinstance(layer, Dense) else layer.filters
-            kernel = (channels, size)
+            kernel: tuple[int, ...] = (channels, size)
             if isinstance(layer, Conv2D):
                 kernel = (layer.kernel_size, layer.kernel_size, channels, size)
             bound = math.sqrt(3.0 / math.prod(kernel[:-1]))

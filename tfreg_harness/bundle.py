@@ -90,7 +90,9 @@ def save_bundle(path: str | Path, cases: list[Case], meta: dict[str, Any]) -> No
             for c in cases
         ],
     }
-    arrays = {f"{i}/{key}": value for i, c in enumerate(cases) for key, value in c.arrays.items()}
+    arrays: dict[str, Any] = {
+        f"{i}/{key}": value for i, c in enumerate(cases) for key, value in c.arrays.items()
+    }
     with atomic_path(path) as temporary, open(temporary, "wb") as file:
         arrays[_MANIFEST] = np.array(json.dumps(manifest))
         np.savez_compressed(file, **arrays)  # type: ignore[arg-type]  # numpy's stub: allow_pickle

@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import TypedDict
 
 import numpy as np
 
@@ -208,7 +209,15 @@ def note(topic: str) -> str:
         ) from None
 
 
-def torch_batchnorm_kwargs(*, momentum: float, epsilon: float) -> dict[str, float]:
+class TorchBatchNormKwargs(TypedDict):
+    """:func:`torch_batchnorm_kwargs`' result: exactly the two keywords it sets (typed, so
+    ``BatchNorm2d(c, **kwargs)`` is checked)."""
+
+    momentum: float
+    eps: float
+
+
+def torch_batchnorm_kwargs(*, momentum: float, epsilon: float) -> TorchBatchNormKwargs:
     """``torch.nn.BatchNorm{1d,2d}`` keyword arguments computing the same function as Keras'
     ``BatchNormalization(momentum=momentum, epsilon=epsilon)`` (running variance aside)."""
     return {

@@ -44,7 +44,8 @@ def flatten_permutation(flatten_from: Sequence[int]) -> np.ndarray:
             f"(H, W, C). Received: flatten_from={tuple(flatten_from)!r}"
         )
     channels, spatial = dims[-1], math.prod(dims[:-1])
-    return np.arange(spatial * channels).reshape(spatial, channels).T.reshape(-1)
+    order: np.ndarray = np.arange(spatial * channels).reshape(spatial, channels).T.reshape(-1)
+    return order
 
 
 def _check_flatten_rows(rows: int, flatten_from: Sequence[int], name: str) -> np.ndarray:
@@ -166,18 +167,18 @@ def same_padding(size: int, kernel: int, stride: int = 1, dilation: int = 1) -> 
 
 def to_channels_first(x: Any) -> np.ndarray:
     """A channels-last batch ``(N, ..., C)`` as torch's ``(N, C, ...)``; rank <= 2 unchanged."""
-    x = np.asarray(x)
-    if x.ndim <= 2:
-        return x
-    return np.ascontiguousarray(np.moveaxis(x, -1, 1))
+    array = np.asarray(x)
+    if array.ndim <= 2:
+        return array
+    return np.ascontiguousarray(np.moveaxis(array, -1, 1))
 
 
 def to_channels_last(y: Any) -> np.ndarray:
     """Inverse of :func:`to_channels_first`."""
-    y = np.asarray(y)
-    if y.ndim <= 2:
-        return y
-    return np.ascontiguousarray(np.moveaxis(y, 1, -1))
+    array = np.asarray(y)
+    if array.ndim <= 2:
+        return array
+    return np.ascontiguousarray(np.moveaxis(array, 1, -1))
 
 
 def to_torch_input(x: Any) -> np.ndarray:

@@ -30,8 +30,11 @@ _STEP = re.compile(r"^step (\d+)\b")
 _COLOURS = {"pass": "tab:green", "fail": "tab:red", "error": "tab:orange"}
 
 
-def _plottable(row: Row) -> bool:
-    return row.max_rel is not None and row.tolerance is not None
+def _gap(row: Row) -> tuple[float, float] | None:
+    """``(max_rel, tolerance)`` when the row has both (the plottable rows), else ``None``."""
+    if row.max_rel is None or row.tolerance is None:
+        return None
+    return float(row.max_rel), float(row.tolerance)
 
 
 def step_gaps(report: Report) -> dict[int, tuple[float, float]]:
@@ -39,8 +42,9 @@ def step_gaps(report: Report) -> dict[int, tuple[float, float]]:
     gaps: dict[int, list[tuple[float, float]]] = defaultdict(list)
     for row in report.rows:
         match = _STEP.match(row.check)
-        if match and _plottable(row):
-            gaps[int(match.group(1))].append((row.max_rel, row.tolerance))  # type: ignore[arg-type]
+        gap = _gap(row)
+        if match and gap is not None:
+            gaps[int(match.group(1))].append(gap)
     return {
         step: (max(r for r, _ in values), max(t for _, t in values))
         for step, values in sorted(gaps.items())
@@ -60,7 +64,8 @@ def plot_report(report: Report, path: str | Path, *, title: str | None = None) -
     Raises ``ValueError`` when no row has both a relative difference and a tolerance, and
     ``ImportError`` naming the extra when matplotlib is missing.
     """
-    rows = [r for r in report.rows if _plottable(r)]
+    plotted = [(r, gap) for r in report.rows if (gap := _gap(r)) is not None]
+    rows = [r for r, _ in plotted]
     if not rows:
         raise ValueError(
             "Nothing to plot: no row of the report has a relative difference and a tolerance "
@@ -82,13 +87,12 @@ def plot_report(report: Report, path: str | Path, *, title: str | None = None) -
     ratios = [max(len(rows) * 0.22, 1.0), 2.6] if gaps else [1.0]
     axes = figure.subplots(len(ratios), 1, height_ratios=ratios, squeeze=False)[:, 0]
 
-    values = [r.max_rel for r in rows] + [r.tolerance for r in rows]
-    floor = _floor(values)  # type: ignore[arg-type]
-    ceiling = max((v for v in values if v < math.inf), default=1.0) * 100  # type: ignore[operator]
+    values = [rel for _, (rel, _) in plotted] + [tol for _, (_, tol) in plotted]
+    floor = _floor(values)
+    ceiling = max((v for v in values if v < math.inf), default=1.0) * 100
     ax = axes[0]
     ys = range(len(rows))
-    for y, row in zip(ys, rows, strict=True):
-        rel, tol = float(row.max_rel), float(row.tolerance)  # type: ignore[arg-type]
+    for y, (row, (rel, tol)) in zip(ys, plotted, strict=True):
         colour = _COLOURS.get(row.status, "tab:gray")
         shown = min(max(rel, floor), ceiling)
         hollow = rel == 0 or rel == math.inf

@@ -3,6 +3,7 @@
 Never imports TensorFlow or tfreg; shared, framework-free logic lives in ``tfreg_core``.
 """
 
+from tfreg_core._version import __version__
 from torchref import accumulation
 from torchref._compat import torch as _torch  # noqa: F401  (fails early with an install hint)
 from torchref.penalties import penalized_parameters, penalized_variables, penalty
@@ -40,8 +41,6 @@ from torchref.sparsity import (
     sparsity_report,
 )
 from torchref.training import History, KerasAdamW, PerElementLoss, Trainer, per_element
-
-__version__ = "0.1.0"
 
 __all__ = [
     "L1",

@@ -94,7 +94,7 @@ class ProcessGroup:
     ):
         self.group = group
         self.rank, self.world_size = check_rank(dist.get_rank(group), dist.get_world_size(group))
-        self.ddp = model if isinstance(model, _ddp_class()) else None
+        self.ddp: Any = model if isinstance(model, _ddp_class()) else None
         self.params = list(params)
         self.per_rank_batch: int | None = None  # set for arrays: slice each global micro-batch
 
@@ -164,11 +164,13 @@ class ProcessGroup:
         for sampler in samplers:
             if not isinstance(sampler, torch.utils.data.DistributedSampler):
                 continue
-            padded = sampler.total_size - len(sampler.dataset)
+            # DistributedSampler takes len(dataset) itself: its dataset is sized.
+            size = len(sampler.dataset)  # type: ignore[arg-type]
+            padded = sampler.total_size - size
             if padded > 0:
                 raise InvalidArgumentError(
                     "DistributedSampler pads the dataset by repeating "
-                    f"{padded} example(s) (drop_last=False, {len(sampler.dataset)} examples "
+                    f"{padded} example(s) (drop_last=False, {size} examples "
                     f"over {sampler.num_replicas} ranks): they would count twice. Pass the full "
                     "arrays (every rank; nothing is padded) or DistributedSampler(drop_last=True). "
                     f"Received on rank {self.rank}: a DataLoader whose sampler pads {padded}"
@@ -190,7 +192,7 @@ class ProcessGroup:
         """Whether every rank's loader reads the same map-style dataset (its length and first
         example compared by a digest: one collective; no sampling, so no RNG is consumed). A
         dataset sharded per rank (``Subset``, per-rank files) differs."""
-        dataset = getattr(loader, "dataset", None)
+        dataset: Any = getattr(loader, "dataset", None)
         if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
             return False
         size = len(dataset)

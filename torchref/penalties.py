@@ -24,7 +24,9 @@ def penalized_parameters(
     """The tensors :func:`penalty` sums over, in ``module.parameters()`` order."""
     include_bias = validation.strict_bool(include_bias, "include_bias")
     if isinstance(module_or_tensors, torch.nn.Module):
-        trainable = [p for p in module_or_tensors.parameters() if p.requires_grad]
+        trainable: list[torch.Tensor] = [
+            p for p in module_or_tensors.parameters() if p.requires_grad
+        ]
         return trainable if include_bias else [p for p in trainable if p.ndim >= 2]
     if isinstance(module_or_tensors, (str, bytes, torch.Tensor)) or not isinstance(
         module_or_tensors, Iterable
@@ -54,12 +56,12 @@ def penalty(
     or torch's default dtype on the CPU for an empty sequence or a module without tensors.
     """
     tensors = penalized_parameters(module_or_tensors, include_bias=include_bias)
-    if regularizer is None:
+    reg = get(regularizer)  # None only for None
+    if reg is None:
         raise validation.InvalidArgumentError(
             "penalty() needs a regularizer (a callable, a config or a key such as 'l2'). "
             f"Received: regularizer={regularizer!r}"
         )
-    reg = get(regularizer)
     if not tensors:
         return _zero_like_module(module_or_tensors)
     return torch.stack([reg(t) for t in tensors]).sum()

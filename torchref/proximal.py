@@ -57,9 +57,13 @@ class _TorchOps:
     """:class:`tfreg_core.proximal.ArrayOps` on torch tensors."""
 
     sqrt = staticmethod(torch.sqrt)
-    where = staticmethod(torch.where)
     zeros_like = staticmethod(torch.zeros_like)
     ones_like = staticmethod(torch.ones_like)
+
+    @staticmethod
+    def where(condition: torch.Tensor, x: Any, y: Any) -> torch.Tensor:
+        # Spelled out: torch.where is overloaded (one overload takes the condition alone).
+        return torch.where(condition, x, y)
 
     @staticmethod
     def sum_keep(x: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
@@ -283,7 +287,9 @@ class ProximalL1(_Operator, _core.ProximalL1Spec):
         _floating(tensors)
         steps = self._steps(tensors, learning_rate)
         if steps is None:
-            thresholds = [self.threshold(lr) for lr in _learning_rates(tensors, learning_rate)]
+            thresholds: list[Any] = [
+                self.threshold(lr) for lr in _learning_rates(tensors, learning_rate)
+            ]
         else:
             thresholds = [s * self.l1 for s in steps]
         with torch.no_grad():
@@ -308,7 +314,7 @@ class ProximalGroupLasso(_Operator, _core.ProximalGroupLassoSpec):
             axes = self.axes_for(tuple(t.shape), name)
             plans.append((t, axes, self.tau(tuple(t.shape), axes)))
         steps = self._steps(tensors, learning_rate)
-        rates = None if steps is not None else _learning_rates(tensors, learning_rate)
+        rates = [] if steps is not None else _learning_rates(tensors, learning_rate)
         if self.strength == 0:
             return  # the prox of a zero penalty is the identity
         with torch.no_grad():

@@ -45,7 +45,7 @@ import copy
 import functools
 import itertools
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -403,10 +403,11 @@ class _WindowLoss:
     def _count(self, y_pred: torch.Tensor, y_true: torch.Tensor) -> int | float | torch.Tensor:
         # Counted where the targets live: host targets (the usual case) give a Python number,
         # so the accumulator never waits for the device.
+        assert self.ignore_index is not None  # class-index targets: every index loss sets it
         if self.class_weight is None and y_true.device.type == "cpu":
             # NumPy on the tensor's memory: a few microseconds against three torch dispatches.
             return int(np.count_nonzero(y_true.numpy() != self.ignore_index))
-        counted = y_true != self.ignore_index
+        counted = y_true.ne(self.ignore_index)
         if self.class_weight is None:
             total = counted.sum()
         else:
@@ -889,7 +890,7 @@ class _Engine:
         for total in [self.loss_sum, self.weight_sum, self.examples, *self.metric_sums]:
             total.zero_()
 
-    def fetch(self, values: dict[str, Any]) -> dict[str, Any]:
+    def fetch(self, values: Mapping[str, Any]) -> dict[str, Any]:
         out = {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in values.items()}
         if "examples" in out:  # reduced as float64 (exact): the record's integer
             out["examples"] = int(out["examples"])
@@ -1143,7 +1144,7 @@ class Trainer:
             # batch_size is per rank: plan the epoch in global micro-batches of R*b, each rank
             # then trains on its share (a DataLoader is already the rank's own shard).
             global_batch = group.global_batch(
-                batch_size,
+                data.batch_size,
                 self.spec.accumulation_steps,
                 data.plan[0],
                 (data.x, data.y, data.sample_weight),

@@ -266,6 +266,7 @@ def _verify_mlp(case: Case, device: str) -> list[Comparison]:
         compare("loss", loss.detach().cpu().numpy(), case.arrays["loss"], rtol=rtol),
     ]
     for i, param in enumerate(module.parameters()):
+        assert param.grad is not None  # every parameter of the MLP feeds the loss
         out.append(
             compare(f"grad{i}", param.grad.cpu().numpy(), case.arrays[f"grad{i}"], rtol=rtol)
         )

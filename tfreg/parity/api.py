@@ -46,7 +46,7 @@ from tfreg.parity.models import (
     forward_torch,
     in_keras_layout,
 )
-from tfreg.parity.pairing import LayerMatch, PairingError
+from tfreg.parity.pairing import LayerMatch, PairingError, TorchInput
 from tfreg.parity.transfer import ParameterPair, copy_weights, model_dtype, torch_to_numpy
 from tfreg_core.validation import InvalidArgumentError
 from tfreg_harness.compare import Comparison, compare
@@ -228,7 +228,7 @@ def check_parity(
     transfer: bool = True,
     dropout_masks: Sequence[Any] | None = None,
     seed: int = 0,
-    torch_input: str = "auto",
+    torch_input: TorchInput = "auto",
 ) -> ParityReport:
     """Pair the layers, transfer weights Keras -> torch (unless ``transfer=False``) and compare
     the two models; returns a :class:`ParityReport` (rows plus per-layer ``layers`` records).
@@ -277,7 +277,7 @@ def check_parity(
         return dropout_masks_for(keras_model, x, rng)
 
     def evaluate() -> tuple[Any, Any]:
-        kwargs = {"training": training, "dropout_masks": masks(), "loss": loss}
+        kwargs: dict[str, Any] = {"training": training, "dropout_masks": masks(), "loss": loss}
         return evaluate_keras(pair, x, y, **kwargs), evaluate_torch(pair, x, y, **kwargs)
 
     initial = {
@@ -294,6 +294,7 @@ def check_parity(
     report.extend([_record_row(r, dtype, device) for r in report.layers if r.stage == "output"])
     if steps == 0:
         return report
+    assert keras_optimizer is not None  # steps > 0 without both optimizers was refused above
 
     step_rtol = tolerance("trajectory", dtype).rtol if rtol is None else rtol
     trainable = [p for p in pairs if p.trainable]

@@ -21,7 +21,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -412,12 +412,13 @@ class _progress:
                 return
             self.bar = Progress(transient=True)
 
-    def __enter__(self):  # -> Callable[[str], None]
-        if self.bar is None:
+    def __enter__(self) -> Callable[[str], None]:
+        bar = self.bar
+        if bar is None:
             return lambda _name: None
-        self.bar.start()
-        task = self.bar.add_task("parity checks", total=self.total)
-        return lambda name: self.bar.update(task, advance=1, description=name[:48])
+        bar.start()
+        task = bar.add_task("parity checks", total=self.total)
+        return lambda name: bar.update(task, advance=1, description=name[:48])
 
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:

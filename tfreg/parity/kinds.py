@@ -127,7 +127,15 @@ def torch_activation(module: Any) -> tuple[Any, ...]:
     return ("linear",) if isinstance(module, nn.Identity) else ("unknown", repr(module))
 
 
-TORCH_ACTIVATIONS = (nn.ReLU, nn.GELU, nn.LeakyReLU, nn.ELU, nn.Softmax, nn.Tanh, nn.Sigmoid)
+TORCH_ACTIVATIONS: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.GELU,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.Softmax,
+    nn.Tanh,
+    nn.Sigmoid,
+)
 TORCH_ACTIVATIONS += (nn.SiLU, nn.Identity, KerasGELU)
 
 

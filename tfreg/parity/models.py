@@ -23,13 +23,20 @@ from tfreg import architecture as keras_architecture
 from tfreg._compat import keras, tf
 from tfreg.parity.capture import keras_watch, torch_watch
 from tfreg.parity.devices import tf_device, torch_device
-from tfreg.parity.pairing import LayerMatch, Pairing, keras_layers, pair_layers, sample_input
+from tfreg.parity.pairing import (
+    LayerMatch,
+    Pairing,
+    TorchInput,
+    keras_layers,
+    pair_layers,
+    sample_input,
+)
 from tfreg.parity.transfer import ParameterPair, copy_weights, pairs_from, torch_to_numpy
 from tfreg_core.validation import choice, positive_int
 from tfreg_harness import architecture
 from tfreg_harness.compare import Comparison, compare
 from tfreg_harness.differences import note
-from tfreg_harness.divergence import LayerRecord
+from tfreg_harness.divergence import LayerRecord, Stage
 from tfreg_harness.layouts import to_channels_first, to_channels_last
 from tfreg_harness.tolerances import tolerance, zero_gradient_atol
 
@@ -51,7 +58,7 @@ class ModelPair:
     dtype: str
     device: str = "cpu"
     layer_map: Mapping[str, str | None] | None = None
-    torch_input: str = "auto"
+    torch_input: TorchInput = "auto"
     _pairing: Pairing | None = field(default=None, repr=False)
 
     def pairing(self, sample: Any | None = None) -> Pairing:
@@ -296,8 +303,10 @@ def forward_torch(
     _, torch_masks = _mask_maps(pair, training, dropout_masks)
     module = pair.torch
     module.train(training)
-    batch = to_channels_first(x) if pairing.input_channels_first else np.asarray(x)
-    batch = torch.as_tensor(batch, device=torch_device(pair.device))
+    batch = torch.as_tensor(
+        to_channels_first(x) if pairing.input_channels_first else np.asarray(x),
+        device=torch_device(pair.device),
+    )
     matched = [(i, m) for i, m in enumerate(pairing.matches) if m.torch_module is not None]
     with torch_watch([m.torch_module for _, m in matched], masks=torch_masks) as outputs:
         out = module(batch)
@@ -315,7 +324,7 @@ def _host(output: Any) -> Any:
 
 
 def torch_output_in_keras_layout(
-    match: LayerMatch, output: Any, expected_shape: tuple
+    match: LayerMatch, output: Any, expected_shape: tuple[int, ...]
 ) -> np.ndarray:
     """A torch module's output as Keras lays out the paired layer's output."""
     if match.kind.output is not None and match.part == "layer":
@@ -323,7 +332,9 @@ def torch_output_in_keras_layout(
     return in_keras_layout(torch_to_numpy(output), match.torch_channels_first, expected_shape)
 
 
-def in_keras_layout(array: np.ndarray, channels_first: bool, expected_shape: tuple) -> np.ndarray:
+def in_keras_layout(
+    array: np.ndarray, channels_first: bool, expected_shape: tuple[int, ...]
+) -> np.ndarray:
     """``array`` moved channels last when torch holds it channels first -- unless the shapes say
     torch's forward code already moved it back (``expected_shape``: Keras' shape)."""
     converted = to_channels_last(array) if channels_first else array
@@ -399,7 +410,7 @@ def evaluate_torch(
     )
 
 
-def _record(comparison: Comparison, kind: str, stage: str, absolute: bool) -> LayerRecord:
+def _record(comparison: Comparison, kind: str, stage: Stage, absolute: bool) -> LayerRecord:
     return LayerRecord(
         name=comparison.name,
         kind=kind,
@@ -506,7 +517,7 @@ def model_parity(
     """Forward output, loss and per-parameter gradients of both models on ``(x, y)``, compared at
     ``tolerance(claim, pair.dtype)``. ``x`` in Keras layout; ``y`` as ``loss`` (a
     :data:`LOSS_PAIRS` name) expects it."""
-    kwargs = {"training": training, "dropout_masks": dropout_masks, "loss": loss}
+    kwargs: dict[str, Any] = {"training": training, "dropout_masks": dropout_masks, "loss": loss}
     return compare_evaluations(
         evaluate_keras(pair, x, y, **kwargs),
         evaluate_torch(pair, x, y, **kwargs),

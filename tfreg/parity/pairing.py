@@ -28,6 +28,9 @@ from tfreg.parity.registry import Context, LayerPair, layer_pair_for, registered
 from tfreg_core.validation import choice
 from tfreg_harness.differences import note
 
+# The layout torch's input has (see pair_layers); "auto" reads it off the torch layers.
+TorchInput = Literal["auto", "channels_first", "channels_last"]
+
 
 class PairingError(ValueError):
     """The two models cannot be paired layer by layer, or a pair computes different functions."""
@@ -121,7 +124,7 @@ def sample_input(model: Any, sample: Any | None) -> Any:
 
 def _shapes(
     model: Any, layers: list[Any], sample: Any
-) -> tuple[dict[int, tuple], dict[int, tuple]]:
+) -> tuple[dict[int, tuple[int, ...]], dict[int, tuple[int, ...]]]:
     with keras_watch(layers) as trace:
         model(sample, training=False)
     outputs = {key: tuple(int(d) for d in out.shape) for key, out in trace.outputs.items()}
@@ -135,7 +138,7 @@ def pair_layers(
     dtype: str,
     sample: Any | None = None,
     layer_map: Mapping[str, str | None] | None = None,
-    torch_input: Literal["auto", "channels_first", "channels_last"] = "auto",
+    torch_input: TorchInput = "auto",
 ) -> Pairing:
     """Pair ``keras_model``'s layers with ``torch_module``'s leaves and check every pair's
     configuration (see the module docstring). ``torch_input``: the layout torch's input has --
@@ -152,14 +155,16 @@ def pair_layers(
             f"layer_map names Keras layers the model does not have: {sorted(unknown)}. "
             f"Layers: {[layer.name for layer in layers]}"
         )
-    kinds = {id(layer): layer_pair_for(layer) for layer in layers}
+    kinds: dict[int, LayerPair] = {}
     for layer in layers:
-        if kinds[id(layer)] is None:
+        kind = layer_pair_for(layer)
+        if kind is None:
             names = sorted(cls.__name__ for cls in registered())
             raise PairingError(
                 f"{_keras(layer)} is of no registered layer kind. Registered: {', '.join(names)}. "
                 "Add one with tfreg.parity.register_layer_pair."
             )
+        kinds[id(layer)] = kind
     for spec in getattr(keras_model, "inputs", None) or ():
         if "float" in str(spec.dtype) and str(spec.dtype) != dtype:
             raise PairingError(
@@ -274,8 +279,8 @@ def pair_layers(
         elif isinstance(layer, keras.layers.Dense):
             flatten_from = None
         state = {"channels_first": True, "channels_last": False}.get(entry.torch_layout, state)
-        name, module = candidate if candidate is not None else (None, None)
-        matches.append(LayerMatch(layer, name, module, entry, ctx, state))
+        paired_name, paired = candidate if candidate is not None else (None, None)
+        matches.append(LayerMatch(layer, paired_name, paired, entry, ctx, state))
 
         j = next_free(j)
         activation = getattr(layer, "activation", None) if entry.fused_activation else None

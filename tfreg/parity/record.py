@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -35,8 +36,8 @@ from tfreg_harness.layouts import to_channels_first
 
 # A small MLP on digits-sized inputs. The bundle stores its weights in torch layout and its
 # layers as data, so torchref.verify rebuilds it without any Keras layout knowledge.
-_MLP = {"input_dim": 64, "hidden": (16,), "classes": 10}
-_TRAIN = {"accumulation_steps": 3, "batch_size": 8, "epochs": 2, "lr": 0.125}
+_MLP: dict[str, Any] = {"input_dim": 64, "hidden": (16,), "classes": 10}
+_TRAIN: dict[str, Any] = {"accumulation_steps": 3, "batch_size": 8, "epochs": 2, "lr": 0.125}
 
 
 def penalty_cases(dtypes: tuple[str, ...] = ("float32", "float64")) -> list[Case]:

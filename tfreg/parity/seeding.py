@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import random
+from typing import Any
 
 import numpy as np
 
 from tfreg._compat import keras, tf
 
 
-def _torch():  # -> module | None, without making torch a dependency of tfreg
+def _torch() -> Any:  # the torch module or None, without making torch a dependency of tfreg
     try:
         import torch
     except ImportError:

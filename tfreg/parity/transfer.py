@@ -196,8 +196,8 @@ def copy_weights(pairs: Sequence[ParameterPair], *, direction: Direction) -> Non
                 for tensor, value in zip(pair.torch_tensors, arrays, strict=True):
                     tensor.copy_(torch.as_tensor(value, device=tensor.device))
     else:
-        values = [p.torch_value() for p in pairs]
-        for pair, value in zip(pairs, values, strict=True):
+        keras_values = [p.torch_value() for p in pairs]
+        for pair, value in zip(pairs, keras_values, strict=True):
             pair.keras_variable.assign(value)
 
 

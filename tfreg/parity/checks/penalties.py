@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -124,11 +125,11 @@ def _penalty_vs_keras(name: str, dtype: str, device: str) -> list[Comparison]:
 def _register_all() -> None:
     for case_name, *_ in PENALTY_CASES:
         register(f"penalty {case_name}: tfreg vs torchref", "penalties")(
-            lambda dtype, device, n=case_name: _penalty_vs_torchref(n, dtype, device)
+            partial(_penalty_vs_torchref, case_name)
         )
         if case_name in _KERAS_TWINS:
             register(f"penalty {case_name}: tfreg vs keras", "penalties")(
-                lambda dtype, device, n=case_name: _penalty_vs_keras(n, dtype, device)
+                partial(_penalty_vs_keras, case_name)
             )
 
 

@@ -3,6 +3,9 @@ round-off), after proximal L1 has produced exact zeros."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 
 from tfreg._compat import keras, tf
@@ -25,7 +28,7 @@ def _reports(dtype: str, device: str) -> list[Comparison]:
     with tf.device(tf_device(device)):
         tfreg.apply_proximal_l1(pair.keras, l1=0.1, learning_rate=1.0)
     transfer_weights(pair.keras, pair.torch)
-    kwargs = {"rel": 0.05, "atol": 1e-3}
+    kwargs: dict[str, Any] = {"rel": 0.05, "atol": 1e-3}
     ours, theirs = (
         tfreg.sparsity_report(pair.keras, **kwargs),
         torchref.sparsity_report(pair.torch, **kwargs),
@@ -56,7 +59,7 @@ def _logistic(dtype: str) -> tuple[np.ndarray, np.ndarray]:
     return x.astype(dtype), y
 
 
-def _proximal_trajectory(updates: int):  # -> check function
+def _proximal_trajectory(updates: int) -> Callable[[str, str], list[Comparison]]:
     def run(dtype: str, device: str) -> list[Comparison]:
         import torch
 
@@ -71,7 +74,12 @@ def _proximal_trajectory(updates: int):  # -> check function
             (Dense(1),), (x.shape[1],), dtype=dtype, rng=seed_everything(19), device=device
         )
         lr, l1 = 0.5, 0.02  # 0.5 is exact in float32, as Keras stores the learning rate
-        fit = {"batch_size": len(y), "epochs": updates, "shuffle": False, "verbose": 0}
+        fit: dict[str, Any] = {
+            "batch_size": len(y),
+            "epochs": updates,
+            "shuffle": False,
+            "verbose": 0,
+        }
         with tf.device(tf_device(device)):
             tfreg.Trainer(
                 pair.keras,

@@ -136,7 +136,10 @@ def _kernel_only_decay(weight_decay: float) -> Callable[[Any], Any]:
 
         kernels = [p for p in module.parameters() if p.ndim >= 2]
         others = [p for p in module.parameters() if p.ndim < 2]
-        groups = [{"params": kernels, "weight_decay": weight_decay}, {"params": others}]
+        groups: list[dict[str, Any]] = [
+            {"params": kernels, "weight_decay": weight_decay},
+            {"params": others},
+        ]
         return torch.optim.SGD(groups, lr=_LR)
 
     return make
