@@ -95,7 +95,7 @@ def save_bundle(path: str | Path, cases: list[Case], meta: dict[str, Any]) -> No
     }
     with atomic_path(path) as temporary, open(temporary, "wb") as file:
         arrays[_MANIFEST] = np.array(json.dumps(manifest))
-        np.savez_compressed(file, **arrays)  # type: ignore[arg-type]  # numpy's stub: allow_pickle
+        np.savez_compressed(file, **arrays)
 
 
 def load_bundle(
@@ -163,7 +163,8 @@ def _read_npy(member: Any, info: zipfile.ZipInfo, *, text: bool) -> np.ndarray:
         raise BundleError(f"array {info.filename!r}: truncated")
     array = np.frombuffer(data, dtype=dtype)
     array = array.reshape(shape[::-1]).T if fortran else array.reshape(shape)
-    return array.copy()  # writable, owns its memory
+    result: np.ndarray = array.copy()  # writable, owns its memory
+    return result
 
 
 def _field(entry: dict[str, Any], key: str, kind: type, where: str) -> Any:

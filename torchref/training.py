@@ -46,7 +46,7 @@ import functools
 import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -300,9 +300,10 @@ class _WindowLoss:
             self.targets = (
                 "index_or_probabilities" if isinstance(loss, nn.CrossEntropyLoss) else "index"
             )
-            self.ignore_index = int(loss.ignore_index)
-            if loss.weight is not None:
-                weight = loss.weight.detach().to("cpu", torch.float64)
+            self.ignore_index = int(cast(int, loss.ignore_index))
+            class_weight = cast("torch.Tensor | None", loss.weight)
+            if class_weight is not None:
+                weight = class_weight.detach().to("cpu", torch.float64)
                 if weight.ndim != 1 or not bool(((weight >= 0) & weight.isfinite()).all()):
                     raise InvalidArgumentError(
                         "loss.weight must be one finite weight >= 0 per class (the window's "
@@ -351,6 +352,7 @@ class _WindowLoss:
             counted = torch.as_tensor(self.mask(y_pred, y_true), device=values.device)
             what = "mask(y_pred, y_true)"
         else:
+            assert self.ignore_index is not None  # masked without a mask: by ignore_index
             counted, what = torch.ne(y_true, self.ignore_index), "the targets (ignore_index)"
         if tuple(counted.shape) != tuple(values.shape) and counted.numel() == values.numel():
             counted = counted.reshape(values.shape)  # flattened values: F.cross_entropy(

@@ -257,6 +257,7 @@ def user_pair_case(spec: str, torch_factory: str) -> Case:
         for p in trainable
     }
     for step in range(1, steps + 1):
+        assert keras_optimizer is not None  # refused above when steps ask for one
         if step > 1:
             evaluation = evaluate_keras(pair, x, y, loss=loss)
         with tf.device(tf_device("cpu")):
