@@ -45,6 +45,7 @@ from tfreg.parity.models import (
     forward_keras,
     forward_torch,
     in_keras_layout,
+    settle_flatten_orders,
 )
 from tfreg.parity.pairing import LayerMatch, PairingError
 from tfreg.parity.transfer import ParameterPair, copy_weights, model_dtype, torch_to_numpy
@@ -266,6 +267,14 @@ def check_parity(
             [Row("layer pairing and configuration", dtype, device, "fail", detail=str(exc))]
         )
         return report
+    one_rtol = tolerance("model_cross", dtype).rtol if rtol is None else rtol
+    if transfer:
+        copy_weights(pairs, direction="keras_to_torch")
+    flattened = settle_flatten_orders(pair, x, rtol=one_rtol)
+    report.extend(
+        [Row(f"flatten order {name}", dtype, device, "fail", detail=why) for name, why in flattened]
+    )
+    pairs = pair.parameter_pairs()  # a settled Flatten order changes a Dense's kernel map
     if transfer:
         copy_weights(pairs, direction="keras_to_torch")
 
@@ -284,7 +293,6 @@ def check_parity(
         id(m.keras_layer): np.asarray(v.keras_variable.numpy()).copy()
         for m, _, v in _batchnorms(pair)
     }
-    one_rtol = tolerance("model_cross", dtype).rtol if rtol is None else rtol
     keras_eval, torch_eval = evaluate()
     comparisons = compare_evaluations(keras_eval, torch_eval, dtype=dtype, rtol=one_rtol)
     kinds = {p.keras_variable.path: p.layer for p in pairs}

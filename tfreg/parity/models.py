@@ -14,18 +14,18 @@ seed; a training-mode run injects one NumPy keep-mask per Dropout layer (``dropo
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from tfreg import architecture as keras_architecture
 from tfreg._compat import keras, tf
-from tfreg.parity.capture import keras_watch, torch_watch
+from tfreg.parity.capture import keras_watch, torch_inputs, torch_watch
 from tfreg.parity.devices import tf_device, torch_device
 from tfreg.parity.pairing import LayerMatch, Pairing, keras_layers, pair_layers, sample_input
 from tfreg.parity.transfer import ParameterPair, copy_weights, pairs_from, torch_to_numpy
-from tfreg_core.validation import choice, positive_int
+from tfreg_core.validation import InvalidArgumentError, choice, positive_int
 from tfreg_harness import architecture
 from tfreg_harness.compare import Comparison, compare
 from tfreg_harness.differences import note
@@ -65,6 +65,10 @@ class ModelPair:
                 torch_input=self.torch_input,
             )
         return self._pairing
+
+    def replace_matches(self, matches: tuple[LayerMatch, ...]) -> None:
+        """Replace the cached pairing's matches (after a probe settled a Flatten order)."""
+        self._pairing = replace(self.pairing(), matches=matches)
 
     def parameter_pairs(self, sample: Any | None = None) -> list[ParameterPair]:
         return pairs_from(self.pairing(sample))
@@ -289,21 +293,103 @@ def forward_torch(
     """``pair.torch`` on ``x`` (Keras layout, moved channels first when the pairing says so) in
     train or eval mode (the mode is left set), with dropout masks injected; returns the output
     and each paired module's raw output (by match position)."""
-    import torch
 
     pairing = pair.pairing(x)
     _, torch_masks = _mask_maps(pair, training, dropout_masks)
-    module = pair.torch
-    module.train(training)
-    batch = to_channels_first(x) if pairing.input_channels_first else np.asarray(x)
-    batch = torch.as_tensor(batch, device=torch_device(pair.device))
+    pair.torch.train(training)
     matched = [(i, m) for i, m in enumerate(pairing.matches) if m.torch_module is not None]
     with torch_watch([m.torch_module for _, m in matched], masks=torch_masks) as outputs:
-        out = module(batch)
+        out = _call_torch(pair, x)
     # a paired module forward never called has no entry (compare_layers reports it)
     return out, {
         i: outputs[id(m.torch_module)] for i, m in matched if id(m.torch_module) in outputs
     }
+
+
+def _call_torch(pair: ModelPair, x: Any) -> Any:
+    """``pair.torch`` on ``x`` (Keras layout) moved to the layout the pairing decided. When
+    ``torch_input="auto"`` moved it channels first and torch rejects it, the error says so: a
+    module that transposes its own input needs ``torch_input="channels_last"``."""
+    import torch
+
+    pairing = pair.pairing(x)
+    batch = to_channels_first(x) if pairing.input_channels_first else np.asarray(x)
+    try:
+        return pair.torch(torch.as_tensor(batch, device=torch_device(pair.device)))
+    except RuntimeError as exc:
+        if pair.torch_input != "auto" or not pairing.input_channels_first:
+            raise
+        raise InvalidArgumentError(
+            f"torch_input='auto' fed the torch module channels first (shape {batch.shape}, "
+            f"Keras' {np.shape(x)} moved channels first, because the model starts with a "
+            f"convolution, pooling or padding), and the module failed: {exc}. A module that "
+            "takes channels-last input (and transposes it itself) needs "
+            "torch_input='channels_last'."
+        ) from exc
+
+
+def settle_flatten_orders(pair: ModelPair, x: Any, *, rtol: float) -> list[tuple[str, str]]:
+    """Decide, from one eval-mode pass on ``x``, the order in which torch flattened each map
+    that a Keras Flatten consumed channels last while torch held it channels first.
+
+    The pairing assumes torch's own order, ``(C, H, W)`` (``nn.Flatten`` / ``torch.flatten`` of
+    an NCHW map), and permutes the next Dense's kernel rows. A port may permute to NHWC first
+    and flatten Keras' order ``(H, W, C)``: when the ``nn.Linear``'s input equals Keras' Dense
+    input as it is, that Dense is re-paired without the permutation (the caller transfers
+    again). When it equals neither order but holds the same values, the port flattens in some
+    third order: returned as ``(match name, cause)`` for a failure row. When the values differ,
+    a layer before diverged, and its own record names it. Needs the earlier layers' weights
+    equal (transferred) to decide."""
+    import torch
+
+    from tfreg_harness.layouts import flatten_permutation
+
+    pairing = pair.pairing(x)
+    flattened = [
+        (i, m)
+        for i, m in enumerate(pairing.matches)
+        if m.context.flatten_from is not None and m.torch_module is not None
+    ]
+    if not flattened:
+        return []
+    layers = [m.keras_layer for _, m in flattened]
+    with tf.device(tf_device(pair.device)), keras_watch(layers) as trace:
+        pair.keras(tf.convert_to_tensor(x), training=False)
+    pair.torch.train(False)
+    with torch.no_grad(), torch_inputs([m.torch_module for _, m in flattened]) as seen:
+        _call_torch(pair, x)
+    matches, problems = list(pairing.matches), []
+    for i, match in flattened:
+        if id(match.torch_module) not in seen:
+            continue  # forward never called it: compare_layers reports that
+        keras_in = np.asarray(trace.inputs[id(match.keras_layer)])
+        torch_in = torch_to_numpy(seen[id(match.torch_module)])
+        if keras_in.shape != torch_in.shape:
+            continue
+        perm = flatten_permutation(match.context.flatten_from or ())
+        if compare("", torch_in, keras_in[:, perm], rtol=rtol).passed:
+            continue
+        if compare("", torch_in, keras_in, rtol=rtol).passed:
+            matches[i] = replace(match, context=replace(match.context, flatten_from=None))
+            for k in range(i - 1, -1, -1):  # the Flatten torch ran in Keras' order too
+                if isinstance(matches[k].keras_layer, keras.layers.Flatten):
+                    flat = matches[k]
+                    matches[k] = replace(
+                        flat, context=replace(flat.context, torch_channels_first=False)
+                    )
+                    break
+        elif compare("", np.sort(torch_in, 1), np.sort(keras_in, 1), rtol=rtol).passed:
+            problems.append(
+                (
+                    match.name,
+                    f"torch's {type(match.torch_module).__name__} receives the flattened map "
+                    f"{match.context.flatten_from} (H, W, C) in neither Keras' (H, W, C) order "
+                    "nor torch's (C, H, W) order (the same values, other positions): the port "
+                    f"flattens in another order. {note('flatten')}",
+                )
+            )
+    pair.replace_matches(tuple(matches))
+    return problems
 
 
 def _host(output: Any) -> Any:
@@ -533,6 +619,7 @@ __all__ = [
     "in_keras_layout",
     "keras_loss",
     "model_parity",
+    "settle_flatten_orders",
     "torch_loss",
     "torch_output_in_keras_layout",
 ]
