@@ -8,11 +8,13 @@ compared tensor -- of the layer's gradients for a gradient; see tfreg_harness.to
 from __future__ import annotations
 
 import keras
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from tfreg.parity import assert_parity, check_parity, seed_everything
+from tfreg.parity.models import dropout_masks_for
 from tfreg_harness.differences import torch_batchnorm_kwargs
 
 F64 = "float64"
@@ -105,3 +107,67 @@ def test_a_third_flatten_order_is_a_failure_row_naming_the_layer_and_cause() -> 
     assert first.check == "flatten order dense <-> fc"
     assert "neither Keras' (H, W, C) order nor torch's (C, H, W) order" in first.detail
     assert report.first_diverging_layer == "dense <-> fc"
+
+
+# --- SpatialDropout: channel masks ------------------------------------------------------------
+
+
+def _spatial_dropout_pair(dims: int, torch_dropout: type) -> tuple[keras.Model, nn.Module]:
+    spatial = (6,) * dims
+    conv, pool = {1: (nn.Conv1d, nn.AdaptiveAvgPool1d), 2: (nn.Conv2d, nn.AdaptiveAvgPool2d)}[dims]
+    keras_layers = keras.layers
+    keras_model = keras.Sequential(
+        [
+            keras.Input((*spatial, 2), dtype=F64),
+            getattr(keras_layers, f"Conv{dims}D")(8, 3, padding="same", dtype=F64, name="conv"),
+            getattr(keras_layers, f"SpatialDropout{dims}D")(0.5, dtype=F64, name="drop"),
+            getattr(keras_layers, f"GlobalAveragePooling{dims}D")(dtype=F64, name="pool"),
+            keras_layers.Dense(3, dtype=F64, name="fc"),
+        ]
+    )
+    torch_module = nn.Sequential(
+        conv(2, 8, 3, padding="same"), torch_dropout(0.5), pool(1), nn.Flatten(), nn.Linear(8, 3)
+    )
+    return keras_model, torch_module.double()
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_spatial_dropout_pairs_with_torch_channel_dropout(dims: int) -> None:
+    """Before: nn.Dropout2d (the right port) was refused as an unregistered torch class."""
+    rng = seed_everything(4)
+    x, y = rng.normal(size=(6, *(6,) * dims, 2)), rng.integers(0, 3, 6)
+    torch_dropout = {1: nn.Dropout1d, 2: nn.Dropout2d}[dims]
+    keras_model, torch_module = _spatial_dropout_pair(dims, torch_dropout)
+    # torch's native Dropout2d draws its own masks: this passes only because the harness
+    # injects the same channel masks on both sides
+    assert_parity(keras_model, torch_module, x, y, training=True)
+    assert_parity(keras_model, torch_module, x, y)
+    (mask,) = dropout_masks_for(keras_model, x, np.random.default_rng(0))
+    # channel masks: constant over the spatial axes, about half the channels kept
+    flat = mask.reshape(6, -1, 8)
+    assert np.array_equal(flat, np.broadcast_to(flat[:, :1], flat.shape))
+    assert 0.25 < flat[:, 0].mean() < 0.75
+
+
+def test_spatial_dropout_against_element_dropout_fails_naming_the_layer() -> None:
+    """Before: a false PASS -- element masks were injected on both sides, so torch's nn.Dropout
+    (which drops single elements) looked like Keras' SpatialDropout2D."""
+    rng = seed_everything(4)
+    x, y = rng.normal(size=(6, 6, 6, 2)), rng.integers(0, 3, 6)
+    keras_model, torch_module = _spatial_dropout_pair(2, nn.Dropout)
+    report = check_parity(keras_model, torch_module, x, y, training=True)
+    assert [r.status for r in report.rows] == ["fail"]
+    assert "'drop' (SpatialDropout2D)" in report.rows[0].detail
+    assert "pair it with nn.Dropout2d" in report.rows[0].detail
+    # and the mirror image: Keras' element Dropout against torch's channel Dropout2d
+    keras_model = keras.Sequential(
+        [
+            keras.Input((6, 6, 2), dtype=F64),
+            keras.layers.Dropout(0.5, dtype=F64, name="drop"),
+            keras.layers.Dense(3, dtype=F64, name="fc"),
+        ]
+    )
+    torch_module = nn.Sequential(nn.Dropout2d(0.5), nn.Linear(2, 3)).double()
+    report = check_parity(keras_model, torch_module, x, x[..., :3], loss="mean_squared_error")
+    assert "'drop' (Dropout)" in report.rows[0].detail
+    assert "drops single elements" in report.rows[0].detail

@@ -199,11 +199,26 @@ def _dropout_layers(keras_model: Any) -> list[Any]:
 def dropout_masks_for(keras_model: Any, x: Any, rng: np.random.Generator) -> list[np.ndarray]:
     """One boolean keep-mask per Dropout layer of ``keras_model`` (definition order), each of
     that layer's input shape on batch ``x`` (Keras layout); kept with probability ``1 - rate``
-    (TensorFlow's rule: ``uniform >= rate``)."""
+    (TensorFlow's rule: ``uniform >= rate``). A SpatialDropout layer's mask is a channel mask:
+    drawn per (example, channel) and repeated over the spatial axes, as Keras' noise shape
+    ``(N, 1.., C)`` and torch's ``DropoutNd`` drop whole channels."""
     layers = _dropout_layers(keras_model)
     with keras_watch(layers) as trace:
         keras_model(sample_input(keras_model, x), training=False)
-    return [rng.uniform(size=trace.input_shapes[id(layer)]) >= layer.rate for layer in layers]
+    masks = []
+    for layer in layers:
+        shape = trace.input_shapes[id(layer)]
+        noise = _noise_shape(layer, shape)
+        masks.append(np.broadcast_to(rng.uniform(size=noise) >= layer.rate, shape).copy())
+    return masks
+
+
+def _noise_shape(layer: Any, shape: tuple[int, ...]) -> tuple[int, ...]:
+    from tfreg.parity.kinds import CHANNEL_DROPOUT
+
+    if isinstance(layer, tuple(CHANNEL_DROPOUT)):
+        return (shape[0], *([1] * (len(shape) - 2)), shape[-1])
+    return shape
 
 
 def _mask_maps(
@@ -234,6 +249,13 @@ def _mask_maps(
                 "nn.Dropout module, or compare with training=False."
             )
         mask = np.asarray(mask, dtype=bool)
+        channels = mask.reshape(mask.shape[0], -1, mask.shape[-1]) if mask.ndim > 2 else None
+        if _noise_shape(layer, mask.shape) != mask.shape and np.any(channels != channels[:, :1]):
+            raise ValueError(
+                f"Keras {type(layer).__name__} {layer.name!r} drops whole channels, but its "
+                "dropout mask varies over the spatial axes; pass a channel mask repeated over "
+                "them (dropout_masks_for draws one)."
+            )
         keras_masks[id(layer)] = mask
         torch_masks[id(match.torch_module)] = (
             to_channels_first(mask) if match.context.torch_channels_first else mask
