@@ -171,3 +171,231 @@ def test_spatial_dropout_against_element_dropout_fails_naming_the_layer() -> Non
     report = check_parity(keras_model, torch_module, x, x[..., :3], loss="mean_squared_error")
     assert "'drop' (Dropout)" in report.rows[0].detail
     assert "drops single elements" in report.rows[0].detail
+
+
+# --- weights outside every layer kind: root nn.Parameters, add_weight; trainable flags -------
+
+
+class _PositionEmbedding(keras.layers.Layer):
+    """A learned position embedding added to the input: a custom layer with ``add_weight``."""
+
+    def build(self, input_shape: tuple[int, ...]) -> None:
+        self.pos = self.add_weight(shape=tuple(input_shape[1:]), name="pos", initializer="normal")
+
+    def call(self, x):
+        return x + self.pos
+
+
+def _positions_keras() -> keras.Model:
+    inputs = keras.Input((4, 3), dtype=F64)
+    h = _PositionEmbedding(dtype=F64, name="pe")(inputs)
+    h = keras.layers.Dense(5, activation="tanh", dtype=F64, name="mix")(h)
+    h = keras.layers.GlobalAveragePooling1D(dtype=F64, name="pool")(h)
+    return keras.Model(inputs, keras.layers.Dense(3, dtype=F64, name="head")(h))
+
+
+def _plain_keras() -> keras.Model:
+    return keras.Sequential(
+        [
+            keras.Input((4, 3), dtype=F64),
+            keras.layers.Dense(5, activation="tanh", dtype=F64, name="mix"),
+            keras.layers.GlobalAveragePooling1D(dtype=F64, name="pool"),
+            keras.layers.Dense(3, dtype=F64, name="head"),
+        ]
+    )
+
+
+class _Positions(nn.Module):
+    """``_positions_keras``'s port; ``name=None``: ``_plain_keras``'s (no position table)."""
+
+    def __init__(self, name: str | None = "pos") -> None:
+        super().__init__()
+        self.param_name = name
+        if name is not None:
+            self.register_parameter(name, nn.Parameter(torch.zeros(4, 3, dtype=torch.float64)))
+        self.mix, self.head = nn.Linear(3, 5), nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.param_name is not None:
+            x = x + getattr(self, self.param_name)
+        return self.head(torch.tanh(self.mix(x)).mean(1))
+
+
+def _steps(keras_model: keras.Model, torch_module: nn.Module) -> dict:
+    return {
+        "steps": 2,
+        "keras_optimizer": keras.optimizers.SGD(0.5),
+        "torch_optimizer": torch.optim.SGD(torch_module.parameters(), lr=0.5),
+    }
+
+
+def test_root_parameter_pairs_with_add_weight_by_name_and_trains_alike() -> None:
+    """Before: the custom layer was refused ('no registered layer kind'); the root parameter
+    was never transferred nor compared. Now: paired by name, transferred (torch starts from
+    zeros, Keras from normal draws), its gradient and both updates compared."""
+    rng = seed_everything(5)
+    x, y = rng.normal(size=(6, 4, 3)), rng.integers(0, 3, 6)
+    keras_model, torch_module = _positions_keras(), _Positions().double()
+    assert_parity(keras_model, torch_module, x, y)
+    pos = keras_model.get_layer("pe").pos
+    np.testing.assert_array_equal(torch_module.pos.detach().numpy(), pos.numpy())  # transferred
+    report = assert_parity(keras_model, torch_module, x, y, **_steps(keras_model, torch_module))
+    assert {f"grad {pos.path}", f"step 2 {pos.path}"} <= {r.check for r in report.rows}
+    # another torch name pairs through layer_map, keyed by the Keras variable
+    keras_model, torch_module = _positions_keras(), _Positions("position_table").double()
+    assert_parity(keras_model, torch_module, x, y, layer_map={"pe/pos": "position_table"})
+
+
+def test_a_trainable_parameter_without_counterpart_fails() -> None:
+    """A CLS-token-like root parameter torch trains and Keras lacks: before, a false PASS at
+    steps=0 (it starts at zero, so the outputs agreed; nobody compared it)."""
+    rng = seed_everything(5)
+    x, y = rng.normal(size=(6, 4, 3)), rng.integers(0, 3, 6)
+    report = check_parity(_plain_keras(), _Positions().double(), x, y)
+    assert [r.status for r in report.rows] == ["fail"]
+    assert "trainable torch parameter 'pos' has no counterpart" in report.rows[0].detail
+
+
+def test_a_trainable_flag_mismatch_is_a_failure_row() -> None:
+    """Keras freezes 'mix', torch trains it: before, a false PASS at steps=0."""
+    rng = seed_everything(5)
+    x, y = rng.normal(size=(6, 4, 3)), rng.integers(0, 3, 6)
+    keras_model, torch_module = _plain_keras(), _Positions(None).double()
+    keras_model.get_layer("mix").trainable = False
+    report = check_parity(keras_model, torch_module, x, y)
+    kernel = keras_model.get_layer("mix").kernel.path
+    failed = {r.check: r.detail for r in report.failed}
+    assert set(failed) == {
+        f"trainable {kernel} <-> mix.weight",
+        f"trainable {kernel[:-6]}bias <-> mix.bias",
+    }
+    assert (
+        "Keras trainable=False but torch requires_grad=True"
+        in failed[f"trainable {kernel} <-> mix.weight"]
+    )
+    torch_module.mix.requires_grad_(False)  # frozen on both sides: a pass
+    assert_parity(keras_model, torch_module, x, y, **_steps(keras_model, torch_module))
+
+
+# --- a layer forward never calls --------------------------------------------------------------
+
+
+def test_a_layer_never_called_in_forward_is_a_failure_row() -> None:
+    """Before: a crash, ``ValueError: h2.weight has no gradient; run backward() first``."""
+
+    class ForgetsH2(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.h1, self.h2, self.out = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.relu(self.h1(x)))  # self.h2 forgotten
+
+    keras_model = keras.Sequential(
+        [
+            keras.Input((6,), dtype=F64),
+            keras.layers.Dense(8, activation="relu", dtype=F64, name="h1"),
+            keras.layers.Dense(8, dtype=F64, name="h2"),
+            keras.layers.Dense(3, dtype=F64, name="out"),
+        ]
+    )
+    rng = seed_everything(6)
+    x, y = rng.normal(size=(5, 6)), rng.integers(0, 3, 5)
+    report = check_parity(keras_model, ForgetsH2().double(), x, y)
+    failed = [r.check for r in report.failed]
+    kernel = keras_model.get_layer("h2").kernel.path
+    assert (
+        f"grad {kernel} (torch h2.weight: no gradient, the module was never called in forward)"
+        in failed
+    )
+    assert "output h2 <-> h2 (torch forward never called this module)" in failed
+    assert report.first_diverging_layer == "h2 <-> h2 (torch forward never called this module)"
+
+
+# --- several outputs, several losses ----------------------------------------------------------
+
+
+def _two_heads_keras(*, as_list: bool = False) -> keras.Model:
+    inputs = keras.Input((6,), dtype=F64)
+    trunk = keras.layers.Dense(8, activation="tanh", dtype=F64, name="trunk")(inputs)
+    cls = keras.layers.Dense(3, dtype=F64, name="cls")(trunk)
+    reg = keras.layers.Dense(2, dtype=F64, name="reg")(trunk)
+    return keras.Model(inputs, [cls, reg] if as_list else {"cls": cls, "reg": reg})
+
+
+class _TwoHeads(nn.Module):
+    def __init__(self, *, broken: bool = False) -> None:
+        super().__init__()
+        self.trunk, self.cls, self.reg = nn.Linear(6, 8), nn.Linear(8, 3), nn.Linear(8, 2)
+        self.broken = broken
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = torch.tanh(self.trunk(x))
+        reg = self.reg(h)
+        return {"cls": self.cls(h), "reg": torch.relu(reg) if self.broken else reg}
+
+
+LOSSES = {"cls": "sparse_categorical_crossentropy", "reg": "mean_squared_error"}
+WEIGHTS = {"cls": 1.0, "reg": 0.5}
+
+
+def _two_heads_data() -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    rng = seed_everything(7)
+    return rng.normal(size=(6, 6)), {"cls": rng.integers(0, 3, 6), "reg": rng.normal(size=(6, 2))}
+
+
+def test_dict_outputs_with_a_loss_dict_and_weights_forward_gradients_trajectory() -> None:
+    """Before: ``AttributeError: 'dict' object has no attribute 'shape'``; with a loss dict,
+    ``TypeError: unhashable type: 'dict'``."""
+    from tfreg.parity.models import ModelPair, evaluate_keras
+
+    x, y = _two_heads_data()
+    keras_model, torch_module = _two_heads_keras(), _TwoHeads().double()
+    report = assert_parity(
+        keras_model,
+        torch_module,
+        x,
+        y,
+        loss=LOSSES,
+        loss_weights=WEIGHTS,
+        steps=2,
+        keras_optimizer=keras.optimizers.SGD(0.5),
+        torch_optimizer=torch.optim.SGD(torch_module.parameters(), lr=0.5),
+    )
+    checks = [r.check for r in report.rows]
+    assert checks[:3] == ["logits cls", "logits reg", "loss"]
+    assert {"eval logits after steps cls", "eval logits after steps reg"} <= set(checks)
+    # the loss both sides compute: cross-entropy + 0.5 * MSE, by hand with NumPy
+    evaluation = evaluate_keras(
+        ModelPair(keras_model, torch_module, F64), x, y, loss=LOSSES, loss_weights=WEIGHTS
+    )
+    logits = evaluation.logits["cls"]
+    log_softmax = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    ce = -log_softmax[np.arange(6), y["cls"]].mean()
+    mse = ((evaluation.logits["reg"] - y["reg"]) ** 2).mean()
+    np.testing.assert_allclose(evaluation.loss, ce + 0.5 * mse, rtol=1e-14)  # float64 round-off
+
+
+def test_a_broken_head_fails_on_its_own_output_and_list_outputs_work() -> None:
+    x, y = _two_heads_data()
+    report = check_parity(_two_heads_keras(), _TwoHeads(broken=True).double(), x, y, loss=LOSSES)
+    failed = {r.check for r in report.failed}
+    assert "logits reg" in failed and "logits cls" not in failed
+    with pytest.raises(
+        ValueError, match=r"loss must be keyed by the model's outputs \['cls', 'reg'\]"
+    ):
+        check_parity(_two_heads_keras(), _TwoHeads().double(), x, y, loss={"cls": LOSSES["cls"]})
+    # a list-output model against a torch module returning a tuple: outputs by position
+    class Tuple(_TwoHeads):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+            out = super().forward(x)
+            return out["cls"], out["reg"]
+
+    report = assert_parity(
+        _two_heads_keras(as_list=True),
+        Tuple().double(),
+        x,
+        [y["cls"], y["reg"]],
+        loss={"0": LOSSES["cls"], "1": LOSSES["reg"]},
+    )
+    assert [r.check for r in report.rows[:3]] == ["logits 0", "logits 1", "loss"]

@@ -23,7 +23,14 @@ from tfreg import architecture as keras_architecture
 from tfreg._compat import keras, tf
 from tfreg.parity.capture import keras_watch, torch_inputs, torch_watch
 from tfreg.parity.devices import tf_device, torch_device
-from tfreg.parity.pairing import LayerMatch, Pairing, keras_layers, pair_layers, sample_input
+from tfreg.parity.pairing import (
+    LayerMatch,
+    Pairing,
+    keras_layers,
+    named_outputs,
+    pair_layers,
+    sample_input,
+)
 from tfreg.parity.transfer import ParameterPair, copy_weights, pairs_from, torch_to_numpy
 from tfreg_core.validation import InvalidArgumentError, choice, positive_int
 from tfreg_harness import architecture
@@ -187,6 +194,84 @@ def torch_loss(logits: Any, labels: Any, *, loss: str = "sparse_categorical_cros
     return per_example_loss(LOSS_PAIRS[_loss_name(loss)][1])(logits, target).mean()
 
 
+LossSpec = str | Mapping[str, str]
+"""A :data:`LOSS_PAIRS` name, or ``{output name: LOSS_PAIRS name}`` for a structured output."""
+
+
+def loss_terms(
+    outputs: Mapping[str, Any] | None,
+    loss: LossSpec,
+    loss_weights: Mapping[str, float] | None = None,
+) -> dict[str, tuple[str, float]] | None:
+    """``{output name: (loss name, weight)}`` for a structured model output (``outputs``: its
+    names, see ``pairing.named_outputs``), ``None`` for a single tensor. The total loss is
+    ``sum_o weight_o * mean loss_o`` (Keras' ``compile(loss={...}, loss_weights={...})``); one
+    loss name applies to every output, a missing weight is 1. Raises ``InvalidArgumentError``
+    naming the argument on any mismatch."""
+    names = tuple(LOSS_PAIRS)
+    if outputs is None:
+        if not isinstance(loss, str) or loss_weights is not None:
+            raise InvalidArgumentError(
+                "The model has a single output: loss must be one loss name and loss_weights "
+                f"None. Received: loss={loss!r}, loss_weights={loss_weights!r}"
+            )
+        _loss_name(loss)
+        return None
+    per_output = {k: loss for k in outputs} if isinstance(loss, str) else dict(loss)
+    weights = dict(loss_weights or {})
+    for argument, keys in (("loss", set(per_output)), ("loss_weights", set(weights))):
+        if keys - set(outputs) or (argument == "loss" and keys != set(outputs)):
+            raise InvalidArgumentError(
+                f"{argument} must be keyed by the model's outputs {sorted(outputs)}. "
+                f"Received: {argument}={loss if argument == 'loss' else loss_weights!r}"
+            )
+    for key, name in per_output.items():
+        choice(name, f"loss[{key!r}]", names)
+    for key, weight in weights.items():
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, (int, float))
+            or not np.isfinite(weight)
+        ):
+            raise InvalidArgumentError(
+                f"loss_weights[{key!r}] must be a finite number. Received: {weight!r}"
+            )
+    return {k: (per_output[k], float(weights.get(k, 1.0))) for k in outputs}
+
+
+def _labels(y: Any, key: str) -> Any:
+    if isinstance(y, Mapping):
+        if key not in y:
+            raise InvalidArgumentError(
+                f"y has no labels for output {key!r}. Received keys: {sorted(y)}"
+            )
+        return y[key]
+    if isinstance(y, (list, tuple)) and key.isdigit():
+        return y[int(key)]
+    raise InvalidArgumentError(
+        f"The model has several outputs: y must be a dict by output name (or a list by "
+        f"position). Received: {type(y).__name__}"
+    )
+
+
+def _total_loss(outputs: Any, y: Any, terms: dict[str, tuple[str, float]] | None, one: Any) -> Any:
+    """``one(output, labels, loss name)`` for a single output, else the weighted sum over the
+    outputs (a weight of 1 multiplies nothing, so one-weight sums are exact)."""
+    if terms is None:
+        return one(outputs, y, None)
+    named = named_outputs(outputs) or {}
+    total = None
+    for key, (name, weight) in terms.items():
+        if key not in named:
+            raise InvalidArgumentError(
+                f"The model returns outputs {sorted(named)}, which lack {key!r}"
+            )
+        value = one(named[key], _labels(y, key), name)
+        value = value if weight == 1.0 else value * weight
+        total = value if total is None else total + value
+    return total
+
+
 # --------------------------------------------------------------------------------------------
 # Dropout masks
 # --------------------------------------------------------------------------------------------
@@ -270,14 +355,18 @@ def _mask_maps(
 
 @dataclass(frozen=True)
 class Evaluation:
-    """One forward/backward pass: logits (Keras layout), the mean loss, each trainable
+    """One forward/backward pass: logits (Keras layout; ``{name: array}`` for a structured
+    output), the mean loss (the weighted sum of the outputs' means), each trainable
     parameter's gradient in Keras layout keyed by the Keras variable path, and each paired
-    layer's output in Keras layout keyed by its position in ``pairing.matches``."""
+    layer's output in Keras layout keyed by its position in ``pairing.matches``.
+    ``ungraded``: Keras path -> the torch tensors that got no gradient although they require
+    one (their module was never used in ``forward``)."""
 
-    logits: np.ndarray
+    logits: np.ndarray | dict[str, np.ndarray]
     loss: np.ndarray
     gradients: dict[str, np.ndarray]
     layers: dict[int, np.ndarray] = field(default_factory=dict)
+    ungraded: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def _split_activation(pairing: Pairing) -> frozenset[int]:
@@ -359,7 +448,7 @@ def settle_flatten_orders(pair: ModelPair, x: Any, *, rtol: float) -> list[tuple
     and flatten Keras' order ``(H, W, C)``: when the ``nn.Linear``'s input equals Keras' Dense
     input as it is, that Dense is re-paired without the permutation (the caller transfers
     again). When it equals neither order but holds the same values, the port flattens in some
-    third order: returned as ``(match name, cause)`` for a failure row. When the values differ,
+    third order: returned as ``(check name, cause)`` for a failure row. When the values differ,
     a layer before diverged, and its own record names it. Needs the earlier layers' weights
     equal (transferred) to decide."""
     import torch
@@ -403,7 +492,7 @@ def settle_flatten_orders(pair: ModelPair, x: Any, *, rtol: float) -> list[tuple
         elif compare("", np.sort(torch_in, 1), np.sort(keras_in, 1), rtol=rtol).passed:
             problems.append(
                 (
-                    match.name,
+                    f"flatten order {match.name}",
                     f"torch's {type(match.torch_module).__name__} receives the flattened map "
                     f"{match.context.flatten_from} (H, W, C) in neither Keras' (H, W, C) order "
                     "nor torch's (C, H, W) order (the same values, other positions): the port "
@@ -446,17 +535,25 @@ def evaluate_keras(
     *,
     training: bool = False,
     dropout_masks: Sequence[Any] | None = None,
-    loss: str = "sparse_categorical_crossentropy",
+    loss: LossSpec = "sparse_categorical_crossentropy",
+    loss_weights: Mapping[str, float] | None = None,
 ) -> Evaluation:
-    """Logits, loss (in the model's dtype), gradients and per-layer outputs of ``pair.keras``."""
+    """Logits, loss (in the model's dtype), gradients and per-layer outputs of ``pair.keras``
+    (``loss`` / ``loss_weights``: see :func:`loss_terms`)."""
     model = pair.keras
+    terms = loss_terms(pair.pairing(x).outputs, loss, loss_weights)
     with tf.device(tf_device(pair.device)):
         with tf.GradientTape() as tape:
             logits, layers = forward_keras(pair, x, training=training, dropout_masks=dropout_masks)
-            value = keras_loss(logits, y, dtype=pair.dtype, loss=loss)
+            value = _total_loss(
+                logits,
+                y,
+                terms,
+                lambda o, t, name: keras_loss(o, t, dtype=pair.dtype, loss=name or loss),
+            )
         grads = tape.gradient(value, model.trainable_weights)
     return Evaluation(
-        logits=np.asarray(logits),
+        logits=keras_outputs(logits),
         loss=np.asarray(value),
         gradients={
             # an Embedding's gradient is IndexedSlices: densify it
@@ -476,34 +573,80 @@ def evaluate_torch(
     *,
     training: bool = False,
     dropout_masks: Sequence[Any] | None = None,
-    loss: str = "sparse_categorical_crossentropy",
+    loss: LossSpec = "sparse_categorical_crossentropy",
+    loss_weights: Mapping[str, float] | None = None,
 ) -> Evaluation:
     """Logits, loss, gradients and per-layer outputs of ``pair.torch``, all in Keras layout
-    (gradients keyed by the paired Keras variable's path)."""
+    (gradients keyed by the paired Keras variable's path). A trainable tensor that got no
+    gradient (its module never ran in ``forward``) is listed in ``ungraded``, not raised."""
     pairing = pair.pairing(x)
+    terms = loss_terms(pairing.outputs, loss, loss_weights)
     module = pair.torch
     module.zero_grad(set_to_none=True)
     logits, raw = forward_torch(pair, x, training=training, dropout_masks=dropout_masks)
-    value = torch_loss(logits, y, loss=loss)
+    value = _total_loss(logits, y, terms, lambda o, t, name: torch_loss(o, t, loss=name or loss))
     value.backward()
-    # the last layer's Keras shape stands in for the model output's (they are the same for the
-    # sequential stacks where torch's forward might have moved the channels back)
-    logits = in_keras_layout(
-        torch_to_numpy(logits),
-        pairing.output_channels_first,
-        pairing.matches[-1].context.output_shape,
-    )
-    trainable = [p for p in pair.parameter_pairs() if p.trainable]
+    gradients, ungraded = {}, {}
+    for p in pair.parameter_pairs():
+        if not p.trainable:
+            continue
+        missing = tuple(
+            n
+            for n, t in zip(p.torch_names, p.torch_tensors, strict=True)
+            if t.grad is None and t.requires_grad
+        )
+        if missing:
+            ungraded[p.keras_variable.path] = missing
+        else:
+            gradients[p.keras_variable.path] = p.torch_grad()
     shapes = {i: tuple(m.context.output_shape) for i, m in enumerate(pairing.matches)}
     return Evaluation(
-        logits=logits,
+        logits=torch_outputs_in_keras_layout(pairing, logits),
         loss=torch_to_numpy(value),
-        gradients={p.keras_variable.path: p.torch_grad() for p in trainable},
+        gradients=gradients,
         layers={
             i: torch_output_in_keras_layout(pairing.matches[i], out, shapes[i])
             for i, out in raw.items()
         },
+        ungraded=ungraded,
     )
+
+
+def keras_outputs(output: Any) -> np.ndarray | dict[str, np.ndarray]:
+    """A Keras model's output as a NumPy array, or ``{name: array}`` when structured."""
+    named = named_outputs(output)
+    if named is None:
+        return np.asarray(output)
+    return {k: np.asarray(v) for k, v in named.items()}
+
+
+def torch_outputs_in_keras_layout(
+    pairing: Pairing, output: Any
+) -> np.ndarray | dict[str, np.ndarray]:
+    """A torch module's output (a tensor, a dict or a list of them) as Keras lays it out. The
+    Keras output's shape (seen on the pairing's sample batch) decides whether torch already
+    moved channels back."""
+
+    def convert(value: Any, shape: tuple[int, ...] | None) -> np.ndarray:
+        array = torch_to_numpy(value)
+        expected = array.shape if shape is None else (array.shape[0], *shape[1:])
+        return in_keras_layout(array, pairing.output_channels_first, expected)
+
+    named = named_outputs(output)
+    if named is None:
+        return convert(output, pairing.output_shape)
+    return {k: convert(v, (pairing.outputs or {}).get(k)) for k, v in named.items()}
+
+
+def compare_outputs(name: str, actual: Any, expected: Any, *, rtol: float) -> list[Comparison]:
+    """One comparison per output (``name`` or ``"name KEY"``), torch against Keras; outputs
+    one side lacks raise ``ValueError`` naming both sets."""
+    if not isinstance(expected, dict):
+        return [compare(name, actual, expected, rtol=rtol)]
+    if not isinstance(actual, dict) or actual.keys() != expected.keys():
+        keys = sorted(actual) if isinstance(actual, dict) else type(actual).__name__
+        raise ValueError(f"{name}: torch returns outputs {keys}, Keras {sorted(expected)}")
+    return [compare(f"{name} {k}", actual[k], expected[k], rtol=rtol) for k in expected]
 
 
 def _record(comparison: Comparison, kind: str, stage: str, absolute: bool) -> LayerRecord:
@@ -579,17 +722,34 @@ def compare_evaluations(
     (rtol 0, named ``grad PATH == 0``), never relatively.
     """
     rtol = tolerance(claim, dtype).rtol if rtol is None else rtol
-    out = [
-        compare("logits", torch_eval.logits, keras_eval.logits, rtol=rtol),
-        compare("loss", torch_eval.loss, keras_eval.loss, rtol=rtol),
-    ]
-    if keras_eval.gradients.keys() != torch_eval.gradients.keys():
+    out = compare_outputs("logits", torch_eval.logits, keras_eval.logits, rtol=rtol)
+    out.append(compare("loss", torch_eval.loss, keras_eval.loss, rtol=rtol))
+    if keras_eval.gradients.keys() != torch_eval.gradients.keys() | torch_eval.ungraded.keys():
         raise ValueError(
             f"Gradient sets differ: Keras {sorted(keras_eval.gradients)} vs torch "
             f"{sorted(torch_eval.gradients)}"
         )
+    for path, names in torch_eval.ungraded.items():
+        # the module holding them never ran in forward: a failure, whatever Keras' value
+        out.append(
+            Comparison(
+                f"grad {path} (torch {', '.join(names)}: no gradient, the module was never "
+                "called in forward)",
+                dtype,
+                float("inf"),
+                float("inf"),
+                (),
+                float("nan"),
+                float("nan"),
+                rtol,
+                0.0,
+                False,
+            )
+        )
     atol = zero_gradient_atol(dtype, gradient_scale(keras_eval))
     for path, expected in keras_eval.gradients.items():
+        if path in torch_eval.ungraded:
+            continue
         actual = torch_eval.gradients[path]
         if float(np.max(np.abs(expected), initial=0.0)) <= atol:
             out.append(
@@ -626,12 +786,14 @@ __all__ = [
     "DTYPES",
     "LOSS_PAIRS",
     "Evaluation",
+    "LossSpec",
     "ModelPair",
     "build_cnn",
     "build_mlp",
     "build_pair",
     "compare_evaluations",
     "compare_layers",
+    "compare_outputs",
     "dropout_masks_for",
     "evaluate_keras",
     "evaluate_torch",
@@ -640,8 +802,11 @@ __all__ = [
     "gradient_scale",
     "in_keras_layout",
     "keras_loss",
+    "keras_outputs",
+    "loss_terms",
     "model_parity",
     "settle_flatten_orders",
     "torch_loss",
     "torch_output_in_keras_layout",
+    "torch_outputs_in_keras_layout",
 ]
