@@ -7,6 +7,9 @@ compared tensor -- of the layer's gradients for a gradient; see tfreg_harness.to
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import keras
 import numpy as np
 import pytest
@@ -385,6 +388,7 @@ def test_a_broken_head_fails_on_its_own_output_and_list_outputs_work() -> None:
         ValueError, match=r"loss must be keyed by the model's outputs \['cls', 'reg'\]"
     ):
         check_parity(_two_heads_keras(), _TwoHeads().double(), x, y, loss={"cls": LOSSES["cls"]})
+
     # a list-output model against a torch module returning a tuple: outputs by position
     class Tuple(_TwoHeads):
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
@@ -399,3 +403,134 @@ def test_a_broken_head_fails_on_its_own_output_and_list_outputs_work() -> None:
         loss={"0": LOSSES["cls"], "1": LOSSES["reg"]},
     )
     assert [r.check for r in report.rows[:3]] == ["logits 0", "logits 1", "loss"]
+
+
+# --- float32: correct pairs never fail, broken ones always do --------------------------------
+# Gradients are compared relative to their layer's largest gradient entry
+# (tfreg_harness.tolerances.GRADIENT_SCALE_RULE). Each builder returns (keras model, torch module,
+# x, y, check_parity kwargs) for a correct port, or with broken=True one with a realistic slip.
+
+F32 = "float32"
+Builder = Callable[[np.random.Generator, bool], tuple[Any, ...]]
+
+
+def _cancelling_mlp(rng: np.random.Generator, broken: bool) -> tuple[Any, ...]:
+    """A softmax head with near-uniform probabilities (output kernel scaled by 1e-3) and
+    balanced labels: its bias gradient cancels to ~1e-4 from terms of ~0.25. Before: 12 seeds
+    in 20 failed on it (rel up to 1.2e-4 of its own size, abs ~7e-9 = 0.25 ulp of the terms).
+    Broken: torch's forward applies relu where Keras has tanh."""
+    keras_model = keras.Sequential(
+        [
+            keras.Input((10,), dtype=F32),
+            keras.layers.Dense(16, activation="tanh", dtype=F32),
+            keras.layers.Dense(4, dtype=F32),
+        ]
+    )
+    weights = keras_model.get_weights()
+    keras_model.set_weights([weights[0], weights[1], weights[2] * 1e-3, weights[3]])
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.hidden, self.out = nn.Linear(10, 16), nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out((torch.relu if broken else torch.tanh)(self.hidden(x)))
+
+    x = rng.normal(size=(16, 10)).astype(F32)
+    return keras_model, Net(), x, rng.permutation(np.arange(16) % 4), {}
+
+
+def _embedding_gru(rng: np.random.Generator, broken: bool) -> tuple[Any, ...]:
+    """Embedding + GRU + gelu / leaky_relu / silu (the issue's pair). Broken: torch's
+    leaky_relu slope 0.01 where Keras has 0.2."""
+    inputs = keras.Input((7,), dtype="int32")
+    h = keras.layers.Embedding(20, 8, dtype=F32)(inputs)
+    h = keras.layers.GRU(8, dtype=F32)(h)
+    h = keras.layers.Dense(8, activation="gelu", dtype=F32)(h)
+    h = keras.layers.LeakyReLU(0.2, dtype=F32)(h)
+    h = keras.layers.Dense(8, activation="silu", dtype=F32)(h)
+    keras_model = keras.Model(inputs, keras.layers.Dense(3, dtype=F32)(h))
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.gru = nn.Embedding(20, 8), nn.GRU(8, 8, batch_first=True)
+            self.d1, self.gelu = nn.Linear(8, 8), nn.GELU()
+            self.d2, self.silu, self.out = nn.Linear(8, 8), nn.SiLU(), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.gelu(self.d1(self.gru(self.emb(x))[0][:, -1]))
+            h = torch.nn.functional.leaky_relu(h, 0.01 if broken else 0.2)
+            return self.out(self.silu(self.d2(h)))
+
+    return keras_model, Net(), rng.integers(0, 20, (16, 7)), rng.integers(0, 3, 16), {}
+
+
+def _conv_batchnorm(rng: np.random.Generator, broken: bool) -> tuple[Any, ...]:
+    """Conv + BatchNorm (train mode) + ReLU + Flatten + Dense. Broken: torch's BatchNorm
+    normalizes with the running statistics (eval mode) inside a train-mode forward."""
+    keras_model = keras.Sequential(
+        [
+            keras.Input((6, 6, 2), dtype=F32),
+            keras.layers.Conv2D(4, 3, padding="same", dtype=F32),
+            keras.layers.BatchNormalization(dtype=F32),
+            keras.layers.ReLU(dtype=F32),
+            keras.layers.Flatten(dtype=F32),
+            keras.layers.Dense(3, dtype=F32),
+        ]
+    )
+    bn = nn.BatchNorm2d(4, **torch_batchnorm_kwargs(momentum=0.99, epsilon=1e-3))
+    if broken:
+        bn.train = lambda mode=True: nn.Module.train(bn, False)  # type: ignore[method-assign]
+    torch_module = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), bn, nn.ReLU(), nn.Flatten(), nn.Linear(144, 3)
+    )
+    x = rng.normal(size=(16, 6, 6, 2)).astype(F32)
+    return keras_model, torch_module, x, rng.integers(0, 3, 16), {"training": True}
+
+
+def _lstm(rng: np.random.Generator, broken: bool) -> tuple[Any, ...]:
+    """LSTM + Dense on the last step. Broken: torch takes the first step's output."""
+    keras_model = keras.Sequential(
+        [keras.Input((9, 4), dtype=F32), keras.layers.LSTM(8, dtype=F32), keras.layers.Dense(3)]
+    )
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm, self.fc = nn.LSTM(4, 8, batch_first=True), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.lstm(x)[0][:, 0 if broken else -1])
+
+    x = rng.normal(size=(16, 9, 4)).astype(F32)
+    return keras_model, Net(), x, rng.integers(0, 3, 16), {}
+
+
+def _sweep(build: Builder, seeds: range, broken: bool) -> list[int]:
+    """Seeds whose verdict is wrong: a failure for a correct pair, a pass for a broken one."""
+    wrong = []
+    for seed in seeds:
+        keras_model, torch_module, x, y, kwargs = build(seed_everything(seed), broken)
+        report = check_parity(keras_model, torch_module, x, y, **kwargs)
+        if report.ok == broken:
+            wrong.append(seed)
+    return wrong
+
+
+def test_float32_correct_pair_with_a_cancelling_bias_gradient_passes_on_20_seeds() -> None:
+    assert _sweep(_cancelling_mlp, range(20), broken=False) == []
+
+
+@pytest.mark.parametrize("build", [_cancelling_mlp, _embedding_gru, _conv_batchnorm, _lstm])
+def test_float32_broken_pairs_fail(build: Builder) -> None:
+    assert _sweep(build, range(1), broken=True) == []
+
+
+@pytest.mark.slow  # ~25 s per architecture on 2 shared cores
+@pytest.mark.parametrize(
+    "build", [_embedding_gru, _conv_batchnorm, _lstm], ids=["embedding_gru", "conv_bn", "lstm"]
+)
+def test_float32_correct_pairs_pass_on_20_seeds(build: Builder) -> None:
+    assert _sweep(build, range(20), broken=False) == []

@@ -39,6 +39,7 @@ from tfreg.parity.models import (
     LossSpec,
     ModelPair,
     compare_evaluations,
+    compare_floored,
     compare_layers,
     compare_outputs,
     dropout_masks_for,
@@ -63,17 +64,7 @@ from tfreg_harness.compare import Comparison, compare
 from tfreg_harness.differences import note, torch_running_var_from_keras
 from tfreg_harness.divergence import LayerRecord, ParityReport
 from tfreg_harness.report import Row
-from tfreg_harness.tolerances import tolerance, zero_gradient_atol
-
-
-def _compare_floored(
-    name: str, actual: Any, expected: Any, *, rtol: float, atol: float
-) -> Comparison:
-    """``compare`` at ``rtol``; an expected value within ``atol`` of 0 (a weight that only ever
-    moved by a zero gradient) is compared absolutely, as its relative error is meaningless."""
-    if float(np.max(np.abs(expected), initial=0.0)) <= atol:
-        return compare(f"{name} == 0", actual, np.zeros_like(expected), rtol=0.0, atol=atol)
-    return compare(name, actual, expected, rtol=rtol)
+from tfreg_harness.tolerances import resolve_rtol, zero_gradient_atol
 
 
 def _row(c: Comparison, dtype: str, device: str, detail: str = "") -> Row:
@@ -293,7 +284,7 @@ def check_parity(
         )
         return report
     loss_terms(pair.pairing().outputs, loss, loss_weights)  # bad loss / loss_weights: refused
-    one_rtol = tolerance("model_cross", dtype).rtol if rtol is None else rtol
+    one_rtol = resolve_rtol("model_cross", dtype, rtol)
     report.extend(_failures(trainable_mismatches(pairs), dtype, device))
     if transfer:
         copy_weights(pairs, direction="keras_to_torch")
@@ -333,7 +324,7 @@ def check_parity(
     if steps == 0:
         return report
 
-    step_rtol = tolerance("trajectory", dtype).rtol if rtol is None else rtol
+    step_rtol = resolve_rtol("trajectory", dtype, rtol)
     trainable = [p for p in pairs if p.trainable]
     weight_scale = max(
         float(np.max(np.abs(p.keras_variable.numpy()), initial=0.0)) for p in trainable
@@ -352,7 +343,7 @@ def check_parity(
         report.extend(
             [
                 _row(
-                    _compare_floored(
+                    compare_floored(
                         f"step {step} {p.keras_variable.path}",
                         p.torch_value(),
                         np.asarray(p.keras_variable.numpy()),

@@ -38,7 +38,11 @@ from tfreg_harness.compare import Comparison, compare
 from tfreg_harness.differences import note
 from tfreg_harness.divergence import LayerRecord
 from tfreg_harness.layouts import to_channels_first, to_channels_last
-from tfreg_harness.tolerances import tolerance, zero_gradient_atol
+from tfreg_harness.tolerances import (
+    gradient_scales,
+    resolve_rtol,
+    zero_gradient_atol,
+)
 
 DTYPES: tuple[str, ...] = ("float32", "float64")
 
@@ -716,12 +720,15 @@ def compare_evaluations(
     """Logits, loss and every gradient, torch (actual) against Keras (expected), each at
     ``tolerance(claim, dtype)`` (or ``rtol`` when given).
 
-    A gradient whose Keras value lies within ``zero_gradient_atol(dtype, G)`` of 0 (``G`` the
-    model's largest gradient entry) is analytically zero -- a bias feeding a train-mode
-    BatchNorm -- and both frameworks return round-off; it is compared with that absolute bound
-    (rtol 0, named ``grad PATH == 0``), never relatively.
+    A gradient's relative error is measured against its layer's largest gradient entry
+    (``tfreg_harness.tolerances.GRADIENT_SCALE_RULE``: a bias gradient that cancels to a small
+    value carries the round-off of its large terms). A gradient whose Keras value lies within
+    ``zero_gradient_atol(dtype, G)`` of 0 (``G`` the model's largest gradient entry) is
+    analytically zero -- a bias feeding a train-mode BatchNorm -- and both frameworks return
+    round-off; it is compared with that absolute bound (rtol 0, named ``grad PATH == 0``),
+    never relatively (:func:`compare_floored`).
     """
-    rtol = tolerance(claim, dtype).rtol if rtol is None else rtol
+    rtol = resolve_rtol(claim, dtype, rtol)
     out = compare_outputs("logits", torch_eval.logits, keras_eval.logits, rtol=rtol)
     out.append(compare("loss", torch_eval.loss, keras_eval.loss, rtol=rtol))
     if keras_eval.gradients.keys() != torch_eval.gradients.keys() | torch_eval.ungraded.keys():
@@ -747,17 +754,33 @@ def compare_evaluations(
             )
         )
     atol = zero_gradient_atol(dtype, gradient_scale(keras_eval))
+    scales = gradient_scales(keras_eval.gradients)
     for path, expected in keras_eval.gradients.items():
-        if path in torch_eval.ungraded:
-            continue
-        actual = torch_eval.gradients[path]
-        if float(np.max(np.abs(expected), initial=0.0)) <= atol:
+        if path not in torch_eval.ungraded:
+            actual = torch_eval.gradients[path]
             out.append(
-                compare(f"grad {path} == 0", actual, np.zeros_like(expected), rtol=0.0, atol=atol)
+                compare_floored(
+                    f"grad {path}", actual, expected, rtol=rtol, atol=atol, scale=scales[path]
+                )
             )
-        else:
-            out.append(compare(f"grad {path}", actual, expected, rtol=rtol))
     return out
+
+
+def compare_floored(
+    name: str, actual: Any, expected: Any, *, rtol: float, atol: float, scale: float | None = None
+) -> Comparison:
+    """``actual`` against ``expected`` at ``rtol`` relative to ``scale`` (default: the expected
+    tensor's largest entry; a gradient's layer scale, ``GRADIENT_SCALE_RULE``). An expected
+    tensor within ``atol`` of 0 -- a gradient that is analytically zero, a weight that only
+    ever moved by one -- is compared absolutely (named ``NAME == 0``, rtol 0): both sides
+    hold round-off there, and a relative error would be meaningless."""
+    own = float(np.max(np.abs(expected), initial=0.0))
+    if own <= atol:
+        return compare(f"{name} == 0", actual, np.zeros_like(expected), rtol=0.0, atol=atol)
+    if scale is None or scale <= own:
+        return compare(name, actual, expected, rtol=rtol)
+    found = compare(name, actual, expected, rtol=0.0, atol=rtol * scale)
+    return replace(found, rtol=rtol, atol=0.0, max_rel=found.max_abs / scale)
 
 
 def model_parity(
@@ -792,6 +815,7 @@ __all__ = [
     "build_mlp",
     "build_pair",
     "compare_evaluations",
+    "compare_floored",
     "compare_layers",
     "compare_outputs",
     "dropout_masks_for",
