@@ -251,7 +251,10 @@ def check_parity(
     injected keep-masks: ``dropout_masks`` in definition order, else drawn from
     ``numpy.random.default_rng(seed)`` for every pass). The torch module must live on
     ``device``'s torch device already. ``layer_map``: ``{keras_layer_name: torch_module_name or
-    None}`` overrides the pairing (None: torch's forward code computes that layer).
+    None}`` overrides the pairing (None: torch's forward code computes that layer); keyed by a
+    Keras variable (``"layer/variable"``) it pairs a weight outside every layer kind -- a custom
+    layer's ``add_weight`` -- with a torch parameter outside every paired module (a root-level
+    ``nn.Parameter``), which otherwise pair by name.
     ``torch_input``: the layout the torch module takes -- ``"auto"`` (channels first when the
     model starts with a convolution, pooling or padding), ``"channels_first"`` or
     ``"channels_last"`` (``x`` as given).

@@ -227,7 +227,7 @@ def loss_terms(
         if keys - set(outputs) or (argument == "loss" and keys != set(outputs)):
             raise InvalidArgumentError(
                 f"{argument} must be keyed by the model's outputs {sorted(outputs)}. "
-                f"Received: {argument}={loss if argument == 'loss' else loss_weights!r}"
+                f"Received: {argument}={(loss if argument == 'loss' else loss_weights)!r}"
             )
     for key, name in per_output.items():
         choice(name, f"loss[{key!r}]", names)
@@ -338,7 +338,7 @@ def _mask_maps(
                 "nn.Dropout module, or compare with training=False."
             )
         mask = np.asarray(mask, dtype=bool)
-        channels = mask.reshape(mask.shape[0], -1, mask.shape[-1]) if mask.ndim > 2 else None
+        channels = mask.reshape(mask.shape[0], -1, mask.shape[-1])
         if _noise_shape(layer, mask.shape) != mask.shape and np.any(channels != channels[:, :1]):
             raise ValueError(
                 f"Keras {type(layer).__name__} {layer.name!r} drops whole channels, but its "
@@ -553,7 +553,7 @@ def evaluate_keras(
                 logits,
                 y,
                 terms,
-                lambda o, t, name: keras_loss(o, t, dtype=pair.dtype, loss=name or loss),
+                lambda o, t, name: keras_loss(o, t, dtype=pair.dtype, loss=name or str(loss)),
             )
         grads = tape.gradient(value, model.trainable_weights)
     return Evaluation(
@@ -588,7 +588,9 @@ def evaluate_torch(
     module = pair.torch
     module.zero_grad(set_to_none=True)
     logits, raw = forward_torch(pair, x, training=training, dropout_masks=dropout_masks)
-    value = _total_loss(logits, y, terms, lambda o, t, name: torch_loss(o, t, loss=name or loss))
+    value = _total_loss(
+        logits, y, terms, lambda o, t, name: torch_loss(o, t, loss=name or str(loss))
+    )
     value.backward()
     gradients, ungraded = {}, {}
     for p in pair.parameter_pairs():

@@ -9,6 +9,10 @@ with the next torch leaf when that is of its kind, and otherwise counts as compu
 module's ``forward`` code. ``layer_map={keras_name: torch_name or None}`` overrides the walk for
 the layers it names. Every pairing the harness cannot make raises :class:`PairingError` naming
 both sides; every configuration mismatch a kind's check finds does too. Nothing is ever skipped.
+Weights outside every paired layer -- ``add_weight`` in a custom Keras layer or model, a torch
+parameter outside every paired module (a root-level ``nn.Parameter``) -- pair one by one, by name
+or through ``layer_map={"layer/variable": "torch_parameter"}`` (:func:`free_parameters`); a
+trainable one left without counterpart is a :class:`PairingError`.
 
 Layer shapes come from one eval-mode forward pass of the Keras model on a sample batch (so
 "same" padding at stride 2 and Flatten orders are decided on real shapes).
