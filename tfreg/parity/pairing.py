@@ -348,7 +348,7 @@ def pair_layers(
                 f"{_describe(name, module)} holds weights but no Keras layer is left to pair it "
                 f"with (Keras layers: {[layer.name for layer in layers]})"
             )
-    paired_modules = {id(m.torch_module) for m in matches if m.torch_module is not None}
+    paired_modules = [m.torch_module for m in matches if m.torch_module is not None]
     free = free_parameters(
         keras_model, layers, torch_module, paired_modules, {k: layer_map[k] for k in variable_keys}
     )
@@ -382,7 +382,7 @@ def free_parameters(
     keras_model: Any,
     layers: list[Any],
     torch_module: Any,
-    paired_modules: set[int],
+    paired_modules: list[Any],
     explicit: Mapping[str, str | None],
 ) -> tuple[FreeParameter, ...]:
     """Pair the Keras variables outside every paired layer with the torch parameters outside
@@ -392,12 +392,8 @@ def free_parameters(
     :class:`PairingError`: one side would train a weight the other does not have (a
     non-trainable leftover changes the forward pass, which the comparisons catch)."""
     keras_free = _free_variables(keras_model, layers)
-    torch_free = {
-        f"{prefix}.{name}" if prefix else name: tensor
-        for prefix, module in torch_module.named_modules()
-        if id(module) not in paired_modules
-        for name, tensor in module.named_parameters(recurse=False)
-    }
+    covered = {id(t) for module in paired_modules for t in module.parameters()}
+    torch_free = {n: t for n, t in torch_module.named_parameters() if id(t) not in covered}
     out: list[FreeParameter] = []
     for key, target in explicit.items():
         variable = _free_variable(keras_model, layers, key)
