@@ -137,12 +137,8 @@ def torch_watch(
             outputs[key] = _snapshot(output)
         return output
 
-    handles = [m.register_forward_hook(hook) for m in modules]
-    try:
+    with _removed_on_exit([m.register_forward_hook(hook) for m in modules]):
         yield outputs
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextmanager
@@ -154,9 +150,15 @@ def torch_inputs(modules: list[Any]) -> Iterator[dict[int, Any]]:
         if id(module) not in inputs and args:
             inputs[id(module)] = _snapshot(args[0])
 
-    handles = [m.register_forward_pre_hook(hook) for m in modules]
-    try:
+    with _removed_on_exit([m.register_forward_pre_hook(hook) for m in modules]):
         yield inputs
+
+
+@contextmanager
+def _removed_on_exit(handles: list[Any]) -> Iterator[None]:
+    """Remove torch hook ``handles`` when the block exits, however it exits."""
+    try:
+        yield
     finally:
         for handle in handles:
             handle.remove()
