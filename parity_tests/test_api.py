@@ -427,7 +427,8 @@ def test_lstm_training_steps_need_torchs_second_bias_frozen() -> None:
 
 def test_torch_input_layout_can_be_given() -> None:
     """A torch module that takes (N, L, C) and transposes itself: "auto" feeds it channels
-    first (its first layer is a conv) and the shapes clash; torch_input="channels_last" fits."""
+    first (its first layer is a conv) and the shapes clash -- a ValueError naming the way out
+    (before: torch's raw RuntimeError from the first conv); torch_input="channels_last" fits."""
     keras_model = keras.Sequential(
         [keras.Input((7, 2), dtype="float64"), keras.layers.Conv1D(3, 3, dtype="float64")]
     )
@@ -442,7 +443,7 @@ def test_torch_input_layout_can_be_given() -> None:
 
     x = seed_everything(12).normal(size=(4, 7, 2))
     target = np.zeros((4, 5, 3))
-    with pytest.raises(RuntimeError):  # torch's own shape error: channels 7 != 2
+    with pytest.raises(ValueError, match="needs torch_input='channels_last'"):
         check_parity(keras_model, TakesNLC().double(), x, target, loss="mean_squared_error")
     assert_parity(
         keras_model, TakesNLC().double(), x, target, loss="mean_squared_error",

@@ -36,34 +36,35 @@ from tfreg._compat import keras, tf
 from tfreg.parity.devices import tf_device
 from tfreg.parity.models import (
     LOSS_PAIRS,
+    LossSpec,
     ModelPair,
     compare_evaluations,
+    compare_floored,
     compare_layers,
+    compare_outputs,
     dropout_masks_for,
     evaluate_keras,
     evaluate_torch,
     forward_keras,
     forward_torch,
-    in_keras_layout,
+    keras_outputs,
+    loss_terms,
+    settle_flatten_orders,
+    torch_outputs_in_keras_layout,
 )
 from tfreg.parity.pairing import LayerMatch, PairingError, TorchInput
-from tfreg.parity.transfer import ParameterPair, copy_weights, model_dtype, torch_to_numpy
+from tfreg.parity.transfer import (
+    ParameterPair,
+    copy_weights,
+    model_dtype,
+    trainable_mismatches,
+)
 from tfreg_core.validation import InvalidArgumentError
 from tfreg_harness.compare import Comparison, compare
 from tfreg_harness.differences import note, torch_running_var_from_keras
 from tfreg_harness.divergence import LayerRecord, ParityReport
 from tfreg_harness.report import Row
-from tfreg_harness.tolerances import tolerance, zero_gradient_atol
-
-
-def _compare_floored(
-    name: str, actual: Any, expected: Any, *, rtol: float, atol: float
-) -> Comparison:
-    """``compare`` at ``rtol``; an expected value within ``atol`` of 0 (a weight that only ever
-    moved by a zero gradient) is compared absolutely, as its relative error is meaningless."""
-    if float(np.max(np.abs(expected), initial=0.0)) <= atol:
-        return compare(f"{name} == 0", actual, np.zeros_like(expected), rtol=0.0, atol=atol)
-    return compare(name, actual, expected, rtol=rtol)
+from tfreg_harness.tolerances import resolve_rtol, zero_gradient_atol
 
 
 def _row(c: Comparison, dtype: str, device: str, detail: str = "") -> Row:
@@ -78,6 +79,11 @@ def _row(c: Comparison, dtype: str, device: str, detail: str = "") -> Row:
         tolerance=c.atol if absolute else c.rtol,
         detail=detail,
     )
+
+
+def _failures(found: list[tuple[str, str]], dtype: str, device: str) -> list[Row]:
+    """A failed row per ``(check, cause)`` a probe found."""
+    return [Row(check, dtype, device, "fail", detail=why) for check, why in found]
 
 
 def _record_row(r: LayerRecord, dtype: str, device: str) -> Row:
@@ -185,9 +191,9 @@ def _statistics_rows(
     return rows, converted
 
 
-def _eval_row(
+def _eval_rows(
     pair: ModelPair, x: Any, converted: list[tuple[Any, np.ndarray]], rtol: float, device: str
-) -> Row:
+) -> list[Row]:
     """Eval-mode logits after the steps; Keras runs with its moving variances in torch's
     convention (restored afterwards), so the comparison tests everything but that known gap."""
     saved = [(v, v.numpy().copy()) for v, _ in converted]
@@ -195,20 +201,21 @@ def _eval_row(
         for variable, value in converted:
             variable.assign(value)
         with tf.device(tf_device(device)):
-            keras_logits = np.asarray(forward_keras(pair, x, training=False)[0])
+            keras_logits = keras_outputs(forward_keras(pair, x, training=False)[0])
     finally:
         for variable, value in saved:
             variable.assign(value)
-    torch_logits = in_keras_layout(
-        torch_to_numpy(forward_torch(pair, x, training=False)[0]),
-        pair.pairing().output_channels_first,
-        keras_logits.shape,
+    torch_logits = torch_outputs_in_keras_layout(
+        pair.pairing(), forward_torch(pair, x, training=False)[0]
     )
     name = "eval logits after steps"
     if converted:
         name += " (Keras BN variance in torch's convention)"
     detail = note("batchnorm_variance") if converted else ""
-    return _row(compare(name, torch_logits, keras_logits, rtol=rtol), pair.dtype, device, detail)
+    return [
+        _row(c, pair.dtype, device, detail)
+        for c in compare_outputs(name, torch_logits, keras_logits, rtol=rtol)
+    ]
 
 
 def check_parity(
@@ -217,7 +224,8 @@ def check_parity(
     x: Any,
     y: Any,
     *,
-    loss: str = "sparse_categorical_crossentropy",
+    loss: LossSpec = "sparse_categorical_crossentropy",
+    loss_weights: Mapping[str, float] | None = None,
     training: bool = False,
     steps: int = 0,
     keras_optimizer: keras.optimizers.Optimizer | None = None,
@@ -234,18 +242,30 @@ def check_parity(
     the two models; returns a :class:`ParityReport` (rows plus per-layer ``layers`` records).
 
     ``x`` is in Keras layout (channels last); ``y`` as ``loss`` expects it (integer labels for
-    ``"sparse_categorical_crossentropy"``, see ``LOSS_PAIRS``). ``training`` runs both models in
-    training mode (BatchNorm batch statistics; Dropout with injected keep-masks: ``dropout_masks``
-    in definition order, else drawn from ``numpy.random.default_rng(seed)`` for every pass). The
-    torch module must live on ``device``'s torch device already. ``layer_map``:
-    ``{keras_layer_name: torch_module_name or None}`` overrides the pairing (None: torch's forward
-    code computes that layer). ``torch_input``: the layout the torch module takes --
-    ``"auto"`` (channels first when the model starts with a convolution, pooling or padding),
-    ``"channels_first"`` or ``"channels_last"`` (``x`` as given).
+    ``"sparse_categorical_crossentropy"``, see ``LOSS_PAIRS``). A model with several outputs
+    (a dict, or a list) -- the torch module returning the same structure -- takes ``y`` and
+    ``loss`` as dicts by output name (one loss name serves every output) and optional
+    ``loss_weights``: the loss is ``sum_o w_o * mean loss_o``, Keras' ``compile(loss={...},
+    loss_weights={...})``; each output is compared on its own row (``logits NAME``).
+    ``training`` runs both models in training mode (BatchNorm batch statistics; Dropout with
+    injected keep-masks: ``dropout_masks`` in definition order, else drawn from
+    ``numpy.random.default_rng(seed)`` for every pass). The torch module must live on
+    ``device``'s torch device already. ``layer_map``: ``{keras_layer_name: torch_module_name or
+    None}`` overrides the pairing (None: torch's forward code computes that layer); keyed by a
+    Keras variable (``"layer/variable"``) it pairs a weight outside every layer kind -- a custom
+    layer's ``add_weight`` -- with a torch parameter outside every paired module (a root-level
+    ``nn.Parameter``), which otherwise pair by name.
+    ``torch_input``: the layout the torch module takes -- ``"auto"`` (channels first when the
+    model starts with a convolution, pooling or padding), ``"channels_first"`` or
+    ``"channels_last"`` (``x`` as given).
     """
-    if loss not in LOSS_PAIRS:
+    if isinstance(loss, str) and loss not in LOSS_PAIRS:
         raise InvalidArgumentError(
             f"Unknown loss {loss!r}. Expected one of {sorted(LOSS_PAIRS)}. Received: loss={loss!r}"
+        )
+    if not isinstance(loss, (str, Mapping)):
+        raise InvalidArgumentError(
+            f"loss must be a loss name or a dict of them by output. Received: loss={loss!r}"
         )
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise InvalidArgumentError(f"steps must be a non-negative int. Received: steps={steps!r}")
@@ -266,6 +286,14 @@ def check_parity(
             [Row("layer pairing and configuration", dtype, device, "fail", detail=str(exc))]
         )
         return report
+    loss_terms(pair.pairing().outputs, loss, loss_weights)  # bad loss / loss_weights: refused
+    one_rtol = resolve_rtol("model_cross", dtype, rtol)
+    report.extend(_failures(trainable_mismatches(pairs), dtype, device))
+    if transfer:
+        copy_weights(pairs, direction="keras_to_torch")
+    flattened = settle_flatten_orders(pair, x, rtol=one_rtol)
+    report.extend(_failures(flattened, dtype, device))
+    pairs = pair.parameter_pairs()  # a settled Flatten order changes a Dense's kernel map
     if transfer:
         copy_weights(pairs, direction="keras_to_torch")
 
@@ -277,14 +305,18 @@ def check_parity(
         return dropout_masks_for(keras_model, x, rng)
 
     def evaluate() -> tuple[Any, Any]:
-        kwargs: dict[str, Any] = {"training": training, "dropout_masks": masks(), "loss": loss}
+        kwargs: dict[str, Any] = {
+            "training": training,
+            "dropout_masks": masks(),
+            "loss": loss,
+            "loss_weights": loss_weights,
+        }
         return evaluate_keras(pair, x, y, **kwargs), evaluate_torch(pair, x, y, **kwargs)
 
     initial = {
         id(m.keras_layer): np.asarray(v.keras_variable.numpy()).copy()
         for m, _, v in _batchnorms(pair)
     }
-    one_rtol = tolerance("model_cross", dtype).rtol if rtol is None else rtol
     keras_eval, torch_eval = evaluate()
     comparisons = compare_evaluations(keras_eval, torch_eval, dtype=dtype, rtol=one_rtol)
     kinds = {p.keras_variable.path: p.layer for p in pairs}
@@ -296,7 +328,7 @@ def check_parity(
         return report
     assert keras_optimizer is not None  # steps > 0 without both optimizers was refused above
 
-    step_rtol = tolerance("trajectory", dtype).rtol if rtol is None else rtol
+    step_rtol = resolve_rtol("trajectory", dtype, rtol)
     trainable = [p for p in pairs if p.trainable]
     weight_scale = max(
         float(np.max(np.abs(p.keras_variable.numpy()), initial=0.0)) for p in trainable
@@ -315,7 +347,7 @@ def check_parity(
         report.extend(
             [
                 _row(
-                    _compare_floored(
+                    compare_floored(
                         f"step {step} {p.keras_variable.path}",
                         p.torch_value(),
                         np.asarray(p.keras_variable.numpy()),
@@ -331,7 +363,7 @@ def check_parity(
     passes = (steps + 1) if training else 0
     rows, converted = _statistics_rows(pair, initial, passes, step_rtol, device)
     report.extend(rows)
-    report.extend([_eval_row(pair, x, converted, step_rtol, device)])
+    report.extend(_eval_rows(pair, x, converted, step_rtol, device))
     return report
 
 

@@ -21,10 +21,12 @@ from tfreg._compat import keras, tf
 
 @dataclass
 class KerasTrace:
-    """Per Keras layer (by object id): the first call's input shape, output (post-activation)
-    and, for a layer whose fused ``activation`` was split off, the pre-activation output."""
+    """Per Keras layer (by object id): the first call's input and its shape, output
+    (post-activation) and, for a layer whose fused ``activation`` was split off, the
+    pre-activation output."""
 
     input_shapes: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    inputs: dict[int, Any] = field(default_factory=dict)
     outputs: dict[int, Any] = field(default_factory=dict)
     pre_activation: dict[int, Any] = field(default_factory=dict)
 
@@ -67,6 +69,7 @@ def _wrapped(layer: Any, trace: KerasTrace, split: bool, mask: np.ndarray | None
         inputs = args[0] if args else next(iter(kwargs.values()))
         if key not in trace.input_shapes and hasattr(inputs, "shape"):
             trace.input_shapes[key] = _shape(inputs)
+            trace.inputs[key] = inputs
         if mask is not None and kwargs.get("training"):
             x = tf.convert_to_tensor(inputs)
             if tuple(mask.shape) != _shape(x):
@@ -93,11 +96,22 @@ def _wrapped(layer: Any, trace: KerasTrace, split: bool, mask: np.ndarray | None
     return call
 
 
+def _snapshot(output: Any) -> Any:
+    """A detached copy of a module's output (a tensor, or nested tuples of them: LSTM's)."""
+    if isinstance(output, tuple):
+        return tuple(_snapshot(o) for o in output)
+    return output.detach().clone() if hasattr(output, "detach") else output
+
+
 @contextmanager
 def torch_watch(
     modules: list[Any], *, masks: Mapping[int, np.ndarray] | None = None
 ) -> Iterator[dict[int, Any]]:
     """Record each of ``modules``' first output (by module id) while the model runs.
+
+    The record is a detached copy taken when the module returns: a later in-place op
+    (torchvision's ``nn.ReLU(inplace=True)`` after a BatchNorm) would otherwise overwrite the
+    recorded tensor, and the BatchNorm would seem to output the ReLU's result.
 
     ``masks``: id of an ``nn.Dropout`` -> keep-mask *in torch's layout*, applied in training
     mode with torch's CPU formula ``x * (mask / (1 - p))``.
@@ -119,15 +133,35 @@ def torch_watch(
                 )
             noise = torch.as_tensor(mask, device=x.device).to(x.dtype)
             output = x * noise.div_(1.0 - module.p)
-        outputs.setdefault(key, output)
+        if key not in outputs:
+            outputs[key] = _snapshot(output)
         return output
 
-    handles = [m.register_forward_hook(hook) for m in modules]
-    try:
+    with _removed_on_exit([m.register_forward_hook(hook) for m in modules]):
         yield outputs
+
+
+@contextmanager
+def torch_inputs(modules: list[Any]) -> Iterator[dict[int, Any]]:
+    """Record a detached copy of each of ``modules``' first input (by module id)."""
+    inputs: dict[int, Any] = {}
+
+    def hook(module: Any, args: tuple[Any, ...]) -> None:
+        if id(module) not in inputs and args:
+            inputs[id(module)] = _snapshot(args[0])
+
+    with _removed_on_exit([m.register_forward_pre_hook(hook) for m in modules]):
+        yield inputs
+
+
+@contextmanager
+def _removed_on_exit(handles: list[Any]) -> Iterator[None]:
+    """Remove torch hook ``handles`` when the block exits, however it exits."""
+    try:
+        yield
     finally:
         for handle in handles:
             handle.remove()
 
 
-__all__ = ["KerasTrace", "keras_watch", "torch_watch"]
+__all__ = ["KerasTrace", "keras_watch", "torch_inputs", "torch_watch"]

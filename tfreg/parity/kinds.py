@@ -402,15 +402,33 @@ register_layer_pair(
     torch_layout="channels_last",
 )
 
-register_layer_pair(
-    L.Dropout,
-    nn.Dropout,
-    check=lambda k, t, ctx: _first_mismatch(
-        [("noise_shape", None, k.noise_shape)]
+# Keras SpatialDropoutND drops whole channels (noise shape (N, 1.., C)), as torch's DropoutNd;
+# Keras Dropout and nn.Dropout drop single elements. Each kind lists the other family's torch
+# modules so that a port mixing them pairs and fails naming the layer, instead of passing with
+# element masks injected on both sides.
+CHANNEL_DROPOUT = {L.SpatialDropout1D: nn.Dropout1d, L.SpatialDropout2D: nn.Dropout2d}
+CHANNEL_DROPOUT[L.SpatialDropout3D] = nn.Dropout3d
+_DROPOUTS = (nn.Dropout, *CHANNEL_DROPOUT.values())
+
+
+def _dropout_problem(k: Any, t: Any, ctx: Context) -> str | None:
+    expected = CHANNEL_DROPOUT.get(type(k), nn.Dropout)
+    if t is not None and type(t) is not expected:
+        drops = "whole channels" if expected is not nn.Dropout else "single elements"
+        return (
+            f"Keras {type(k).__name__} drops {drops}, torch {type(t).__name__} does not: pair it "
+            f"with nn.{expected.__name__}"
+        )
+    if getattr(k, "data_format", "channels_last") != "channels_last":
+        return f"Keras data_format={k.data_format!r}; the harness keeps maps channels_last"
+    return _first_mismatch(
+        [("noise_shape", None, getattr(k, "noise_shape", None))]
         + ([] if t is None else [("rate", float(k.rate), float(t.p))])
-    ),
-    torch_optional=True,
-)
+    )
+
+
+for _keras_dropout in (L.Dropout, *CHANNEL_DROPOUT):
+    register_layer_pair(_keras_dropout, _DROPOUTS, check=_dropout_problem, torch_optional=True)
 
 
 # --- pooling, padding, reshaping ------------------------------------------------------------

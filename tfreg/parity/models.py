@@ -14,31 +14,36 @@ seed; a training-mode run injects one NumPy keep-mask per Dropout layer (``dropo
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from tfreg import architecture as keras_architecture
 from tfreg._compat import keras, tf
-from tfreg.parity.capture import keras_watch, torch_watch
+from tfreg.parity.capture import keras_watch, torch_inputs, torch_watch
 from tfreg.parity.devices import tf_device, torch_device
 from tfreg.parity.pairing import (
     LayerMatch,
     Pairing,
     TorchInput,
     keras_layers,
+    named_outputs,
     pair_layers,
     sample_input,
 )
 from tfreg.parity.transfer import ParameterPair, copy_weights, pairs_from, torch_to_numpy
-from tfreg_core.validation import choice, positive_int
+from tfreg_core.validation import InvalidArgumentError, choice, positive_int
 from tfreg_harness import architecture
 from tfreg_harness.compare import Comparison, compare
 from tfreg_harness.differences import note
 from tfreg_harness.divergence import LayerRecord, Stage
 from tfreg_harness.layouts import to_channels_first, to_channels_last
-from tfreg_harness.tolerances import tolerance, zero_gradient_atol
+from tfreg_harness.tolerances import (
+    gradient_scales,
+    resolve_rtol,
+    zero_gradient_atol,
+)
 
 DTYPES: tuple[str, ...] = ("float32", "float64")
 
@@ -72,6 +77,10 @@ class ModelPair:
                 torch_input=self.torch_input,
             )
         return self._pairing
+
+    def replace_matches(self, matches: tuple[LayerMatch, ...]) -> None:
+        """Replace the cached pairing's matches (after a probe settled a Flatten order)."""
+        self._pairing = replace(self.pairing(), matches=matches)
 
     def parameter_pairs(self, sample: Any | None = None) -> list[ParameterPair]:
         return pairs_from(self.pairing(sample))
@@ -191,6 +200,84 @@ def torch_loss(logits: Any, labels: Any, *, loss: str = "sparse_categorical_cros
     return per_example_loss(LOSS_PAIRS[_loss_name(loss)][1])(logits, target).mean()
 
 
+LossSpec = str | Mapping[str, str]
+"""A :data:`LOSS_PAIRS` name, or ``{output name: LOSS_PAIRS name}`` for a structured output."""
+
+
+def loss_terms(
+    outputs: Mapping[str, Any] | None,
+    loss: LossSpec,
+    loss_weights: Mapping[str, float] | None = None,
+) -> dict[str, tuple[str, float]] | None:
+    """``{output name: (loss name, weight)}`` for a structured model output (``outputs``: its
+    names, see ``pairing.named_outputs``), ``None`` for a single tensor. The total loss is
+    ``sum_o weight_o * mean loss_o`` (Keras' ``compile(loss={...}, loss_weights={...})``); one
+    loss name applies to every output, a missing weight is 1. Raises ``InvalidArgumentError``
+    naming the argument on any mismatch."""
+    names = tuple(LOSS_PAIRS)
+    if outputs is None:
+        if not isinstance(loss, str) or loss_weights is not None:
+            raise InvalidArgumentError(
+                "The model has a single output: loss must be one loss name and loss_weights "
+                f"None. Received: loss={loss!r}, loss_weights={loss_weights!r}"
+            )
+        _loss_name(loss)
+        return None
+    per_output = {k: loss for k in outputs} if isinstance(loss, str) else dict(loss)
+    weights = dict(loss_weights or {})
+    for argument, keys in (("loss", set(per_output)), ("loss_weights", set(weights))):
+        if keys - set(outputs) or (argument == "loss" and keys != set(outputs)):
+            raise InvalidArgumentError(
+                f"{argument} must be keyed by the model's outputs {sorted(outputs)}. "
+                f"Received: {argument}={(loss if argument == 'loss' else loss_weights)!r}"
+            )
+    for key, name in per_output.items():
+        choice(name, f"loss[{key!r}]", names)
+    for key, weight in weights.items():
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, (int, float))
+            or not np.isfinite(weight)
+        ):
+            raise InvalidArgumentError(
+                f"loss_weights[{key!r}] must be a finite number. Received: {weight!r}"
+            )
+    return {k: (per_output[k], float(weights.get(k, 1.0))) for k in outputs}
+
+
+def _labels(y: Any, key: str) -> Any:
+    if isinstance(y, Mapping):
+        if key not in y:
+            raise InvalidArgumentError(
+                f"y has no labels for output {key!r}. Received keys: {sorted(y)}"
+            )
+        return y[key]
+    if isinstance(y, (list, tuple)) and key.isdigit():
+        return y[int(key)]
+    raise InvalidArgumentError(
+        f"The model has several outputs: y must be a dict by output name (or a list by "
+        f"position). Received: {type(y).__name__}"
+    )
+
+
+def _total_loss(outputs: Any, y: Any, terms: dict[str, tuple[str, float]] | None, one: Any) -> Any:
+    """``one(output, labels, loss name)`` for a single output, else the weighted sum over the
+    outputs (a weight of 1 multiplies nothing, so one-weight sums are exact)."""
+    if terms is None:
+        return one(outputs, y, None)
+    named = named_outputs(outputs) or {}
+    total = None
+    for key, (name, weight) in terms.items():
+        if key not in named:
+            raise InvalidArgumentError(
+                f"The model returns outputs {sorted(named)}, which lack {key!r}"
+            )
+        value = one(named[key], _labels(y, key), name)
+        value = value if weight == 1.0 else value * weight
+        total = value if total is None else total + value
+    return total
+
+
 # --------------------------------------------------------------------------------------------
 # Dropout masks
 # --------------------------------------------------------------------------------------------
@@ -203,11 +290,26 @@ def _dropout_layers(keras_model: Any) -> list[Any]:
 def dropout_masks_for(keras_model: Any, x: Any, rng: np.random.Generator) -> list[np.ndarray]:
     """One boolean keep-mask per Dropout layer of ``keras_model`` (definition order), each of
     that layer's input shape on batch ``x`` (Keras layout); kept with probability ``1 - rate``
-    (TensorFlow's rule: ``uniform >= rate``)."""
+    (TensorFlow's rule: ``uniform >= rate``). A SpatialDropout layer's mask is a channel mask:
+    drawn per (example, channel) and repeated over the spatial axes, as Keras' noise shape
+    ``(N, 1.., C)`` and torch's ``DropoutNd`` drop whole channels."""
     layers = _dropout_layers(keras_model)
     with keras_watch(layers) as trace:
         keras_model(sample_input(keras_model, x), training=False)
-    return [rng.uniform(size=trace.input_shapes[id(layer)]) >= layer.rate for layer in layers]
+    masks = []
+    for layer in layers:
+        shape = trace.input_shapes[id(layer)]
+        noise = _noise_shape(layer, shape)
+        masks.append(np.broadcast_to(rng.uniform(size=noise) >= layer.rate, shape).copy())
+    return masks
+
+
+def _noise_shape(layer: Any, shape: tuple[int, ...]) -> tuple[int, ...]:
+    from tfreg.parity.kinds import CHANNEL_DROPOUT
+
+    if isinstance(layer, tuple(CHANNEL_DROPOUT)):
+        return (shape[0], *([1] * (len(shape) - 2)), shape[-1])
+    return shape
 
 
 def _mask_maps(
@@ -238,6 +340,13 @@ def _mask_maps(
                 "nn.Dropout module, or compare with training=False."
             )
         mask = np.asarray(mask, dtype=bool)
+        channels = mask.reshape(mask.shape[0], -1, mask.shape[-1])
+        if _noise_shape(layer, mask.shape) != mask.shape and np.any(channels != channels[:, :1]):
+            raise ValueError(
+                f"Keras {type(layer).__name__} {layer.name!r} drops whole channels, but its "
+                "dropout mask varies over the spatial axes; pass a channel mask repeated over "
+                "them (dropout_masks_for draws one)."
+            )
         keras_masks[id(layer)] = mask
         torch_masks[id(match.torch_module)] = (
             to_channels_first(mask) if match.context.torch_channels_first else mask
@@ -252,14 +361,18 @@ def _mask_maps(
 
 @dataclass(frozen=True)
 class Evaluation:
-    """One forward/backward pass: logits (Keras layout), the mean loss, each trainable
+    """One forward/backward pass: logits (Keras layout; ``{name: array}`` for a structured
+    output), the mean loss (the weighted sum of the outputs' means), each trainable
     parameter's gradient in Keras layout keyed by the Keras variable path, and each paired
-    layer's output in Keras layout keyed by its position in ``pairing.matches``."""
+    layer's output in Keras layout keyed by its position in ``pairing.matches``.
+    ``ungraded``: Keras path -> the torch tensors that got no gradient although they require
+    one (their module was never used in ``forward``)."""
 
-    logits: np.ndarray
+    logits: np.ndarray | dict[str, np.ndarray]
     loss: np.ndarray
     gradients: dict[str, np.ndarray]
     layers: dict[int, np.ndarray] = field(default_factory=dict)
+    ungraded: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def _split_activation(pairing: Pairing) -> frozenset[int]:
@@ -297,23 +410,103 @@ def forward_torch(
     """``pair.torch`` on ``x`` (Keras layout, moved channels first when the pairing says so) in
     train or eval mode (the mode is left set), with dropout masks injected; returns the output
     and each paired module's raw output (by match position)."""
-    import torch
 
     pairing = pair.pairing(x)
     _, torch_masks = _mask_maps(pair, training, dropout_masks)
-    module = pair.torch
-    module.train(training)
-    batch = torch.as_tensor(
-        to_channels_first(x) if pairing.input_channels_first else np.asarray(x),
-        device=torch_device(pair.device),
-    )
+    pair.torch.train(training)
     matched = [(i, m) for i, m in enumerate(pairing.matches) if m.torch_module is not None]
     with torch_watch([m.torch_module for _, m in matched], masks=torch_masks) as outputs:
-        out = module(batch)
+        out = _call_torch(pair, x)
     # a paired module forward never called has no entry (compare_layers reports it)
     return out, {
         i: outputs[id(m.torch_module)] for i, m in matched if id(m.torch_module) in outputs
     }
+
+
+def _call_torch(pair: ModelPair, x: Any) -> Any:
+    """``pair.torch`` on ``x`` (Keras layout) moved to the layout the pairing decided. When
+    ``torch_input="auto"`` moved it channels first and torch rejects it, the error says so: a
+    module that transposes its own input needs ``torch_input="channels_last"``."""
+    import torch
+
+    pairing = pair.pairing(x)
+    batch = to_channels_first(x) if pairing.input_channels_first else np.asarray(x)
+    try:
+        return pair.torch(torch.as_tensor(batch, device=torch_device(pair.device)))
+    except RuntimeError as exc:
+        if pair.torch_input != "auto" or not pairing.input_channels_first:
+            raise
+        raise InvalidArgumentError(
+            f"torch_input='auto' fed the torch module channels first (shape {batch.shape}, "
+            f"Keras' {np.shape(x)} moved channels first, because the model starts with a "
+            f"convolution, pooling or padding), and the module failed: {exc}. A module that "
+            "takes channels-last input (and transposes it itself) needs "
+            "torch_input='channels_last'."
+        ) from exc
+
+
+def settle_flatten_orders(pair: ModelPair, x: Any, *, rtol: float) -> list[tuple[str, str]]:
+    """Decide, from one eval-mode pass on ``x``, the order in which torch flattened each map
+    that a Keras Flatten consumed channels last while torch held it channels first.
+
+    The pairing assumes torch's own order, ``(C, H, W)`` (``nn.Flatten`` / ``torch.flatten`` of
+    an NCHW map), and permutes the next Dense's kernel rows. A port may permute to NHWC first
+    and flatten Keras' order ``(H, W, C)``: when the ``nn.Linear``'s input equals Keras' Dense
+    input as it is, that Dense is re-paired without the permutation (the caller transfers
+    again). When it equals neither order but holds the same values, the port flattens in some
+    third order: returned as ``(check name, cause)`` for a failure row. When the values differ,
+    a layer before diverged, and its own record names it. Needs the earlier layers' weights
+    equal (transferred) to decide."""
+    import torch
+
+    from tfreg_harness.layouts import flatten_permutation
+
+    pairing = pair.pairing(x)
+    flattened = [
+        (i, m)
+        for i, m in enumerate(pairing.matches)
+        if m.context.flatten_from is not None and m.torch_module is not None
+    ]
+    if not flattened:
+        return []
+    layers = [m.keras_layer for _, m in flattened]
+    with tf.device(tf_device(pair.device)), keras_watch(layers) as trace:
+        pair.keras(tf.convert_to_tensor(x), training=False)
+    pair.torch.train(False)
+    with torch.no_grad(), torch_inputs([m.torch_module for _, m in flattened]) as seen:
+        _call_torch(pair, x)
+    matches, problems = list(pairing.matches), []
+    for i, match in flattened:
+        if id(match.torch_module) not in seen:
+            continue  # forward never called it: compare_layers reports that
+        keras_in = np.asarray(trace.inputs[id(match.keras_layer)])
+        torch_in = torch_to_numpy(seen[id(match.torch_module)])
+        if keras_in.shape != torch_in.shape:
+            continue
+        perm = flatten_permutation(match.context.flatten_from or ())
+        if compare("", torch_in, keras_in[:, perm], rtol=rtol).passed:
+            continue
+        if compare("", torch_in, keras_in, rtol=rtol).passed:
+            matches[i] = replace(match, context=replace(match.context, flatten_from=None))
+            for k in range(i - 1, -1, -1):  # the Flatten torch ran in Keras' order too
+                if isinstance(matches[k].keras_layer, keras.layers.Flatten):
+                    flat = matches[k]
+                    matches[k] = replace(
+                        flat, context=replace(flat.context, torch_channels_first=False)
+                    )
+                    break
+        elif compare("", np.sort(torch_in, 1), np.sort(keras_in, 1), rtol=rtol).passed:
+            problems.append(
+                (
+                    f"flatten order {match.name}",
+                    f"torch's {type(match.torch_module).__name__} receives the flattened map "
+                    f"{match.context.flatten_from} (H, W, C) in neither Keras' (H, W, C) order "
+                    "nor torch's (C, H, W) order (the same values, other positions): the port "
+                    f"flattens in another order. {note('flatten')}",
+                )
+            )
+    pair.replace_matches(tuple(matches))
+    return problems
 
 
 def _host(output: Any) -> Any:
@@ -350,17 +543,25 @@ def evaluate_keras(
     *,
     training: bool = False,
     dropout_masks: Sequence[Any] | None = None,
-    loss: str = "sparse_categorical_crossentropy",
+    loss: LossSpec = "sparse_categorical_crossentropy",
+    loss_weights: Mapping[str, float] | None = None,
 ) -> Evaluation:
-    """Logits, loss (in the model's dtype), gradients and per-layer outputs of ``pair.keras``."""
+    """Logits, loss (in the model's dtype), gradients and per-layer outputs of ``pair.keras``
+    (``loss`` / ``loss_weights``: see :func:`loss_terms`)."""
     model = pair.keras
+    terms = loss_terms(pair.pairing(x).outputs, loss, loss_weights)
     with tf.device(tf_device(pair.device)):
         with tf.GradientTape() as tape:
             logits, layers = forward_keras(pair, x, training=training, dropout_masks=dropout_masks)
-            value = keras_loss(logits, y, dtype=pair.dtype, loss=loss)
+            value = _total_loss(
+                logits,
+                y,
+                terms,
+                lambda o, t, name: keras_loss(o, t, dtype=pair.dtype, loss=name or str(loss)),
+            )
         grads = tape.gradient(value, model.trainable_weights)
     return Evaluation(
-        logits=np.asarray(logits),
+        logits=keras_outputs(logits),
         loss=np.asarray(value),
         gradients={
             # an Embedding's gradient is IndexedSlices: densify it
@@ -380,34 +581,82 @@ def evaluate_torch(
     *,
     training: bool = False,
     dropout_masks: Sequence[Any] | None = None,
-    loss: str = "sparse_categorical_crossentropy",
+    loss: LossSpec = "sparse_categorical_crossentropy",
+    loss_weights: Mapping[str, float] | None = None,
 ) -> Evaluation:
     """Logits, loss, gradients and per-layer outputs of ``pair.torch``, all in Keras layout
-    (gradients keyed by the paired Keras variable's path)."""
+    (gradients keyed by the paired Keras variable's path). A trainable tensor that got no
+    gradient (its module never ran in ``forward``) is listed in ``ungraded``, not raised."""
     pairing = pair.pairing(x)
+    terms = loss_terms(pairing.outputs, loss, loss_weights)
     module = pair.torch
     module.zero_grad(set_to_none=True)
     logits, raw = forward_torch(pair, x, training=training, dropout_masks=dropout_masks)
-    value = torch_loss(logits, y, loss=loss)
-    value.backward()
-    # the last layer's Keras shape stands in for the model output's (they are the same for the
-    # sequential stacks where torch's forward might have moved the channels back)
-    logits = in_keras_layout(
-        torch_to_numpy(logits),
-        pairing.output_channels_first,
-        pairing.matches[-1].context.output_shape,
+    value = _total_loss(
+        logits, y, terms, lambda o, t, name: torch_loss(o, t, loss=name or str(loss))
     )
-    trainable = [p for p in pair.parameter_pairs() if p.trainable]
+    value.backward()
+    gradients, ungraded = {}, {}
+    for p in pair.parameter_pairs():
+        if not p.trainable:
+            continue
+        missing = tuple(
+            n
+            for n, t in zip(p.torch_names, p.torch_tensors, strict=True)
+            if t.grad is None and t.requires_grad
+        )
+        if missing:
+            ungraded[p.keras_variable.path] = missing
+        else:
+            gradients[p.keras_variable.path] = p.torch_grad()
     shapes = {i: tuple(m.context.output_shape) for i, m in enumerate(pairing.matches)}
     return Evaluation(
-        logits=logits,
+        logits=torch_outputs_in_keras_layout(pairing, logits),
         loss=torch_to_numpy(value),
-        gradients={p.keras_variable.path: p.torch_grad() for p in trainable},
+        gradients=gradients,
         layers={
             i: torch_output_in_keras_layout(pairing.matches[i], out, shapes[i])
             for i, out in raw.items()
         },
+        ungraded=ungraded,
     )
+
+
+def keras_outputs(output: Any) -> np.ndarray | dict[str, np.ndarray]:
+    """A Keras model's output as a NumPy array, or ``{name: array}`` when structured."""
+    named = named_outputs(output)
+    if named is None:
+        return np.asarray(output)
+    return {k: np.asarray(v) for k, v in named.items()}
+
+
+def torch_outputs_in_keras_layout(
+    pairing: Pairing, output: Any
+) -> np.ndarray | dict[str, np.ndarray]:
+    """A torch module's output (a tensor, a dict or a list of them) as Keras lays it out. The
+    Keras output's shape (seen on the pairing's sample batch) decides whether torch already
+    moved channels back."""
+
+    def convert(value: Any, shape: tuple[int, ...] | None) -> np.ndarray:
+        array = torch_to_numpy(value)
+        expected = array.shape if shape is None else (array.shape[0], *shape[1:])
+        return in_keras_layout(array, pairing.output_channels_first, expected)
+
+    named = named_outputs(output)
+    if named is None:
+        return convert(output, pairing.output_shape)
+    return {k: convert(v, (pairing.outputs or {}).get(k)) for k, v in named.items()}
+
+
+def compare_outputs(name: str, actual: Any, expected: Any, *, rtol: float) -> list[Comparison]:
+    """One comparison per output (``name`` or ``"name KEY"``), torch against Keras; outputs
+    one side lacks raise ``ValueError`` naming both sets."""
+    if not isinstance(expected, dict):
+        return [compare(name, actual, expected, rtol=rtol)]
+    if not isinstance(actual, dict) or actual.keys() != expected.keys():
+        keys = sorted(actual) if isinstance(actual, dict) else type(actual).__name__
+        raise ValueError(f"{name}: torch returns outputs {keys}, Keras {sorted(expected)}")
+    return [compare(f"{name} {k}", actual[k], expected[k], rtol=rtol) for k in expected]
 
 
 def _record(comparison: Comparison, kind: str, stage: Stage, absolute: bool) -> LayerRecord:
@@ -477,31 +726,67 @@ def compare_evaluations(
     """Logits, loss and every gradient, torch (actual) against Keras (expected), each at
     ``tolerance(claim, dtype)`` (or ``rtol`` when given).
 
-    A gradient whose Keras value lies within ``zero_gradient_atol(dtype, G)`` of 0 (``G`` the
-    model's largest gradient entry) is analytically zero -- a bias feeding a train-mode
-    BatchNorm -- and both frameworks return round-off; it is compared with that absolute bound
-    (rtol 0, named ``grad PATH == 0``), never relatively.
+    A gradient's relative error is measured against its layer's largest gradient entry
+    (``tfreg_harness.tolerances.GRADIENT_SCALE_RULE``: a bias gradient that cancels to a small
+    value carries the round-off of its large terms). A gradient whose Keras value lies within
+    ``zero_gradient_atol(dtype, G)`` of 0 (``G`` the model's largest gradient entry) is
+    analytically zero -- a bias feeding a train-mode BatchNorm -- and both frameworks return
+    round-off; it is compared with that absolute bound (rtol 0, named ``grad PATH == 0``),
+    never relatively (:func:`compare_floored`).
     """
-    rtol = tolerance(claim, dtype).rtol if rtol is None else rtol
-    out = [
-        compare("logits", torch_eval.logits, keras_eval.logits, rtol=rtol),
-        compare("loss", torch_eval.loss, keras_eval.loss, rtol=rtol),
-    ]
-    if keras_eval.gradients.keys() != torch_eval.gradients.keys():
+    rtol = resolve_rtol(claim, dtype, rtol)
+    out = compare_outputs("logits", torch_eval.logits, keras_eval.logits, rtol=rtol)
+    out.append(compare("loss", torch_eval.loss, keras_eval.loss, rtol=rtol))
+    if keras_eval.gradients.keys() != torch_eval.gradients.keys() | torch_eval.ungraded.keys():
         raise ValueError(
             f"Gradient sets differ: Keras {sorted(keras_eval.gradients)} vs torch "
             f"{sorted(torch_eval.gradients)}"
         )
-    atol = zero_gradient_atol(dtype, gradient_scale(keras_eval))
-    for path, expected in keras_eval.gradients.items():
-        actual = torch_eval.gradients[path]
-        if float(np.max(np.abs(expected), initial=0.0)) <= atol:
-            out.append(
-                compare(f"grad {path} == 0", actual, np.zeros_like(expected), rtol=0.0, atol=atol)
+    for path, names in torch_eval.ungraded.items():
+        # the module holding them never ran in forward: a failure, whatever Keras' value
+        out.append(
+            Comparison(
+                f"grad {path} (torch {', '.join(names)}: no gradient, the module was never "
+                "called in forward)",
+                dtype,
+                float("inf"),
+                float("inf"),
+                (),
+                float("nan"),
+                float("nan"),
+                rtol,
+                0.0,
+                False,
             )
-        else:
-            out.append(compare(f"grad {path}", actual, expected, rtol=rtol))
+        )
+    atol = zero_gradient_atol(dtype, gradient_scale(keras_eval))
+    scales = gradient_scales(keras_eval.gradients)
+    for path, expected in keras_eval.gradients.items():
+        if path not in torch_eval.ungraded:
+            actual = torch_eval.gradients[path]
+            out.append(
+                compare_floored(
+                    f"grad {path}", actual, expected, rtol=rtol, atol=atol, scale=scales[path]
+                )
+            )
     return out
+
+
+def compare_floored(
+    name: str, actual: Any, expected: Any, *, rtol: float, atol: float, scale: float | None = None
+) -> Comparison:
+    """``actual`` against ``expected`` at ``rtol`` relative to ``scale`` (default: the expected
+    tensor's largest entry; a gradient's layer scale, ``GRADIENT_SCALE_RULE``). An expected
+    tensor within ``atol`` of 0 -- a gradient that is analytically zero, a weight that only
+    ever moved by one -- is compared absolutely (named ``NAME == 0``, rtol 0): both sides
+    hold round-off there, and a relative error would be meaningless."""
+    own = float(np.max(np.abs(expected), initial=0.0))
+    if own <= atol:
+        return compare(f"{name} == 0", actual, np.zeros_like(expected), rtol=0.0, atol=atol)
+    if scale is None or scale <= own:
+        return compare(name, actual, expected, rtol=rtol)
+    found = compare(name, actual, expected, rtol=0.0, atol=rtol * scale)
+    return replace(found, rtol=rtol, atol=0.0, max_rel=found.max_abs / scale)
 
 
 def model_parity(
@@ -530,12 +815,15 @@ __all__ = [
     "DTYPES",
     "LOSS_PAIRS",
     "Evaluation",
+    "LossSpec",
     "ModelPair",
     "build_cnn",
     "build_mlp",
     "build_pair",
     "compare_evaluations",
+    "compare_floored",
     "compare_layers",
+    "compare_outputs",
     "dropout_masks_for",
     "evaluate_keras",
     "evaluate_torch",
@@ -544,7 +832,11 @@ __all__ = [
     "gradient_scale",
     "in_keras_layout",
     "keras_loss",
+    "keras_outputs",
+    "loss_terms",
     "model_parity",
+    "settle_flatten_orders",
     "torch_loss",
     "torch_output_in_keras_layout",
+    "torch_outputs_in_keras_layout",
 ]

@@ -9,6 +9,10 @@ with the next torch leaf when that is of its kind, and otherwise counts as compu
 module's ``forward`` code. ``layer_map={keras_name: torch_name or None}`` overrides the walk for
 the layers it names. Every pairing the harness cannot make raises :class:`PairingError` naming
 both sides; every configuration mismatch a kind's check finds does too. Nothing is ever skipped.
+Weights outside every paired layer -- ``add_weight`` in a custom Keras layer or model, a torch
+parameter outside every paired module (a root-level ``nn.Parameter``) -- pair one by one, by name
+or through ``layer_map={"layer/variable": "torch_parameter"}`` (:func:`free_parameters`); a
+trainable one left without counterpart is a :class:`PairingError`.
 
 Layer shapes come from one eval-mode forward pass of the Keras model on a sample batch (so
 "same" padding at stride 2 and Flatten orders are decided on real shapes).
@@ -59,6 +63,17 @@ class LayerMatch:
 
 
 @dataclass(frozen=True)
+class FreeParameter:
+    """A Keras variable outside every registered layer kind (``add_weight`` in a custom layer
+    or model) paired with a torch parameter outside every paired module (a root-level
+    ``nn.Parameter``: position embedding, CLS token); same layout on both sides."""
+
+    keras_variable: Any
+    torch_name: str
+    torch_tensor: Any
+
+
+@dataclass(frozen=True)
 class Pairing:
     """The result of :func:`pair_layers`: every Keras leaf layer's match in definition order, and
     whether torch takes its input / gives its output channels first (the Keras side is always
@@ -68,6 +83,9 @@ class Pairing:
     matches: tuple[LayerMatch, ...]
     input_channels_first: bool
     output_channels_first: bool
+    free: tuple[FreeParameter, ...] = ()
+    outputs: Mapping[str, tuple[int, ...]] | None = None  # a structured output's shapes by name
+    output_shape: tuple[int, ...] | None = None  # a single output's shape
 
     @property
     def paired(self) -> list[LayerMatch]:
@@ -122,13 +140,34 @@ def sample_input(model: Any, sample: Any | None) -> Any:
     return np.zeros((2, *spec.shape[1:]), dtype=spec.dtype)
 
 
+def named_outputs(output: Any) -> dict[str, Any] | None:
+    """A model's structured output as ``{name: tensor}`` -- a dict by its keys, a list or tuple
+    by position (``"0"``, ``"1"``, ...); ``None`` for a single tensor."""
+    if isinstance(output, Mapping):
+        return {str(k): v for k, v in output.items()}
+    if isinstance(output, (list, tuple)):
+        return {str(i): v for i, v in enumerate(output)}
+    return None
+
+
 def _shapes(
     model: Any, layers: list[Any], sample: Any
-) -> tuple[dict[int, tuple[int, ...]], dict[int, tuple[int, ...]]]:
+) -> tuple[
+    dict[int, tuple[int, ...]],
+    dict[int, tuple[int, ...]],
+    tuple[int, ...] | dict[str, tuple[int, ...]],
+]:
     with keras_watch(layers) as trace:
-        model(sample, training=False)
-    outputs = {key: tuple(int(d) for d in out.shape) for key, out in trace.outputs.items()}
-    return trace.input_shapes, outputs
+        result = model(sample, training=False)
+    outputs = {key: _shape_of(out) for key, out in trace.outputs.items()}
+    named = named_outputs(result)
+    if named is None:
+        return trace.input_shapes, outputs, tuple(int(d) for d in result.shape)
+    return trace.input_shapes, outputs, {k: _shape_of(v) for k, v in named.items()}
+
+
+def _shape_of(value: Any) -> tuple[int, ...]:
+    return tuple(int(d) for d in value.shape)
 
 
 def pair_layers(
@@ -147,9 +186,19 @@ def pair_layers(
     from tfreg.parity.kinds import TORCH_ACTIVATIONS, activation_problem, keras_activation
 
     choice(torch_input, "torch_input", ("auto", "channels_first", "channels_last"))
-    layers = keras_layers(keras_model)
+    all_layers = keras_layers(keras_model)
+    found = {id(layer): layer_pair_for(layer) for layer in all_layers}
+    # a custom layer holding weights (add_weight) and of no registered kind: torch computes it in
+    # forward code; its weights pair parameter by parameter (free_parameters). A Keras built-in
+    # of no registered kind is refused below.
+    layers = [
+        layer
+        for layer in all_layers
+        if found[id(layer)] is not None or not layer.weights or _builtin(layer)
+    ]
     layer_map = dict(layer_map or {})
-    unknown = set(layer_map) - {layer.name for layer in layers}
+    variable_keys = {k for k in layer_map if _free_variable(keras_model, layers, k) is not None}
+    unknown = set(layer_map) - {layer.name for layer in layers} - variable_keys
     if unknown:
         raise PairingError(
             f"layer_map names Keras layers the model does not have: {sorted(unknown)}. "
@@ -157,7 +206,7 @@ def pair_layers(
         )
     kinds: dict[int, LayerPair] = {}
     for layer in layers:
-        kind = layer_pair_for(layer)
+        kind = found[id(layer)]
         if kind is None:
             names = sorted(cls.__name__ for cls in registered())
             raise PairingError(
@@ -173,7 +222,7 @@ def pair_layers(
                 f"does not. Build the Input with dtype={dtype!r}."
             )
     sample = sample_input(keras_model, sample)
-    in_shapes, out_shapes = _shapes(keras_model, layers, sample)
+    in_shapes, out_shapes, model_outputs = _shapes(keras_model, layers, sample)
     leaves = torch_leaves(torch_module)
     known_torch = torch_classes()
     for name, module in leaves:
@@ -314,14 +363,92 @@ def pair_layers(
                 f"{_describe(name, module)} holds weights but no Keras layer is left to pair it "
                 f"with (Keras layers: {[layer.name for layer in layers]})"
             )
-    return Pairing(tuple(matches), input_state, state)
+    paired_modules = [m.torch_module for m in matches if m.torch_module is not None]
+    free = free_parameters(
+        keras_model, layers, torch_module, paired_modules, {k: layer_map[k] for k in variable_keys}
+    )
+    if isinstance(model_outputs, dict):
+        return Pairing(tuple(matches), input_state, state, free, model_outputs)
+    return Pairing(tuple(matches), input_state, state, free, output_shape=model_outputs)
+
+
+def _builtin(layer: Any) -> bool:
+    return type(layer).__module__.split(".")[0] == "keras"
+
+
+def _free_variables(keras_model: Any, layers: list[Any]) -> list[Any]:
+    """Keras variables no registered layer kind maps: ``add_weight`` in a custom layer or in
+    the model itself."""
+    covered = {id(v) for layer in layers for v in layer.weights}
+    return [v for v in keras_model.weights if id(v) not in covered]
+
+
+def _free_variable(keras_model: Any, layers: list[Any], key: str) -> Any | None:
+    """The free Keras variable ``key`` names: its path, or the path's tail (``"pe/pos"``)."""
+    found = [
+        v
+        for v in _free_variables(keras_model, layers)
+        if v.path == key or v.path.endswith("/" + key)
+    ]
+    return found[0] if len(found) == 1 else None
+
+
+def free_parameters(
+    keras_model: Any,
+    layers: list[Any],
+    torch_module: Any,
+    paired_modules: list[Any],
+    explicit: Mapping[str, str | None],
+) -> tuple[FreeParameter, ...]:
+    """Pair the Keras variables outside every paired layer with the torch parameters outside
+    every paired module: ``explicit`` (``layer_map`` entries keyed by a Keras variable path)
+    first, then by name (the variable's name equals the parameter name's last part, one
+    candidate each side). A *trainable* variable or parameter left without a counterpart is a
+    :class:`PairingError`: one side would train a weight the other does not have (a
+    non-trainable leftover changes the forward pass, which the comparisons catch)."""
+    keras_free = _free_variables(keras_model, layers)
+    covered = {id(t) for module in paired_modules for t in module.parameters()}
+    torch_free = {n: t for n, t in torch_module.named_parameters() if id(t) not in covered}
+    out: list[FreeParameter] = []
+    for key, target in explicit.items():
+        variable = _free_variable(keras_model, layers, key)
+        if target is None or target not in torch_free:
+            raise PairingError(
+                f"layer_map pairs Keras variable {key!r} with torch parameter {target!r}, which "
+                f"is no parameter outside the paired modules. Those: {sorted(torch_free)}"
+            )
+        out.append(FreeParameter(variable, target, torch_free.pop(target)))
+        keras_free = [v for v in keras_free if v is not variable]
+    for variable in list(keras_free):
+        short = str(variable.name)
+        names = [n for n in torch_free if n.rsplit(".", 1)[-1] == short]
+        same_name = [v for v in keras_free if str(v.name) == short]
+        if len(names) == 1 and len(same_name) == 1:
+            out.append(FreeParameter(variable, names[0], torch_free.pop(names[0])))
+            keras_free = [v for v in keras_free if v is not variable]
+    lonely = [f"Keras variable {v.path!r}" for v in keras_free if v.trainable]
+    lonely += [f"torch parameter {n!r}" for n, t in torch_free.items() if t.requires_grad]
+    if lonely:
+        raise PairingError(
+            f"trainable {', '.join(lonely)} {'has' if len(lonely) == 1 else 'have'} no "
+            "counterpart on the other side (a weight outside every paired layer -- a custom "
+            "layer's add_weight, a root-level nn.Parameter -- pairs by name, or through "
+            "layer_map={'keras_layer/variable': 'torch_parameter'}; a custom layer can also "
+            "get a kind with tfreg.parity.register_layer_pair); unpaired "
+            f"Keras variables: {[v.path for v in keras_free]}, torch parameters: "
+            f"{sorted(torch_free)}"
+        )
+    return tuple(out)
 
 
 __all__ = [
+    "FreeParameter",
     "LayerMatch",
     "Pairing",
     "PairingError",
+    "free_parameters",
     "keras_layers",
+    "named_outputs",
     "pair_error",
     "pair_layers",
     "sample_input",

@@ -101,7 +101,12 @@ def mlp_cases(dtypes: tuple[str, ...] = ("float32", "float64")) -> list[Case]:
         pair = _mlp(dtype)
         x, y = _digits(dtype, 32)
         evaluation = evaluate_keras(pair, x, y)
-        arrays = {"x": x, "y": y, "logits": evaluation.logits, "loss": evaluation.loss}
+        arrays: dict[str, Any] = {
+            "x": x,
+            "y": y,
+            "logits": evaluation.logits,
+            "loss": evaluation.loss,
+        }
         arrays |= _torch_layout(pair)
         arrays |= {
             k.replace("param", "grad"): v

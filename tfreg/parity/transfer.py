@@ -157,6 +157,50 @@ def pairs_from(pairing: Pairing) -> list[ParameterPair]:
         missing = [v.path for v in layer.weights if id(v) not in covered]
         if missing:
             raise pair_error(layer, t_name, module, f"its kind maps no torch tensor to {missing}")
+    for free in pairing.free:
+        variable, tensor = free.keras_variable, free.torch_tensor
+        pair = ParameterPair(
+            f"{variable.path} <-> {free.torch_name}",
+            variable,
+            (free.torch_name,),
+            (tensor,),
+            _identity,
+            _identity,
+            _identity,
+        )
+        keras_shape = tuple(int(d) for d in variable.shape)
+        if keras_shape != tuple(tensor.shape) or np.dtype(variable.dtype) != torch_numpy_dtype(
+            tensor
+        ):
+            raise PairingError(
+                f"Keras variable {variable.path!r} ({keras_shape}, {variable.dtype}) and torch "
+                f"parameter {free.torch_name!r} ({tuple(tensor.shape)}, {tensor.dtype}) pair by "
+                "name or layer_map but differ in shape or dtype"
+            )
+        out.append(pair)
+    return out
+
+
+def _identity(a: Any) -> Any:
+    return a
+
+
+def trainable_mismatches(pairs: Sequence[ParameterPair]) -> list[tuple[str, str]]:
+    """``(check name, cause)`` of every pair that one side trains and the other does not:
+    Keras ``trainable`` against torch's ``requires_grad`` (any of the pair's tensors: torch may
+    freeze a redundant copy, LSTM's ``bias_hh``). Such a pair passes a one-pass comparison while
+    the two trainings part ways."""
+    out = []
+    for p in pairs:
+        torch_trains = any(bool(getattr(t, "requires_grad", False)) for t in p.torch_tensors)
+        if p.trainable != torch_trains:
+            out.append(
+                (
+                    f"trainable {p.keras_variable.path} <-> {p.torch_name}",
+                    f"Keras trainable={p.trainable} but torch requires_grad={torch_trains}: "
+                    "one side trains this weight and the other does not",
+                )
+            )
     return out
 
 
@@ -256,5 +300,6 @@ __all__ = [
     "torch_gradients_in_keras_layout",
     "torch_numpy_dtype",
     "torch_to_numpy",
+    "trainable_mismatches",
     "transfer_weights",
 ]
