@@ -142,3 +142,34 @@ def test_distributed_tf_counts_one_collective_per_dtype_per_update() -> None:
     assert all(_finite_positive(row["ratio"][c]) for c in run.CLOCKS)
     markdown = "\n".join(report._distributed(section))
     assert "| 8x8x1 | 32 | 2 / 4 |" in markdown and "1 float32, 1 float64 | 0 |" in markdown
+
+
+# benchmarks/proximal.py (issue 16's prox, ISTA and OrthogonalRegularizer ratios): every part at
+# a tiny size, with the baseline-kernel variants (here the current kernel file itself).
+@pytest.mark.slow
+def test_proximal_benchmark_reports_every_ratio() -> None:
+    from benchmarks import proximal
+
+    baseline = str(REPO / "tfreg_core" / "proximal.py")
+    results = {
+        "machine": run.machine_info(("tf", "torch"), "cpu"),
+        "load": {"before": [0.0, 0.0, 0.0], "after": [0.0, 0.0, 0.0]},
+        "repeats": REPEATS,
+        "rounds": 1,
+        "prox": proximal.bench_prox(8, 16, 8, REPEATS, 1, baseline),
+        "ista": proximal.bench_ista(REPEATS, 1, 2),
+        "orthogonal": proximal.bench_orthogonal(8, 16, 8, REPEATS, 1),
+    }
+    expected = {
+        "prox": 6,  # per twin: prox / none, baseline prox / none, prox / baseline prox
+        "ista": 4,
+        "orthogonal": 2,
+    }
+    for part, count in expected.items():
+        ratios = results[part]["ratios"]
+        assert len(ratios) == count, part
+        for ratio in ratios.values():
+            assert _finite_positive(ratio["cpu"]) and _finite_positive(ratio["wall"])
+    text = proximal.markdown(results, "cpu")
+    assert "tfreg.Trainer / torchref.Trainer" in text
+    assert "tfreg / Keras OrthogonalRegularizer(rows)" in text

@@ -101,6 +101,48 @@ def test_zero_step_leaves_the_tensor_unchanged() -> None:
     np.testing.assert_array_equal(out, z)
 
 
+_ARRAY_OPS = {
+    "numpy": (core.NUMPY_OPS, np.asarray, np.asarray),
+    "tf": (tfreg.proximal._OPS, tf.constant, lambda t: t.numpy()),
+    "torch": (torchref.proximal._OPS, torch.as_tensor, lambda t: t.numpy()),
+}
+
+
+@pytest.mark.parametrize("framework", sorted(_ARRAY_OPS))
+@pytest.mark.parametrize(
+    ("shape", "axes"),
+    [((3, 3, 4, 6), (0, 1, 2)), ((3, 3, 4, 6), (3,)), ((6, 3, 3, 4), (0,)), ((9, 5), (0,))],
+    ids=["keras-filters", "keras-rows", "torch-filters", "dense-columns"],
+)
+def test_preconditioned_prox_over_any_axes_matches_the_per_group_solve(
+    framework: str, shape: tuple[int, ...], axes: tuple[int, ...]
+) -> None:
+    # The kernel solves every group of a tensor at once, with the norm over ``axes`` (the layouts
+    # of Keras and torch kernels); each group is checked against the independent per-group
+    # Brent solve, float64, 1e-12 relative (round-off of the same minimiser). Steps spread over
+    # 1e4, as Adam's do; tau puts about half of the groups at zero.
+    ops, to_array, to_numpy = _ARRAY_OPS[framework]
+    rng = np.random.default_rng(16)
+    z = rng.standard_normal(shape) * rng.uniform(0.01, 3, size=shape)
+    s = 10 ** rng.uniform(-4, 0, size=shape)
+    rest = [a for a in range(len(shape)) if a not in axes]
+    rows_of = lambda a: np.transpose(a, rest + list(axes)).reshape(  # noqa: E731
+        int(np.prod([shape[a] for a in rest])), -1
+    )
+    tau = float(np.median(np.linalg.norm(rows_of(z) / rows_of(s), axis=1)))
+    actual = to_numpy(core.preconditioned_block_prox(to_array(z), to_array(s), tau, axes, ops))
+    _assert_matches(framework, rows_of(actual), reference_rows(rows_of(z), rows_of(s), tau))
+    zero = np.all(rows_of(actual) == 0, axis=1)
+    assert 0 < np.count_nonzero(zero) < len(zero)
+    # Equal steps within each group: the closed form, the block soft-threshold by s_g * tau.
+    s_group = np.broadcast_to(np.max(s, axis=axes, keepdims=True), shape).copy()
+    closed = core.block_soft_threshold(z, s_group * tau, axes, core.NUMPY_OPS)
+    actual = to_numpy(
+        core.preconditioned_block_prox(to_array(z), to_array(s_group), tau, axes, ops)
+    )
+    _assert_matches(f"{framework} equal steps", actual, closed)
+
+
 def test_group_weight() -> None:
     assert core.group_weight((20, 8), (1,), None) == 1.0
     assert core.group_weight((3, 3, 4, 16), (0, 1, 2), "sqrt_size") == 6.0

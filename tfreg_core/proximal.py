@@ -192,18 +192,22 @@ def preconditioned_block_prox(
     by the Newton iteration of the module docstring. ``step`` has ``z``'s shape, entries >= 0;
     ``tau`` > 0 is a Python number."""
     s = ops.where(step > 0, step, ops.ones_like(step) * ops.tiny(z))
-    zero_group = ops.sqrt(ops.sum_keep((z / s) * (z / s), axes)) <= tau
-    z_norm = ops.sqrt(ops.sum_keep(z * z, axes))
-    nu = z_norm / tau - ops.max_keep(s, axes)
+    r = z / s
+    zero_group = ops.sqrt(ops.sum_keep(r * r, axes)) <= tau
+    nu = ops.sqrt(ops.sum_keep(z * z, axes)) / tau - ops.max_keep(s, axes)
     # Zero groups' nu is irrelevant (masked at the end); 1 keeps their arithmetic finite (an
     # all-zero group would otherwise divide 0 by 0).
     one = ops.ones_like(nu)
     nu = ops.where(zero_group, one, ops.where(nu > 0, nu, ops.zeros_like(nu)))
+    # The cost is the passes over the whole tensor (the rest is per group): four per iteration,
+    # r = z / d once, Q^2 = sum r^2 and S = sum r^2 / d from it.
     for _ in range(iterations):
         d = s + nu
-        q = ops.sqrt(ops.sum_keep((z / d) * (z / d), axes))
-        curvature = ops.where(zero_group, one, ops.sum_keep(z * z / (d * d * d), axes))
-        nu = nu + (q / tau - 1) * q * q / curvature
+        r = z / d
+        r2 = r * r
+        q2 = ops.sum_keep(r2, axes)
+        curvature = ops.where(zero_group, one, ops.sum_keep(r2 / d, axes))
+        nu = nu + (ops.sqrt(q2) / tau - 1) * q2 / curvature
     x = z * (nu / (s + nu))
     return ops.where(zero_group, ops.zeros_like(x), x)
 
