@@ -136,6 +136,33 @@ def _reject_activity_regularizers(model: keras.layers.Layer) -> None:
             )
 
 
+# The keras.Model methods that define what fit trains and reports. The trainers compute the
+# loss themselves (loss terms, counts, windows); a model that overrides one of them trains
+# something they cannot see into.
+_KERAS_STEP_METHODS = ("train_step", "test_step", "compute_loss", "compute_metrics")
+
+
+def _reject_custom_steps(model: keras.layers.Layer, owner: str) -> None:
+    """Refuse a model whose class overrides ``train_step``/``test_step``/``compute_loss``/
+    ``compute_metrics``: the trainers call the model forward and build the objective from the
+    compiled loss, so the override would be silently ignored (another objective trained)."""
+    if not isinstance(model, keras.Model):
+        return
+    custom = [
+        name
+        for name in _KERAS_STEP_METHODS
+        if getattr(type(model), name) is not getattr(keras.Model, name)
+    ]
+    if custom:
+        raise InvalidArgumentError(
+            f"{owner} computes the loss and the step itself (exact accumulation over the "
+            f"compiled loss); it would ignore {type(model).__name__}.{', .'.join(custom)}. Put "
+            "the objective in the loss (a Keras loss or a per-element loss function), or train "
+            f"this model with its own fit. Received: model of class {type(model).__name__!r} "
+            f"overriding {custom}"
+        )
+
+
 def _reject_added_losses(model: keras.layers.Layer) -> None:
     # Called right after a forward pass (the only time `add_loss` terms exist). Keras fit adds
     # them to every batch's loss; summed per micro-batch they would count once per micro-batch,
@@ -193,15 +220,23 @@ def _penalty_fn(
 
 
 def _window_gradient(
-    sums: Sequence[Sequence[tf.Tensor]], counts: Sequence[tf.Tensor], micro_batches: tf.Tensor
+    sums: Sequence[Sequence[tf.Tensor]],
+    counts: Sequence[tf.Tensor],
+    micro_batches: tf.Tensor,
+    summed: Sequence[bool],
 ) -> list[tf.Tensor]:
-    """``sum_o sums_o / N_o`` from each loss term's gradient sums and count. A term none of
-    whose elements counted in the window (every timestep masked) contributes zero, as Keras'
-    ``divide_no_nan`` does; a window without any micro-batch is NaN (never applied)."""
+    """``sum_o sums_o / N_o`` from each loss term's gradient sums and count (a ``summed`` term,
+    Keras reduction ``"sum"``/``"none"``: ``sums_o`` itself, as Keras fit trains the big
+    batch's sum). A term none of whose elements counted in the window (every timestep masked)
+    contributes zero, as Keras' ``divide_no_nan`` does; a window without any micro-batch is NaN
+    (never applied)."""
     empty = tf.where(micro_batches > 0, 0.0, float("nan"))
     total = None
-    for term_sums, count in zip(sums, counts, strict=True):
-        part = [tf.math.divide_no_nan(s, tf.cast(count, s.dtype)) for s in term_sums]
+    for term_sums, count, is_sum in zip(sums, counts, summed, strict=True):
+        if is_sum:
+            part = list(term_sums)
+        else:
+            part = [tf.math.divide_no_nan(s, tf.cast(count, s.dtype)) for s in term_sums]
         total = part if total is None else [a + b for a, b in zip(total, part, strict=True)]
     return [g + tf.cast(empty, g.dtype) for g in total]
 
@@ -238,6 +273,7 @@ def _update(
     penalty_fn: Callable[[], tf.Tensor | None],
     *,
     clip: Callable[[list[tf.Tensor]], list[tf.Tensor]],
+    summed: Sequence[bool],
     after_step: Callable[[], None] | None = None,
     extras: Sequence[Any] = (),
     replicas: Replicas | None = None,
@@ -254,7 +290,7 @@ def _update(
     doubles after ``dynamic_growth_steps`` applied updates), a non-finite one (float16
     overflow) is skipped and the scale halves."""
     window = _Reduced(accs, extras, replicas)
-    grads = _window_gradient(window.sums, window.counts, accs[0].micro_batches)
+    grads = _window_gradient(window.sums, window.counts, accs[0].micro_batches, summed)
     grads = [tf.cast(g, v.dtype) for g, v in zip(grads, variables, strict=True)]
     with tf.GradientTape() as tape:
         pen = penalty_fn()
@@ -303,11 +339,15 @@ class _LossSums(tf.Module):
         pen: tf.Tensor,
         sums: Sequence[tf.Tensor],
     ) -> dict[str, tf.Tensor]:
-        """``data_loss = sum_o weight_o * S_o / N_o`` (0 for a term with no element), ``loss``
+        """``data_loss = sum_o weight_o * S_o / N_o`` (0 for a term with no element; ``S_o``
+        for a ``"sum"`` reduction, as Keras logs it on the big batch), ``loss``
         (+ penalty), ``elements`` (sum of N_o; 0 when everything was masked) and, with several
         terms, ``<output>_loss``, from the window's (reduced) ``sums`` of ``self.sums``; then
         zeroes the sums."""
-        per_term = [tf.math.divide_no_nan(s, n) for s, n in zip(sums, counts, strict=True)]
+        per_term = [
+            s if t.reduction == "sum" else tf.math.divide_no_nan(s, n)
+            for t, s, n in zip(terms, sums, counts, strict=True)
+        ]
         data_loss = tf.add_n([t.weight * v for t, v in zip(terms, per_term, strict=True)])
         values = {
             "loss": data_loss + pen,
@@ -571,7 +611,13 @@ class _Engine:
         # Validation: the loss terms and counts `_micro` accumulates, in inference mode.
         y_pred = self.model(x, training=False)
         sums, counts = loss_sums(self.terms, self.names, y, y_pred, w)
-        out = [tf.cast(total, tf.float64) for total in sums] + list(counts)
+        sums = [tf.cast(total, tf.float64) for total in sums]
+        # A "sum" loss: Keras' val_loss averages the batch sums weighted by batch size.
+        size = tf.cast(tf.shape(tf.nest.flatten(y_pred)[0])[0], tf.float64)
+        for i, term in enumerate(self.terms):
+            if term.reduction == "sum":
+                sums[i], counts[i] = sums[i] * size, size
+        out = sums + list(counts)
         if self.spec.metrics:  # one output (checked in Trainer.__init__)
             values = [_METRIC_FNS[name](y, y_pred) for name in self.spec.metrics]
             out.append(tf.reduce_sum(_metric_weights(w, values[0], y_pred)))
@@ -637,6 +683,7 @@ class _Engine:
             self.optimizer,
             self.penalty_fn,
             clip=lambda grads: _clip(grads, spec),
+            summed=[t.summed for t in self.terms],
             after_step=self.after_step,
             extras=[*window.losses.sums, window.weight_sum, *window.metric_sums],
             replicas=self.replicas,
@@ -751,6 +798,7 @@ class Trainer:
                 f"gradient_accumulation_steps={optimizer.gradient_accumulation_steps}"
             )
         _reject_activity_regularizers(model)
+        _reject_custom_steps(model, "Trainer")
         optimizer = _loss_scaled(optimizer, model)
         if on_nonfinite == "raise" and isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
             raise InvalidArgumentError(
@@ -1119,6 +1167,13 @@ class AccumulatingModel(keras.Model):
         if not isinstance(model, keras.layers.Layer):
             raise InvalidArgumentError(f"model must be a Keras model. Received: model={model!r}")
         _reject_activity_regularizers(model)
+        _reject_custom_steps(model, "AccumulatingModel")
+        if type(self).compute_loss is not keras.Model.compute_loss:
+            raise InvalidArgumentError(
+                "AccumulatingModel's train_step does not call compute_loss (it accumulates "
+                "the compiled loss's sums and counts): an override would be ignored. "
+                f"Received: {type(self).__name__}.compute_loss"
+            )
         # The wrapper must hand inputs to `model` untouched (a float32 wrapper would round
         # float64 inputs); `model`'s own layers cast as they always do.
         kwargs.setdefault("autocast", False)
@@ -1300,6 +1355,7 @@ class AccumulatingModel(keras.Model):
             self.optimizer,
             _penalty_fn(self.model, variables, self.regularizer, self.spec.include_bias),
             clip=lambda grads: grads,
+            summed=[t.summed for t in self._terms],
             after_step=_proximal_step(self.proximal, self.model, self.optimizer),
             extras=[*losses.sums, self._window_examples],
             replicas=self._replicas,

@@ -1,0 +1,188 @@
+"""What Keras users really hand the trainers (issue 17, TF side): custom steps, "sum"/"none"
+loss reductions, EMA, non-finite epochs, saving, callbacks reading ``model.optimizer``, dict
+losses in evaluation, recompiling after unfreezing, ragged data, and the pinned differences.
+
+References are plain Keras: ``fit`` on the concatenated window (float64, floatx float64 so the
+data adapter keeps the inputs) or a hand ``GradientTape`` step. ``EXACT`` is the accumulation
+tolerance (float64, <= 1e-12 rel: the window's sum is reassociated, nothing else differs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import keras
+import numpy as np
+import pytest
+
+import tfreg
+from tfreg_core import InvalidArgumentError
+from tfreg_harness import tolerance
+
+EXACT = tolerance("accumulation", "float64")
+LR = 0.0625  # exact in float32 (Keras keeps the rate as a float32 variable)
+CLASSES = 3
+
+
+@contextlib.contextmanager
+def _global(get: Any, set_: Any, value: str) -> Iterator[None]:
+    previous = get()
+    set_(value)
+    try:
+        yield
+    finally:
+        set_(previous)
+
+
+@pytest.fixture
+def float64_floatx() -> Iterator[None]:
+    # fit's data adapter casts float inputs to floatx, and layers take the global policy.
+    with (
+        _global(keras.config.floatx, keras.config.set_floatx, "float64"),
+        _global(keras.config.dtype_policy, keras.config.set_dtype_policy, "float64"),
+    ):
+        yield
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(20261207)
+
+
+def _classifier(seed: int = 0, hidden: int = 5) -> keras.Model:
+    inputs = keras.Input((4,), dtype="float64")
+    h = keras.layers.Dense(hidden, activation="tanh", dtype="float64", name="hidden")(inputs)
+    out = keras.layers.Dense(CLASSES, dtype="float64", name="out")(h)
+    model = keras.Model(inputs, out)
+    weights = np.random.default_rng(seed)
+    model.set_weights([weights.normal(size=w.shape) * 0.5 for w in model.get_weights()])
+    return model
+
+
+def _class_data(rng: np.random.Generator, n: int = 10) -> tuple[np.ndarray, ...]:
+    x = rng.normal(size=(n, 4))
+    y = rng.integers(0, CLASSES, size=(n,))
+    y[[1, 6]] = -1  # ignore_class: these examples do not count
+    # float32-exact weights: Keras' data adapter would round float64 weights otherwise
+    sw = rng.uniform(0.5, 2.0, size=n).astype(np.float32).astype(np.float64)
+    return x, y, sw
+
+
+def _rel(ours: list[np.ndarray], ref: list[np.ndarray], start: list[np.ndarray]) -> float:
+    """max |dw - dw_ref| / max |dw_ref| over all weights (the issue's measure)."""
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(ours, ref, strict=True))
+    scale = max(float(np.abs(b - s).max()) for b, s in zip(ref, start, strict=True))
+    return diff / scale
+
+
+def _clone(model: keras.Model) -> keras.Model:
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+# --- custom train_step / compute_loss / compute_metrics ------------------------------------
+
+
+class _CustomStep(keras.Model):
+    def train_step(self, data: Any) -> Any:  # pragma: no cover - never called
+        return super().train_step(data)
+
+
+class _CustomLoss(keras.Model):
+    def compute_loss(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover
+        return 2.0 * super().compute_loss(*args, **kwargs)
+
+
+class _CustomMetrics(keras.Model):
+    def compute_metrics(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover
+        return super().compute_metrics(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("cls", "method"),
+    [
+        (_CustomStep, "train_step"),
+        (_CustomLoss, "compute_loss"),
+        (_CustomMetrics, "compute_metrics"),
+    ],
+)
+@pytest.mark.parametrize("front_end", ["trainer", "model"])
+def test_overridden_keras_steps_are_refused_by_name(cls, method, front_end) -> None:
+    inputs = keras.Input((4,))
+    model = cls(inputs, keras.layers.Dense(2)(inputs))
+    before = [w.copy() for w in model.get_weights()]
+    with pytest.raises(InvalidArgumentError, match=rf"{cls.__name__}\.{method}"):
+        if front_end == "trainer":
+            tfreg.Trainer(model, "mse", "sgd", accumulation_steps=2)
+        else:
+            tfreg.AccumulatingModel(model, accumulation_steps=2)
+    for a, b in zip(model.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_accumulating_model_subclass_overriding_compute_loss_is_refused() -> None:
+    class Mine(tfreg.AccumulatingModel):
+        def compute_loss(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover
+            return super().compute_loss(*args, **kwargs)
+
+    with pytest.raises(InvalidArgumentError, match="compute_loss"):
+        Mine(_classifier(), accumulation_steps=2)
+
+
+# --- reduction "sum" / "none" / None ------------------------------------------------------
+
+
+def _sum_loss(reduction: str | None) -> keras.losses.Loss:
+    return keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, ignore_class=-1, reduction=reduction, dtype="float64"
+    )
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none", None])
+@pytest.mark.parametrize("front_end", ["trainer", "model"])
+def test_sum_and_none_reductions_train_the_window_sum_like_keras_fit(
+    rng, float64_floatx, reduction, front_end
+) -> None:
+    # Keras fit trains the weighted *sum* for these reductions ("none": the gradient of the
+    # tensor of weighted values). 10 examples as micro-batches 4, 4, 2 = one window.
+    x, y, sw = _class_data(rng)
+    model = _classifier()
+    start = model.get_weights()
+    reference = _clone(model)
+    reference.compile(keras.optimizers.SGD(LR), _sum_loss(reduction))
+    logs = reference.fit(x, y, sample_weight=sw, batch_size=10, shuffle=False, verbose=0)
+    if front_end == "trainer":
+        loss = _sum_loss(reduction)
+        t = tfreg.Trainer(model, loss, keras.optimizers.SGD(LR), accumulation_steps=3)
+        ours = t.fit(x, y, sample_weight=sw, batch_size=4, shuffle=False, verbose=0).epochs[-1]
+    else:
+        wrapped = tfreg.AccumulatingModel(model, accumulation_steps=3)
+        wrapped.compile(keras.optimizers.SGD(LR), _sum_loss(reduction))
+        ours = wrapped.fit(x, y, sample_weight=sw, batch_size=4, shuffle=False, verbose=0)
+        ours = {k: v[-1] for k, v in ours.history.items()}
+    assert _rel(model.get_weights(), reference.get_weights(), start) <= EXACT.rtol
+    # Keras logs the batch sum for "sum", the mean of the weighted values for "none" (no mask
+    # here beyond ignore_class, whose zeros Keras' mean counts: compare "sum" only).
+    if reduction == "sum":
+        assert ours["loss"] == pytest.approx(logs.history["loss"][-1], rel=1e-12)
+
+
+def test_sum_reduction_val_loss_averages_batch_sums_like_keras(rng, float64_floatx) -> None:
+    x, y, _ = _class_data(rng)
+    model = _classifier()
+    reference = _clone(model)
+    reference.compile(keras.optimizers.SGD(LR), _sum_loss("sum"))
+    t = tfreg.Trainer(model, _sum_loss("sum"), keras.optimizers.SGD(LR), accumulation_steps=3)
+    history = t.fit(x, y, batch_size=4, shuffle=False, verbose=0, validation_data=(x, y))
+    reference.fit(x, y, batch_size=10, shuffle=False, verbose=0)
+    expected = reference.evaluate(x, y, batch_size=4, verbose=0)  # batches 4, 4, 2
+    assert history.epochs[-1]["val_loss"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_mean_with_sample_weight_reduction_is_refused() -> None:
+    loss = keras.losses.MeanSquaredError(reduction="mean_with_sample_weight")
+    with pytest.raises(InvalidArgumentError, match="mean_with_sample_weight"):
+        tfreg.Trainer(_classifier(), loss, "sgd")
