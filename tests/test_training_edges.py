@@ -186,3 +186,84 @@ def test_mean_with_sample_weight_reduction_is_refused() -> None:
     loss = keras.losses.MeanSquaredError(reduction="mean_with_sample_weight")
     with pytest.raises(InvalidArgumentError, match="mean_with_sample_weight"):
         tfreg.Trainer(_classifier(), loss, "sgd")
+
+
+# --- Trainer: EMA finalised, Keras callbacks that read model.optimizer ----------------------
+
+
+def _regression(rng: np.random.Generator, n: int = 12) -> tuple[np.ndarray, np.ndarray]:
+    return rng.normal(size=(n, 4)), rng.normal(size=(n, 2))
+
+
+def _dense(seed: int = 0) -> keras.Model:
+    model = keras.Sequential([keras.Input((4,), dtype="float64"), keras.layers.Dense(2)])
+    model.set_weights([np.random.default_rng(seed).normal(size=w.shape) for w in model.weights])
+    return model
+
+
+def test_trainer_swaps_in_the_ema_weights_at_the_end_like_fit(rng, float64_floatx) -> None:
+    x, y = _regression(rng)
+
+    def optimizer() -> keras.optimizers.Optimizer:
+        return keras.optimizers.SGD(LR, use_ema=True, ema_momentum=0.5)
+
+    model = _dense()
+    start = model.get_weights()
+    reference = _clone(model)
+    reference.compile(optimizer(), "mse")
+    reference.fit(x, y, batch_size=4, epochs=2, shuffle=False, verbose=0)
+    t = tfreg.Trainer(model, "mse", optimizer(), accumulation_steps=2)
+    t.fit(x, y, batch_size=2, epochs=2, shuffle=False, verbose=0)
+    assert _rel(model.get_weights(), reference.get_weights(), start) <= EXACT.rtol
+
+
+class _Iterations(keras.callbacks.Callback):
+    def __init__(self) -> None:
+        super().__init__()
+        self.iterations: list[int] = []
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        self.iterations.append(int(self.model.optimizer.iterations.numpy()))
+
+
+def test_trainer_runs_callbacks_that_read_model_optimizer(rng, float64_floatx) -> None:
+    # LearningRateScheduler (at each epoch's start) and ReduceLROnPlateau (at each epoch's end;
+    # min_delta so large that every epoch after the first "plateaus"): the rates they set
+    # take effect at the next update, as in Keras fit on the concatenated windows.
+    x, y = _regression(rng)
+
+    def callbacks() -> list[keras.callbacks.Callback]:
+        return [
+            keras.callbacks.LearningRateScheduler(lambda epoch, lr: 0.25 if epoch == 0 else lr),
+            keras.callbacks.ReduceLROnPlateau(
+                monitor="loss", factor=0.5, patience=0, min_delta=1e9
+            ),
+        ]
+
+    model = _dense()
+    start = model.get_weights()
+    reference = _clone(model)
+    reference.compile(keras.optimizers.SGD(LR), "mse")
+    expected = reference.fit(
+        x, y, batch_size=4, epochs=3, shuffle=False, verbose=0, callbacks=callbacks()
+    )
+    t = tfreg.Trainer(model, "mse", keras.optimizers.SGD(LR), accumulation_steps=2)
+    seen = _Iterations()  # reads model.optimizer.iterations as TensorBoard's step
+    history = t.fit(
+        x, y, batch_size=2, epochs=3, shuffle=False, verbose=0, callbacks=[*callbacks(), seen]
+    )
+    assert expected.history["learning_rate"] == [0.25, 0.25, 0.125]  # the epochs' rates
+    assert float(t.optimizer.learning_rate.numpy()) == 0.0625  # the reference's too:
+    assert float(reference.optimizer.learning_rate.numpy()) == 0.0625  # halved after epoch 3
+    assert _rel(model.get_weights(), reference.get_weights(), start) <= EXACT.rtol
+    assert len(history.epochs) == 3 and seen.iterations == [3, 6, 9]  # updates, as in fit
+    assert not hasattr(model, "optimizer") or model.optimizer is None  # the user's model untouched
+
+
+def test_trainer_runs_tensorboard(rng, tmp_path) -> None:
+    pytest.importorskip("tensorboard")
+    x, y = _regression(rng)
+    t = tfreg.Trainer(_dense(), "mse", keras.optimizers.SGD(LR), accumulation_steps=2)
+    board = keras.callbacks.TensorBoard(log_dir=str(tmp_path))
+    t.fit(x, y, batch_size=2, epochs=2, verbose=0, callbacks=[board])
+    assert any((tmp_path / "train").iterdir())

@@ -924,7 +924,10 @@ class Trainer:
         evaluated after each epoch's last update; ``history.epochs`` gets ``val_loss``,
         ``val_data_loss`` and the metrics. ``callbacks``: ``keras.callbacks.Callback`` objects
         (Keras' hooks: ``on_train_batch_end`` once per update, ``on_epoch_end`` with the epoch
-        logs, ``model.stop_training`` honoured; ``self.model`` is the trained model) and/or
+        logs, ``model.stop_training`` honoured; ``self.model`` is the trained model as the
+        callbacks see it in Keras fit: its attributes, with the trainer's optimizer as
+        ``optimizer``, so ``LearningRateScheduler``, ``ReduceLROnPlateau`` and ``TensorBoard``
+        work and a rate they set applies from the next update) and/or
         the project's hooks (``tfreg_core.training.HOOKS``), all checked before training.
 
         Under a ``tf.distribute`` strategy (see :mod:`tfreg.distributed`) ``batch_size`` -- or
@@ -951,9 +954,11 @@ class Trainer:
         )
         validation = _validation_batches(validation_data, batch_size)
         keras_callbacks = [c for c in callbacks or () if isinstance(c, keras.callbacks.Callback)]
-        hooks = [c for c in callbacks or () if not isinstance(c, keras.callbacks.Callback)]
+        hooks: list[Any] = [_FinalizeVariables()]  # first: before the callbacks' train end
+        hooks += [c for c in callbacks or () if not isinstance(c, keras.callbacks.Callback)]
         if keras_callbacks:
-            hooks.append(_KerasCallbacks(keras_callbacks, self.model, epochs, data, verbose))
+            model = _CallbackModel(self.model, self.optimizer)
+            hooks.append(_KerasCallbacks(keras_callbacks, model, epochs, data, verbose))
         if isinstance(data, StreamData) and isinstance(data.data, tf.data.Dataset):
             data.data = data.data.prefetch(tf.data.AUTOTUNE)
         if self._replicas is not None and isinstance(data, ArrayData):
@@ -1041,6 +1046,32 @@ def _validation_batches(
     return lambda: (unpack_micro_batch(element) for element in stream.data)
 
 
+class _FinalizeVariables:
+    """What Keras ``fit`` does after its last epoch, before ``on_train_end``:
+    ``optimizer.finalize_variable_values(trainable variables)`` -- with ``use_ema=True`` the
+    weights become their moving averages (without, nothing happens)."""
+
+    def on_train_end(self, trainer: Trainer, history: History) -> None:
+        trainer.optimizer.finalize_variable_values(trainer._engine.variables)
+
+
+class _CallbackModel:
+    """``self.model`` of the Keras callbacks in ``Trainer.fit``: the trained model (every
+    attribute read from it: weights, ``save_weights``, layers...) with the trainer's optimizer
+    as ``optimizer`` -- what ``LearningRateScheduler``, ``ReduceLROnPlateau`` and
+    ``TensorBoard`` read and set, as on a compiled model in ``fit``; the learning rate they
+    assign is the optimizer's variable, read by the next update -- and its own
+    ``stop_training`` (the user's model is not written to)."""
+
+    def __init__(self, model: keras.Model, optimizer: keras.optimizers.Optimizer) -> None:
+        self._model = model
+        self.optimizer = optimizer
+        self.stop_training = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
 class _KerasCallbacks:
     """``keras.callbacks.Callback`` objects driven by ``run_fit``'s hooks with Keras'
     signatures: ``on_train_batch_end(update, logs)`` per update (``logs``: the record's
@@ -1050,7 +1081,7 @@ class _KerasCallbacks:
     def __init__(
         self,
         callbacks: list[Any],
-        model: keras.Model,
+        model: _CallbackModel,
         epochs: int,
         data: ArrayData | StreamData,
         verbose: int,
