@@ -16,6 +16,7 @@ from typing import Any
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import tfreg
 from tfreg_core import InvalidArgumentError
@@ -267,3 +268,122 @@ def test_trainer_runs_tensorboard(rng, tmp_path) -> None:
     board = keras.callbacks.TensorBoard(log_dir=str(tmp_path))
     t.fit(x, y, batch_size=2, epochs=2, verbose=0, callbacks=[board])
     assert any((tmp_path / "train").iterdir())
+
+
+# --- an epoch of skipped windows -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("front_end", ["trainer", "model"])
+def test_an_all_skipped_epoch_logs_nan_like_keras_and_warns(rng, float64_floatx, front_end) -> None:
+    x, y = _regression(rng, n=8)
+    y[[0, 5]] = np.nan  # poisons both windows of 4
+    model = _dense()
+    before = model.get_weights()
+    reference = _clone(model)
+    reference.compile(keras.optimizers.SGD(LR), "mse")
+    assert np.isnan(reference.fit(x, y, batch_size=4, verbose=0).history["loss"][0])
+    with pytest.warns(RuntimeWarning, match="every update was skipped"):
+        if front_end == "trainer":
+            t = tfreg.Trainer(model, "mse", keras.optimizers.SGD(LR), accumulation_steps=2)
+            loss = t.fit(x, y, batch_size=2, shuffle=False, verbose=0).epochs[-1]["loss"]
+        else:
+            wrapped = tfreg.AccumulatingModel(model, accumulation_steps=2)
+            wrapped.compile(keras.optimizers.SGD(LR), "mse")
+            logs = wrapped.fit(x, y, batch_size=2, shuffle=False, verbose=0).history
+            loss = logs["loss"][-1]
+            assert np.isnan(logs["data_loss"][-1]) and wrapped.skipped_updates == 2
+    assert np.isnan(loss)
+    for a, b in zip(model.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+# --- AccumulatingModel is built: saving, loading, export, saving callbacks -------------------
+
+
+def _wrapped(seed: int = 0) -> tfreg.AccumulatingModel:
+    wrapped = tfreg.AccumulatingModel(_dense(seed), accumulation_steps=2)
+    wrapped.compile(keras.optimizers.Adam(LR), "mse")
+    return wrapped
+
+
+def test_accumulating_model_saves_loads_and_exports_after_fit(rng, float64_floatx, tmp_path):
+    x, y = _regression(rng)
+    wrapped = _wrapped()
+    path = str(tmp_path / "ck.weights.h5")
+    saver = keras.callbacks.ModelCheckpoint(path, save_weights_only=True)
+    wrapped.fit(x, y, batch_size=2, epochs=2, shuffle=False, verbose=0, callbacks=[saver])
+    assert wrapped.built
+    wrapped.save_weights(tmp_path / "w.weights.h5")
+    for source in (path, tmp_path / "w.weights.h5"):
+        fresh = tfreg.AccumulatingModel(_dense(seed=1), accumulation_steps=2)
+        fresh.load_weights(source)
+        for a, b in zip(fresh.model.get_weights(), wrapped.model.get_weights(), strict=True):
+            np.testing.assert_array_equal(a, b)
+    wrapped.export(tmp_path / "exported")
+    loaded = tf.saved_model.load(str(tmp_path / "exported"))
+    np.testing.assert_array_equal(loaded.serve(x).numpy(), wrapped.model(x).numpy())
+
+
+class _StopAt(keras.callbacks.Callback):
+    def __init__(self, epoch: int) -> None:
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        if epoch == self.epoch:
+            raise KeyboardInterrupt  # a preempted job
+
+
+def test_accumulating_model_backup_and_restore_is_bitwise(rng, float64_floatx, tmp_path):
+    # 12 examples, micro-batches of 5 -> 5, 5 | 2 per epoch: a full and a short window.
+    x, y = _regression(rng)
+    uninterrupted = _wrapped()
+    uninterrupted.fit(x, y, batch_size=5, epochs=3, shuffle=False, verbose=0)
+    backup = str(tmp_path / "backup")
+    interrupted = _wrapped()
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.fit(
+            x, y, batch_size=5, epochs=3, shuffle=False, verbose=0,
+            callbacks=[keras.callbacks.BackupAndRestore(backup), _StopAt(2)],
+        )  # fmt: skip
+    resumed = _wrapped(seed=1)  # other initial weights: the backup must replace them
+    resumed.fit(
+        x, y, batch_size=5, epochs=3, shuffle=False, verbose=0,
+        callbacks=[keras.callbacks.BackupAndRestore(backup)],
+    )  # fmt: skip
+    assert int(resumed.optimizer.iterations.numpy()) == 6
+    for a, b in zip(resumed.model.get_weights(), uninterrupted.model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(resumed.optimizer.variables, uninterrupted.optimizer.variables, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# --- two outputs, dict loss: evaluate and validation ----------------------------------------
+
+
+@pytest.mark.parametrize("targets", ["dict", "list"])
+def test_dict_loss_evaluate_and_validation_equal_keras(rng, float64_floatx, targets) -> None:
+    x = rng.normal(size=(12, 4))
+    ya, yb = rng.normal(size=(12, 2)), rng.normal(size=(12, 1))
+    y = {"a": ya, "b": yb} if targets == "dict" else [ya, yb]
+    inputs = keras.Input((4,))
+    model = keras.Model(
+        inputs, [keras.layers.Dense(2, name="a")(inputs), keras.layers.Dense(1, name="b")(inputs)]
+    )
+    start = model.get_weights()
+    loss, weights = {"a": "mse", "b": "mae"}, {"a": 1.0, "b": 0.5}
+    reference = _clone(model)
+    reference.compile(keras.optimizers.SGD(LR), loss=loss, loss_weights=weights)
+    expected = reference.fit(
+        x, y, batch_size=4, shuffle=False, verbose=0, validation_data=(x, y)
+    ).history
+    wrapped = tfreg.AccumulatingModel(model, accumulation_steps=2)
+    wrapped.compile(keras.optimizers.SGD(LR), loss=loss, loss_weights=weights)
+    logs = wrapped.fit(x, y, batch_size=2, shuffle=False, verbose=0, validation_data=(x, y))
+    assert _rel(model.get_weights(), reference.get_weights(), start) <= EXACT.rtol
+    evaluated = wrapped.evaluate(x, y, verbose=0, return_dict=True)
+    assert evaluated == pytest.approx(
+        reference.evaluate(x, y, verbose=0, return_dict=True), rel=1e-12
+    )
+    for key in ("val_loss", "val_a_loss", "val_b_loss"):
+        assert logs.history[key][-1] == pytest.approx(expected[key][-1], rel=1e-12)

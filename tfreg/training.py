@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import fields
 from typing import Any
@@ -1131,6 +1132,35 @@ class _KerasCallbacks:
         self.list.on_train_end(dict(history.epochs[-1]) if history.epochs else None)
 
 
+class _WindowMean(keras.metrics.Mean):
+    """Keras' ``Mean`` of the windows' logged values, weighted by their example counts, that
+    also counts skipped windows: a skipped window adds nothing, and while every window closed
+    since the last reset was skipped the result is NaN -- what Keras logs for an epoch whose
+    losses are all non-finite (``Mean``'s ``divide_no_nan`` would show 0)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name=name)
+        self.skipped = self.add_variable(shape=(), initializer="zeros", name="skipped")
+
+    def update_window(self, value: tf.Tensor, weight: tf.Tensor, finite: tf.Tensor) -> None:
+        self.update_state(
+            tf.where(finite, value, tf.zeros_like(value)),
+            sample_weight=tf.where(finite, weight, tf.zeros_like(weight)),
+        )
+        self.skipped.assign_add(tf.cast(tf.logical_not(finite), self.skipped.dtype))
+
+    def all_skipped(self) -> tf.Tensor:
+        return tf.logical_and(self.count == 0, self.skipped > 0)
+
+    def result(self) -> tf.Tensor:
+        value = super().result()
+        return tf.where(self.all_skipped(), tf.constant(float("nan"), value.dtype), value)
+
+    def reset_state(self) -> None:
+        super().reset_state()
+        self.skipped.assign(0)
+
+
 class _FlushAtEpochEnd(keras.callbacks.Callback):
     """Flush the partial window after the epoch's last step -- before ``fit`` validates, so
     validation sees the epoch's final weights (``on_epoch_end`` comes after validation). Runs
@@ -1145,6 +1175,13 @@ class _FlushAtEpochEnd(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
         self.model.flush()  # a no-op after the flushes above
+        if bool(self.model._loss_tracker.all_skipped()):
+            warnings.warn(
+                f"Epoch {epoch + 1}: every update was skipped (non-finite gradients); the "
+                "weights did not change and the logged loss is nan.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
 
 @keras.saving.register_keras_serializable(package="tfreg")
@@ -1216,9 +1253,28 @@ class AccumulatingModel(keras.Model):
         self._accs: list[accumulation.AccumulatorState] | None = None
         self._replicas: Replicas | None = None
         self._pending = 0  # micro-batches of the open window, counted on the host (strategy)
+        if model.built:  # built as its model is: load_weights works on a fresh wrapper
+            self.build(None)
+
+    def build(self, input_shape: Any = None) -> None:
+        """Keras builds the wrapper at its first call (``fit``'s first step, ``predict``,
+        ``evaluate``): the wrapped model is built (from ``input_shape`` if it is not yet) and
+        the wrapper with it, so ``save_weights``/``load_weights``, ``export`` and the saving
+        callbacks work; it has no variables of its own."""
+        if not self.model.built:
+            self.model.build(input_shape)
+
+    def _lock_state(self) -> None:
+        # As keras.Sequential and Functional: mutable after build -- compile creates the
+        # trackers (and a recompile new ones) after the wrapper is built.
+        pass
 
     def call(self, inputs: Any, training: bool | None = None) -> Any:
         return self.model(inputs, training=training)
+
+    def export(self, filepath: Any, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model's ``export`` (the wrapper serves exactly its model's forward)."""
+        return self.model.export(filepath, *args, **kwargs)
 
     def get_config(self) -> dict[str, Any]:
         """The constructor's arguments, ``model`` serialized: ``.save("m.keras")``,
@@ -1270,13 +1326,18 @@ class AccumulatingModel(keras.Model):
         optimizer = _loss_scaled(optimizer, self.model)
         if self.proximal is not None:  # as Trainer does at construction: before any update
             self.proximal.check(optimizer)
+        names = getattr(self.model, "output_names", None)
+        if names:  # Keras' compile reads them to pair dict losses with the outputs (evaluate)
+            self.output_names = list(names)
         super().compile(optimizer=optimizer, loss=loss, loss_weights=loss_weights, **kwargs)
         with self.distribute_strategy.scope():
             self._replicas = replicas(self.model, owner="AccumulatingModel")
         if self._replicas is not None:
             self._replicas.check_keras_fit()
             self._replicas.check_options(self.optimizer, jit_compile=self.jit_compile is True)
-        self._data_loss_tracker = keras.metrics.Mean(name="data_loss")
+        # Keras' loss tracker, as a window mean that reports an all-skipped epoch as NaN.
+        self._loss_tracker = _WindowMean(name="loss")
+        self._data_loss_tracker = _WindowMean(name="data_loss")
         if self.model.built:
             self._build_state()
 
@@ -1394,9 +1455,8 @@ class AccumulatingModel(keras.Model):
         *loss_sums, examples = reduced.extras
         values = losses.report(self._terms, reduced.counts, pen, loss_sums)
         # What plain Keras logs for a batch of the window's examples: data loss + penalty,
-        # averaged over the epoch by example count. A skipped window adds nothing (no NaN).
-        weight = tf.where(finite, examples, tf.zeros_like(examples))
-        logged = {k: tf.where(finite, values[k], tf.zeros_like(values[k])) for k in values}
+        # averaged over the epoch by example count. A skipped window adds nothing (an epoch
+        # of skipped windows logs NaN, as Keras does, and warns: _WindowMean).
 
         def track() -> None:
             # Under a strategy Keras' metrics update in replica context; every replica adds
@@ -1405,7 +1465,7 @@ class AccumulatingModel(keras.Model):
                 (self._loss_tracker, "loss"),
                 (self._data_loss_tracker, "data_loss"),
             ):
-                tracker.update_state(logged[key], sample_weight=weight)
+                tracker.update_window(values[key], examples, finite)
 
         if self._replicas is None:
             track()
@@ -1431,7 +1491,7 @@ class AccumulatingModel(keras.Model):
     def train_step(self, data: Any) -> dict[str, Any]:
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         batch = micro_batch_gradients(
-            self.model,
+            self,  # through Keras' __call__: the wrapper is built (and saveable) by fit
             self._terms,
             self._names,
             list(self.model.trainable_variables),
