@@ -387,3 +387,60 @@ def test_dict_loss_evaluate_and_validation_equal_keras(rng, float64_floatx, targ
     )
     for key in ("val_loss", "val_a_loss", "val_b_loss"):
         assert logs.history[key][-1] == pytest.approx(expected[key][-1], rel=1e-12)
+
+
+# --- unfreeze + recompile (fine-tuning) ------------------------------------------------------
+
+
+def _fine_tuning_model() -> keras.Model:
+    model = _classifier(hidden=3)
+    model.get_layer("hidden").trainable = False
+    return model
+
+
+def _fine_tune(model: keras.Model, fit: Any, compile_: Any) -> None:
+    compile_(keras.optimizers.Adam(LR))
+    fit()
+    model.get_layer("hidden").trainable = True  # unfreeze, then recompile (Keras' recipe)
+    compile_(keras.optimizers.SGD(LR / 2))
+    fit()
+
+
+def test_unfreeze_and_recompile_follows_keras_fine_tuning(rng, float64_floatx) -> None:
+    x, y, sw = _class_data(rng, n=8)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=-1)
+    model = _fine_tuning_model()
+    start = model.get_weights()
+    reference = _clone(model)
+    reference.get_layer("hidden").trainable = False
+    _fine_tune(
+        reference,
+        lambda: reference.fit(x, y, sample_weight=sw, batch_size=8, shuffle=False, verbose=0),
+        lambda opt: reference.compile(opt, loss),
+    )
+    wrapped = tfreg.AccumulatingModel(model, accumulation_steps=2)
+    _fine_tune(
+        model,
+        lambda: wrapped.fit(x, y, sample_weight=sw, batch_size=4, shuffle=False, verbose=0),
+        lambda opt: wrapped.compile(opt, loss),
+    )
+    assert _rel(model.get_weights(), reference.get_weights(), start) <= EXACT.rtol
+    # the hidden layer moved in the second phase only, as in Keras
+    assert not np.array_equal(model.get_weights()[0], start[0])
+
+
+def test_recompile_refuses_a_half_filled_window_and_a_stale_optimizer(rng, float64_floatx):
+    x, y, _ = _class_data(rng, n=8)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=-1)
+    model = _fine_tuning_model()
+    wrapped = tfreg.AccumulatingModel(model, accumulation_steps=2)
+    optimizer = keras.optimizers.SGD(LR)
+    wrapped.compile(optimizer, loss)
+    wrapped.fit(x, y, batch_size=4, verbose=0)
+    model.get_layer("hidden").trainable = True
+    with pytest.raises(InvalidArgumentError, match="compile with a new optimizer"):
+        wrapped.compile(optimizer, loss)
+    wrapped.compile(keras.optimizers.SGD(LR), loss)
+    wrapped.train_step((tf.constant(x[:4]), tf.constant(y[:4])))  # one micro-batch of two
+    with pytest.raises(InvalidArgumentError, match="half-filled"):
+        wrapped.compile(keras.optimizers.SGD(LR), loss)

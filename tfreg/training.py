@@ -164,6 +164,23 @@ def _reject_custom_steps(model: keras.layers.Layer, owner: str) -> None:
         )
 
 
+def _check_optimizer_variables(optimizer: Any, variables: Sequence[Any]) -> None:
+    """A built optimizer steps exactly the variables it was built for: after unfreezing,
+    recompile with a new optimizer (Keras' fine-tuning recipe; a built one cannot step the
+    variables it has no slots for)."""
+    if not getattr(optimizer, "built", False):
+        return
+    # Keras has no public list of the variables an optimizer was built for.
+    built = {id(v) for v in optimizer._trainable_variables}
+    missing = [v.path for v in variables if id(v) not in built]
+    if missing:
+        raise InvalidArgumentError(
+            "The optimizer was built for another set of trainable variables (it has no state "
+            "for the new ones): compile with a new optimizer after freezing or unfreezing "
+            f"layers. Received: trainable variables it was not built for: {missing}"
+        )
+
+
 def _reject_added_losses(model: keras.layers.Layer) -> None:
     # Called right after a forward pass (the only time `add_loss` terms exist). Keras fit adds
     # them to every batch's loss; summed per micro-batch they would count once per micro-batch,
@@ -1321,11 +1338,20 @@ class AccumulatingModel(keras.Model):
                 "AccumulatingModel accumulates itself; the optimizer must not. Received: "
                 f"optimizer.gradient_accumulation_steps={optimizer.gradient_accumulation_steps}"
             )
-        self._names = output_names(self.model)
-        self._terms = loss_terms(loss, loss_weights, self._names)
+        if self._accs is not None and int(self._accs[0].micro_batches.numpy()):
+            raise InvalidArgumentError(
+                "compile() with a window half-filled would drop its micro-batches: recompile "
+                "between fits (fit flushes every window at each epoch end) or call flush() "
+                f"first. Received: {int(self._accs[0].micro_batches.numpy())} micro-batch(es) "
+                "accumulated"
+            )
+        names = output_names(self.model)
+        terms = loss_terms(loss, loss_weights, names)
         optimizer = _loss_scaled(optimizer, self.model)
         if self.proximal is not None:  # as Trainer does at construction: before any update
             self.proximal.check(optimizer)
+        _check_optimizer_variables(optimizer, self.model.trainable_variables)
+        self._names, self._terms = names, terms
         names = getattr(self.model, "output_names", None)
         if names:  # Keras' compile reads them to pair dict losses with the outputs (evaluate)
             self.output_names = list(names)
@@ -1338,6 +1364,9 @@ class AccumulatingModel(keras.Model):
         # Keras' loss tracker, as a window mean that reports an all-skipped epoch as NaN.
         self._loss_tracker = _WindowMean(name="loss")
         self._data_loss_tracker = _WindowMean(name="data_loss")
+        # As Keras' recompile: the trainable set is read again (unfreezing to fine-tune), so
+        # the accumulators are rebuilt for it (empty: checked above).
+        self._accs = None
         if self.model.built:
             self._build_state()
 
@@ -1375,9 +1404,11 @@ class AccumulatingModel(keras.Model):
             self._window_losses = _LossSums(len(self._terms))
             zero = tf.constant(0.0, tf.float64)
             self._window_examples = local_variable(zero)
-            self._skipped = tf.Variable(tf.constant(0, tf.int64), trainable=False)
-            self._empty_windows = tf.Variable(tf.constant(0, tf.int64), trainable=False)
-            self.optimizer.build(variables)
+            if not hasattr(self, "_skipped"):  # counters carry over a recompile
+                self._skipped = tf.Variable(tf.constant(0, tf.int64), trainable=False)
+                self._empty_windows = tf.Variable(tf.constant(0, tf.int64), trainable=False)
+            if not self.optimizer.built:
+                self.optimizer.build(variables)
         self._apply_fn = update_function(self._apply_window, self._replicas)
 
     @property
