@@ -528,8 +528,14 @@ def _present(args: tuple[Any, Any, Any]) -> tuple[Any, ...]:
     return args if args[2] is not None else args[:2]
 
 
-def _spec(value: Any) -> tf.TensorSpec:
+def _spec(value: Any) -> tf.TypeSpec:
     # `None` batch dimension: micro-batches of any size (the short last one too) share a trace.
+    if isinstance(value, tf.RaggedTensor):  # ragged rows: one trace for every row length
+        return tf.RaggedTensorSpec(
+            (None, *value.shape[1:]), value.dtype, value.ragged_rank, value.row_splits.dtype
+        )
+    if isinstance(value, tf.SparseTensor):
+        return tf.SparseTensorSpec((None, *value.shape[1:]), value.dtype)
     tensor = value if isinstance(value, tf.Tensor) else np.asarray(value)
     return tf.TensorSpec((None, *tensor.shape[1:]), tf.as_dtype(tensor.dtype))
 
