@@ -21,6 +21,7 @@ import tensorflow as tf
 import tfreg
 from tfreg_core import InvalidArgumentError
 from tfreg_harness import tolerance
+from tfreg_harness.differences import note
 
 EXACT = tolerance("accumulation", "float64")
 LR = 0.0625  # exact in float32 (Keras keeps the rate as a float32 variable)
@@ -479,3 +480,126 @@ def test_ragged_dataset_into_trainer_equals_keras_fit(rng, float64_floatx) -> No
     t.fit(data.batch(2), epochs=2, verbose=0)
     assert _rel(model.get_weights(), reference.get_weights(), start) <= EXACT.rtol
     assert t.trace_counts() == {"apply": 1, "micro": 1}  # one trace for every row length
+
+
+# --- pinned difference: Embedding + Adam-family, Keras' sparse update -------------------------
+
+
+def _embedding_model() -> keras.Model:
+    model = keras.Sequential(
+        [
+            keras.Input((3,), dtype="int64"),
+            keras.layers.Embedding(6, 2),
+            keras.layers.Flatten(),
+            keras.layers.Dense(1),
+        ]
+    )
+    model.set_weights([np.random.default_rng(0).normal(size=w.shape) for w in model.weights])
+    return model
+
+
+REPEATED = np.array([[1, 2, 1], [2, 3, 1], [4, 1, 5], [0, 2, 2]])  # token 1 four times, 2 four
+DISTINCT = np.array([[0, 1, 2], [3, 4, 5]])  # every token once
+
+
+@pytest.mark.parametrize(
+    ("make", "keras_gap"),
+    [
+        (lambda: keras.optimizers.Adam(LR), 0.5459647),
+        (lambda: keras.optimizers.RMSprop(LR), 0.5459625),
+        (lambda: keras.optimizers.Adam(LR, clipnorm=0.5), 0.5459663),
+    ],
+    ids=["adam", "rmsprop", "adam-clipnorm"],
+)
+def test_embedding_adam_is_adam_on_the_summed_gradient_not_keras_sparse_path(
+    float64_floatx, make, keras_gap
+) -> None:
+    """tfreg accumulates the embedding's IndexedSlices into a dense sum and steps on it (what
+    torch's Adam does with a dense embedding gradient). Keras 3.15's Adam/RMSprop update_step
+    receives the IndexedSlices and scatter-adds m and v slice by slice without deduplicating,
+    so a token seen n times in the batch gets n separate moment contributions: 0.55 of the
+    update off on REPEATED, all in the embedding table, even at k = 1. Without repeated tokens
+    the two agree to round-off. The harness's differences table quotes the number."""
+    assert "0.55 of the update" in note("embedding_sparse_adam")
+    for x, gap in ((REPEATED, keras_gap), (DISTINCT, 0.0)):
+        y = np.random.default_rng(1).normal(size=(len(x), 1))
+        model = _embedding_model()
+        start = model.get_weights()
+        wrapped = tfreg.AccumulatingModel(model, accumulation_steps=1)
+        wrapped.compile(make(), "mse")
+        wrapped.fit(x, y, batch_size=len(x), shuffle=False, verbose=0)
+        # Reference 1: a hand GradientTape step, the dense (summed) gradient into Keras' Adam.
+        dense = _embedding_model()
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(keras.losses.mean_squared_error(y, dense(x)))
+        grads = [tf.convert_to_tensor(g) for g in tape.gradient(loss, dense.trainable_variables)]
+        make().apply(grads, dense.trainable_variables)
+        assert _rel(model.get_weights(), dense.get_weights(), start) <= EXACT.rtol
+        # Reference 2: Keras fit, which takes the sparse path.
+        fitted = _embedding_model()
+        fitted.compile(make(), "mse")
+        fitted.fit(x, y, batch_size=len(x), shuffle=False, verbose=0)
+        measured = _rel(model.get_weights(), fitted.get_weights(), start)
+        assert measured == pytest.approx(gap, rel=1e-6, abs=EXACT.rtol)  # measured, pinned
+        # the Dense layer agrees exactly: the whole difference is in the embedding table
+        pairs = zip(model.get_weights()[1:], fitted.get_weights()[1:], start[1:], strict=True)
+        for ours, keras_fit, first in pairs:
+            assert np.abs(ours - keras_fit).max() <= EXACT.rtol * np.abs(ours - first).max()
+
+
+# --- pinned difference: float16 loss scaling overflows at a k times smaller scale -------------
+
+
+def test_float16_micro_batches_overflow_at_half_the_scale_keras_batch_does(rng) -> None:
+    """Cause: each micro-batch is differentiated as Keras' scaled *batch mean*,
+    ``scale * S / N_micro`` (the float16 range Keras' own step uses), so its backward pass
+    carries values ``N_window / N_micro = k`` times larger than the big batch's
+    ``scale * S / N_window``. Here (k = 2) a scale of 2**17 overflows float16 in a micro-batch
+    but not in Keras' batch of 8: tfreg skips that window and halves the scale to 2**16 while
+    Keras applies it and keeps 2**17. A scale twice as large (2**18) overflows in both. Under
+    sustained overflow pressure the dynamic scale therefore settles log2(k) halvings lower (one
+    more skipped window per halving); the applied updates are unaffected (unscaled in
+    float32)."""
+    assert "2**16 where Keras keeps 2**17" in note("float16_loss_scale")
+    with _global(keras.config.dtype_policy, keras.config.set_dtype_policy, "mixed_float16"):
+        model = keras.Sequential(
+            [keras.Input((6,)), keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(3)]
+        )
+        weights = np.random.default_rng(20261201)
+        model.set_weights([weights.normal(scale=0.5, size=w.shape) for w in model.weights])
+        x = weights.normal(size=(8, 6)).astype("float32")
+        y = weights.integers(0, CLASSES, size=8)
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        for exponent, keras_skips in ((17, False), (18, True)):
+
+            def optimizer(e: int = exponent) -> keras.optimizers.Optimizer:
+                return keras.optimizers.LossScaleOptimizer(
+                    keras.optimizers.SGD(0.5), initial_scale=2.0**e
+                )
+
+            reference = _clone(model)
+            reference.compile(optimizer(), loss)
+            reference.fit(x, y, batch_size=8, shuffle=False, verbose=0)
+            t = tfreg.Trainer(_clone(model), loss, optimizer(), accumulation_steps=2)
+            with pytest.warns(RuntimeWarning, match="every update was skipped"):
+                history = t.fit(x, y, batch_size=4, shuffle=False, verbose=0)
+            assert history.records[0]["skipped"]  # tfreg: the window overflowed
+            assert float(t.optimizer.dynamic_scale.numpy()) == 2.0 ** (exponent - 1)
+            keras_scale = 2.0 ** (exponent - 1) if keras_skips else 2.0**exponent
+            assert (int(reference.optimizer.iterations.numpy()) == 0) == keras_skips
+            assert float(reference.optimizer.dynamic_scale.numpy()) == keras_scale
+
+
+# --- BatchNormalization under accumulation: said, not hidden ------------------------------------
+
+
+@pytest.mark.parametrize("front_end", ["trainer", "model"])
+def test_batchnorm_under_accumulation_warns_at_construction(front_end) -> None:
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.BatchNormalization(name="bn"), keras.layers.Dense(1)]
+    )
+    with pytest.warns(UserWarning, match=r"BatchNormalization layers \['bn'\].*per micro-batch"):
+        if front_end == "trainer":
+            tfreg.Trainer(model, "mse", "sgd", accumulation_steps=2)
+        else:
+            tfreg.AccumulatingModel(model, accumulation_steps=2)

@@ -23,7 +23,17 @@ computes in float16 gets a ``keras.optimizers.LossScaleOptimizer`` (as ``compile
 ``mixed_float16``; pass one to set its ``initial_scale``): each micro-batch is differentiated
 scaled (Keras' scaled batch mean) and accumulated *unscaled* in float32; the scale is read per
 window and adjusted once per update -- a window that overflowed is skipped and the scale halves,
-as ``LossScaleOptimizer`` does per step without accumulation.
+as ``LossScaleOptimizer`` does per step without accumulation. A micro-batch's backward pass
+carries ``k`` times larger values than Keras' batch of ``k`` micro-batches (its mean divides by
+``N_micro``), so it overflows at a ``k`` times smaller scale: under overflow pressure the
+scale settles ``log2(k)`` halvings lower (see ``tfreg_harness.differences.note`` topic
+``"float16_loss_scale"``).
+
+Embedding + Adam/AdamW/RMSprop: the window's ``IndexedSlices`` gradients are summed (dense) and
+the optimizer steps on the sum, as torch does; Keras ``fit`` hands the slices to
+``update_step``, which updates the moments once per token *occurrence*, so a batch with repeated
+tokens differs from Keras ``fit`` in the embedding rows, even at ``accumulation_steps=1``
+(topic ``"embedding_sparse_adam"``).
 
 Differences from PyTorch (``torchref.training``): none in the trainer's arithmetic. The
 optimizers differ: Keras keeps the learning rate as a float32 variable and casts momentum,
@@ -32,7 +42,7 @@ adds Adam's epsilon to ``sqrt(v)`` where torch adds it to ``sqrt(v_hat)`` --
 ``torchref.KerasAdamW`` reproduces Keras; ``parity_tests/test_trajectories.py`` pins each gap.
 BatchNorm statistics (and Keras' moving averages) are computed per micro-batch: accumulation
 makes the *gradient* exact, not batch statistics -- a BatchNorm model trained with 4 x 64 is not
-the model trained with 256. Layers' ``activity_regularizer`` and ``add_loss`` terms (which
+the model trained with 256 (both front ends warn at construction). Layers' ``activity_regularizer`` and ``add_loss`` terms (which
 Keras adds to every batch's loss, so per micro-batch they would change strength) are rejected
 with an ``InvalidArgumentError`` naming the layer; ``regularizer=`` and variable regularizers
 are applied once per update.
@@ -161,6 +171,30 @@ def _reject_custom_steps(model: keras.layers.Layer, owner: str) -> None:
             "the objective in the loss (a Keras loss or a per-element loss function), or train "
             f"this model with its own fit. Received: model of class {type(model).__name__!r} "
             f"overriding {custom}"
+        )
+
+
+def _warn_batchnorm(model: keras.layers.Layer, accumulation_steps: int) -> None:
+    """BatchNormalization normalises each micro-batch with its own statistics and updates its
+    moving mean/variance once per micro-batch: accumulation makes the gradient exact for that
+    model, which is not the model trained on the concatenated window (1e-2 apart in a small
+    test). Said once, at construction, where the choice of batch size is still open."""
+    if accumulation_steps < 2:
+        return
+    layers = [
+        layer.name
+        for layer in model._flatten_layers(include_self=True)
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    if layers:
+        warnings.warn(
+            f"BatchNormalization layers {layers} normalise each micro-batch with its own "
+            "statistics and update their moving mean/variance once per micro-batch: the "
+            f"gradient is exact for that model, not for one step on {accumulation_steps} "
+            "concatenated micro-batches (use a larger micro-batch, LayerNormalization or "
+            "GroupNormalization where the batch statistics matter).",
+            UserWarning,
+            stacklevel=3,
         )
 
 
@@ -823,6 +857,7 @@ class Trainer:
             )
         _reject_activity_regularizers(model)
         _reject_custom_steps(model, "Trainer")
+        _warn_batchnorm(model, accumulation_steps)
         optimizer = _loss_scaled(optimizer, model)
         if on_nonfinite == "raise" and isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
             raise InvalidArgumentError(
@@ -1259,6 +1294,7 @@ class AccumulatingModel(keras.Model):
             raise InvalidArgumentError(f"model must be a Keras model. Received: model={model!r}")
         _reject_activity_regularizers(model)
         _reject_custom_steps(model, "AccumulatingModel")
+        _warn_batchnorm(model, accumulation_steps)
         if type(self).compute_loss is not keras.Model.compute_loss:
             raise InvalidArgumentError(
                 "AccumulatingModel's train_step does not call compute_loss (it accumulates "

@@ -489,7 +489,7 @@ def epoch_logs(history: History, epoch: int) -> dict[str, float]:
             f"Epoch {epoch + 1}: every update was skipped (non-finite gradients); the weights "
             "did not change and the logged loss is nan.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,  # the user's fit() call (epoch_logs <- run_fit <- Trainer.fit)
         )
         return {k: math.nan for k in epoch_rows[0] if k not in RECORD_FIELDS}
     total = sum(r["examples"] for r in rows)
