@@ -75,6 +75,7 @@ from tfreg.penalties import penalty as _penalty
 from tfreg.proximal import PROXIMAL_CLASSES, Proximal
 from tfreg.regularizers import get as _get_regularizer
 from tfreg_core.training import (
+    ALL_SKIPPED_MESSAGE,
     NONFINITE_MESSAGE,
     RECORD_FIELDS,
     ArrayData,
@@ -1235,8 +1236,7 @@ class _FlushAtEpochEnd(keras.callbacks.Callback):
         self.model.flush()  # a no-op after the flushes above
         if bool(self.model._loss_tracker.all_skipped()):
             warnings.warn(
-                f"Epoch {epoch + 1}: every update was skipped (non-finite gradients); the "
-                "weights did not change and the logged loss is nan.",
+                ALL_SKIPPED_MESSAGE.format(epoch=epoch + 1),
                 RuntimeWarning,
                 stacklevel=2,
             )

@@ -477,6 +477,12 @@ HOOK_ARGS = {
 HOOKS = {name: args.count(",") + 1 for name, args in HOOK_ARGS.items()}
 
 
+ALL_SKIPPED_MESSAGE = (
+    "Epoch {epoch}: every update was skipped (non-finite gradients); the weights did not "
+    "change and the logged loss is nan."
+)
+
+
 def epoch_logs(history: History, epoch: int) -> dict[str, float]:
     """One epoch's logs (as Keras' ``on_epoch_end`` gets them): each value averaged over the
     epoch's applied updates, weighted by their example counts (Keras' running mean over
@@ -486,8 +492,7 @@ def epoch_logs(history: History, epoch: int) -> dict[str, float]:
     rows = [r for r in epoch_rows if not r["skipped"]]
     if epoch_rows and not rows:
         warnings.warn(
-            f"Epoch {epoch + 1}: every update was skipped (non-finite gradients); the weights "
-            "did not change and the logged loss is nan.",
+            ALL_SKIPPED_MESSAGE.format(epoch=epoch + 1),
             RuntimeWarning,
             stacklevel=4,  # the user's fit() call (epoch_logs <- run_fit <- Trainer.fit)
         )
