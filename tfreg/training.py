@@ -1129,6 +1129,8 @@ class _CallbackModel:
         self.stop_training = False
 
     def __getattr__(self, name: str) -> Any:
+        if name == "_model":  # not yet set (copy/unpickle): no recursion
+            raise AttributeError(name)
         return getattr(self._model, name)
 
 
