@@ -259,8 +259,9 @@ def test_bad_options_name_the_argument(kwargs, match) -> None:
 def test_rejected_setups() -> None:
     with pytest.raises(InvalidArgumentError, match="gradient_accumulation_steps=2"):
         tfreg.Trainer(mlp(0), "mse", keras.optimizers.SGD(gradient_accumulation_steps=2))
-    with pytest.raises(InvalidArgumentError, match="reduction='sum'"):
-        tfreg.Trainer(mlp(0), keras.losses.MeanSquaredError(reduction="sum"), "sgd")
+    with pytest.raises(InvalidArgumentError, match="reduction='mean_with_sample_weight'"):
+        loss = keras.losses.MeanSquaredError(reduction="mean_with_sample_weight")
+        tfreg.Trainer(mlp(0), loss, "sgd")
     noisy = keras.Sequential(
         [keras.Input((2,)), keras.layers.Dense(2, activity_regularizer=keras.regularizers.L2())]
     )

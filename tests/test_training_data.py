@@ -280,8 +280,10 @@ def test_keras_callbacks_get_keras_hooks_and_can_stop(data, tmp_path) -> None:
     t.fit(x, y, batch_size=4, epochs=5, validation_data=(x, y), verbose=0,
           callbacks=[recorder, stopper, saver])  # fmt: skip
     keys = ["data_loss", "loss", "penalty", "val_data_loss", "val_loss"]
-    assert recorder.calls == [
-        ("set_model", model),
+    # The callbacks' model: the trained model's attributes, with the trainer's optimizer.
+    seen = recorder.calls[0][1]
+    assert seen.optimizer is t.optimizer and seen.weights == model.weights
+    assert recorder.calls[1:] == [
         ("train_begin", 2),
         ("epoch_begin", 0),
         ("batch_end", 0, ["data_loss", "loss", "penalty"]),

@@ -47,7 +47,10 @@ __all__ = [
     "per_example_loss",
 ]
 
-_ALLOWED_REDUCTIONS = ("sum_over_batch_size", "mean", "none", None)
+_ALLOWED_REDUCTIONS = ("sum_over_batch_size", "mean", "sum", "none", None)
+# Reductions under which Keras fit trains the batch's weighted *sum*: "sum" reduces to it, and
+# "none"/None hand compile a tensor of weighted values, whose gradient is that of their sum.
+_SUM_REDUCTIONS = ("sum", "none", None)
 # Keras loss functions whose targets are class indices (one fewer dimension than the output),
 # and those whose targets legitimately have another shape (label sequences, labels for
 # embeddings): no target-shape check for the latter.
@@ -92,8 +95,9 @@ def _resolve(loss: Any) -> tuple[Callable[[Any, Any], Any], Any]:
     if isinstance(loss, keras.losses.Loss):
         if loss.reduction not in _ALLOWED_REDUCTIONS:
             raise InvalidArgumentError(
-                "The loss's reduction must be 'sum_over_batch_size' (the accumulation contract "
-                f"reproduces it over each window). Received: loss.reduction={loss.reduction!r}"
+                "The loss's reduction must be 'sum_over_batch_size' (or 'mean'), 'sum' or "
+                "'none'/None (trained as Keras fit trains them on the concatenated window). "
+                f"Received: loss.reduction={loss.reduction!r}"
             )
         return loss.call, getattr(loss, "fn", loss)
     resolved = keras.losses.get(loss) if isinstance(loss, str) else loss
@@ -132,9 +136,15 @@ def per_example_loss(loss: Any, dtype: Any = None) -> Callable[[Any, Any], tf.Te
 @dataclass(frozen=True)
 class LossTerm:
     """One output's loss: ``name`` (the output's), ``index`` into the flat outputs, the
-    per-element ``values`` function, its ``weight`` (``loss_weights``), and what the target
+    per-element ``values`` function, its ``weight`` (``loss_weights``), what the target
     check needs: ``class_index`` (targets are class indices) and ``builtin`` (a Keras loss whose
-    targets must match the output's shape)."""
+    targets must match the output's shape), and ``reduction``: ``"mean"`` (Keras'
+    ``"sum_over_batch_size"``), or ``"sum"`` / ``"none"`` (``None`` too), for which Keras fit
+    trains the batch's weighted *sum* ``S_o`` (``"none"`` hands ``compile`` the weighted values
+    and the gradient of a tensor is that of its sum), so the window trains ``S_o,W`` itself --
+    no division by ``N_o,W`` (``summed``). Keras logs ``S_o`` for ``"sum"`` and the mean of the
+    values for ``"none"``; the reports follow (``S_o / N_o``: with a mask, Keras' log averages
+    the masked zeros too)."""
 
     name: str
     index: int
@@ -142,6 +152,12 @@ class LossTerm:
     weight: float
     class_index: bool
     builtin: bool
+    reduction: str = "mean"
+
+    @property
+    def summed(self) -> bool:
+        """Keras fit trains this term's weighted sum (reduction "sum" or "none")."""
+        return self.reduction != "mean"
 
 
 def output_names(model: keras.layers.Layer) -> list[str]:
@@ -168,7 +184,16 @@ def _term(loss: Any, name: str, index: int, weight: Any) -> LossTerm:
         weight=weight,
         class_index=fn in _CLASS_INDEX_FNS,
         builtin=builtin,
+        reduction=_reduction(loss),
     )
+
+
+def _reduction(loss: Any) -> str:
+    """``"sum"`` / ``"none"`` (Keras fit trains the weighted sum) or ``"mean"``."""
+    resolved = keras.losses.get(loss) if isinstance(loss, str) else loss
+    if not isinstance(resolved, keras.losses.Loss) or resolved.reduction not in _SUM_REDUCTIONS:
+        return "mean"
+    return resolved.reduction or "none"
 
 
 def _by_output(value: Any, names: Sequence[str], argument: str) -> list[Any]:

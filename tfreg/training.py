@@ -23,7 +23,17 @@ computes in float16 gets a ``keras.optimizers.LossScaleOptimizer`` (as ``compile
 ``mixed_float16``; pass one to set its ``initial_scale``): each micro-batch is differentiated
 scaled (Keras' scaled batch mean) and accumulated *unscaled* in float32; the scale is read per
 window and adjusted once per update -- a window that overflowed is skipped and the scale halves,
-as ``LossScaleOptimizer`` does per step without accumulation.
+as ``LossScaleOptimizer`` does per step without accumulation. A micro-batch's backward pass
+carries ``k`` times larger values than Keras' batch of ``k`` micro-batches (its mean divides by
+``N_micro``), so it overflows at a ``k`` times smaller scale: under overflow pressure the
+scale settles ``log2(k)`` halvings lower (see ``tfreg_harness.differences.note`` topic
+``"float16_loss_scale"``).
+
+Embedding + Adam/AdamW/RMSprop: the window's ``IndexedSlices`` gradients are summed (dense) and
+the optimizer steps on the sum, as torch does; Keras ``fit`` hands the slices to
+``update_step``, which updates the moments once per token *occurrence*, so a batch with repeated
+tokens differs from Keras ``fit`` in the embedding rows, even at ``accumulation_steps=1``
+(topic ``"embedding_sparse_adam"``).
 
 Differences from PyTorch (``torchref.training``): none in the trainer's arithmetic. The
 optimizers differ: Keras keeps the learning rate as a float32 variable and casts momentum,
@@ -32,16 +42,17 @@ adds Adam's epsilon to ``sqrt(v)`` where torch adds it to ``sqrt(v_hat)`` --
 ``torchref.KerasAdamW`` reproduces Keras; ``parity_tests/test_trajectories.py`` pins each gap.
 BatchNorm statistics (and Keras' moving averages) are computed per micro-batch: accumulation
 makes the *gradient* exact, not batch statistics -- a BatchNorm model trained with 4 x 64 is not
-the model trained with 256. Layers' ``activity_regularizer`` and ``add_loss`` terms (which
-Keras adds to every batch's loss, so per micro-batch they would change strength) are rejected
-with an ``InvalidArgumentError`` naming the layer; ``regularizer=`` and variable regularizers
-are applied once per update.
+the model trained with 256 (both front ends warn at construction). Layers'
+``activity_regularizer`` and ``add_loss`` terms (which Keras adds to every batch's loss, so per
+micro-batch they would change strength) are rejected with an ``InvalidArgumentError`` naming
+the layer; ``regularizer=`` and variable regularizers are applied once per update.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import fields
 from typing import Any
@@ -64,6 +75,7 @@ from tfreg.penalties import penalty as _penalty
 from tfreg.proximal import PROXIMAL_CLASSES, Proximal
 from tfreg.regularizers import get as _get_regularizer
 from tfreg_core.training import (
+    ALL_SKIPPED_MESSAGE,
     NONFINITE_MESSAGE,
     RECORD_FIELDS,
     ArrayData,
@@ -137,6 +149,74 @@ def _reject_activity_regularizers(model: keras.layers.Layer) -> None:
             )
 
 
+# The keras.Model methods that define what fit trains and reports. The trainers compute the
+# loss themselves (loss terms, counts, windows); a model that overrides one of them trains
+# something they cannot see into.
+_KERAS_STEP_METHODS = ("train_step", "test_step", "compute_loss", "compute_metrics")
+
+
+def _reject_custom_steps(model: keras.layers.Layer, owner: str) -> None:
+    """Refuse a model whose class overrides ``train_step``/``test_step``/``compute_loss``/
+    ``compute_metrics``: the trainers call the model forward and build the objective from the
+    compiled loss, so the override would be silently ignored (another objective trained)."""
+    if not isinstance(model, keras.Model):
+        return
+    custom = [
+        name
+        for name in _KERAS_STEP_METHODS
+        if getattr(type(model), name) is not getattr(keras.Model, name)
+    ]
+    if custom:
+        raise InvalidArgumentError(
+            f"{owner} computes the loss and the step itself (exact accumulation over the "
+            f"compiled loss); it would ignore {type(model).__name__}.{', .'.join(custom)}. Put "
+            "the objective in the loss (a Keras loss or a per-element loss function), or train "
+            f"this model with its own fit. Received: model of class {type(model).__name__!r} "
+            f"overriding {custom}"
+        )
+
+
+def _warn_batchnorm(model: keras.layers.Layer, accumulation_steps: int) -> None:
+    """BatchNormalization normalises each micro-batch with its own statistics and updates its
+    moving mean/variance once per micro-batch: accumulation makes the gradient exact for that
+    model, which is not the model trained on the concatenated window (1e-2 apart in a small
+    test). Said once, at construction, where the choice of batch size is still open."""
+    if accumulation_steps < 2:
+        return
+    layers = [
+        layer.name
+        for layer in model._flatten_layers(include_self=True)
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    if layers:
+        warnings.warn(
+            f"BatchNormalization layers {layers} normalise each micro-batch with its own "
+            "statistics and update their moving mean/variance once per micro-batch: the "
+            f"gradient is exact for that model, not for one step on {accumulation_steps} "
+            "concatenated micro-batches (use a larger micro-batch, LayerNormalization or "
+            "GroupNormalization where the batch statistics matter).",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _check_optimizer_variables(optimizer: Any, variables: Sequence[Any]) -> None:
+    """A built optimizer steps exactly the variables it was built for: after unfreezing,
+    recompile with a new optimizer (Keras' fine-tuning recipe; a built one cannot step the
+    variables it has no slots for)."""
+    if not getattr(optimizer, "built", False):
+        return
+    # Keras has no public list of the variables an optimizer was built for.
+    built = {id(v) for v in optimizer._trainable_variables}
+    missing = [v.path for v in variables if id(v) not in built]
+    if missing:
+        raise InvalidArgumentError(
+            "The optimizer was built for another set of trainable variables (it has no state "
+            "for the new ones): compile with a new optimizer after freezing or unfreezing "
+            f"layers. Received: trainable variables it was not built for: {missing}"
+        )
+
+
 def _reject_added_losses(model: keras.layers.Layer) -> None:
     # Called right after a forward pass (the only time `add_loss` terms exist). Keras fit adds
     # them to every batch's loss; summed per micro-batch they would count once per micro-batch,
@@ -194,15 +274,23 @@ def _penalty_fn(
 
 
 def _window_gradient(
-    sums: Sequence[Sequence[tf.Tensor]], counts: Sequence[tf.Tensor], micro_batches: tf.Tensor
+    sums: Sequence[Sequence[tf.Tensor]],
+    counts: Sequence[tf.Tensor],
+    micro_batches: tf.Tensor,
+    summed: Sequence[bool],
 ) -> list[tf.Tensor]:
-    """``sum_o sums_o / N_o`` from each loss term's gradient sums and count. A term none of
-    whose elements counted in the window (every timestep masked) contributes zero, as Keras'
-    ``divide_no_nan`` does; a window without any micro-batch is NaN (never applied)."""
+    """``sum_o sums_o / N_o`` from each loss term's gradient sums and count (a ``summed`` term,
+    Keras reduction ``"sum"``/``"none"``: ``sums_o`` itself, as Keras fit trains the big
+    batch's sum). A term none of whose elements counted in the window (every timestep masked)
+    contributes zero, as Keras' ``divide_no_nan`` does; a window without any micro-batch is NaN
+    (never applied)."""
     empty = tf.where(micro_batches > 0, 0.0, float("nan"))
     total: list[tf.Tensor] | None = None
-    for term_sums, count in zip(sums, counts, strict=True):
-        part = [tf.math.divide_no_nan(s, tf.cast(count, s.dtype)) for s in term_sums]
+    for term_sums, count, is_sum in zip(sums, counts, summed, strict=True):
+        if is_sum:
+            part = list(term_sums)
+        else:
+            part = [tf.math.divide_no_nan(s, tf.cast(count, s.dtype)) for s in term_sums]
         total = part if total is None else [a + b for a, b in zip(total, part, strict=True)]
     assert total is not None, "a model has at least one loss term"
     return [g + tf.cast(empty, g.dtype) for g in total]
@@ -240,6 +328,7 @@ def _update(
     penalty_fn: Callable[[], tf.Tensor | None],
     *,
     clip: Callable[[list[tf.Tensor]], list[tf.Tensor]],
+    summed: Sequence[bool],
     after_step: Callable[[], None] | None = None,
     extras: Sequence[Any] = (),
     replicas: Replicas | None = None,
@@ -256,7 +345,7 @@ def _update(
     doubles after ``dynamic_growth_steps`` applied updates), a non-finite one (float16
     overflow) is skipped and the scale halves."""
     window = _Reduced(accs, extras, replicas)
-    grads = _window_gradient(window.sums, window.counts, accs[0].micro_batches)
+    grads = _window_gradient(window.sums, window.counts, accs[0].micro_batches, summed)
     grads = [tf.cast(g, v.dtype) for g, v in zip(grads, variables, strict=True)]
     with tf.GradientTape() as tape:
         pen = penalty_fn()
@@ -305,11 +394,15 @@ class _LossSums(tf.Module):
         pen: tf.Tensor,
         sums: Sequence[tf.Tensor],
     ) -> dict[str, tf.Tensor]:
-        """``data_loss = sum_o weight_o * S_o / N_o`` (0 for a term with no element), ``loss``
+        """``data_loss = sum_o weight_o * S_o / N_o`` (0 for a term with no element; ``S_o``
+        for a ``"sum"`` reduction, as Keras logs it on the big batch), ``loss``
         (+ penalty), ``elements`` (sum of N_o; 0 when everything was masked) and, with several
         terms, ``<output>_loss``, from the window's (reduced) ``sums`` of ``self.sums``; then
         zeroes the sums."""
-        per_term = [tf.math.divide_no_nan(s, n) for s, n in zip(sums, counts, strict=True)]
+        per_term = [
+            s if t.reduction == "sum" else tf.math.divide_no_nan(s, n)
+            for t, s, n in zip(terms, sums, counts, strict=True)
+        ]
         data_loss = tf.add_n([t.weight * v for t, v in zip(terms, per_term, strict=True)])
         values = {
             "loss": data_loss + pen,
@@ -472,8 +565,14 @@ def _present(args: tuple[Any, Any, Any]) -> tuple[Any, ...]:
     return args if args[2] is not None else args[:2]
 
 
-def _spec(value: Any) -> tf.TensorSpec:
+def _spec(value: Any) -> tf.TypeSpec:
     # `None` batch dimension: micro-batches of any size (the short last one too) share a trace.
+    if isinstance(value, tf.RaggedTensor):  # ragged rows: one trace for every row length
+        return tf.RaggedTensorSpec(
+            (None, *value.shape[1:]), value.dtype, value.ragged_rank, value.row_splits.dtype
+        )
+    if isinstance(value, tf.SparseTensor):
+        return tf.SparseTensorSpec((None, *value.shape[1:]), value.dtype)
     tensor = value if isinstance(value, tf.Tensor) else np.asarray(value)
     return tf.TensorSpec((None, *tensor.shape[1:]), tf.as_dtype(tensor.dtype))
 
@@ -574,7 +673,13 @@ class _Engine:
         # Validation: the loss terms and counts `_micro` accumulates, in inference mode.
         y_pred = self.model(x, training=False)
         sums, counts = loss_sums(self.terms, self.names, y, y_pred, w)
-        out = [tf.cast(total, tf.float64) for total in sums] + list(counts)
+        sums = [tf.cast(total, tf.float64) for total in sums]
+        # A "sum" loss: Keras' val_loss averages the batch sums weighted by batch size.
+        size = tf.cast(tf.shape(tf.nest.flatten(y_pred)[0])[0], tf.float64)
+        for i, term in enumerate(self.terms):
+            if term.reduction == "sum":
+                sums[i], counts[i] = sums[i] * size, size
+        out = sums + list(counts)
         if self.spec.metrics:  # one output (checked in Trainer.__init__)
             values = [_METRIC_FNS[name](y, y_pred) for name in self.spec.metrics]
             out.append(tf.reduce_sum(_metric_weights(w, values[0], y_pred)))
@@ -640,6 +745,7 @@ class _Engine:
             self.optimizer,
             self.penalty_fn,
             clip=lambda grads: _clip(grads, spec),
+            summed=[t.summed for t in self.terms],
             after_step=self.after_step,
             extras=[*window.losses.sums, window.weight_sum, *window.metric_sums],
             replicas=self.replicas,
@@ -754,6 +860,8 @@ class Trainer:
                 f"gradient_accumulation_steps={optimizer.gradient_accumulation_steps}"
             )
         _reject_activity_regularizers(model)
+        _reject_custom_steps(model, "Trainer")
+        _warn_batchnorm(model, accumulation_steps)
         optimizer = _loss_scaled(optimizer, model)
         if on_nonfinite == "raise" and isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
             raise InvalidArgumentError(
@@ -882,7 +990,10 @@ class Trainer:
         evaluated after each epoch's last update; ``history.epochs`` gets ``val_loss``,
         ``val_data_loss`` and the metrics. ``callbacks``: ``keras.callbacks.Callback`` objects
         (Keras' hooks: ``on_train_batch_end`` once per update, ``on_epoch_end`` with the epoch
-        logs, ``model.stop_training`` honoured; ``self.model`` is the trained model) and/or
+        logs, ``model.stop_training`` honoured; ``self.model`` is the trained model as the
+        callbacks see it in Keras fit: its attributes, with the trainer's optimizer as
+        ``optimizer``, so ``LearningRateScheduler``, ``ReduceLROnPlateau`` and ``TensorBoard``
+        work and a rate they set applies from the next update) and/or
         the project's hooks (``tfreg_core.training.HOOKS``), all checked before training.
 
         Under a ``tf.distribute`` strategy (see :mod:`tfreg.distributed`) ``batch_size`` -- or
@@ -909,9 +1020,11 @@ class Trainer:
         )
         validation = validation_batches(validation_data, batch_size)
         keras_callbacks = [c for c in callbacks or () if isinstance(c, keras.callbacks.Callback)]
-        hooks = [c for c in callbacks or () if not isinstance(c, keras.callbacks.Callback)]
+        hooks: list[Any] = [_FinalizeVariables()]  # first: before the callbacks' train end
+        hooks += [c for c in callbacks or () if not isinstance(c, keras.callbacks.Callback)]
         if keras_callbacks:
-            hooks.append(_KerasCallbacks(keras_callbacks, self.model, epochs, data, verbose))
+            model = _CallbackModel(self.model, self.optimizer)
+            hooks.append(_KerasCallbacks(keras_callbacks, model, epochs, data, verbose))
         if isinstance(data, StreamData) and isinstance(data.data, tf.data.Dataset):
             data.data = data.data.prefetch(tf.data.AUTOTUNE)
         if self._replicas is not None and isinstance(data, ArrayData):
@@ -986,6 +1099,35 @@ def _input_shape(data: ArrayData | StreamData) -> Any:
     return shapes
 
 
+class _FinalizeVariables:
+    """What Keras ``fit`` does after its last epoch, before ``on_train_end``:
+    ``optimizer.finalize_variable_values(trainable variables)`` -- with ``use_ema=True`` the
+    weights become their moving averages (without, nothing happens)."""
+
+    def on_train_end(self, trainer: Trainer, history: History) -> None:
+        assert trainer._engine is not None  # fit built it before the first epoch
+        trainer.optimizer.finalize_variable_values(trainer._engine.variables)
+
+
+class _CallbackModel:
+    """``self.model`` of the Keras callbacks in ``Trainer.fit``: the trained model (every
+    attribute read from it: weights, ``save_weights``, layers...) with the trainer's optimizer
+    as ``optimizer`` -- what ``LearningRateScheduler``, ``ReduceLROnPlateau`` and
+    ``TensorBoard`` read and set, as on a compiled model in ``fit``; the learning rate they
+    assign is the optimizer's variable, read by the next update -- and its own
+    ``stop_training`` (the user's model is not written to)."""
+
+    def __init__(self, model: keras.Model, optimizer: keras.optimizers.Optimizer) -> None:
+        self._model = model
+        self.optimizer = optimizer
+        self.stop_training = False
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_model":  # not yet set (copy/unpickle): no recursion
+            raise AttributeError(name)
+        return getattr(self._model, name)
+
+
 class _KerasCallbacks:
     """``keras.callbacks.Callback`` objects driven by ``run_fit``'s hooks with Keras'
     signatures: ``on_train_batch_end(update, logs)`` per update (``logs``: the record's
@@ -995,7 +1137,7 @@ class _KerasCallbacks:
     def __init__(
         self,
         callbacks: list[Any],
-        model: keras.Model,
+        model: _CallbackModel,
         epochs: int,
         data: ArrayData | StreamData,
         verbose: int,
@@ -1045,6 +1187,35 @@ class _KerasCallbacks:
         self.list.on_train_end(dict(history.epochs[-1]) if history.epochs else None)
 
 
+class _WindowMean(keras.metrics.Mean):
+    """Keras' ``Mean`` of the windows' logged values, weighted by their example counts, that
+    also counts skipped windows: a skipped window adds nothing, and while every window closed
+    since the last reset was skipped the result is NaN -- what Keras logs for an epoch whose
+    losses are all non-finite (``Mean``'s ``divide_no_nan`` would show 0)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name=name)
+        self.skipped = self.add_variable(shape=(), initializer="zeros", name="skipped")
+
+    def update_window(self, value: tf.Tensor, weight: tf.Tensor, finite: tf.Tensor) -> None:
+        self.update_state(
+            tf.where(finite, value, tf.zeros_like(value)),
+            sample_weight=tf.where(finite, weight, tf.zeros_like(weight)),
+        )
+        self.skipped.assign_add(tf.cast(tf.logical_not(finite), self.skipped.dtype))
+
+    def all_skipped(self) -> tf.Tensor:
+        return tf.logical_and(self.count == 0, self.skipped > 0)
+
+    def result(self) -> tf.Tensor:
+        value = super().result()
+        return tf.where(self.all_skipped(), tf.constant(float("nan"), value.dtype), value)
+
+    def reset_state(self) -> None:
+        super().reset_state()
+        self.skipped.assign(0)
+
+
 class _FlushAtEpochEnd(keras.callbacks.Callback):
     """Flush the partial window after the epoch's last step -- before ``fit`` validates, so
     validation sees the epoch's final weights (``on_epoch_end`` comes after validation). Runs
@@ -1059,6 +1230,12 @@ class _FlushAtEpochEnd(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
         self.model.flush()  # a no-op after the flushes above
+        if bool(self.model._loss_tracker.all_skipped()):
+            warnings.warn(
+                ALL_SKIPPED_MESSAGE.format(epoch=epoch + 1),
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
 
 @keras.saving.register_keras_serializable(package="tfreg")
@@ -1112,6 +1289,14 @@ class AccumulatingModel(keras.Model):
         if not isinstance(model, keras.layers.Layer):
             raise InvalidArgumentError(f"model must be a Keras model. Received: model={model!r}")
         _reject_activity_regularizers(model)
+        _reject_custom_steps(model, "AccumulatingModel")
+        _warn_batchnorm(model, accumulation_steps)
+        if type(self).compute_loss is not keras.Model.compute_loss:
+            raise InvalidArgumentError(
+                "AccumulatingModel's train_step does not call compute_loss (it accumulates "
+                "the compiled loss's sums and counts): an override would be ignored. "
+                f"Received: {type(self).__name__}.compute_loss"
+            )
         # The wrapper must hand inputs to `model` untouched (a float32 wrapper would round
         # float64 inputs); `model`'s own layers cast as they always do.
         kwargs.setdefault("autocast", False)
@@ -1123,9 +1308,28 @@ class AccumulatingModel(keras.Model):
         self._accs: list[accumulation.AccumulatorState] | None = None
         self._replicas: Replicas | None = None
         self._pending = 0  # micro-batches of the open window, counted on the host (strategy)
+        if model.built:  # built as its model is: load_weights works on a fresh wrapper
+            self.build(None)
+
+    def build(self, input_shape: Any = None) -> None:
+        """Keras builds the wrapper at its first call (``fit``'s first step, ``predict``,
+        ``evaluate``): the wrapped model is built (from ``input_shape`` if it is not yet) and
+        the wrapper with it, so ``save_weights``/``load_weights``, ``export`` and the saving
+        callbacks work; it has no variables of its own."""
+        if not self.model.built:
+            self.model.build(input_shape)
+
+    def _lock_state(self) -> None:
+        # As keras.Sequential and Functional: mutable after build -- compile creates the
+        # trackers (and a recompile new ones) after the wrapper is built.
+        pass
 
     def call(self, inputs: Any, training: bool | None = None) -> Any:
         return self.model(inputs, training=training)
+
+    def export(self, filepath: Any, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model's ``export`` (the wrapper serves exactly its model's forward)."""
+        return self.model.export(filepath, *args, **kwargs)
 
     def get_config(self) -> dict[str, Any]:
         """The constructor's arguments, ``model`` serialized: ``.save("m.keras")``,
@@ -1172,18 +1376,35 @@ class AccumulatingModel(keras.Model):
                 "AccumulatingModel accumulates itself; the optimizer must not. Received: "
                 f"optimizer.gradient_accumulation_steps={optimizer.gradient_accumulation_steps}"
             )
-        self._names = output_names(self.model)
-        self._terms = loss_terms(loss, loss_weights, self._names)
+        if self._accs is not None and int(self._accs[0].micro_batches.numpy()):
+            raise InvalidArgumentError(
+                "compile() with a window half-filled would drop its micro-batches: recompile "
+                "between fits (fit flushes every window at each epoch end) or call flush() "
+                f"first. Received: {int(self._accs[0].micro_batches.numpy())} micro-batch(es) "
+                "accumulated"
+            )
+        names = output_names(self.model)
+        terms = loss_terms(loss, loss_weights, names)
         optimizer = _loss_scaled(optimizer, self.model)
         if self.proximal is not None:  # as Trainer does at construction: before any update
             self.proximal.check(optimizer)
+        _check_optimizer_variables(optimizer, self.model.trainable_variables)
+        self._names, self._terms = names, terms
+        model_names = getattr(self.model, "output_names", None)
+        if model_names:  # Keras' compile reads them to pair dict losses with the outputs
+            self.output_names = list(model_names)
         super().compile(optimizer=optimizer, loss=loss, loss_weights=loss_weights, **kwargs)
         with self.distribute_strategy.scope():
             self._replicas = replicas(self.model, owner="AccumulatingModel")
         if self._replicas is not None:
             self._replicas.check_keras_fit()
             self._replicas.check_options(self.optimizer, jit_compile=self.jit_compile is True)
-        self._data_loss_tracker = keras.metrics.Mean(name="data_loss")
+        # Keras' loss tracker, as a window mean that reports an all-skipped epoch as NaN.
+        self._loss_tracker = _WindowMean(name="loss")
+        self._data_loss_tracker = _WindowMean(name="data_loss")
+        # As Keras' recompile: the trainable set is read again (unfreezing to fine-tune), so
+        # the accumulators are rebuilt for it (empty: checked above).
+        self._accs = None
         if self.model.built:
             self._build_state()
 
@@ -1221,9 +1442,11 @@ class AccumulatingModel(keras.Model):
             self._window_losses = _LossSums(len(self._terms))
             zero = tf.constant(0.0, tf.float64)
             self._window_examples = local_variable(zero)
-            self._skipped = tf.Variable(tf.constant(0, tf.int64), trainable=False)
-            self._empty_windows = tf.Variable(tf.constant(0, tf.int64), trainable=False)
-            self.optimizer.build(variables)
+            if not hasattr(self, "_skipped"):  # counters carry over a recompile
+                self._skipped = tf.Variable(tf.constant(0, tf.int64), trainable=False)
+                self._empty_windows = tf.Variable(tf.constant(0, tf.int64), trainable=False)
+            if not self.optimizer.built:
+                self.optimizer.build(variables)
         self._apply_fn = update_function(self._apply_window, self._replicas)
 
     @property
@@ -1294,6 +1517,7 @@ class AccumulatingModel(keras.Model):
             self.optimizer,
             _penalty_fn(self.model, variables, self.regularizer, self.spec.include_bias),
             clip=lambda grads: grads,
+            summed=[t.summed for t in self._terms],
             after_step=_proximal_step(self.proximal, self.model, self.optimizer),
             extras=[*losses.sums, self._window_examples],
             replicas=self._replicas,
@@ -1301,9 +1525,8 @@ class AccumulatingModel(keras.Model):
         *loss_sums, examples = reduced.extras
         values = losses.report(self._terms, reduced.counts, pen, loss_sums)
         # What plain Keras logs for a batch of the window's examples: data loss + penalty,
-        # averaged over the epoch by example count. A skipped window adds nothing (no NaN).
-        weight = tf.where(finite, examples, tf.zeros_like(examples))
-        logged = {k: tf.where(finite, values[k], tf.zeros_like(values[k])) for k in values}
+        # averaged over the epoch by example count. A skipped window adds nothing (an epoch
+        # of skipped windows logs NaN, as Keras does, and warns: _WindowMean).
 
         def track() -> None:
             # Under a strategy Keras' metrics update in replica context; every replica adds
@@ -1312,7 +1535,7 @@ class AccumulatingModel(keras.Model):
                 (self._loss_tracker, "loss"),
                 (self._data_loss_tracker, "data_loss"),
             ):
-                tracker.update_state(logged[key], sample_weight=weight)
+                tracker.update_window(values[key], examples, finite)
 
         if self._replicas is None:
             track()
@@ -1338,7 +1561,7 @@ class AccumulatingModel(keras.Model):
     def train_step(self, data: Any) -> dict[str, Any]:
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         batch = micro_batch_gradients(
-            self.model,
+            self,  # through Keras' __call__: the wrapper is built (and saveable) by fit
             self._terms,
             self._names,
             list(self.model.trainable_variables),

@@ -498,11 +498,26 @@ HOOK_ARGS = {
 HOOKS = {name: args.count(",") + 1 for name, args in HOOK_ARGS.items()}
 
 
+ALL_SKIPPED_MESSAGE = (
+    "Epoch {epoch}: every update was skipped (non-finite gradients); the weights did not "
+    "change and the logged loss is nan."
+)
+
+
 def epoch_logs(history: History, epoch: int) -> dict[str, float]:
     """One epoch's logs (as Keras' ``on_epoch_end`` gets them): each value averaged over the
     epoch's applied updates, weighted by their example counts (Keras' running mean over
-    batches weighs each batch by its size)."""
-    rows = [r for r in history.records if r["epoch"] == epoch and not r["skipped"]]
+    batches weighs each batch by its size). An epoch whose every update was skipped logs NaN
+    (what Keras logs for non-finite losses) and warns (``RuntimeWarning``)."""
+    epoch_rows = [r for r in history.records if r["epoch"] == epoch]
+    rows = [r for r in epoch_rows if not r["skipped"]]
+    if epoch_rows and not rows:
+        warnings.warn(
+            ALL_SKIPPED_MESSAGE.format(epoch=epoch + 1),
+            RuntimeWarning,
+            stacklevel=4,  # the user's fit() call (epoch_logs <- run_fit <- Trainer.fit)
+        )
+        return {k: math.nan for k in epoch_rows[0] if k not in RECORD_FIELDS}
     total = sum(r["examples"] for r in rows)
     keys = [k for k in (rows[0] if rows else {}) if k not in RECORD_FIELDS]
     return {k: sum(r[k] * r["examples"] for r in rows) / total for k in keys}

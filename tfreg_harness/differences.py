@@ -192,6 +192,18 @@ FRAMEWORK_DIFFERENCES = FrameworkDifferences(
             "learning rate; torch adds epsilon to sqrt(v_hat). Same formula only as eps -> 0.",
             "optimizer_hyperparameters": "Keras keeps learning rate, betas etc. as float32 "
             "variables even in a float64 model; torch uses Python floats.",
+            "embedding_sparse_adam": "Keras' Embedding gradient is an IndexedSlices; Keras "
+            "3.15's Adam/AdamW/RMSprop update_step scatter-adds m and v slice by slice without "
+            "deduplicating (keras/src/optimizers/adam.py, backend/tensorflow/optimizer.py), so a "
+            "token repeated in the batch updates its moments once per occurrence. torch (dense "
+            "embedding gradient), tfreg.Trainer and AccumulatingModel step on the summed "
+            "gradient: with repeated tokens the embedding rows differ from Keras fit (0.55 of "
+            "the update in tests/test_training_edges.py), without them they agree. SGD agrees.",
+            "float16_loss_scale": "tfreg differentiates each micro-batch as Keras' scaled "
+            "batch mean (scale * S / N_micro): its float16 backward pass carries k times larger "
+            "values than Keras' batch of k micro-batches, so it overflows at a k times smaller "
+            "loss scale (one more skipped window, scale 2**16 where Keras keeps 2**17 at k=2). "
+            "Applied updates are unaffected.",
         }
     ),
 )
