@@ -59,10 +59,12 @@ from tfreg._losses import (
     output_names,
 )
 from tfreg._losses import per_example_loss as per_example_loss
+from tfreg.checkpoint import check_file, run_fingerprint
 from tfreg.distributed import Replicas, local_variable, replicas, update_function, zero
 from tfreg.penalties import penalty as _penalty
 from tfreg.proximal import PROXIMAL_CLASSES, Proximal
 from tfreg.regularizers import get as _get_regularizer
+from tfreg_core import checkpoint as core_checkpoint
 from tfreg_core.training import (
     NONFINITE_MESSAGE,
     RECORD_FIELDS,
@@ -423,13 +425,23 @@ class _ReplicaLocal(tf.Module):
 
 class _TrainerCheckpoint(tf.train.Checkpoint):
     """``tf.train.Checkpoint`` that refuses, before restoring anything, a checkpoint whose
-    window sums belong to other ``metrics`` (they would be reported under the wrong names) or
-    to another number of replicas (the partial sums are per replica)."""
+    window sums belong to other ``metrics`` (they would be reported under the wrong names), to
+    another number of replicas (the partial sums are per replica) or to another run
+    (:func:`tfreg.checkpoint.check_file`: its run record, position and counters)."""
 
-    def __init__(self, metrics: Sequence[str], layout: tuple[int, int, int], **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def __init__(
+        self,
+        metrics: Sequence[str],
+        layout: tuple[int, int, int],
+        run: dict[str, Any],
+        counters: tuple[int, int],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(run=_Text(core_checkpoint.to_text(run)), **kwargs)
         self._metrics = ",".join(metrics)
         self._layout = layout
+        self._run = core_checkpoint.to_text(run)  # text: tracking would wrap a dict's lists
+        self._counters = counters  # (accumulators saved with their counters, window size)
 
     def _check(self, path: str) -> None:
         reader = tf.train.load_checkpoint(path)
@@ -456,6 +468,9 @@ class _TrainerCheckpoint(tf.train.Checkpoint):
                 "devices, each worker from its own checkpoint. Received: "
                 f"{_describe_layout(self._layout)}"
             )
+        accumulators, steps = self._counters
+        run = core_checkpoint.from_text(self._run)
+        check_file(path, run, accumulators=accumulators, accumulation_steps=steps)
 
     def read(self, save_path: str, options: Any = None) -> Any:
         self._check(save_path)
@@ -845,7 +860,9 @@ class Trainer:
                 window=_WindowHeader(engine.window),
             )
         layout = _ONE_DEVICE if self._replicas is None else self._replicas.layout()
-        return _TrainerCheckpoint(self.spec.metrics, layout, rng=engine.rng, **state)
+        run = run_fingerprint(self, _layout_text(layout))
+        counters = (len(engine.accs) if self._replicas is None else 0, self.spec.accumulation_steps)
+        return _TrainerCheckpoint(self.spec.metrics, layout, run, counters, rng=engine.rng, **state)
 
     def fit(
         self,

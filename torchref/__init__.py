@@ -5,6 +5,7 @@ Never imports TensorFlow or tfreg; shared, framework-free logic lives in ``tfreg
 
 from torchref import accumulation
 from torchref._compat import torch as _torch  # noqa: F401  (fails early with an install hint)
+from torchref.checkpoint import CheckpointManager
 from torchref.penalties import penalized_parameters, penalized_variables, penalty
 from torchref.proximal import (
     ProximalChain,
@@ -47,6 +48,7 @@ __all__ = [
     "L1",
     "L1L2",
     "L2",
+    "CheckpointManager",
     "GroupLasso",
     "GroupSparsity",
     "History",

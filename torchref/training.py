@@ -58,7 +58,7 @@ from tfreg_core.training import (
 )
 from tfreg_core.training import History as History
 from tfreg_core.validation import InvalidArgumentError, non_negative_float, strict_bool
-from torchref import accumulation
+from torchref import accumulation, checkpoint
 from torchref._compat import torch
 from torchref.distributed import loader_samplers, process_group
 from torchref.penalties import penalty as _penalty
@@ -658,17 +658,16 @@ class Trainer:
                 "position": list(e.position),
             },
             "rng": _rng_state(e.device),
+            "run": checkpoint.run_fingerprint(self),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``state_dict()``; a state saved with other ``metrics`` is refused before
-        anything is restored (its window sums would be reported under the wrong names)."""
-        saved = state.get("metrics", [])
-        if list(saved) != self.spec.metrics:
-            raise InvalidArgumentError(
-                f"The state was saved by a Trainer with other metrics: metrics={list(saved)}. "
-                f"Build the Trainer with them. Received: metrics={self.spec.metrics}"
-            )
+        """Restore ``state_dict()``. The whole state is checked first
+        (:func:`torchref.checkpoint.check_state`): a state of another run (accumulation steps,
+        seed, optimizer class, model structure, metrics, world size), an incomplete one, or one
+        with a tensor of another shape/dtype, a position outside the plan or a negative count
+        is refused before anything is restored."""
+        checkpoint.check_state(self, state)
         e = self._engine
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -676,15 +675,10 @@ class Trainer:
         window = state["window"]
         e.loss_sum = window["loss_sum"].clone()
         e.weight_sum = window["weight_sum"].clone()
-        # This rank's examples in the open window (History's `examples` on a process group). A
-        # state written before it was saved lacks it: the resumed window then counts only the
-        # examples after the resume.
-        if "examples" in window:
-            e.examples = window["examples"].clone()
+        e.examples = window["examples"].clone()  # this rank's, in the open window
         e.metric_sums = [m.clone() for m in window["metric_sums"]]
         e.set_position(tuple(window["position"]))
-        if "rng" in state:  # checkpoints written before the RNG state was saved lack it
-            _set_rng_state(state["rng"])
+        _set_rng_state(state["rng"])
 
     def fit(
         self,
