@@ -539,6 +539,10 @@ class _Engine:
         optimizer.build(self.variables)
         self.penalty_fn = _penalty_fn(model, self.variables, regularizer, spec.include_bias)
         self.after_step = _proximal_step(proximal, model, optimizer)
+        # Checked eagerly before each window's first micro-batch (a schedule's rate at the
+        # coming step): host-side flag, no read of the accumulator.
+        self.check_rates = None if proximal is None else lambda: proximal.check_rates(optimizer)
+        self.window_open = False
         self.micro_fns: dict[Any, Any] = {}
         self.eval_fns: dict[Any, Any] = {}
         self.apply_fn = update_function(self._apply, self.replicas, jit_compile=spec.jit_compile)
@@ -562,6 +566,9 @@ class _Engine:
         return cache[key]
 
     def micro_step(self, x: Any, y: Any, sample_weight: Any) -> None:
+        if self.check_rates is not None and not self.window_open:
+            self.check_rates()
+        self.window_open = True
         if self.stream_length is not None:  # the first micro-batch of a fit on a stream
             self.replicas.check_stream((x, y, sample_weight), self.stream_length)
             self.stream_length = None
@@ -577,6 +584,7 @@ class _Engine:
 
     def discard_window(self) -> None:
         """``drop_remainder`` on a stream: the short window's sums are thrown away."""
+        self.window_open = False
         for acc in self.accs:
             accumulation.reset(acc)
         self.window.losses.reset()
@@ -666,6 +674,7 @@ class _Engine:
         return values
 
     def apply_step(self) -> dict[str, tf.Tensor]:
+        self.window_open = False
         with _collectives(self.replicas):
             values = self.apply_fn()
         # "raise" reads one flag per update back to the host (graph asserts vanish under XLA);
@@ -803,6 +812,8 @@ class Trainer:
         with _scope(self._replicas):
             if not self.model.built:
                 self.model.build(input_shape)
+            if self.proximal is not None:  # before tracing: TF would wrap it (StagingError)
+                self.proximal.check_model(self.model)
             self._engine = _Engine(
                 self.model,
                 self._terms,
@@ -813,6 +824,9 @@ class Trainer:
                 proximal=self.proximal,
                 replicas=self._replicas,
             )
+            # Evaluated once eagerly: a regularizer's own error (an axis out of range) reaches
+            # the user as is, not wrapped in TF's StagingError by the step's trace.
+            self._engine.penalty_fn()
 
     @property
     def accumulators(self) -> list[accumulation.AccumulatorState]:

@@ -422,6 +422,9 @@ class _Engine:
         self.closes = closes
 
     def micro_step(self, x: Any, y: Any, sample_weight: Any) -> None:
+        if self.proximal is not None and self.acc.micro_batches == 0:
+            # A scheduler's negative/NaN rate, refused before the window holds anything.
+            self.proximal.check_rates(self.optimizer)
         if self.group is None:
             return self._micro_step(x, y, sample_weight)
         x, y, sample_weight = self.group.local(x, y, sample_weight)
@@ -498,6 +501,12 @@ class _Engine:
         else:
             pen = torch.zeros((), dtype=torch.float64, device=self.device)
         finite = _all_finite(grads)
+        if finite and self.proximal is not None:
+            try:  # a rate changed mid-window: refused before the step, the window consumed
+                self.proximal.check_rates(self.optimizer)
+            except InvalidArgumentError:
+                self._reset_window()
+                raise
         if finite:
             for p, g in zip(self.params, _clip(grads, self.spec), strict=True):
                 p.grad = g
@@ -627,6 +636,8 @@ class Trainer:
         self.optimizer = optimizer
         self.regularizer = None if regularizer is None else _get_regularizer(regularizer)
         self.proximal = resolve_proximal(proximal, PROXIMAL_CLASSES, optimizer)
+        if self.proximal is not None:  # an axis out of range, before the first step
+            self.proximal.check_model(model)
         _check_optimizer(optimizer, model)
         self._engine = _Engine(
             model,
