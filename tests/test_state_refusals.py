@@ -123,3 +123,20 @@ def test_tf_invalid_axis_reaches_the_user_as_the_library_error(kwargs: dict[str,
     with pytest.raises(ValueError, match="axis") as raised:
         trainer.fit(X, Y, batch_size=4, epochs=1, verbose=0)
     assert isinstance(raised.value, InvalidArgumentError)
+
+
+@pytest.mark.parametrize(
+    "validation_data",
+    [(X[:, :2], Y), (X, Y[:, :1, None])],
+    ids=["input-shape", "target-shape"],
+)
+def test_tf_malformed_validation_data_fails_before_the_first_update(validation_data) -> None:
+    # Before: epoch 1 trained, then the validation pass raised (README: checked before).
+    trainer = tfreg.Trainer(tf_model(), "mse", keras.optimizers.SGD(0.1))
+    trainer.build((None, 3))
+    before = [v.numpy().copy() for v in trainer.model.weights]
+    with pytest.raises(ValueError):
+        trainer.fit(X, Y, batch_size=4, epochs=1, validation_data=validation_data, verbose=0)
+    assert int(trainer.optimizer.iterations) == 0
+    for v, b in zip(trainer.model.weights, before, strict=True):
+        np.testing.assert_array_equal(v.numpy(), b)

@@ -601,6 +601,15 @@ class _Engine:
             out += [tf.reduce_sum(v * _metric_weights(w, v, y_pred)) for v in values]
         return tuple(out)
 
+    def check_validation(self, batches: Callable[[], Iterable[tuple[Any, Any, Any]]]) -> None:
+        """Trace the validation step on the first batch (nothing runs): malformed validation
+        data -- another input shape, targets a loss refuses -- fails before the first update,
+        not after the first epoch trained."""
+        first = next(iter(batches()), None)
+        if first is None:
+            raise InvalidArgumentError("validation_data yielded no batch. Received: empty data")
+        self._traced(self.eval_fns, self._eval, first).get_concrete_function()
+
     def evaluate(self, batches: Iterable[tuple[Any, Any, Any]]) -> dict[str, float]:
         """``val_loss`` (= ``sum_o weight_o * S_o / N_o`` over the data + penalty, as Keras'
         ``val_loss`` includes the regularization losses), ``val_data_loss`` and metrics."""
@@ -944,6 +953,8 @@ class Trainer:
             self._replicas.check_plan(data.plan, self.spec, arrays)
         self.build(_input_shape(data))
         engine = self._engine
+        if validation is not None and not _one_shot(validation_data):
+            engine.check_validation(validation)
         if self._replicas is not None:
             state = [*self.model.weights, *self.optimizer.variables, engine.window.position]
             self._replicas.check_state(state)
@@ -1007,6 +1018,11 @@ def _input_shape(data: ArrayData | StreamData) -> Any:
         return None
     shapes = tf.nest.map_structure(lambda v: (None, *v.shape[1:]), x)
     return shapes
+
+
+def _one_shot(data: Any) -> bool:
+    # An iterator (a generator) is not peeked at: its first batch would be lost.
+    return not isinstance(data, tuple) and iter(data) is data
 
 
 def _validation_batches(
