@@ -140,3 +140,53 @@ def test_tf_malformed_validation_data_fails_before_the_first_update(validation_d
     assert int(trainer.optimizer.iterations) == 0
     for v, b in zip(trainer.model.weights, before, strict=True):
         np.testing.assert_array_equal(v.numpy(), b)
+
+
+def _labels(bad: int) -> np.ndarray:
+    labels = np.arange(8) % 2
+    labels[6] = bad  # in the second window (batch 2 x 2 micro-batches)
+    return labels
+
+
+@pytest.mark.parametrize("bad", [7, -1], ids=["7-of-2", "minus-1"])
+def test_tf_label_out_of_range_is_refused_before_any_update(bad: int) -> None:
+    # Before: TF's own error at the bad micro-batch, after the first window was applied.
+    trainer = tfreg.Trainer(
+        tf_model(),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        keras.optimizers.SGD(0.1),
+        accumulation_steps=2,
+    )
+    with pytest.raises(InvalidArgumentError, match=rf"\[0, 2\).*Received: y\[6\]={bad}"):
+        trainer.fit(X, _labels(bad), batch_size=2, epochs=1, shuffle=False, verbose=0)
+    assert int(trainer.optimizer.iterations) == 0
+
+
+@pytest.mark.parametrize("bad", [7, -1], ids=["7-of-2", "minus-1"])
+def test_torch_label_out_of_range_is_refused_before_any_update(bad: int) -> None:
+    # Before: IndexError from F.cross_entropy at the bad micro-batch, after window 1 applied.
+    model = torch_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = torchref.Trainer(model, "cross_entropy", optimizer, accumulation_steps=2)
+    with pytest.raises(InvalidArgumentError, match=rf"\[0, 2\) or -100.*Received: y\[6\]={bad}"):
+        trainer.fit(X, _labels(bad), batch_size=2, epochs=1, shuffle=False, verbose=0)
+    for a, b in zip(model.parameters(), before, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_torch_stream_label_out_of_range_fails_before_its_window_naming_the_batch() -> None:
+    model = torch_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = torchref.Trainer(model, "cross_entropy", optimizer, accumulation_steps=2)
+    labels = torch.as_tensor(_labels(7))
+    stream = [(torch.as_tensor(X[i : i + 2]), labels[i : i + 2]) for i in range(0, 8, 2)]
+    updates = []
+
+    class Count:
+        def on_update_end(self, trainer: Any, record: Any) -> None:
+            updates.append(record)
+
+    with pytest.raises(InvalidArgumentError, match=r"micro-batch 3 of epoch 0: y\[0\]=7"):
+        trainer.fit(stream, epochs=1, callbacks=[Count()], verbose=0)
+    assert len(updates) == 1  # the first window only; the bad batch's window never applied

@@ -65,6 +65,7 @@ from tfreg.penalties import penalty as _penalty
 from tfreg.proximal import PROXIMAL_CLASSES, Proximal
 from tfreg.regularizers import get as _get_regularizer
 from tfreg_core import checkpoint as core_checkpoint
+from tfreg_core.labels import check_class_labels
 from tfreg_core.training import (
     NONFINITE_MESSAGE,
     RECORD_FIELDS,
@@ -955,6 +956,8 @@ class Trainer:
         engine = self._engine
         if validation is not None and not _one_shot(validation_data):
             engine.check_validation(validation)
+        if isinstance(data, ArrayData):
+            _check_labels(self.model, self._terms, self.loss, data.y)
         if self._replicas is not None:
             state = [*self.model.weights, *self.optimizer.variables, engine.window.position]
             self._replicas.check_state(state)
@@ -1018,6 +1021,25 @@ def _input_shape(data: ArrayData | StreamData) -> Any:
         return None
     shapes = tf.nest.map_structure(lambda v: (None, *v.shape[1:]), x)
     return shapes
+
+
+def _check_labels(model: Any, terms: Sequence[LossTerm], loss: Any, y: Any) -> None:
+    """Class-index label arrays in range for their output, once per fit before any update
+    (out of range, TF fails at that micro-batch on CPU -- after earlier windows were applied --
+    and gives garbage on GPU). Outputs whose class count is not static are left alone."""
+    outputs = getattr(model, "outputs", None)
+    if not outputs:
+        return
+    flat_y = tf.nest.flatten(y)
+    for term in terms:
+        if not term.class_index or len(flat_y) != len(outputs) or term.index >= len(outputs):
+            continue
+        classes = outputs[term.index].shape[-1]
+        if classes is None:
+            continue
+        ignore = getattr(loss, "ignore_class", None) if len(terms) == 1 else None
+        where = "y" if len(terms) == 1 else f"y[{term.name!r}]"
+        check_class_labels(flat_y[term.index], int(classes), ignore=ignore, where=where)
 
 
 def _one_shot(data: Any) -> bool:

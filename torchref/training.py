@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from tfreg_core.labels import check_class_labels
 from tfreg_core.specs import float32_rounded
 from tfreg_core.training import (
     NONFINITE_MESSAGE,
@@ -228,6 +229,18 @@ class _WindowLoss:
             )
         return y_true.to(y_pred.dtype), False
 
+    def check_labels(self, labels: Any, y_pred: torch.Tensor, where: str) -> None:
+        """Class-index labels (host arrays/tensors) in ``[0, classes)`` or ``ignore_index``,
+        refused naming ``where`` before the micro-batch is added."""
+        if self.targets not in ("index", "index_or_probabilities") or y_pred.ndim < 2:
+            return
+        if isinstance(labels, torch.Tensor):
+            if labels.device.type != "cpu" or labels.is_floating_point():
+                return  # a device tensor: not read here (no sync); floats are refused anyway
+            labels = labels.numpy()
+        if isinstance(labels, np.ndarray) and labels.dtype.kind in "iu":
+            check_class_labels(labels, int(y_pred.shape[1]), ignore=self.ignore_index, where=where)
+
     def _count(self, y_pred: torch.Tensor, y_true: torch.Tensor) -> int | float | torch.Tensor:
         # Counted where the targets live: host targets (the usual case) give a Python number,
         # so the accumulator never waits for the device.
@@ -397,6 +410,10 @@ class _Engine:
         # that History's `examples` is the global window's for a DataLoader shard too.
         self.examples = zero.clone()
         self.position = Position().as_tuple()
+        # Set by Trainer.fit: the array labels to check at the first micro-batch (when the
+        # model's class count is known), and whether the data are arrays (else a stream).
+        self.labels: Any = None
+        self.array_data = False
 
     def _tensors(self, structure: Any, dtype: torch.dtype | None = None) -> Any:
         # Floating inputs are cast to `dtype` (as Keras casts inputs to the layer's dtype).
@@ -435,6 +452,12 @@ class _Engine:
     def _micro_step(self, x: Any, y: Any, sample_weight: Any) -> None:
         xb = self._tensors(x, self.dtype)
         y_pred = call_module(self.model, xb)
+        if self.labels is not None:  # arrays: the whole y once per fit, before any update
+            labels, self.labels = self.labels, None
+            self.loss.check_labels(labels, y_pred, "y")
+        elif not self.array_data:  # a stream: each micro-batch before its window is applied
+            epoch, micro_batch = self.position[:2]
+            self.loss.check_labels(y, y_pred, f"micro-batch {micro_batch} of epoch {epoch}: y")
         y_host = torch.as_tensor(y)
         values, count = self.loss(y_pred, y_host)
         if sample_weight is None or _all_ones(sample_weight):
@@ -745,6 +768,8 @@ class Trainer:
             group.check_shards(x, steps_per_epoch)
         if not isinstance(data, ArrayData):
             callbacks = [*_sampler_epochs(x), *(callbacks or [])]
+        self._engine.array_data = isinstance(data, ArrayData)
+        self._engine.labels = data.y if isinstance(data, ArrayData) else None
         with self._engine.session():
             return run_fit(
                 self._engine,
