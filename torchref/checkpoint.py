@@ -22,7 +22,6 @@ from torchref._compat import torch
 
 __all__ = ["CheckpointManager", "check_state", "run_fingerprint"]
 
-STATE_KEYS = ("model", "optimizer", "accumulator", "metrics", "window", "rng", "run")
 _FILE = "trainer.pt"
 
 
@@ -120,8 +119,11 @@ def _check_optimizer(saved: Any, optimizer: torch.optim.Optimizer) -> None:
 def check_state(trainer: Any, state: Any) -> None:
     """Raise :class:`InvalidArgumentError` unless ``state`` is a complete ``state_dict()`` of
     this run that ``trainer`` can restore (see the module docstring). Changes nothing."""
-    state = _mapping(state, "state", STATE_KEYS)
-    core.check_same_run(state["run"], run_fingerprint(trainer))
+    # The parts are those this trainer's own state_dict() writes: a part missing or unknown is
+    # refused whichever parts a trainer's options add.
+    own = trainer.state_dict()
+    state = _mapping(state, "state", tuple(own))
+    core.check_same_run(state["run"], own["run"])
     metrics = state["metrics"]
     if not isinstance(metrics, list) or metrics != trainer.spec.metrics:
         raise InvalidArgumentError(
@@ -130,7 +132,7 @@ def check_state(trainer: Any, state: Any) -> None:
         )
     engine = trainer._engine
     model = _mapping(state["model"], "model")
-    mine = trainer.model.state_dict()
+    mine = own["model"]
     if list(model) != list(mine):
         raise InvalidArgumentError(
             f"The state's model must hold the entries {list(mine)[:8]}... Received: "
@@ -148,11 +150,7 @@ def check_state(trainer: Any, state: Any) -> None:
         )
     for i, (saved, like) in enumerate(zip(sums, engine.acc.sums, strict=True)):
         _tensor_like(saved, like, f"accumulator.sums[{i}]")
-    window = _mapping(
-        state["window"],
-        "window",
-        ("loss_sum", "weight_sum", "examples", "metric_sums", "position"),
-    )
+    window = _mapping(state["window"], "window", tuple(own["window"]))
     position = core.check_position(window["position"])
     count = _scalar(acc["count"], "accumulator.count")
     core.check_window(position, acc["micro_batches"], count, trainer.spec.accumulation_steps)
