@@ -161,18 +161,41 @@ def bias_runs(fresh_pair, x, y, *, epochs: int, seed: int) -> dict[str, list[flo
     return curves
 
 
-def train_both(pair_weights, x, y, *, steps: int, batch: int, epochs: int, seed: int):
+class SaveEachEpoch:
+    """A trainer callback: a crash-safe checkpoint after every epoch (``CheckpointManager``:
+    written aside, renamed into place; ``manager.restore()`` resumes from the latest)."""
+
+    def __init__(self, manager) -> None:
+        self.manager = manager
+
+    def on_epoch_end(self, trainer, epoch, history) -> None:
+        self.manager.save()
+
+
+def train_both(
+    pair_weights, x, y, *, steps: int, batch: int, epochs: int, seed: int, checkpoints=None
+):
     """Train the Keras and the torch CNN from the same weights; return their histories and
-    models."""
+    models. With ``checkpoints`` (a directory) each trainer checkpoints every epoch there."""
     pair = pair_weights()
     common = {"accumulation_steps": steps, "metrics": ["sparse_categorical_accuracy"], "seed": seed}
     tf_trainer = tfreg.Trainer(pair.keras, keras_loss(), keras.optimizers.Adam(LR), **common)
-    tf_history = tf_trainer.fit(x, y, batch_size=batch, epochs=epochs, verbose=0)
     # KerasAdamW(weight_decay=0) is Keras' Adam arithmetic: the curves differ by round-off only.
     optimizer = torchref.KerasAdamW(pair.torch.parameters(), lr=LR)
     torch_trainer = torchref.Trainer(pair.torch, "cross_entropy", optimizer, **common)
+    saving = {"tf": [], "torch": []}
+    if checkpoints is not None:
+        for name, manager in (
+            ("tf", tfreg.CheckpointManager),
+            ("torch", torchref.CheckpointManager),
+        ):
+            trainer = tf_trainer if name == "tf" else torch_trainer
+            saving[name] = [SaveEachEpoch(manager(trainer, Path(checkpoints) / name))]
+    tf_history = tf_trainer.fit(
+        x, y, batch_size=batch, epochs=epochs, callbacks=saving["tf"], verbose=0
+    )
     torch_history = torch_trainer.fit(
-        to_torch_input(x), y, batch_size=batch, epochs=epochs, verbose=0
+        to_torch_input(x), y, batch_size=batch, epochs=epochs, callbacks=saving["torch"], verbose=0
     )
     return tf_history, torch_history, pair
 
@@ -190,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, help="epochs (default 2; full 6)")
     parser.add_argument("--mnist", type=Path, help="directory with MNIST's IDX files or npz")
     parser.add_argument("--limit", type=int, help="training examples (default 900; full: all)")
+    parser.add_argument("--checkpoints", type=Path, help="checkpoint every epoch into this dir")
     args = parser.parse_args(argv)
 
     rng = seed_everything(args.seed)
@@ -216,7 +240,14 @@ def main(argv: list[str] | None = None) -> int:
     ]:
         started = time.perf_counter()
         runs[label] = train_both(
-            fresh_pair, x, y, steps=steps, batch=batch, epochs=epochs, seed=args.seed
+            fresh_pair,
+            x,
+            y,
+            steps=steps,
+            batch=batch,
+            epochs=epochs,
+            seed=args.seed,
+            checkpoints=None if args.checkpoints is None else args.checkpoints / label,
         )
         print(f"  trained {label} in both frameworks: {time.perf_counter() - started:.1f}s")
 

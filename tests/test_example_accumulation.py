@@ -22,12 +22,14 @@ def test_example_runs_and_saves_the_plot(tmp_path, capsys) -> None:
     threads = tf_gradient_accumulation.torch.get_num_threads()  # main() pins torch to one thread
     try:
         argv = ["--out", str(tmp_path), "--epochs", "1", "--limit", "300"]
-        assert tf_gradient_accumulation.main(argv) == 0
+        assert tf_gradient_accumulation.main([*argv, "--checkpoints", str(tmp_path / "ck")]) == 0
     finally:
         tf_gradient_accumulation.torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert "scikit-learn digits" in out and "300 training images (8, 8, 1), 297 test" in out
     assert "4x64" in out and "1x256" in out and "test accuracy" in out
+    for twin in ("tf", "torch"):  # one crash-safe checkpoint per epoch and trainer
+        assert (tmp_path / "ck" / "4x64" / twin / "latest").read_text() == "ckpt-0"
     assert "seed loop (WRONG)" in out and "Keras built-in, schedule (biased)" in out
     assert (tmp_path / "accumulation_loss.png").stat().st_size > 1000
 

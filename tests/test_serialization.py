@@ -220,3 +220,21 @@ def test_keras_layers_take_the_p_norm_key_as_a_config() -> None:
         keras.layers.Dense(3, kernel_regularizer="p_norm")
     layer = keras.layers.Dense(3, kernel_regularizer=tfreg.get("p_norm"))  # the documented way
     assert type(layer.kernel_regularizer) is tfreg.PNorm
+
+
+@pytest.mark.parametrize(
+    "module", [pytest.param(tfreg, id="tfreg"), pytest.param(torchref, id="torchref")]
+)
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"class_name": "system", "module": "os"},
+        {"class_name": "Nope", "config": {}},
+        {"class_name": "print", "module": "builtins", "config": {}},
+    ],
+    ids=["os.system", "unknown", "builtins.print"],
+)
+def test_deserialize_of_what_names_no_regularizer_raises_in_both_twins(module, config) -> None:
+    # Before: tfreg returned the bare string 'system' (torchref raised).
+    with pytest.raises(InvalidArgumentError, match="Could not interpret"):
+        module.deserialize(config)

@@ -339,12 +339,13 @@ def test_eval_model_trains_in_training_mode_and_is_restored_when_fit_raises() ->
 
     x = np.random.default_rng(8).normal(size=(8, D))
     y = np.arange(8) % C
-    y[5] = 7  # an out-of-range class: torch raises inside the second window
+    y[5] = 7  # an out-of-range class: a stream's micro-batch 2 is refused (second window)
     trainer = torchref.Trainer(
         model, "cross_entropy", torch.optim.SGD(model.parameters(), lr=LR), accumulation_steps=2
     )
-    with pytest.raises(IndexError):
-        trainer.fit(x, y, batch_size=2, callbacks=[Modes()], verbose=0)
+    stream = [(x[i : i + 2], y[i : i + 2]) for i in range(0, 8, 2)]
+    with pytest.raises(InvalidArgumentError, match="micro-batch 2 of epoch 0"):
+        trainer.fit(stream, callbacks=[Modes()], verbose=0)
     assert seen == [True, True]
     assert not any(m.training for m in model.modules())
     assert all(p.grad is None for p in model.parameters())

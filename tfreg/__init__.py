@@ -6,6 +6,7 @@ harness lives in :mod:`tfreg.parity` and imports torch only when used.
 
 from tfreg import accumulation
 from tfreg._compat import keras as _keras  # noqa: F401  (fails early with an install hint)
+from tfreg.checkpoint import CheckpointManager
 from tfreg.penalties import penalized_parameters, penalized_variables, penalty
 from tfreg.proximal import (
     ProximalChain,
@@ -49,6 +50,7 @@ __all__ = [
     "L1L2",
     "L2",
     "AccumulatingModel",
+    "CheckpointManager",
     "GroupLasso",
     "GroupSparsity",
     "History",

@@ -20,12 +20,13 @@ The torch twin is :mod:`torchref.accumulation` (same functions, tensors instead 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 from tfreg._compat import tf
 from tfreg.distributed import local_variable, scatter_add, zero
-from tfreg_core.accumulation import COUNT_MESSAGE, check_add
+from tfreg_core.accumulation import COUNT_MESSAGE, check_add, reject_count, reject_gradient
 
 __all__ = ["AccumulatorState", "add", "init", "reset", "result"]
 
@@ -84,14 +85,29 @@ def add(state: AccumulatorState, grads: Sequence[Any], count: Any) -> Accumulato
     count gets a graph-side assert (finite, >= 0) that runs before the sums are touched.
     """
     grads = list(grads)
+    for i, g in enumerate(grads):
+        if g is not None and not (
+            (tf.is_tensor(g) or isinstance(g, tf.IndexedSlices)) and g.dtype.is_floating
+        ):
+            reject_gradient(i, g, "a floating tf.Tensor, tf.Variable or tf.IndexedSlices")
+    is_tensor = tf.is_tensor(count)
     check_add(
         [None if g is None else _static_shape(g) for g in grads],
         [tuple(s.shape) for s in state.sums],
         count,
         unit="variables",
+        count_tensor=(
+            (tuple(count.shape), count.dtype.is_floating or count.dtype.is_integer)
+            if is_tensor
+            else None
+        ),
     )
     checks = []
-    if tf.is_tensor(count):
+    if is_tensor and tf.executing_eagerly():  # the value is known: checked before any assign
+        value = float(tf.cast(count, tf.float64))
+        if not (math.isfinite(value) and value >= 0):
+            reject_count(count)
+    elif is_tensor:
         # A tensor count is only known at run time: asserted in the graph, before any assign.
         # inf passed `assert_non_negative` and silently divided the window's gradient to zero.
         as_float = tf.cast(count, tf.float64)
@@ -105,7 +121,11 @@ def add(state: AccumulatorState, grads: Sequence[Any], count: Any) -> Accumulato
                 scatter_add(acc, tf.IndexedSlices(tf.cast(grad.values, acc.dtype), grad.indices))
             else:
                 acc.assign_add(tf.cast(grad, acc.dtype))
-        state.count.assign_add(tf.cast(count, tf.float64))
+        # A Python number straight to float64: tf.cast would make it a float32 tensor first
+        # (16777217 counted as 16777216).
+        state.count.assign_add(
+            tf.cast(count, tf.float64) if is_tensor else tf.constant(float(count), tf.float64)
+        )
         state.micro_batches.assign_add(1)
     return state
 

@@ -308,6 +308,29 @@ class _Operator:
         ):
             _check_adaptive(optimizer)
 
+    def check_model(self, model: Any) -> None:
+        """Refuse now what ``apply`` would refuse on ``model``'s (built) variables -- a
+        non-floating one, an ``axis`` out of range for a kernel -- so that a trainer fails
+        with this error before tracing its step (inside, TF wraps it in a ``StagingError``)."""
+        variables = _prox_variables(model, include_bias=getattr(self, "include_bias", False))
+        axes_for = getattr(self, "axes_for", None)
+        if axes_for is not None:  # the group operators; L1 has no axis to check
+            for i, v in enumerate(variables):
+                axes_for(tuple(v.shape), _name(v, i))
+
+    def check_rates(self, optimizer: keras.optimizers.Optimizer) -> None:
+        """Refuse now the rate of the coming update (a schedule's at ``iterations``, or the
+        ``learning_rate`` a callback assigned) when negative or non-finite: trainers call this
+        eagerly before a window's first micro-batch (one host read per window)."""
+        inner = _inner(optimizer)
+        schedule = inner._learning_rate  # Keras has no public accessor for the schedule
+        if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
+            rate = schedule(inner.iterations)
+            where = f"the learning-rate schedule at step {int(inner.iterations)}"
+        else:
+            rate, where = inner.learning_rate, "optimizer.learning_rate"
+        _core.check_rate(float(tf.convert_to_tensor(rate)), where)
+
     def _steps(self, variables: list[Any], learning_rate: Any) -> list[tf.Tensor] | None:
         """Per-variable step tensors (preconditioned), or None (scalar)."""
         self.check(learning_rate)

@@ -47,8 +47,12 @@ Regularizer: TypeAlias = keras.regularizers.Regularizer
 _PACKAGE = "tfreg"
 
 
-def _factor(factor: float, x: tf.Tensor) -> tf.Tensor:
-    # A Python float converted straight to x's dtype: exact in float64, no float32 detour.
+def _factor(factor: float, x: tf.Tensor, name: str) -> tf.Tensor:
+    # A Python float converted straight to x's dtype: exact in float64, no float32 detour; a
+    # factor beyond the dtype's range is refused (it would give a silent inf).
+    dtype = tf.as_dtype(x.dtype)
+    if dtype.is_floating:
+        validation.factor_fits(float(factor), name, float(dtype.max), dtype.name)
     return ops.convert_to_tensor(factor, dtype=x.dtype)
 
 
@@ -59,14 +63,14 @@ def l1_penalty(x: Any, l1: float) -> tf.Tensor:
     """``l1 * sum(|x|)``. The gradient at ``x == 0`` is 0 (the subgradient TF and torch pick)."""
     l1 = validation.non_negative_float(l1, "l1")
     x = ops.convert_to_tensor(x)
-    return _factor(l1, x) * ops.sum(ops.absolute(x))
+    return _factor(l1, x, "l1") * ops.sum(ops.absolute(x))
 
 
 def l2_penalty(x: Any, l2: float) -> tf.Tensor:
     """``l2 * sum(x**2)`` -- no 1/2, as in Keras. Torch coupled ``weight_decay=wd`` is ``wd/2``."""
     l2 = validation.non_negative_float(l2, "l2")
     x = ops.convert_to_tensor(x)
-    return _factor(l2, x) * ops.sum(ops.square(x))
+    return _factor(l2, x, "l2") * ops.sum(ops.square(x))
 
 
 def orthogonal_penalty(x: Any, factor: float, mode: str = "rows") -> tf.Tensor:
@@ -92,7 +96,9 @@ def orthogonal_penalty(x: Any, factor: float, mode: str = "rows") -> tf.Tensor:
         return ops.sum(product) * ops.convert_to_tensor(0.0, dtype=x.dtype)
     product_no_diagonal = product * (1.0 - ops.eye(size, dtype=x.dtype))
     num_pairs = size * (size - 1.0) / 2.0
-    return _factor(factor, x) * 0.5 * ops.sum(ops.absolute(product_no_diagonal)) / num_pairs
+    return (
+        _factor(factor, x, "factor") * 0.5 * ops.sum(ops.absolute(product_no_diagonal)) / num_pairs
+    )
 
 
 def _zero_safe_root(total: tf.Tensor, p: float) -> tf.Tensor:
@@ -118,8 +124,8 @@ def pnorm_penalty(x: Any, strength: float, p: float = 2.0) -> tf.Tensor:
     x = ops.convert_to_tensor(x)
     p = validation.finite_float_at_least(p, "p", 1.0)
     if p == 1.0:
-        return _factor(strength, x) * ops.sum(ops.absolute(x))
-    return _factor(strength, x) * _zero_safe_root(_sum_of_powers(x, p, None), p)
+        return _factor(strength, x, "strength") * ops.sum(ops.absolute(x))
+    return _factor(strength, x, "strength") * _zero_safe_root(_sum_of_powers(x, p, None), p)
 
 
 def group_lasso_penalty(x: Any, strength: float, axis: int | Sequence[int]) -> tf.Tensor:
@@ -129,7 +135,7 @@ def group_lasso_penalty(x: Any, strength: float, axis: int | Sequence[int]) -> t
     x = ops.convert_to_tensor(x)
     axes = validation.normalized_axes(validation.axes(axis, "axis"), len(x.shape), "axis")
     group_norms = _zero_safe_root(_sum_of_powers(x, 2.0, axes), 2.0)
-    return _factor(strength, x) * ops.sum(group_norms)
+    return _factor(strength, x, "strength") * ops.sum(group_norms)
 
 
 # --- Keras-compatible classes ---------------------------------------------------------
@@ -244,10 +250,18 @@ def deserialize(
     config: dict[str, Any], custom_objects: dict[str, Any] | None = None
 ) -> Regularizer:
     """Inverse of :func:`serialize`; plain ``{"class_name": "L1", ...}`` names and the string keys
-    of :func:`get` (``"l1l2"``, ``"group_lasso"``, ...) resolve to tfreg's classes."""
-    return keras.saving.deserialize_keras_object(
+    of :func:`get` (``"l1l2"``, ``"group_lasso"``, ...) resolve to tfreg's classes. What
+    names no regularizer (Keras returns an unknown ``class_name`` as the bare string, e.g.
+    ``{"class_name": "system", "module": "os"}``) raises ``InvalidArgumentError``, as
+    ``torchref.deserialize`` does."""
+    obj = keras.saving.deserialize_keras_object(
         config, module_objects=registry.lookup_table(_CLASSES), custom_objects=custom_objects
     )
+    if isinstance(obj, (str, type)) or not callable(obj):
+        raise validation.InvalidArgumentError(
+            f"Could not interpret regularizer identifier: {config}"
+        )
+    return obj
 
 
 def get(identifier: Any) -> Regularizer | None:

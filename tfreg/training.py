@@ -70,10 +70,13 @@ from tfreg._losses import (
     output_names,
 )
 from tfreg._losses import per_example_loss as per_example_loss
+from tfreg.checkpoint import check_file, run_fingerprint
 from tfreg.distributed import Replicas, local_variable, replicas, update_function, zero
 from tfreg.penalties import penalty as _penalty
 from tfreg.proximal import PROXIMAL_CLASSES, Proximal
 from tfreg.regularizers import get as _get_regularizer
+from tfreg_core import checkpoint as core_checkpoint
+from tfreg_core.labels import check_class_labels
 from tfreg_core.training import (
     ALL_SKIPPED_MESSAGE,
     NONFINITE_MESSAGE,
@@ -518,13 +521,23 @@ class _ReplicaLocal(tf.Module):
 
 class _TrainerCheckpoint(tf.train.Checkpoint):
     """``tf.train.Checkpoint`` that refuses, before restoring anything, a checkpoint whose
-    window sums belong to other ``metrics`` (they would be reported under the wrong names) or
-    to another number of replicas (the partial sums are per replica)."""
+    window sums belong to other ``metrics`` (they would be reported under the wrong names), to
+    another number of replicas (the partial sums are per replica) or to another run
+    (:func:`tfreg.checkpoint.check_file`: its run record, position and counters)."""
 
-    def __init__(self, metrics: Sequence[str], layout: tuple[int, int, int], **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def __init__(
+        self,
+        metrics: Sequence[str],
+        layout: tuple[int, int, int],
+        run: dict[str, Any],
+        counters: tuple[int, int],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(run=_Text(core_checkpoint.to_text(run)), **kwargs)
         self._metrics = ",".join(metrics)
         self._layout = layout
+        self._run = core_checkpoint.to_text(run)  # text: tracking would wrap a dict's lists
+        self._counters = counters  # (accumulators saved with their counters, window size)
 
     def _check(self, path: str) -> None:
         reader = tf.train.load_checkpoint(path)
@@ -551,6 +564,9 @@ class _TrainerCheckpoint(tf.train.Checkpoint):
                 "devices, each worker from its own checkpoint. Received: "
                 f"{_describe_layout(self._layout)}"
             )
+        accumulators, steps = self._counters
+        run = core_checkpoint.from_text(self._run)
+        check_file(path, run, accumulators=accumulators, accumulation_steps=steps)
 
     def read(self, save_path: str, options: Any = None) -> Any:
         self._check(save_path)
@@ -625,6 +641,10 @@ class _Engine:
         optimizer.build(self.variables)
         self.penalty_fn = _penalty_fn(model, self.variables, regularizer, spec.include_bias)
         self.after_step = _proximal_step(proximal, model, optimizer)
+        # Checked eagerly before each window's first micro-batch (a schedule's rate at the
+        # coming step): host-side flag, no read of the accumulator.
+        self.check_rates = None if proximal is None else lambda: proximal.check_rates(optimizer)
+        self.window_open = False
         self.micro_fns: dict[Any, Any] = {}
         self.eval_fns: dict[Any, Any] = {}
         self.apply_fn = update_function(self._apply, self.replicas, jit_compile=spec.jit_compile)
@@ -648,6 +668,9 @@ class _Engine:
         return cache[key]
 
     def micro_step(self, x: Any, y: Any, sample_weight: Any) -> None:
+        if self.check_rates is not None and not self.window_open:
+            self.check_rates()
+        self.window_open = True
         if self.stream_length is not None:  # the first micro-batch of a fit on a stream
             assert self.replicas is not None  # stream_length is set under a strategy only
             self.replicas.check_stream((x, y, sample_weight), self.stream_length)
@@ -664,6 +687,7 @@ class _Engine:
 
     def discard_window(self) -> None:
         """``drop_remainder`` on a stream: the short window's sums are thrown away."""
+        self.window_open = False
         for acc in self.accs:
             accumulation.reset(acc)
         self.window.losses.reset()
@@ -685,6 +709,15 @@ class _Engine:
             out.append(tf.reduce_sum(_metric_weights(w, values[0], y_pred)))
             out += [tf.reduce_sum(v * _metric_weights(w, v, y_pred)) for v in values]
         return tuple(out)
+
+    def check_validation(self, batches: Callable[[], Iterable[tuple[Any, Any, Any]]]) -> None:
+        """Trace the validation step on the first batch (nothing runs): malformed validation
+        data -- another input shape, targets a loss refuses -- fails before the first update,
+        not after the first epoch trained."""
+        first = next(iter(batches()), None)
+        if first is None:
+            raise InvalidArgumentError("validation_data yielded no batch. Received: empty data")
+        self._traced(self.eval_fns, self._eval, first).get_concrete_function()
 
     def evaluate(self, batches: Iterable[tuple[Any, Any, Any]]) -> dict[str, float]:
         """``val_loss`` (= ``sum_o weight_o * S_o / N_o`` over the data + penalty, as Keras'
@@ -760,6 +793,7 @@ class _Engine:
         return values
 
     def apply_step(self) -> dict[str, tf.Tensor]:
+        self.window_open = False
         with _collectives(self.replicas):
             values = self.apply_fn()
         # "raise" reads one flag per update back to the host (graph asserts vanish under XLA);
@@ -899,6 +933,8 @@ class Trainer:
         with _scope(self._replicas):
             if not self.model.built:
                 self.model.build(input_shape)
+            if self.proximal is not None:  # before tracing: TF would wrap it (StagingError)
+                self.proximal.check_model(self.model)
             self._engine = _Engine(
                 self.model,
                 self._terms,
@@ -909,6 +945,9 @@ class Trainer:
                 proximal=self.proximal,
                 replicas=self._replicas,
             )
+            # Evaluated once eagerly: a regularizer's own error (an axis out of range) reaches
+            # the user as is, not wrapped in TF's StagingError by the step's trace.
+            self._engine.penalty_fn()
 
     @property
     def accumulators(self) -> list[accumulation.AccumulatorState]:
@@ -959,7 +998,9 @@ class Trainer:
                 window=_WindowHeader(engine.window),
             )
         layout = _ONE_DEVICE if self._replicas is None else self._replicas.layout()
-        return _TrainerCheckpoint(self.spec.metrics, layout, rng=engine.rng, **state)
+        run = run_fingerprint(self, _layout_text(layout))
+        counters = (len(engine.accs) if self._replicas is None else 0, self.spec.accumulation_steps)
+        return _TrainerCheckpoint(self.spec.metrics, layout, run, counters, rng=engine.rng, **state)
 
     def fit(
         self,
@@ -1033,6 +1074,10 @@ class Trainer:
         self.build(_input_shape(data))
         engine = self._engine
         assert engine is not None  # build() made it
+        if validation is not None and not _one_shot(validation_data):
+            engine.check_validation(validation)
+        if isinstance(data, ArrayData):
+            _check_labels(self.model, self._terms, self.loss, data.y)
         if self._replicas is not None:
             state = [*self.model.weights, *self.optimizer.variables, engine.window.position]
             self._replicas.check_state(state)
@@ -1126,6 +1171,30 @@ class _CallbackModel:
         if name == "_model":  # not yet set (copy/unpickle): no recursion
             raise AttributeError(name)
         return getattr(self._model, name)
+
+
+def _check_labels(model: Any, terms: Sequence[LossTerm], loss: Any, y: Any) -> None:
+    """Class-index label arrays in range for their output, once per fit before any update
+    (out of range, TF fails at that micro-batch on CPU -- after earlier windows were applied --
+    and gives garbage on GPU). Outputs whose class count is not static are left alone."""
+    outputs = getattr(model, "outputs", None)
+    if not outputs:
+        return
+    flat_y = tf.nest.flatten(y)
+    for term in terms:
+        if not term.class_index or len(flat_y) != len(outputs) or term.index >= len(outputs):
+            continue
+        classes = outputs[term.index].shape[-1]
+        if classes is None:
+            continue
+        ignore = getattr(loss, "ignore_class", None) if len(terms) == 1 else None
+        where = "y" if len(terms) == 1 else f"y[{term.name!r}]"
+        check_class_labels(flat_y[term.index], int(classes), ignore=ignore, where=where)
+
+
+def _one_shot(data: Any) -> bool:
+    # An iterator (a generator) is not peeked at: its first batch would be lost.
+    return not isinstance(data, tuple) and iter(data) is data
 
 
 class _KerasCallbacks:

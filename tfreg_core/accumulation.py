@@ -13,11 +13,16 @@ import numbers
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from tfreg_core.validation import InvalidArgumentError
 
-__all__ = ["COUNT_MESSAGE", "check_add", "reject_count"]
+__all__ = ["COUNT_MESSAGE", "check_add", "reject_count", "reject_gradient"]
 
-COUNT_MESSAGE = "add() needs a finite count >= 0 (loss elements in the micro-batch)."
+COUNT_MESSAGE = (
+    "add() needs a finite count >= 0 (loss elements in the micro-batch): a real number or a "
+    "0-d tensor of a real dtype."
+)
 
 
 def _compatible(grad_shape: tuple[Any, ...], sum_shape: tuple[Any, ...]) -> bool:
@@ -32,11 +37,13 @@ def check_add(
     count: Any,
     *,
     unit: str,
+    count_tensor: tuple[Any, bool] | None = None,
 ) -> None:
     """Raise :class:`InvalidArgumentError` unless there is one gradient per sum (``None`` for a
     gradient that adds nothing), each of its sum's shape (no broadcasting: a broadcast gradient
-    is always a caller bug), and ``count`` -- when it is a number; tensors are checked by the
-    caller -- is finite and >= 0. ``unit`` names the accumulated things ("variables"...)."""
+    is always a caller bug), and ``count`` is a finite real number >= 0 (not a bool, a string,
+    ``None`` or a list) or, ``count_tensor=(shape, real_dtype)`` given, a 0-d tensor of a real
+    dtype, whose value the caller checks. ``unit`` names the accumulated things."""
     if len(grad_shapes) != len(sum_shapes):
         raise InvalidArgumentError(
             f"add() got {len(grad_shapes)} gradients for an accumulator of {len(sum_shapes)} "
@@ -49,7 +56,13 @@ def check_add(
                 f"shape {tuple(sum_shape)}; gradients are never broadcast. "
                 f"Received: grads[{i}].shape={tuple(grad_shape)}"
             )
-    if isinstance(count, numbers.Number) and (
+    if isinstance(count, np.ndarray) and count.ndim == 0 and count.dtype.kind in "iuf":
+        count = count.item()  # a NumPy 0-d array: checked as the number it holds
+    if count_tensor is not None:
+        shape, real = count_tensor
+        if tuple(shape) != () or not real:
+            reject_count(count)
+    elif (
         isinstance(count, bool)
         or not isinstance(count, numbers.Real)
         or not math.isfinite(float(count))
@@ -61,3 +74,11 @@ def check_add(
 def reject_count(count: Any) -> None:
     """Raise the bad-``count`` error (also for tensor counts a framework found negative)."""
     raise InvalidArgumentError(f"{COUNT_MESSAGE} Received: count={count!r}")
+
+
+def reject_gradient(index: int, grad: Any, expected: str) -> None:
+    """Raise the bad-gradient error: ``grads[index]`` is not ``expected``."""
+    raise InvalidArgumentError(
+        f"add() needs each gradient to be None or {expected}. Received: grads[{index}]="
+        f"{type(grad).__name__} {grad!r:.80}"
+    )

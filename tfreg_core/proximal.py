@@ -77,6 +77,7 @@ __all__ = [
     "ProximalGroupLassoSpec",
     "ProximalL1Spec",
     "block_soft_threshold",
+    "check_rate",
     "effective_mode",
     "group_weight",
     "include_bias_flag",
@@ -159,6 +160,20 @@ def proximal_threshold(learning_rate: Any, l1: float) -> float:
     frameworks, so the threshold, like the step, is identical given identical inputs.
     """
     return validation.non_negative_float(learning_rate, "learning_rate") * l1
+
+
+def check_rate(learning_rate: Any, where: str) -> None:
+    """Refuse the learning rate the coming update will use (``where`` names it) unless it is a
+    finite number >= 0: a proximal step with a negative rate pushes weights *away* from zero,
+    with NaN it makes them NaN. Trainers call it before a window's first micro-batch."""
+    try:
+        validation.non_negative_float(learning_rate, "learning_rate")
+    except validation.InvalidArgumentError:
+        raise validation.InvalidArgumentError(
+            "A proximal step needs a finite learning rate >= 0 (negative: weights pushed away "
+            "from zero; NaN: NaN weights); checked before the window's first micro-batch, "
+            f"nothing was changed. Received: {where}={learning_rate!r}"
+        ) from None
 
 
 def group_weight(shape: Sequence[int], axes: tuple[int, ...], mode: str | None) -> float:
@@ -377,6 +392,15 @@ class ProximalChainSpec:
         """Each operator's ``check`` (refuses an optimizer its threshold cannot serve)."""
         for op in self.operators:
             op.check(optimizer)
+
+    def check_model(self, model: Any) -> None:
+        """Each operator's ``check_model`` (refuses parameters its step cannot update)."""
+        for op in self.operators:
+            op.check_model(model)
+
+    def check_rates(self, optimizer: Any) -> None:
+        """The first operator's ``check_rates`` (all read the same optimizer's rate)."""
+        self.operators[0].check_rates(optimizer)
 
     def get_config(self) -> dict[str, Any]:
         return {

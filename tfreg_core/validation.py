@@ -37,10 +37,25 @@ def non_negative_float(value: Any, name: str) -> float:
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise InvalidArgumentError(_keras_message(name, value))
-    as_float = float(value)
+    try:
+        as_float = float(value)
+    except OverflowError:  # an int beyond float64's range (> 1.8e308)
+        raise InvalidArgumentError(_keras_message(name, value)) from None
     if math.isnan(as_float) or math.isinf(as_float) or as_float < 0:
         raise InvalidArgumentError(_keras_message(name, value))
     return as_float
+
+
+def factor_fits(value: float, name: str, dtype_max: float, dtype: str) -> float:
+    """``value`` (a validated factor) if it is finite in the weights' ``dtype`` (whose largest
+    finite value is ``dtype_max``); a larger one would make the penalty ``inf`` silently."""
+    if value > dtype_max:
+        raise InvalidArgumentError(
+            f"Invalid value for argument {name}: it exceeds the largest finite {dtype} "
+            f"({dtype_max:.7g}); the penalty of {dtype} weights would be inf. "
+            f"Received: {name}={value!r}"
+        )
+    return value
 
 
 # Largest finite float32. Keras converts its regularizer factors to float32 tensors, which fails
@@ -71,7 +86,10 @@ def finite_float_at_least(value: Any, name: str, minimum: float) -> float:
             f"Invalid value for argument {name}: expected a finite number >= {minimum}. "
             f"Received: {name}={value!r}"
         )
-    as_float = float(value)
+    try:
+        as_float = float(value)
+    except OverflowError:  # an int beyond float64's range
+        as_float = math.inf
     if not math.isfinite(as_float) or as_float < minimum:
         raise InvalidArgumentError(
             f"Invalid value for argument {name}: expected a finite number >= {minimum}. "

@@ -6,6 +6,7 @@ Never imports TensorFlow or tfreg; shared, framework-free logic lives in ``tfreg
 from tfreg_core._version import __version__
 from torchref import accumulation
 from torchref._compat import torch as _torch  # noqa: F401  (fails early with an install hint)
+from torchref.checkpoint import CheckpointManager
 from torchref.penalties import penalized_parameters, penalized_variables, penalty
 from torchref.proximal import (
     ProximalChain,
@@ -46,6 +47,7 @@ __all__ = [
     "L1",
     "L1L2",
     "L2",
+    "CheckpointManager",
     "GroupLasso",
     "GroupSparsity",
     "History",

@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from tfreg_core.accumulation import check_add, reject_count
+from tfreg_core.accumulation import check_add, reject_count, reject_gradient
+from tfreg_core.validation import InvalidArgumentError
 from torchref._compat import torch
 
 __all__ = ["AccumulatorState", "add", "init", "reset", "result"]
@@ -38,16 +39,52 @@ class AccumulatorState:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if len(state["sums"]) != len(self.sums):
-            raise ValueError(
-                f"load_state_dict() got {len(state['sums'])} sums for an accumulator of "
-                f"{len(self.sums)} parameters"
+        """Restore ``state_dict()``; the whole state is checked first (one sum per parameter of
+        its shape and dtype, a finite float64 0-d ``count`` >= 0, an int ``micro_batches``
+        >= 0): a rejected state changes nothing."""
+        if not isinstance(state, dict) or set(state) != {"sums", "count", "micro_batches"}:
+            raise InvalidArgumentError(
+                "load_state_dict() needs a dict of exactly sums, count and micro_batches. "
+                f"Received: {state!r:.200}"
+            )
+        sums, count, micro_batches = state["sums"], state["count"], state["micro_batches"]
+        if not isinstance(sums, list) or len(sums) != len(self.sums):
+            raise InvalidArgumentError(
+                f"load_state_dict() needs {len(self.sums)} sums. Received: sums={sums!r:.200}"
+            )
+        for i, (mine, saved) in enumerate(zip(self.sums, sums, strict=True)):
+            if not isinstance(saved, torch.Tensor) or (saved.shape, saved.dtype) != (
+                mine.shape,
+                mine.dtype,
+            ):
+                raise InvalidArgumentError(
+                    f"load_state_dict() needs sums[{i}] of shape {tuple(mine.shape)} and dtype "
+                    f"{mine.dtype}. Received: sums[{i}]={saved!r:.200}"
+                )
+        if not (
+            isinstance(count, torch.Tensor)
+            and count.ndim == 0
+            and count.dtype == torch.float64
+            and bool(count.isfinite() & (count >= 0))
+        ):
+            raise InvalidArgumentError(
+                "load_state_dict() needs a finite float64 0-d count >= 0. "
+                f"Received: count={count!r}"
+            )
+        if (
+            isinstance(micro_batches, bool)
+            or not isinstance(micro_batches, int)
+            or micro_batches < 0
+        ):
+            raise InvalidArgumentError(
+                "load_state_dict() needs an int micro_batches >= 0. Received: "
+                f"micro_batches={micro_batches!r}"
             )
         with torch.no_grad():
-            for mine, saved in zip(self.sums, state["sums"], strict=True):
+            for mine, saved in zip(self.sums, sums, strict=True):
                 mine.copy_(saved)
-            self.count.copy_(state["count"])
-        self.micro_batches = int(state["micro_batches"])
+            self.count.copy_(count)
+        self.micro_batches = micro_batches
 
 
 def init(
@@ -71,16 +108,26 @@ def add(
 ) -> AccumulatorState:
     """Add one micro-batch: ``grads`` of its loss *sum*, and its loss-element ``count``.
     ``None`` gradients (parameters the loss does not reach) add nothing. Shapes, the gradient
-    count and ``count >= 0`` are checked before anything is added (nothing half-applied)."""
+    count and a finite ``count >= 0`` (a real number or a 0-d real tensor) are checked before
+    anything is added (nothing half-applied)."""
     grads = list(grads)
+    for i, g in enumerate(grads):
+        if g is not None and not (isinstance(g, torch.Tensor) and g.is_floating_point()):
+            reject_gradient(i, g, "a floating torch.Tensor")
+    is_tensor = isinstance(count, torch.Tensor)
     check_add(
         [None if g is None else tuple(g.shape) for g in grads],
         state.shapes,
         count,
         unit="parameters",
+        count_tensor=(
+            (tuple(count.shape), not (count.dtype == torch.bool or count.is_complex()))
+            if is_tensor
+            else None
+        ),
     )
     # One host sync, only for tensor counts (the Trainer passes a Python int).
-    if isinstance(count, torch.Tensor) and not bool(((count >= 0) & count.isfinite()).all()):
+    if is_tensor and not bool(((count >= 0) & count.isfinite()).all()):
         reject_count(count)
     with torch.no_grad():
         for acc, grad in zip(state.sums, grads, strict=True):

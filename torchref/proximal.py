@@ -240,6 +240,24 @@ class _Operator:
         ):
             _check_adaptive(optimizer)
 
+    def check_model(self, module: Any) -> None:
+        """Refuse now what ``apply`` would refuse on ``module``'s parameters -- a non-floating
+        parameter, an ``axis`` out of range for a kernel -- so that a trainer fails before the
+        first update, not after an ``optimizer.step()``."""
+        include_bias = getattr(self, "include_bias", False)
+        tensors = named_penalized(module, include_bias=include_bias)
+        _floating(tensors)
+        axes_for = getattr(self, "axes_for", None)
+        if axes_for is not None:  # the group operators; L1 has no axis to check
+            for name, t in tensors:
+                axes_for(tuple(t.shape), name)
+
+    def check_rates(self, optimizer: torch.optim.Optimizer) -> None:
+        """Refuse now a param group's ``lr`` (a scheduler's) that is negative or non-finite:
+        trainers call this before a window's first micro-batch and before the step."""
+        for i, group in enumerate(optimizer.param_groups):
+            _core.check_rate(_as_float(group["lr"]), f"optimizer.param_groups[{i}]['lr']")
+
     def _steps(
         self, tensors: list[tuple[str, torch.Tensor]], learning_rate: Any
     ) -> list[torch.Tensor] | None:

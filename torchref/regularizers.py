@@ -48,7 +48,10 @@ def _checked(x: Any, factor: Any, name: str) -> float:
     """Validate a functional penalty's arguments; return the factor as a float."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor. Received: x of type {type(x).__name__}")
-    return validation.non_negative_float(factor, name)
+    value = validation.non_negative_float(factor, name)
+    if x.is_floating_point():
+        value = validation.factor_fits(value, name, torch.finfo(x.dtype).max, str(x.dtype))
+    return value
 
 
 def l1_penalty(x: torch.Tensor, l1: float) -> torch.Tensor:

@@ -50,6 +50,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from tfreg_core.labels import check_class_labels
 from tfreg_core.specs import float32_rounded
 from tfreg_core.training import (
     NONFINITE_MESSAGE,
@@ -66,7 +67,7 @@ from tfreg_core.training import (
 )
 from tfreg_core.training import History as History
 from tfreg_core.validation import InvalidArgumentError, non_negative_float, strict_bool
-from torchref import accumulation
+from torchref import accumulation, checkpoint
 from torchref._compat import torch
 from torchref.distributed import loader_samplers, process_group
 from torchref.penalties import penalty as _penalty
@@ -402,6 +403,18 @@ class _WindowLoss:
             )
         return y_true.to(y_pred.dtype), False
 
+    def check_labels(self, labels: Any, y_pred: torch.Tensor, where: str) -> None:
+        """Class-index labels (host arrays/tensors) in ``[0, classes)`` or ``ignore_index``,
+        refused naming ``where`` before the micro-batch is added."""
+        if self.targets not in ("index", "index_or_probabilities") or y_pred.ndim < 2:
+            return
+        if isinstance(labels, torch.Tensor):
+            if labels.device.type != "cpu" or labels.is_floating_point():
+                return  # a device tensor: not read here (no sync); floats are refused anyway
+            labels = labels.numpy()
+        if isinstance(labels, np.ndarray) and labels.dtype.kind in "iu":
+            check_class_labels(labels, int(y_pred.shape[1]), ignore=self.ignore_index, where=where)
+
     def _count(self, y_pred: torch.Tensor, y_true: torch.Tensor) -> int | float | torch.Tensor:
         # Counted where the targets live: host targets (the usual case) give a Python number,
         # so the accumulator never waits for the device.
@@ -652,6 +665,10 @@ class _Engine:
         # that none reached keeps `.grad` None at the step, so the optimizer skips it as in a
         # plain loop (a zero gradient would still move it by momentum or decoupled decay).
         self.touched = [False] * len(self.params)
+        # Set by Trainer.fit: the array labels to check at the first micro-batch (when the
+        # model's class count is known), and whether the data are arrays (else a stream).
+        self.labels: Any = None
+        self.array_data = False
 
     def _tensors(self, structure: Any, dtype: torch.dtype | None = None) -> Any:
         # Floating inputs are cast to `dtype` (as Keras casts inputs to the layer's dtype).
@@ -677,6 +694,9 @@ class _Engine:
         self.closes = closes
 
     def micro_step(self, x: Any, y: Any, sample_weight: Any) -> None:
+        if self.proximal is not None and self.acc.micro_batches == 0:
+            # A scheduler's negative/NaN rate, refused before the window holds anything.
+            self.proximal.check_rates(self.optimizer)
         if self.group is None:
             return self._micro_step(x, y, sample_weight)
         x, y, sample_weight = self.group.local(x, y, sample_weight)
@@ -686,6 +706,12 @@ class _Engine:
 
     def _micro_step(self, x: Any, y: Any, sample_weight: Any) -> None:
         y_pred = self._forward(x)
+        if self.labels is not None:  # arrays: the whole y once per fit, before any update
+            labels, self.labels = self.labels, None
+            self.loss.check_labels(labels, y_pred, "y")
+        elif not self.array_data:  # a stream: each micro-batch before its window is applied
+            epoch, micro_batch = self.position[:2]
+            self.loss.check_labels(y, y_pred, f"micro-batch {micro_batch} of epoch {epoch}: y")
         y_host = torch.as_tensor(y)
         values, count = self.loss(y_pred, y_host)
         if sample_weight is None or _all_ones(sample_weight):
@@ -849,6 +875,12 @@ class _Engine:
             pen = torch.zeros((), dtype=torch.float64, device=self.device)
         stepped = [i for i, reached in enumerate(self.touched) if reached]
         finite = _all_finite([grads[i] for i in stepped]) if stepped else True
+        if finite and self.proximal is not None:
+            try:  # a rate changed mid-window: refused before the step, the window consumed
+                self.proximal.check_rates(self.optimizer)
+            except InvalidArgumentError:
+                self._reset_window()
+                raise
         if finite:
             for p in self.params:
                 p.grad = None  # not reached in this window: skipped by the optimizer
@@ -1010,6 +1042,8 @@ class Trainer:
         self.optimizer = optimizer
         self.regularizer = None if regularizer is None else _get_regularizer(regularizer)
         self.proximal = resolve_proximal(proximal, PROXIMAL_CLASSES, optimizer)
+        if self.proximal is not None:  # an axis out of range, before the first step
+            self.proximal.check_model(model)
         _check_optimizer(optimizer, model)
         if self.regularizer is not None and any(g.get("maximize") for g in optimizer.param_groups):
             raise InvalidArgumentError(
@@ -1056,17 +1090,16 @@ class Trainer:
             },
             "rng": _rng_state(e.device),
             **({} if e.loss_scale is None else {"loss_scale": e.loss_scale.state_dict()}),
+            "run": checkpoint.run_fingerprint(self),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``state_dict()``; a state saved with other ``metrics`` is refused before
-        anything is restored (its window sums would be reported under the wrong names)."""
-        saved = state.get("metrics", [])
-        if list(saved) != self.spec.metrics:
-            raise InvalidArgumentError(
-                f"The state was saved by a Trainer with other metrics: metrics={list(saved)}. "
-                f"Build the Trainer with them. Received: metrics={self.spec.metrics}"
-            )
+        """Restore ``state_dict()``. The whole state is checked first
+        (:func:`torchref.checkpoint.check_state`): a state of another run (accumulation steps,
+        seed, optimizer class, model structure, metrics, world size), an incomplete one, or one
+        with a tensor of another shape/dtype, a position outside the plan or a negative count
+        is refused before anything is restored."""
+        checkpoint.check_state(self, state)
         e = self._engine
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -1074,11 +1107,7 @@ class Trainer:
         window = state["window"]
         e.loss_sum = window["loss_sum"].clone()
         e.weight_sum = window["weight_sum"].clone()
-        # This rank's examples in the open window (History's `examples` on a process group). A
-        # state written before it was saved lacks it: the resumed window then counts only the
-        # examples after the resume.
-        if "examples" in window:
-            e.examples = window["examples"].clone()
+        e.examples = window["examples"].clone()  # this rank's, in the open window
         e.metric_sums = [m.clone() for m in window["metric_sums"]]
         # Which parameters the open window reached; a state written before it was saved: the
         # trainable ones, when the window holds micro-batches.
@@ -1087,9 +1116,8 @@ class Trainer:
             open_window and p.requires_grad for p in e.params
         ]
         e.set_position(tuple(window["position"]))
-        if "rng" in state:  # checkpoints written before the RNG state was saved lack it
-            _set_rng_state(state["rng"])
-        if e.loss_scale is not None and "loss_scale" in state:
+        _set_rng_state(state["rng"])
+        if e.loss_scale is not None:
             e.loss_scale.load_state_dict(state["loss_scale"])
 
     def fit(
@@ -1172,6 +1200,8 @@ class Trainer:
         if not isinstance(data, ArrayData):
             callbacks = [*_sampler_epochs(x), *(callbacks or [])]
         engine = self._engine
+        engine.array_data = isinstance(data, ArrayData)
+        engine.labels = data.y if isinstance(data, ArrayData) else None
         with engine.session():
             return run_fit(
                 engine,

@@ -1,0 +1,329 @@
+"""Checkpoints of both trainers: a resume is the same run or it is refused before anything is
+restored; ``CheckpointManager`` round trips bitwise (tables run on both twins)."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tfreg_core import InvalidArgumentError
+from tfreg_core import checkpoint as core
+
+N, D = 11, 3
+X = np.random.default_rng(1).normal(size=(N, D)).astype(np.float32)
+Y = np.random.default_rng(2).normal(size=(N, 1)).astype(np.float32)
+
+
+class StopAt:
+    """Stops ``fit`` after micro-batch ``micro_batch`` of epoch ``epoch``."""
+
+    def __init__(self, epoch: int, micro_batch: int) -> None:
+        self.at = (epoch, micro_batch)
+
+    def on_micro_batch_end(self, trainer: Any, epoch: int, micro_batch: int) -> None:
+        if (epoch, micro_batch) == self.at:
+            trainer.stop_training = True
+
+
+class TFTwin:
+    name = "tf"
+
+    def make(
+        self, *, accumulation_steps: int = 2, seed: int = 3, optimizer: str = "sgd", width: int = 1
+    ) -> Any:
+        import keras
+
+        import tfreg
+
+        init = keras.initializers.GlorotUniform(seed=5)
+        model = keras.Sequential(
+            [keras.Input((D,)), keras.layers.Dense(width, kernel_initializer=init)]
+        )
+        opt = (
+            keras.optimizers.SGD(0.05, momentum=0.9)
+            if optimizer == "sgd"
+            else keras.optimizers.Adam(0.05)
+        )
+        return tfreg.Trainer(
+            model, "mse", opt, accumulation_steps=accumulation_steps, seed=seed, jit_compile=False
+        )
+
+    def weights(self, trainer: Any) -> list[np.ndarray]:
+        trainer.build((None, D))
+        state = [*trainer.model.weights, *trainer.optimizer.variables]
+        return [np.array(v.numpy()) for v in state]
+
+    def manager(self, trainer: Any, directory: Any) -> Any:
+        import tfreg
+
+        return tfreg.CheckpointManager(trainer, directory)
+
+
+class TorchTwin:
+    name = "torch"
+
+    def make(
+        self, *, accumulation_steps: int = 2, seed: int = 3, optimizer: str = "sgd", width: int = 1
+    ) -> Any:
+        import torch
+
+        import torchref
+
+        torch.manual_seed(5)
+        model = torch.nn.Linear(D, width)
+        opt = (
+            torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+            if optimizer == "sgd"
+            else torch.optim.Adam(model.parameters(), lr=0.05)
+        )
+        return torchref.Trainer(model, "mse", opt, accumulation_steps=accumulation_steps, seed=seed)
+
+    def weights(self, trainer: Any) -> list[np.ndarray]:
+        params = [p.detach().numpy().copy() for p in trainer.model.parameters()]
+        slots = [
+            v.detach().numpy().copy()
+            for s in trainer.optimizer.state.values()
+            for v in s.values()
+            if hasattr(v, "detach")
+        ]
+        return params + slots
+
+    def manager(self, trainer: Any, directory: Any) -> Any:
+        import torchref
+
+        return torchref.CheckpointManager(trainer, directory)
+
+
+TWINS = [TFTwin(), TorchTwin()]
+
+
+@pytest.fixture(params=TWINS, ids=lambda t: t.name)
+def twin(request: pytest.FixtureRequest) -> Any:
+    if request.param.name == "torch":
+        request.getfixturevalue("single_torch_thread")
+    return request.param
+
+
+def _saved_mid_window(twin: Any, directory: Any) -> Any:
+    trainer = twin.make()
+    trainer.fit(X, Y, batch_size=2, epochs=2, callbacks=[StopAt(1, 2)], verbose=0)
+    assert trainer.accumulator.micro_batches == 1  # mid-window: 3 micro-batches, windows of 2
+    return twin.manager(trainer, directory).save()
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "there", "here"),
+    [
+        ({"accumulation_steps": 3}, "accumulation_steps", "2", "3"),
+        ({"seed": 4}, "seed", "3", "4"),
+        ({"optimizer": "adam"}, "optimizer", "SGD", "Adam"),
+        ({"width": 2}, "model", "1", "2"),
+    ],
+    ids=["accumulation_steps", "seed", "optimizer", "model"],
+)
+def test_a_resume_into_another_run_is_refused_before_anything_is_restored(
+    twin: Any, tmp_path: Any, change: dict[str, Any], field: str, there: str, here: str
+) -> None:
+    # Before: accumulation_steps / seed silently accepted (not bitwise); torch optimizer:
+    # KeyError 'momentum' in fit; tf optimizer: Adam slots silently dropped; torch model:
+    # parameters overwritten before the error.
+    _saved_mid_window(twin, tmp_path)
+    other = twin.make(**change)
+    before = twin.weights(other)
+    with pytest.raises(InvalidArgumentError, match=rf"another run: {field}=.*{there}.*{here}"):
+        twin.manager(other, tmp_path).restore()
+    for a, b in zip(twin.weights(other), before, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_manager_resume_mid_window_is_bitwise(twin: Any, tmp_path: Any) -> None:
+    reference = twin.make()
+    reference.fit(X, Y, batch_size=2, epochs=3, verbose=0)
+    _saved_mid_window(twin, tmp_path)
+    resumed = twin.make()
+    assert twin.manager(resumed, tmp_path).restore() is not None
+    resumed.fit(X, Y, batch_size=2, epochs=3, verbose=0)
+    for a, b in zip(twin.weights(resumed), twin.weights(reference), strict=True):
+        np.testing.assert_array_equal(a, b)  # bitwise: the same run, same order of operations
+
+
+def test_manager_with_nothing_saved_restores_nothing(twin: Any, tmp_path: Any) -> None:
+    assert twin.manager(twin.make(), tmp_path / "empty").restore() is None
+
+
+def _corrupt_position(trainer: Any, position: tuple[int, ...]) -> None:
+    trainer._engine.set_position(position)
+
+
+@pytest.mark.parametrize(
+    ("position", "match"),
+    [
+        ((1, 10**6, N, 2, 1, 0), r"position.micro_batch must be in \[0, 6\]"),
+        ((1, 2, N, 2, 1, 10**6), r"position.window_examples must be in \[0, 11\]"),
+        ((1, 2, N, 2, 1, 0), r"accumulator holds 1 micro-batch\(es\) but its position"),
+        ((1, 2, N, 0, 1, 0), r"invalid plan"),
+    ],
+)
+def test_a_position_outside_its_plan_is_refused(
+    twin: Any, tmp_path: Any, position: tuple[int, ...], match: str
+) -> None:
+    # Before: accepted; the rest of the epoch was skipped silently.
+    trainer = twin.make()
+    trainer.fit(X, Y, batch_size=2, epochs=2, callbacks=[StopAt(1, 2)], verbose=0)
+    _corrupt_position(trainer, position)
+    twin.manager(trainer, tmp_path).save()
+    fresh = twin.make()
+    before = twin.weights(fresh)
+    with pytest.raises(InvalidArgumentError, match=match):
+        twin.manager(fresh, tmp_path).restore()
+    for a, b in zip(twin.weights(fresh), before, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+# --- torchref: the whole state dict is checked before anything is applied -------------------
+
+
+def _torch_state() -> tuple[Any, dict[str, Any]]:
+    twin = TorchTwin()
+    trainer = twin.make()
+    trainer.fit(X, Y, batch_size=2, epochs=2, callbacks=[StopAt(1, 2)], verbose=0)
+    return twin, trainer.state_dict()
+
+
+def _set(path: tuple[Any, ...], value: Any) -> Callable[[dict[str, Any]], None]:
+    def mutate(state: dict[str, Any]) -> None:
+        *parents, last = path
+        target: Any = state
+        for key in parents:
+            target = target[key]
+        if value is _DELETE:
+            del target[last]
+        else:
+            target[last] = value
+
+    return mutate
+
+
+_DELETE = object()
+
+
+def _torch_mutations() -> list[Any]:
+    import torch
+
+    return [
+        pytest.param(_set(("optimizer",), _DELETE), r"missing \['optimizer'\]", id="no-optimizer"),
+        pytest.param(_set(("accumulator",), _DELETE), r"missing \['accumulator'\]", id="no-acc"),
+        pytest.param(_set(("rng",), _DELETE), r"missing \['rng'\]", id="no-rng"),
+        pytest.param(_set(("run",), _DELETE), r"missing \['run'\]", id="no-run"),
+        pytest.param(
+            _set(("window", "position", 1), 10**6), r"micro_batch must be in", id="micro-batch"
+        ),
+        pytest.param(
+            _set(("window", "position", 0), "1"), r"position.epoch must be an int", id="str-epoch"
+        ),
+        pytest.param(
+            _set(("accumulator", "count"), torch.tensor(-1e9, dtype=torch.float64)),
+            r"count must be a finite number >= 0",
+            id="negative-count",
+        ),
+        pytest.param(
+            _set(("accumulator", "count"), torch.tensor(math.nan, dtype=torch.float64)),
+            r"count must be a finite number >= 0",
+            id="nan-count",
+        ),
+        pytest.param(
+            _set(("accumulator", "micro_batches"), 7),
+            r"micro_batches must be in \[0, 1\]",
+            id="micro-batches",
+        ),
+        pytest.param(
+            _set(("accumulator", "sums", 0), torch.zeros(2, 2)),
+            r"accumulator.sums\[0\] must have shape \(1, 3\)",
+            id="sum-shape",
+        ),
+        pytest.param(
+            _set(("model", "weight"), torch.zeros(1, D, dtype=torch.float64)),
+            r"dtype torch.float32",
+            id="param-dtype",
+        ),
+        pytest.param(
+            _set(("optimizer", "state", 0, "momentum_buffer"), torch.zeros(5)),
+            r"momentum_buffer'\] must have the parameter's shape",
+            id="slot-shape",
+        ),
+        pytest.param(
+            _set(("window", "metric_sums"), [torch.zeros((), dtype=torch.float64)]),
+            r"one 0-d tensor per metric",
+            id="metric-sums",
+        ),
+        pytest.param(_set(("run", "seed"), 99), r"another run: seed=99", id="seed"),
+    ]
+
+
+@pytest.mark.usefixtures("single_torch_thread")
+@pytest.mark.parametrize(("mutate", "match"), _torch_mutations())
+def test_torch_state_is_checked_whole_before_it_is_applied(mutate: Any, match: str) -> None:
+    # Before: missing parts raised KeyError after the model's parameters were overwritten;
+    # positions/counts/strings out of range were accepted.
+    twin, state = _torch_state()
+    mutate(state)
+    fresh = twin.make()
+    before = twin.weights(fresh)
+    with pytest.raises(InvalidArgumentError, match=match):
+        fresh.load_state_dict(state)
+    for a, b in zip(twin.weights(fresh), before, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+_values = st.one_of(
+    st.integers(-(2**65), 2**65),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=3),
+    st.none(),
+    st.lists(st.integers(-3, 3), max_size=7),
+)
+
+
+@pytest.mark.usefixtures("single_torch_thread")
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    where=st.sampled_from(
+        [
+            ("window", "position", 0),
+            ("window", "position", 1),
+            ("window", "position", 5),
+            ("window", "position"),
+            ("accumulator", "micro_batches"),
+            ("accumulator", "count"),
+            ("window", "loss_sum"),
+            ("metrics",),
+            ("run", "accumulation_steps"),
+            ("optimizer", "param_groups"),
+        ]
+    ),
+    value=_values,
+)
+def test_any_corrupted_torch_state_is_refused_whole_or_accepted_valid(
+    where: tuple[Any, ...], value: Any
+) -> None:
+    twin, saved = _torch_state()
+    state = copy.deepcopy(saved)
+    _set(where, value)(state)
+    fresh = twin.make()
+    before = twin.weights(fresh)
+    try:
+        fresh.load_state_dict(state)
+    except InvalidArgumentError:
+        for a, b in zip(twin.weights(fresh), before, strict=True):
+            np.testing.assert_array_equal(a, b)
+        return
+    # Accepted: only a value the checks allow (a position inside the plan, a valid counter).
+    position = core.check_position(fresh._engine.get_position())
+    core.check_window(position, fresh.accumulator.micro_batches, 0.0, 2)

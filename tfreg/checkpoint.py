@@ -1,0 +1,100 @@
+"""Checkpoints of ``tfreg.Trainer``: the run's fingerprint, the checks ``trainer.checkpoint()``'s
+``read``/``restore`` run on the file before anything is restored, and :class:`CheckpointManager`,
+crash-safe saving and restoring (the twin of :mod:`torchref.checkpoint`; the protocol and the
+checks are :mod:`tfreg_core.checkpoint`'s).
+
+A checkpoint is refused, naming the field and both values, when it was saved by another run
+(accumulation steps, seed, ``drop_remainder``, optimizer class and slots, model weights' names,
+shapes and dtypes, replica layout) or lacks the run record, or when its position lies outside
+its plan or its accumulator counters contradict the position; nothing is restored then.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from tfreg._compat import tf
+from tfreg_core import checkpoint as core
+
+__all__ = ["RUN_KEY", "CheckpointManager", "check_file", "run_fingerprint"]
+
+RUN_KEY = "run/.ATTRIBUTES/py_state"
+_POSITION_KEY = "window/position/.ATTRIBUTES/VARIABLE_VALUE"
+_ACC_KEY = "accumulator/{}/{}/.ATTRIBUTES/VARIABLE_VALUE"
+_PREFIX = "trainer"
+
+
+def _rows(variables: Any) -> list[tuple[str, tuple[int, ...], str]]:
+    # Short names (`kernel`): Keras uniquifies layer paths per process (dense, dense_1, ...).
+    return [(v.name, tuple(v.shape), tf.as_dtype(v.dtype).name) for v in variables]
+
+
+def run_fingerprint(trainer: Any, layout: str) -> dict[str, Any]:
+    """What defines ``trainer``'s (built) run (see :func:`tfreg_core.checkpoint.fingerprint`)."""
+    optimizer = trainer.optimizer
+    inner = getattr(optimizer, "inner_optimizer", optimizer)  # a LossScaleOptimizer's
+    return core.fingerprint(
+        accumulation_steps=trainer.spec.accumulation_steps,
+        seed=trainer.spec.seed,
+        drop_remainder=trainer.spec.drop_remainder,
+        optimizer=f"{type(optimizer).__name__}({type(inner).__name__})"
+        if inner is not optimizer
+        else type(optimizer).__name__,
+        model=_rows(trainer.model.weights),
+        slots=[("", shape, dtype) for _, shape, dtype in _rows(optimizer.variables)],
+        replicas=layout,
+    )
+
+
+def check_file(
+    path: str, run: dict[str, Any], *, accumulators: int, accumulation_steps: int
+) -> None:
+    """Refuse the checkpoint at ``path`` unless it is ``run``'s, its position is within its
+    plan and (one device) each accumulator's counters agree with the position."""
+    reader = tf.train.load_checkpoint(path)
+    if not reader.has_tensor(RUN_KEY):
+        core.check_same_run(None, run)
+    core.check_same_run(core.from_text(reader.get_tensor(RUN_KEY).decode()), run)
+    position = core.check_position([int(v) for v in reader.get_tensor(_POSITION_KEY)])
+    for i in range(accumulators):
+        if not reader.has_tensor(_ACC_KEY.format(i, "count")):
+            continue  # under a strategy the counters are saved per replica
+        core.check_window(
+            position,
+            int(reader.get_tensor(_ACC_KEY.format(i, "micro_batches"))),
+            float(reader.get_tensor(_ACC_KEY.format(i, "count"))),
+            accumulation_steps,
+        )
+
+
+class CheckpointManager:
+    """Crash-safe checkpoints of a ``tfreg.Trainer`` in ``directory``: ``save()`` writes
+    ``trainer.checkpoint()`` into ``ckpt-<n>/`` (a temporary directory renamed into place, then
+    the ``latest`` pointer replaced atomically: a process killed mid-save leaves the previous
+    checkpoint intact; a ``tf.train.Checkpoint`` is several files, which no single rename could
+    replace); ``restore()`` restores the latest one (every check of ``trainer.checkpoint()``
+    first) and returns its path, or None when the directory holds none. Keeps the
+    ``max_to_keep`` most recent. ``torchref.CheckpointManager`` is the PyTorch twin."""
+
+    def __init__(self, trainer: Any, directory: Any, *, max_to_keep: int = 2) -> None:
+        self.trainer = trainer
+        self._directory = core.CheckpointDirectory(directory, max_to_keep=max_to_keep)
+        self.directory = self._directory.directory
+
+    @property
+    def latest(self) -> str | None:
+        """The path of the latest complete checkpoint, or None."""
+        return self._directory.latest()
+
+    def save(self) -> str:
+        checkpoint = self.trainer.checkpoint()
+        return self._directory.save(lambda path: checkpoint.write(os.path.join(path, _PREFIX)))
+
+    def restore(self) -> str | None:
+        path = self._directory.latest()
+        if path is None:
+            return None
+        status = self.trainer.checkpoint().read(os.path.join(path, _PREFIX))
+        status.assert_existing_objects_matched()
+        return path
