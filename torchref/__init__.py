@@ -5,6 +5,7 @@ Never imports TensorFlow or tfreg; shared, framework-free logic lives in ``tfreg
 
 from torchref import accumulation
 from torchref._compat import torch as _torch  # noqa: F401  (fails early with an install hint)
+from torchref.optimizers import KerasAdamW
 from torchref.penalties import penalized_parameters, penalized_variables, penalty
 from torchref.proximal import (
     ProximalChain,
@@ -39,7 +40,7 @@ from torchref.sparsity import (
     soft_threshold,
     sparsity_report,
 )
-from torchref.training import History, KerasAdamW, PerElementLoss, Trainer, per_element
+from torchref.training import History, PerElementLoss, Trainer, per_element
 
 __version__ = "0.1.0"
 
