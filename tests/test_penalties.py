@@ -3,14 +3,12 @@
 Rule: kernels only (trainable, rank >= 2); biases and normalization scales/offsets only with
 ``include_bias=True``; non-trainable state (BatchNorm moving statistics) never; an explicit list is
 taken as given. Expected values are sums over NumPy copies of the weights, never the other
-framework's output. Also: the coupled weight-decay conversion and the import boundaries.
+framework's output. Also: the coupled weight-decay conversion (the import boundaries are pinned
+in ``tests/test_dependency_rule.py``).
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from typing import Any
 
 import keras
@@ -317,38 +315,6 @@ def test_trainer_refuses_a_regularizer_with_a_maximizing_optimizer() -> None:
     with pytest.raises(ValueError, match=r"maximize=True"):
         torchref.Trainer(model, "mse", sgd, regularizer=torchref.L2.from_torch_weight_decay(1e-4))
     torchref.Trainer(model, "mse", sgd)  # maximize without a penalty: the user's objective
-
-
-# --- import boundaries -------------------------------------------------------------------------
-
-
-BOUNDARIES = {
-    "torchref": ("tensorflow", "keras", "tfreg"),
-    "tfreg": ("torch", "torchref"),
-}
-
-
-def test_import_does_not_pull_in_the_other_framework() -> None:
-    """Each package in a fresh interpreter; both run at once (a TensorFlow import takes seconds)."""
-    processes = {
-        package: subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                f"import sys, {package}\n"
-                f"loaded = sorted(m for m in {forbidden!r} if m in sys.modules)\n"
-                "assert not loaded, f'imported {loaded}'\n",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-        )
-        for package, forbidden in BOUNDARIES.items()
-    }
-    for package, process in processes.items():
-        _, stderr = process.communicate(timeout=120)
-        assert process.returncode == 0, f"{package}: {stderr[-2000:]}"
 
 
 def test_scope_function_has_both_twins_names_in_both_frameworks(weights) -> None:

@@ -6,7 +6,10 @@ checked before a run and written atomically (``outputs``), ``--timeout`` (``dead
 importing ``pkg.module:function`` specs (``factories``).
 
 Both ``tfreg.parity`` (which sees both frameworks) and ``torchref.verify`` (torch only) build on
-it, so it imports neither framework. It depends on ``tfreg_core`` for validation only.
+it, so it imports neither framework, nor ``tfreg``/``torchref``. It depends on ``tfreg_core`` for
+validation only. One documented exception: ``pytest_plugin``, the entry point that wires this
+package to ``tfreg.parity``, imports ``tfreg.parity`` lazily when a test uses its fixture
+(``tests/test_dependency_rule.py`` pins the rule and this one exception).
 """
 
 from tfreg_core._version import __version__

@@ -9,6 +9,10 @@ per optimizer step -- a trajectory that drifts shows as a rising line.
 matplotlib is imported here only, and drawn through its Agg canvas without pyplot, so plotting
 neither needs a display nor changes the caller's matplotlib backend. It comes with the ``plot``
 extra (``pip install "tfreg[plot]"``).
+
+This module reads a report through the two small protocols below and imports nothing of
+:mod:`tfreg_harness.report`: ``Report.plot`` imports this module (lazily, when it draws), never
+the other way round.
 """
 
 from __future__ import annotations
@@ -16,28 +20,52 @@ from __future__ import annotations
 import math
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from tfreg_harness.outputs import atomic_path
 
-if TYPE_CHECKING:
-    from tfreg_harness.report import Report, Row
+__all__ = ["PlottableReport", "PlottableRow", "plot_report", "step_gaps"]
 
-__all__ = ["plot_report", "step_gaps"]
+
+class PlottableRow(Protocol):
+    """What a drawn row needs (``tfreg_harness.report.Row`` has it)."""
+
+    @property
+    def check(self) -> str: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def device(self) -> str: ...
+    @property
+    def status(self) -> str: ...
+    @property
+    def max_rel(self) -> float | None: ...
+    @property
+    def tolerance(self) -> float | None: ...
+
+
+class PlottableReport(Protocol):
+    """What a drawn report needs (``tfreg_harness.report.Report`` has it)."""
+
+    @property
+    def rows(self) -> Sequence[PlottableRow]: ...
+    def counts(self) -> dict[str, int]: ...
+
 
 _STEP = re.compile(r"^step (\d+)\b")
 _COLOURS = {"pass": "tab:green", "fail": "tab:red", "error": "tab:orange"}
 
 
-def _gap(row: Row) -> tuple[float, float] | None:
+def _gap(row: PlottableRow) -> tuple[float, float] | None:
     """``(max_rel, tolerance)`` when the row has both (the plottable rows), else ``None``."""
     if row.max_rel is None or row.tolerance is None:
         return None
     return float(row.max_rel), float(row.tolerance)
 
 
-def step_gaps(report: Report) -> dict[int, tuple[float, float]]:
+def step_gaps(report: PlottableReport) -> dict[int, tuple[float, float]]:
     """``{step: (largest max rel diff, largest tolerance)}`` over rows named ``"step N ..."``."""
     gaps: dict[int, list[tuple[float, float]]] = defaultdict(list)
     for row in report.rows:
@@ -58,7 +86,7 @@ def _floor(values: list[float]) -> float:
     return min(positive, default=1e-16) / 100
 
 
-def plot_report(report: Report, path: str | Path, *, title: str | None = None) -> Path:
+def plot_report(report: PlottableReport, path: str | Path, *, title: str | None = None) -> Path:
     """Draw ``report`` to the image ``path`` (format from its suffix, e.g. ``.png``); return it.
 
     Raises ``ValueError`` when no row has both a relative difference and a tolerance, and

@@ -27,11 +27,18 @@ gradients of a transferred model, ``trajectory`` the weights after ``steps``), a
 ``--parity-device gpu`` runs the pairs on the GPU (``parity.device``; ``parity.torch_device`` is
 the torch spelling for building the module there); without a GPU visible to both frameworks the
 tests *fail*, never pass having checked nothing.
+
+Layering: this module is the entry point that wires the framework-free harness (``tfreg_harness``)
+to the cross-framework one (``tfreg.parity``), so it is the one module of ``tfreg_harness`` that
+reaches up -- through :func:`_parity_api` only, when a test first calls ``parity.check``. It stays
+here rather than in ``tfreg.parity``: pytest loads an entry-point plugin in every session of the
+environment, and importing anything under ``tfreg`` imports TensorFlow.
+``tests/test_dependency_rule.py`` allows this import and no other from ``tfreg_harness`` upward.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytest
@@ -56,6 +63,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default="cpu",
         help="device the parity fixture checks pairs on (gpu fails when none is visible)",
     )
+
+
+def _parity_api() -> tuple[Callable[..., Any], Callable[[], list[str]]]:
+    """``(tfreg.parity.assert_parity, tfreg.parity.devices.available_devices)``, imported on
+    first use: the plugin's only dependency on ``tfreg`` (see the module's docstring)."""
+    from tfreg.parity import assert_parity
+    from tfreg.parity.devices import available_devices
+
+    return assert_parity, available_devices
 
 
 def _ini_overrides(config: pytest.Config) -> dict[str, float]:
@@ -110,9 +126,9 @@ class ParityChecker:
         report (``tfreg_harness.report.Report``). ``kwargs`` go to ``check_parity``; ``device``
         defaults to ``--parity-device``."""
         __tracebackhide__ = True
-        from tfreg.parity import assert_parity
-        from tfreg.parity.devices import available_devices
         from tfreg_harness.tolerances import tolerance_overrides
+
+        assert_parity, available_devices = _parity_api()
 
         device = kwargs.pop("device", self.device)
         if device not in available_devices():

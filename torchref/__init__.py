@@ -7,6 +7,7 @@ from tfreg_core._version import __version__
 from torchref import accumulation
 from torchref._compat import torch as _torch  # noqa: F401  (fails early with an install hint)
 from torchref.checkpoint import CheckpointManager
+from torchref.optimizers import KerasAdamW
 from torchref.penalties import penalized_parameters, penalized_variables, penalty
 from torchref.proximal import (
     ProximalChain,
@@ -41,7 +42,7 @@ from torchref.sparsity import (
     soft_threshold,
     sparsity_report,
 )
-from torchref.training import History, KerasAdamW, PerElementLoss, Trainer, per_element
+from torchref.training import History, PerElementLoss, Trainer, per_element
 
 __all__ = [
     "L1",

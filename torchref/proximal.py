@@ -35,6 +35,7 @@ from tfreg_core import proximal as _core
 from tfreg_core import validation
 from tfreg_core.specs import float32_rounded
 from torchref._compat import torch
+from torchref.optimizers import KerasAdamW
 from torchref.penalties import penalized_parameters
 
 __all__ = [
@@ -143,17 +144,19 @@ def _as_float(value: Any) -> Any:
 # --- the optimizer's per-coordinate step (threshold="preconditioned") ------------------------
 
 
-def _adaptive_types() -> tuple[type, ...]:
-    from torchref.training import KerasAdamW  # training imports this module
-
-    return (torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop, KerasAdamW)
+_ADAPTIVE_TYPES: tuple[type, ...] = (
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.RMSprop,
+    KerasAdamW,
+)
 
 
 def _kind(learning_rate: Any) -> str:
     if not isinstance(learning_rate, torch.optim.Optimizer):
         return "number"
     # Exact types: a subclass may override step(), and then its step is not this formula.
-    if type(learning_rate) in _adaptive_types():
+    if type(learning_rate) in _ADAPTIVE_TYPES:
         return "adaptive"
     return "sgd" if type(learning_rate) is torch.optim.SGD else "other"
 

@@ -150,7 +150,7 @@ def _trajectory(case: str, epochs: int) -> Callable[[str, str], list[Comparison]
         import torch
 
         import tfreg
-        from torchref.training import KerasAdamW
+        from torchref.optimizers import KerasAdamW
 
         pair = _pair(dtype, device)
         # 2**-6: the L2 factor wd/2 is then a float32 number, so Keras' float32 factor rounding
