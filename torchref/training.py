@@ -529,6 +529,13 @@ def _training_mode(model: torch.nn.Module) -> Iterator[None]:
 _AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _own_rng(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """The global RNG state of the CPU and of ``device``'s accelerator, restored on exit."""
+    if device.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    return torch.random.fork_rng(devices=[device], device_type=device.type)
+
+
 def _autocast_dtype(autocast: Any) -> torch.dtype | None:
     if autocast is None:
         return None
@@ -739,36 +746,43 @@ class _Engine:
             return call_module(self.model, xb)
 
     @torch.no_grad()
-    def evaluate(self, batches: Iterable[tuple[Any, Any, Any]]) -> dict[str, float]:
-        """``val_loss`` (the data loss over all the batches -- ``sum(w * l) / N`` with the
-        training loss's count -- plus the penalty at the current weights, as Keras' val_loss
-        includes the regularization losses), ``val_data_loss`` and ``val_<metric>``, in eval
-        mode (Dropout off, BatchNorm's running statistics), as Keras evaluates with
-        ``training=False``; every submodule's mode is restored after. One host read."""
+    def evaluate(self, batches: Callable[[], Iterable[tuple[Any, Any, Any]]]) -> dict[str, float]:
+        """``val_loss`` (the data loss over the batches ``batches()`` yields -- ``sum(w * l) / N``
+        with the training loss's count -- plus the penalty at the current weights, as Keras'
+        val_loss includes the regularization losses), ``val_data_loss`` and ``val_<metric>``, in
+        eval mode (Dropout off, BatchNorm's running statistics), as Keras evaluates with
+        ``training=False``; every submodule's mode is restored after. One host read.
+
+        ``batches()`` is called, and the pass runs, on a fork of the global RNG (:func:`_own_rng`):
+        iterating a ``DataLoader`` draws its base seed (a shuffled one also its permutation) from
+        torch's default generator, which training's shuffle and Dropout read; without the fork,
+        adding ``validation_data`` would change the training run and a resumed run would differ
+        from the uninterrupted one (Keras' validation leaves training's numbers alone too)."""
         modes = [(module, module.training) for module in self.model.modules()]
         self.model.eval()
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
         loss_sum, count, weight_sum = zero.clone(), zero.clone(), zero.clone()
         metric_sums = [zero.clone() for _ in self.spec.metrics]
         seen = 0
-        try:
-            for x, y, sample_weight in batches:
-                seen += 1
-                y_pred = self._forward(x)
-                y_host = torch.as_tensor(y)
-                values, n = self.loss(y_pred, y_host)
-                w = torch.ones(len(values), device=self.device, dtype=torch.float64)
-                if sample_weight is not None:
-                    w = torch.as_tensor(sample_weight, device=self.device).to(torch.float64)
-                shaped = w.reshape([-1] + [1] * (values.ndim - 1))
-                loss_sum.add_(torch.sum(values.double() * shaped))
-                count.add_(n)
-                weight_sum.add_(w.sum())
-                for name, total in zip(self.spec.metrics, metric_sums, strict=True):
-                    total.add_(torch.sum(_METRIC_FNS[name](y_pred, y_host.to(self.device)) * w))
-        finally:
-            for module, mode in modes:
-                module.train(mode)
+        with _own_rng(self.device):
+            try:
+                for x, y, sample_weight in batches():
+                    seen += 1
+                    y_pred = self._forward(x)
+                    y_host = torch.as_tensor(y)
+                    values, n = self.loss(y_pred, y_host)
+                    w = torch.ones(len(values), device=self.device, dtype=torch.float64)
+                    if sample_weight is not None:
+                        w = torch.as_tensor(sample_weight, device=self.device).to(torch.float64)
+                    shaped = w.reshape([-1] + [1] * (values.ndim - 1))
+                    loss_sum.add_(torch.sum(values.double() * shaped))
+                    count.add_(n)
+                    weight_sum.add_(w.sum())
+                    for name, total in zip(self.spec.metrics, metric_sums, strict=True):
+                        total.add_(torch.sum(_METRIC_FNS[name](y_pred, y_host.to(self.device)) * w))
+            finally:
+                for module, mode in modes:
+                    module.train(mode)
         if not seen:
             raise InvalidArgumentError(
                 "validation_data yielded no batch (an exhausted iterator?): pass arrays or a "
@@ -1178,7 +1192,7 @@ class Trainer:
                 epochs=epochs,
                 callbacks=callbacks,
                 verbose=verbose,
-                validate=None if validation is None else lambda: engine.evaluate(validation()),
+                validate=None if validation is None else lambda: engine.evaluate(validation),
             )
 
     def _check_validation(
@@ -1188,7 +1202,7 @@ class Trainer:
         is left, and the first validation batch goes through the model (eval mode, no
         gradient: nothing changes) and the loss's target checks."""
         left = epochs - Position(*self._engine.get_position()).epoch
-        if iter(validation_data) is validation_data:
+        if isinstance(validation_data, Iterator):  # iter() on a DataLoader would draw RNG
             if left > 1:
                 raise InvalidArgumentError(
                     "validation_data is evaluated after every epoch, but an iterator yields "
@@ -1197,7 +1211,7 @@ class Trainer:
                     f"{type(validation_data).__name__}"
                 )
             return  # one pass, kept for the one validation
-        self._engine.evaluate(itertools.islice(validation(), 1))
+        self._engine.evaluate(lambda: itertools.islice(validation(), 1))
 
     def get_config(self) -> dict[str, Any]:
         """The keyword arguments (model, loss and optimizer are positional and not included)."""
