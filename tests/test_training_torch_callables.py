@@ -276,3 +276,90 @@ def test_per_element_arguments_are_checked() -> None:
         torchref.per_element(per_token, ignore_index=-100.0)
     with pytest.raises(InvalidArgumentError, match="callable"):
         torchref.per_element("cross_entropy")
+
+
+class TwoHeads(nn.Module):
+    """A trunk and two heads: class logits and one regression value, returned as a tuple."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Linear(5, 6)
+        self.classes = nn.Linear(6, 3)
+        self.value = nn.Linear(6, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.tanh(self.trunk(x))
+        return self.classes(h), self.value(h)
+
+
+def two_head_loss(outputs: Any, targets: Any) -> torch.Tensor:
+    """Per example: cross-entropy of head 1 plus half the squared error of head 2."""
+    (logits, value), (labels, target) = outputs, targets
+    squared = F.mse_loss(value, target, reduction="none").squeeze(-1)
+    return F.cross_entropy(logits, labels, reduction="none") + 0.5 * squared
+
+
+def two_head_batches() -> list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]:
+    rng = np.random.default_rng(5)
+    n = sum(SIZES)
+    x, labels, target = rng.normal(size=(n, 5)), rng.integers(0, 3, size=n), rng.normal(size=(n, 1))
+    return [(a, (b, c)) for a, b, c in micro_batches(x, labels, target)]
+
+
+def test_multi_output_model_with_a_per_element_loss_equals_one_step_on_the_window() -> None:
+    # Before: a tuple of targets crashed in torch.as_tensor ("only 0-dimensional arrays can be
+    # converted to Python scalars"), before any update but from deep inside the trainer.
+    model, batches = TwoHeads().double(), two_head_batches()
+    ours = copy.deepcopy(model)
+    opt = torch.optim.SGD(ours.parameters(), lr=0.5, momentum=0.9)
+    loss = torchref.per_element(two_head_loss)
+    torchref.Trainer(ours, loss, opt, accumulation_steps=K).fit(batches, epochs=1, verbose=0)
+    reference = copy.deepcopy(model)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.5, momentum=0.9)
+    for start in range(0, len(batches), K):
+        window = batches[start : start + K]
+        x = torch.cat([b[0] for b in window])
+        labels, target = (torch.cat([b[1][i] for b in window]) for i in (0, 1))
+        logits, value = reference(x)
+        ref_opt.zero_grad()
+        (F.cross_entropy(logits, labels) + 0.5 * F.mse_loss(value, target)).backward()
+        ref_opt.step()
+    actual, expected = weight_change(ours, model), weight_change(reference, model)
+    assert_close("two heads", actual, expected, rtol=EXACT.rtol)
+
+
+@pytest.mark.parametrize(
+    "loss, match",
+    [
+        (F.cross_entropy, "one prediction tensor and one target tensor"),
+        ("mse", "one prediction tensor and one target tensor"),
+        (torchref.per_element(two_head_loss, ignore_index=-100), "ignore_index"),
+    ],
+    ids=["functional", "name", "per_element_ignore_index"],
+)
+def test_structured_outputs_a_loss_cannot_read_are_refused_before_any_update(loss, match) -> None:
+    model = TwoHeads().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(InvalidArgumentError, match=match):
+        torchref.Trainer(model, loss, opt, accumulation_steps=K).fit(
+            two_head_batches(), epochs=1, verbose=0
+        )
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert not opt.state
+
+
+def test_metrics_on_a_multi_output_model_are_refused_before_any_update() -> None:
+    model = TwoHeads().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    before = copy.deepcopy(model.state_dict())
+    trainer = torchref.Trainer(
+        model, torchref.per_element(two_head_loss), opt, metrics=["sparse_categorical_accuracy"]
+    )
+    with pytest.raises(InvalidArgumentError, match=r"metrics=.* read one prediction tensor"):
+        trainer.fit(two_head_batches(), epochs=1, verbose=0)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert not opt.state

@@ -58,6 +58,7 @@ from tfreg_core.training import (
     TrainerSpec,
     fit_data,
     leading_dim,
+    leaves,
     map_structure,
     object_config,
     resolve_proximal,
@@ -207,6 +208,13 @@ def per_element(
     reduction="none"), ignore_index=-100)`` trains as ``nn.CrossEntropyLoss()`` on the window.
     ``torch.nn.functional`` losses themselves (``F.cross_entropy``, ``functools.partial`` of
     them) need no wrapper: ``Trainer`` reads them like their module twins.
+
+    Several outputs (a model returning a tuple or dict, targets ``y`` of the same kind): ``fn``
+    receives both structures as they are and returns one per-element tensor combining the
+    heads, e.g. ``ce_i + 0.5 * mse_i`` per example, which trains ``mean(ce) + 0.5 * mean(mse)``
+    over the window (Keras' ``loss_weights={...: 1, ...: 0.5}`` on two per-example losses).
+    ``ignore_index``, the built-in losses and ``metrics`` read single tensors: with structures
+    they are refused before the first backward.
     """
     return PerElementLoss(fn, ignore_index=ignore_index, mask=mask)
 
@@ -318,12 +326,16 @@ class _WindowLoss:
     def __call__(
         self, y_pred: torch.Tensor, y_true: torch.Tensor
     ) -> tuple[torch.Tensor, int | float | torch.Tensor]:
-        if y_pred.dtype in _LOW_PRECISION:
-            y_pred = y_pred.float()  # float16/bfloat16 predictions: the loss in float32
-        y_true, index = self._check_targets(y_pred, y_true)
-        count = self._count(y_pred, y_true) if index or self.masked else None
-        if y_true.device != y_pred.device:
-            y_true = y_true.to(y_pred.device)
+        if not (isinstance(y_pred, torch.Tensor) and isinstance(y_true, torch.Tensor)):
+            y_pred, y_true = self._structures(y_pred, y_true)
+            count = None
+        else:
+            if y_pred.dtype in _LOW_PRECISION:
+                y_pred = y_pred.float()  # float16/bfloat16 predictions: the loss in float32
+            y_true, index = self._check_targets(y_pred, y_true)
+            count = self._count(y_pred, y_true) if index or self.masked else None
+            if y_true.device != y_pred.device:
+                y_true = y_true.to(y_pred.device)
         values = self.fn(y_pred, y_true)
         if not isinstance(values, torch.Tensor) or values.ndim == 0:
             raise InvalidArgumentError(
@@ -337,6 +349,24 @@ class _WindowLoss:
         if count is None:
             count = y_pred.shape[0] if self.per_batch else values.numel()
         return values, count
+
+    def _structures(self, y_pred: Any, y_true: Any) -> tuple[Any, Any]:
+        """Several outputs or targets (tuples/lists/dicts, a multi-output model): handed as they
+        are to a ``per_element`` loss, which combines them into per-element values (every value
+        counts, or ``mask``'s); the targets moved to the predictions' device, low-precision
+        predictions to float32. Other losses read one tensor of each: refused."""
+        if self.targets != "free" or self.masked:
+            raise InvalidArgumentError(
+                "This loss takes one prediction tensor and one target tensor (with "
+                "ignore_index, the targets tell which elements count). For several outputs or "
+                "targets, return per-element values combining them from one callable: "
+                "torchref.per_element(fn) or per_element(fn, mask=m). Received: model output of "
+                f"type {type(y_pred).__name__} and y of type {type(y_true).__name__} for "
+                f"loss={self.fn!r}"
+            )
+        y_pred = map_structure(lambda t: t.float() if t.dtype in _LOW_PRECISION else t, y_pred)
+        device = leaves(y_pred)[0].device
+        return y_pred, map_structure(lambda t: t.to(device), y_true)
 
     def _counted(
         self,
@@ -690,7 +720,7 @@ class _Engine:
 
     def _micro_step(self, x: Any, y: Any, sample_weight: Any) -> None:
         y_pred = self._forward(x)
-        y_host = torch.as_tensor(y)
+        y_host = self._targets(y_pred, y)
         values, count = self.loss(y_pred, y_host)
         if sample_weight is None or _all_ones(sample_weight):
             sample_weight = None  # unweighted: no weight tensor, no product to differentiate
@@ -736,6 +766,21 @@ class _Engine:
                 for name, total in zip(self.spec.metrics, self.metric_sums, strict=True):
                     total.add_(torch.sum(_METRIC_FNS[name](y_pred, y_host.to(self.device)) * w))
 
+    def _targets(self, y_pred: Any, y: Any) -> Any:
+        """``y`` as host tensors (a structure of them for a multi-output ``per_element``
+        loss); metrics read one prediction and one target tensor, so structures with metrics
+        are refused here, before the micro-batch's backward."""
+        y_host = map_structure(torch.as_tensor, y)
+        if self.spec.metrics and not (
+            isinstance(y_pred, torch.Tensor) and isinstance(y_host, torch.Tensor)
+        ):
+            raise InvalidArgumentError(
+                f"metrics={list(self.spec.metrics)} read one prediction tensor and one target "
+                "tensor; with several outputs or targets compute them in a callback. Received: "
+                f"model output of type {type(y_pred).__name__} and y of type {type(y).__name__}"
+            )
+        return y_host
+
     def _forward(self, x: Any) -> Any:
         xb = self._tensors(x, self.dtype)
         if self.autocast is None:
@@ -769,7 +814,7 @@ class _Engine:
                 for x, y, sample_weight in batches():
                     seen += 1
                     y_pred = self._forward(x)
-                    y_host = torch.as_tensor(y)
+                    y_host = self._targets(y_pred, y)
                     values, n = self.loss(y_pred, y_host)
                     w = torch.ones(len(values), device=self.device, dtype=torch.float64)
                     if sample_weight is not None:
