@@ -579,9 +579,10 @@ def _autocast_dtype(autocast: Any) -> torch.dtype | None:
 
 
 class LossScale:
-    """Dynamic loss scaling for ``autocast="float16"``, once per window: torch.amp.GradScaler's
-    rule (``init_scale``, ``growth_factor``, ``backoff_factor``, ``growth_interval``, read from
-    a ``torch.amp.GradScaler`` when one is given) applied to the accumulated window::
+    """Loss scaling under ``autocast``, once per window. ``autocast="float16"``: dynamic,
+    torch.amp.GradScaler's rule (``init_scale``, ``growth_factor``, ``backoff_factor``,
+    ``growth_interval``, read from a ``torch.amp.GradScaler`` when one is given) applied to
+    the accumulated window::
 
         backward(scale / u * sum(w * l))  per micro-batch   (u: see ``unit``)
         g = sums / (N_W * scale / u)      once per window (unscale)
@@ -594,9 +595,19 @@ class LossScale:
     float16 backward carry the values a GradScaler loop's ``backward(scale * mean over W)``
     carries, so the two overflow on the same windows (the micro-batch's *sum* times ``scale``
     would overflow ``log2(N_W)`` halvings earlier). The scale and tracker live on the host:
-    no synchronisation beyond the finiteness check every update already has."""
+    no synchronisation beyond the finiteness check every update already has.
 
-    def __init__(self, scaler: Any = None) -> None:
+    ``autocast="bfloat16"`` (``dynamic=False``): ``scale`` stays 1 and only ``u`` applies, so
+    each micro-batch's bf16 backward carries the values of the plain loop's ``backward(mean)``
+    and every bf16 rounding falls where the loop's does (one micro-batch per window: bitwise,
+    whatever the count; backpropagating the sum and dividing afterwards was 8e-3 off)."""
+
+    def __init__(self, scaler: Any = None, *, dynamic: bool = True) -> None:
+        self.dynamic = dynamic
+        if not dynamic:  # bfloat16: float32's range, no scaling, only the unit
+            self.scale, self.growth_factor, self.backoff_factor = 1.0, 1.0, 1.0
+            self.growth_interval, self.growth_tracker, self.unit = 1, 0, 1.0
+            return
         if scaler is None:
             scaler = torch.amp.GradScaler("cpu")  # its defaults; only its settings are read
         if not isinstance(scaler, torch.amp.GradScaler) or not scaler.is_enabled():
@@ -613,6 +624,8 @@ class LossScale:
         self.unit = 1.0
 
     def update(self, finite: bool) -> None:
+        if not self.dynamic:
+            return
         if not finite:
             self.scale *= self.backoff_factor
             self.growth_tracker = 0
@@ -1001,8 +1014,8 @@ class Trainer:
     ``torch.autocast`` is refused (its weight cache would go stale after the first step).
     Differences from a plain autocast loop on the concatenated window: each micro-batch's
     weight gradient is rounded to the low precision before the float32 sum (≤ (k+1)·2^-9 of
-    an update for bfloat16, (k+1)·2^-11 for float16; bitwise equal for k=1 with power-of-two
-    window counts).
+    an update for bfloat16, (k+1)·2^-11 for float16; bitwise equal for k=1: each micro-batch's
+    backward is scaled by ``1 / u``, see :class:`LossScale`).
 
     Modes: ``fit`` calls ``model.train()`` once when the model is in eval mode; a model already
     in training mode keeps its submodules' modes (a BatchNorm frozen with ``.eval()`` keeps its
@@ -1270,7 +1283,7 @@ class Trainer:
 def _check_mixed_precision(
     model: torch.nn.Module, autocast: torch.dtype | None, grad_scaler: Any, spec: TrainerSpec
 ) -> LossScale | None:
-    """The loss scale ``autocast=float16`` trains with (None otherwise), after checking that
+    """The loss scale ``autocast`` trains with (None without autocast), after checking that
     the master weights are float32 and the options fit together."""
     if grad_scaler is not None and autocast != torch.float16:
         raise InvalidArgumentError(
@@ -1288,7 +1301,7 @@ def _check_mixed_precision(
             f"parameter dtypes {dtypes}"
         )
     if autocast != torch.float16:
-        return None
+        return LossScale(dynamic=False)
     if spec.on_nonfinite == "raise":
         raise InvalidArgumentError(
             "autocast='float16' skips each window whose scaled gradient overflows and lowers "
