@@ -599,8 +599,10 @@ class LossScale:
 
     ``autocast="bfloat16"`` (``dynamic=False``): ``scale`` stays 1 and only ``u`` applies, so
     each micro-batch's bf16 backward carries the values of the plain loop's ``backward(mean)``
-    and every bf16 rounding falls where the loop's does (one micro-batch per window: bitwise,
-    whatever the count; backpropagating the sum and dividing afterwards was 8e-3 off)."""
+    and every bf16 rounding falls where the loop's does (one micro-batch per window with a
+    host count: bitwise, whatever the count; back-propagating the sum and dividing afterwards
+    was 8e-3 off). Where the count is a device tensor (a ``mask``, class weights on the GPU),
+    ``u`` is the micro-batch size times ``accumulation_steps``: no host sync, one rounding."""
 
     def __init__(self, scaler: Any = None, *, dynamic: bool = True) -> None:
         self.dynamic = dynamic
@@ -1014,8 +1016,12 @@ class Trainer:
     ``torch.autocast`` is refused (its weight cache would go stale after the first step).
     Differences from a plain autocast loop on the concatenated window: each micro-batch's
     weight gradient is rounded to the low precision before the float32 sum (≤ (k+1)·2^-9 of
-    an update for bfloat16, (k+1)·2^-11 for float16; bitwise equal for k=1: each micro-batch's
-    backward is scaled by ``1 / u``, see :class:`LossScale`).
+    an update for bfloat16, (k+1)·2^-11 for float16; bitwise equal for k=1 when the count is
+    read on the host -- targets on the CPU, no per_element ``mask`` -- since each micro-batch's
+    backward is then scaled by exactly ``1 / N``, see :class:`LossScale`). Differences from
+    Keras' ``mixed_float16`` (``LossScaleOptimizer``): Keras starts at ``initial_scale=2**15``,
+    GradScaler at ``init_scale=2**16`` (both double after 2000 finite steps and halve on an
+    overflow): ``grad_scaler=torch.amp.GradScaler(init_scale=2.0**15)`` starts where Keras does.
 
     Modes: ``fit`` calls ``model.train()`` once when the model is in eval mode; a model already
     in training mode keeps its submodules' modes (a BatchNorm frozen with ``.eval()`` keeps its
