@@ -197,12 +197,12 @@ def per_element(
     Which elements count:
 
     - default: every value ``fn`` returns;
-    - ``ignore_index=i``: ``values`` has the targets' shape (or is them flattened, as
+    - ``ignore_index=i``: ``values`` has the targets' shape (or is them flattened to 1-D, as
       ``F.cross_entropy(logits.view(-1, V), labels.view(-1), reduction="none")``); elements
       whose target is ``i`` count neither in the sum nor in the denominator (``-100``:
       ``F.cross_entropy``'s padding);
-    - ``mask=m``: ``m(y_pred, y_true)`` gives a boolean (or 0/1) tensor of ``values``' shape;
-      the elements where it is true count.
+    - ``mask=m``: ``m(y_pred, y_true)`` gives a boolean (or 0/1) tensor of ``values``' shape
+      (or of the shape 1-D ``values`` were flattened from); the elements where it is true count.
 
     Example: ``torchref.per_element(lambda logits, y: F.cross_entropy(logits, y,
     reduction="none"), ignore_index=-100)`` trains as ``nn.CrossEntropyLoss()`` on the window.
@@ -382,14 +382,16 @@ class _WindowLoss:
             what = "mask(y_pred, y_true)"
         else:
             counted, what = torch.ne(y_true, self.ignore_index), "the targets (ignore_index)"
-        if tuple(counted.shape) != tuple(values.shape) and counted.numel() == values.numel():
-            counted = counted.reshape(values.shape)  # flattened values: F.cross_entropy(
-            # logits.view(-1, V), labels.view(-1)) keeps the targets' row-major order
+        if values.ndim == 1 and counted.ndim > 1 and counted.numel() == values.numel():
+            # Flattened values, F.cross_entropy(logits.view(-1, V), labels.view(-1)): the
+            # targets' row-major order. Only 1-D: a (T, N) tensor of the same size would pair
+            # each value with another element's target.
+            counted = counted.reshape(-1)
         if tuple(counted.shape) != tuple(values.shape):
             raise InvalidArgumentError(
                 f"per_element: the loss values have shape {tuple(values.shape)} but "
                 f"{what} has shape {tuple(counted.shape)}; they must match (one value per "
-                "element that may count)"
+                "element that may count), or the values be them flattened (row-major)"
             )
         counted = counted.to(torch.bool)
         return torch.where(counted, values, 0), counted.sum() if count is None else count
