@@ -229,17 +229,23 @@ def test_opaque_callables_are_refused_naming_per_element(gpt, loss) -> None:
         torchref.Trainer(model, loss, torch.optim.SGD(model.parameters(), lr=0.1))
 
 
-def fit_untouched(loss: Any, gpt: Any, match: str) -> None:
-    model, x, y = copy.deepcopy(gpt[0]), gpt[1], gpt[2]
+def refused_untouched(
+    model: nn.Module, loss: Any, batches: Any, match: str, **options: Any
+) -> None:
+    """``fit`` raises ``match`` with the weights and the optimizer state untouched."""
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(InvalidArgumentError, match=match):
-        torchref.Trainer(model, loss, opt, accumulation_steps=K).fit(
-            micro_batches(x, y), epochs=1, verbose=0
+        torchref.Trainer(model, loss, opt, accumulation_steps=K, **options).fit(
+            batches, epochs=1, verbose=0
         )
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
     assert not opt.state
+
+
+def fit_untouched(loss: Any, gpt: Any, match: str) -> None:
+    refused_untouched(copy.deepcopy(gpt[0]), loss, micro_batches(gpt[1], gpt[2]), match)
 
 
 def test_per_element_callable_returning_a_mean_is_refused_before_any_update(gpt) -> None:
@@ -353,27 +359,14 @@ def test_multi_output_model_with_a_per_element_loss_equals_one_step_on_the_windo
     ids=["functional", "name", "per_element_ignore_index"],
 )
 def test_structured_outputs_a_loss_cannot_read_are_refused_before_any_update(loss, match) -> None:
-    model = TwoHeads().double()
-    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
-    before = copy.deepcopy(model.state_dict())
-    with pytest.raises(InvalidArgumentError, match=match):
-        torchref.Trainer(model, loss, opt, accumulation_steps=K).fit(
-            two_head_batches(), epochs=1, verbose=0
-        )
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, before[key]), key
-    assert not opt.state
+    refused_untouched(TwoHeads().double(), loss, two_head_batches(), match)
 
 
 def test_metrics_on_a_multi_output_model_are_refused_before_any_update() -> None:
-    model = TwoHeads().double()
-    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
-    before = copy.deepcopy(model.state_dict())
-    trainer = torchref.Trainer(
-        model, torchref.per_element(two_head_loss), opt, metrics=["sparse_categorical_accuracy"]
+    refused_untouched(
+        TwoHeads().double(),
+        torchref.per_element(two_head_loss),
+        two_head_batches(),
+        r"metrics=.* read one prediction tensor",
+        metrics=["sparse_categorical_accuracy"],
     )
-    with pytest.raises(InvalidArgumentError, match=r"metrics=.* read one prediction tensor"):
-        trainer.fit(two_head_batches(), epochs=1, verbose=0)
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, before[key]), key
-    assert not opt.state
