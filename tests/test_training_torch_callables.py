@@ -370,3 +370,45 @@ def test_metrics_on_a_multi_output_model_are_refused_before_any_update() -> None
         r"metrics=.* read one prediction tensor",
         metrics=["sparse_categorical_accuracy"],
     )
+
+
+def test_flattened_per_element_values_take_sample_weights_per_example(gpt) -> None:
+    # Before: (N*T,) values against (N,) sample weights raised a RuntimeError from a broadcast
+    # ("size of tensor a (24) must match ... (3)"). Flattened values are read back in the
+    # targets' (N, T) layout, so each example's weight multiplies its tokens.
+    model, x, y = gpt
+    w = np.random.default_rng(3).uniform(0.5, 2.0, size=len(x))
+    ours = copy.deepcopy(model)
+    opt = torch.optim.SGD(ours.parameters(), lr=0.5, momentum=0.9)
+    loss = torchref.per_element(flattened_per_token, ignore_index=-100)
+    torchref.Trainer(ours, loss, opt, accumulation_steps=K).fit(
+        micro_batches(x, y, w), epochs=1, verbose=0
+    )
+
+    def weighted(rows: slice) -> Callable[..., torch.Tensor]:
+        def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            values = per_token(logits, labels) * torch.as_tensor(w[rows])[:, None]
+            return values.sum() / (labels != -100).sum()
+
+        return loss_fn
+
+    reference = copy.deepcopy(model)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.5, momentum=0.9)
+    bounds = [*np.cumsum([0, *SIZES])[::K].tolist(), len(x)]
+    for start, end in itertools.pairwise(bounds):
+        if start < end:
+            ref_opt.zero_grad()
+            rows = slice(start, end)
+            weighted(rows)(reference(torch.as_tensor(x[rows])), torch.as_tensor(y[rows])).backward()
+            ref_opt.step()
+    expected, actual = weight_change(reference, model), weight_change(ours, model)
+    assert_close("flattened, weighted", actual, expected, rtol=EXACT.rtol)
+
+
+def test_sample_weights_for_values_without_a_batch_axis_are_refused(gpt) -> None:
+    model, x, y = gpt
+    w = np.full(len(x), 2.0)
+    batches = micro_batches(x, y, w)
+    refused_untouched(
+        copy.deepcopy(model), torchref.per_element(flattened_per_token), batches, "sample_weight"
+    )

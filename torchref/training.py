@@ -383,10 +383,11 @@ class _WindowLoss:
         else:
             counted, what = torch.ne(y_true, self.ignore_index), "the targets (ignore_index)"
         if values.ndim == 1 and counted.ndim > 1 and counted.numel() == values.numel():
-            # Flattened values, F.cross_entropy(logits.view(-1, V), labels.view(-1)): the
-            # targets' row-major order. Only 1-D: a (T, N) tensor of the same size would pair
-            # each value with another element's target.
-            counted = counted.reshape(-1)
+            # Flattened values, F.cross_entropy(logits.view(-1, V), labels.view(-1)): read back
+            # in the targets' row-major layout, so that sample weights meet their examples'
+            # rows. Only 1-D: a (T, N) tensor of the same size would pair each value with
+            # another element's target.
+            values = values.reshape(counted.shape)
         if tuple(counted.shape) != tuple(values.shape):
             raise InvalidArgumentError(
                 f"per_element: the loss values have shape {tuple(values.shape)} but "
@@ -523,6 +524,19 @@ def _check_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -
             f"Received: optimizer={type(optimizer).__name__} over parameters of shapes "
             f"{[tuple(p.shape) for p in foreign][:4]}"
         )
+
+
+def _per_example(w: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Sample weights ``(N,)`` shaped to multiply per-element ``values`` ``(N, ...)``: one
+    weight per example, broadcast over the example's elements (Keras' rule)."""
+    if values.shape[0] != w.shape[0]:
+        raise InvalidArgumentError(
+            f"sample_weight holds one weight per example ({w.shape[0]}), but the loss values "
+            f"have shape {tuple(values.shape)}: their first axis must be the batch (values "
+            "flattened over the batch, e.g. logits.view(-1, V), are read back in the targets' "
+            "layout only with per_element(fn, ignore_index=...) or mask=...)"
+        )
+    return w.reshape([-1] + [1] * (values.ndim - 1))
 
 
 def _all_ones(sample_weight: Any) -> bool:
@@ -744,9 +758,7 @@ class _Engine:
             loss_sum = values.sum()
         else:
             w = torch.as_tensor(sample_weight, device=self.device)
-            loss_sum = torch.sum(
-                values * w.to(values.dtype).reshape([-1] + [1] * (values.ndim - 1))
-            )
+            loss_sum = torch.sum(values * _per_example(w.to(values.dtype), values))
         scaled = loss_sum
         if self.loss_scale is not None:
             if self.acc.micro_batches == 0:
@@ -836,8 +848,7 @@ class _Engine:
                     w = torch.ones(len(values), device=self.device, dtype=torch.float64)
                     if sample_weight is not None:
                         w = torch.as_tensor(sample_weight, device=self.device).to(torch.float64)
-                    shaped = w.reshape([-1] + [1] * (values.ndim - 1))
-                    loss_sum.add_(torch.sum(values.double() * shaped))
+                    loss_sum.add_(torch.sum(values.double() * _per_example(w, values)))
                     count.add_(n)
                     weight_sum.add_(w.sum())
                     for name, total in zip(self.spec.metrics, metric_sums, strict=True):
