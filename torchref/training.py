@@ -207,7 +207,9 @@ def per_element(
     Example: ``torchref.per_element(lambda logits, y: F.cross_entropy(logits, y,
     reduction="none"), ignore_index=-100)`` trains as ``nn.CrossEntropyLoss()`` on the window.
     ``torch.nn.functional`` losses themselves (``F.cross_entropy``, ``functools.partial`` of
-    them) need no wrapper: ``Trainer`` reads them like their module twins.
+    them) need no wrapper: ``Trainer`` reads them like their module twins. Keras needs no
+    declaration: its losses return per-example values and Keras 3 divides a masked loss by
+    the count of unmasked elements itself -- ``per_element(fn, mask=m)`` is that contract.
 
     Several outputs (a model returning a tuple or dict, targets ``y`` of the same kind): ``fn``
     receives both structures as they are and returns one per-element tensor combining the
@@ -1211,7 +1213,11 @@ class Trainer:
         update (:meth:`_Engine.evaluate`: eval mode, no gradient); ``history.epochs`` gets
         ``val_loss``, ``val_data_loss`` and ``val_<metric>``, so early stopping is a callback
         reading them in ``on_epoch_end(trainer, epoch, history)`` and setting
-        ``trainer.stop_training``, as Keras' ``EarlyStopping`` does.
+        ``trainer.stop_training``, as Keras' ``EarlyStopping`` does. ``val_data_loss`` is the
+        whole validation set's ``sum(w * l) / N`` (one division, the training loss's count);
+        differences from Keras' ``fit``: no ``validation_split``, ``validation_steps`` or
+        ``validation_freq`` (validation runs after every epoch, on all the data given), and
+        the pass never draws from the global RNG (see :meth:`_Engine.evaluate`).
         """
         _refuse_outer_autocast(self._engine.device)
         if isinstance(x, torch.utils.data.TensorDataset) and y is None and sample_weight is None:
