@@ -229,21 +229,41 @@ def test_opaque_callables_are_refused_naming_per_element(gpt, loss) -> None:
         torchref.Trainer(model, loss, torch.optim.SGD(model.parameters(), lr=0.1))
 
 
-def fit_untouched(loss: Any, gpt: Any, match: str) -> None:
-    model, x, y = copy.deepcopy(gpt[0]), gpt[1], gpt[2]
+def refused_untouched(
+    model: nn.Module, loss: Any, batches: Any, match: str, **options: Any
+) -> None:
+    """``fit`` raises ``match`` with the weights and the optimizer state untouched."""
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(InvalidArgumentError, match=match):
-        torchref.Trainer(model, loss, opt, accumulation_steps=K).fit(
-            micro_batches(x, y), epochs=1, verbose=0
+        torchref.Trainer(model, loss, opt, accumulation_steps=K, **options).fit(
+            batches, epochs=1, verbose=0
         )
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
     assert not opt.state
 
 
+def fit_untouched(loss: Any, gpt: Any, match: str) -> None:
+    refused_untouched(copy.deepcopy(gpt[0]), loss, micro_batches(gpt[1], gpt[2]), match)
+
+
 def test_per_element_callable_returning_a_mean_is_refused_before_any_update(gpt) -> None:
     fit_untouched(torchref.per_element(F.cross_entropy), gpt, "per-element values")
+
+
+@pytest.mark.parametrize("counted", ["ignore_index", "mask"])
+def test_per_element_values_laid_out_unlike_the_targets_are_refused(gpt, counted) -> None:
+    # Time-major values (T, N) for (N, T) targets: before, any same-size shape was reshaped to
+    # the values' and matched element by element in memory order, pairing each value with
+    # another token's target (0.52 rel off on a small LM). Only flattened values are matched.
+    def time_major(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return per_token(logits, labels).T
+
+    options: dict[str, Any] = (
+        {"ignore_index": -100} if counted == "ignore_index" else {"mask": padding_mask}
+    )
+    fit_untouched(torchref.per_element(time_major, **options), gpt, "must match")
 
 
 def test_per_element_mask_of_another_shape_is_refused(gpt) -> None:
@@ -276,3 +296,119 @@ def test_per_element_arguments_are_checked() -> None:
         torchref.per_element(per_token, ignore_index=-100.0)
     with pytest.raises(InvalidArgumentError, match="callable"):
         torchref.per_element("cross_entropy")
+
+
+class TwoHeads(nn.Module):
+    """A trunk and two heads: class logits and one regression value, returned as a tuple."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Linear(5, 6)
+        self.classes = nn.Linear(6, 3)
+        self.value = nn.Linear(6, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.tanh(self.trunk(x))
+        return self.classes(h), self.value(h)
+
+
+def two_head_loss(outputs: Any, targets: Any) -> torch.Tensor:
+    """Per example: cross-entropy of head 1 plus half the squared error of head 2."""
+    (logits, value), (labels, target) = outputs, targets
+    squared = F.mse_loss(value, target, reduction="none").squeeze(-1)
+    return F.cross_entropy(logits, labels, reduction="none") + 0.5 * squared
+
+
+def two_head_batches() -> list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]:
+    rng = np.random.default_rng(5)
+    n = sum(SIZES)
+    x, labels, target = rng.normal(size=(n, 5)), rng.integers(0, 3, size=n), rng.normal(size=(n, 1))
+    return [(a, (b, c)) for a, b, c in micro_batches(x, labels, target)]
+
+
+def test_multi_output_model_with_a_per_element_loss_equals_one_step_on_the_window() -> None:
+    # Before: a tuple of targets crashed in torch.as_tensor ("only 0-dimensional arrays can be
+    # converted to Python scalars"), before any update but from deep inside the trainer.
+    model, batches = TwoHeads().double(), two_head_batches()
+    ours = copy.deepcopy(model)
+    opt = torch.optim.SGD(ours.parameters(), lr=0.5, momentum=0.9)
+    loss = torchref.per_element(two_head_loss)
+    torchref.Trainer(ours, loss, opt, accumulation_steps=K).fit(batches, epochs=1, verbose=0)
+    reference = copy.deepcopy(model)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.5, momentum=0.9)
+    for start in range(0, len(batches), K):
+        window = batches[start : start + K]
+        x = torch.cat([b[0] for b in window])
+        labels, target = (torch.cat([b[1][i] for b in window]) for i in (0, 1))
+        logits, value = reference(x)
+        ref_opt.zero_grad()
+        (F.cross_entropy(logits, labels) + 0.5 * F.mse_loss(value, target)).backward()
+        ref_opt.step()
+    actual, expected = weight_change(ours, model), weight_change(reference, model)
+    assert_close("two heads", actual, expected, rtol=EXACT.rtol)
+
+
+@pytest.mark.parametrize(
+    "loss, match",
+    [
+        (F.cross_entropy, "one prediction tensor and one target tensor"),
+        ("mse", "one prediction tensor and one target tensor"),
+        (torchref.per_element(two_head_loss, ignore_index=-100), "ignore_index"),
+    ],
+    ids=["functional", "name", "per_element_ignore_index"],
+)
+def test_structured_outputs_a_loss_cannot_read_are_refused_before_any_update(loss, match) -> None:
+    refused_untouched(TwoHeads().double(), loss, two_head_batches(), match)
+
+
+def test_metrics_on_a_multi_output_model_are_refused_before_any_update() -> None:
+    refused_untouched(
+        TwoHeads().double(),
+        torchref.per_element(two_head_loss),
+        two_head_batches(),
+        r"metrics=.* read one prediction tensor",
+        metrics=["sparse_categorical_accuracy"],
+    )
+
+
+def test_flattened_per_element_values_take_sample_weights_per_example(gpt) -> None:
+    # Before: (N*T,) values against (N,) sample weights raised a RuntimeError from a broadcast
+    # ("size of tensor a (24) must match ... (3)"). Flattened values are read back in the
+    # targets' (N, T) layout, so each example's weight multiplies its tokens.
+    model, x, y = gpt
+    w = np.random.default_rng(3).uniform(0.5, 2.0, size=len(x))
+    ours = copy.deepcopy(model)
+    opt = torch.optim.SGD(ours.parameters(), lr=0.5, momentum=0.9)
+    loss = torchref.per_element(flattened_per_token, ignore_index=-100)
+    torchref.Trainer(ours, loss, opt, accumulation_steps=K).fit(
+        micro_batches(x, y, w), epochs=1, verbose=0
+    )
+
+    def weighted(rows: slice) -> Callable[..., torch.Tensor]:
+        def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            values = per_token(logits, labels) * torch.as_tensor(w[rows])[:, None]
+            return values.sum() / (labels != -100).sum()
+
+        return loss_fn
+
+    reference = copy.deepcopy(model)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.5, momentum=0.9)
+    bounds = [*np.cumsum([0, *SIZES])[::K].tolist(), len(x)]
+    for start, end in itertools.pairwise(bounds):
+        if start < end:
+            ref_opt.zero_grad()
+            rows = slice(start, end)
+            weighted(rows)(reference(torch.as_tensor(x[rows])), torch.as_tensor(y[rows])).backward()
+            ref_opt.step()
+    expected, actual = weight_change(reference, model), weight_change(ours, model)
+    assert_close("flattened, weighted", actual, expected, rtol=EXACT.rtol)
+
+
+def test_sample_weights_for_values_without_a_batch_axis_are_refused(gpt) -> None:
+    model, x, y = gpt
+    w = np.full(len(x), 2.0)
+    batches = micro_batches(x, y, w)
+    refused_untouched(
+        copy.deepcopy(model), torchref.per_element(flattened_per_token), batches, "sample_weight"
+    )

@@ -57,6 +57,7 @@ from tfreg_core.training import (
     TrainerSpec,
     fit_data,
     leading_dim,
+    leaves,
     map_structure,
     object_config,
     resolve_proximal,
@@ -194,17 +195,26 @@ def per_element(
     Which elements count:
 
     - default: every value ``fn`` returns;
-    - ``ignore_index=i``: ``values`` has the targets' shape (or is them flattened, as
+    - ``ignore_index=i``: ``values`` has the targets' shape (or is them flattened to 1-D, as
       ``F.cross_entropy(logits.view(-1, V), labels.view(-1), reduction="none")``); elements
       whose target is ``i`` count neither in the sum nor in the denominator (``-100``:
       ``F.cross_entropy``'s padding);
-    - ``mask=m``: ``m(y_pred, y_true)`` gives a boolean (or 0/1) tensor of ``values``' shape;
-      the elements where it is true count.
+    - ``mask=m``: ``m(y_pred, y_true)`` gives a boolean (or 0/1) tensor of ``values``' shape
+      (or of the shape 1-D ``values`` were flattened from); the elements where it is true count.
 
     Example: ``torchref.per_element(lambda logits, y: F.cross_entropy(logits, y,
     reduction="none"), ignore_index=-100)`` trains as ``nn.CrossEntropyLoss()`` on the window.
     ``torch.nn.functional`` losses themselves (``F.cross_entropy``, ``functools.partial`` of
-    them) need no wrapper: ``Trainer`` reads them like their module twins.
+    them) need no wrapper: ``Trainer`` reads them like their module twins. Keras needs no
+    declaration: its losses return per-example values and Keras 3 divides a masked loss by
+    the count of unmasked elements itself -- ``per_element(fn, mask=m)`` is that contract.
+
+    Several outputs (a model returning a tuple or dict, targets ``y`` of the same kind): ``fn``
+    receives both structures as they are and returns one per-element tensor combining the
+    heads, e.g. ``ce_i + 0.5 * mse_i`` per example, which trains ``mean(ce) + 0.5 * mean(mse)``
+    over the window (Keras' ``loss_weights={...: 1, ...: 0.5}`` on two per-example losses).
+    ``ignore_index``, the built-in losses and ``metrics`` read single tensors: with structures
+    they are refused before the first backward.
     """
     return PerElementLoss(fn, ignore_index=ignore_index, mask=mask)
 
@@ -317,12 +327,16 @@ class _WindowLoss:
     def __call__(
         self, y_pred: torch.Tensor, y_true: torch.Tensor
     ) -> tuple[torch.Tensor, int | float | torch.Tensor]:
-        if y_pred.dtype in _LOW_PRECISION:
-            y_pred = y_pred.float()  # float16/bfloat16 predictions: the loss in float32
-        y_true, index = self._check_targets(y_pred, y_true)
-        count = self._count(y_pred, y_true) if index or self.masked else None
-        if y_true.device != y_pred.device:
-            y_true = y_true.to(y_pred.device)
+        if not (isinstance(y_pred, torch.Tensor) and isinstance(y_true, torch.Tensor)):
+            y_pred, y_true = self._structures(y_pred, y_true)
+            count = None
+        else:
+            if y_pred.dtype in _LOW_PRECISION:
+                y_pred = y_pred.float()  # float16/bfloat16 predictions: the loss in float32
+            y_true, index = self._check_targets(y_pred, y_true)
+            count = self._count(y_pred, y_true) if index or self.masked else None
+            if y_true.device != y_pred.device:
+                y_true = y_true.to(y_pred.device)
         values = self.fn(y_pred, y_true)
         if not isinstance(values, torch.Tensor) or values.ndim == 0:
             raise InvalidArgumentError(
@@ -336,6 +350,24 @@ class _WindowLoss:
         if count is None:
             count = y_pred.shape[0] if self.per_batch else values.numel()
         return values, count
+
+    def _structures(self, y_pred: Any, y_true: Any) -> tuple[Any, Any]:
+        """Several outputs or targets (tuples/lists/dicts, a multi-output model): handed as they
+        are to a ``per_element`` loss, which combines them into per-element values (every value
+        counts, or ``mask``'s); the targets moved to the predictions' device, low-precision
+        predictions to float32. Other losses read one tensor of each: refused."""
+        if self.targets != "free" or self.masked:
+            raise InvalidArgumentError(
+                "This loss takes one prediction tensor and one target tensor (with "
+                "ignore_index, the targets tell which elements count). For several outputs or "
+                "targets, return per-element values combining them from one callable: "
+                "torchref.per_element(fn) or per_element(fn, mask=m). Received: model output of "
+                f"type {type(y_pred).__name__} and y of type {type(y_true).__name__} for "
+                f"loss={self.fn!r}"
+            )
+        y_pred = map_structure(lambda t: t.float() if t.dtype in _LOW_PRECISION else t, y_pred)
+        device = leaves(y_pred)[0].device
+        return y_pred, map_structure(lambda t: t.to(device), y_true)
 
     def _counted(
         self,
@@ -352,14 +384,17 @@ class _WindowLoss:
         else:
             assert self.ignore_index is not None  # masked without a mask: by ignore_index
             counted, what = torch.ne(y_true, self.ignore_index), "the targets (ignore_index)"
-        if tuple(counted.shape) != tuple(values.shape) and counted.numel() == values.numel():
-            counted = counted.reshape(values.shape)  # flattened values: F.cross_entropy(
-            # logits.view(-1, V), labels.view(-1)) keeps the targets' row-major order
+        if values.ndim == 1 and counted.ndim > 1 and counted.numel() == values.numel():
+            # Flattened values, F.cross_entropy(logits.view(-1, V), labels.view(-1)): read back
+            # in the targets' row-major layout, so that sample weights meet their examples'
+            # rows. Only 1-D: a (T, N) tensor of the same size would pair each value with
+            # another element's target.
+            values = values.reshape(counted.shape)
         if tuple(counted.shape) != tuple(values.shape):
             raise InvalidArgumentError(
                 f"per_element: the loss values have shape {tuple(values.shape)} but "
                 f"{what} has shape {tuple(counted.shape)}; they must match (one value per "
-                "element that may count)"
+                "element that may count), or the values be them flattened (row-major)"
             )
         counted = counted.to(torch.bool)
         return torch.where(counted, values, 0), counted.sum() if count is None else count
@@ -506,6 +541,19 @@ def _check_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -
         )
 
 
+def _per_example(w: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Sample weights ``(N,)`` shaped to multiply per-element ``values`` ``(N, ...)``: one
+    weight per example, broadcast over the example's elements (Keras' rule)."""
+    if values.shape[0] != w.shape[0]:
+        raise InvalidArgumentError(
+            f"sample_weight holds one weight per example ({w.shape[0]}), but the loss values "
+            f"have shape {tuple(values.shape)}: their first axis must be the batch (values "
+            "flattened over the batch, e.g. logits.view(-1, V), are read back in the targets' "
+            "layout only with per_element(fn, ignore_index=...) or mask=...)"
+        )
+    return w.reshape([-1] + [1] * (values.ndim - 1))
+
+
 def _all_ones(sample_weight: Any) -> bool:
     # Host arrays only: reading a device tensor here would synchronise every micro-batch.
     return isinstance(sample_weight, np.ndarray) and bool(np.all(sample_weight == 1.0))
@@ -542,6 +590,13 @@ def _training_mode(model: torch.nn.Module) -> Iterator[None]:
 _AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _own_rng(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """The global RNG state of the CPU and of ``device``'s accelerator, restored on exit."""
+    if device.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    return torch.random.fork_rng(devices=[device], device_type=device.type)
+
+
 def _autocast_dtype(autocast: Any) -> torch.dtype | None:
     if autocast is None:
         return None
@@ -555,9 +610,10 @@ def _autocast_dtype(autocast: Any) -> torch.dtype | None:
 
 
 class LossScale:
-    """Dynamic loss scaling for ``autocast="float16"``, once per window: torch.amp.GradScaler's
-    rule (``init_scale``, ``growth_factor``, ``backoff_factor``, ``growth_interval``, read from
-    a ``torch.amp.GradScaler`` when one is given) applied to the accumulated window::
+    """Loss scaling under ``autocast``, once per window. ``autocast="float16"``: dynamic,
+    torch.amp.GradScaler's rule (``init_scale``, ``growth_factor``, ``backoff_factor``,
+    ``growth_interval``, read from a ``torch.amp.GradScaler`` when one is given) applied to
+    the accumulated window::
 
         backward(scale / u * sum(w * l))  per micro-batch   (u: see ``unit``)
         g = sums / (N_W * scale / u)      once per window (unscale)
@@ -570,9 +626,21 @@ class LossScale:
     float16 backward carry the values a GradScaler loop's ``backward(scale * mean over W)``
     carries, so the two overflow on the same windows (the micro-batch's *sum* times ``scale``
     would overflow ``log2(N_W)`` halvings earlier). The scale and tracker live on the host:
-    no synchronisation beyond the finiteness check every update already has."""
+    no synchronisation beyond the finiteness check every update already has.
 
-    def __init__(self, scaler: Any = None) -> None:
+    ``autocast="bfloat16"`` (``dynamic=False``): ``scale`` stays 1 and only ``u`` applies, so
+    each micro-batch's bf16 backward carries the values of the plain loop's ``backward(mean)``
+    and every bf16 rounding falls where the loop's does (one micro-batch per window with a
+    host count: bitwise, whatever the count; back-propagating the sum and dividing afterwards
+    was 8e-3 off). Where the count is a device tensor (a ``mask``, class weights on the GPU),
+    ``u`` is the micro-batch size times ``accumulation_steps``: no host sync, one rounding."""
+
+    def __init__(self, scaler: Any = None, *, dynamic: bool = True) -> None:
+        self.dynamic = dynamic
+        if not dynamic:  # bfloat16: float32's range, no scaling, only the unit
+            self.scale, self.growth_factor, self.backoff_factor = 1.0, 1.0, 1.0
+            self.growth_interval, self.growth_tracker, self.unit = 1, 0, 1.0
+            return
         if scaler is None:
             scaler = torch.amp.GradScaler("cpu")  # its defaults; only its settings are read
         if not isinstance(scaler, torch.amp.GradScaler) or not scaler.is_enabled():
@@ -589,6 +657,8 @@ class LossScale:
         self.unit = 1.0
 
     def update(self, finite: bool) -> None:
+        if not self.dynamic:
+            return
         if not finite:
             self.scale *= self.backoff_factor
             self.growth_tracker = 0
@@ -709,16 +779,14 @@ class _Engine:
         elif not self.array_data:  # a stream: each micro-batch before its window is applied
             epoch, micro_batch = self.position[:2]
             self.loss.check_labels(y, y_pred, f"micro-batch {micro_batch} of epoch {epoch}: y")
-        y_host = torch.as_tensor(y)
+        y_host = self._targets(y_pred, y)
         values, count = self.loss(y_pred, y_host)
         if sample_weight is None or _all_ones(sample_weight):
             sample_weight = None  # unweighted: no weight tensor, no product to differentiate
             loss_sum = values.sum()
         else:
             w = torch.as_tensor(sample_weight, device=self.device)
-            loss_sum = torch.sum(
-                values * w.to(values.dtype).reshape([-1] + [1] * (values.ndim - 1))
-            )
+            loss_sum = torch.sum(values * _per_example(w.to(values.dtype), values))
         scaled = loss_sum
         if self.loss_scale is not None:
             if self.acc.micro_batches == 0:
@@ -755,6 +823,21 @@ class _Engine:
                 for name, total in zip(self.spec.metrics, self.metric_sums, strict=True):
                     total.add_(torch.sum(_METRIC_FNS[name](y_pred, y_host.to(self.device)) * w))
 
+    def _targets(self, y_pred: Any, y: Any) -> Any:
+        """``y`` as host tensors (a structure of them for a multi-output ``per_element``
+        loss); metrics read one prediction and one target tensor, so structures with metrics
+        are refused here, before the micro-batch's backward."""
+        y_host = map_structure(torch.as_tensor, y)
+        if self.spec.metrics and not (
+            isinstance(y_pred, torch.Tensor) and isinstance(y_host, torch.Tensor)
+        ):
+            raise InvalidArgumentError(
+                f"metrics={list(self.spec.metrics)} read one prediction tensor and one target "
+                "tensor; with several outputs or targets compute them in a callback. Received: "
+                f"model output of type {type(y_pred).__name__} and y of type {type(y).__name__}"
+            )
+        return y_host
+
     def _forward(self, x: Any) -> Any:
         xb = self._tensors(x, self.dtype)
         if self.autocast is None:
@@ -765,36 +848,42 @@ class _Engine:
             return call_module(self.model, xb)
 
     @torch.no_grad()
-    def evaluate(self, batches: Iterable[tuple[Any, Any, Any]]) -> dict[str, float]:
-        """``val_loss`` (the data loss over all the batches -- ``sum(w * l) / N`` with the
-        training loss's count -- plus the penalty at the current weights, as Keras' val_loss
-        includes the regularization losses), ``val_data_loss`` and ``val_<metric>``, in eval
-        mode (Dropout off, BatchNorm's running statistics), as Keras evaluates with
-        ``training=False``; every submodule's mode is restored after. One host read."""
+    def evaluate(self, batches: Callable[[], Iterable[tuple[Any, Any, Any]]]) -> dict[str, float]:
+        """``val_loss`` (the data loss over the batches ``batches()`` yields -- ``sum(w * l) / N``
+        with the training loss's count -- plus the penalty at the current weights, as Keras'
+        val_loss includes the regularization losses), ``val_data_loss`` and ``val_<metric>``, in
+        eval mode (Dropout off, BatchNorm's running statistics), as Keras evaluates with
+        ``training=False``; every submodule's mode is restored after. One host read.
+
+        ``batches()`` is called, and the pass runs, on a fork of the global RNG (:func:`_own_rng`):
+        iterating a ``DataLoader`` draws its base seed (a shuffled one also its permutation) from
+        torch's default generator, which training's shuffle and Dropout read; without the fork,
+        adding ``validation_data`` would change the training run and a resumed run would differ
+        from the uninterrupted one (Keras' validation leaves training's numbers alone too)."""
         modes = [(module, module.training) for module in self.model.modules()]
         self.model.eval()
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
         loss_sum, count, weight_sum = zero.clone(), zero.clone(), zero.clone()
         metric_sums = [zero.clone() for _ in self.spec.metrics]
         seen = 0
-        try:
-            for x, y, sample_weight in batches:
-                seen += 1
-                y_pred = self._forward(x)
-                y_host = torch.as_tensor(y)
-                values, n = self.loss(y_pred, y_host)
-                w = torch.ones(len(values), device=self.device, dtype=torch.float64)
-                if sample_weight is not None:
-                    w = torch.as_tensor(sample_weight, device=self.device).to(torch.float64)
-                shaped = w.reshape([-1] + [1] * (values.ndim - 1))
-                loss_sum.add_(torch.sum(values.double() * shaped))
-                count.add_(n)
-                weight_sum.add_(w.sum())
-                for name, total in zip(self.spec.metrics, metric_sums, strict=True):
-                    total.add_(torch.sum(_METRIC_FNS[name](y_pred, y_host.to(self.device)) * w))
-        finally:
-            for module, mode in modes:
-                module.train(mode)
+        with _own_rng(self.device):
+            try:
+                for x, y, sample_weight in batches():
+                    seen += 1
+                    y_pred = self._forward(x)
+                    y_host = self._targets(y_pred, y)
+                    values, n = self.loss(y_pred, y_host)
+                    w = torch.ones(len(values), device=self.device, dtype=torch.float64)
+                    if sample_weight is not None:
+                        w = torch.as_tensor(sample_weight, device=self.device).to(torch.float64)
+                    loss_sum.add_(torch.sum(values.double() * _per_example(w, values)))
+                    count.add_(n)
+                    weight_sum.add_(w.sum())
+                    for name, total in zip(self.spec.metrics, metric_sums, strict=True):
+                        total.add_(torch.sum(_METRIC_FNS[name](y_pred, y_host.to(self.device)) * w))
+            finally:
+                for module, mode in modes:
+                    module.train(mode)
         if not seen:
             raise InvalidArgumentError(
                 "validation_data yielded no batch (an exhausted iterator?): pass arrays or a "
@@ -974,8 +1063,12 @@ class Trainer:
     ``torch.autocast`` is refused (its weight cache would go stale after the first step).
     Differences from a plain autocast loop on the concatenated window: each micro-batch's
     weight gradient is rounded to the low precision before the float32 sum (≤ (k+1)·2^-9 of
-    an update for bfloat16, (k+1)·2^-11 for float16; bitwise equal for k=1 with power-of-two
-    window counts).
+    an update for bfloat16, (k+1)·2^-11 for float16; bitwise equal for k=1 when the count is
+    read on the host -- targets on the CPU, no per_element ``mask`` -- since each micro-batch's
+    backward is then scaled by exactly ``1 / N``, see :class:`LossScale`). Differences from
+    Keras' ``mixed_float16`` (``LossScaleOptimizer``): Keras starts at ``initial_scale=2**15``,
+    GradScaler at ``init_scale=2**16`` (both double after 2000 finite steps and halve on an
+    overflow): ``grad_scaler=torch.amp.GradScaler(init_scale=2.0**15)`` starts where Keras does.
 
     Modes: ``fit`` calls ``model.train()`` once when the model is in eval mode; a model already
     in training mode keeps its submodules' modes (a BatchNorm frozen with ``.eval()`` keeps its
@@ -1148,7 +1241,11 @@ class Trainer:
         update (:meth:`_Engine.evaluate`: eval mode, no gradient); ``history.epochs`` gets
         ``val_loss``, ``val_data_loss`` and ``val_<metric>``, so early stopping is a callback
         reading them in ``on_epoch_end(trainer, epoch, history)`` and setting
-        ``trainer.stop_training``, as Keras' ``EarlyStopping`` does.
+        ``trainer.stop_training``, as Keras' ``EarlyStopping`` does. ``val_data_loss`` is the
+        whole validation set's ``sum(w * l) / N`` (one division, the training loss's count);
+        differences from Keras' ``fit``: no ``validation_split``, ``validation_steps`` or
+        ``validation_freq`` (validation runs after every epoch, on all the data given), and
+        the pass never draws from the global RNG (see :meth:`_Engine.evaluate`).
         """
         _refuse_outer_autocast(self._engine.device)
         if isinstance(x, torch.utils.data.TensorDataset) and y is None and sample_weight is None:
@@ -1208,7 +1305,7 @@ class Trainer:
                 epochs=epochs,
                 callbacks=callbacks,
                 verbose=verbose,
-                validate=None if validation is None else lambda: engine.evaluate(validation()),
+                validate=None if validation is None else lambda: engine.evaluate(validation),
             )
 
     def _check_validation(
@@ -1218,7 +1315,7 @@ class Trainer:
         is left, and the first validation batch goes through the model (eval mode, no
         gradient: nothing changes) and the loss's target checks."""
         left = epochs - Position(*self._engine.get_position()).epoch
-        if iter(validation_data) is validation_data:
+        if isinstance(validation_data, Iterator):  # iter() on a DataLoader would draw RNG
             if left > 1:
                 raise InvalidArgumentError(
                     "validation_data is evaluated after every epoch, but an iterator yields "
@@ -1227,7 +1324,7 @@ class Trainer:
                     f"{type(validation_data).__name__}"
                 )
             return  # one pass, kept for the one validation
-        self._engine.evaluate(itertools.islice(validation(), 1))
+        self._engine.evaluate(lambda: itertools.islice(validation(), 1))
 
     def get_config(self) -> dict[str, Any]:
         """The keyword arguments (model, loss and optimizer are positional and not included)."""
@@ -1241,7 +1338,7 @@ class Trainer:
 def _check_mixed_precision(
     model: torch.nn.Module, autocast: torch.dtype | None, grad_scaler: Any, spec: TrainerSpec
 ) -> LossScale | None:
-    """The loss scale ``autocast=float16`` trains with (None otherwise), after checking that
+    """The loss scale ``autocast`` trains with (None without autocast), after checking that
     the master weights are float32 and the options fit together."""
     if grad_scaler is not None and autocast != torch.float16:
         raise InvalidArgumentError(
@@ -1259,7 +1356,7 @@ def _check_mixed_precision(
             f"parameter dtypes {dtypes}"
         )
     if autocast != torch.float16:
-        return None
+        return LossScale(dynamic=False)
     if spec.on_nonfinite == "raise":
         raise InvalidArgumentError(
             "autocast='float16' skips each window whose scaled gradient overflows and lowers "
