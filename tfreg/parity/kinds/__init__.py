@@ -1,0 +1,23 @@
+"""The built-in layer kinds, registered through the public ``register_layer_pair`` like any user
+kind, one module per family. Each entry is the weight layout map (``tfreg_harness.layouts``)
+plus the configuration that must agree; a disagreement is a failure naming both layers and the
+field. The list of registered kinds is :func:`tfreg.parity.registry.kind_list` (the README's
+list is generated from it).
+"""
+
+from __future__ import annotations
+
+from tfreg.parity.kinds import (  # noqa: F401  (importing a family registers its kinds)
+    convolution,
+    normalization,
+    recurrent,
+    shaping,
+)
+from tfreg.parity.kinds.activations import (
+    TORCH_ACTIVATIONS,
+    activation_problem,
+    keras_activation,
+    torch_activation,
+)
+
+__all__ = ["TORCH_ACTIVATIONS", "activation_problem", "keras_activation", "torch_activation"]

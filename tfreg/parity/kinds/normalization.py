@@ -1,0 +1,107 @@
+"""Normalization, embedding and dropout kinds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from tfreg.parity.kinds._common import L, first_mismatch, same
+from tfreg.parity.registry import Context, Weight, register_layer_pair
+from tfreg_harness.differences import note, torch_batchnorm_kwargs
+
+
+def _batchnorm_weights(k: Any, t: Any, ctx: Context) -> list[Weight]:
+    out = [Weight("gamma", "weight")] if k.scale else []
+    out += [Weight("beta", "bias")] if k.center else []
+    return [*out, Weight("moving_mean", "running_mean"), Weight("moving_variance", "running_var")]
+
+
+def _batchnorm_problem(k: Any, t: Any, ctx: Context) -> str | None:
+    rank = len(ctx.input_shape)
+    expected = nn.BatchNorm2d if rank == 4 else nn.BatchNorm1d
+    if type(t) is not expected:
+        return f"a rank-{rank} input pairs with torch {expected.__name__}, found {type(t).__name__}"
+    if k.axis not in (-1, rank - 1):
+        return f"Keras axis={k.axis}; only the channels (last) axis maps"
+    if getattr(k, "renorm", False):
+        return "Keras renorm=True has no torch counterpart"
+    if not t.track_running_stats or t.momentum is None:
+        return (
+            "torch module must track running stats with a float momentum "
+            f"(track_running_stats={t.track_running_stats}, momentum={t.momentum})"
+        )
+    if k.center != t.affine or k.scale != t.affine:
+        return f"Keras center={k.center}, scale={k.scale} vs torch affine={t.affine}"
+    expected_kwargs = torch_batchnorm_kwargs(momentum=k.momentum, epsilon=k.epsilon)
+    if not (same(t.momentum, expected_kwargs["momentum"]) and same(t.eps, expected_kwargs["eps"])):
+        return (
+            f"Keras momentum={k.momentum}, epsilon={k.epsilon} needs torch {expected_kwargs} "
+            f"(momentum 1 - m, eps passed explicitly); torch has momentum={t.momentum}, "
+            f"eps={t.eps}. {note('batchnorm_momentum')}"
+        )
+    return None
+
+
+register_layer_pair(
+    L.BatchNormalization,
+    (nn.BatchNorm1d, nn.BatchNorm2d),
+    transfer=_batchnorm_weights,
+    check=_batchnorm_problem,
+    torch_layout="channels_first",  # torch normalizes dim 1; a no-op for (N, C) vectors
+)
+
+
+def _layernorm_problem(k: Any, t: Any, ctx: Context) -> str | None:
+    rank = len(ctx.input_shape)
+    axes = [a % rank for a in (k.axis if isinstance(k.axis, (list, tuple)) else [k.axis])]
+    if axes != [rank - 1]:
+        return f"Keras axis={k.axis}; only the last axis maps to nn.LayerNorm"
+    if getattr(k, "rms_scaling", False):
+        return "Keras rms_scaling=True is nn.RMSNorm, not nn.LayerNorm"
+    affine = t.elementwise_affine
+    return first_mismatch(
+        [
+            ("normalized_shape", (int(ctx.input_shape[-1]),), tuple(t.normalized_shape)),
+            ("epsilon", float(k.epsilon), float(t.eps)),
+            ("scale (gamma)", k.scale, affine),
+            ("center (beta)", k.center, affine and t.bias is not None),
+        ]
+    )
+
+
+register_layer_pair(
+    L.LayerNormalization,
+    nn.LayerNorm,
+    transfer=lambda k, t, ctx: [
+        *([Weight("gamma", "weight")] if k.scale else []),
+        *([Weight("beta", "bias")] if k.center else []),
+    ],
+    check=_layernorm_problem,
+    torch_layout="channels_last",
+)
+
+register_layer_pair(
+    L.Embedding,
+    nn.Embedding,
+    transfer=[Weight("embeddings", "weight")],
+    check=lambda k, t, ctx: first_mismatch(
+        [
+            ("mask_zero (torch has no masks)", k.mask_zero, False),
+            ("padding_idx (zeroes that row's gradient in torch)", None, t.padding_idx),
+            ("max_norm", None, t.max_norm),
+            ("scale_grad_by_freq", False, t.scale_grad_by_freq),
+        ]
+    ),
+    torch_layout="channels_last",
+)
+
+register_layer_pair(
+    L.Dropout,
+    nn.Dropout,
+    check=lambda k, t, ctx: first_mismatch(
+        [("noise_shape", None, k.noise_shape)]
+        + ([] if t is None else [("rate", float(k.rate), float(t.p))])
+    ),
+    torch_optional=True,
+)
