@@ -23,6 +23,9 @@ BN moving variance     biased batch variance       unbiased: biased × n/(n-1)
 exact gelu (float64)   ``1/sqrt(2)`` as float32    exact ``1/sqrt(2)``: up to 5.0e-9 apart
 tanh gelu (float64)    ``0.044715`` as float32     exact: up to 9.0e-10 apart
 LeakyReLU slope        a float32 constant          a Python float: ~1.2e-8 apart at 0.2
+MultiHeadAttention     q/k/v kernel ``(d, H, h)``  rows of ``in_proj_weight`` ``(3Hh, d)``
+                       output ``(H, h, d)``        ``out_proj.weight`` ``(d, Hh)``
+attention mask         True = attend               True = ignore (``key_padding_mask``)
 Dropout masks          TF RNG stream               torch RNG stream (never equal: inject masks)
 loss dtype             floatx unless ``dtype=``    the logits' dtype
 =====================  ==========================  ==========================================
@@ -182,6 +185,10 @@ FRAMEWORK_DIFFERENCES = FrameworkDifferences(
             "Train with bias_hh frozen (requires_grad_(False)), or torch updates the sum twice.",
             "gru_gates": "Keras GRU gates are ordered (z, r, h), torch's (r, z, n); Keras "
             "reset_after=True applies the reset gate after the recurrent matmul, as torch does.",
+            "attention_mask": "Keras MultiHeadAttention's attention_mask is True where a query "
+            "may attend; torch nn.MultiheadAttention's key_padding_mask (and a boolean attn_mask) "
+            "is True where it may not: pass key_padding_mask=~keep for Keras' keep. A fully "
+            "masked row is uniform in Keras (it adds -1e9) and NaN in torch (-inf).",
             "weight_decay": "torch SGD/Adam weight_decay=wd is coupled and equals Keras L2(wd/2); "
             "AdamW and every Keras optimizer's weight_decay are decoupled "
             "(tfreg_core.conversions).",

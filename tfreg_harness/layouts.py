@@ -153,6 +153,32 @@ def recurrent_kernel_to_keras(weight: Any, perm: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(_array(weight, "weight", 2)[np.argsort(perm)].T)
 
 
+def attention_projection_to_torch(kernel: Any) -> np.ndarray:
+    """Keras MultiHeadAttention query/key/value kernel ``(d, heads, head_dim)`` -> torch's
+    ``(heads * head_dim, d)`` rows of ``in_proj_weight`` (heads consecutive, as torch splits)."""
+    array = _array(kernel, "kernel", 3)
+    return np.ascontiguousarray(array.reshape(array.shape[0], -1).T)
+
+
+def attention_projection_to_keras(weight: Any, *, heads: int) -> np.ndarray:
+    """Inverse of :func:`attention_projection_to_torch`."""
+    array = _array(weight, "weight", 2)
+    return np.ascontiguousarray(array.T.reshape(array.shape[1], heads, -1))
+
+
+def attention_output_to_torch(kernel: Any) -> np.ndarray:
+    """Keras MultiHeadAttention output kernel ``(heads, head_dim, d)`` -> torch
+    ``out_proj.weight`` ``(d, heads * head_dim)``."""
+    array = _array(kernel, "kernel", 3)
+    return np.ascontiguousarray(array.reshape(-1, array.shape[2]).T)
+
+
+def attention_output_to_keras(weight: Any, *, heads: int) -> np.ndarray:
+    """Inverse of :func:`attention_output_to_torch`."""
+    array = _array(weight, "weight", 2)
+    return np.ascontiguousarray(array.T.reshape(heads, -1, array.shape[0]))
+
+
 def same_padding(size: int, kernel: int, stride: int = 1, dilation: int = 1) -> tuple[int, int]:
     """``(before, after)`` zeros TensorFlow's ``padding="same"`` adds along one axis of length
     ``size``: ``total = max((ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 -
@@ -193,6 +219,10 @@ def to_keras_output(y: Any) -> np.ndarray:
 
 
 __all__ = [
+    "attention_output_to_keras",
+    "attention_output_to_torch",
+    "attention_projection_to_keras",
+    "attention_projection_to_torch",
     "conv2d_kernel_to_keras",
     "conv2d_kernel_to_torch",
     "conv_kernel_to_keras",

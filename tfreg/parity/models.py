@@ -307,10 +307,11 @@ def forward_torch(
 
 
 def _host(output: Any) -> Any:
-    """A module's output (a tensor, or nested tuples of them: LSTM's) as NumPy arrays."""
+    """A module's output (a tensor, or nested tuples of them: LSTM's) as NumPy arrays; ``None``
+    stays (nn.MultiheadAttention's weights with ``need_weights=False``)."""
     if isinstance(output, tuple):
         return tuple(_host(o) for o in output)
-    return torch_to_numpy(output)
+    return None if output is None else torch_to_numpy(output)
 
 
 def torch_output_in_keras_layout(

@@ -78,7 +78,19 @@ def keras_layers(model: Any) -> list[Any]:
 
 
 def torch_leaves(module: Any) -> list[tuple[str, Any]]:
-    return [(name, m) for name, m in module.named_modules() if next(m.children(), None) is None]
+    """Leaf modules in ``named_modules()`` order; a module of a registered class counts as one
+    leaf with its children (``nn.MultiheadAttention`` holds ``out_proj``)."""
+    units = torch_classes()
+    out: list[tuple[str, Any]] = []
+    inside: str | None = None  # name prefix of the registered unit being skipped
+    for name, m in module.named_modules():
+        if inside is not None and name.startswith(inside):
+            continue
+        has_children = next(m.children(), None) is not None
+        if not has_children or isinstance(m, units):
+            out.append((name, m))
+            inside = f"{name}." if name and has_children else ("" if has_children else None)
+    return out
 
 
 def _holds_weights(module: Any) -> bool:

@@ -8,7 +8,9 @@ list is generated from it).
 from __future__ import annotations
 
 from tfreg.parity.kinds import (  # noqa: F401  (importing a family registers its kinds)
+    attention,
     convolution,
+    merging,
     normalization,
     recurrent,
     shaping,

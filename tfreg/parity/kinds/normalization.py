@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 from tfreg.parity.kinds._common import L, first_mismatch, same
@@ -81,19 +82,36 @@ register_layer_pair(
     torch_layout="channels_last",
 )
 
+
+def _embedding_problem(k: Any, t: Any, ctx: Context) -> str | None:
+    # mask_zero <-> padding_idx=0: torch zeroes row 0's gradient, Keras masks the padded
+    # positions downstream; the two agree when no padded output reaches the loss, which the
+    # gradient rows check (row 0's Keras gradient is then exactly 0).
+    return first_mismatch(
+        [
+            ("mask_zero / padding_idx", 0 if k.mask_zero else None, t.padding_idx),
+            ("max_norm", None, t.max_norm),
+            ("scale_grad_by_freq", False, t.scale_grad_by_freq),
+        ]
+    )
+
+
+def _embedding_output(y: Any, k: Any, ctx: Context) -> np.ndarray:
+    # torch looked up a batch-independent index tensor once (position ids: self.pos(arange(T)))
+    # where Keras looks it up per example: broadcast over the batch
+    y = np.asarray(y)
+    if y.ndim == len(ctx.output_shape) - 1:
+        return np.broadcast_to(y, (ctx.output_shape[0], *y.shape))
+    return y
+
+
 register_layer_pair(
     L.Embedding,
     nn.Embedding,
     transfer=[Weight("embeddings", "weight")],
-    check=lambda k, t, ctx: first_mismatch(
-        [
-            ("mask_zero (torch has no masks)", k.mask_zero, False),
-            ("padding_idx (zeroes that row's gradient in torch)", None, t.padding_idx),
-            ("max_norm", None, t.max_norm),
-            ("scale_grad_by_freq", False, t.scale_grad_by_freq),
-        ]
-    ),
+    check=_embedding_problem,
     torch_layout="channels_last",
+    output=_embedding_output,
 )
 
 register_layer_pair(
