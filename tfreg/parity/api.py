@@ -266,6 +266,15 @@ def check_parity(
             [Row("layer pairing and configuration", dtype, device, "fail", detail=str(exc))]
         )
         return report
+    trained = [name for p in pairs if p.trainable for name in p.trained_frozen()]
+    if steps and trained:  # before any weight moves
+        detail = (
+            f"{', '.join(trained)} train in torch but have no Keras variable. {note('lstm_bias')}"
+        )
+        report.extend(
+            [Row("torch tensors without a Keras variable", dtype, device, "fail", detail=detail)]
+        )
+        return report
     if transfer:
         copy_weights(pairs, direction="keras_to_torch")
 

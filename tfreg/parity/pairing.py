@@ -194,6 +194,7 @@ def pair_layers(
         state = torch_input == "channels_first"
     input_state = state
     flatten_from: tuple[int, ...] | None = None
+    stacked: tuple[str, Any, int, int] | None = None  # (name, module, next layer, layers)
     matches: list[LayerMatch] = []
     pending: list[tuple[str, Any]] = []
     used: set[int] = set()  # leaves paired through layer_map, wherever they sit
@@ -224,7 +225,16 @@ def pair_layers(
             torch_channels_first=state,
         )
         candidate: tuple[str, Any] | None = None
-        if layer.name in layer_map:
+        if stacked is not None and weighted:
+            name, module, index, count = stacked
+            if entry.torch_layers is None or not isinstance(module, entry.torch_cls):
+                raise PairingError(
+                    f"{_describe(name, module)} computes {count} stacked layers but only {index} "
+                    f"Keras layer(s) pair with it; the next is {_keras(layer)}"
+                )
+            candidate, ctx = (name, module), replace(ctx, torch_layer=(index, count))
+            stacked = (name, module, index + 1, count) if index + 1 < count else None
+        elif layer.name in layer_map:
             target = layer_map[layer.name]
             if target is not None:
                 if target not in index:
@@ -264,6 +274,11 @@ def pair_layers(
             candidate, j = leaves[j], j + 1
 
         ctx = replace(ctx, torch_before=tuple(pending))  # the leaves the walk passed over
+        if candidate is not None and ctx.torch_layer == (0, 1) and entry.torch_layers:
+            count = entry.torch_layers(candidate[1])
+            if count > 1:  # the next count - 1 Keras layers pair with the same module
+                ctx = replace(ctx, torch_layer=(0, count))
+                stacked = (*candidate, 1, count)
         if candidate is not None:
             problem = entry.problem(layer, candidate[1], ctx)
             if problem:
@@ -310,6 +325,12 @@ def pair_layers(
                 LayerMatch(layer, act_name, act_module, entry, act_ctx, state, "activation")
             )
 
+    if stacked is not None:
+        name, module, index, count = stacked
+        raise PairingError(
+            f"{_describe(name, module)} computes {count} stacked layers but only {index} Keras "
+            "layer(s) pair with it"
+        )
     for k, (name, module) in enumerate(leaves):
         if k >= j and k not in used and _holds_weights(module):
             raise PairingError(

@@ -92,6 +92,15 @@ class ParameterPair:
     to_torch: Callable[[np.ndarray], Any]
     to_keras: Callable[[Any], np.ndarray]
     grad_to_keras: Callable[[Any], np.ndarray]
+    torch_frozen: tuple[str, ...] = ()
+
+    def trained_frozen(self) -> list[str]:
+        """The ``torch_frozen`` tensors (see ``registry.Weight``) that still require gradients."""
+        return [
+            name
+            for name, tensor in zip(self.torch_names, self.torch_tensors, strict=True)
+            if name in self.torch_frozen and tensor.requires_grad
+        ]
 
     @property
     def trainable(self) -> bool:
@@ -172,6 +181,7 @@ def pairs_from(pairing: Pairing) -> list[ParameterPair]:
                 weight.to_torch,
                 weight.to_keras,
                 weight.grad_to_keras or weight.to_keras,
+                tuple(prefix + n for n in weight.torch_frozen),
             )
             keras_shape = tuple(int(d) for d in variable.shape)
             converted = [a.shape for a in pair.torch_arrays(np.zeros(keras_shape))]
