@@ -20,7 +20,7 @@ from tfreg_harness.tolerances import tolerance
 
 # module -> what the broken twin's report must name: the first diverging Keras layer, or (for a
 # refusal before any step) the torch tensor in the failing row
-ARCHITECTURES = {"bert": "attn", "bilstm": "lstm.bias_hh_l0"}
+ARCHITECTURES = {"bert": "attn", "bilstm": "lstm.bias_hh_l0", "unet": "dec"}
 
 
 def _module(name: str) -> Any:

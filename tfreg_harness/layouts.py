@@ -112,6 +112,23 @@ def conv2d_kernel_to_keras(weight: Any) -> np.ndarray:
     return conv_kernel_to_keras(_array(weight, "weight", 4))
 
 
+def _transpose_kernel_axes(ndim: int) -> tuple[int, ...]:
+    return (ndim - 1, ndim - 2, *range(ndim - 2))
+
+
+def conv_transpose_kernel_to_torch(kernel: Any) -> np.ndarray:
+    """Keras Conv1D/2D/3DTranspose kernel ``(*k, out, in)`` -> torch ConvTranspose weight
+    ``(in, out, *k)`` (groups 1; neither framework flips the kernel)."""
+    array = np.asarray(kernel)
+    return np.ascontiguousarray(array.transpose(_transpose_kernel_axes(array.ndim)))
+
+
+def conv_transpose_kernel_to_keras(weight: Any) -> np.ndarray:
+    """Inverse of :func:`conv_transpose_kernel_to_torch`."""
+    array = np.asarray(weight)
+    return np.ascontiguousarray(array.transpose(np.argsort(_transpose_kernel_axes(array.ndim))))
+
+
 def depthwise_kernel_to_torch(kernel: Any) -> np.ndarray:
     """Keras DepthwiseConv2D kernel ``(kh, kw, in, m)`` -> torch ``Conv2d(in, in*m, groups=in)``
     weight ``(in*m, 1, kh, kw)``; both number output channel ``c*m + j``."""
@@ -227,6 +244,8 @@ __all__ = [
     "conv2d_kernel_to_torch",
     "conv_kernel_to_keras",
     "conv_kernel_to_torch",
+    "conv_transpose_kernel_to_keras",
+    "conv_transpose_kernel_to_torch",
     "dense_kernel_to_keras",
     "dense_kernel_to_torch",
     "depthwise_kernel_to_keras",

@@ -13,6 +13,8 @@ from tfreg_harness.differences import note
 from tfreg_harness.layouts import (
     conv_kernel_to_keras,
     conv_kernel_to_torch,
+    conv_transpose_kernel_to_keras,
+    conv_transpose_kernel_to_torch,
     dense_kernel_to_keras,
     dense_kernel_to_torch,
     depthwise_kernel_to_keras,
@@ -144,3 +146,65 @@ register_layer_pair(
     torch_layout="channels_first",
     fused_activation=True,
 )
+
+
+# --- transposed convolutions ------------------------------------------------------------------
+
+
+def _transpose_crop(k: Any, ctx: Context, dims: int) -> list[tuple[int, int]]:
+    """(before, after) that Keras crops from the full transposed output ``(n - 1) s + k``: none
+    for "valid"; for "same" (output ``n s``) ``k - s`` in total, ``total // 2`` before."""
+    kernel, strides = as_tuple(k.kernel_size, dims), as_tuple(k.strides, dims)
+    if k.padding == "valid":
+        return [(0, 0)] * dims
+    totals = [max(kk - s, 0) for kk, s in zip(kernel, strides, strict=True)]
+    return [(t // 2, t - t // 2) for t in totals]
+
+
+def _conv_transpose_problem(k: Any, t: Any, ctx: Context) -> str | None:
+    dims = len(as_tuple(k.kernel_size, 1))
+    if k.data_format != "channels_last":
+        return f"Keras data_format={k.data_format!r}; the harness keeps maps channels_last"
+    problem = first_mismatch(
+        [
+            ("kernel_size", as_tuple(k.kernel_size, dims), as_tuple(t.kernel_size, dims)),
+            ("strides", as_tuple(k.strides, dims), as_tuple(t.stride, dims)),
+            ("dilation", (1,) * dims, as_tuple(t.dilation, dims)),
+            ("dilation_rate (Keras)", (1,) * dims, as_tuple(k.dilation_rate, dims)),
+            ("groups", 1, t.groups),
+            ("output_padding (Keras)", None, k.output_padding),
+            ("use_bias", k.use_bias, t.bias is not None),
+        ]
+    )
+    if problem:
+        return problem
+    keras_crop = _transpose_crop(k, ctx, dims)
+    # torch crops `padding` from both ends, then adds `output_padding` back at the end
+    pads, extra = as_tuple(t.padding, dims), as_tuple(t.output_padding, dims)
+    torch_crop = [(p, p - e) for p, e in zip(pads, extra, strict=True)]
+    if torch_crop != keras_crop:
+        return (
+            f"cropping: Keras {k.padding!r} crops (before, after) {keras_crop} from the full "
+            f"output, torch padding={pads}, output_padding={extra} crops {torch_crop}. "
+            f"{note('transpose_padding')}"
+        )
+    return None
+
+
+for _keras_tconv, _torch_tconv in (
+    (L.Conv1DTranspose, nn.ConvTranspose1d),
+    (L.Conv2DTranspose, nn.ConvTranspose2d),
+):
+    register_layer_pair(
+        _keras_tconv,
+        _torch_tconv,
+        transfer=lambda k, t, ctx: [
+            Weight(
+                "kernel", "weight", conv_transpose_kernel_to_torch, conv_transpose_kernel_to_keras
+            ),
+            *(VECTOR if k.use_bias else ()),
+        ],
+        check=_conv_transpose_problem,
+        torch_layout="channels_first",
+        fused_activation=True,
+    )

@@ -123,3 +123,33 @@ register_layer_pair(
     ),
     torch_optional=True,
 )
+
+
+def _groupnorm_problem(k: Any, t: Any, ctx: Context) -> str | None:
+    rank = len(ctx.input_shape)
+    if k.axis not in (-1, rank - 1):
+        return f"Keras axis={k.axis}; only the channels (last) axis maps to nn.GroupNorm"
+    problem = first_mismatch(
+        [
+            ("groups / num_groups", int(k.groups), int(t.num_groups)),
+            ("channels / num_channels", int(ctx.input_shape[-1]), int(t.num_channels)),
+            ("scale, center / affine", (bool(k.scale), bool(k.center)), (t.affine, t.affine)),
+        ]
+    )
+    if problem:
+        return problem
+    if not same(float(k.epsilon), float(t.eps)):
+        return f"epsilon: Keras {k.epsilon} vs torch {t.eps}. {note('groupnorm_epsilon')}"
+    return None
+
+
+register_layer_pair(
+    L.GroupNormalization,
+    nn.GroupNorm,
+    # consecutive channels form a group in both (Keras reshapes (..., G, C/G), torch (G, C/G, ...))
+    transfer=lambda k, t, ctx: (
+        [Weight("gamma", "weight"), Weight("beta", "bias")] if k.scale and k.center else []
+    ),
+    check=_groupnorm_problem,
+    torch_layout="channels_first",
+)

@@ -9,6 +9,7 @@ from torch import nn
 
 from tfreg.parity.kinds._common import L, as_tuple, first_mismatch
 from tfreg.parity.registry import Context, register_layer_pair
+from tfreg_harness.differences import note
 from tfreg_harness.layouts import flatten_permutation, same_padding
 
 
@@ -123,3 +124,28 @@ for _keras_reshape in (L.Reshape, L.Permute):
         torch_layout="channels_last",
         torch_optional=True,
     )
+
+
+def _upsampling_problem(k: Any, t: Any, ctx: Context) -> str | None:
+    dims = len(ctx.input_shape) - 2
+    size = as_tuple(k.size, dims)
+    if getattr(k, "data_format", "channels_last") != "channels_last":
+        return f"Keras data_format={k.data_format!r}; the harness keeps maps channels_last"
+    mode = getattr(k, "interpolation", "nearest")
+    if t is None:  # F.interpolate in forward: the next paired layer's output checks it
+        return None
+    factor = t.scale_factor
+    torch_size = as_tuple(factor if isinstance(factor, (tuple, list)) else int(factor or 0), dims)
+    problem = first_mismatch(
+        [
+            ("size / scale_factor", size, torch_size),
+            ("interpolation / mode", mode, t.mode),
+        ]
+    )
+    if problem is None and t.mode != "nearest" and t.align_corners:
+        problem = "align_corners: Keras samples half-pixel centres (False) vs torch True"
+    return None if problem is None else f"{problem}. {note('upsampling')}"
+
+
+for _keras_up in (L.UpSampling1D, L.UpSampling2D):
+    register_layer_pair(_keras_up, nn.Upsample, check=_upsampling_problem, torch_optional=True)
