@@ -20,7 +20,12 @@ from tfreg_harness.tolerances import tolerance
 
 # module -> what the broken twin's report must name: the first diverging Keras layer, or (for a
 # refusal before any step) the torch tensor in the failing row
-ARCHITECTURES = {"bert": "attn", "bilstm": "lstm.bias_hh_l0", "unet": "dec"}
+ARCHITECTURES = {
+    "bert": "attn",
+    "bilstm": "lstm.bias_hh_l0",
+    "unet": "dec",
+    "resnet": "b1_bn2",  # needs torch outputs captured before in-place ops (h19b)
+}
 
 
 def _module(name: str) -> Any:

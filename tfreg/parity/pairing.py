@@ -93,6 +93,26 @@ def torch_leaves(module: Any) -> list[tuple[str, Any]]:
     return out
 
 
+def _branch_leaf(
+    leaves: list[tuple[str, Any]], j: int, kinds: tuple[type, ...], used: set[int]
+) -> int | None:
+    """Keras orders a functional model's layers by graph depth, so two parallel branches
+    interleave (a ResNet's projection-shortcut conv comes between the main path's conv2 and
+    bn2), while torch's definition order keeps each branch together. When leaf ``j`` is of
+    another kind, the first unused leaf of the wanted kind in the same top-level block (the
+    name's first component: ``layer2.downsample.0`` for ``layer2.bn2``) is that branch's layer."""
+    if isinstance(leaves[j][1], kinds):
+        return None
+    block = leaves[j][0].split(".")[0]
+    for k in range(j + 1, len(leaves)):
+        name, module = leaves[k]
+        if name.split(".")[0] != block or "." not in name:
+            return None
+        if k not in used and isinstance(module, kinds):
+            return k
+    return None
+
+
 def _holds_weights(module: Any) -> bool:
     return any(True for _ in module.parameters(recurse=False)) or any(
         True for _ in module.buffers(recurse=False)
@@ -266,7 +286,12 @@ def pair_layers(
                     f"{_keras(layer)} holds weights but the torch module has no layer left to "
                     "pair it with"
                 )
-            candidate, j = leaves[j], j + 1
+            branch = _branch_leaf(leaves, j, entry.torch_cls, used)
+            if branch is not None:  # a parallel branch's layer: j stays on the main path
+                candidate = leaves[branch]
+                used.add(branch)
+            else:
+                candidate, j = leaves[j], j + 1
             if not isinstance(candidate[1], entry.torch_cls):
                 expected = " or ".join(c.__name__ for c in entry.torch_cls)
                 raise pair_error(layer, *candidate, f"it pairs with torch {expected}")
