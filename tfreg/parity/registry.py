@@ -195,12 +195,43 @@ def torch_classes() -> tuple[type, ...]:
     return tuple({c for entry in registered().values() for c in entry.torch_cls})
 
 
+def kind_list(builtin_only: bool = True) -> str:
+    """The registered kinds as a Markdown list: one line per set of torch classes, naming the
+    Keras classes that pair with it (``- `Conv2D`, `DepthwiseConv2D` ↔ `Conv2d` ``), with
+    "or forward code" where torch may compute the layer in ``forward`` without a module. The
+    README's list is this function's output (a test keeps them equal). ``builtin_only``: leave
+    out kinds registered by users or tests."""
+    groups: dict[tuple[tuple[str, ...], bool], list[str]] = {}
+    for keras_cls, entry in registered().items():
+        if builtin_only and not entry_is_builtin(entry):
+            continue
+        key = (tuple(c.__name__ for c in entry.torch_cls), entry.torch_optional)
+        groups.setdefault(key, []).append(keras_cls.__name__)
+    lines = []
+    for (torch_names, optional), keras_names in groups.items():
+        torch = " / ".join(f"`{n}`" for n in torch_names)
+        if optional:
+            torch = f"{torch} or forward code" if torch else "forward code"
+        keras = ", ".join(f"`{n}`" for n in sorted(keras_names, key=str.lower))
+        lines.append(f"- {keras} ↔ {torch}")
+    return "\n".join(sorted(lines, key=str.lower))
+
+
+def entry_is_builtin(entry: LayerPair) -> bool:
+    """Whether ``entry`` was registered by ``tfreg.parity.kinds`` (not by a user)."""
+    return entry in _BUILTIN
+
+
+_BUILTIN: list[LayerPair] = []  # filled by tfreg.parity.kinds after its registrations
+
+
 __all__ = [
     "TORCH_LAYOUTS",
     "Context",
     "LayerPair",
     "TorchLayout",
     "Weight",
+    "kind_list",
     "layer_pair_for",
     "register_layer_pair",
     "registered",

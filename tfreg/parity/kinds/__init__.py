@@ -21,5 +21,8 @@ from tfreg.parity.kinds.activations import (
     keras_activation,
     torch_activation,
 )
+from tfreg.parity.registry import _BUILTIN, registered
+
+_BUILTIN.extend(registered().values())  # for kind_list(builtin_only=True)
 
 __all__ = ["TORCH_ACTIVATIONS", "activation_problem", "keras_activation", "torch_activation"]
