@@ -350,6 +350,273 @@ CASES: dict[str, Case] = {
     ),
 }
 
+# --- issue-19 kinds: graph ops, attention, transposed convs, group norm, upsampling -------------
+
+
+def _functional(shape: tuple[int, ...], dtype: str, build: Callable[..., Any], **kw: Any) -> Any:
+    inputs = keras.Input(shape, dtype=kw.pop("input_dtype", dtype))
+    return keras.Model(inputs, build(inputs, dtype))
+
+
+def _residual(x: Any, d: str) -> Any:
+    h = L.Dense(4, dtype=d, name="a")(x)
+    merged = L.Concatenate(dtype=d, name="cat")([L.Add(dtype=d, name="add")([x, h]), h])
+    return L.Dense(2, dtype=d, name="b")(merged)
+
+
+def _attention(x: Any, d: str) -> Any:
+    keep = keras.ops.expand_dims(keras.ops.not_equal(x, 0), 1)
+    h = L.Embedding(10, 8, dtype=d, name="emb")(x)
+    h = L.MultiHeadAttention(2, 4, dtype=d, name="attn")(h, h, attention_mask=keep)
+    return L.Dense(2, dtype=d, name="head")(L.GlobalAveragePooling1D(dtype=d, name="pool")(h))
+
+
+def _attention_net(heads: int = 2) -> nn.Module:
+    def forward(s: Any, x: torch.Tensor) -> torch.Tensor:
+        h = s.emb(x)
+        h = s.attn(h, h, h, key_padding_mask=x == 0, need_weights=False)[0]
+        return s.head(s.pool(h.transpose(1, 2)).flatten(1))
+
+    return Net(
+        forward,
+        emb=nn.Embedding(10, 8),
+        attn=nn.MultiheadAttention(8, heads, batch_first=True),
+        pool=nn.AdaptiveAvgPool1d(1),
+        head=nn.Linear(8, 2),
+    )
+
+
+def _masked_mean(x: Any, d: str) -> Any:
+    h = L.Embedding(10, 3, mask_zero=True, dtype=d, name="emb")(x)
+    return L.Dense(2, dtype=d, name="head")(L.GlobalAveragePooling1D(dtype=d, name="pool")(h))
+
+
+def _masked_mean_net(padding_idx: int | None = 0) -> nn.Module:
+    def forward(s: Any, x: torch.Tensor) -> torch.Tensor:
+        keep = (x != 0).unsqueeze(-1).to(s.head.weight.dtype)
+        return s.head((s.emb(x) * keep).sum(1) / keep.sum(1))
+
+    return Net(forward, emb=nn.Embedding(10, 3, padding_idx=padding_idx), head=nn.Linear(3, 2))
+
+
+def _upsampling_model(d: str, interpolation: str) -> Any:
+    return _seq(
+        (2, 2, 2),
+        d,
+        L.Conv2D(3, 1, dtype=d, name="conv"),
+        L.UpSampling2D(2, interpolation=interpolation, dtype=d, name="up"),
+        L.Flatten(dtype=d, name="flat"),
+        L.Dense(2, dtype=d, name="head"),
+    )
+
+
+def _upsample_net(mode: str, align_corners: bool | None = None) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 1),
+        nn.Upsample(scale_factor=2, mode=mode, align_corners=align_corners),
+        nn.Flatten(),
+        nn.Linear(48, 2),
+    )
+
+
+def _transpose_net(eps: float = 1e-3) -> nn.Module:
+    return nn.Sequential(
+        nn.ConvTranspose2d(2, 4, 3, stride=1, padding=1),
+        nn.GroupNorm(2, 4, eps=eps),
+        nn.Flatten(),
+        nn.Linear(36, 2),
+    )
+
+
+CASES.update(
+    {
+        "merge layers (Add, Concatenate) in forward code": Case(
+            keras=lambda d: _functional((4,), d, _residual),
+            torch=lambda: Net(
+                lambda s, x: s.b(torch.cat([x + s.a(x), s.a(x)], dim=1)),
+                a=nn.Linear(4, 4),
+                b=nn.Linear(8, 2),
+            ),
+            shape=(4,),
+            # concatenated the wrong way round: the merges have no module; b is named
+            broken=_replace_forward(lambda s, x: s.b(torch.cat([s.a(x), x + s.a(x)], dim=1))),
+            first_diverging="b",
+            mismatch=lambda: Net(lambda s, x: s.b(x), a=nn.Linear(4, 4), b=nn.Linear(4, 2)),
+            mismatch_says="'b' (Linear) do not compute the same function",
+        ),
+        "multi-head attention with padding mask": Case(
+            keras=lambda d: _functional((5,), d, _attention, input_dtype="int32"),
+            torch=_attention_net,
+            shape=(5,),
+            # key_padding_mask given Keras' keep-mask (True = attend): inverted semantics
+            broken=_replace_forward(
+                lambda s, x: s.head(
+                    s.pool(
+                        s.attn(s.emb(x), s.emb(x), s.emb(x), key_padding_mask=x != 0)[0].transpose(
+                            1, 2
+                        )
+                    ).flatten(1)
+                )
+            ),
+            first_diverging="attn",
+            mismatch=lambda: _attention_net(heads=1),
+            mismatch_says="num_heads: Keras 2 vs torch 1",
+            integer_input=True,
+        ),
+        "embedding mask_zero <-> padding_idx": Case(
+            keras=lambda d: _functional((5,), d, _masked_mean, input_dtype="int32"),
+            torch=_masked_mean_net,
+            shape=(5,),
+            broken=_replace_forward(lambda s, x: s.head(s.emb(x).mean(1))),  # mask ignored
+            first_diverging="head",
+            mismatch=lambda: _masked_mean_net(padding_idx=None),
+            mismatch_says="mask_zero / padding_idx: Keras 0 vs torch None",
+            integer_input=True,
+        ),
+        "conv2d transpose + group norm": Case(
+            keras=lambda d: _seq(
+                (3, 3, 2),
+                d,
+                L.Conv2DTranspose(4, 3, padding="same", dtype=d, name="up"),
+                L.GroupNormalization(2, dtype=d, name="gn"),
+                L.Flatten(dtype=d, name="flat"),
+                L.Dense(2, dtype=d, name="head"),
+            ),
+            torch=_transpose_net,
+            shape=(3, 3, 2),
+            broken=_transpose_spatial("0"),
+            first_diverging="up",
+            mismatch=lambda: _transpose_net(eps=1e-5),  # torch's default eps, Keras' is 1e-3
+            mismatch_says="epsilon: Keras 0.001 vs torch 1e-05",
+        ),
+        "upsampling2d nearest": Case(
+            keras=lambda d: _upsampling_model(d, "nearest"),
+            torch=lambda: _upsample_net("nearest"),
+            shape=(2, 2, 2),
+            # bilinear in the forward code: no module to check, so head is the first to differ
+            broken=lambda m: Net(
+                lambda s, x: s.head(
+                    F.interpolate(s.conv(x), scale_factor=2, mode="bilinear").flatten(1)
+                ),
+                conv=m[0],
+                head=m[3],
+            ),
+            first_diverging="head",
+            mismatch=lambda: _upsample_net("bilinear"),
+            mismatch_says="interpolation / mode: Keras 'nearest' vs torch 'bilinear'",
+        ),
+        "bidirectional gru, last step": Case(
+            keras=lambda d: _seq(
+                (4, 3),
+                d,
+                L.Bidirectional(L.GRU(2, dtype=d), dtype=d, name="bi"),
+                L.Dense(2, dtype=d, name="head"),
+            ),
+            torch=lambda: Net(
+                lambda s, x: s.head(
+                    torch.cat([s.gru(x)[0][:, -1, :2], s.gru(x)[0][:, 0, 2:]], dim=1)
+                ),
+                gru=nn.GRU(3, 2, batch_first=True, bidirectional=True),
+                head=nn.Linear(4, 2),
+            ),
+            shape=(4, 3),
+            broken=_replace_forward(lambda s, x: s.head(s.gru(x)[0][:, -1])),  # backward at T-1
+            first_diverging="head",
+            mismatch=lambda: Net(
+                lambda s, x: s.head(s.gru(x)[0][:, -1]),
+                gru=nn.GRU(3, 2, batch_first=True),
+                head=nn.Linear(4, 2),
+            ),
+            mismatch_says="bidirectional (Keras Bidirectional): Keras True vs torch False",
+        ),
+    }
+)
+
+
+def test_transposed_conv_same_with_odd_crop_is_refused() -> None:
+    """Keras 'same' at kernel 3 stride 2 crops (0, 1) from the full output; torch's padding /
+    output_padding crop symmetrically then add at the end, so no ConvTranspose2d matches: a
+    failed pairing row naming the difference, not a near-miss comparison."""
+    layer = L.Conv2DTranspose(2, 3, strides=2, padding="same", dtype="float64")
+    keras_model = _seq((3, 3, 1), "float64", layer)
+    module = nn.ConvTranspose2d(1, 2, 3, stride=2, padding=1, output_padding=1).double()
+    x = np.ones((2, 3, 3, 1))
+    report = check_parity(keras_model, module, x, np.zeros((2, 6, 6), dtype=int))
+    assert [r.status for r in report.rows] == ["fail"]
+    assert "crops (before, after) [(0, 1), (0, 1)]" in report.rows[0].detail
+
+
+def test_documented_attention_scale_difference_is_pinned() -> None:
+    """Keras' MultiHeadAttention scales queries by 1/sqrt(key_dim) cast through float32, even in
+    float64 (1/sqrt(2) -> 0.70710676908...): ~8e-9 off torch's exact scale on unit-size inputs,
+    above the float64 claim, so the float64 check refuses a key_dim whose scale is not
+    float32-exact; at key_dim 4 (0.5) the two agree to round-off."""
+    x = np.random.default_rng(0).normal(size=(2, 5, 4))
+    for key_dim, low, high in ((2, 1e-9, 1e-7), (4, 0.0, 1e-15)):
+        layer = L.MultiHeadAttention(2, key_dim, dtype="float64")
+        keras_out = layer(x, x).numpy()
+        t = torch.from_numpy(x)
+        project = {
+            name: torch.einsum("btd,dhk->bthk", t, torch.from_numpy(dense.kernel.numpy()))
+            + torch.from_numpy(dense.bias.numpy())
+            for name, dense in (
+                ("q", layer.query_dense),
+                ("k", layer.key_dense),
+                ("v", layer.value_dense),
+            )
+        }
+        scores = torch.einsum("bthk,bshk->bhts", project["q"] / math.sqrt(key_dim), project["k"])
+        heads = torch.einsum("bhts,bshk->bthk", scores.softmax(-1), project["v"])
+        out = torch.einsum(
+            "bthk,hkd->btd", heads, torch.from_numpy(layer.output_dense.kernel.numpy())
+        )
+        gap = float(np.max(np.abs(out.numpy() + layer.output_dense.bias.numpy() - keras_out)))
+        assert low <= gap <= high, (key_dim, gap)
+    inputs = keras.Input((5, 4), dtype="float64")
+    keras_model = keras.Model(inputs, L.MultiHeadAttention(2, 2, dtype="float64")(inputs, inputs))
+    module = Net(
+        lambda s, x: s.attn(x, x, x)[0], attn=nn.MultiheadAttention(4, 2, batch_first=True)
+    )
+    report = check_parity(keras_model, module.double(), x, np.zeros((2, 5), dtype=int))
+    assert [r.status for r in report.rows] == ["fail"]
+    assert "1/sqrt(key_dim) rounded to float32" in report.rows[0].detail
+
+
+def test_bilinear_upsampling_pairs_in_float32_and_pins_float64() -> None:
+    """Keras bilinear UpSampling2D = torch ``align_corners=False`` (half-pixel centres):
+    a float32 pair passes at 1e-5. TensorFlow resizes in float32 even for float64 maps, ~1e-8
+    off an exact float64 interpolation, so the float64 check refuses it (naming the cause);
+    ``align_corners=True`` samples other points (>0.05 apart here) and is refused too."""
+    x = np.random.default_rng(5).normal(size=(1, 3, 3, 1))  # not float32 numbers
+    keras_out = L.UpSampling2D(2, interpolation="bilinear", dtype="float64")(x).numpy()
+    t = torch.from_numpy(x).permute(0, 3, 1, 2)
+    gaps = [
+        float(
+            np.max(
+                np.abs(
+                    F.interpolate(t, scale_factor=2, mode="bilinear", align_corners=corners)
+                    .permute(0, 2, 3, 1)
+                    .numpy()
+                    - keras_out
+                )
+            )
+        )
+        for corners in (False, True)
+    ]
+    assert 1e-10 < gaps[0] < 1e-6 and gaps[1] > 0.05, gaps
+    rng = seed_everything(47)
+    x32, y = rng.normal(size=(BATCH, 2, 2, 2)).astype("float32"), rng.integers(0, 2, BATCH)
+    assert_parity(
+        _upsampling_model("float32", "bilinear"), _upsample_net("bilinear", False), x32, y
+    )
+    for dtype, module, says in (
+        ("float64", _upsample_net("bilinear", False), "resizes in float32"),
+        ("float32", _upsample_net("bilinear", True), "align_corners"),
+    ):
+        model = _upsampling_model(dtype, "bilinear")
+        report = check_parity(model, module.to(getattr(torch, dtype)), x32.astype(dtype), y)
+        assert [r.status for r in report.rows] == ["fail"] and says in report.rows[0].detail
+
 
 def _data(case: Case, dtype: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     x = (

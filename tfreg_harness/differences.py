@@ -189,13 +189,19 @@ FRAMEWORK_DIFFERENCES = FrameworkDifferences(
             "may attend; torch nn.MultiheadAttention's key_padding_mask (and a boolean attn_mask) "
             "is True where it may not: pass key_padding_mask=~keep for Keras' keep. A fully "
             "masked row is uniform in Keras (it adds -1e9) and NaN in torch (-inf).",
+            "attention_scale": "Keras MultiHeadAttention scales queries by 1/sqrt(key_dim) "
+            "rounded to float32, even in float64 (1/sqrt(2) -> 0.70710676908); torch uses the "
+            "exact value: ~8e-9 apart on unit-size inputs. Float64 parity needs a key_dim whose "
+            "1/sqrt is a float32 number (1, 4, 16, 64, 256); float32 runs are unaffected.",
             "transpose_padding": "Keras ConvTranspose 'same' crops k - s from the full output "
             "(n - 1) s + k, total // 2 before; torch crops padding from both ends and adds "
             "output_padding back at the end, so only an even k - s (padding=(k - s) // 2, "
             "output_padding=0) or k == s matches; an odd k - s has no torch equivalent.",
             "upsampling": "Keras UpSampling 'bilinear' resizes with half-pixel centres: torch "
             "nn.Upsample(mode='bilinear', align_corners=False); align_corners=True samples "
-            "other points. 'nearest' repeats each value scale times in both.",
+            "other points. 'nearest' repeats each value scale times in both. TensorFlow resizes "
+            "bilinear in float32 even for float64 maps (~1e-8 apart): float64 parity needs "
+            "'nearest'.",
             "groupnorm_epsilon": "Keras GroupNormalization's epsilon defaults to 1e-3, torch "
             "GroupNorm's eps to 1e-5: pass eps explicitly.",
             "weight_decay": "torch SGD/Adam weight_decay=wd is coupled and equals Keras L2(wd/2); "

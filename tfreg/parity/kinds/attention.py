@@ -10,12 +10,15 @@ head_dim)`` the blocks of ``in_proj_bias``), the output kernel ``(heads, head_di
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 from tfreg.parity.kinds._common import L, first_mismatch
 from tfreg.parity.registry import Context, Weight, register_layer_pair
+from tfreg_harness.differences import note
 from tfreg_harness.layouts import (
     attention_output_to_keras,
     attention_output_to_torch,
@@ -80,6 +83,9 @@ def _attention_problem(k: Any, t: Any, ctx: Context) -> str | None:
             ("dropout (no mask injection)", (0.0, 0.0), (float(k.dropout), float(t.dropout))),
         ]
     )
+    scale = 1.0 / math.sqrt(int(k.key_dim))
+    if problem is None and ctx.dtype == "float64" and float(np.float32(scale)) != scale:
+        problem = f"key_dim {k.key_dim}: {note('attention_scale')}"
     return problem
 
 

@@ -142,6 +142,8 @@ def _upsampling_problem(k: Any, t: Any, ctx: Context) -> str | None:
             ("interpolation / mode", mode, t.mode),
         ]
     )
+    if problem is None and t.mode == "bilinear" and ctx.dtype == "float64":
+        problem = "Keras (tf.image.resize) resizes in float32 even for float64 maps"
     if problem is None and t.mode != "nearest" and t.align_corners:
         problem = "align_corners: Keras samples half-pixel centres (False) vs torch True"
     return None if problem is None else f"{problem}. {note('upsampling')}"
