@@ -686,6 +686,16 @@ ACTIVATIONS: dict[str, tuple[Callable[[], Any], Callable[[], nn.Module]]] = {
     "sigmoid": (lambda: L.Activation("sigmoid"), nn.Sigmoid),
     "tanh": (lambda: L.Activation("tanh"), nn.Tanh),
     "softmax": (L.Softmax, lambda: nn.Softmax(dim=-1)),
+    "ReLU(max_value=6) <-> ReLU6": (lambda: L.ReLU(max_value=6.0), nn.ReLU6),
+    "relu6 <-> Hardtanh(0, 6)": (lambda: L.Activation("relu6"), lambda: nn.Hardtanh(0.0, 6.0)),
+    "ReLU(max_value=1.5) <-> Hardtanh(0, 1.5)": (
+        lambda: L.ReLU(max_value=1.5),
+        lambda: nn.Hardtanh(0.0, 1.5),
+    ),
+    "hard_swish": (lambda: L.Activation("hard_swish"), nn.Hardswish),
+    "mish": (lambda: L.Activation("mish"), nn.Mish),
+    "softplus": (lambda: L.Activation("softplus"), nn.Softplus),
+    "log_softmax": (lambda: L.Activation("log_softmax"), lambda: nn.LogSoftmax(dim=-1)),
 }
 
 
@@ -719,8 +729,10 @@ def test_activation_lambda_without_known_function_is_refused() -> None:
         (L.LeakyReLU(0.2), lambda: nn.LeakyReLU(0.2), "float32 0.20000000298"),
         ("gelu", lambda: KerasGELU("tanh"), "gelu approximate: Keras 'none' vs torch 'tanh'"),
         ("relu", lambda: nn.Tanh(), "activation: Keras relu vs torch tanh"),
+        (L.ReLU(max_value=1.5), lambda: nn.ReLU6(), "ReLU max_value: Keras 1.5 vs torch 6.0"),
+        ("relu", lambda: nn.ReLU6(), "activation: Keras relu vs torch clamp"),
     ],
-    ids=["gelu-float64", "leaky-float64", "gelu-approximate", "relu-tanh"],
+    ids=["gelu-float64", "leaky-float64", "gelu-approximate", "relu-tanh", "max6", "relu-relu6"],
 )
 def test_activation_mismatch_fails_at_pairing(keras_act: Any, torch_act: Any, says: str) -> None:
     report = check_parity(*_activation_pair(keras_act, torch_act(), "float64"))

@@ -32,6 +32,12 @@ def _keras_function(fn: Any) -> tuple[Any, ...]:
         acts.leaky_relu: "leaky_relu",
         acts.softmax: "softmax",
         acts.linear: "linear",
+        acts.relu6: "relu6",
+        acts.hard_swish: "hard_swish",
+        acts.hard_silu: "hard_swish",
+        acts.mish: "mish",
+        acts.softplus: "softplus",
+        acts.log_softmax: "log_softmax",
     }
     name = names.get(fn)
     if name == "gelu":
@@ -40,9 +46,11 @@ def _keras_function(fn: Any) -> tuple[Any, ...]:
         return ("leaky_relu", float(kwargs.get("negative_slope", 0.2)))
     if name == "elu":
         return ("elu", float(kwargs.get("alpha", 1.0)))
-    if name == "softmax":
-        return ("softmax", int(kwargs.get("axis", -1)))
-    if name is None or (kwargs and name in ("relu", "tanh", "sigmoid", "silu", "linear")):
+    if name in ("softmax", "log_softmax"):
+        return (name, int(kwargs.get("axis", -1)))
+    if name == "relu6" and not kwargs:
+        return ("clamp", 6.0)
+    if name is None or kwargs:
         return ("unknown", repr(fn))
     return (name,)
 
@@ -53,8 +61,15 @@ def keras_activation(layer_or_fn: Any) -> tuple[Any, ...]:
     if isinstance(layer_or_fn, L.LeakyReLU):
         return ("leaky_relu", float(layer_or_fn.negative_slope))
     if isinstance(layer_or_fn, L.ReLU):
-        plain = (layer_or_fn.negative_slope, layer_or_fn.max_value, layer_or_fn.threshold)
-        return ("relu",) if plain in ((0.0, None, 0.0), (0, None, 0)) else ("unknown", plain)
+        slope, top, threshold = (
+            layer_or_fn.negative_slope,
+            layer_or_fn.max_value,
+            layer_or_fn.threshold,
+        )
+        if slope or threshold:
+            return ("unknown", (slope, top, threshold))
+        # ReLU(max_value=m) is a clamp to [0, m]: torch ReLU6 for m = 6, Hardtanh(0, m) else
+        return ("relu",) if top is None else ("clamp", float(top))
     if isinstance(layer_or_fn, L.ELU):
         return ("elu", float(layer_or_fn.alpha))
     if isinstance(layer_or_fn, L.Softmax):
@@ -77,7 +92,14 @@ def torch_activation(module: Any) -> tuple[Any, ...]:
         return ("elu", float(module.alpha))
     if isinstance(module, nn.Softmax):
         return ("softmax", module.dim)
+    if isinstance(module, nn.Hardtanh) and float(module.min_val) == 0.0:  # ReLU6 is one
+        return ("clamp", float(module.max_val))
+    if isinstance(module, nn.Softplus):
+        return ("softplus",) if module.beta == 1 else ("unknown", repr(module))
+    if isinstance(module, nn.LogSoftmax):
+        return ("log_softmax", module.dim)
     simple = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.SiLU: "silu"}
+    simple |= {nn.Hardswish: "hard_swish", nn.Mish: "mish"}
     for cls, name in simple.items():
         if isinstance(module, cls):
             return (name,)
@@ -85,7 +107,8 @@ def torch_activation(module: Any) -> tuple[Any, ...]:
 
 
 TORCH_ACTIVATIONS = (nn.ReLU, nn.GELU, nn.LeakyReLU, nn.ELU, nn.Softmax, nn.Tanh, nn.Sigmoid)
-TORCH_ACTIVATIONS += (nn.SiLU, nn.Identity, KerasGELU)
+TORCH_ACTIVATIONS += (nn.SiLU, nn.Identity, KerasGELU, nn.Hardtanh, nn.Hardswish, nn.Mish)
+TORCH_ACTIVATIONS += (nn.Softplus, nn.LogSoftmax)
 
 
 def activation_problem(keras_side: tuple[Any, ...], torch_module: Any, ctx: Context) -> str | None:
@@ -111,13 +134,15 @@ def activation_problem(keras_side: tuple[Any, ...], torch_module: Any, ctx: Cont
             return f"negative_slope: Keras {keras_side[1]!r} vs torch {slope!r}"
     elif name == "elu" and not same(keras_side[1], torch_side[1]):
         return f"elu alpha: Keras {keras_side[1]!r} vs torch {torch_side[1]!r}"
-    elif name == "softmax":
+    elif name == "clamp" and keras_side[1] != torch_side[1]:
+        return f"ReLU max_value: Keras {keras_side[1]!r} vs torch {torch_side[1]!r}"
+    elif name in ("softmax", "log_softmax"):
         rank = len(ctx.output_shape)
         axis = keras_side[1] % rank
         expected = (1 if axis == rank - 1 else axis + 1) if ctx.torch_channels_first else axis
         if torch_side[1] is None or torch_side[1] % rank != expected:
             return (
-                f"softmax axis: Keras {keras_side[1]} is torch dim {expected}, not {torch_side[1]}"
+                f"{name} axis: Keras {keras_side[1]} is torch dim {expected}, not {torch_side[1]}"
             )
     return None
 
