@@ -88,6 +88,14 @@ def _swap_gate_blocks(name: str, units: int) -> Callable[[nn.Module], nn.Module]
     return broken
 
 
+def _swap_in_out(module: nn.Module, name: str) -> nn.Module:
+    """A converter that forgot the in/out transpose of a square-channel kernel."""
+    weight = module.get_submodule(name).weight
+    with torch.no_grad():
+        weight.copy_(weight.transpose(0, 1).clone())
+    return module
+
+
 def _replace_forward(forward: Callable[..., torch.Tensor]) -> Callable[[nn.Module], nn.Module]:
     def broken(module: nn.Module) -> nn.Module:
         module._forward = forward
@@ -528,6 +536,77 @@ CASES.update(
                 head=nn.Linear(4, 2),
             ),
             mismatch_says="bidirectional (Keras Bidirectional): Keras True vs torch False",
+        ),
+        "prelu per channel + cropping in forward code": Case(
+            keras=lambda d: _seq(
+                (5, 5, 2),
+                d,
+                L.Conv2D(3, 1, dtype=d, name="conv"),
+                L.PReLU(shared_axes=[1, 2], dtype=d, name="prelu"),
+                L.Cropping2D(((1, 0), (0, 2)), dtype=d, name="crop"),
+                L.Flatten(dtype=d, name="flat"),
+                L.Dense(2, dtype=d, name="head"),
+            ),
+            torch=lambda: Net(
+                lambda s, x: s.head(s.prelu(s.conv(x))[:, :, 1:, :-2].flatten(1)),
+                conv=nn.Conv2d(2, 3, 1),
+                prelu=nn.PReLU(3),
+                head=nn.Linear(36, 2),
+            ),
+            shape=(5, 5, 2),
+            # cropped on the wrong side: the crop is forward code, so head is named
+            broken=_replace_forward(
+                lambda s, x: s.head(s.prelu(s.conv(x))[:, :, :-1, 2:].flatten(1))
+            ),
+            first_diverging="head",
+            mismatch=lambda: Net(
+                lambda s, x: s.head(s.prelu(s.conv(x))[:, :, 1:, :-2].flatten(1)),
+                conv=nn.Conv2d(2, 3, 1),
+                prelu=nn.PReLU(1),
+                head=nn.Linear(36, 2),
+            ),
+            mismatch_says="slopes: Keras 3 vs torch num_parameters=1",
+        ),
+        "stacked simple rnn": Case(
+            keras=lambda d: _seq(
+                (4, 3),
+                d,
+                L.SimpleRNN(2, return_sequences=True, dtype=d, name="rnn1"),
+                L.SimpleRNN(2, dtype=d, name="rnn2"),
+                L.Dense(2, dtype=d, name="head"),
+            ),
+            torch=lambda: Net(
+                lambda s, x: s.head(s.rnn(x)[0][:, -1]),
+                rnn=nn.RNN(3, 2, num_layers=2, batch_first=True),
+                head=nn.Linear(2, 2),
+            ),
+            shape=(4, 3),
+            # the first step taken for the last: the module's output agrees, head is named
+            broken=_replace_forward(lambda s, x: s.head(s.rnn(x)[0][:, 0])),
+            first_diverging="head",
+            mismatch=lambda: Net(
+                lambda s, x: s.head(s.rnn(x)[0][:, -1]),
+                rnn=nn.RNN(3, 2, num_layers=2, batch_first=True, nonlinearity="relu"),
+                head=nn.Linear(2, 2),
+            ),
+            mismatch_says="activation / nonlinearity: Keras 'tanh' vs torch 'relu'",
+        ),
+        "conv3d": Case(
+            keras=lambda d: _seq(
+                (3, 4, 4, 2),
+                d,
+                L.Conv3D(2, (1, 2, 3), dtype=d, name="conv"),
+                L.Flatten(dtype=d, name="flat"),
+                L.Dense(2, dtype=d, name="head"),
+            ),
+            torch=lambda: nn.Sequential(nn.Conv3d(2, 2, (1, 2, 3)), nn.Flatten(), nn.Linear(36, 2)),
+            shape=(3, 4, 4, 2),
+            broken=lambda m: _swap_in_out(m, "0"),
+            first_diverging="conv",
+            mismatch=lambda: nn.Sequential(
+                nn.Conv3d(2, 2, (1, 3, 2)), nn.Flatten(), nn.Linear(36, 2)
+            ),
+            mismatch_says="kernel_size: Keras (1, 2, 3) vs torch (1, 3, 2)",
         ),
     }
 )

@@ -146,6 +146,12 @@ FRAMEWORK_DIFFERENCES = FrameworkDifferences(
                 to_torch=(3, 2, 0, 1),
                 to_keras=(2, 3, 1, 0),
             ),
+            "conv3d": Layout(
+                "(kd, kh, kw, in, out)",
+                "(out, in, kd, kh, kw)",
+                to_torch=(4, 3, 0, 1, 2),
+                to_keras=(2, 3, 4, 1, 0),
+            ),
             "sequences": Layout("(N, L, C)", "(N, C, L)", to_torch=(0, 2, 1), to_keras=(0, 2, 1)),
             "images": Layout(
                 "(N, H, W, C)", "(N, C, H, W)", to_torch=(0, 3, 1, 2), to_keras=(0, 2, 3, 1)

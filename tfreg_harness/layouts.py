@@ -83,22 +83,22 @@ def dense_kernel_to_keras(weight: Any, *, flatten_from: Sequence[int] | None = N
 
 def _conv_transpose(array: Any, name: str, direction: str) -> np.ndarray:
     array = np.asarray(array)
-    layout = {3: "conv1d", 4: "conv2d"}.get(array.ndim)
+    layout = {3: "conv1d", 4: "conv2d", 5: "conv3d"}.get(array.ndim)
     if layout is None:
         raise InvalidArgumentError(
-            f"Invalid value for argument {name}: expected a 1-D (rank 3) or 2-D (rank 4) "
+            f"Invalid value for argument {name}: expected a 1-D, 2-D or 3-D (rank 3 to 5) "
             f"convolution {name}. Received: {name}.shape={array.shape}"
         )
     return np.ascontiguousarray(array.transpose(getattr(_LAYOUTS[layout], direction)))
 
 
 def conv_kernel_to_torch(kernel: Any) -> np.ndarray:
-    """Keras Conv1D/2D kernel ``(*k, in/groups, out)`` -> torch weight ``(out, in/groups, *k)``."""
+    """Keras ConvND kernel ``(*k, in/groups, out)`` -> torch weight ``(out, in/groups, *k)``."""
     return _conv_transpose(kernel, "kernel", "to_torch")
 
 
 def conv_kernel_to_keras(weight: Any) -> np.ndarray:
-    """torch Conv1d/2d weight ``(out, in/groups, *k)`` -> Keras kernel ``(*k, in/groups, out)``."""
+    """torch ConvNd weight ``(out, in/groups, *k)`` -> Keras kernel ``(*k, in/groups, out)``."""
     return _conv_transpose(weight, "weight", "to_keras")
 
 

@@ -6,11 +6,12 @@ import functools
 import math
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 from tfreg._compat import keras
 from tfreg.parity.kinds._common import L, same
-from tfreg.parity.registry import Context, register_layer_pair
+from tfreg.parity.registry import Context, Weight, register_layer_pair
 from tfreg_harness.differences import FRAMEWORK_DIFFERENCES, note
 from torchref.architecture import KerasGELU
 
@@ -156,3 +157,35 @@ for _cls in (L.ReLU, L.LeakyReLU, L.ELU, L.Softmax, L.Activation):
         ),
         torch_optional=True,
     )
+
+
+# --- PReLU: a learned slope per channel (Keras alpha over the unshared axes) -------------------
+
+
+def _prelu_problem(k: Any, t: Any, ctx: Context) -> str | None:
+    shape = tuple(int(d) for d in k.alpha.shape)
+    if any(d != 1 for d in shape[:-1]):
+        return (
+            f"Keras alpha has shape {shape}: only a slope per channel (shared_axes = every axis "
+            "but the last) or one slope maps to nn.PReLU"
+        )
+    return (
+        None
+        if shape[-1] == t.num_parameters
+        else (f"slopes: Keras {shape[-1]} vs torch num_parameters={t.num_parameters}")
+    )
+
+
+register_layer_pair(
+    L.PReLU,
+    nn.PReLU,
+    transfer=lambda k, t, ctx: [
+        Weight(
+            "alpha",
+            "weight",
+            lambda a: np.ascontiguousarray(np.reshape(a, -1)),
+            lambda a, shape=tuple(int(d) for d in k.alpha.shape): np.reshape(a, shape),
+        )
+    ],
+    check=_prelu_problem,
+)

@@ -116,7 +116,11 @@ def _conv_problem(k: Any, t: Any, ctx: Context, *, groups: int) -> str | None:
 
 
 CONV_WEIGHTS = (Weight("kernel", "weight", conv_kernel_to_torch, conv_kernel_to_keras),)
-for _keras_conv, _torch_conv in ((L.Conv1D, nn.Conv1d), (L.Conv2D, nn.Conv2d)):
+for _keras_conv, _torch_conv in (
+    (L.Conv1D, nn.Conv1d),
+    (L.Conv2D, nn.Conv2d),
+    (L.Conv3D, nn.Conv3d),
+):
     register_layer_pair(
         _keras_conv,
         _torch_conv,

@@ -85,12 +85,16 @@ def _recurrent_problem(k: Any, t: Any, ctx: Context, *, gru: bool) -> str | None
     )
 
 
+# Keras and torch gate orders per family (None: SimpleRNN, one block)
+GATES = {True: ("zrh", "rzh"), False: ("ifco", "ifco"), None: ("h", "h")}
+
+
 def _direction_weights(
-    prefix: str, suffix: str, units: int, cell: Any, *, gru: bool
+    prefix: str, suffix: str, units: int, cell: Any, *, gru: bool | None
 ) -> list[Weight]:
     """The Keras variables ``prefix + "cell.kernel"`` ... of one direction of one layer and
     torch's ``weight_ih`` ... ``+ suffix`` (``_l1``, ``_l0_reverse``)."""
-    perm = gate_permutation(units, *(("zrh", "rzh") if gru else ("ifco", "ifco")))
+    perm = gate_permutation(units, *GATES[gru])
     inverse = np.argsort(perm)
     out = [
         Weight(
@@ -104,14 +108,14 @@ def _direction_weights(
     if not cell.use_bias:
         return out
     biases = (f"bias_ih{suffix}", f"bias_hh{suffix}")
-    if gru:  # reset_after=True: Keras bias (2, 3u) = [input bias, recurrent bias]
+    if gru is True:  # reset_after=True: Keras bias (2, 3u) = [input bias, recurrent bias]
         bias = Weight(
             f"{prefix}cell.bias",
             biases,
             lambda b: (b[0][perm], b[1][perm]),
             lambda ts: np.stack([ts[0][inverse], ts[1][inverse]]),
         )
-    else:  # one Keras bias = torch bias_ih + bias_hh; the transfer zeros bias_hh
+    else:  # one Keras bias (LSTM, SimpleRNN) = torch bias_ih + bias_hh; bias_hh is zeroed
         bias = Weight(
             f"{prefix}cell.bias",
             biases,
@@ -242,4 +246,42 @@ register_layer_pair(
     ],
     check=_time_distributed_problem,
     torch_layout="channels_last",
+)
+
+
+# --- SimpleRNN ----------------------------------------------------------------------------------
+
+
+def _simple_rnn_problem(k: Any, t: Any, ctx: Context) -> str | None:
+    activation = "tanh" if k.cell.activation is keras.activations.tanh else "relu"
+    if k.cell.activation not in (keras.activations.tanh, keras.activations.relu):
+        activation = repr(k.cell.activation)
+    return _stack_problem(k, t, ctx, bidirectional=False) or first_mismatch(
+        [
+            ("units / hidden_size", int(k.units), int(t.hidden_size)),
+            ("activation / nonlinearity", activation, t.nonlinearity),
+            ("batch_first", True, t.batch_first),
+            ("use_bias", k.cell.use_bias, t.bias),
+            ("go_backwards", False, k.go_backwards),
+            ("return_state", False, k.return_state),
+            ("stateful", False, k.stateful),
+            (
+                "dropout, recurrent_dropout",
+                (0.0, 0.0),
+                (float(k.cell.dropout), float(k.cell.recurrent_dropout)),
+            ),
+        ]
+    )
+
+
+register_layer_pair(
+    L.SimpleRNN,
+    nn.RNN,
+    transfer=lambda k, t, ctx: _direction_weights(
+        "", f"_l{ctx.torch_layer[0]}", int(k.units), k.cell, gru=None
+    ),
+    check=_simple_rnn_problem,
+    torch_layout="channels_last",
+    output=_recurrent_output,
+    torch_layers=_layers,
 )

@@ -151,3 +151,9 @@ def _upsampling_problem(k: Any, t: Any, ctx: Context) -> str | None:
 
 for _keras_up in (L.UpSampling1D, L.UpSampling2D):
     register_layer_pair(_keras_up, nn.Upsample, check=_upsampling_problem, torch_optional=True)
+
+
+for _keras_crop in (L.Cropping1D, L.Cropping2D, L.Cropping3D):
+    # torch has no cropping module: forward code slices the map (x[..., a:-b]); the next paired
+    # layer's output checks it
+    register_layer_pair(_keras_crop, (), torch_optional=True)
