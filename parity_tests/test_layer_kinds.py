@@ -372,6 +372,14 @@ def _residual(x: Any, d: str) -> Any:
     return L.Dense(2, dtype=d, name="b")(merged)
 
 
+def _dot_attention(x: Any, d: str) -> Any:
+    query = L.Rescaling(0.5, dtype=d, name="scale")(x)
+    keys = L.Dense(4, dtype=d, name="a")(x)
+    attended = L.Attention(dtype=d, name="attention")([query, keys])
+    normalized = L.UnitNormalization(dtype=d, name="unit")(attended)
+    return L.Dense(2, dtype=d, name="b")(L.Flatten(dtype=d, name="flat")(normalized))
+
+
 def _attention(x: Any, d: str) -> Any:
     keep = keras.ops.expand_dims(keras.ops.not_equal(x, 0), 1)
     h = L.Embedding(10, 8, dtype=d, name="emb")(x)
@@ -608,8 +616,94 @@ CASES.update(
             ),
             mismatch_says="kernel_size: Keras (1, 2, 3) vs torch (1, 3, 2)",
         ),
+        "rms normalization": Case(
+            keras=lambda d: _seq(
+                (5,),
+                d,
+                L.Dense(4, dtype=d, name="a"),
+                L.RMSNormalization(epsilon=1e-3, dtype=d, name="rms"),
+                L.Dense(2, dtype=d, name="b"),
+            ),
+            torch=lambda: nn.Sequential(nn.Linear(5, 4), nn.RMSNorm(4, eps=1e-3), nn.Linear(4, 2)),
+            shape=(5,),
+            # torch's RMSNorm default eps in the forward code
+            broken=lambda m: Net(
+                lambda s, x: s.b(F.rms_norm(s.a(x), (4,), s.rms.weight)), a=m[0], rms=m[1], b=m[2]
+            ),
+            first_diverging="rms",
+            mismatch=lambda: nn.Sequential(nn.Linear(5, 4), nn.RMSNorm(4), nn.Linear(4, 2)),
+            mismatch_says="torch eps=None",
+        ),
+        "instance norm (GroupNormalization, one group per channel)": Case(
+            keras=lambda d: _seq(
+                (4, 4, 3),
+                d,
+                L.Conv2D(3, 1, dtype=d, name="conv"),
+                L.GroupNormalization(-1, epsilon=1e-5, dtype=d, name="norm"),
+                L.Flatten(dtype=d, name="flat"),
+                L.Dense(2, dtype=d, name="head"),
+            ),
+            torch=lambda: nn.Sequential(
+                nn.Conv2d(3, 3, 1),
+                nn.InstanceNorm2d(3, affine=True),
+                nn.Flatten(),
+                nn.Linear(48, 2),
+            ),
+            shape=(4, 4, 3),
+            broken=lambda m: _swap_in_out(m, "0"),
+            first_diverging="conv",
+            mismatch=lambda: nn.Sequential(
+                nn.Conv2d(3, 3, 1),
+                nn.InstanceNorm2d(3, affine=True, track_running_stats=True),
+                nn.Flatten(),
+                nn.Linear(48, 2),
+            ),
+            mismatch_says="track_running_stats (Keras keeps no statistics): Keras False vs torch",
+        ),
+        "rescaling, dot attention, unit normalization in forward code": Case(
+            keras=lambda d: _functional((3, 4), d, _dot_attention),
+            torch=lambda: Net(
+                lambda s, x: s.b(
+                    F.normalize(
+                        torch.softmax((x * 0.5) @ s.a(x).transpose(1, 2), -1) @ s.a(x), dim=-1
+                    ).flatten(1)
+                ),
+                a=nn.Linear(4, 4),
+                b=nn.Linear(12, 2),
+            ),
+            shape=(3, 4),
+            # the Rescaling forgotten in the forward code: b is the first paired layer to differ
+            broken=_replace_forward(
+                lambda s, x: s.b(
+                    F.normalize(
+                        torch.softmax(x @ s.a(x).transpose(1, 2), -1) @ s.a(x), dim=-1
+                    ).flatten(1)
+                )
+            ),
+            first_diverging="b",
+            mismatch=lambda: Net(lambda s, x: s.b(s.a(x)), a=nn.Linear(4, 4), b=nn.Linear(4, 2)),
+            mismatch_says="'b' (Linear) do not compute the same function",
+        ),
     }
 )
+
+
+def test_rescaling_by_a_non_float32_number_is_refused_in_float64() -> None:
+    """Keras' Rescaling casts its scale through float32 even in float64 (1/255 ->
+    0.0039215688): 2.3e-10 off on an input of 1, 6e-8 relative -- above the float64 claim, so
+    the check refuses it naming the cause; a float32-exact scale (1/256) passes."""
+    ones = np.ones((1, 1))
+    gap = float(L.Rescaling(1 / 255, dtype="float64")(ones).numpy()[0, 0]) - 1 / 255
+    assert 2.0e-10 < abs(gap) < 2.5e-10, gap
+    for scale, ok in ((1 / 255, False), (1 / 256, True)):
+        model = _seq(
+            (3,), "float64", L.Rescaling(scale, dtype="float64"), L.Dense(2, dtype="float64")
+        )
+        module = Net(lambda s, x, c=scale: s.d(x * c), d=nn.Linear(3, 2)).double()
+        x, y = np.random.default_rng(1).normal(size=(4, 3)), np.array([0, 1, 0, 1])
+        report = check_parity(model, module, x, y)
+        assert report.ok is ok, report.to_text()
+        assert ok or "rounds scale/offset" in report.rows[0].detail
 
 
 def test_transposed_conv_same_with_odd_crop_is_refused() -> None:

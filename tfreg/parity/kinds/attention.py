@@ -101,3 +101,18 @@ register_layer_pair(
     torch_layout="channels_last",
     output=_attention_output,
 )
+
+
+def _dot_attention_problem(k: Any, t: Any, ctx: Context) -> str | None:
+    # weightless dot-product attention is forward code (softmax(q k^T) v); a learned scale or
+    # concat score has a Keras variable torch would need a module for
+    return first_mismatch(
+        [
+            ("use_scale (a learned Keras variable)", False, bool(k.use_scale)),
+            ("score_mode", "dot", k.score_mode),
+            ("dropout (no mask injection)", 0.0, float(k.dropout)),
+        ]
+    )
+
+
+register_layer_pair(L.Attention, (), check=_dot_attention_problem, torch_optional=True)

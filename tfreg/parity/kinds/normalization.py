@@ -126,16 +126,23 @@ register_layer_pair(
 
 
 def _groupnorm_problem(k: Any, t: Any, ctx: Context) -> str | None:
-    rank = len(ctx.input_shape)
+    rank, channels = len(ctx.input_shape), int(ctx.input_shape[-1])
     if k.axis not in (-1, rank - 1):
         return f"Keras axis={k.axis}; only the channels (last) axis maps to nn.GroupNorm"
-    problem = first_mismatch(
-        [
-            ("groups / num_groups", int(k.groups), int(t.num_groups)),
-            ("channels / num_channels", int(ctx.input_shape[-1]), int(t.num_channels)),
-            ("scale, center / affine", (bool(k.scale), bool(k.center)), (t.affine, t.affine)),
+    groups = channels if int(k.groups) == -1 else int(k.groups)
+    if isinstance(t, nn.GroupNorm):
+        fields = [
+            ("groups / num_groups", groups, int(t.num_groups)),
+            ("channels / num_channels", channels, int(t.num_channels)),
         ]
-    )
+    else:  # InstanceNorm: one group per channel, batch statistics only
+        fields = [
+            ("groups (InstanceNorm normalizes each channel)", channels, groups),
+            ("channels / num_features", channels, int(t.num_features)),
+            ("track_running_stats (Keras keeps no statistics)", False, t.track_running_stats),
+        ]
+    affine = (bool(k.scale), bool(k.center))
+    problem = first_mismatch([*fields, ("scale, center / affine", affine, (t.affine, t.affine))])
     if problem:
         return problem
     if not same(float(k.epsilon), float(t.eps)):
@@ -145,11 +152,35 @@ def _groupnorm_problem(k: Any, t: Any, ctx: Context) -> str | None:
 
 register_layer_pair(
     L.GroupNormalization,
-    nn.GroupNorm,
+    (nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d),
     # consecutive channels form a group in both (Keras reshapes (..., G, C/G), torch (G, C/G, ...))
     transfer=lambda k, t, ctx: (
         [Weight("gamma", "weight"), Weight("beta", "bias")] if k.scale and k.center else []
     ),
     check=_groupnorm_problem,
     torch_layout="channels_first",
+)
+
+
+def _rmsnorm_problem(k: Any, t: Any, ctx: Context) -> str | None:
+    rank = len(ctx.input_shape)
+    if [a % rank for a in k.axis] != [rank - 1]:
+        return f"Keras axis={k.axis}; only the last axis maps to nn.RMSNorm"
+    if t.eps is None:  # torch then uses finfo(dtype).eps: 2.2e-16 in float64, not Keras' 1e-6
+        return f"torch eps=None (finfo(dtype).eps) vs Keras epsilon {k.epsilon}: pass eps"
+    return first_mismatch(
+        [
+            ("normalized_shape", (int(ctx.input_shape[-1]),), tuple(t.normalized_shape)),
+            ("epsilon", float(k.epsilon), float(t.eps)),
+            ("scale / elementwise_affine", True, t.elementwise_affine),
+        ]
+    )
+
+
+register_layer_pair(
+    L.RMSNormalization,
+    nn.RMSNorm,
+    transfer=[Weight("scale", "weight")],
+    check=_rmsnorm_problem,
+    torch_layout="channels_last",
 )

@@ -157,3 +157,22 @@ for _keras_crop in (L.Cropping1D, L.Cropping2D, L.Cropping3D):
     # torch has no cropping module: forward code slices the map (x[..., a:-b]); the next paired
     # layer's output checks it
     register_layer_pair(_keras_crop, (), torch_optional=True)
+
+
+def _rescaling_problem(k: Any, t: Any, ctx: Context) -> str | None:
+    # Keras casts scale and offset through float32 (1/255 -> 0.0039215688), even in float64
+    rounded = [v for v in (k.scale, k.offset) if float(np.float32(v)) != float(v)]
+    if ctx.dtype == "float64" and rounded:
+        return (
+            f"Keras rounds scale/offset {rounded} to float32 even in float64 (~6e-8 rel): use "
+            "float32 numbers (1 / 256, 0.5) or compare in float32"
+        )
+    return None
+
+
+# Parameter-free ops torch writes in forward: x * scale + offset, F.normalize(x, dim=-1),
+# x * (x != value).any(-1, keepdim=True) (Keras' Masking also masks the layers after it: a torch
+# port has to do the same, which the paired layers' outputs check).
+register_layer_pair(L.Rescaling, (), check=_rescaling_problem, torch_optional=True)
+for _keras_op in (L.UnitNormalization, L.Masking):
+    register_layer_pair(_keras_op, (), torch_optional=True)
