@@ -9,7 +9,8 @@ residual Add, LayerNorm, GELU FFN, pooled head), ``resnet`` (basic-block CNN, to
 ``unet`` (Conv2DTranspose / UpSampling2D, Concatenate skip, GroupNormalization), ``bilstm`` (stacked
 Bidirectional LSTM tagger vs ``nn.LSTM(num_layers=2, bidirectional=True)``). Each module also has
 ``make_broken_pair``: the same pair with one subtle porting mistake, which the report names.
-Tiny sizes and float64, so each runs in a second or two.
+``make_pair(dtype="float32", seed=3)`` gives the same pair in another dtype / weight draw (for
+tolerance sweeps). Tiny sizes and float64 by default, so each runs in a second or two.
 """
 
 from __future__ import annotations

@@ -87,12 +87,12 @@ def data(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
 
 
 def make_pair(
-    device: str = "cpu", *, dtype: str = DTYPE, invert_mask: bool = False
+    device: str = "cpu", *, dtype: str = DTYPE, seed: int = 19, invert_mask: bool = False
 ) -> dict[str, Any]:
     from tfreg.parity.devices import torch_device
 
     model = keras_model(dtype)
-    x, y = data(randomize(model, 19))
+    x, y = data(randomize(model, seed))
     module = torch_module(dtype, invert_mask=invert_mask).to(torch_device(device))
     return (
         pair_dict(model, module, x, y, device=device)

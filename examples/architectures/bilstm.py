@@ -66,12 +66,12 @@ def data(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
 
 
 def make_pair(
-    device: str = "cpu", *, dtype: str = DTYPE, freeze_bias_hh: bool = True
+    device: str = "cpu", *, dtype: str = DTYPE, seed: int = 19, freeze_bias_hh: bool = True
 ) -> dict[str, Any]:
     from tfreg.parity.devices import torch_device
 
     model = keras_model(dtype)
-    x, y = data(randomize(model, 19))
+    x, y = data(randomize(model, seed))
     module = torch_module(dtype, freeze_bias_hh=freeze_bias_hh).to(torch_device(device))
     return pair_dict(model, module, x, y, device=device)
 

@@ -100,12 +100,12 @@ def data(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
 
 
 def make_pair(
-    device: str = "cpu", *, dtype: str = DTYPE, residual_before_bn: bool = False
+    device: str = "cpu", *, dtype: str = DTYPE, seed: int = 19, residual_before_bn: bool = False
 ) -> dict[str, Any]:
     from tfreg.parity.devices import torch_device
 
     model = keras_model(dtype)
-    x, y = data(randomize(model, 19))
+    x, y = data(randomize(model, seed))
     module = torch_module(dtype, residual_before_bn=residual_before_bn).to(torch_device(device))
     return pair_dict(model, module, x.astype(dtype), y, device=device, training=True)
 

@@ -71,12 +71,12 @@ def data(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
 
 
 def make_pair(
-    device: str = "cpu", *, dtype: str = DTYPE, skip_first: bool = False
+    device: str = "cpu", *, dtype: str = DTYPE, seed: int = 19, skip_first: bool = False
 ) -> dict[str, Any]:
     from tfreg.parity.devices import torch_device
 
     model = keras_model(dtype)
-    x, y = data(randomize(model, 19))
+    x, y = data(randomize(model, seed))
     module = torch_module(dtype, skip_first=skip_first).to(torch_device(device))
     return pair_dict(model, module, x.astype(dtype), y, device=device)
 
