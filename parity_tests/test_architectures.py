@@ -10,6 +10,8 @@ Measured: every row <= ~4e-15 rel.
 from __future__ import annotations
 
 import importlib
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +19,9 @@ import torch
 
 from tfreg.parity import assert_parity, check_parity, transfer_weights
 from tfreg_harness.tolerances import tolerance
+
+# the examples package lives at the repository root, which plain `pytest` does not put on sys.path
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # module -> what the broken twin's report must name: the first diverging Keras layer, or (for a
 # refusal before any step) the torch tensor in the failing row
