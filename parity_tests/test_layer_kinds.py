@@ -88,6 +88,14 @@ def _swap_gate_blocks(name: str, units: int) -> Callable[[nn.Module], nn.Module]
     return broken
 
 
+def _swap_in_out(module: nn.Module, name: str) -> nn.Module:
+    """A converter that forgot the in/out transpose of a square-channel kernel."""
+    weight = module.get_submodule(name).weight
+    with torch.no_grad():
+        weight.copy_(weight.transpose(0, 1).clone())
+    return module
+
+
 def _replace_forward(forward: Callable[..., torch.Tensor]) -> Callable[[nn.Module], nn.Module]:
     def broken(module: nn.Module) -> nn.Module:
         module._forward = forward
@@ -350,6 +358,438 @@ CASES: dict[str, Case] = {
     ),
 }
 
+# --- issue-19 kinds: graph ops, attention, transposed convs, group norm, upsampling -------------
+
+
+def _functional(shape: tuple[int, ...], dtype: str, build: Callable[..., Any], **kw: Any) -> Any:
+    inputs = keras.Input(shape, dtype=kw.pop("input_dtype", dtype))
+    return keras.Model(inputs, build(inputs, dtype))
+
+
+def _residual(x: Any, d: str) -> Any:
+    h = L.Dense(4, dtype=d, name="a")(x)
+    merged = L.Concatenate(dtype=d, name="cat")([L.Add(dtype=d, name="add")([x, h]), h])
+    return L.Dense(2, dtype=d, name="b")(merged)
+
+
+def _dot_attention(x: Any, d: str) -> Any:
+    query = L.Rescaling(0.5, dtype=d, name="scale")(x)
+    keys = L.Dense(4, dtype=d, name="a")(x)
+    attended = L.Attention(dtype=d, name="attention")([query, keys])
+    normalized = L.UnitNormalization(dtype=d, name="unit")(attended)
+    return L.Dense(2, dtype=d, name="b")(L.Flatten(dtype=d, name="flat")(normalized))
+
+
+def _attention(x: Any, d: str) -> Any:
+    keep = keras.ops.expand_dims(keras.ops.not_equal(x, 0), 1)
+    h = L.Embedding(10, 8, dtype=d, name="emb")(x)
+    h = L.MultiHeadAttention(2, 4, dtype=d, name="attn")(h, h, attention_mask=keep)
+    return L.Dense(2, dtype=d, name="head")(L.GlobalAveragePooling1D(dtype=d, name="pool")(h))
+
+
+def _attention_net(heads: int = 2) -> nn.Module:
+    def forward(s: Any, x: torch.Tensor) -> torch.Tensor:
+        h = s.emb(x)
+        h = s.attn(h, h, h, key_padding_mask=x == 0, need_weights=False)[0]
+        return s.head(s.pool(h.transpose(1, 2)).flatten(1))
+
+    return Net(
+        forward,
+        emb=nn.Embedding(10, 8),
+        attn=nn.MultiheadAttention(8, heads, batch_first=True),
+        pool=nn.AdaptiveAvgPool1d(1),
+        head=nn.Linear(8, 2),
+    )
+
+
+def _masked_mean(x: Any, d: str) -> Any:
+    h = L.Embedding(10, 3, mask_zero=True, dtype=d, name="emb")(x)
+    return L.Dense(2, dtype=d, name="head")(L.GlobalAveragePooling1D(dtype=d, name="pool")(h))
+
+
+def _masked_mean_net(padding_idx: int | None = 0) -> nn.Module:
+    def forward(s: Any, x: torch.Tensor) -> torch.Tensor:
+        keep = (x != 0).unsqueeze(-1).to(s.head.weight.dtype)
+        return s.head((s.emb(x) * keep).sum(1) / keep.sum(1))
+
+    return Net(forward, emb=nn.Embedding(10, 3, padding_idx=padding_idx), head=nn.Linear(3, 2))
+
+
+def _upsampling_model(d: str, interpolation: str) -> Any:
+    return _seq(
+        (2, 2, 2),
+        d,
+        L.Conv2D(3, 1, dtype=d, name="conv"),
+        L.UpSampling2D(2, interpolation=interpolation, dtype=d, name="up"),
+        L.Flatten(dtype=d, name="flat"),
+        L.Dense(2, dtype=d, name="head"),
+    )
+
+
+def _upsample_net(mode: str, align_corners: bool | None = None) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 1),
+        nn.Upsample(scale_factor=2, mode=mode, align_corners=align_corners),
+        nn.Flatten(),
+        nn.Linear(48, 2),
+    )
+
+
+def _transpose_net(eps: float = 1e-3) -> nn.Module:
+    return nn.Sequential(
+        nn.ConvTranspose2d(2, 4, 3, stride=1, padding=1),
+        nn.GroupNorm(2, 4, eps=eps),
+        nn.Flatten(),
+        nn.Linear(36, 2),
+    )
+
+
+CASES.update(
+    {
+        "merge layers (Add, Concatenate) in forward code": Case(
+            keras=lambda d: _functional((4,), d, _residual),
+            torch=lambda: Net(
+                lambda s, x: s.b(torch.cat([x + s.a(x), s.a(x)], dim=1)),
+                a=nn.Linear(4, 4),
+                b=nn.Linear(8, 2),
+            ),
+            shape=(4,),
+            # concatenated the wrong way round: the merges have no module; b is named
+            broken=_replace_forward(lambda s, x: s.b(torch.cat([s.a(x), x + s.a(x)], dim=1))),
+            first_diverging="b",
+            mismatch=lambda: Net(lambda s, x: s.b(x), a=nn.Linear(4, 4), b=nn.Linear(4, 2)),
+            mismatch_says="'b' (Linear) do not compute the same function",
+        ),
+        "multi-head attention with padding mask": Case(
+            keras=lambda d: _functional((5,), d, _attention, input_dtype="int32"),
+            torch=_attention_net,
+            shape=(5,),
+            # key_padding_mask given Keras' keep-mask (True = attend): inverted semantics
+            broken=_replace_forward(
+                lambda s, x: s.head(
+                    s.pool(
+                        s.attn(s.emb(x), s.emb(x), s.emb(x), key_padding_mask=x != 0)[0].transpose(
+                            1, 2
+                        )
+                    ).flatten(1)
+                )
+            ),
+            first_diverging="attn",
+            mismatch=lambda: _attention_net(heads=1),
+            mismatch_says="num_heads: Keras 2 vs torch 1",
+            integer_input=True,
+        ),
+        "embedding mask_zero <-> padding_idx": Case(
+            keras=lambda d: _functional((5,), d, _masked_mean, input_dtype="int32"),
+            torch=_masked_mean_net,
+            shape=(5,),
+            broken=_replace_forward(lambda s, x: s.head(s.emb(x).mean(1))),  # mask ignored
+            first_diverging="head",
+            mismatch=lambda: _masked_mean_net(padding_idx=None),
+            mismatch_says="mask_zero / padding_idx: Keras 0 vs torch None",
+            integer_input=True,
+        ),
+        "conv2d transpose + group norm": Case(
+            keras=lambda d: _seq(
+                (3, 3, 2),
+                d,
+                L.Conv2DTranspose(4, 3, padding="same", dtype=d, name="up"),
+                L.GroupNormalization(2, dtype=d, name="gn"),
+                L.Flatten(dtype=d, name="flat"),
+                L.Dense(2, dtype=d, name="head"),
+            ),
+            torch=_transpose_net,
+            shape=(3, 3, 2),
+            broken=_transpose_spatial("0"),
+            first_diverging="up",
+            mismatch=lambda: _transpose_net(eps=1e-5),  # torch's default eps, Keras' is 1e-3
+            mismatch_says="epsilon: Keras 0.001 vs torch 1e-05",
+        ),
+        "upsampling2d nearest": Case(
+            keras=lambda d: _upsampling_model(d, "nearest"),
+            torch=lambda: _upsample_net("nearest"),
+            shape=(2, 2, 2),
+            # bilinear in the forward code: no module to check, so head is the first to differ
+            broken=lambda m: Net(
+                lambda s, x: s.head(
+                    F.interpolate(s.conv(x), scale_factor=2, mode="bilinear").flatten(1)
+                ),
+                conv=m[0],
+                head=m[3],
+            ),
+            first_diverging="head",
+            mismatch=lambda: _upsample_net("bilinear"),
+            mismatch_says="interpolation / mode: Keras 'nearest' vs torch 'bilinear'",
+        ),
+        "bidirectional gru, last step": Case(
+            keras=lambda d: _seq(
+                (4, 3),
+                d,
+                L.Bidirectional(L.GRU(2, dtype=d), dtype=d, name="bi"),
+                L.Dense(2, dtype=d, name="head"),
+            ),
+            torch=lambda: Net(
+                lambda s, x: s.head(
+                    torch.cat([s.gru(x)[0][:, -1, :2], s.gru(x)[0][:, 0, 2:]], dim=1)
+                ),
+                gru=nn.GRU(3, 2, batch_first=True, bidirectional=True),
+                head=nn.Linear(4, 2),
+            ),
+            shape=(4, 3),
+            broken=_replace_forward(lambda s, x: s.head(s.gru(x)[0][:, -1])),  # backward at T-1
+            first_diverging="head",
+            mismatch=lambda: Net(
+                lambda s, x: s.head(s.gru(x)[0][:, -1]),
+                gru=nn.GRU(3, 2, batch_first=True),
+                head=nn.Linear(4, 2),
+            ),
+            mismatch_says="bidirectional (Keras Bidirectional): Keras True vs torch False",
+        ),
+        "prelu per channel + cropping in forward code": Case(
+            keras=lambda d: _seq(
+                (5, 5, 2),
+                d,
+                L.Conv2D(3, 1, dtype=d, name="conv"),
+                L.PReLU(shared_axes=[1, 2], dtype=d, name="prelu"),
+                L.Cropping2D(((1, 0), (0, 2)), dtype=d, name="crop"),
+                L.Flatten(dtype=d, name="flat"),
+                L.Dense(2, dtype=d, name="head"),
+            ),
+            torch=lambda: Net(
+                lambda s, x: s.head(s.prelu(s.conv(x))[:, :, 1:, :-2].flatten(1)),
+                conv=nn.Conv2d(2, 3, 1),
+                prelu=nn.PReLU(3),
+                head=nn.Linear(36, 2),
+            ),
+            shape=(5, 5, 2),
+            # cropped on the wrong side: the crop is forward code, so head is named
+            broken=_replace_forward(
+                lambda s, x: s.head(s.prelu(s.conv(x))[:, :, :-1, 2:].flatten(1))
+            ),
+            first_diverging="head",
+            mismatch=lambda: Net(
+                lambda s, x: s.head(s.prelu(s.conv(x))[:, :, 1:, :-2].flatten(1)),
+                conv=nn.Conv2d(2, 3, 1),
+                prelu=nn.PReLU(1),
+                head=nn.Linear(36, 2),
+            ),
+            mismatch_says="slopes: Keras 3 vs torch num_parameters=1",
+        ),
+        "stacked simple rnn": Case(
+            keras=lambda d: _seq(
+                (4, 3),
+                d,
+                L.SimpleRNN(2, return_sequences=True, dtype=d, name="rnn1"),
+                L.SimpleRNN(2, dtype=d, name="rnn2"),
+                L.Dense(2, dtype=d, name="head"),
+            ),
+            torch=lambda: Net(
+                lambda s, x: s.head(s.rnn(x)[0][:, -1]),
+                rnn=nn.RNN(3, 2, num_layers=2, batch_first=True),
+                head=nn.Linear(2, 2),
+            ),
+            shape=(4, 3),
+            # the first step taken for the last: the module's output agrees, head is named
+            broken=_replace_forward(lambda s, x: s.head(s.rnn(x)[0][:, 0])),
+            first_diverging="head",
+            mismatch=lambda: Net(
+                lambda s, x: s.head(s.rnn(x)[0][:, -1]),
+                rnn=nn.RNN(3, 2, num_layers=2, batch_first=True, nonlinearity="relu"),
+                head=nn.Linear(2, 2),
+            ),
+            mismatch_says="activation / nonlinearity: Keras 'tanh' vs torch 'relu'",
+        ),
+        "conv3d": Case(
+            keras=lambda d: _seq(
+                (3, 4, 4, 2),
+                d,
+                L.Conv3D(2, (1, 2, 3), dtype=d, name="conv"),
+                L.Flatten(dtype=d, name="flat"),
+                L.Dense(2, dtype=d, name="head"),
+            ),
+            torch=lambda: nn.Sequential(nn.Conv3d(2, 2, (1, 2, 3)), nn.Flatten(), nn.Linear(36, 2)),
+            shape=(3, 4, 4, 2),
+            broken=lambda m: _swap_in_out(m, "0"),
+            first_diverging="conv",
+            mismatch=lambda: nn.Sequential(
+                nn.Conv3d(2, 2, (1, 3, 2)), nn.Flatten(), nn.Linear(36, 2)
+            ),
+            mismatch_says="kernel_size: Keras (1, 2, 3) vs torch (1, 3, 2)",
+        ),
+        "rms normalization": Case(
+            keras=lambda d: _seq(
+                (5,),
+                d,
+                L.Dense(4, dtype=d, name="a"),
+                L.RMSNormalization(epsilon=1e-3, dtype=d, name="rms"),
+                L.Dense(2, dtype=d, name="b"),
+            ),
+            torch=lambda: nn.Sequential(nn.Linear(5, 4), nn.RMSNorm(4, eps=1e-3), nn.Linear(4, 2)),
+            shape=(5,),
+            # torch's RMSNorm default eps in the forward code
+            broken=lambda m: Net(
+                lambda s, x: s.b(F.rms_norm(s.a(x), (4,), s.rms.weight)), a=m[0], rms=m[1], b=m[2]
+            ),
+            first_diverging="rms",
+            mismatch=lambda: nn.Sequential(nn.Linear(5, 4), nn.RMSNorm(4), nn.Linear(4, 2)),
+            mismatch_says="torch eps=None",
+        ),
+        "instance norm (GroupNormalization, one group per channel)": Case(
+            keras=lambda d: _seq(
+                (4, 4, 3),
+                d,
+                L.Conv2D(3, 1, dtype=d, name="conv"),
+                L.GroupNormalization(-1, epsilon=1e-5, dtype=d, name="norm"),
+                L.Flatten(dtype=d, name="flat"),
+                L.Dense(2, dtype=d, name="head"),
+            ),
+            torch=lambda: nn.Sequential(
+                nn.Conv2d(3, 3, 1),
+                nn.InstanceNorm2d(3, affine=True),
+                nn.Flatten(),
+                nn.Linear(48, 2),
+            ),
+            shape=(4, 4, 3),
+            broken=lambda m: _swap_in_out(m, "0"),
+            first_diverging="conv",
+            mismatch=lambda: nn.Sequential(
+                nn.Conv2d(3, 3, 1),
+                nn.InstanceNorm2d(3, affine=True, track_running_stats=True),
+                nn.Flatten(),
+                nn.Linear(48, 2),
+            ),
+            mismatch_says="track_running_stats (Keras keeps no statistics): Keras False vs torch",
+        ),
+        "rescaling, dot attention, unit normalization in forward code": Case(
+            keras=lambda d: _functional((3, 4), d, _dot_attention),
+            torch=lambda: Net(
+                lambda s, x: s.b(
+                    F.normalize(
+                        torch.softmax((x * 0.5) @ s.a(x).transpose(1, 2), -1) @ s.a(x), dim=-1
+                    ).flatten(1)
+                ),
+                a=nn.Linear(4, 4),
+                b=nn.Linear(12, 2),
+            ),
+            shape=(3, 4),
+            # the Rescaling forgotten in the forward code: b is the first paired layer to differ
+            broken=_replace_forward(
+                lambda s, x: s.b(
+                    F.normalize(
+                        torch.softmax(x @ s.a(x).transpose(1, 2), -1) @ s.a(x), dim=-1
+                    ).flatten(1)
+                )
+            ),
+            first_diverging="b",
+            mismatch=lambda: Net(lambda s, x: s.b(s.a(x)), a=nn.Linear(4, 4), b=nn.Linear(4, 2)),
+            mismatch_says="'b' (Linear) do not compute the same function",
+        ),
+    }
+)
+
+
+def test_rescaling_by_a_non_float32_number_is_refused_in_float64() -> None:
+    """Keras' Rescaling casts its scale through float32 even in float64 (1/255 ->
+    0.0039215688): 2.3e-10 off on an input of 1, 6e-8 relative -- above the float64 claim, so
+    the check refuses it naming the cause; a float32-exact scale (1/256) passes."""
+    ones = np.ones((1, 1))
+    gap = float(L.Rescaling(1 / 255, dtype="float64")(ones).numpy()[0, 0]) - 1 / 255
+    assert 2.0e-10 < abs(gap) < 2.5e-10, gap
+    for scale, ok in ((1 / 255, False), (1 / 256, True)):
+        model = _seq(
+            (3,), "float64", L.Rescaling(scale, dtype="float64"), L.Dense(2, dtype="float64")
+        )
+        module = Net(lambda s, x, c=scale: s.d(x * c), d=nn.Linear(3, 2)).double()
+        x, y = np.random.default_rng(1).normal(size=(4, 3)), np.array([0, 1, 0, 1])
+        report = check_parity(model, module, x, y)
+        assert report.ok is ok, report.to_text()
+        assert ok or "rounds scale/offset" in report.rows[0].detail
+
+
+def test_transposed_conv_same_with_odd_crop_is_refused() -> None:
+    """Keras 'same' at kernel 3 stride 2 crops (0, 1) from the full output; torch's padding /
+    output_padding crop symmetrically then add at the end, so no ConvTranspose2d matches: a
+    failed pairing row naming the difference, not a near-miss comparison."""
+    layer = L.Conv2DTranspose(2, 3, strides=2, padding="same", dtype="float64")
+    keras_model = _seq((3, 3, 1), "float64", layer)
+    module = nn.ConvTranspose2d(1, 2, 3, stride=2, padding=1, output_padding=1).double()
+    x = np.ones((2, 3, 3, 1))
+    report = check_parity(keras_model, module, x, np.zeros((2, 6, 6), dtype=int))
+    assert [r.status for r in report.rows] == ["fail"]
+    assert "crops (before, after) [(0, 1), (0, 1)]" in report.rows[0].detail
+
+
+def test_documented_attention_scale_difference_is_pinned() -> None:
+    """Keras' MultiHeadAttention scales queries by 1/sqrt(key_dim) cast through float32, even in
+    float64 (1/sqrt(2) -> 0.70710676908...): ~8e-9 off torch's exact scale on unit-size inputs,
+    above the float64 claim, so the float64 check refuses a key_dim whose scale is not
+    float32-exact; at key_dim 4 (0.5) the two agree to round-off."""
+    x = np.random.default_rng(0).normal(size=(2, 5, 4))
+    for key_dim, low, high in ((2, 1e-9, 1e-7), (4, 0.0, 1e-15)):
+        layer = L.MultiHeadAttention(2, key_dim, dtype="float64")
+        keras_out = layer(x, x).numpy()
+        t = torch.from_numpy(x)
+        project = {
+            name: torch.einsum("btd,dhk->bthk", t, torch.from_numpy(dense.kernel.numpy()))
+            + torch.from_numpy(dense.bias.numpy())
+            for name, dense in (
+                ("q", layer.query_dense),
+                ("k", layer.key_dense),
+                ("v", layer.value_dense),
+            )
+        }
+        scores = torch.einsum("bthk,bshk->bhts", project["q"] / math.sqrt(key_dim), project["k"])
+        heads = torch.einsum("bhts,bshk->bthk", scores.softmax(-1), project["v"])
+        out = torch.einsum(
+            "bthk,hkd->btd", heads, torch.from_numpy(layer.output_dense.kernel.numpy())
+        )
+        gap = float(np.max(np.abs(out.numpy() + layer.output_dense.bias.numpy() - keras_out)))
+        assert low <= gap <= high, (key_dim, gap)
+    inputs = keras.Input((5, 4), dtype="float64")
+    keras_model = keras.Model(inputs, L.MultiHeadAttention(2, 2, dtype="float64")(inputs, inputs))
+    module = Net(
+        lambda s, x: s.attn(x, x, x)[0], attn=nn.MultiheadAttention(4, 2, batch_first=True)
+    )
+    report = check_parity(keras_model, module.double(), x, np.zeros((2, 5), dtype=int))
+    assert [r.status for r in report.rows] == ["fail"]
+    assert "1/sqrt(key_dim) rounded to float32" in report.rows[0].detail
+
+
+def test_bilinear_upsampling_pairs_in_float32_and_pins_float64() -> None:
+    """Keras bilinear UpSampling2D = torch ``align_corners=False`` (half-pixel centres):
+    a float32 pair passes at 1e-5. TensorFlow resizes in float32 even for float64 maps, ~1e-8
+    off an exact float64 interpolation, so the float64 check refuses it (naming the cause);
+    ``align_corners=True`` samples other points (>0.05 apart here) and is refused too."""
+    x = np.random.default_rng(5).normal(size=(1, 3, 3, 1))  # not float32 numbers
+    keras_out = L.UpSampling2D(2, interpolation="bilinear", dtype="float64")(x).numpy()
+    t = torch.from_numpy(x).permute(0, 3, 1, 2)
+    gaps = [
+        float(
+            np.max(
+                np.abs(
+                    F.interpolate(t, scale_factor=2, mode="bilinear", align_corners=corners)
+                    .permute(0, 2, 3, 1)
+                    .numpy()
+                    - keras_out
+                )
+            )
+        )
+        for corners in (False, True)
+    ]
+    assert 1e-10 < gaps[0] < 1e-6 and gaps[1] > 0.05, gaps
+    rng = seed_everything(47)
+    x32, y = rng.normal(size=(BATCH, 2, 2, 2)).astype("float32"), rng.integers(0, 2, BATCH)
+    assert_parity(
+        _upsampling_model("float32", "bilinear"), _upsample_net("bilinear", False), x32, y
+    )
+    for dtype, module, says in (
+        ("float64", _upsample_net("bilinear", False), "resizes in float32"),
+        ("float32", _upsample_net("bilinear", True), "align_corners"),
+    ):
+        model = _upsampling_model(dtype, "bilinear")
+        report = check_parity(model, module.to(getattr(torch, dtype)), x32.astype(dtype), y)
+        assert [r.status for r in report.rows] == ["fail"] and says in report.rows[0].detail
+
 
 def _data(case: Case, dtype: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     x = (
@@ -419,6 +859,16 @@ ACTIVATIONS: dict[str, tuple[Callable[[], Any], Callable[[], nn.Module]]] = {
     "sigmoid": (lambda: L.Activation("sigmoid"), nn.Sigmoid),
     "tanh": (lambda: L.Activation("tanh"), nn.Tanh),
     "softmax": (L.Softmax, lambda: nn.Softmax(dim=-1)),
+    "ReLU(max_value=6) <-> ReLU6": (lambda: L.ReLU(max_value=6.0), nn.ReLU6),
+    "relu6 <-> Hardtanh(0, 6)": (lambda: L.Activation("relu6"), lambda: nn.Hardtanh(0.0, 6.0)),
+    "ReLU(max_value=1.5) <-> Hardtanh(0, 1.5)": (
+        lambda: L.ReLU(max_value=1.5),
+        lambda: nn.Hardtanh(0.0, 1.5),
+    ),
+    "hard_swish": (lambda: L.Activation("hard_swish"), nn.Hardswish),
+    "mish": (lambda: L.Activation("mish"), nn.Mish),
+    "softplus": (lambda: L.Activation("softplus"), nn.Softplus),
+    "log_softmax": (lambda: L.Activation("log_softmax"), lambda: nn.LogSoftmax(dim=-1)),
 }
 
 
@@ -452,8 +902,10 @@ def test_activation_lambda_without_known_function_is_refused() -> None:
         (L.LeakyReLU(0.2), lambda: nn.LeakyReLU(0.2), "float32 0.20000000298"),
         ("gelu", lambda: KerasGELU("tanh"), "gelu approximate: Keras 'none' vs torch 'tanh'"),
         ("relu", lambda: nn.Tanh(), "activation: Keras relu vs torch tanh"),
+        (L.ReLU(max_value=1.5), lambda: nn.ReLU6(), "ReLU max_value: Keras 1.5 vs torch 6.0"),
+        ("relu", lambda: nn.ReLU6(), "activation: Keras relu vs torch clamp"),
     ],
-    ids=["gelu-float64", "leaky-float64", "gelu-approximate", "relu-tanh"],
+    ids=["gelu-float64", "leaky-float64", "gelu-approximate", "relu-tanh", "max6", "relu-relu6"],
 )
 def test_activation_mismatch_fails_at_pairing(keras_act: Any, torch_act: Any, says: str) -> None:
     report = check_parity(*_activation_pair(keras_act, torch_act(), "float64"))

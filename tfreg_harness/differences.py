@@ -23,6 +23,9 @@ BN moving variance     biased batch variance       unbiased: biased × n/(n-1)
 exact gelu (float64)   ``1/sqrt(2)`` as float32    exact ``1/sqrt(2)``: up to 5.0e-9 apart
 tanh gelu (float64)    ``0.044715`` as float32     exact: up to 9.0e-10 apart
 LeakyReLU slope        a float32 constant          a Python float: ~1.2e-8 apart at 0.2
+MultiHeadAttention     q/k/v kernel ``(d, H, h)``  rows of ``in_proj_weight`` ``(3Hh, d)``
+                       output ``(H, h, d)``        ``out_proj.weight`` ``(d, Hh)``
+attention mask         True = attend               True = ignore (``key_padding_mask``)
 Dropout masks          TF RNG stream               torch RNG stream (never equal: inject masks)
 loss dtype             floatx unless ``dtype=``    the logits' dtype
 =====================  ==========================  ==========================================
@@ -145,6 +148,12 @@ FRAMEWORK_DIFFERENCES = FrameworkDifferences(
                 to_torch=(3, 2, 0, 1),
                 to_keras=(2, 3, 1, 0),
             ),
+            "conv3d": Layout(
+                "(kd, kh, kw, in, out)",
+                "(out, in, kd, kh, kw)",
+                to_torch=(4, 3, 0, 1, 2),
+                to_keras=(2, 3, 4, 1, 0),
+            ),
             "sequences": Layout("(N, L, C)", "(N, C, L)", to_torch=(0, 2, 1), to_keras=(0, 2, 1)),
             "images": Layout(
                 "(N, H, W, C)", "(N, C, H, W)", to_torch=(0, 3, 1, 2), to_keras=(0, 2, 3, 1)
@@ -184,6 +193,25 @@ FRAMEWORK_DIFFERENCES = FrameworkDifferences(
             "Train with bias_hh frozen (requires_grad_(False)), or torch updates the sum twice.",
             "gru_gates": "Keras GRU gates are ordered (z, r, h), torch's (r, z, n); Keras "
             "reset_after=True applies the reset gate after the recurrent matmul, as torch does.",
+            "attention_mask": "Keras MultiHeadAttention's attention_mask is True where a query "
+            "may attend; torch nn.MultiheadAttention's key_padding_mask (and a boolean attn_mask) "
+            "is True where it may not: pass key_padding_mask=~keep for Keras' keep. A fully "
+            "masked row is uniform in Keras (it adds -1e9) and NaN in torch (-inf).",
+            "attention_scale": "Keras MultiHeadAttention scales queries by 1/sqrt(key_dim) "
+            "rounded to float32, even in float64 (1/sqrt(2) -> 0.70710676908); torch uses the "
+            "exact value: ~8e-9 apart on unit-size inputs. Float64 parity needs a key_dim whose "
+            "1/sqrt is a float32 number (1, 4, 16, 64, 256); float32 runs are unaffected.",
+            "transpose_padding": "Keras ConvTranspose 'same' crops k - s from the full output "
+            "(n - 1) s + k, total // 2 before; torch crops padding from both ends and adds "
+            "output_padding back at the end, so only an even k - s (padding=(k - s) // 2, "
+            "output_padding=0) or k == s matches; an odd k - s has no torch equivalent.",
+            "upsampling": "Keras UpSampling 'bilinear' resizes with half-pixel centres: torch "
+            "nn.Upsample(mode='bilinear', align_corners=False); align_corners=True samples "
+            "other points. 'nearest' repeats each value scale times in both. TensorFlow resizes "
+            "bilinear in float32 even for float64 maps (~1e-8 apart): float64 parity needs "
+            "'nearest'.",
+            "groupnorm_epsilon": "Keras GroupNormalization's epsilon defaults to 1e-3, torch "
+            "GroupNorm's eps to 1e-5: pass eps explicitly.",
             "weight_decay": "torch SGD/Adam weight_decay=wd is coupled and equals Keras L2(wd/2); "
             "AdamW and every Keras optimizer's weight_decay are decoupled "
             "(tfreg_core.conversions). Not under torch's maximize=True: decay still shrinks the "

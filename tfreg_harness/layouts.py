@@ -84,22 +84,22 @@ def dense_kernel_to_keras(weight: Any, *, flatten_from: Sequence[int] | None = N
 
 def _conv_transpose(array: Any, name: str, direction: str) -> np.ndarray:
     array = np.asarray(array)
-    layout = {3: "conv1d", 4: "conv2d"}.get(array.ndim)
+    layout = {3: "conv1d", 4: "conv2d", 5: "conv3d"}.get(array.ndim)
     if layout is None:
         raise InvalidArgumentError(
-            f"Invalid value for argument {name}: expected a 1-D (rank 3) or 2-D (rank 4) "
+            f"Invalid value for argument {name}: expected a 1-D, 2-D or 3-D (rank 3 to 5) "
             f"convolution {name}. Received: {name}.shape={array.shape}"
         )
     return np.ascontiguousarray(array.transpose(getattr(_LAYOUTS[layout], direction)))
 
 
 def conv_kernel_to_torch(kernel: Any) -> np.ndarray:
-    """Keras Conv1D/2D kernel ``(*k, in/groups, out)`` -> torch weight ``(out, in/groups, *k)``."""
+    """Keras ConvND kernel ``(*k, in/groups, out)`` -> torch weight ``(out, in/groups, *k)``."""
     return _conv_transpose(kernel, "kernel", "to_torch")
 
 
 def conv_kernel_to_keras(weight: Any) -> np.ndarray:
-    """torch Conv1d/2d weight ``(out, in/groups, *k)`` -> Keras kernel ``(*k, in/groups, out)``."""
+    """torch ConvNd weight ``(out, in/groups, *k)`` -> Keras kernel ``(*k, in/groups, out)``."""
     return _conv_transpose(weight, "weight", "to_keras")
 
 
@@ -111,6 +111,23 @@ def conv2d_kernel_to_torch(kernel: Any) -> np.ndarray:
 def conv2d_kernel_to_keras(weight: Any) -> np.ndarray:
     """torch Conv2d weight ``(out, in, kh, kw)`` -> Keras Conv2D kernel ``(kh, kw, in, out)``."""
     return conv_kernel_to_keras(_array(weight, "weight", 4))
+
+
+def _transpose_kernel_axes(ndim: int) -> tuple[int, ...]:
+    return (ndim - 1, ndim - 2, *range(ndim - 2))
+
+
+def conv_transpose_kernel_to_torch(kernel: Any) -> np.ndarray:
+    """Keras Conv1D/2D/3DTranspose kernel ``(*k, out, in)`` -> torch ConvTranspose weight
+    ``(in, out, *k)`` (groups 1; neither framework flips the kernel)."""
+    array = np.asarray(kernel)
+    return np.ascontiguousarray(array.transpose(_transpose_kernel_axes(array.ndim)))
+
+
+def conv_transpose_kernel_to_keras(weight: Any) -> np.ndarray:
+    """Inverse of :func:`conv_transpose_kernel_to_torch`."""
+    array = np.asarray(weight)
+    return np.ascontiguousarray(array.transpose(np.argsort(_transpose_kernel_axes(array.ndim))))
 
 
 def depthwise_kernel_to_torch(kernel: Any) -> np.ndarray:
@@ -154,6 +171,32 @@ def recurrent_kernel_to_keras(weight: Any, perm: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(_array(weight, "weight", 2)[np.argsort(perm)].T)
 
 
+def attention_projection_to_torch(kernel: Any) -> np.ndarray:
+    """Keras MultiHeadAttention query/key/value kernel ``(d, heads, head_dim)`` -> torch's
+    ``(heads * head_dim, d)`` rows of ``in_proj_weight`` (heads consecutive, as torch splits)."""
+    array = _array(kernel, "kernel", 3)
+    return np.ascontiguousarray(array.reshape(array.shape[0], -1).T)
+
+
+def attention_projection_to_keras(weight: Any, *, heads: int) -> np.ndarray:
+    """Inverse of :func:`attention_projection_to_torch`."""
+    array = _array(weight, "weight", 2)
+    return np.ascontiguousarray(array.T.reshape(array.shape[1], heads, -1))
+
+
+def attention_output_to_torch(kernel: Any) -> np.ndarray:
+    """Keras MultiHeadAttention output kernel ``(heads, head_dim, d)`` -> torch
+    ``out_proj.weight`` ``(d, heads * head_dim)``."""
+    array = _array(kernel, "kernel", 3)
+    return np.ascontiguousarray(array.reshape(-1, array.shape[2]).T)
+
+
+def attention_output_to_keras(weight: Any, *, heads: int) -> np.ndarray:
+    """Inverse of :func:`attention_output_to_torch`."""
+    array = _array(weight, "weight", 2)
+    return np.ascontiguousarray(array.T.reshape(heads, -1, array.shape[0]))
+
+
 def same_padding(size: int, kernel: int, stride: int = 1, dilation: int = 1) -> tuple[int, int]:
     """``(before, after)`` zeros TensorFlow's ``padding="same"`` adds along one axis of length
     ``size``: ``total = max((ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 -
@@ -194,10 +237,16 @@ def to_keras_output(y: Any) -> np.ndarray:
 
 
 __all__ = [
+    "attention_output_to_keras",
+    "attention_output_to_torch",
+    "attention_projection_to_keras",
+    "attention_projection_to_torch",
     "conv2d_kernel_to_keras",
     "conv2d_kernel_to_torch",
     "conv_kernel_to_keras",
     "conv_kernel_to_torch",
+    "conv_transpose_kernel_to_keras",
+    "conv_transpose_kernel_to_torch",
     "dense_kernel_to_keras",
     "dense_kernel_to_torch",
     "depthwise_kernel_to_keras",

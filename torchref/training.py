@@ -438,6 +438,8 @@ class _WindowLoss:
     def check_labels(self, labels: Any, y_pred: torch.Tensor, where: str) -> None:
         """Class-index labels (host arrays/tensors) in ``[0, classes)`` or ``ignore_index``,
         refused naming ``where`` before the micro-batch is added."""
+        if not isinstance(y_pred, torch.Tensor):  # several outputs: `_targets` reads or refuses
+            return
         if self.targets not in ("index", "index_or_probabilities") or y_pred.ndim < 2:
             return
         if isinstance(labels, torch.Tensor):

@@ -286,6 +286,15 @@ def check_parity(
             [Row("layer pairing and configuration", dtype, device, "fail", detail=str(exc))]
         )
         return report
+    trained = [name for p in pairs if p.trainable for name in p.trained_frozen()]
+    if steps and trained:  # before any weight moves
+        detail = (
+            f"{', '.join(trained)} train in torch but have no Keras variable. {note('lstm_bias')}"
+        )
+        report.extend(
+            [Row("torch tensors without a Keras variable", dtype, device, "fail", detail=detail)]
+        )
+        return report
     loss_terms(pair.pairing().outputs, loss, loss_weights)  # bad loss / loss_weights: refused
     one_rtol = resolve_rtol("model_cross", dtype, rtol)
     report.extend(_failures(trainable_mismatches(pairs), dtype, device))

@@ -67,8 +67,10 @@ def _wrapped(layer: Any, trace: KerasTrace, split: bool, mask: np.ndarray | None
 
     def call(*args: Any, **kwargs: Any) -> Any:
         inputs = args[0] if args else next(iter(kwargs.values()))
-        if key not in trace.input_shapes and hasattr(inputs, "shape"):
-            trace.input_shapes[key] = _shape(inputs)
+        # a merge layer (Add, Concatenate) takes a list: its first tensor's shape stands in
+        first = inputs[0] if isinstance(inputs, (list, tuple)) and inputs else inputs
+        if key not in trace.input_shapes and hasattr(first, "shape"):
+            trace.input_shapes[key] = _shape(first)
             trace.inputs[key] = inputs
         if mask is not None and kwargs.get("training"):
             x = tf.convert_to_tensor(inputs)

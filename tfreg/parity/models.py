@@ -197,6 +197,16 @@ def torch_loss(logits: Any, labels: Any, *, loss: str = "sparse_categorical_cros
     target = torch.as_tensor(np.asarray(labels), device=logits.device)
     if target.is_floating_point():
         target = target.to(logits.dtype)
+    shape, per_step = tuple(target.shape), tuple(logits.shape)
+    if (
+        not target.is_floating_point()
+        and logits.ndim > 2
+        and shape == per_step[:-1]
+        and shape != per_step[:1] + per_step[2:]
+    ):
+        # per-step logits (batch, steps, classes), a tagger's: torch's losses take classes at
+        # dim 1 (an image map (batch, classes, H, W) already has them there)
+        logits = logits.movedim(-1, 1)
     return per_example_loss(LOSS_PAIRS[_loss_name(loss)][1])(logits, target).mean()
 
 
@@ -510,10 +520,11 @@ def settle_flatten_orders(pair: ModelPair, x: Any, *, rtol: float) -> list[tuple
 
 
 def _host(output: Any) -> Any:
-    """A module's output (a tensor, or nested tuples of them: LSTM's) as NumPy arrays."""
+    """A module's output (a tensor, or nested tuples of them: LSTM's) as NumPy arrays; ``None``
+    stays (nn.MultiheadAttention's weights with ``need_weights=False``)."""
     if isinstance(output, tuple):
         return tuple(_host(o) for o in output)
-    return torch_to_numpy(output)
+    return None if output is None else torch_to_numpy(output)
 
 
 def torch_output_in_keras_layout(
@@ -679,8 +690,9 @@ def compare_layers(
     (the pair is not what computes)."""
     records = []
     for i, match in enumerate(pairing.matches):
-        if match.torch_module is None:
-            continue
+        index, count = match.context.torch_layer
+        if match.torch_module is None or index < count - 1:
+            continue  # forward code, or an inner layer of a stacked torch RNN (seen by the last)
         kind = type(match.keras_layer).__name__
         if i not in torch_eval.layers:
             # The paired module exists but forward never called it: torch computed this layer

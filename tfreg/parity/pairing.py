@@ -104,7 +104,39 @@ def keras_layers(model: Any) -> list[Any]:
 
 
 def torch_leaves(module: Any) -> list[tuple[str, Any]]:
-    return [(name, m) for name, m in module.named_modules() if next(m.children(), None) is None]
+    """Leaf modules in ``named_modules()`` order; a module of a registered class counts as one
+    leaf with its children (``nn.MultiheadAttention`` holds ``out_proj``)."""
+    units = torch_classes()
+    out: list[tuple[str, Any]] = []
+    inside: str | None = None  # name prefix of the registered unit being skipped
+    for name, m in module.named_modules():
+        if inside is not None and name.startswith(inside):
+            continue
+        has_children = next(m.children(), None) is not None
+        if not has_children or isinstance(m, units):
+            out.append((name, m))
+            inside = f"{name}." if name and has_children else ("" if has_children else None)
+    return out
+
+
+def _branch_leaf(
+    leaves: list[tuple[str, Any]], j: int, kinds: tuple[type, ...], used: set[int]
+) -> int | None:
+    """Keras orders a functional model's layers by graph depth, so two parallel branches
+    interleave (a ResNet's projection-shortcut conv comes between the main path's conv2 and
+    bn2), while torch's definition order keeps each branch together. When leaf ``j`` is of
+    another kind, the first unused leaf of the wanted kind in the same top-level block (the
+    name's first component: ``layer2.downsample.0`` for ``layer2.bn2``) is that branch's layer."""
+    if isinstance(leaves[j][1], kinds):
+        return None
+    block = leaves[j][0].split(".")[0]
+    for k in range(j + 1, len(leaves)):
+        name, module = leaves[k]
+        if name.split(".")[0] != block or "." not in name:
+            return None
+        if k not in used and isinstance(module, kinds):
+            return k
+    return None
 
 
 def _holds_weights(module: Any) -> bool:
@@ -241,6 +273,7 @@ def pair_layers(
         state = torch_input == "channels_first"
     input_state = state
     flatten_from: tuple[int, ...] | None = None
+    stacked: tuple[str, Any, int, int] | None = None  # (name, module, next layer, layers)
     matches: list[LayerMatch] = []
     pending: list[tuple[str, Any]] = []
     used: set[int] = set()  # leaves paired through layer_map, wherever they sit
@@ -271,7 +304,16 @@ def pair_layers(
             torch_channels_first=state,
         )
         candidate: tuple[str, Any] | None = None
-        if layer.name in layer_map:
+        if stacked is not None and weighted:
+            name, module, position, count = stacked
+            if entry.torch_layers is None or not isinstance(module, entry.torch_cls):
+                raise PairingError(
+                    f"{_describe(name, module)} computes {count} stacked layers but only "
+                    f"{position} Keras layer(s) pair with it; the next is {_keras(layer)}"
+                )
+            candidate, ctx = (name, module), replace(ctx, torch_layer=(position, count))
+            stacked = (name, module, position + 1, count) if position + 1 < count else None
+        elif layer.name in layer_map:
             target = layer_map[layer.name]
             if target is not None:
                 if target not in index:
@@ -303,7 +345,12 @@ def pair_layers(
                     f"{_keras(layer)} holds weights but the torch module has no layer left to "
                     "pair it with"
                 )
-            candidate, j = leaves[j], j + 1
+            branch = _branch_leaf(leaves, j, entry.torch_cls, used)
+            if branch is not None:  # a parallel branch's layer: j stays on the main path
+                candidate = leaves[branch]
+                used.add(branch)
+            else:
+                candidate, j = leaves[j], j + 1
             if not isinstance(candidate[1], entry.torch_cls):
                 expected = " or ".join(c.__name__ for c in entry.torch_cls)
                 raise pair_error(layer, *candidate, f"it pairs with torch {expected}")
@@ -311,6 +358,11 @@ def pair_layers(
             candidate, j = leaves[j], j + 1
 
         ctx = replace(ctx, torch_before=tuple(pending))  # the leaves the walk passed over
+        if candidate is not None and ctx.torch_layer == (0, 1) and entry.torch_layers:
+            count = entry.torch_layers(candidate[1])
+            if count > 1:  # the next count - 1 Keras layers pair with the same module
+                ctx = replace(ctx, torch_layer=(0, count))
+                stacked = (*candidate, 1, count)
         if candidate is not None:
             problem = entry.problem(layer, candidate[1], ctx)
             if problem:
@@ -357,6 +409,12 @@ def pair_layers(
                 LayerMatch(layer, act_name, act_module, entry, act_ctx, state, "activation")
             )
 
+    if stacked is not None:
+        name, module, position, count = stacked
+        raise PairingError(
+            f"{_describe(name, module)} computes {count} stacked layers but only {position} Keras "
+            "layer(s) pair with it"
+        )
     for k, (name, module) in enumerate(leaves):
         if k >= j and k not in used and _holds_weights(module):
             raise PairingError(

@@ -41,6 +41,10 @@ class Weight:
     one. ``grad_to_keras`` maps torch gradients to the Keras variable's gradient: the adjoint of
     ``to_torch``, which equals ``to_keras`` for the permutations and transposes of most kinds
     (default); it differs where torch holds a redundant copy (LSTM's second bias).
+    ``torch_frozen``: those of ``torch`` with no Keras variable of their own (LSTM's ``bias_hh``,
+    zeroed by the transfer): they must not train, or torch moves the sum Keras holds as one
+    variable twice per step; a trajectory run refuses them while they require gradients. A torch
+    path may end in ``[start:stop]``: rows of a packed tensor (``in_proj_weight[0:8]``).
     """
 
     keras: str
@@ -48,6 +52,7 @@ class Weight:
     to_torch: Callable[[Any], Any] = _identity
     to_keras: Callable[[Any], Any] = _identity
     grad_to_keras: Callable[[Any], Any] | None = None
+    torch_frozen: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,9 @@ class Context:
     before a "same" convolution). ``flatten_from``: the channels-last shape a Keras Flatten
     consumed right before this layer while torch held the map channels first (the next Dense
     needs its rows permuted). ``torch_channels_first``: whether torch's input to this layer is
-    channels first. ``dtype``: the model's float dtype.
+    channels first. ``dtype``: the model's float dtype. ``torch_layer``: ``(index, count)`` when
+    one torch module computes ``count`` consecutive Keras layers (``nn.LSTM(num_layers=2)`` for
+    two stacked Keras LSTMs) and this pair is layer ``index`` of it.
     """
 
     dtype: str
@@ -69,6 +76,7 @@ class Context:
     torch_before: tuple[tuple[str, Any], ...] = ()
     flatten_from: tuple[int, ...] | None = None
     torch_channels_first: bool = False
+    torch_layer: tuple[int, int] = (0, 1)
 
 
 TransferSpec = Sequence[Weight] | Callable[[Any, Any, Context], Sequence[Weight]]
@@ -88,6 +96,7 @@ class LayerPair:
     output: OutputFn | None = None
     fused_activation: bool = False
     torch_optional: bool = False
+    torch_layers: Callable[[Any], int] | None = None
 
     def weights(self, keras_layer: Any, torch_module: Any, ctx: Context) -> list[Weight]:
         spec = self.transfer
@@ -110,6 +119,7 @@ def register_layer_pair(
     output: OutputFn | None = None,
     fused_activation: bool = False,
     torch_optional: bool = False,
+    torch_layers: Callable[[Any], int] | None = None,
 ) -> LayerPair:
     """Register (or replace) how a Keras layer class pairs with torch module class(es).
 
@@ -129,6 +139,9 @@ def register_layer_pair(
     - ``torch_optional``: a weightless Keras layer that torch usually computes in ``forward``
       (``x.flatten(1)``, ``F.relu``): with no matching torch leaf next, it stays unpaired.
       Layers holding weights always need a counterpart.
+    - ``torch_layers(torch_module)``: how many consecutive Keras layers of this family one
+      torch module computes (``nn.LSTM(num_layers=2)``: 2); the walk pairs them all with it,
+      each told its ``Context.torch_layer``. Only the last one's output is compared directly.
     """
     classes = tuple(torch_cls) if isinstance(torch_cls, (tuple, list)) else (torch_cls,)
     if not isinstance(keras_cls, type) or not all(isinstance(c, type) for c in classes):
@@ -151,6 +164,7 @@ def register_layer_pair(
         output=output,
         fused_activation=fused_activation,
         torch_optional=torch_optional,
+        torch_layers=torch_layers,
     )
     _REGISTRY[keras_cls] = entry
     return entry
@@ -181,12 +195,43 @@ def torch_classes() -> tuple[type, ...]:
     return tuple({c for entry in registered().values() for c in entry.torch_cls})
 
 
+def kind_list(builtin_only: bool = True) -> str:
+    """The registered kinds as a Markdown list: one line per set of torch classes, naming the
+    Keras classes that pair with it (``- `Conv2D`, `DepthwiseConv2D` ↔ `Conv2d` ``), with
+    "or forward code" where torch may compute the layer in ``forward`` without a module. The
+    README's list is this function's output (a test keeps them equal). ``builtin_only``: leave
+    out kinds registered by users or tests."""
+    groups: dict[tuple[tuple[str, ...], bool], list[str]] = {}
+    for keras_cls, entry in registered().items():
+        if builtin_only and not entry_is_builtin(entry):
+            continue
+        key = (tuple(c.__name__ for c in entry.torch_cls), entry.torch_optional)
+        groups.setdefault(key, []).append(keras_cls.__name__)
+    lines = []
+    for (torch_names, optional), keras_names in groups.items():
+        torch = " / ".join(f"`{n}`" for n in torch_names)
+        if optional:
+            torch = f"{torch} or forward code" if torch else "forward code"
+        keras = ", ".join(f"`{n}`" for n in sorted(keras_names, key=str.lower))
+        lines.append(f"- {keras} ↔ {torch}")
+    return "\n".join(sorted(lines, key=str.lower))
+
+
+def entry_is_builtin(entry: LayerPair) -> bool:
+    """Whether ``entry`` was registered by ``tfreg.parity.kinds`` (not by a user)."""
+    return entry in _BUILTIN
+
+
+_BUILTIN: list[LayerPair] = []  # filled by tfreg.parity.kinds after its registrations
+
+
 __all__ = [
     "TORCH_LAYOUTS",
     "Context",
     "LayerPair",
     "TorchLayout",
     "Weight",
+    "kind_list",
     "layer_pair_for",
     "register_layer_pair",
     "registered",

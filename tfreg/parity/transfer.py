@@ -27,9 +27,50 @@ def torch_to_numpy(tensor: Any) -> np.ndarray:
     return tensor.detach().cpu().numpy()
 
 
+class TensorRows:
+    """Rows ``start:stop`` of a torch parameter, standing in for a tensor of its own: torch packs
+    several Keras variables into one (``nn.MultiheadAttention.in_proj_weight`` holds the q, k and
+    v projections). Reads, gradients and copies go to those rows of ``base``."""
+
+    def __init__(self, base: Any, start: int, stop: int) -> None:
+        self.base, self.start, self.stop = base, start, stop
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.base[self.start : self.stop].shape)
+
+    @property
+    def dtype(self) -> Any:
+        return self.base.dtype
+
+    @property
+    def device(self) -> Any:
+        return self.base.device
+
+    @property
+    def requires_grad(self) -> bool:
+        return bool(self.base.requires_grad)
+
+    @property
+    def grad(self) -> Any:
+        grad = self.base.grad
+        return None if grad is None else grad[self.start : self.stop]
+
+    def detach(self) -> Any:
+        return self.base.detach()[self.start : self.stop]
+
+    def copy_(self, value: Any) -> Any:
+        return self.base[self.start : self.stop].copy_(value)
+
+
 def _resolve(obj: Any, path: str) -> Any:
+    """``obj.a.b``; a torch path may end in ``[start:stop]`` (rows of a packed tensor)."""
+    path, _, rows = path.partition("[")
     for part in path.split("."):
         obj = getattr(obj, part)
+    if rows:
+        start, stop = (int(n) for n in rows.rstrip("]").split(":"))
+        return TensorRows(obj, start, stop)
     return obj
 
 
@@ -51,6 +92,15 @@ class ParameterPair:
     to_torch: Callable[[np.ndarray], Any]
     to_keras: Callable[[Any], np.ndarray]
     grad_to_keras: Callable[[Any], np.ndarray]
+    torch_frozen: tuple[str, ...] = ()
+
+    def trained_frozen(self) -> list[str]:
+        """The ``torch_frozen`` tensors (see ``registry.Weight``) that still require gradients."""
+        return [
+            name
+            for name, tensor in zip(self.torch_names, self.torch_tensors, strict=True)
+            if name in self.torch_frozen and tensor.requires_grad
+        ]
 
     @property
     def trainable(self) -> bool:
@@ -131,6 +181,7 @@ def pairs_from(pairing: Pairing) -> list[ParameterPair]:
                 weight.to_torch,
                 weight.to_keras,
                 weight.grad_to_keras or weight.to_keras,
+                tuple(prefix + n for n in weight.torch_frozen),
             )
             keras_shape = tuple(int(d) for d in variable.shape)
             converted = [a.shape for a in pair.torch_arrays(np.zeros(keras_shape))]

@@ -1,0 +1,118 @@
+"""Attention kinds: Keras ``MultiHeadAttention`` <-> ``nn.MultiheadAttention(batch_first=True)``.
+
+Compared per projection: Keras' query/key/value kernels ``(d, heads, head_dim)`` are the row
+blocks q; k; v of torch's ``in_proj_weight`` ``(3 * heads * head_dim, d)`` (biases ``(heads,
+head_dim)`` the blocks of ``in_proj_bias``), the output kernel ``(heads, head_dim, d)`` is
+``out_proj.weight`` transposed. Masks are the forward code's business and differ in sign (Keras
+``attention_mask`` True = attend, torch ``key_padding_mask`` True = ignore: see the note
+``attention_mask``); a wrong mask shows in the attention layer's own output comparison.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from tfreg.parity.kinds._common import L, first_mismatch
+from tfreg.parity.registry import Context, Weight, register_layer_pair
+from tfreg_harness.differences import note
+from tfreg_harness.layouts import (
+    attention_output_to_keras,
+    attention_output_to_torch,
+    attention_projection_to_keras,
+    attention_projection_to_torch,
+)
+
+
+def _attention_weights(k: Any, t: Any, ctx: Context) -> list[Weight]:
+    heads = int(k.num_heads)
+    width = heads * int(k.key_dim)  # torch's embed_dim (the check holds it)
+    out: list[Weight] = []
+    for i, name in enumerate(("query_dense", "key_dense", "value_dense")):
+        rows = f"[{i * width}:{(i + 1) * width}]"
+        out.append(
+            Weight(
+                f"{name}.kernel",
+                f"in_proj_weight{rows}",
+                attention_projection_to_torch,
+                lambda a: attention_projection_to_keras(a, heads=heads),
+            )
+        )
+        if k.use_bias:
+            out.append(
+                Weight(
+                    f"{name}.bias",
+                    f"in_proj_bias{rows}",
+                    lambda a: a.reshape(-1),
+                    lambda a: a.reshape(heads, -1),
+                )
+            )
+    out.append(
+        Weight(
+            "output_dense.kernel",
+            "out_proj.weight",
+            attention_output_to_torch,
+            lambda a: attention_output_to_keras(a, heads=heads),
+        )
+    )
+    if k.use_bias:
+        out.append(Weight("output_dense.bias", "out_proj.bias"))
+    return out
+
+
+def _attention_problem(k: Any, t: Any, ctx: Context) -> str | None:
+    if len(ctx.input_shape) != 3:
+        return f"input rank {len(ctx.input_shape)}: only (batch, length, features) maps to torch"
+    value_dim = k.value_dim if k.value_dim is not None else k.key_dim
+    problem = first_mismatch(
+        [
+            ("num_heads", int(k.num_heads), int(t.num_heads)),
+            ("num_heads * key_dim / embed_dim", int(k.num_heads) * int(k.key_dim), t.embed_dim),
+            ("value_dim / head_dim", int(value_dim), int(t.head_dim)),
+            ("query features / embed_dim", int(ctx.input_shape[-1]), t.embed_dim),
+            ("output_shape / embed_dim", None, k.get_config().get("output_shape")),
+            ("attention_axes", (1,), tuple(k.attention_axes or (1,))),
+            ("batch_first", True, t.batch_first),
+            ("use_bias", bool(k.use_bias), t.in_proj_bias is not None),
+            ("key/value features (kdim, vdim)", True, t._qkv_same_embed_dim),
+            ("add_bias_kv", False, t.bias_k is not None),
+            ("add_zero_attn", False, t.add_zero_attn),
+            ("dropout (no mask injection)", (0.0, 0.0), (float(k.dropout), float(t.dropout))),
+        ]
+    )
+    scale = 1.0 / math.sqrt(int(k.key_dim))
+    if problem is None and ctx.dtype == "float64" and float(np.float32(scale)) != scale:
+        problem = f"key_dim {k.key_dim}: {note('attention_scale')}"
+    return problem
+
+
+def _attention_output(y: Any, k: Any, ctx: Context) -> Any:
+    return y[0] if isinstance(y, tuple) else y  # torch returns (output, weights or None)
+
+
+register_layer_pair(
+    L.MultiHeadAttention,
+    nn.MultiheadAttention,
+    transfer=_attention_weights,
+    check=_attention_problem,
+    torch_layout="channels_last",
+    output=_attention_output,
+)
+
+
+def _dot_attention_problem(k: Any, t: Any, ctx: Context) -> str | None:
+    # weightless dot-product attention is forward code (softmax(q k^T) v); a learned scale or
+    # concat score has a Keras variable torch would need a module for
+    return first_mismatch(
+        [
+            ("use_scale (a learned Keras variable)", False, bool(k.use_scale)),
+            ("score_mode", "dot", k.score_mode),
+            ("dropout (no mask injection)", 0.0, float(k.dropout)),
+        ]
+    )
+
+
+register_layer_pair(L.Attention, (), check=_dot_attention_problem, torch_optional=True)
