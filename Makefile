@@ -15,7 +15,7 @@ DOCS_STAMP := $(VENV)/.installed-docs
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONHASHSEED ?= 0
 
-.PHONY: demo test lint format bench examples docs docs-images clean wheel-check
+.PHONY: demo test test-slow lint format bench examples docs docs-images clean wheel-check
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,8 +31,13 @@ $(DOCS_STAMP): $(STAMP)
 demo: $(STAMP)
 	$(PY) -m tfreg.parity --quick
 
+# The suite minus the `slow` sweeps (the long seed sweeps and benchmark smoke runs), kept under
+# ~10 minutes on 2 cores; CI runs `make test-slow` after it, so every test runs in CI.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
