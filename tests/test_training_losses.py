@@ -321,11 +321,11 @@ def test_float16_overflow_skips_the_window_and_halves_the_scale(rng, policy, fro
 
 
 def test_readme_masked_sequence_example_runs() -> None:
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    blocks = [b.split("```", 1)[0] for b in readme.split("```python")[1:]]
-    (code,) = [b for b in blocks if "# readme: masked-sequence" in b]
+    page = Path(__file__).resolve().parents[1] / "docs" / "guides" / "accumulation.md"
+    blocks = [b.split("```", 1)[0] for b in page.read_text().split("```python")[1:]]
+    (code,) = [b for b in blocks if "mask_zero=True" in b and "accumulation_steps=3" in b]
     namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)
+    exec(compile(code, str(page), "exec"), namespace)
     logs = namespace["logs"]
     assert len(logs["loss"]) == 2 and np.isfinite(logs["loss"]).all()
     assert int(namespace["wrapped"].optimizer.iterations.numpy()) == 2 * 3  # 7 micro-batches: 3+3+1
