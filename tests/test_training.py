@@ -1,7 +1,7 @@
-"""tfreg.Trainer and tfreg.AccumulatingModel against a NumPy least-squares reference.
-
-The reference spells its windows out by hand (indices, not ``tfreg_core.windows``) and its gradient
-in closed form, so a wrong plan, a wrong scale or a per-micro-batch step all show up.
+"""tfreg.Trainer's and tfreg.AccumulatingModel's TF-only cases against a NumPy least-squares
+reference (``_twins.numpy_sgd``: windows spelled out by hand, gradient in closed form): tracing,
+XLA, checkpoints, Keras' model checks, mixed precision and ``model.fit``. The window rules both
+twins share run in ``test_trainer_cases.py``.
 """
 
 from __future__ import annotations
@@ -10,101 +10,24 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from _twins import EXACT, LR, WINDOWS, numpy_sgd, tf_twin, window_data
 
 import tfreg
 from tfreg_core import InvalidArgumentError
-from tfreg_harness import assert_close, tolerance
+from tfreg_harness import assert_close
 
-EXACT = tolerance("accumulation", "float64")
-LR = 0.125  # exact in float32, so Keras' float32 learning-rate variable does not round it
-N, D = 19, 3
-# batch_size=4, accumulation_steps=3: micro-batches 4,4,4 | 4,3 -> windows of 12 and 7 examples
-WINDOWS = [np.arange(0, 12), np.arange(12, 19)]
-
-
-def linear_model(w: np.ndarray, b: float) -> keras.Model:
-    model = keras.Sequential(
-        [keras.Input((D,), dtype="float64"), keras.layers.Dense(1, dtype="float64")]
-    )
-    model.set_weights([w.reshape(D, 1), np.array([b])])
-    return model
+linear_model = tf_twin().linear
 
 
 @pytest.fixture
 def data() -> tuple[np.ndarray, ...]:
-    rng = np.random.default_rng(7)
-    x = rng.normal(size=(N, D))
-    y = rng.normal(size=(N, 1))
-    sw = rng.uniform(0.5, 2.0, size=N)
-    w = rng.normal(size=D)
-    return x, y, sw, w
-
-
-def numpy_sgd(
-    x, y, sw, w, b, *, epochs, windows=WINDOWS, l2=0.0, global_clipnorm=None, prox_l1=0.0
-):
-    w, b = w.copy(), float(b)
-    for _ in range(epochs):
-        for idx in windows:
-            r = (x[idx] @ w + b - y[idx, 0]) * sw[idx]
-            gw = 2 * x[idx].T @ r / len(idx) + 2 * l2 * w
-            gb = 2 * r.sum() / len(idx)
-            if global_clipnorm is not None:
-                scale = global_clipnorm / max(np.sqrt(gw @ gw + gb * gb), global_clipnorm)
-                gw, gb = gw * scale, gb * scale
-            w, b = w - LR * gw, b - LR * gb
-            w = np.sign(w) * np.maximum(np.abs(w) - LR * prox_l1, 0.0)  # kernel only
-    return w, b
+    return window_data()
 
 
 def trainer(model: keras.Model, **kwargs) -> tfreg.Trainer:
     return tfreg.Trainer(
         model, "mean_squared_error", keras.optimizers.SGD(LR), accumulation_steps=3, **kwargs
     )
-
-
-def test_windows_and_short_last_window_match_numpy(data) -> None:
-    x, y, sw, w = data
-    model = linear_model(w, 0.3)
-    t = trainer(model)
-    history = t.fit(x, y, batch_size=4, epochs=2, shuffle=False, sample_weight=sw, verbose=0)
-    expected_w, expected_b = numpy_sgd(x, y, sw, w, 0.3, epochs=2)
-    assert_close("kernel", model.get_weights()[0][:, 0], expected_w, rtol=EXACT.rtol)
-    assert_close("bias", model.get_weights()[1], [expected_b], rtol=EXACT.rtol)
-    assert [r["examples"] for r in history.records] == [12, 7, 12, 7]
-    assert int(t.optimizer.iterations.numpy()) == 4  # updates, not micro-batches
-
-
-def test_drop_remainder_skips_the_short_window(data) -> None:
-    x, y, sw, w = data
-    model = linear_model(w, 0.3)
-    t = trainer(model, drop_remainder=True)
-    history = t.fit(x, y, batch_size=4, epochs=2, shuffle=False, sample_weight=sw, verbose=0)
-    expected_w, _ = numpy_sgd(x, y, sw, w, 0.3, epochs=2, windows=WINDOWS[:1])
-    assert_close("kernel", model.get_weights()[0][:, 0], expected_w, rtol=EXACT.rtol)
-    assert len(history) == 2 and int(t.optimizer.iterations.numpy()) == 2
-
-
-def test_penalty_and_clipping_once_per_update(data) -> None:
-    x, y, sw, w = data
-    model = linear_model(w, 0.3)
-    t = trainer(model, regularizer=tfreg.L2(0.25), global_clipnorm=0.5)
-    history = t.fit(x, y, batch_size=4, epochs=2, shuffle=False, sample_weight=sw, verbose=0)
-    expected_w, _ = numpy_sgd(x, y, sw, w, 0.3, epochs=2, l2=0.25, global_clipnorm=0.5)
-    assert_close("kernel", model.get_weights()[0][:, 0], expected_w, rtol=EXACT.rtol)
-    assert history.records[0]["penalty"] == pytest.approx(0.25 * np.sum(w**2), rel=1e-15)
-
-
-def test_proximal_l1_once_per_update(data) -> None:
-    x, y, sw, w = data
-    model = linear_model(w, 0.3)
-    t = trainer(model, proximal=tfreg.ProximalL1(l1=0.3))
-    t.fit(x, y, batch_size=4, epochs=2, shuffle=False, sample_weight=sw, verbose=0)
-    expected_w, expected_b = numpy_sgd(x, y, sw, w, 0.3, epochs=2, prox_l1=0.3)
-    assert_close("kernel", model.get_weights()[0][:, 0], expected_w, rtol=EXACT.rtol)
-    assert_close("bias", model.get_weights()[1], [expected_b], rtol=EXACT.rtol)
-    assert np.count_nonzero(expected_w == 0.0) >= 1  # the case exercises real zeros
-    np.testing.assert_array_equal(model.get_weights()[0][:, 0] == 0.0, expected_w == 0.0)
 
 
 def test_loss_and_metric_records_are_window_values() -> None:
@@ -138,32 +61,6 @@ def test_no_retrace_across_updates_and_the_short_window(data) -> None:
     t = trainer(linear_model(w, 0.3))
     t.fit(x, y, batch_size=4, epochs=4, shuffle=True, sample_weight=sw, verbose=0)
     assert t.trace_counts() == {"apply": 1, "micro": 1}
-
-
-def test_nonfinite_window_is_skipped_and_counted(data, capsys) -> None:
-    x, y, _, w = data
-    y = y.copy()
-    y[14] = np.nan  # poisons the second window only
-    model = linear_model(w, 0.3)
-    t = trainer(model)
-    history = t.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=2)
-    assert "1 of 2 updates skipped" in capsys.readouterr().out
-    expected_w, _ = numpy_sgd(x, y, np.ones(N), w, 0.3, epochs=1, windows=WINDOWS[:1])
-    assert_close("kernel", model.get_weights()[0][:, 0], expected_w, rtol=EXACT.rtol)
-    assert [r["skipped"] for r in history.records] == [False, True]
-    assert history.skipped_updates == 1
-    assert int(t.optimizer.iterations.numpy()) == 1
-
-
-def test_nonfinite_raise_leaves_weights_untouched(data) -> None:
-    x, y, _, w = data
-    y = np.full_like(y, np.inf)
-    model = linear_model(w, 0.3)
-    t = trainer(model, on_nonfinite="raise")
-    with pytest.raises(FloatingPointError, match="untouched"):
-        t.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0)
-    np.testing.assert_array_equal(model.get_weights()[0][:, 0], w)
-    assert int(t.optimizer.iterations.numpy()) == 0
 
 
 def mlp(seed: int) -> keras.Model:
@@ -230,32 +127,6 @@ def test_verbose_levels(data, capsys) -> None:
     assert len(t.fit(x, y, batch_size=4, epochs=3, verbose=0)) == 2
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        ({"accumulation_steps": 0}, "accumulation_steps=0"),
-        ({"accumulation_steps": 2.0}, "accumulation_steps=2.0"),
-        ({"on_nonfinite": "ignore"}, "on_nonfinite=ignore"),
-        ({"clipnorm": -1.0}, "clipnorm=-1.0"),
-        ({"clipnorm": 1.0, "global_clipnorm": 1.0}, "Only one of clipnorm"),
-        ({"metrics": ["accuracy"]}, "metrics=accuracy"),
-        ({"drop_remainder": 1}, "drop_remainder=1"),
-    ],
-    ids=[
-        "steps-zero",
-        "steps-float",
-        "nonfinite-mode",
-        "clip-negative",
-        "two-clips",
-        "metric",
-        "drop",
-    ],
-)
-def test_bad_options_name_the_argument(kwargs, match) -> None:
-    with pytest.raises(InvalidArgumentError, match=match):
-        tfreg.Trainer(mlp(0), "mse", "sgd", **kwargs)
-
-
 def test_rejected_setups() -> None:
     with pytest.raises(InvalidArgumentError, match="gradient_accumulation_steps=2"):
         tfreg.Trainer(mlp(0), "mse", keras.optimizers.SGD(gradient_accumulation_steps=2))
@@ -284,28 +155,6 @@ def test_bad_fit_data_changes_nothing(data) -> None:
         t.fit(x, y[:5], batch_size=4, verbose=0)
     np.testing.assert_array_equal(model.get_weights()[0][:, 0], w)
     assert int(t.optimizer.iterations.numpy()) == 0
-
-
-def test_get_config_returns_the_keyword_arguments() -> None:
-    t = tfreg.Trainer(
-        mlp(0),
-        "mse",
-        "sgd",
-        accumulation_steps=4,
-        clipnorm=2.0,
-        seed=3,
-        regularizer=tfreg.L2(0.1),
-        proximal=tfreg.ProximalL1(l1=0.01),
-    )
-    config = t.get_config()
-    assert config["regularizer"] == {"class_name": "L2", "config": {"l2": 0.1}}
-    assert config["proximal"] == {
-        "class_name": "ProximalL1",
-        "config": {"l1": 0.01, "include_bias": False, "threshold": "auto"},
-    }
-    assert config["accumulation_steps"] == 4 and config["clipnorm"] == 2.0 and config["seed"] == 3
-    rebuilt = tfreg.Trainer(mlp(0), "mse", "sgd", **config)
-    assert rebuilt.get_config() == config
 
 
 def test_mixed_precision_accumulates_in_float32() -> None:
@@ -370,53 +219,6 @@ def test_accumulating_model_validates_after_the_flush(data) -> None:
     assert int(wrapped.optimizer.iterations.numpy()) == 2
     final = float(np.mean((x @ model.get_weights()[0] + model.get_weights()[1] - y) ** 2))
     assert history.history["val_loss"][0] == pytest.approx(final, rel=1e-6)
-
-
-def test_weights_and_optimizer_change_only_when_a_window_closes(data) -> None:
-    x, y, sw, w = data
-    model = linear_model(w, 0.3)
-    t = trainer(model)
-    seen = []
-
-    class Record:
-        def on_micro_batch_end(self, trainer, epoch, micro_batch):
-            seen.append((model.get_weights()[0].copy(), int(trainer.optimizer.iterations.numpy())))
-
-    t.fit(
-        x,
-        y,
-        batch_size=4,
-        epochs=1,
-        shuffle=False,
-        sample_weight=sw,
-        callbacks=[Record()],
-        verbose=0,
-    )
-    # micro-batches 0..4; windows close at 2 (full) and 4 (short)
-    kernels = [w.reshape(D, 1)] + [k for k, _ in seen]
-    changed = [i for i in range(5) if not np.array_equal(kernels[i], kernels[i + 1])]
-    assert changed == [2, 4]
-    assert [it for _, it in seen] == [0, 0, 1, 1, 2]
-
-
-def test_nonfinite_raise_consumes_the_window_and_a_later_fit_continues(data) -> None:
-    # Twin of tests/test_training_torch.py's test of the same name: one rule in both frameworks.
-    x, y, _, w = data
-    bad = y.copy()
-    bad[3] = np.nan  # poisons window 0 only
-    model = linear_model(w, 0.3)
-    t = trainer(model, on_nonfinite="raise")
-    with pytest.raises(FloatingPointError, match="window is consumed"):
-        t.fit(x, bad, batch_size=4, epochs=1, shuffle=False, verbose=0)
-    history = t.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0)
-    # Only window 1 runs, from the untouched weights: nothing of the NaN window is carried over.
-    expected_w, _ = numpy_sgd(x, y, np.ones(N), w, 0.3, epochs=1, windows=WINDOWS[1:])
-    assert_close("kernel", model.get_weights()[0][:, 0], expected_w, rtol=EXACT.rtol)
-    idx = WINDOWS[1]
-    expected_loss = np.mean((x[idx] @ w + 0.3 - y[idx, 0]) ** 2)
-    assert [r["examples"] for r in history.records] == [7]
-    assert_close("loss", history.records[0]["loss"], expected_loss, rtol=EXACT.rtol)
-    assert int(t.optimizer.iterations.numpy()) == 1
 
 
 class _AddsLoss(keras.layers.Layer):

@@ -1,7 +1,8 @@
 """torchref.Trainer with torch loss modules as users build them (reduction="mean"), against
 exactly ``loss_module(model(X_window), Y_window).backward(); optimizer.step()`` on each
 concatenated window; ignore_index, class weights, target checks and training modes. No
-TensorFlow imported here.
+TensorFlow imported here. The window whose every label is ignored is a case both twins share:
+``test_trainer_loss_cases.py``.
 
 Tolerance: the accumulated update against one step on the concatenated window, float64,
 ``tolerance("accumulation", "float64")`` (1e-12 rel): the two differ only in summation order.
@@ -184,34 +185,6 @@ def test_cross_entropy_name_does_not_count_ignored_labels() -> None:
     for a, b in zip(trained.parameters(), expected.parameters(), strict=True):
         assert_close("param", a.detach(), b.detach(), rtol=EXACT.rtol)
     assert history.records[0]["elements"] == 5.0
-
-
-def test_window_with_every_element_ignored_is_a_zero_data_gradient() -> None:
-    # torch's own mean is 0/0 = NaN there; the trainer applies a zero data gradient (the
-    # penalty, when there is one, still acts) and reports the window with elements 0.
-    model = dense(C).double()
-    x = np.random.default_rng(2).normal(size=(8, D))
-    y = np.array([0, 1, 2, 1, -100, -100, -100, -100])
-    after_first = []
-
-    class AfterFirstUpdate:
-        def on_update_end(self, trainer, record):
-            if record["update"] == 0:
-                after_first.extend(p.detach().clone() for p in trainer.model.parameters())
-
-    trained = copy.deepcopy(model)
-    history = torchref.Trainer(
-        trained,
-        nn.CrossEntropyLoss(),
-        torch.optim.SGD(trained.parameters(), lr=LR),
-        accumulation_steps=2,
-    ).fit(x, y, batch_size=2, epochs=1, shuffle=False, callbacks=[AfterFirstUpdate()], verbose=0)
-    last = history.records[-1]
-    assert (last["elements"], last["data_loss"], last["skipped"]) == (0.0, 0.0, False)
-    expected = window_reference(model, nn.CrossEntropyLoss(), x[:4], y[:4], k=2)  # window 0
-    for a, b, c in zip(trained.parameters(), expected.parameters(), after_first, strict=True):
-        assert_close("param", a.detach(), b.detach(), rtol=EXACT.rtol)
-        assert torch.equal(a.detach(), c)  # the all-ignored window moved nothing
 
 
 def test_reduction_none_class_weights_follow_the_mean_definition() -> None:

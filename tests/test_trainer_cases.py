@@ -1,0 +1,223 @@
+"""The trainer's window rules, written once and run against both twins (``tf`` and ``torch``).
+
+torch's ``OptimizerInfo`` pattern: a small adapter per framework (a float64 linear model from
+``(w, b)``, an SGD optimizer whose steps are counted, the kernel and bias read back as NumPy),
+the same public names in ``tfreg`` and ``torchref`` (``twin.pkg.Trainer``, ``.L2``, ...), and
+each case written once. The reference is NumPy least squares with its windows spelled out by
+hand (indices, not ``tfreg_core.windows``) and its gradient in closed form, so a wrong plan, a
+wrong scale or a per-micro-batch step all show up. Each twin's framework is imported only when
+its parameter runs (``-k torch`` never imports TensorFlow).
+
+What each framework alone has (checkpoint formats, Keras fit / torch loss modules, KerasAdamW,
+tracing) stays in ``test_training.py`` / ``test_training_torch.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from _twins import B0, EXACT, LR, TWINS, WINDOWS, D, N, Twin, numpy_sgd, window_data
+
+from tfreg_core import InvalidArgumentError
+from tfreg_harness import assert_close
+
+
+@pytest.fixture(params=["tf", "torch"])
+def twin(request: pytest.FixtureRequest) -> Twin:
+    if request.param == "torch":
+        request.getfixturevalue("single_torch_thread")
+    return TWINS[request.param]()
+
+
+@pytest.fixture
+def data() -> tuple[np.ndarray, ...]:
+    return window_data()
+
+
+def make_trainer(twin: Twin, model: Any, **kwargs: Any) -> Any:
+    return twin.pkg.Trainer(model, "mse", twin.sgd(model, LR), accumulation_steps=3, **kwargs)
+
+
+# name -> (l2, global_clipnorm, drop_remainder)
+WINDOW_CASES: dict[str, tuple[float, float | None, bool]] = {
+    "flush": (0.0, None, False),
+    "l2-clip": (0.25, 0.5, False),  # the clip binds: penalty and clipping once per update
+    "l2-drop": (0.25, None, True),
+}
+
+
+@pytest.mark.parametrize("case", list(WINDOW_CASES))
+def test_windows_penalty_clipping_and_short_window_match_numpy(twin, data, case) -> None:
+    l2, clip, drop = WINDOW_CASES[case]
+    x, y, sw, w = data
+    model = twin.linear(w, B0)
+    options: dict[str, Any] = {"drop_remainder": drop, "global_clipnorm": clip}
+    if l2:
+        options["regularizer"] = twin.pkg.L2(l2)
+    t = make_trainer(twin, model, **options)
+    history = t.fit(x, y, batch_size=4, epochs=2, shuffle=False, sample_weight=sw, verbose=0)
+    windows = WINDOWS[:1] if drop else WINDOWS
+    expected_w, expected_b = numpy_sgd(
+        x, y, sw, w, B0, epochs=2, windows=windows, l2=l2, global_clipnorm=clip
+    )
+    assert_close("kernel", twin.kernel(model), expected_w, rtol=EXACT.rtol)
+    assert_close("bias", twin.bias(model), expected_b, rtol=EXACT.rtol)
+    assert [r["examples"] for r in history.records] == [len(i) for i in windows] * 2
+    assert len(history) == t_updates(windows) == twin.steps(t)  # updates, not micro-batches
+    if l2:
+        assert history.records[0]["penalty"] == pytest.approx(l2 * np.sum(w**2), rel=1e-15)
+
+
+def t_updates(windows: list[np.ndarray]) -> int:
+    return 2 * len(windows)  # two epochs
+
+
+def test_proximal_l1_once_per_update(twin, data) -> None:
+    x, y, sw, w = data
+    model = twin.linear(w, B0)
+    t = make_trainer(twin, model, proximal=twin.pkg.ProximalL1(l1=0.3))
+    t.fit(x, y, batch_size=4, epochs=2, shuffle=False, sample_weight=sw, verbose=0)
+    expected_w, expected_b = numpy_sgd(x, y, sw, w, B0, epochs=2, prox_l1=0.3)
+    assert_close("kernel", twin.kernel(model), expected_w, rtol=EXACT.rtol)
+    assert_close("bias", twin.bias(model), expected_b, rtol=EXACT.rtol)
+    assert np.count_nonzero(expected_w == 0.0) >= 1  # the case exercises real zeros
+    np.testing.assert_array_equal(twin.kernel(model) == 0.0, expected_w == 0.0)
+
+
+def test_nonfinite_window_is_skipped_and_counted(twin, data, capsys) -> None:
+    x, y, _, w = data
+    y = y.copy()
+    y[14] = np.nan  # poisons the second window only
+    model = twin.linear(w, B0)
+    t = make_trainer(twin, model)
+    history = t.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=2)
+    assert "1 of 2 updates skipped" in capsys.readouterr().out
+    expected_w, _ = numpy_sgd(x, y, np.ones(N), w, B0, epochs=1, windows=WINDOWS[:1])
+    assert_close("kernel", twin.kernel(model), expected_w, rtol=EXACT.rtol)
+    assert [r["skipped"] for r in history.records] == [False, True]
+    assert history.skipped_updates == 1
+    assert twin.steps(t) == 1
+
+
+# name -> (examples whose target is poisoned, windows applied before the raise)
+RAISE_CASES: dict[str, tuple[slice, list[np.ndarray]]] = {
+    "every-window": (slice(None), []),  # nothing applied at all
+    "second-window": (slice(14, 15), WINDOWS[:1]),  # window 0 applied, window 1 untouched
+}
+
+
+@pytest.mark.parametrize("case", list(RAISE_CASES))
+def test_nonfinite_raise_leaves_the_window_untouched(twin, data, case) -> None:
+    poisoned, applied = RAISE_CASES[case]
+    x, y, _, w = data
+    y = y.copy()
+    y[poisoned] = np.inf
+    model = twin.linear(w, B0)
+    t = make_trainer(twin, model, on_nonfinite="raise")
+    with pytest.raises(FloatingPointError, match="untouched"):
+        t.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0)
+    expected_w, _ = numpy_sgd(x, y, np.ones(N), w, B0, epochs=1, windows=applied)
+    assert_close("kernel", twin.kernel(model), expected_w, rtol=EXACT.rtol)
+    if not applied:
+        np.testing.assert_array_equal(twin.kernel(model), w)
+    assert twin.steps(t) == len(applied)
+
+
+def test_nonfinite_raise_consumes_the_window_and_a_later_fit_continues(twin, data) -> None:
+    x, y, _, w = data
+    bad = y.copy()
+    bad[3] = np.nan  # poisons window 0 only
+    model = twin.linear(w, B0)
+    t = make_trainer(twin, model, on_nonfinite="raise")
+    with pytest.raises(FloatingPointError, match="window is consumed"):
+        t.fit(x, bad, batch_size=4, epochs=1, shuffle=False, verbose=0)
+    history = t.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0)
+    # Only window 1 runs, from the untouched weights: nothing of the NaN window is carried over.
+    expected_w, _ = numpy_sgd(x, y, np.ones(N), w, B0, epochs=1, windows=WINDOWS[1:])
+    assert_close("kernel", twin.kernel(model), expected_w, rtol=EXACT.rtol)
+    idx = WINDOWS[1]
+    expected_loss = np.mean((x[idx] @ w + B0 - y[idx, 0]) ** 2)
+    assert [r["examples"] for r in history.records] == [7]
+    assert_close("loss", history.records[0]["loss"], expected_loss, rtol=EXACT.rtol)
+    assert twin.steps(t) == 1
+
+
+def test_weights_and_optimizer_change_only_when_a_window_closes(twin, data) -> None:
+    x, y, sw, w = data
+    model = twin.linear(w, B0)
+    t = make_trainer(twin, model)
+    seen = []
+
+    class Record:
+        def on_micro_batch_end(self, trainer: Any, epoch: int, micro_batch: int) -> None:
+            seen.append((twin.kernel(model), twin.steps(trainer)))
+
+    t.fit(
+        x,
+        y,
+        batch_size=4,
+        epochs=1,
+        shuffle=False,
+        sample_weight=sw,
+        callbacks=[Record()],
+        verbose=0,
+    )
+    # micro-batches 0..4; windows close at 2 (full) and 4 (short)
+    kernels = [w] + [k for k, _ in seen]
+    changed = [i for i in range(5) if not np.array_equal(kernels[i], kernels[i + 1])]
+    assert changed == [2, 4]
+    assert [it for _, it in seen] == [0, 0, 1, 1, 2]
+
+
+BAD_OPTIONS = {
+    "steps-zero": ({"accumulation_steps": 0}, "accumulation_steps=0"),
+    "steps-negative": ({"accumulation_steps": -1}, "accumulation_steps=-1"),
+    "steps-float": ({"accumulation_steps": 2.0}, "accumulation_steps=2.0"),
+    "nonfinite-mode": ({"on_nonfinite": "ignore"}, "on_nonfinite=ignore"),
+    "clip-negative": ({"clipnorm": -1.0}, "clipnorm=-1.0"),
+    "two-clips": ({"clipnorm": 1.0, "global_clipnorm": 1.0}, "Only one of clipnorm"),
+    "metric": ({"metrics": ["accuracy"]}, "metrics=accuracy"),
+    "drop": ({"drop_remainder": 1}, "drop_remainder=1"),
+}
+
+
+@pytest.mark.parametrize("option", list(BAD_OPTIONS))
+def test_bad_options_name_the_argument(twin, option) -> None:
+    kwargs, match = BAD_OPTIONS[option]
+    model = twin.linear(np.zeros(D), 0.0)
+    with pytest.raises(InvalidArgumentError, match=match):
+        twin.pkg.Trainer(model, "mse", twin.sgd(model, LR), **kwargs)
+
+
+# float32-exact factors: L1 keeps Keras' float32 factor in both twins (L1(0.1) reads back
+# 0.10000000149), L2 its float64 one
+PENALTIES = {"L2": 0.1, "L1": 0.5}
+
+
+@pytest.mark.parametrize("penalty", list(PENALTIES))
+def test_get_config_returns_the_keyword_arguments(twin, penalty) -> None:
+    model = twin.linear(np.zeros(D), 0.0)
+    sgd = twin.sgd(model, LR)
+    t = twin.pkg.Trainer(
+        model,
+        "mse",
+        sgd,
+        accumulation_steps=4,
+        clipnorm=2.0,
+        seed=3,
+        regularizer=getattr(twin.pkg, penalty)(PENALTIES[penalty]),
+        proximal=twin.pkg.ProximalL1(l1=0.01),
+    )
+    config = t.get_config()
+    assert config["regularizer"] == {
+        "class_name": penalty,
+        "config": {penalty.lower(): PENALTIES[penalty]},
+    }
+    assert config["proximal"] == {
+        "class_name": "ProximalL1",
+        "config": {"l1": 0.01, "include_bias": False, "threshold": "auto"},
+    }
+    assert config["accumulation_steps"] == 4 and config["clipnorm"] == 2.0 and config["seed"] == 3
+    assert twin.pkg.Trainer(model, "mse", sgd, **config).get_config() == config
