@@ -2,7 +2,11 @@
 window's pooled moments, equal (float64, <= 1e-12: Chan's pooling reassociates the big
 batch's sums, a few ulps) to one plain training-mode pass on the concatenated window -- a
 plain Keras ``fit`` step / a plain torch train-mode forward -- over several windows; the
-default mode (per micro-batch) unchanged; a mid-window resume bitwise; refusals."""
+default mode (per micro-batch) unchanged; a mid-window resume bitwise; refusals.
+
+The models have one BatchNorm after a Linear/Dense layer and train at lr 0, so the layer's
+inputs are the reference's: normalisation stays per micro-batch in both modes, so a BatchNorm
+downstream of another one (or after an update) sees other inputs than the big batch would."""
 
 from __future__ import annotations
 
@@ -18,9 +22,10 @@ TOL = 1e-12  # float64: pooled vs direct moments, a few ulps of the moving stati
 
 
 def _data(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    # float32-exact values: Keras fit's array adapter casts float64 arrays to floatx (float32).
     rng = np.random.default_rng(seed)
-    x = rng.normal(1.5, 2.0, (n, 3))
-    return x, rng.normal(size=(n, 1))
+    x = rng.normal(1.5, 2.0, (n, 3)).astype(np.float32).astype(np.float64)
+    return x, rng.normal(size=(n, 1)).astype(np.float32).astype(np.float64)
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -103,3 +108,85 @@ def test_torch_default_mode_unchanged() -> None:
     for got, want in zip(_torch_stats(model), _torch_stats(ref), strict=True):
         np.testing.assert_array_equal(got, want)
     assert int(model[1].num_batches_tracked) == WINDOWS * len(SIZES)
+
+
+# ---------------------------------------------------------------- Keras
+
+
+def _keras_model(momentum: float = 0.75) -> Any:
+    # momentum float32-exact: Keras rounds it through float32 (0.9 would put fit 1e-8 off the
+    # float64 arithmetic, on both sides of the comparison alike but not identically).
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((3,), dtype="float64"),
+            keras.layers.Dense(4, bias_initializer="ones", dtype="float64"),
+            keras.layers.BatchNormalization(momentum=momentum, dtype="float64"),
+            keras.layers.Dense(1, dtype="float64"),
+        ]
+    )
+    return model
+
+
+def _keras_stats(model: Any) -> list[np.ndarray]:
+    import keras
+
+    return [
+        keras.ops.convert_to_numpy(v)
+        for layer in model.layers
+        if isinstance(layer, keras.layers.BatchNormalization)
+        for v in (layer.moving_mean, layer.moving_variance)
+    ]
+
+
+def _micro_batches(x: np.ndarray, y: np.ndarray, windows: int = WINDOWS) -> list[Any]:
+    micro = [b for _ in range(windows) for b in SIZES]
+    bounds = np.cumsum([0, *micro])
+    return [(x[a:b], y[a:b]) for a, b in itertools.pairwise(bounds)]
+
+
+def _tf_trainer(model: Any, batchnorm: str = "per_window") -> Any:
+    import keras
+
+    import tfreg
+
+    return tfreg.Trainer(
+        model,
+        "mse",
+        keras.optimizers.SGD(0.0),  # lr 0: the second layer's inputs stay the reference's
+        accumulation_steps=len(SIZES),
+        batchnorm=batchnorm,
+    )
+
+
+def test_keras_per_window_equals_fit_on_the_concatenated_window() -> None:
+    import keras
+
+    x, y = _data(sum(SIZES) * WINDOWS)
+    model = _keras_model()
+    _tf_trainer(model).fit(_micro_batches(x, y), verbose=0)
+    ref = _keras_model()
+    ref.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    ref.fit(x, y, batch_size=sum(SIZES), shuffle=False, epochs=1, verbose=0)
+    for got, want in zip(_keras_stats(model), _keras_stats(ref), strict=True):
+        assert _rel(got, want) <= TOL
+    start = _keras_stats(_keras_model())
+    assert all(_rel(a, b) > 1e-3 for a, b in zip(_keras_stats(model), start, strict=True))
+
+
+def test_keras_default_mode_unchanged() -> None:
+    import keras
+
+    x, y = _data(sum(SIZES) * WINDOWS)
+    model = _keras_model()
+    with pytest.warns(UserWarning, match="per_window"):
+        trainer = _tf_trainer(model, "per_micro_batch")
+    trainer.fit(_micro_batches(x, y), verbose=0)
+    ref = _keras_model()
+    ref.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    for xb, yb in _micro_batches(x, y):
+        ref.train_on_batch(xb, yb)
+    for got, want in zip(_keras_stats(model), _keras_stats(ref), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-14, atol=0)  # float64, same arithmetic

@@ -70,12 +70,14 @@ from tfreg._losses import (
     output_names,
 )
 from tfreg._losses import per_example_loss as per_example_loss
+from tfreg.batchnorm import WindowMoments
 from tfreg.checkpoint import check_file, run_fingerprint
 from tfreg.distributed import Replicas, local_variable, replicas, update_function, zero
 from tfreg.penalties import penalty as _penalty
 from tfreg.proximal import PROXIMAL_CLASSES, Proximal
 from tfreg.regularizers import get as _get_regularizer
 from tfreg_core import checkpoint as core_checkpoint
+from tfreg_core.batchnorm import check_mode as _check_batchnorm_mode
 from tfreg_core.labels import check_class_labels
 from tfreg_core.training import (
     ALL_SKIPPED_MESSAGE,
@@ -197,9 +199,20 @@ def _warn_batchnorm(model: keras.layers.Layer, accumulation_steps: int) -> None:
             "statistics and update their moving mean/variance once per micro-batch: the "
             f"gradient is exact for that model, not for one step on {accumulation_steps} "
             "concatenated micro-batches (use a larger micro-batch, LayerNormalization or "
-            "GroupNormalization where the batch statistics matter).",
+            "GroupNormalization where the batch statistics matter). batchnorm='per_window' "
+            "updates the moving statistics once per window with the window's pooled moments "
+            "(the big batch's update; normalisation stays per micro-batch).",
             UserWarning,
             stacklevel=3,
+        )
+
+
+def _refuse_per_window_replicas(batchnorm: str) -> None:
+    if batchnorm == "per_window":
+        raise InvalidArgumentError(
+            'batchnorm="per_window" is not available under a tf.distribute strategy (each '
+            "replica's BatchNormalization sees its own share). Received: "
+            'batchnorm="per_window" with a strategy'
         )
 
 
@@ -622,9 +635,11 @@ class _Engine:
         regularizer: Any,
         proximal: Proximal | None,
         replicas: Replicas | None,
+        moments: WindowMoments | None = None,
     ) -> None:
         self.model = model
         self.replicas = replicas
+        self.moments = moments  # batchnorm="per_window": the window's BatchNorm moments
         # Set by Trainer.fit on a stream under a strategy: compared across workers at the next
         # micro-batch (see Replicas.check_stream).
         self.stream_length: int | None = None
@@ -692,6 +707,8 @@ class _Engine:
             accumulation.reset(acc)
         self.window.losses.reset()
         self.window.reset()
+        if self.moments is not None:
+            self.moments.reset()
 
     def _eval(self, x: Any, y: Any, w: Any) -> tuple[tf.Tensor, ...]:
         # Validation: the loss terms and counts `_micro` accumulates, in inference mode.
@@ -746,17 +763,19 @@ class _Engine:
         return logs
 
     def _micro(self, x: Any, y: Any, w: Any) -> None:
-        batch = micro_batch_gradients(
-            self.model,
-            self.terms,
-            self.names,
-            self.variables,
-            x,
-            y,
-            w,
-            loss_scale=_loss_scale(self.optimizer),
-            check_forward=lambda: _reject_added_losses(self.model),  # at trace time
-        )
+        capture = contextlib.nullcontext() if self.moments is None else self.moments.capture()
+        with capture:
+            batch = micro_batch_gradients(
+                self.model,
+                self.terms,
+                self.names,
+                self.variables,
+                x,
+                y,
+                w,
+                loss_scale=_loss_scale(self.optimizer),
+                check_forward=lambda: _reject_added_losses(self.model),  # at trace time
+            )
         for acc, grads, count in zip(self.accs, batch.grads, batch.counts, strict=True):
             accumulation.add(acc, grads, count)
         self.window.losses.add(batch.sums)
@@ -790,6 +809,8 @@ class _Engine:
         for name, total in zip(spec.metrics, metric_sums, strict=True):
             values[name] = total / weight_sum
         window.reset()
+        if self.moments is not None:  # the forward passes happened, finite or not
+            self.moments.close()
         return values
 
     def apply_step(self) -> dict[str, tf.Tensor]:
@@ -872,6 +893,7 @@ class Trainer:
         seed: int = 0,
         proximal: Proximal | dict[str, Any] | Sequence[Any] | None = None,
         loss_weights: float | Sequence[float] | dict[str, float] | None = None,
+        batchnorm: str = "per_micro_batch",
     ) -> None:
         self.spec = TrainerSpec(
             accumulation_steps=accumulation_steps,
@@ -895,7 +917,9 @@ class Trainer:
             )
         _reject_activity_regularizers(model)
         _reject_custom_steps(model, "Trainer")
-        _warn_batchnorm(model, accumulation_steps)
+        self.batchnorm = _check_batchnorm_mode(batchnorm)
+        if self.batchnorm == "per_micro_batch":
+            _warn_batchnorm(model, accumulation_steps)
         optimizer = _loss_scaled(optimizer, model)
         if on_nonfinite == "raise" and isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
             raise InvalidArgumentError(
@@ -906,6 +930,7 @@ class Trainer:
         self._replicas = replicas(model, owner="Trainer")
         if self._replicas is not None:
             self._replicas.check_options(optimizer, jit_compile=jit_compile)
+            _refuse_per_window_replicas(self.batchnorm)
         names = output_names(model)
         terms = loss_terms(loss, loss_weights, names)
         if self.spec.metrics and len(names) > 1:
@@ -944,6 +969,7 @@ class Trainer:
                 regularizer=self.regularizer,
                 proximal=self.proximal,
                 replicas=self._replicas,
+                moments=WindowMoments(self.model) if self.batchnorm == "per_window" else None,
             )
             # Evaluated once eagerly: a regularizer's own error (an axis out of range) reaches
             # the user as is, not wrapped in TF's StagingError by the step's trace.
@@ -983,6 +1009,8 @@ class Trainer:
         engine = self._engine
         assert engine is not None  # build() made it
         state: dict[str, Any] = {"model": self.model, "optimizer": self.optimizer}
+        if engine.moments is not None:
+            state["batchnorm"] = engine.moments
         if self._replicas is None:
             state.update(accumulator=engine.accs, window=engine.window)
         else:
@@ -1109,6 +1137,7 @@ class Trainer:
         config["regularizer"] = object_config(self.regularizer)
         config["proximal"] = object_config(self.proximal)
         config["loss_weights"] = self.loss_weights
+        config["batchnorm"] = self.batchnorm
         return config
 
 
