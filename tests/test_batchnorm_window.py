@@ -155,21 +155,38 @@ def _tf_trainer(model: Any, batchnorm: str = "per_window") -> Any:
     return tfreg.Trainer(
         model,
         "mse",
-        keras.optimizers.SGD(0.0),  # lr 0: the second layer's inputs stay the reference's
+        keras.optimizers.SGD(0.0),  # lr 0: the layer's inputs stay the reference's
         accumulation_steps=len(SIZES),
         batchnorm=batchnorm,
     )
 
 
-def test_keras_per_window_equals_fit_on_the_concatenated_window() -> None:
+def _keras_trained(front: str, x: np.ndarray, y: np.ndarray) -> Any:
+    """Per-window mode: ``Trainer`` on the uneven micro-batches (5, 3, 4) x 3 windows, or
+    ``AccumulatingModel.fit`` with micro-batches of 4 (windows 4+4+4, 4+4+4, 4+4+2)."""
     import keras
 
-    x, y = _data(sum(SIZES) * WINDOWS)
+    import tfreg
+
     model = _keras_model()
-    _tf_trainer(model).fit(_micro_batches(x, y), verbose=0)
+    if front == "trainer":
+        _tf_trainer(model).fit(_micro_batches(x, y), verbose=0)
+    else:
+        wrapper = tfreg.AccumulatingModel(model, accumulation_steps=3, batchnorm="per_window")
+        wrapper.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+        wrapper.fit(x, y, batch_size=4, shuffle=False, epochs=1, verbose=0)
+    return model
+
+
+@pytest.mark.parametrize(("front", "n"), [("trainer", 36), ("accumulating_model", 34)])
+def test_keras_per_window_equals_fit_on_the_concatenated_window(front: str, n: int) -> None:
+    import keras
+
+    x, y = _data(n)
+    model = _keras_trained(front, x, y)
     ref = _keras_model()
     ref.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
-    ref.fit(x, y, batch_size=sum(SIZES), shuffle=False, epochs=1, verbose=0)
+    ref.fit(x, y, batch_size=sum(SIZES), shuffle=False, epochs=1, verbose=0)  # 3 windows
     for got, want in zip(_keras_stats(model), _keras_stats(ref), strict=True):
         assert _rel(got, want) <= TOL
     start = _keras_stats(_keras_model())

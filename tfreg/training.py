@@ -1377,6 +1377,7 @@ class AccumulatingModel(keras.Model):
         include_bias: bool = False,
         drop_remainder: bool = False,
         proximal: Proximal | dict[str, Any] | Sequence[Any] | None = None,
+        batchnorm: str = "per_micro_batch",
         **kwargs: Any,
     ) -> None:
         spec = TrainerSpec(
@@ -1388,7 +1389,9 @@ class AccumulatingModel(keras.Model):
             raise InvalidArgumentError(f"model must be a Keras model. Received: model={model!r}")
         _reject_activity_regularizers(model)
         _reject_custom_steps(model, "AccumulatingModel")
-        _warn_batchnorm(model, accumulation_steps)
+        batchnorm = _check_batchnorm_mode(batchnorm)
+        if batchnorm == "per_micro_batch":
+            _warn_batchnorm(model, accumulation_steps)
         if type(self).compute_loss is not keras.Model.compute_loss:
             raise InvalidArgumentError(
                 "AccumulatingModel's train_step does not call compute_loss (it accumulates "
@@ -1403,6 +1406,8 @@ class AccumulatingModel(keras.Model):
         self.spec = spec
         self.regularizer = None if regularizer is None else _get_regularizer(regularizer)
         self.proximal = resolve_proximal(proximal, PROXIMAL_CLASSES)
+        self.batchnorm = batchnorm
+        self._moments: WindowMoments | None = None
         self._accs: list[accumulation.AccumulatorState] | None = None
         self._replicas: Replicas | None = None
         self._pending = 0  # micro-batches of the open window, counted on the host (strategy)
@@ -1441,6 +1446,7 @@ class AccumulatingModel(keras.Model):
             "include_bias": self.spec.include_bias,
             "drop_remainder": self.spec.drop_remainder,
             "proximal": object_config(self.proximal),
+            "batchnorm": self.batchnorm,
         }
 
     @classmethod
@@ -1495,6 +1501,7 @@ class AccumulatingModel(keras.Model):
         with self.distribute_strategy.scope():
             self._replicas = replicas(self.model, owner="AccumulatingModel")
         if self._replicas is not None:
+            _refuse_per_window_replicas(self.batchnorm)
             self._replicas.check_keras_fit()
             self._replicas.check_options(self.optimizer, jit_compile=self.jit_compile is True)
         # Keras' loss tracker, as a window mean that reports an all-skipped epoch as NaN.
@@ -1545,6 +1552,8 @@ class AccumulatingModel(keras.Model):
                 self._empty_windows = tf.Variable(tf.constant(0, tf.int64), trainable=False)
             if not self.optimizer.built:
                 self.optimizer.build(variables)
+            if self.batchnorm == "per_window" and self._moments is None:
+                self._moments = WindowMoments(self.model)
         self._apply_fn = update_function(self._apply_window, self._replicas)
 
     @property
@@ -1642,6 +1651,8 @@ class AccumulatingModel(keras.Model):
         zero(self._window_examples)
         self._skipped.assign_add(tf.cast(tf.logical_not(finite), tf.int64))
         self._empty_windows.assign_add(tf.cast(values["elements"] == 0, tf.int64))
+        if self._moments is not None:  # the forward passes happened, finite or not
+            self._moments.close()
 
     def flush(self) -> None:
         """Apply (or, with ``drop_remainder``, discard) a partial window; called at epoch end."""
@@ -1653,22 +1664,26 @@ class AccumulatingModel(keras.Model):
                 accumulation.reset(acc)
             self._window_losses.reset()
             zero(self._window_examples)
+            if self._moments is not None:
+                self._moments.reset()
         else:
             self._apply_fn()
 
     def train_step(self, data: Any) -> dict[str, Any]:
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        batch = micro_batch_gradients(
-            self,  # through Keras' __call__: the wrapper is built (and saveable) by fit
-            self._terms,
-            self._names,
-            list(self.model.trainable_variables),
-            x,
-            y,
-            sample_weight,
-            loss_scale=_loss_scale(self.optimizer),
-            check_forward=lambda: _reject_added_losses(self),
-        )
+        capture = contextlib.nullcontext() if self._moments is None else self._moments.capture()
+        with capture:
+            batch = micro_batch_gradients(
+                self,  # through Keras' __call__: the wrapper is built (and saveable) by fit
+                self._terms,
+                self._names,
+                list(self.model.trainable_variables),
+                x,
+                y,
+                sample_weight,
+                loss_scale=_loss_scale(self.optimizer),
+                check_forward=lambda: _reject_added_losses(self),
+            )
         assert self._accs is not None  # fit() built the state
         for acc, grads, count in zip(self._accs, batch.grads, batch.counts, strict=True):
             accumulation.add(acc, grads, count)
