@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tfreg_core.validation import InvalidArgumentError
+
 SIZES = (5, 3, 4)  # one window of three uneven micro-batches
 WINDOWS = 3
 TOL = 1e-12  # float64: pooled vs direct moments, a few ulps of the moving statistics
@@ -207,3 +209,157 @@ def test_keras_default_mode_unchanged() -> None:
         ref.train_on_batch(xb, yb)
     for got, want in zip(_keras_stats(model), _keras_stats(ref), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-14, atol=0)  # float64, same arithmetic
+
+
+# ---------------------------------------------------------------- resume, refusals
+
+
+class _StopAt:
+    def __init__(self, micro_batch: int) -> None:
+        self.micro_batch = micro_batch
+
+    def on_micro_batch_end(self, trainer: Any, epoch: int, micro_batch: int) -> None:
+        if micro_batch == self.micro_batch:
+            trainer.stop_training = True
+
+
+class _Torch:
+    def trainer(self) -> Any:
+        import torch
+
+        import torchref
+
+        model = _torch_model()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        return torchref.Trainer(
+            model, torch.nn.MSELoss(), optimizer, accumulation_steps=3, batchnorm="per_window"
+        )
+
+    def stats(self, trainer: Any) -> list[np.ndarray]:
+        return [*_torch_stats(trainer.model), trainer.model[0].weight.detach().numpy().copy()]
+
+    def resumed(self, trainer: Any, path: Any) -> Any:
+        import torch
+
+        torch.save(trainer.state_dict(), path / "state.pt")
+        fresh = self.trainer()
+        fresh.load_state_dict(torch.load(path / "state.pt", weights_only=True))
+        return fresh
+
+
+class _Keras:
+    def trainer(self) -> Any:
+        import keras
+
+        import tfreg
+
+        return tfreg.Trainer(
+            _keras_model(),
+            "mse",
+            keras.optimizers.SGD(0.05),
+            accumulation_steps=3,
+            batchnorm="per_window",
+        )
+
+    def stats(self, trainer: Any) -> list[np.ndarray]:
+        return [*_keras_stats(trainer.model), np.array(trainer.model.layers[0].kernel.numpy())]
+
+    def resumed(self, trainer: Any, path: Any) -> Any:
+        saved = trainer.checkpoint().write(str(path / "ckpt"))
+        fresh = self.trainer()
+        fresh.checkpoint().restore(saved)
+        return fresh
+
+
+@pytest.mark.parametrize("twin", [_Torch(), _Keras()], ids=["torch", "tf"])
+def test_mid_window_resume_is_bitwise(twin: Any, tmp_path: Any) -> None:
+    x, y = _data(36)
+    fit = {"batch_size": 4, "epochs": 2, "verbose": 0}
+    whole = twin.trainer()
+    whole.fit(x, y, **fit)
+    first = twin.trainer()
+    first.fit(x, y, callbacks=[_StopAt(4)], **fit)  # micro-batch 4: the second window's 2nd
+    resumed = twin.resumed(first, tmp_path)
+    resumed.fit(x, y, **fit)
+    for got, want in zip(twin.stats(resumed), twin.stats(whole), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_unknown_mode_is_refused_by_both_twins() -> None:
+    import keras
+    import torch
+
+    import tfreg
+    import torchref
+
+    model = _torch_model()
+    with pytest.raises(InvalidArgumentError, match="batchnorm must be one of"):
+        torchref.Trainer(model, "mse", torch.optim.SGD(model.parameters()), batchnorm="window")
+    with pytest.raises(InvalidArgumentError, match="batchnorm must be one of"):
+        tfreg.Trainer(_keras_model(), "mse", keras.optimizers.SGD(), batchnorm="window")
+    with pytest.raises(InvalidArgumentError, match="batchnorm must be one of"):
+        tfreg.AccumulatingModel(_keras_model(), accumulation_steps=2, batchnorm="window")
+
+
+def test_torch_refuses_sync_batchnorm() -> None:
+    import torch
+
+    import torchref
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.SyncBatchNorm(4))
+    with pytest.raises(InvalidArgumentError, match="SyncBatchNorm"):
+        torchref.Trainer(model, "mse", torch.optim.SGD(model.parameters()), batchnorm="per_window")
+
+
+def _weights(model: Any) -> list[np.ndarray]:
+    import keras
+
+    return [keras.ops.convert_to_numpy(v) for v in model.variables]
+
+
+@pytest.mark.parametrize("case", ["renorm", "mask"])
+def test_keras_refusals_before_any_update(case: str) -> None:
+    import keras
+
+    import tfreg
+
+    keras.utils.set_random_seed(0)
+    if case == "renorm":
+        layers = [
+            keras.Input((3,)),
+            keras.layers.BatchNormalization(renorm=True),
+            keras.layers.Dense(1),
+        ]
+        x, y = _data(12)
+        match = "cannot pool batch renormalization"
+    else:  # BatchNormalization takes the Embedding's mask
+        layers = [
+            keras.Input((4,)),
+            keras.layers.Embedding(5, 3, mask_zero=True),
+            keras.layers.BatchNormalization(),
+            keras.layers.Dense(1),
+        ]
+        x = np.random.default_rng(0).integers(0, 5, (12, 4))
+        y = np.zeros((12, 4, 1))
+        match = "does not pool masked"
+    model = keras.Sequential(layers)
+    trainer = tfreg.Trainer(
+        model, "mse", keras.optimizers.SGD(0.1), accumulation_steps=2, batchnorm="per_window"
+    )
+    before = _weights(model)
+    with pytest.raises(InvalidArgumentError, match=match):
+        trainer.fit(x, y, batch_size=4, verbose=0)
+    for got, want in zip(_weights(model), before, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_keras_per_window_refused_under_a_strategy() -> None:
+    import keras
+    import tensorflow as tf
+
+    import tfreg
+
+    with tf.distribute.MirroredStrategy(["/cpu:0"]).scope():
+        model = _keras_model()
+        with pytest.raises(InvalidArgumentError, match=r"per_window.* under a tf\.distribute"):
+            tfreg.Trainer(model, "mse", keras.optimizers.SGD(0.1), batchnorm="per_window")
