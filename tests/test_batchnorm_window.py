@@ -224,7 +224,7 @@ class _StopAt:
 
 
 class _Torch:
-    def trainer(self) -> Any:
+    def trainer(self, batchnorm: str = "per_window") -> Any:
         import torch
 
         import torchref
@@ -232,23 +232,26 @@ class _Torch:
         model = _torch_model()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
         return torchref.Trainer(
-            model, torch.nn.MSELoss(), optimizer, accumulation_steps=3, batchnorm="per_window"
+            model, torch.nn.MSELoss(), optimizer, accumulation_steps=3, batchnorm=batchnorm
         )
 
     def stats(self, trainer: Any) -> list[np.ndarray]:
         return [*_torch_stats(trainer.model), trainer.model[0].weight.detach().numpy().copy()]
 
     def resumed(self, trainer: Any, path: Any) -> Any:
+
+        return self.resume(trainer, self.trainer(), path)
+
+    def resume(self, trainer: Any, fresh: Any, path: Any) -> Any:
         import torch
 
         torch.save(trainer.state_dict(), path / "state.pt")
-        fresh = self.trainer()
         fresh.load_state_dict(torch.load(path / "state.pt", weights_only=True))
         return fresh
 
 
 class _Keras:
-    def trainer(self) -> Any:
+    def trainer(self, batchnorm: str = "per_window") -> Any:
         import keras
 
         import tfreg
@@ -258,15 +261,17 @@ class _Keras:
             "mse",
             keras.optimizers.SGD(0.05),
             accumulation_steps=3,
-            batchnorm="per_window",
+            batchnorm=batchnorm,
         )
 
     def stats(self, trainer: Any) -> list[np.ndarray]:
         return [*_keras_stats(trainer.model), np.array(trainer.model.layers[0].kernel.numpy())]
 
     def resumed(self, trainer: Any, path: Any) -> Any:
+        return self.resume(trainer, self.trainer(), path)
+
+    def resume(self, trainer: Any, fresh: Any, path: Any) -> Any:
         saved = trainer.checkpoint().write(str(path / "ckpt"))
-        fresh = self.trainer()
         fresh.checkpoint().restore(saved)
         return fresh
 
@@ -363,3 +368,13 @@ def test_keras_per_window_refused_under_a_strategy() -> None:
         model = _keras_model()
         with pytest.raises(InvalidArgumentError, match=r"per_window.* under a tf\.distribute"):
             tfreg.Trainer(model, "mse", keras.optimizers.SGD(0.1), batchnorm="per_window")
+
+
+@pytest.mark.parametrize("twin", [_Torch(), _Keras()], ids=["torch", "tf"])
+def test_resume_in_the_other_mode_is_refused(twin: Any, tmp_path: Any) -> None:
+    x, y = _data(36)
+    first = twin.trainer()
+    first.fit(x, y, batch_size=4, callbacks=[_StopAt(4)], verbose=0)
+    other = twin.trainer("per_micro_batch")
+    with pytest.raises(InvalidArgumentError, match="batchnorm='per_window' there"):
+        twin.resume(first, other, tmp_path)
