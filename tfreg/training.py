@@ -42,7 +42,11 @@ adds Adam's epsilon to ``sqrt(v)`` where torch adds it to ``sqrt(v_hat)`` --
 ``torchref.KerasAdamW`` reproduces Keras; ``parity_tests/test_trajectories.py`` pins each gap.
 BatchNorm statistics (and Keras' moving averages) are computed per micro-batch: accumulation
 makes the *gradient* exact, not batch statistics -- a BatchNorm model trained with 4 x 64 is not
-the model trained with 256 (both front ends warn at construction). Layers'
+the model trained with 256 (both front ends warn at construction). ``batchnorm="per_window"``
+(``Trainer`` and ``AccumulatingModel``) keeps the moving mean/variance untouched by the
+micro-batches and updates them once per window with the window's pooled moments -- exactly what
+one ``fit`` step on the concatenated window does to them (:mod:`tfreg.batchnorm`); gradients
+are unchanged (normalisation stays per micro-batch). Layers'
 ``activity_regularizer`` and ``add_loss`` terms (which Keras adds to every batch's loss, so per
 micro-batch they would change strength) are rejected with an ``InvalidArgumentError`` naming
 the layer; ``regularizer=`` and variable regularizers are applied once per update.

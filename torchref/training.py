@@ -1083,6 +1083,12 @@ class Trainer:
     Modes: ``fit`` calls ``model.train()`` once when the model is in eval mode; a model already
     in training mode keeps its submodules' modes (a BatchNorm frozen with ``.eval()`` keeps its
     running statistics). Every submodule's mode is restored when ``fit`` returns or raises.
+    BatchNorm: each micro-batch is normalised with its own statistics; by default
+    (``batchnorm="per_micro_batch"``, warned at construction) the running statistics are
+    updated per micro-batch; ``batchnorm="per_window"`` updates them once per window with the
+    window's pooled moments (torch's momentum and unbiased variance, ``num_batches_tracked``
+    +1 per window), as one training-mode forward on the concatenated window does
+    (:mod:`torchref.batchnorm`; refused on a process group). Gradients are the same in both.
     During ``fit`` each parameter's ``.grad`` is its accumulator sum once the window has
     reached it (``backward()`` adds into it, as in a hand-written loop), None before;
     ``fit`` leaves ``.grad`` at None. See the module docstring
