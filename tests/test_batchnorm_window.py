@@ -378,3 +378,20 @@ def test_resume_in_the_other_mode_is_refused(twin: Any, tmp_path: Any) -> None:
     other = twin.trainer("per_micro_batch")
     with pytest.raises(InvalidArgumentError, match="batchnorm='per_window' there"):
         twin.resume(first, other, tmp_path)
+
+
+def test_torch_per_window_refused_on_a_process_group(tmp_path: Any) -> None:
+    import torch
+
+    import torchref
+
+    model = _torch_model()
+    store = f"file://{tmp_path / 'store'}"  # one local process: no network
+    torch.distributed.init_process_group("gloo", init_method=store, rank=0, world_size=1)
+    try:
+        with pytest.raises(InvalidArgumentError, match="not available on a process group"):
+            torchref.Trainer(
+                model, "mse", torch.optim.SGD(model.parameters()), batchnorm="per_window"
+            )
+    finally:
+        torch.distributed.destroy_process_group()
