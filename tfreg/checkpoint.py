@@ -44,6 +44,7 @@ def run_fingerprint(trainer: Any, layout: str) -> dict[str, Any]:
         model=_rows(trainer.model.weights),
         slots=[("", shape, dtype) for _, shape, dtype in _rows(optimizer.variables)],
         replicas=layout,
+        batchnorm=trainer.batchnorm,
     )
 
 

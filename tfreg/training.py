@@ -42,7 +42,11 @@ adds Adam's epsilon to ``sqrt(v)`` where torch adds it to ``sqrt(v_hat)`` --
 ``torchref.KerasAdamW`` reproduces Keras; ``parity_tests/test_trajectories.py`` pins each gap.
 BatchNorm statistics (and Keras' moving averages) are computed per micro-batch: accumulation
 makes the *gradient* exact, not batch statistics -- a BatchNorm model trained with 4 x 64 is not
-the model trained with 256 (both front ends warn at construction). Layers'
+the model trained with 256 (both front ends warn at construction). ``batchnorm="per_window"``
+(``Trainer`` and ``AccumulatingModel``) keeps the moving mean/variance untouched by the
+micro-batches and updates them once per window with the window's pooled moments -- exactly what
+one ``fit`` step on the concatenated window does to them (:mod:`tfreg.batchnorm`); gradients
+are unchanged (normalisation stays per micro-batch). Layers'
 ``activity_regularizer`` and ``add_loss`` terms (which Keras adds to every batch's loss, so per
 micro-batch they would change strength) are rejected with an ``InvalidArgumentError`` naming
 the layer; ``regularizer=`` and variable regularizers are applied once per update.
@@ -70,12 +74,14 @@ from tfreg._losses import (
     output_names,
 )
 from tfreg._losses import per_example_loss as per_example_loss
+from tfreg.batchnorm import WindowMoments
 from tfreg.checkpoint import check_file, run_fingerprint
 from tfreg.distributed import Replicas, local_variable, replicas, update_function, zero
 from tfreg.penalties import penalty as _penalty
 from tfreg.proximal import PROXIMAL_CLASSES, Proximal
 from tfreg.regularizers import get as _get_regularizer
 from tfreg_core import checkpoint as core_checkpoint
+from tfreg_core.batchnorm import check_mode as _check_batchnorm_mode
 from tfreg_core.labels import check_class_labels
 from tfreg_core.training import (
     ALL_SKIPPED_MESSAGE,
@@ -197,9 +203,20 @@ def _warn_batchnorm(model: keras.layers.Layer, accumulation_steps: int) -> None:
             "statistics and update their moving mean/variance once per micro-batch: the "
             f"gradient is exact for that model, not for one step on {accumulation_steps} "
             "concatenated micro-batches (use a larger micro-batch, LayerNormalization or "
-            "GroupNormalization where the batch statistics matter).",
+            "GroupNormalization where the batch statistics matter). batchnorm='per_window' "
+            "updates the moving statistics once per window with the window's pooled moments "
+            "(the big batch's update; normalisation stays per micro-batch).",
             UserWarning,
             stacklevel=3,
+        )
+
+
+def _refuse_per_window_replicas(batchnorm: str) -> None:
+    if batchnorm == "per_window":
+        raise InvalidArgumentError(
+            'batchnorm="per_window" is not available under a tf.distribute strategy (each '
+            "replica's BatchNormalization sees its own share). Received: "
+            'batchnorm="per_window" with a strategy'
         )
 
 
@@ -622,9 +639,11 @@ class _Engine:
         regularizer: Any,
         proximal: Proximal | None,
         replicas: Replicas | None,
+        moments: WindowMoments | None = None,
     ) -> None:
         self.model = model
         self.replicas = replicas
+        self.moments = moments  # batchnorm="per_window": the window's BatchNorm moments
         # Set by Trainer.fit on a stream under a strategy: compared across workers at the next
         # micro-batch (see Replicas.check_stream).
         self.stream_length: int | None = None
@@ -692,6 +711,8 @@ class _Engine:
             accumulation.reset(acc)
         self.window.losses.reset()
         self.window.reset()
+        if self.moments is not None:
+            self.moments.reset()
 
     def _eval(self, x: Any, y: Any, w: Any) -> tuple[tf.Tensor, ...]:
         # Validation: the loss terms and counts `_micro` accumulates, in inference mode.
@@ -746,17 +767,19 @@ class _Engine:
         return logs
 
     def _micro(self, x: Any, y: Any, w: Any) -> None:
-        batch = micro_batch_gradients(
-            self.model,
-            self.terms,
-            self.names,
-            self.variables,
-            x,
-            y,
-            w,
-            loss_scale=_loss_scale(self.optimizer),
-            check_forward=lambda: _reject_added_losses(self.model),  # at trace time
-        )
+        capture = contextlib.nullcontext() if self.moments is None else self.moments.capture()
+        with capture:
+            batch = micro_batch_gradients(
+                self.model,
+                self.terms,
+                self.names,
+                self.variables,
+                x,
+                y,
+                w,
+                loss_scale=_loss_scale(self.optimizer),
+                check_forward=lambda: _reject_added_losses(self.model),  # at trace time
+            )
         for acc, grads, count in zip(self.accs, batch.grads, batch.counts, strict=True):
             accumulation.add(acc, grads, count)
         self.window.losses.add(batch.sums)
@@ -790,6 +813,8 @@ class _Engine:
         for name, total in zip(spec.metrics, metric_sums, strict=True):
             values[name] = total / weight_sum
         window.reset()
+        if self.moments is not None:  # the forward passes happened, finite or not
+            self.moments.close()
         return values
 
     def apply_step(self) -> dict[str, tf.Tensor]:
@@ -872,6 +897,7 @@ class Trainer:
         seed: int = 0,
         proximal: Proximal | dict[str, Any] | Sequence[Any] | None = None,
         loss_weights: float | Sequence[float] | dict[str, float] | None = None,
+        batchnorm: str = "per_micro_batch",
     ) -> None:
         self.spec = TrainerSpec(
             accumulation_steps=accumulation_steps,
@@ -895,7 +921,9 @@ class Trainer:
             )
         _reject_activity_regularizers(model)
         _reject_custom_steps(model, "Trainer")
-        _warn_batchnorm(model, accumulation_steps)
+        self.batchnorm = _check_batchnorm_mode(batchnorm)
+        if self.batchnorm == "per_micro_batch":
+            _warn_batchnorm(model, accumulation_steps)
         optimizer = _loss_scaled(optimizer, model)
         if on_nonfinite == "raise" and isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
             raise InvalidArgumentError(
@@ -906,6 +934,7 @@ class Trainer:
         self._replicas = replicas(model, owner="Trainer")
         if self._replicas is not None:
             self._replicas.check_options(optimizer, jit_compile=jit_compile)
+            _refuse_per_window_replicas(self.batchnorm)
         names = output_names(model)
         terms = loss_terms(loss, loss_weights, names)
         if self.spec.metrics and len(names) > 1:
@@ -944,6 +973,7 @@ class Trainer:
                 regularizer=self.regularizer,
                 proximal=self.proximal,
                 replicas=self._replicas,
+                moments=WindowMoments(self.model) if self.batchnorm == "per_window" else None,
             )
             # Evaluated once eagerly: a regularizer's own error (an axis out of range) reaches
             # the user as is, not wrapped in TF's StagingError by the step's trace.
@@ -983,6 +1013,8 @@ class Trainer:
         engine = self._engine
         assert engine is not None  # build() made it
         state: dict[str, Any] = {"model": self.model, "optimizer": self.optimizer}
+        if engine.moments is not None:
+            state["batchnorm"] = engine.moments
         if self._replicas is None:
             state.update(accumulator=engine.accs, window=engine.window)
         else:
@@ -1109,6 +1141,7 @@ class Trainer:
         config["regularizer"] = object_config(self.regularizer)
         config["proximal"] = object_config(self.proximal)
         config["loss_weights"] = self.loss_weights
+        config["batchnorm"] = self.batchnorm
         return config
 
 
@@ -1348,6 +1381,7 @@ class AccumulatingModel(keras.Model):
         include_bias: bool = False,
         drop_remainder: bool = False,
         proximal: Proximal | dict[str, Any] | Sequence[Any] | None = None,
+        batchnorm: str = "per_micro_batch",
         **kwargs: Any,
     ) -> None:
         spec = TrainerSpec(
@@ -1359,7 +1393,9 @@ class AccumulatingModel(keras.Model):
             raise InvalidArgumentError(f"model must be a Keras model. Received: model={model!r}")
         _reject_activity_regularizers(model)
         _reject_custom_steps(model, "AccumulatingModel")
-        _warn_batchnorm(model, accumulation_steps)
+        batchnorm = _check_batchnorm_mode(batchnorm)
+        if batchnorm == "per_micro_batch":
+            _warn_batchnorm(model, accumulation_steps)
         if type(self).compute_loss is not keras.Model.compute_loss:
             raise InvalidArgumentError(
                 "AccumulatingModel's train_step does not call compute_loss (it accumulates "
@@ -1374,6 +1410,8 @@ class AccumulatingModel(keras.Model):
         self.spec = spec
         self.regularizer = None if regularizer is None else _get_regularizer(regularizer)
         self.proximal = resolve_proximal(proximal, PROXIMAL_CLASSES)
+        self.batchnorm = batchnorm
+        self._moments: WindowMoments | None = None
         self._accs: list[accumulation.AccumulatorState] | None = None
         self._replicas: Replicas | None = None
         self._pending = 0  # micro-batches of the open window, counted on the host (strategy)
@@ -1412,6 +1450,7 @@ class AccumulatingModel(keras.Model):
             "include_bias": self.spec.include_bias,
             "drop_remainder": self.spec.drop_remainder,
             "proximal": object_config(self.proximal),
+            "batchnorm": self.batchnorm,
         }
 
     @classmethod
@@ -1466,6 +1505,7 @@ class AccumulatingModel(keras.Model):
         with self.distribute_strategy.scope():
             self._replicas = replicas(self.model, owner="AccumulatingModel")
         if self._replicas is not None:
+            _refuse_per_window_replicas(self.batchnorm)
             self._replicas.check_keras_fit()
             self._replicas.check_options(self.optimizer, jit_compile=self.jit_compile is True)
         # Keras' loss tracker, as a window mean that reports an all-skipped epoch as NaN.
@@ -1516,6 +1556,8 @@ class AccumulatingModel(keras.Model):
                 self._empty_windows = tf.Variable(tf.constant(0, tf.int64), trainable=False)
             if not self.optimizer.built:
                 self.optimizer.build(variables)
+            if self.batchnorm == "per_window" and self._moments is None:
+                self._moments = WindowMoments(self.model)
         self._apply_fn = update_function(self._apply_window, self._replicas)
 
     @property
@@ -1613,6 +1655,8 @@ class AccumulatingModel(keras.Model):
         zero(self._window_examples)
         self._skipped.assign_add(tf.cast(tf.logical_not(finite), tf.int64))
         self._empty_windows.assign_add(tf.cast(values["elements"] == 0, tf.int64))
+        if self._moments is not None:  # the forward passes happened, finite or not
+            self._moments.close()
 
     def flush(self) -> None:
         """Apply (or, with ``drop_remainder``, discard) a partial window; called at epoch end."""
@@ -1624,22 +1668,26 @@ class AccumulatingModel(keras.Model):
                 accumulation.reset(acc)
             self._window_losses.reset()
             zero(self._window_examples)
+            if self._moments is not None:
+                self._moments.reset()
         else:
             self._apply_fn()
 
     def train_step(self, data: Any) -> dict[str, Any]:
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        batch = micro_batch_gradients(
-            self,  # through Keras' __call__: the wrapper is built (and saveable) by fit
-            self._terms,
-            self._names,
-            list(self.model.trainable_variables),
-            x,
-            y,
-            sample_weight,
-            loss_scale=_loss_scale(self.optimizer),
-            check_forward=lambda: _reject_added_losses(self),
-        )
+        capture = contextlib.nullcontext() if self._moments is None else self._moments.capture()
+        with capture:
+            batch = micro_batch_gradients(
+                self,  # through Keras' __call__: the wrapper is built (and saveable) by fit
+                self._terms,
+                self._names,
+                list(self.model.trainable_variables),
+                x,
+                y,
+                sample_weight,
+                loss_scale=_loss_scale(self.optimizer),
+                check_forward=lambda: _reject_added_losses(self),
+            )
         assert self._accs is not None  # fit() built the state
         for acc, grads, count in zip(self._accs, batch.grads, batch.counts, strict=True):
             accumulation.add(acc, grads, count)

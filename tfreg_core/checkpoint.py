@@ -64,6 +64,7 @@ _FIX = {
     "optimizer_slots": "its slots (momenta, moments) would be lost or misread",
     "model": "parameters would be restored into another architecture",
     "replicas": "the open window's partial sums are per replica",
+    "batchnorm": "the moving statistics would be updated in another way mid-window",
 }
 
 
@@ -76,11 +77,13 @@ def fingerprint(
     model: Sequence[tuple[str, Sequence[int], str]],
     replicas: str,
     slots: Sequence[tuple[str, Sequence[int], str]] = (),
+    batchnorm: str = "per_micro_batch",
 ) -> dict[str, Any]:
     """What defines a run, as JSON-serialisable values (``model``: one ``[name, shape, dtype]``
     per parameter/weight; ``optimizer``: its class name; ``slots``: its variables where the
     framework creates them up front (Keras; a torch optimizer's state describes itself);
-    ``replicas``: the replica layout)."""
+    ``replicas``: the replica layout; ``batchnorm``: the trainer's BatchNorm mode, whose
+    open-window moments only a ``"per_window"`` checkpoint holds)."""
 
     def table(rows: Sequence[tuple[str, Sequence[int], str]]) -> list[list[Any]]:
         return [[str(n), [int(d) for d in shape], str(dtype)] for n, shape, dtype in rows]
@@ -93,7 +96,12 @@ def fingerprint(
         "optimizer": str(optimizer),
         "optimizer_slots": table(slots),
         "replicas": str(replicas),
+        "batchnorm": str(batchnorm),
     }
+
+
+# Fields added to the run record later: a record written before holds their default.
+_ADDED = {"batchnorm": "per_micro_batch"}
 
 
 def to_text(run: Mapping[str, Any]) -> str:
@@ -123,6 +131,8 @@ def check_same_run(saved: Any, current: Mapping[str, Any]) -> None:
             f"structure, replicas): it cannot be checked to be this run. Received: {saved!r:.200}"
         )
     for field, value in current.items():
+        if field not in saved and _ADDED.get(field, ...) == value:
+            continue
         if field not in saved:
             raise InvalidArgumentError(
                 f"The checkpoint's run record lacks {field!r}: it cannot be checked to be this "

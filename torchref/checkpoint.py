@@ -39,6 +39,7 @@ def run_fingerprint(trainer: Any) -> dict[str, Any]:
             for name, t in trainer.model.state_dict().items()
         ],
         replicas=layout,
+        batchnorm=trainer.batchnorm,
     )
 
 
@@ -122,6 +123,8 @@ def check_state(trainer: Any, state: Any) -> None:
     # The parts are those this trainer's own state_dict() writes: a part missing or unknown is
     # refused whichever parts a trainer's options add.
     own = trainer.state_dict()
+    if isinstance(state, Mapping) and "run" in state:  # another run's: said before its parts
+        core.check_same_run(state["run"], own["run"])
     state = _mapping(state, "state", tuple(own))
     core.check_same_run(state["run"], own["run"])
     metrics = state["metrics"]

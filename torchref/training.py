@@ -44,11 +44,13 @@ import contextlib
 import copy
 import functools
 import itertools
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, cast
 
 import numpy as np
 
+from tfreg_core.batchnorm import check_mode as _check_batchnorm_mode
 from tfreg_core.labels import check_class_labels
 from tfreg_core.training import (
     NONFINITE_MESSAGE,
@@ -68,6 +70,7 @@ from tfreg_core.training import History as History
 from tfreg_core.validation import InvalidArgumentError
 from torchref import accumulation, checkpoint
 from torchref._compat import torch
+from torchref.batchnorm import WindowMoments, batchnorm_modules
 from torchref.distributed import loader_samplers, process_group
 from torchref.penalties import penalty as _penalty
 from torchref.proximal import PROXIMAL_CLASSES, Proximal
@@ -699,8 +702,10 @@ class _Engine:
         proximal: Proximal | None,
         autocast: torch.dtype | None = None,
         loss_scale: LossScale | None = None,
+        moments: WindowMoments | None = None,
     ) -> None:
         self.model, self.optimizer, self.spec = model, optimizer, spec
+        self.moments = moments  # batchnorm="per_window": the window's BatchNorm moments
         self.autocast, self.loss_scale = autocast, loss_scale
         self.regularizer, self.proximal = regularizer, proximal
         # Every parameter the optimizer steps or that is trainable now: one frozen now may be
@@ -750,8 +755,9 @@ class _Engine:
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
         """Around one ``fit``: training mode, and the parameters' ``.grad`` released after."""
+        attached = contextlib.nullcontext() if self.moments is None else self.moments.attached()
         try:
-            with _training_mode(self.model):
+            with _training_mode(self.model), attached:
                 yield
         finally:
             for p in self.params:
@@ -980,6 +986,8 @@ class _Engine:
                 self.proximal.apply(self.model, self.optimizer)
         if self.loss_scale is not None:  # once per window, as GradScaler.update per step
             self.loss_scale.update(finite)
+        if self.moments is not None:  # the forward passes happened, finite or not
+            self.moments.close()
         data_loss = self.loss_sum / divisor
         values = {
             "loss": data_loss + pen,
@@ -1008,6 +1016,8 @@ class _Engine:
     def _reset_window(self) -> None:
         # After the update that consumed the window (in place: checkpoints hold copies).
         accumulation.reset(self.acc)
+        if self.moments is not None:
+            self.moments.reset()
         self.touched = [False] * len(self.params)
         for total in [self.loss_sum, self.weight_sum, self.examples, *self.metric_sums]:
             total.zero_()
@@ -1075,6 +1085,12 @@ class Trainer:
     Modes: ``fit`` calls ``model.train()`` once when the model is in eval mode; a model already
     in training mode keeps its submodules' modes (a BatchNorm frozen with ``.eval()`` keeps its
     running statistics). Every submodule's mode is restored when ``fit`` returns or raises.
+    BatchNorm: each micro-batch is normalised with its own statistics; by default
+    (``batchnorm="per_micro_batch"``, warned at construction) the running statistics are
+    updated per micro-batch; ``batchnorm="per_window"`` updates them once per window with the
+    window's pooled moments (torch's momentum and unbiased variance, ``num_batches_tracked``
+    +1 per window), as one training-mode forward on the concatenated window does
+    (:mod:`torchref.batchnorm`; refused on a process group). Gradients are the same in both.
     During ``fit`` each parameter's ``.grad`` is its accumulator sum once the window has
     reached it (``backward()`` adds into it, as in a hand-written loop), None before;
     ``fit`` leaves ``.grad`` at None. See the module docstring
@@ -1104,6 +1120,7 @@ class Trainer:
         proximal: Proximal | dict[str, Any] | Sequence[Any] | None = None,
         autocast: str | torch.dtype | None = None,
         grad_scaler: Any = None,
+        batchnorm: str = "per_micro_batch",
     ) -> None:
         self.spec = TrainerSpec(
             accumulation_steps=accumulation_steps,
@@ -1148,6 +1165,8 @@ class Trainer:
             )
         self.autocast = _autocast_dtype(autocast)
         loss_scale = _check_mixed_precision(model, self.autocast, grad_scaler, self.spec)
+        self.batchnorm = _check_batchnorm_mode(batchnorm)
+        moments = _window_moments(model, self.batchnorm, self.spec.accumulation_steps)
         self._engine = _Engine(
             model,
             loss,
@@ -1157,7 +1176,14 @@ class Trainer:
             self.proximal,
             self.autocast,
             loss_scale,
+            moments,
         )
+        if moments is not None and self._engine.group is not None:
+            raise InvalidArgumentError(
+                'batchnorm="per_window" is not available on a process group (each rank\'s '
+                "BatchNorm sees its own share; use SyncBatchNorm). Received: "
+                'batchnorm="per_window" with torch.distributed initialised'
+            )
         self.stop_training = False
 
     @property
@@ -1182,6 +1208,7 @@ class Trainer:
             },
             "rng": _rng_state(e.device),
             **({} if e.loss_scale is None else {"loss_scale": e.loss_scale.state_dict()}),
+            **({} if e.moments is None else {"batchnorm": e.moments.state_dict()}),
             "run": checkpoint.run_fingerprint(self),
         }
 
@@ -1193,6 +1220,8 @@ class Trainer:
         is refused before anything is restored."""
         checkpoint.check_state(self, state)
         e = self._engine
+        if e.moments is not None:
+            e.moments.check_state(state["batchnorm"])
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         e.acc.load_state_dict(state["accumulator"])
@@ -1211,6 +1240,8 @@ class Trainer:
         _set_rng_state(state["rng"])
         if e.loss_scale is not None:
             e.loss_scale.load_state_dict(state["loss_scale"])
+        if e.moments is not None:
+            e.moments.load_state_dict(state["batchnorm"])
 
     def fit(
         self,
@@ -1334,6 +1365,7 @@ class Trainer:
         config["regularizer"] = object_config(self.regularizer)
         config["proximal"] = object_config(self.proximal)
         config["autocast"] = None if self.autocast is None else str(self.autocast).split(".")[-1]
+        config["batchnorm"] = self.batchnorm
         return config
 
 
@@ -1366,6 +1398,26 @@ def _check_mixed_precision(
             "first overflow. Received: on_nonfinite='raise' with autocast=torch.float16"
         )
     return LossScale(grad_scaler)
+
+
+def _window_moments(model: Any, batchnorm: str, steps: int) -> WindowMoments | None:
+    """``batchnorm="per_window"``: the BatchNorm modules' window moments. The default mode
+    warns when BatchNorm modules would see micro-batches (``accumulation_steps > 1``)."""
+    if batchnorm == "per_window":
+        return WindowMoments(model)
+    names = [name for name, _ in batchnorm_modules(model)]
+    if names and steps > 1:
+        warnings.warn(
+            f"BatchNorm modules {names} normalise each micro-batch with its own statistics "
+            "and update their running mean/variance once per micro-batch: the gradient is "
+            f"exact for that model, not for one step on {steps} concatenated micro-batches. "
+            'batchnorm="per_window" updates the running statistics once per window with the '
+            "window's pooled moments (the big batch's update; normalisation stays per "
+            "micro-batch).",
+            UserWarning,
+            stacklevel=3,
+        )
+    return None
 
 
 def _refuse_outer_autocast(device: torch.device) -> None:
