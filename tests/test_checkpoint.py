@@ -36,7 +36,13 @@ class TFTwin:
     name = "tf"
 
     def make(
-        self, *, accumulation_steps: int = 2, seed: int = 3, optimizer: str = "sgd", width: int = 1
+        self,
+        *,
+        accumulation_steps: int = 2,
+        seed: int = 3,
+        optimizer: str = "sgd",
+        width: int = 1,
+        loss: Any = "mse",
     ) -> Any:
         import keras
 
@@ -52,7 +58,7 @@ class TFTwin:
             else keras.optimizers.Adam(0.05)
         )
         return tfreg.Trainer(
-            model, "mse", opt, accumulation_steps=accumulation_steps, seed=seed, jit_compile=False
+            model, loss, opt, accumulation_steps=accumulation_steps, seed=seed, jit_compile=False
         )
 
     def weights(self, trainer: Any) -> list[np.ndarray]:
@@ -70,7 +76,13 @@ class TorchTwin:
     name = "torch"
 
     def make(
-        self, *, accumulation_steps: int = 2, seed: int = 3, optimizer: str = "sgd", width: int = 1
+        self,
+        *,
+        accumulation_steps: int = 2,
+        seed: int = 3,
+        optimizer: str = "sgd",
+        width: int = 1,
+        loss: Any = "mse",
     ) -> Any:
         import torch
 
@@ -83,7 +95,7 @@ class TorchTwin:
             if optimizer == "sgd"
             else torch.optim.Adam(model.parameters(), lr=0.05)
         )
-        return torchref.Trainer(model, "mse", opt, accumulation_steps=accumulation_steps, seed=seed)
+        return torchref.Trainer(model, loss, opt, accumulation_steps=accumulation_steps, seed=seed)
 
     def weights(self, trainer: Any) -> list[np.ndarray]:
         params = [p.detach().numpy().copy() for p in trainer.model.parameters()]
@@ -125,8 +137,10 @@ def _saved_mid_window(twin: Any, directory: Any) -> Any:
         ({"seed": 4}, "seed", "3", "4"),
         ({"optimizer": "adam"}, "optimizer", "SGD", "Adam"),
         ({"width": 2}, "model", "1", "2"),
+        # Before: silently accepted; the open window's mse sums closed as an mae update.
+        ({"loss": "mae"}, "loss", "mse", "mae"),
     ],
-    ids=["accumulation_steps", "seed", "optimizer", "model"],
+    ids=["accumulation_steps", "seed", "optimizer", "model", "loss"],
 )
 def test_a_resume_into_another_run_is_refused_before_anything_is_restored(
     twin: Any, tmp_path: Any, change: dict[str, Any], field: str, there: str, here: str
@@ -327,3 +341,26 @@ def test_any_corrupted_torch_state_is_refused_whole_or_accepted_valid(
     # Accepted: only a value the checks allow (a position inside the plan, a valid counter).
     position = core.check_position(fresh._engine.get_position())
     core.check_window(position, fresh.accumulator.micro_batches, 0.0, 2)
+
+
+def test_the_recorded_loss_tells_settings_apart_and_reads_alike_across_instances() -> None:
+    # Before: the loss was not recorded; a resume with label smoothing or from_logits changed
+    # was accepted silently.
+    import functools
+
+    import keras
+    import torch
+
+    describe = core.describe
+    assert describe(torch.nn.CrossEntropyLoss()) == describe(torch.nn.CrossEntropyLoss())
+    assert describe(torch.nn.CrossEntropyLoss()) != describe(
+        torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    )
+    assert "label_smoothing=0.1" in describe(torch.nn.CrossEntropyLoss(label_smoothing=0.1))
+    assert "training" not in describe(torch.nn.MSELoss().eval())  # a mode, not a setting
+    sparse = keras.losses.SparseCategoricalCrossentropy
+    assert describe(sparse()) == describe(sparse())
+    assert describe(sparse(from_logits=True)) != describe(sparse())
+    assert describe("mse") == "mse"
+    f = torch.nn.functional.cross_entropy
+    assert describe(functools.partial(f, label_smoothing=0.1)) != describe(f)

@@ -4,9 +4,9 @@ crash-safe saving and restoring (the twin of :mod:`torchref.checkpoint`; the pro
 checks are :mod:`tfreg_core.checkpoint`'s).
 
 A checkpoint is refused, naming the field and both values, when it was saved by another run
-(accumulation steps, seed, ``drop_remainder``, optimizer class and slots, model weights' names,
-shapes and dtypes, replica layout) or lacks the run record, or when its position lies outside
-its plan or its accumulator counters contradict the position; nothing is restored then.
+(accumulation steps, seed, ``drop_remainder``, loss, optimizer class and slots, model weights'
+names, shapes and dtypes, replica layout) or lacks the run record, or when its position lies
+outside its plan or its accumulator counters contradict the position; nothing is restored then.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ def run_fingerprint(trainer: Any, layout: str) -> dict[str, Any]:
         accumulation_steps=trainer.spec.accumulation_steps,
         seed=trainer.spec.seed,
         drop_remainder=trainer.spec.drop_remainder,
+        loss=core.describe(trainer.loss),
         optimizer=f"{type(optimizer).__name__}({type(inner).__name__})"
         if inner is not optimizer
         else type(optimizer).__name__,

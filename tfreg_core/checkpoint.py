@@ -3,9 +3,14 @@ is restored, and crash-safe writes. Framework-free, shared by :mod:`tfreg.checkp
 :mod:`torchref.checkpoint`.
 
 *A resume is the same run or it is refused.* A checkpoint records the run's
-:func:`fingerprint` -- accumulation steps, seed, ``drop_remainder``, the optimizer's class, the
-model's structure (names, shapes, dtypes) and the replica count -- and :func:`check_same_run`
-refuses a trainer that differs, naming the field and both values, before anything is restored.
+:func:`fingerprint` -- accumulation steps, seed, ``drop_remainder``, the loss (:func:`describe`),
+the optimizer's class, the model's structure (names, shapes, dtypes) and the replica count -- and
+:func:`check_same_run` refuses a trainer that differs, naming the field and both values, before
+anything is restored. Not recorded, on purpose: the learning rate and the optimizer's other
+hyperparameters, the regularizer, ``proximal``, ``clipnorm``/``global_clipnorm`` and
+``on_nonfinite``. Each acts once per update, when a window closes, outside the accumulator (the
+saved partial sums hold the data loss's gradients only), so changing one on resume changes the
+updates from then on, as a learning-rate schedule does, and never mixes with saved state.
 (A mid-epoch resume also needs the data the run was saved with: the position records the
 epoch's plan, ``num_examples``/``batch_size``/``shuffle``, which ``run_fit`` checks.)
 
@@ -24,6 +29,8 @@ save.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import json
 import math
 import numbers
@@ -42,6 +49,7 @@ __all__ = [
     "check_position",
     "check_same_run",
     "check_window",
+    "describe",
     "fingerprint",
 ]
 
@@ -60,6 +68,8 @@ _FIX = {
     "accumulation_steps": "the partial window would be merged into windows of another size",
     "seed": "the rest of the epoch would be drawn from another permutation",
     "drop_remainder": "the epoch's windows would be planned differently",
+    "loss": "the open window's sums and count are the saved loss's, and the loss defines what "
+    "the run minimises",
     "optimizer": "its slots (momenta, moments) would be lost or misread",
     "optimizer_slots": "its slots (momenta, moments) would be lost or misread",
     "model": "parameters would be restored into another architecture",
@@ -67,20 +77,62 @@ _FIX = {
 }
 
 
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def describe(loss: Any) -> str:
+    """A loss as a checkpoint records it: a name as given (``"mse"``); a function or class by
+    its ``__qualname__`` (not its module: a framework moving its private modules between
+    versions must not refuse a resume); a ``functools.partial`` by its function and arguments;
+    a loss object by its class and its settings -- ``get_config()`` where it has one (Keras:
+    ``from_logits``, ``reduction``, ...), else its public attributes (a torch loss module:
+    ``reduction``, ``ignore_index``, ``label_smoothing``, ...; its ``training`` flag is a mode,
+    not a setting) -- of which plain values and callables (by name) count. Tensors (a
+    class-weight buffer) and a lambda's body are not described: two lambdas read alike."""
+    if isinstance(loss, str):
+        return loss
+    if isinstance(loss, functools.partial):
+        args = ", ".join([describe(a) if callable(a) else repr(a) for a in loss.args])
+        kwargs = ", ".join(
+            f"{k}={describe(v) if callable(v) else repr(v)}"
+            for k, v in sorted(loss.keywords.items())
+        )
+        return f"partial({describe(loss.func)}; {args}; {kwargs})"
+    plain = inspect.isroutine(loss) or inspect.isclass(loss)
+    kind = loss if plain else type(loss)
+    name = str(getattr(kind, "__qualname__", repr(kind)))
+    if plain:
+        return name
+    get_config = getattr(loss, "get_config", None)
+    try:
+        settings = dict(get_config()) if callable(get_config) else dict(vars(loss))
+    except (TypeError, NotImplementedError):  # an object without __dict__ or config
+        settings = {}
+    parts = [
+        f"{key}={describe(value) if callable(value) else repr(value)}"
+        for key, value in sorted(settings.items())
+        if not key.startswith("_")
+        and key != "training"
+        and (isinstance(value, _SCALARS) or callable(value))
+    ]
+    return f"{name}({', '.join(parts)})"
+
+
 def fingerprint(
     *,
     accumulation_steps: int,
     seed: int,
     drop_remainder: bool,
+    loss: str,
     optimizer: str,
     model: Sequence[tuple[str, Sequence[int], str]],
     replicas: str,
     slots: Sequence[tuple[str, Sequence[int], str]] = (),
 ) -> dict[str, Any]:
     """What defines a run, as JSON-serialisable values (``model``: one ``[name, shape, dtype]``
-    per parameter/weight; ``optimizer``: its class name; ``slots``: its variables where the
-    framework creates them up front (Keras; a torch optimizer's state describes itself);
-    ``replicas``: the replica layout)."""
+    per parameter/weight; ``loss``: :func:`describe`'s text; ``optimizer``: its class name;
+    ``slots``: its variables where the framework creates them up front (Keras; a torch
+    optimizer's state describes itself); ``replicas``: the replica layout)."""
 
     def table(rows: Sequence[tuple[str, Sequence[int], str]]) -> list[list[Any]]:
         return [[str(n), [int(d) for d in shape], str(dtype)] for n, shape, dtype in rows]
@@ -89,6 +141,7 @@ def fingerprint(
         "accumulation_steps": int(accumulation_steps),
         "seed": int(seed),
         "drop_remainder": bool(drop_remainder),
+        "loss": str(loss),
         "model": table(model),
         "optimizer": str(optimizer),
         "optimizer_slots": table(slots),

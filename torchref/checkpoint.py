@@ -5,7 +5,7 @@ checks are :mod:`tfreg_core.checkpoint`'s).
 
 A state is refused, naming the part and the value, when it lacks a part (model, optimizer,
 accumulator, window, RNG, run record), was saved by another run (accumulation steps, seed,
-``drop_remainder``, optimizer class, model structure, world size), or holds a tensor of
+``drop_remainder``, loss, optimizer class, model structure, world size), or holds a tensor of
 another shape/dtype, a position outside the plan, negative or non-finite counts, or values of
 the wrong type. Nothing is restored unless everything passes.
 """
@@ -33,6 +33,7 @@ def run_fingerprint(trainer: Any) -> dict[str, Any]:
         accumulation_steps=spec.accumulation_steps,
         seed=spec.seed,
         drop_remainder=spec.drop_remainder,
+        loss=core.describe(trainer.loss),
         optimizer=type(trainer.optimizer).__name__,
         model=[
             (name, tuple(t.shape), str(t.dtype).replace("torch.", ""))
