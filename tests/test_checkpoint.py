@@ -278,6 +278,32 @@ def _torch_mutations() -> list[Any]:
             id="metric-sums",
         ),
         pytest.param(_set(("run", "seed"), 99), r"another run: seed=99", id="seed"),
+        # Before (the rows below): accepted, or refused by torch after the model was loaded.
+        pytest.param(
+            _set(("window", "touched"), "xyz"),
+            r"window.touched must be a list of 2 bools",
+            id="touched-str",
+        ),
+        pytest.param(
+            _set(("window", "touched"), [True] * 7),
+            r"window.touched must be a list of 2 bools",
+            id="touched-len",
+        ),
+        pytest.param(
+            _set(("rng", "cpu"), torch.zeros(3, dtype=torch.uint8)),
+            r"rng\['cpu'\] must have shape \(\d+,\)",
+            id="rng-size",
+        ),
+        pytest.param(
+            _set(("optimizer", "param_groups", 0, "lr"), "abc"),
+            r"param_groups\[0\]\['lr'\] must be a number",
+            id="lr-str",
+        ),
+        pytest.param(
+            _set(("optimizer", "state", 0, "momentum_buffer"), "x"),
+            r"must be a tensor, a number or None",
+            id="slot-str",
+        ),
     ]
 
 
@@ -364,3 +390,39 @@ def test_the_recorded_loss_tells_settings_apart_and_reads_alike_across_instances
     assert describe("mse") == "mse"
     f = torch.nn.functional.cross_entropy
     assert describe(functools.partial(f, label_smoothing=0.1)) != describe(f)
+
+
+@pytest.mark.usefixtures("single_torch_thread")
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        ({}, r"loss_scale must hold exactly"),
+        ({"scale": math.nan, "growth_tracker": 0, "unit": 4.0}, r"'scale'\] must be a finite"),
+        ({"scale": 1.0, "growth_tracker": -5, "unit": 4.0}, r"'growth_tracker'\] must be an int"),
+        ({"scale": 1.0, "growth_tracker": 0, "unit": "x"}, r"'unit'\] must be a finite"),
+    ],
+    ids=["empty", "nan-scale", "negative-tracker", "str-unit"],
+)
+def test_a_torch_loss_scale_is_checked_before_the_model_is_loaded(value: Any, match: str) -> None:
+    # Before: KeyError / ValueError from LossScale.load_state_dict, after the model, the
+    # optimizer and the accumulator were already restored.
+    import torch
+
+    import torchref
+
+    def make() -> Any:
+        torch.manual_seed(5)
+        model = torch.nn.Linear(D, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        return torchref.Trainer(model, "mse", opt, accumulation_steps=2, autocast="bfloat16")
+
+    saved = make()
+    saved.fit(X, Y, batch_size=2, epochs=1, verbose=0)
+    state = saved.state_dict()
+    state["loss_scale"] = value
+    fresh = make()
+    before = [p.detach().clone() for p in fresh.model.parameters()]
+    with pytest.raises(InvalidArgumentError, match=match):
+        fresh.load_state_dict(state)
+    for a, b in zip(fresh.model.parameters(), before, strict=True):
+        assert torch.equal(a, b)

@@ -12,6 +12,8 @@ the wrong type. Nothing is restored unless everything passes.
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -79,6 +81,18 @@ def _scalar(value: Any, name: str) -> float:
     return float(value)
 
 
+def _kind(value: Any) -> str:
+    """A hyperparameter's kind, for comparing a saved param group with this optimizer's: a
+    number may be saved as a float, an int or a 0-d tensor (a tensor learning rate)."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, numbers.Real) or (isinstance(value, torch.Tensor) and value.ndim == 0):
+        return "number"
+    if isinstance(value, (tuple, list)):
+        return f"sequence of {len(value)} " + "/".join(sorted({_kind(v) for v in value}))
+    return "None" if value is None else type(value).__name__
+
+
 def _check_optimizer(saved: Any, optimizer: torch.optim.Optimizer) -> None:
     mine = optimizer.state_dict()
     saved = _mapping(saved, "optimizer", ("state", "param_groups"))
@@ -98,22 +112,36 @@ def _check_optimizer(saved: Any, optimizer: torch.optim.Optimizer) -> None:
                 f"params {ours['params']} ({type(optimizer).__name__}). Received: missing keys "
                 f"{missing}, params {params!r:.200}"
             )
-    shapes = {
-        index: tuple(p.shape)
+        for key, value in ours.items():  # a numeric hyperparameter stays one (lr, betas)
+            if _kind(value) not in ("bool", "None") and _kind(theirs[key]) != _kind(value):
+                raise InvalidArgumentError(
+                    f"The state's optimizer.param_groups[{i}][{key!r}] must be a "
+                    f"{_kind(value)} as this optimizer's is. Received: {key}={theirs[key]!r:.200}"
+                )
+    params = {
+        index: p
         for ours, group in zip(mine["param_groups"], optimizer.param_groups, strict=True)
         for index, p in zip(ours["params"], group["params"], strict=True)
     }
     for key, slots in _mapping(state, "optimizer.state").items():
-        if key not in shapes:
+        if key not in params:
             raise InvalidArgumentError(
                 f"The state's optimizer.state has an entry for parameter {key!r}, which the "
                 f"optimizer does not have. Received: keys {list(state)!r:.200}"
             )
         for slot, value in _mapping(slots, f"optimizer.state[{key}]").items():
-            if isinstance(value, torch.Tensor) and value.ndim and value.shape != shapes[key]:
+            name = f"optimizer.state[{key}][{slot!r}]"
+            if value is not None and not isinstance(value, (torch.Tensor, numbers.Real)):
                 raise InvalidArgumentError(
-                    f"The state's optimizer.state[{key}][{slot!r}] must have the parameter's "
-                    f"shape {shapes[key]}. Received: shape {tuple(value.shape)}"
+                    f"The state's {name} must be a tensor, a number or None. Received: "
+                    f"{name}={value!r:.200}"
+                )
+            # Another floating dtype is fine: Optimizer.load_state_dict casts slots to the
+            # parameter's dtype.
+            if isinstance(value, torch.Tensor) and value.ndim and value.shape != params[key].shape:
+                raise InvalidArgumentError(
+                    f"The state's {name} must have the parameter's shape "
+                    f"{tuple(params[key].shape)}. Received: shape {tuple(value.shape)}"
                 )
 
 
@@ -165,17 +193,53 @@ def check_state(trainer: Any, state: Any) -> None:
         )
     for i, total in enumerate(metric_sums):
         _scalar(total, f"window.metric_sums[{i}]")
+    touched = window["touched"]
+    if (
+        not isinstance(touched, list)
+        or len(touched) != len(engine.params)
+        or not all(isinstance(t, bool) for t in touched)
+    ):
+        raise InvalidArgumentError(
+            f"The state's window.touched must be a list of {len(engine.params)} bools (one per "
+            f"parameter: whether the open window reached it). Received: {touched!r:.200}"
+        )
     rng = _mapping(state["rng"], "rng")
-    cpu = rng.get("cpu")
-    if not isinstance(cpu, torch.Tensor) or cpu.dtype != torch.uint8 or cpu.ndim != 1:
+    if "cpu" not in rng:
         raise InvalidArgumentError(
-            "The state's rng['cpu'] must be torch.get_rng_state()'s uint8 tensor. Received: "
-            f"{cpu!r:.200}"
+            f"The state's rng must hold 'cpu' (torch.get_rng_state()). Received: keys {list(rng)}"
         )
-    if "cuda" in rng and not isinstance(rng["cuda"], list):
+    _tensor_like(rng["cpu"], own["rng"]["cpu"], "rng['cpu']")  # its size is the generator's
+    cuda = rng.get("cuda", [])
+    if not isinstance(cuda, list) or not all(
+        isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.ndim == 1 for t in cuda
+    ):
         raise InvalidArgumentError(
-            f"The state's rng['cuda'] must be a list of CUDA RNG states. Received: {rng['cuda']!r}"
+            "The state's rng['cuda'] must be a list of CUDA RNG states (uint8 tensors). "
+            f"Received: {cuda!r:.200}"
         )
+    # A trainer on the CPU has no CUDA states to compare a saved one with.
+    for i, (theirs, ours) in enumerate(zip(cuda, own["rng"].get("cuda", []), strict=False)):
+        _tensor_like(theirs, ours, f"rng['cuda'][{i}]")
+    if "loss_scale" in own:
+        scale = _mapping(state["loss_scale"], "loss_scale", tuple(own["loss_scale"]))
+        for name in ("scale", "unit"):
+            value = scale[name]
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, numbers.Real)
+                or not math.isfinite(value)
+                or value <= 0
+            ):
+                raise InvalidArgumentError(
+                    f"The state's loss_scale[{name!r}] must be a finite number > 0. Received: "
+                    f"{name}={value!r:.200}"
+                )
+        tracker = scale["growth_tracker"]
+        if isinstance(tracker, bool) or not isinstance(tracker, int) or tracker < 0:
+            raise InvalidArgumentError(
+                "The state's loss_scale['growth_tracker'] must be an int >= 0. Received: "
+                f"growth_tracker={tracker!r:.200}"
+            )
 
 
 class CheckpointManager:
