@@ -426,3 +426,37 @@ def test_a_torch_loss_scale_is_checked_before_the_model_is_loaded(value: Any, ma
         fresh.load_state_dict(state)
     for a, b in zip(fresh.model.parameters(), before, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "flip", "delete"])
+def test_an_unreadable_checkpoint_file_is_the_librarys_error_and_restores_nothing(
+    twin: Any, tmp_path: Any, damage: str
+) -> None:
+    # Before: IndexError / OpError / NotFoundError from TF's reader, RuntimeError /
+    # UnpicklingError (advising weights_only=False) / FileNotFoundError from torch.load.
+    import os
+
+    path = _saved_mid_window(twin, tmp_path)
+    files = sorted((os.path.join(path, f) for f in os.listdir(path)), key=os.path.getsize)
+    largest = files[-1]
+    if damage == "truncate":
+        with open(largest, "r+b") as f:
+            f.truncate(os.path.getsize(largest) // 2)
+    elif damage == "flip":  # one byte in the middle: a checksum (TF) or the zip (torch) says so
+        with open(largest, "r+b") as f:
+            f.seek(os.path.getsize(largest) // 2)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 0xFF]))
+    for file in files:
+        if damage == "garbage":
+            with open(file, "wb") as f:
+                f.write(b"not a checkpoint")
+        elif damage == "delete":
+            os.remove(file)
+    fresh = twin.make()
+    before = twin.weights(fresh)
+    with pytest.raises(InvalidArgumentError, match=r"cannot be read \(missing, truncated"):
+        twin.manager(fresh, tmp_path).restore()
+    for a, b in zip(twin.weights(fresh), before, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -51,9 +51,12 @@ def run_fingerprint(trainer: Any, layout: str) -> dict[str, Any]:
 def check_file(
     path: str, run: dict[str, Any], *, accumulators: int, accumulation_steps: int
 ) -> None:
-    """Refuse the checkpoint at ``path`` unless it is ``run``'s, its position is within its
-    plan and (one device) each accumulator's counters agree with the position."""
+    """Refuse the checkpoint at ``path`` unless every tensor in it reads back whole, it is
+    ``run``'s, its position is within its plan and (one device) each accumulator's counters
+    agree with the position."""
     reader = tf.train.load_checkpoint(path)
+    for key in reader.get_variable_to_shape_map():  # each read verifies the tensor's checksum
+        reader.get_tensor(key)
     if not reader.has_tensor(RUN_KEY):
         core.check_same_run(None, run)
     core.check_same_run(core.from_text(reader.get_tensor(RUN_KEY).decode()), run)
@@ -96,6 +99,7 @@ class CheckpointManager:
         path = self._directory.latest()
         if path is None:
             return None
+        self._directory.verify(path)
         status = self.trainer.checkpoint().read(os.path.join(path, _PREFIX))
         status.assert_existing_objects_matched()
         return path

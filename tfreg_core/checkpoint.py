@@ -23,13 +23,15 @@ directory next to the others, fsyncs it, renames it into place (a rename within 
 is atomic on POSIX) and only then points the ``latest`` file at it (written to a temporary file,
 fsynced, atomically renamed). A process killed at any moment leaves the previous checkpoint and
 the pointer to it intact; an unfinished temporary directory is ignored and removed by the next
-save.
+save. Each checkpoint carries a manifest of its files' SHA-256 digests, verified before a
+restore reads them: a damaged file is refused, never loaded altered.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import inspect
 import json
 import math
@@ -283,6 +285,23 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
+def _digests(directory: str) -> dict[str, str]:
+    """The SHA-256 digest of each file below ``directory`` (but the manifest), by relative path."""
+    found = {}
+    for root, _, files in os.walk(directory):
+        for file in files:
+            full = os.path.join(root, file)
+            name = os.path.relpath(full, directory)
+            if name == CheckpointDirectory.MANIFEST:
+                continue
+            digest = hashlib.sha256()
+            with open(full, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            found[name] = digest.hexdigest()
+    return found
+
+
 def atomic_write_text(path: str, text: str) -> None:
     """Replace ``path`` by ``text``: a temporary file in the same directory, fsynced, renamed
     over ``path`` (atomic), the directory fsynced. A reader sees the old or the new text."""
@@ -307,6 +326,7 @@ class CheckpointDirectory:
 
     POINTER = "latest"
     PREFIX = "ckpt-"
+    MANIFEST = "manifest.json"  # {file name: SHA-256 hex digest} of the checkpoint's files
 
     def __init__(self, directory: Any, *, max_to_keep: int = 2) -> None:
         if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
@@ -344,6 +364,31 @@ class CheckpointDirectory:
             )
         return path
 
+    def verify(self, path: str) -> None:
+        """Refuse the checkpoint directory ``path`` unless its files are those its manifest
+        lists, each with the SHA-256 digest recorded when it was saved (a flipped byte in a
+        torch zip is not noticed by ``torch.load``: the tensor would load altered)."""
+        manifest = os.path.join(path, self.MANIFEST)
+        try:
+            with open(manifest) as f:
+                recorded = json.load(f)
+        except (OSError, ValueError) as err:
+            raise InvalidArgumentError(
+                f"The checkpoint {path!r} cannot be read (missing, truncated, corrupt or not "
+                f"written by a CheckpointManager): its manifest is unreadable. Received: "
+                f"{type(err).__name__}: {err}"
+            ) from err
+        found = _digests(path)
+        if found != recorded:
+            differ = sorted(
+                name for name in set(found) | set(recorded) if found.get(name) != recorded.get(name)
+            )
+            raise InvalidArgumentError(
+                f"The checkpoint {path!r} cannot be read (missing, truncated, corrupt or not "
+                f"written by a CheckpointManager): files missing or changed since it was saved. "
+                f"Received: {differ[:8]}"
+            )
+
     def save(self, write: Callable[[str], None]) -> str:
         """``write(path)`` fills a fresh directory ``path``; it becomes the next ``ckpt-<n>``
         and the latest one only once completely on disk. Returns its path."""
@@ -361,6 +406,9 @@ class CheckpointDirectory:
         tmp = tempfile.mkdtemp(dir=self.directory, prefix=".tmp-")
         try:
             write(tmp)
+            digests = _digests(tmp)
+            with open(os.path.join(tmp, self.MANIFEST), "w") as f:
+                json.dump(digests, f, sort_keys=True)
             for root, _, files in os.walk(tmp):
                 for file in files:
                     _fsync(os.path.join(root, file))

@@ -269,6 +269,16 @@ class CheckpointManager:
         path = self._directory.latest()
         if path is None:
             return None
-        state = torch.load(os.path.join(path, _FILE), weights_only=True)
+        self._directory.verify(path)
+        file = os.path.join(path, _FILE)
+        try:
+            state = torch.load(file, weights_only=True)
+        except Exception as err:  # torch.load's many failure modes: a zip, pickle or OS error
+            # (its own message suggests weights_only=False, which would unpickle a hostile file)
+            raise InvalidArgumentError(
+                f"The checkpoint {file!r} cannot be read (missing, truncated, corrupt or not a "
+                f"torchref.Trainer checkpoint). Received: {type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}"
+            ) from err
         self.trainer.load_state_dict(state)
         return path
