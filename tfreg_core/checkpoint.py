@@ -53,6 +53,7 @@ __all__ = [
     "check_window",
     "describe",
     "fingerprint",
+    "fsync",
 ]
 
 # The fields of tfreg_core.training.Position, in order (a saved position is a tuple of them).
@@ -276,9 +277,14 @@ def check_window(
         )
 
 
-def _fsync(path: str) -> None:
-    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if os.path.isdir(path) else os.O_RDONLY
-    fd = os.open(path, flags)
+def fsync(path: str) -> None:
+    """Flush ``path`` (a file, or a directory: its entries, e.g. a rename) to the disk. A
+    rename is atomic, but only durable once its directory is fsynced, and the renamed file's
+    data only once the file itself was."""
+    directory = os.path.isdir(path)
+    if directory and not hasattr(os, "O_DIRECTORY"):  # Windows: a folder cannot be opened
+        return
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
     try:
         os.fsync(fd)
     finally:
@@ -317,7 +323,7 @@ def atomic_write_text(path: str, text: str) -> None:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
-    _fsync(directory)
+    fsync(directory)
 
 
 class CheckpointDirectory:
@@ -411,14 +417,14 @@ class CheckpointDirectory:
                 json.dump(digests, f, sort_keys=True)
             for root, _, files in os.walk(tmp):
                 for file in files:
-                    _fsync(os.path.join(root, file))
-            _fsync(tmp)
+                    fsync(os.path.join(root, file))
+            fsync(tmp)
             final = os.path.join(self.directory, name)
             os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _fsync(self.directory)
+        fsync(self.directory)
         atomic_write_text(os.path.join(self.directory, self.POINTER), name)
         for old in taken[: max(len(taken) + 1 - self.max_to_keep, 0)]:
             shutil.rmtree(os.path.join(self.directory, f"{self.PREFIX}{old}"), ignore_errors=True)
