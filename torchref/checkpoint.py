@@ -27,10 +27,10 @@ __all__ = ["CheckpointManager", "check_state", "run_fingerprint"]
 _FILE = "trainer.pt"
 
 
-def run_fingerprint(trainer: Any) -> dict[str, Any]:
-    """What defines ``trainer``'s run (see :func:`tfreg_core.checkpoint.fingerprint`)."""
-    spec, group = trainer.spec, trainer._engine.group
-    layout = "1/0" if group is None else f"{group.world_size}/{group.rank}"
+def run_fingerprint(trainer: Any, layout: str) -> dict[str, Any]:
+    """What defines ``trainer``'s run (see :func:`tfreg_core.checkpoint.fingerprint`);
+    ``layout``: ``"world_size/rank"`` (``"1/0"`` without a process group)."""
+    spec = trainer.spec
     return core.fingerprint(
         accumulation_steps=spec.accumulation_steps,
         seed=spec.seed,
@@ -159,7 +159,7 @@ def check_state(trainer: Any, state: Any) -> None:
             f"The state was saved by a Trainer with other metrics: metrics={metrics!r}. "
             f"Build the Trainer with them. Received: metrics={trainer.spec.metrics}"
         )
-    engine = trainer._engine
+    sums_like = trainer.accumulator.sums  # one per parameter the trainer steps
     model = _mapping(state["model"], "model")
     mine = own["model"]
     if list(model) != list(mine):
@@ -172,12 +172,12 @@ def check_state(trainer: Any, state: Any) -> None:
     _check_optimizer(state["optimizer"], trainer.optimizer)
     acc = _mapping(state["accumulator"], "accumulator", ("sums", "count", "micro_batches"))
     sums = acc["sums"]
-    if not isinstance(sums, list) or len(sums) != len(engine.acc.sums):
+    if not isinstance(sums, list) or len(sums) != len(sums_like):
         raise InvalidArgumentError(
-            f"The state's accumulator must hold {len(engine.acc.sums)} sums. Received: "
+            f"The state's accumulator must hold {len(sums_like)} sums. Received: "
             f"{type(sums).__name__} of {len(sums) if isinstance(sums, list) else '?'}"
         )
-    for i, (saved, like) in enumerate(zip(sums, engine.acc.sums, strict=True)):
+    for i, (saved, like) in enumerate(zip(sums, sums_like, strict=True)):
         _tensor_like(saved, like, f"accumulator.sums[{i}]")
     window = _mapping(state["window"], "window", tuple(own["window"]))
     position = core.check_position(window["position"])
@@ -196,11 +196,11 @@ def check_state(trainer: Any, state: Any) -> None:
     touched = window["touched"]
     if (
         not isinstance(touched, list)
-        or len(touched) != len(engine.params)
+        or len(touched) != len(sums_like)
         or not all(isinstance(t, bool) for t in touched)
     ):
         raise InvalidArgumentError(
-            f"The state's window.touched must be a list of {len(engine.params)} bools (one per "
+            f"The state's window.touched must be a list of {len(sums_like)} bools (one per "
             f"parameter: whether the open window reached it). Received: {touched!r:.200}"
         )
     rng = _mapping(state["rng"], "rng")
