@@ -72,7 +72,7 @@ def check_file(
         )
 
 
-class CheckpointManager:
+class CheckpointManager(core.TrainerCheckpoints):
     """Crash-safe checkpoints of a ``tfreg.Trainer`` in ``directory``: ``save()`` writes
     ``trainer.checkpoint()`` into ``ckpt-<n>/`` (a temporary directory renamed into place, then
     the ``latest`` pointer replaced atomically: a process killed mid-save leaves the previous
@@ -81,25 +81,9 @@ class CheckpointManager:
     first) and returns its path, or None when the directory holds none. Keeps the
     ``max_to_keep`` most recent. ``torchref.CheckpointManager`` is the PyTorch twin."""
 
-    def __init__(self, trainer: Any, directory: Any, *, max_to_keep: int = 2) -> None:
-        self.trainer = trainer
-        self._directory = core.CheckpointDirectory(directory, max_to_keep=max_to_keep)
-        self.directory = self._directory.directory
+    def write(self, path: str) -> None:
+        self.trainer.checkpoint().write(os.path.join(path, _PREFIX))
 
-    @property
-    def latest(self) -> str | None:
-        """The path of the latest complete checkpoint, or None."""
-        return self._directory.latest()
-
-    def save(self) -> str:
-        checkpoint = self.trainer.checkpoint()
-        return self._directory.save(lambda path: checkpoint.write(os.path.join(path, _PREFIX)))
-
-    def restore(self) -> str | None:
-        path = self._directory.latest()
-        if path is None:
-            return None
-        self._directory.verify(path)
+    def read(self, path: str) -> None:
         status = self.trainer.checkpoint().read(os.path.join(path, _PREFIX))
         status.assert_existing_objects_matched()
-        return path

@@ -47,6 +47,7 @@ from tfreg_core.validation import InvalidArgumentError
 __all__ = [
     "POSITION_FIELDS",
     "CheckpointDirectory",
+    "TrainerCheckpoints",
     "atomic_write_text",
     "check_position",
     "check_same_run",
@@ -429,3 +430,41 @@ class CheckpointDirectory:
         for old in taken[: max(len(taken) + 1 - self.max_to_keep, 0)]:
             shutil.rmtree(os.path.join(self.directory, f"{self.PREFIX}{old}"), ignore_errors=True)
         return final
+
+
+class TrainerCheckpoints:
+    """What both twins' ``CheckpointManager`` share: a :class:`CheckpointDirectory` of one
+    trainer's checkpoints, ``save()`` and ``restore()`` (the latest checkpoint, its manifest
+    verified first; None when there is none). A twin says how a checkpoint is written into a
+    fresh directory (:meth:`write`) and read back into the trainer (:meth:`read`)."""
+
+    def __init__(self, trainer: Any, directory: Any, *, max_to_keep: int = 2) -> None:
+        self.trainer = trainer
+        self._directory = CheckpointDirectory(directory, max_to_keep=max_to_keep)
+        self.directory = self._directory.directory
+
+    @property
+    def latest(self) -> str | None:
+        """The path of the latest complete checkpoint, or None."""
+        return self._directory.latest()
+
+    def write(self, path: str) -> None:
+        """Write the trainer's state into the fresh directory ``path``."""
+        raise NotImplementedError
+
+    def read(self, path: str) -> None:
+        """Restore the checkpoint directory ``path`` (verified) into the trainer."""
+        raise NotImplementedError
+
+    def save(self) -> str:
+        """Write the trainer's state as the next checkpoint; returns its path."""
+        return self._directory.save(self.write)
+
+    def restore(self) -> str | None:
+        """Restore the latest checkpoint; returns its path, or None when there is none."""
+        path = self._directory.latest()
+        if path is None:
+            return None
+        self._directory.verify(path)
+        self.read(path)
+        return path

@@ -242,7 +242,7 @@ def check_state(trainer: Any, state: Any) -> None:
             )
 
 
-class CheckpointManager:
+class CheckpointManager(core.TrainerCheckpoints):
     """Crash-safe checkpoints of a ``torchref.Trainer`` in ``directory``: ``save()`` writes
     ``trainer.state_dict()`` as ``ckpt-<n>/trainer.pt`` (a temporary directory renamed into
     place, then the ``latest`` pointer replaced atomically: a process killed mid-save leaves the
@@ -251,25 +251,10 @@ class CheckpointManager:
     directory holds none. Keeps the ``max_to_keep`` most recent. ``tfreg.CheckpointManager``
     is the TensorFlow twin."""
 
-    def __init__(self, trainer: Any, directory: Any, *, max_to_keep: int = 2) -> None:
-        self.trainer = trainer
-        self._directory = core.CheckpointDirectory(directory, max_to_keep=max_to_keep)
-        self.directory = self._directory.directory
+    def write(self, path: str) -> None:
+        torch.save(self.trainer.state_dict(), os.path.join(path, _FILE))
 
-    @property
-    def latest(self) -> str | None:
-        """The path of the latest complete checkpoint, or None."""
-        return self._directory.latest()
-
-    def save(self) -> str:
-        state = self.trainer.state_dict()
-        return self._directory.save(lambda path: torch.save(state, os.path.join(path, _FILE)))
-
-    def restore(self) -> str | None:
-        path = self._directory.latest()
-        if path is None:
-            return None
-        self._directory.verify(path)
+    def read(self, path: str) -> None:
         file = os.path.join(path, _FILE)
         try:
             state = torch.load(file, weights_only=True)
@@ -281,4 +266,3 @@ class CheckpointManager:
                 f"{str(err).splitlines()[0] if str(err) else ''}"
             ) from err
         self.trainer.load_state_dict(state)
-        return path
