@@ -460,3 +460,19 @@ def test_an_unreadable_checkpoint_file_is_the_librarys_error_and_restores_nothin
         twin.manager(fresh, tmp_path).restore()
     for a, b in zip(twin.weights(fresh), before, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.usefixtures("single_torch_thread")
+def test_a_manager_of_something_else_than_its_trainer_is_refused(tmp_path: Any) -> None:
+    # Before: torchref.CheckpointManager(nn.Module).save() wrote the module's state_dict as a
+    # checkpoint without a word; tfreg's failed with AttributeError at save().
+    import torch
+
+    import tfreg
+    import torchref
+
+    with pytest.raises(InvalidArgumentError, match=r"trainer must be a torchref.Trainer"):
+        torchref.CheckpointManager(torch.nn.Linear(2, 1), tmp_path)
+    with pytest.raises(InvalidArgumentError, match=r"trainer must be a tfreg.Trainer"):
+        tfreg.CheckpointManager(TorchTwin().make(), tmp_path)
+    assert not any(tmp_path.iterdir())

@@ -439,7 +439,13 @@ class TrainerCheckpoints:
     fresh directory (:meth:`write`) and read back into the trainer (:meth:`read`)."""
 
     def __init__(self, trainer: Any, directory: Any, *, max_to_keep: int = 2) -> None:
-        self.trainer = trainer
+        expected = self.trainer_class()
+        if not isinstance(trainer, expected):  # an nn.Module has a state_dict() too
+            raise InvalidArgumentError(
+                f"trainer must be a {expected.__module__.split('.')[0]}.{expected.__name__}. "
+                f"Received: trainer={trainer!r:.200}"
+            )
+        self.trainer: Any = trainer
         self._directory = CheckpointDirectory(directory, max_to_keep=max_to_keep)
         self.directory = self._directory.directory
 
@@ -447,6 +453,10 @@ class TrainerCheckpoints:
     def latest(self) -> str | None:
         """The path of the latest complete checkpoint, or None."""
         return self._directory.latest()
+
+    def trainer_class(self) -> type:
+        """The trainer class this manager saves."""
+        raise NotImplementedError
 
     def write(self, path: str) -> None:
         """Write the trainer's state into the fresh directory ``path``."""
