@@ -81,10 +81,7 @@ class CheckpointManager(core.TrainerCheckpoints):
     first) and returns its path, or None when the directory holds none. Keeps the
     ``max_to_keep`` most recent. ``torchref.CheckpointManager`` is the PyTorch twin."""
 
-    def trainer_class(self) -> type:
-        from tfreg.training import Trainer  # training imports this module
-
-        return Trainer
+    TRAINER = "tfreg.training.Trainer"
 
     def write(self, path: str) -> None:
         self.trainer.checkpoint().write(os.path.join(path, _PREFIX))

@@ -438,12 +438,16 @@ class TrainerCheckpoints:
     verified first; None when there is none). A twin says how a checkpoint is written into a
     fresh directory (:meth:`write`) and read back into the trainer (:meth:`read`)."""
 
+    TRAINER = ""  # the twin's trainer class, "package.training.Trainer"
+
     def __init__(self, trainer: Any, directory: Any, *, max_to_keep: int = 2) -> None:
-        expected = self.trainer_class()
-        if not isinstance(trainer, expected):  # an nn.Module has a state_dict() too
+        # By name, through the MRO (subclasses pass): the twin's training module imports its
+        # checkpoint module, which therefore cannot import the Trainer class.
+        names = {f"{c.__module__}.{c.__qualname__}" for c in type(trainer).__mro__}
+        if self.TRAINER not in names:  # an nn.Module has a state_dict() too
+            package, _, name = self.TRAINER.partition(".training.")
             raise InvalidArgumentError(
-                f"trainer must be a {expected.__module__.split('.')[0]}.{expected.__name__}. "
-                f"Received: trainer={trainer!r:.200}"
+                f"trainer must be a {package}.{name}. Received: trainer={trainer!r:.200}"
             )
         self.trainer: Any = trainer
         self._directory = CheckpointDirectory(directory, max_to_keep=max_to_keep)
@@ -453,10 +457,6 @@ class TrainerCheckpoints:
     def latest(self) -> str | None:
         """The path of the latest complete checkpoint, or None."""
         return self._directory.latest()
-
-    def trainer_class(self) -> type:
-        """The trainer class this manager saves."""
-        raise NotImplementedError
 
     def write(self, path: str) -> None:
         """Write the trainer's state into the fresh directory ``path``."""

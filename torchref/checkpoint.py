@@ -251,10 +251,7 @@ class CheckpointManager(core.TrainerCheckpoints):
     directory holds none. Keeps the ``max_to_keep`` most recent. ``tfreg.CheckpointManager``
     is the TensorFlow twin."""
 
-    def trainer_class(self) -> type:
-        from torchref.training import Trainer  # training imports this module
-
-        return Trainer
+    TRAINER = "torchref.training.Trainer"
 
     def write(self, path: str) -> None:
         torch.save(self.trainer.state_dict(), os.path.join(path, _FILE))
