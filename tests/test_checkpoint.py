@@ -36,7 +36,13 @@ class TFTwin:
     name = "tf"
 
     def make(
-        self, *, accumulation_steps: int = 2, seed: int = 3, optimizer: str = "sgd", width: int = 1
+        self,
+        *,
+        accumulation_steps: int = 2,
+        seed: int = 3,
+        optimizer: str = "sgd",
+        width: int = 1,
+        loss: Any = "mse",
     ) -> Any:
         import keras
 
@@ -52,7 +58,7 @@ class TFTwin:
             else keras.optimizers.Adam(0.05)
         )
         return tfreg.Trainer(
-            model, "mse", opt, accumulation_steps=accumulation_steps, seed=seed, jit_compile=False
+            model, loss, opt, accumulation_steps=accumulation_steps, seed=seed, jit_compile=False
         )
 
     def weights(self, trainer: Any) -> list[np.ndarray]:
@@ -70,7 +76,13 @@ class TorchTwin:
     name = "torch"
 
     def make(
-        self, *, accumulation_steps: int = 2, seed: int = 3, optimizer: str = "sgd", width: int = 1
+        self,
+        *,
+        accumulation_steps: int = 2,
+        seed: int = 3,
+        optimizer: str = "sgd",
+        width: int = 1,
+        loss: Any = "mse",
     ) -> Any:
         import torch
 
@@ -83,7 +95,7 @@ class TorchTwin:
             if optimizer == "sgd"
             else torch.optim.Adam(model.parameters(), lr=0.05)
         )
-        return torchref.Trainer(model, "mse", opt, accumulation_steps=accumulation_steps, seed=seed)
+        return torchref.Trainer(model, loss, opt, accumulation_steps=accumulation_steps, seed=seed)
 
     def weights(self, trainer: Any) -> list[np.ndarray]:
         params = [p.detach().numpy().copy() for p in trainer.model.parameters()]
@@ -125,8 +137,10 @@ def _saved_mid_window(twin: Any, directory: Any) -> Any:
         ({"seed": 4}, "seed", "3", "4"),
         ({"optimizer": "adam"}, "optimizer", "SGD", "Adam"),
         ({"width": 2}, "model", "1", "2"),
+        # Before: silently accepted; the open window's mse sums closed as an mae update.
+        ({"loss": "mae"}, "loss", "mse", "mae"),
     ],
-    ids=["accumulation_steps", "seed", "optimizer", "model"],
+    ids=["accumulation_steps", "seed", "optimizer", "model", "loss"],
 )
 def test_a_resume_into_another_run_is_refused_before_anything_is_restored(
     twin: Any, tmp_path: Any, change: dict[str, Any], field: str, there: str, here: str
@@ -264,6 +278,32 @@ def _torch_mutations() -> list[Any]:
             id="metric-sums",
         ),
         pytest.param(_set(("run", "seed"), 99), r"another run: seed=99", id="seed"),
+        # Before (the rows below): accepted, or refused by torch after the model was loaded.
+        pytest.param(
+            _set(("window", "touched"), "xyz"),
+            r"window.touched must be a list of 2 bools",
+            id="touched-str",
+        ),
+        pytest.param(
+            _set(("window", "touched"), [True] * 7),
+            r"window.touched must be a list of 2 bools",
+            id="touched-len",
+        ),
+        pytest.param(
+            _set(("rng", "cpu"), torch.zeros(3, dtype=torch.uint8)),
+            r"rng\['cpu'\] must have shape \(\d+,\)",
+            id="rng-size",
+        ),
+        pytest.param(
+            _set(("optimizer", "param_groups", 0, "lr"), "abc"),
+            r"param_groups\[0\]\['lr'\] must be a number",
+            id="lr-str",
+        ),
+        pytest.param(
+            _set(("optimizer", "state", 0, "momentum_buffer"), "x"),
+            r"must be a tensor, a number or None",
+            id="slot-str",
+        ),
     ]
 
 
@@ -327,3 +367,112 @@ def test_any_corrupted_torch_state_is_refused_whole_or_accepted_valid(
     # Accepted: only a value the checks allow (a position inside the plan, a valid counter).
     position = core.check_position(fresh._engine.get_position())
     core.check_window(position, fresh.accumulator.micro_batches, 0.0, 2)
+
+
+def test_the_recorded_loss_tells_settings_apart_and_reads_alike_across_instances() -> None:
+    # Before: the loss was not recorded; a resume with label smoothing or from_logits changed
+    # was accepted silently.
+    import functools
+
+    import keras
+    import torch
+
+    describe = core.describe
+    assert describe(torch.nn.CrossEntropyLoss()) == describe(torch.nn.CrossEntropyLoss())
+    assert describe(torch.nn.CrossEntropyLoss()) != describe(
+        torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    )
+    assert "label_smoothing=0.1" in describe(torch.nn.CrossEntropyLoss(label_smoothing=0.1))
+    assert "training" not in describe(torch.nn.MSELoss().eval())  # a mode, not a setting
+    sparse = keras.losses.SparseCategoricalCrossentropy
+    assert describe(sparse()) == describe(sparse())
+    assert describe(sparse(from_logits=True)) != describe(sparse())
+    assert describe("mse") == "mse"
+    f = torch.nn.functional.cross_entropy
+    assert describe(functools.partial(f, label_smoothing=0.1)) != describe(f)
+
+
+@pytest.mark.usefixtures("single_torch_thread")
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        ({}, r"loss_scale must hold exactly"),
+        ({"scale": math.nan, "growth_tracker": 0, "unit": 4.0}, r"'scale'\] must be a finite"),
+        ({"scale": 1.0, "growth_tracker": -5, "unit": 4.0}, r"'growth_tracker'\] must be an int"),
+        ({"scale": 1.0, "growth_tracker": 0, "unit": "x"}, r"'unit'\] must be a finite"),
+    ],
+    ids=["empty", "nan-scale", "negative-tracker", "str-unit"],
+)
+def test_a_torch_loss_scale_is_checked_before_the_model_is_loaded(value: Any, match: str) -> None:
+    # Before: KeyError / ValueError from LossScale.load_state_dict, after the model, the
+    # optimizer and the accumulator were already restored.
+    import torch
+
+    import torchref
+
+    def make() -> Any:
+        torch.manual_seed(5)
+        model = torch.nn.Linear(D, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        return torchref.Trainer(model, "mse", opt, accumulation_steps=2, autocast="bfloat16")
+
+    saved = make()
+    saved.fit(X, Y, batch_size=2, epochs=1, verbose=0)
+    state = saved.state_dict()
+    state["loss_scale"] = value
+    fresh = make()
+    before = [p.detach().clone() for p in fresh.model.parameters()]
+    with pytest.raises(InvalidArgumentError, match=match):
+        fresh.load_state_dict(state)
+    for a, b in zip(fresh.model.parameters(), before, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "flip", "delete"])
+def test_an_unreadable_checkpoint_file_is_the_librarys_error_and_restores_nothing(
+    twin: Any, tmp_path: Any, damage: str
+) -> None:
+    # Before: IndexError / OpError / NotFoundError from TF's reader, RuntimeError /
+    # UnpicklingError (advising weights_only=False) / FileNotFoundError from torch.load.
+    import os
+
+    path = _saved_mid_window(twin, tmp_path)
+    files = sorted((os.path.join(path, f) for f in os.listdir(path)), key=os.path.getsize)
+    largest = files[-1]
+    if damage == "truncate":
+        with open(largest, "r+b") as f:
+            f.truncate(os.path.getsize(largest) // 2)
+    elif damage == "flip":  # one byte in the middle: a checksum (TF) or the zip (torch) says so
+        with open(largest, "r+b") as f:
+            f.seek(os.path.getsize(largest) // 2)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 0xFF]))
+    for file in files:
+        if damage == "garbage":
+            with open(file, "wb") as f:
+                f.write(b"not a checkpoint")
+        elif damage == "delete":
+            os.remove(file)
+    fresh = twin.make()
+    before = twin.weights(fresh)
+    with pytest.raises(InvalidArgumentError, match=r"cannot be read \(missing, truncated"):
+        twin.manager(fresh, tmp_path).restore()
+    for a, b in zip(twin.weights(fresh), before, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.usefixtures("single_torch_thread")
+def test_a_manager_of_something_else_than_its_trainer_is_refused(tmp_path: Any) -> None:
+    # Before: torchref.CheckpointManager(nn.Module).save() wrote the module's state_dict as a
+    # checkpoint without a word; tfreg's failed with AttributeError at save().
+    import torch
+
+    import tfreg
+    import torchref
+
+    with pytest.raises(InvalidArgumentError, match=r"trainer must be a torchref.Trainer"):
+        torchref.CheckpointManager(torch.nn.Linear(2, 1), tmp_path)
+    with pytest.raises(InvalidArgumentError, match=r"trainer must be a tfreg.Trainer"):
+        tfreg.CheckpointManager(TorchTwin().make(), tmp_path)
+    assert not any(tmp_path.iterdir())

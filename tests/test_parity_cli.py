@@ -355,6 +355,7 @@ def test_record_with_model_needs_a_torch_factory() -> None:
         ["--torch-factory", "m:f"],
         ["--model", "m:f", "--torch-factory", "m:f"],
         ["--timeout", "0"],
+        ["--timeout", "1e12"],  # before: OverflowError from setitimer, traceback, exit 1
     ):
         with pytest.raises(SystemExit) as usage:
             cli.main(argv)

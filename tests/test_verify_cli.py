@@ -536,11 +536,17 @@ def test_unwritable_output_is_exit_2_before_anything_runs(
     assert not ran and message in capsys.readouterr().err
 
 
-def test_usage_errors_exit_2() -> None:
-    for argv in ([], ["b.npz", "--timeout", "0"], ["b.npz", "--timeout", "nan"]):
+@pytest.mark.parametrize("timeout", ["0", "-5", "nan", "inf", "abc", "1e12"])
+def test_usage_errors_exit_2(timeout: str, capsys) -> None:
+    # Before: --timeout 1e12 passed the check, then setitimer raised OverflowError (traceback,
+    # exit 1).
+    for argv in ([], ["b.npz", "--timeout", timeout]):
         with pytest.raises(SystemExit) as usage:
             main(argv)
         assert usage.value.code == 2
+    assert f"--timeout: must be a number of seconds > 0 and <= 1e+09. Received: '{timeout}'" in (
+        capsys.readouterr().err
+    )
 
 
 def test_cuda_without_cuda_is_a_usage_error(tmp_path) -> None:

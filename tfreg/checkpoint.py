@@ -4,9 +4,9 @@ crash-safe saving and restoring (the twin of :mod:`torchref.checkpoint`; the pro
 checks are :mod:`tfreg_core.checkpoint`'s).
 
 A checkpoint is refused, naming the field and both values, when it was saved by another run
-(accumulation steps, seed, ``drop_remainder``, optimizer class and slots, model weights' names,
-shapes and dtypes, replica layout) or lacks the run record, or when its position lies outside
-its plan or its accumulator counters contradict the position; nothing is restored then.
+(accumulation steps, seed, ``drop_remainder``, loss, optimizer class and slots, model weights'
+names, shapes and dtypes, replica layout) or lacks the run record, or when its position lies
+outside its plan or its accumulator counters contradict the position; nothing is restored then.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ def run_fingerprint(trainer: Any, layout: str) -> dict[str, Any]:
         accumulation_steps=trainer.spec.accumulation_steps,
         seed=trainer.spec.seed,
         drop_remainder=trainer.spec.drop_remainder,
+        loss=core.describe(trainer.loss),
         optimizer=f"{type(optimizer).__name__}({type(inner).__name__})"
         if inner is not optimizer
         else type(optimizer).__name__,
@@ -51,9 +52,12 @@ def run_fingerprint(trainer: Any, layout: str) -> dict[str, Any]:
 def check_file(
     path: str, run: dict[str, Any], *, accumulators: int, accumulation_steps: int
 ) -> None:
-    """Refuse the checkpoint at ``path`` unless it is ``run``'s, its position is within its
-    plan and (one device) each accumulator's counters agree with the position."""
+    """Refuse the checkpoint at ``path`` unless every tensor in it reads back whole, it is
+    ``run``'s, its position is within its plan and (one device) each accumulator's counters
+    agree with the position."""
     reader = tf.train.load_checkpoint(path)
+    for key in reader.get_variable_to_shape_map():  # each read verifies the tensor's checksum
+        reader.get_tensor(key)
     if not reader.has_tensor(RUN_KEY):
         core.check_same_run(None, run)
     core.check_same_run(core.from_text(reader.get_tensor(RUN_KEY).decode()), run)
@@ -69,7 +73,7 @@ def check_file(
         )
 
 
-class CheckpointManager:
+class CheckpointManager(core.TrainerCheckpoints):
     """Crash-safe checkpoints of a ``tfreg.Trainer`` in ``directory``: ``save()`` writes
     ``trainer.checkpoint()`` into ``ckpt-<n>/`` (a temporary directory renamed into place, then
     the ``latest`` pointer replaced atomically: a process killed mid-save leaves the previous
@@ -78,24 +82,11 @@ class CheckpointManager:
     first) and returns its path, or None when the directory holds none. Keeps the
     ``max_to_keep`` most recent. ``torchref.CheckpointManager`` is the PyTorch twin."""
 
-    def __init__(self, trainer: Any, directory: Any, *, max_to_keep: int = 2) -> None:
-        self.trainer = trainer
-        self._directory = core.CheckpointDirectory(directory, max_to_keep=max_to_keep)
-        self.directory = self._directory.directory
+    TRAINER = "tfreg.training.Trainer"
 
-    @property
-    def latest(self) -> str | None:
-        """The path of the latest complete checkpoint, or None."""
-        return self._directory.latest()
+    def write(self, path: str) -> None:
+        self.trainer.checkpoint().write(os.path.join(path, _PREFIX))
 
-    def save(self) -> str:
-        checkpoint = self.trainer.checkpoint()
-        return self._directory.save(lambda path: checkpoint.write(os.path.join(path, _PREFIX)))
-
-    def restore(self) -> str | None:
-        path = self._directory.latest()
-        if path is None:
-            return None
+    def read(self, path: str) -> None:
         status = self.trainer.checkpoint().read(os.path.join(path, _PREFIX))
         status.assert_existing_objects_matched()
-        return path

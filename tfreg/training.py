@@ -585,12 +585,26 @@ class _TrainerCheckpoint(tf.train.Checkpoint):
         run = core_checkpoint.from_text(self._run)
         check_file(path, run, accumulators=accumulators, accumulation_steps=steps)
 
+    def _check_readable(self, path: str) -> None:
+        # A missing, truncated or foreign file fails in TF's reader (NotFoundError, DataLoss,
+        # IndexError "Read less bytes than requested"): reported as the library's error naming
+        # the path, and before anything is restored (check_file reads every tensor once).
+        try:
+            self._check(path)
+        except InvalidArgumentError:
+            raise
+        except (tf.errors.OpError, IndexError, UnicodeDecodeError, ValueError) as err:
+            raise InvalidArgumentError(
+                f"The checkpoint {path!r} cannot be read (missing, truncated, corrupt or not a "
+                f"tfreg.Trainer checkpoint). Received: {type(err).__name__}: {err}"
+            ) from err
+
     def read(self, save_path: str, options: Any = None) -> Any:
-        self._check(save_path)
+        self._check_readable(save_path)
         return super().read(save_path, options=options)
 
     def restore(self, save_path: str, options: Any = None) -> Any:
-        self._check(save_path)
+        self._check_readable(save_path)
         return super().restore(save_path, options=options)
 
 

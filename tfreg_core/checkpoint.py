@@ -3,9 +3,14 @@ is restored, and crash-safe writes. Framework-free, shared by :mod:`tfreg.checkp
 :mod:`torchref.checkpoint`.
 
 *A resume is the same run or it is refused.* A checkpoint records the run's
-:func:`fingerprint` -- accumulation steps, seed, ``drop_remainder``, the optimizer's class, the
-model's structure (names, shapes, dtypes) and the replica count -- and :func:`check_same_run`
-refuses a trainer that differs, naming the field and both values, before anything is restored.
+:func:`fingerprint` -- accumulation steps, seed, ``drop_remainder``, the loss (:func:`describe`),
+the optimizer's class, the model's structure (names, shapes, dtypes) and the replica count -- and
+:func:`check_same_run` refuses a trainer that differs, naming the field and both values, before
+anything is restored. Not recorded, on purpose: the learning rate and the optimizer's other
+hyperparameters, the regularizer, ``proximal``, ``clipnorm``/``global_clipnorm`` and
+``on_nonfinite``. Each acts once per update, when a window closes, outside the accumulator (the
+saved partial sums hold the data loss's gradients only), so changing one on resume changes the
+updates from then on, as a learning-rate schedule does, and never mixes with saved state.
 (A mid-epoch resume also needs the data the run was saved with: the position records the
 epoch's plan, ``num_examples``/``batch_size``/``shuffle``, which ``run_fit`` checks.)
 
@@ -18,12 +23,16 @@ directory next to the others, fsyncs it, renames it into place (a rename within 
 is atomic on POSIX) and only then points the ``latest`` file at it (written to a temporary file,
 fsynced, atomically renamed). A process killed at any moment leaves the previous checkpoint and
 the pointer to it intact; an unfinished temporary directory is ignored and removed by the next
-save.
+save. Each checkpoint carries a manifest of its files' SHA-256 digests, verified before a
+restore reads them: a damaged file is refused, never loaded altered.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
+import inspect
 import json
 import math
 import numbers
@@ -38,11 +47,14 @@ from tfreg_core.validation import InvalidArgumentError
 __all__ = [
     "POSITION_FIELDS",
     "CheckpointDirectory",
+    "TrainerCheckpoints",
     "atomic_write_text",
     "check_position",
     "check_same_run",
     "check_window",
+    "describe",
     "fingerprint",
+    "fsync",
 ]
 
 # The fields of tfreg_core.training.Position, in order (a saved position is a tuple of them).
@@ -60,6 +72,8 @@ _FIX = {
     "accumulation_steps": "the partial window would be merged into windows of another size",
     "seed": "the rest of the epoch would be drawn from another permutation",
     "drop_remainder": "the epoch's windows would be planned differently",
+    "loss": "the open window's sums and count are the saved loss's, and the loss defines what "
+    "the run minimises",
     "optimizer": "its slots (momenta, moments) would be lost or misread",
     "optimizer_slots": "its slots (momenta, moments) would be lost or misread",
     "model": "parameters would be restored into another architecture",
@@ -68,11 +82,53 @@ _FIX = {
 }
 
 
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def describe(loss: Any) -> str:
+    """A loss as a checkpoint records it: a name as given (``"mse"``); a function or class by
+    its ``__qualname__`` (not its module: a framework moving its private modules between
+    versions must not refuse a resume); a ``functools.partial`` by its function and arguments;
+    a loss object by its class and its settings -- ``get_config()`` where it has one (Keras:
+    ``from_logits``, ``reduction``, ...), else its public attributes (a torch loss module:
+    ``reduction``, ``ignore_index``, ``label_smoothing``, ...; its ``training`` flag is a mode,
+    not a setting) -- of which plain values and callables (by name) count. Tensors (a
+    class-weight buffer) and a lambda's body are not described: two lambdas read alike."""
+    if isinstance(loss, str):
+        return loss
+    if isinstance(loss, functools.partial):
+        args = ", ".join([describe(a) if callable(a) else repr(a) for a in loss.args])
+        kwargs = ", ".join(
+            f"{k}={describe(v) if callable(v) else repr(v)}"
+            for k, v in sorted(loss.keywords.items())
+        )
+        return f"partial({describe(loss.func)}; {args}; {kwargs})"
+    plain = inspect.isroutine(loss) or inspect.isclass(loss)
+    kind = loss if plain else type(loss)
+    name = str(getattr(kind, "__qualname__", repr(kind)))
+    if plain:
+        return name
+    get_config = getattr(loss, "get_config", None)
+    try:
+        settings = dict(get_config()) if callable(get_config) else dict(vars(loss))
+    except (TypeError, NotImplementedError):  # an object without __dict__ or config
+        settings = {}
+    parts = [
+        f"{key}={describe(value) if callable(value) else repr(value)}"
+        for key, value in sorted(settings.items())
+        if not key.startswith("_")
+        and key != "training"
+        and (isinstance(value, _SCALARS) or callable(value))
+    ]
+    return f"{name}({', '.join(parts)})"
+
+
 def fingerprint(
     *,
     accumulation_steps: int,
     seed: int,
     drop_remainder: bool,
+    loss: str,
     optimizer: str,
     model: Sequence[tuple[str, Sequence[int], str]],
     replicas: str,
@@ -80,10 +136,11 @@ def fingerprint(
     batchnorm: str = "per_micro_batch",
 ) -> dict[str, Any]:
     """What defines a run, as JSON-serialisable values (``model``: one ``[name, shape, dtype]``
-    per parameter/weight; ``optimizer``: its class name; ``slots``: its variables where the
-    framework creates them up front (Keras; a torch optimizer's state describes itself);
-    ``replicas``: the replica layout; ``batchnorm``: the trainer's BatchNorm mode, whose
-    open-window moments only a ``"per_window"`` checkpoint holds)."""
+    per parameter/weight; ``loss``: :func:`describe`'s text; ``optimizer``: its class name;
+    ``slots``: its variables where the framework creates them up front (Keras; a torch
+    optimizer's state describes itself); ``replicas``: the replica layout; ``batchnorm``: the
+    trainer's BatchNorm mode, whose open-window moments only a ``"per_window"`` checkpoint
+    holds)."""
 
     def table(rows: Sequence[tuple[str, Sequence[int], str]]) -> list[list[Any]]:
         return [[str(n), [int(d) for d in shape], str(dtype)] for n, shape, dtype in rows]
@@ -92,6 +149,7 @@ def fingerprint(
         "accumulation_steps": int(accumulation_steps),
         "seed": int(seed),
         "drop_remainder": bool(drop_remainder),
+        "loss": str(loss),
         "model": table(model),
         "optimizer": str(optimizer),
         "optimizer_slots": table(slots),
@@ -231,13 +289,35 @@ def check_window(
         )
 
 
-def _fsync(path: str) -> None:
-    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if os.path.isdir(path) else os.O_RDONLY
-    fd = os.open(path, flags)
+def fsync(path: str) -> None:
+    """Flush ``path`` (a file, or a directory: its entries, e.g. a rename) to the disk. A
+    rename is atomic, but only durable once its directory is fsynced, and the renamed file's
+    data only once the file itself was."""
+    directory = os.path.isdir(path)
+    if directory and not hasattr(os, "O_DIRECTORY"):  # Windows: a folder cannot be opened
+        return
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _digests(directory: str) -> dict[str, str]:
+    """The SHA-256 digest of each file below ``directory`` (but the manifest), by relative path."""
+    found = {}
+    for root, _, files in os.walk(directory):
+        for file in files:
+            full = os.path.join(root, file)
+            name = os.path.relpath(full, directory)
+            if name == CheckpointDirectory.MANIFEST:
+                continue
+            digest = hashlib.sha256()
+            with open(full, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            found[name] = digest.hexdigest()
+    return found
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -255,15 +335,22 @@ def atomic_write_text(path: str, text: str) -> None:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
-    _fsync(directory)
+    fsync(directory)
 
 
 class CheckpointDirectory:
     """Numbered checkpoints ``ckpt-<n>`` in ``directory`` and a ``latest`` pointer (see the
-    module docstring for the protocol). ``max_to_keep`` most recent ones are kept (>= 1)."""
+    module docstring for the protocol). ``max_to_keep`` most recent ones are kept (>= 1).
+
+    One writer per directory: writers saving into one directory at the same time (measured:
+    3 threads x 15 saves) make most saves fail (another's cleanup removes a temporary
+    directory, two take one number) and may leave ``latest`` naming a checkpoint another
+    pruned, which ``latest()`` refuses -- a checkpoint is never mixed or silently replaced.
+    Give each run (each worker under a multi-worker strategy) its own directory."""
 
     POINTER = "latest"
     PREFIX = "ckpt-"
+    MANIFEST = "manifest.json"  # {file name: SHA-256 hex digest} of the checkpoint's files
 
     def __init__(self, directory: Any, *, max_to_keep: int = 2) -> None:
         if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
@@ -301,6 +388,31 @@ class CheckpointDirectory:
             )
         return path
 
+    def verify(self, path: str) -> None:
+        """Refuse the checkpoint directory ``path`` unless its files are those its manifest
+        lists, each with the SHA-256 digest recorded when it was saved (a flipped byte in a
+        torch zip is not noticed by ``torch.load``: the tensor would load altered)."""
+        manifest = os.path.join(path, self.MANIFEST)
+        try:
+            with open(manifest) as f:
+                recorded = json.load(f)
+        except (OSError, ValueError) as err:
+            raise InvalidArgumentError(
+                f"The checkpoint {path!r} cannot be read (missing, truncated, corrupt or not "
+                f"written by a CheckpointManager): its manifest is unreadable. Received: "
+                f"{type(err).__name__}: {err}"
+            ) from err
+        found = _digests(path)
+        if found != recorded:
+            differ = sorted(
+                name for name in set(found) | set(recorded) if found.get(name) != recorded.get(name)
+            )
+            raise InvalidArgumentError(
+                f"The checkpoint {path!r} cannot be read (missing, truncated, corrupt or not "
+                f"written by a CheckpointManager): files missing or changed since it was saved. "
+                f"Received: {differ[:8]}"
+            )
+
     def save(self, write: Callable[[str], None]) -> str:
         """``write(path)`` fills a fresh directory ``path``; it becomes the next ``ckpt-<n>``
         and the latest one only once completely on disk. Returns its path."""
@@ -318,17 +430,68 @@ class CheckpointDirectory:
         tmp = tempfile.mkdtemp(dir=self.directory, prefix=".tmp-")
         try:
             write(tmp)
+            digests = _digests(tmp)
+            with open(os.path.join(tmp, self.MANIFEST), "w") as f:
+                json.dump(digests, f, sort_keys=True)
             for root, _, files in os.walk(tmp):
                 for file in files:
-                    _fsync(os.path.join(root, file))
-            _fsync(tmp)
+                    fsync(os.path.join(root, file))
+            fsync(tmp)
             final = os.path.join(self.directory, name)
             os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _fsync(self.directory)
+        fsync(self.directory)
         atomic_write_text(os.path.join(self.directory, self.POINTER), name)
         for old in taken[: max(len(taken) + 1 - self.max_to_keep, 0)]:
             shutil.rmtree(os.path.join(self.directory, f"{self.PREFIX}{old}"), ignore_errors=True)
         return final
+
+
+class TrainerCheckpoints:
+    """What both twins' ``CheckpointManager`` share: a :class:`CheckpointDirectory` of one
+    trainer's checkpoints, ``save()`` and ``restore()`` (the latest checkpoint, its manifest
+    verified first; None when there is none). A twin says how a checkpoint is written into a
+    fresh directory (:meth:`write`) and read back into the trainer (:meth:`read`)."""
+
+    TRAINER = ""  # the twin's trainer class, "package.training.Trainer"
+
+    def __init__(self, trainer: Any, directory: Any, *, max_to_keep: int = 2) -> None:
+        # By name, through the MRO (subclasses pass): the twin's training module imports its
+        # checkpoint module, which therefore cannot import the Trainer class.
+        names = {f"{c.__module__}.{c.__qualname__}" for c in type(trainer).__mro__}
+        if self.TRAINER not in names:  # an nn.Module has a state_dict() too
+            package, _, name = self.TRAINER.partition(".training.")
+            raise InvalidArgumentError(
+                f"trainer must be a {package}.{name}. Received: trainer={trainer!r:.200}"
+            )
+        self.trainer: Any = trainer
+        self._directory = CheckpointDirectory(directory, max_to_keep=max_to_keep)
+        self.directory = self._directory.directory
+
+    @property
+    def latest(self) -> str | None:
+        """The path of the latest complete checkpoint, or None."""
+        return self._directory.latest()
+
+    def write(self, path: str) -> None:
+        """Write the trainer's state into the fresh directory ``path``."""
+        raise NotImplementedError
+
+    def read(self, path: str) -> None:
+        """Restore the checkpoint directory ``path`` (verified) into the trainer."""
+        raise NotImplementedError
+
+    def save(self) -> str:
+        """Write the trainer's state as the next checkpoint; returns its path."""
+        return self._directory.save(self.write)
+
+    def restore(self) -> str | None:
+        """Restore the latest checkpoint; returns its path, or None when there is none."""
+        path = self._directory.latest()
+        if path is None:
+            return None
+        self._directory.verify(path)
+        self.read(path)
+        return path

@@ -5,7 +5,9 @@ starts (the CLIs' exit status 2), not after, and a run interrupted while writing
 disk, a timeout) must never leave a half-written JSON/XML/bundle that a later CI step reads as
 the result. :func:`check_output_path` probes the directory the way :func:`atomic_path` will use
 it (a temporary file next to the target); :func:`atomic_path` writes to that temporary file and
-renames it over the target (``os.replace``: atomic on POSIX and Windows within one filesystem).
+renames it over the target (``os.replace``: atomic on POSIX and Windows within one filesystem),
+fsyncing the file before and its folder after the rename, so that a power loss leaves the old
+or the new file, never an empty one.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from tfreg_core.checkpoint import fsync
 
 __all__ = ["OutputPathError", "atomic_path", "check_output_path", "write_text_atomic"]
 
@@ -70,11 +74,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         # open() would give it (an existing file's, else 0666 less the umask).
         os.chmod(temporary, _mode(target))
         yield Path(temporary)
+        fsync(temporary)  # the data on disk before the name points at it
         os.replace(temporary, target)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
+    fsync(str(target.parent))  # the rename itself survives a power loss
 
 
 def _mode(target: Path) -> int:

@@ -1209,7 +1209,9 @@ class Trainer:
             "rng": _rng_state(e.device),
             **({} if e.loss_scale is None else {"loss_scale": e.loss_scale.state_dict()}),
             **({} if e.moments is None else {"batchnorm": e.moments.state_dict()}),
-            "run": checkpoint.run_fingerprint(self),
+            "run": checkpoint.run_fingerprint(
+                self, "1/0" if e.group is None else f"{e.group.world_size}/{e.group.rank}"
+            ),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -42,7 +42,7 @@ import numpy as np
 from tfreg_harness import architecture
 from tfreg_harness.bundle import MAX_BUNDLE_BYTES, BundleError, Case, load_bundle
 from tfreg_harness.compare import Comparison, compare, compare_floored
-from tfreg_harness.deadline import DEFAULT_TIMEOUT_S
+from tfreg_harness.deadline import DEFAULT_TIMEOUT_S, timeout_seconds
 from tfreg_harness.exits import guarded, one_line, unusable
 from tfreg_harness.factories import FactorySpecError, import_factory
 from tfreg_harness.outputs import OutputPathError, check_output_path, write_text_atomic
@@ -554,7 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=timeout_seconds,
         default=DEFAULT_TIMEOUT_S,
         metavar="SECONDS",
         help=f"stop a run that takes longer (exit 1; default {DEFAULT_TIMEOUT_S:g})",
@@ -575,8 +575,6 @@ OUTPUT_OPTIONS = (("--json", "json"), ("--markdown", "markdown"), ("--junit-xml"
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not (math.isfinite(args.timeout) and args.timeout > 0):
-        parser.error(f"--timeout must be a number of seconds > 0. Received: {args.timeout}")
     if not (math.isfinite(args.max_bundle_mb) and args.max_bundle_mb > 0):
         parser.error(f"--max-bundle-mb must be > 0. Received: {args.max_bundle_mb}")
     try:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tfreg.parity.checks import GROUPS
-from tfreg_harness.deadline import DEFAULT_TIMEOUT_S
+from tfreg_harness.deadline import DEFAULT_TIMEOUT_S, timeout_seconds
 from tfreg_harness.exits import guarded, unusable
 from tfreg_harness.outputs import OutputPathError, check_output_path, write_text_atomic
 from tfreg_harness.report import Report, Row
@@ -143,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=timeout_seconds,
         default=DEFAULT_TIMEOUT_S,
         metavar="SECONDS",
         help="stop a run (a --model factory or a check that hangs) after SECONDS: exit 1 "
@@ -166,8 +165,6 @@ def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         )
     if args.torch_factory and not (args.model and args.record is not None):
         parser.error("--torch-factory applies to --model with --record only")
-    if not (math.isfinite(args.timeout) and args.timeout > 0):
-        parser.error(f"--timeout must be a number of seconds > 0. Received: {args.timeout}")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
