@@ -12,7 +12,8 @@ maximum is still reported for diagnosis.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -87,15 +88,29 @@ def compare(name: str, actual: Any, expected: Any, *, rtol: float, atol: float =
 
 
 def compare_floored(
-    name: str, actual: Any, expected: Any, *, rtol: float, atol: float
+    name: str,
+    actual: Any,
+    expected: Any,
+    *,
+    rtol: float,
+    atol: float,
+    scale: float | None = None,
 ) -> Comparison:
-    """``compare`` at ``rtol``; an ``expected`` within ``atol`` of 0 (an analytically zero
-    gradient, a weight moved only by one) is compared absolutely against 0 and named
-    ``"name == 0"``, as its relative error would be round-off over round-off."""
-    if float(np.max(np.abs(np.asarray(expected)), initial=0.0)) <= atol:
+    """``actual`` against ``expected`` at ``rtol`` relative to ``scale`` (default: the expected
+    tensor's largest entry; a gradient's layer scale, ``GRADIENT_SCALE_RULE`` in
+    :mod:`tfreg_harness.tolerances`). An ``expected`` within ``atol`` of 0 (an analytically
+    zero gradient, a weight moved only by one) is compared absolutely against 0 and named
+    ``"name == 0"``, as its relative error would be round-off over round-off. Non-finite
+    values fail as in :func:`compare`, whatever the scale."""
+    own = float(np.max(np.abs(np.asarray(expected)), initial=0.0))
+    if own <= atol:
         zeros = np.zeros_like(np.asarray(expected))
         return compare(f"{name} == 0", actual, zeros, rtol=0.0, atol=atol)
-    return compare(name, actual, expected, rtol=rtol)
+    # a larger finite scale only; NaN own/scale (a diverged pair) falls through to compare
+    if scale is None or not math.isfinite(own) or not scale > own or not math.isfinite(scale):
+        return compare(name, actual, expected, rtol=rtol)
+    found = compare(name, actual, expected, rtol=0.0, atol=rtol * scale)
+    return replace(found, rtol=rtol, atol=0.0, max_rel=found.max_abs / scale)
 
 
 def assert_close(

@@ -39,7 +39,6 @@ from tfreg.parity.models import (
     LossSpec,
     ModelPair,
     compare_evaluations,
-    compare_floored,
     compare_layers,
     compare_outputs,
     dropout_masks_for,
@@ -60,7 +59,7 @@ from tfreg.parity.transfer import (
     trainable_mismatches,
 )
 from tfreg_core.validation import InvalidArgumentError
-from tfreg_harness.compare import Comparison, compare
+from tfreg_harness.compare import Comparison, compare, compare_floored
 from tfreg_harness.differences import note, torch_running_var_from_keras
 from tfreg_harness.divergence import LayerRecord, ParityReport
 from tfreg_harness.report import Row

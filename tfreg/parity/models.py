@@ -35,7 +35,7 @@ from tfreg.parity.pairing import (
 from tfreg.parity.transfer import ParameterPair, copy_weights, pairs_from, torch_to_numpy
 from tfreg_core.validation import InvalidArgumentError, choice, positive_int
 from tfreg_harness import architecture
-from tfreg_harness.compare import Comparison, compare
+from tfreg_harness.compare import Comparison, compare, compare_floored
 from tfreg_harness.differences import note
 from tfreg_harness.divergence import LayerRecord, Stage
 from tfreg_harness.layouts import to_channels_first, to_channels_last
@@ -784,23 +784,6 @@ def compare_evaluations(
     return out
 
 
-def compare_floored(
-    name: str, actual: Any, expected: Any, *, rtol: float, atol: float, scale: float | None = None
-) -> Comparison:
-    """``actual`` against ``expected`` at ``rtol`` relative to ``scale`` (default: the expected
-    tensor's largest entry; a gradient's layer scale, ``GRADIENT_SCALE_RULE``). An expected
-    tensor within ``atol`` of 0 -- a gradient that is analytically zero, a weight that only
-    ever moved by one -- is compared absolutely (named ``NAME == 0``, rtol 0): both sides
-    hold round-off there, and a relative error would be meaningless."""
-    own = float(np.max(np.abs(expected), initial=0.0))
-    if own <= atol:
-        return compare(f"{name} == 0", actual, np.zeros_like(expected), rtol=0.0, atol=atol)
-    if scale is None or scale <= own:
-        return compare(name, actual, expected, rtol=rtol)
-    found = compare(name, actual, expected, rtol=0.0, atol=rtol * scale)
-    return replace(found, rtol=rtol, atol=0.0, max_rel=found.max_abs / scale)
-
-
 def model_parity(
     pair: ModelPair,
     x: Any,
@@ -833,7 +816,6 @@ __all__ = [
     "build_mlp",
     "build_pair",
     "compare_evaluations",
-    "compare_floored",
     "compare_layers",
     "compare_outputs",
     "dropout_masks_for",
