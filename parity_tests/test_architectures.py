@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from tfreg.parity import assert_parity, check_parity, transfer_weights
+from tfreg.parity import assert_parity, check_parity, cli, transfer_weights
 from tfreg_harness.tolerances import tolerance
 
 # the examples package lives at the repository root, which plain `pytest` does not put on sys.path
@@ -30,6 +30,7 @@ ARCHITECTURES = {
     "bilstm": "lstm.bias_hh_l0",
     "unet": "dec",
     "resnet": "b1_bn2",  # needs torch outputs captured before in-place ops (h19b)
+    "twoheads": "reg_hidden",  # dict outputs, a loss dict with loss_weights
 }
 
 
@@ -85,3 +86,62 @@ def test_stacked_torch_lstm_needs_as_many_keras_layers() -> None:
     report = check_parity(shorter, pair["torch_module"], pair["x"], pair["y"])
     assert [r.status for r in report.rows] == ["fail"]
     assert "computes 2 stacked layers but only 1" in report.rows[0].detail, report.rows[0].detail
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_architecture_runs_as_a_model_example(name: str, capsys: pytest.CaptureFixture) -> None:
+    """``tfreg-parity --model examples.architectures.<name>:make_pair`` exits 0. Before: exit 2
+    for the pairs whose dict carries ``device`` ("unknown keys ['device']")."""
+    assert cli.main(["--model", f"examples.architectures.{name}:make_pair"]) == 0, (
+        capsys.readouterr()
+    )
+
+
+def test_a_model_dict_naming_another_device_is_refused(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    module = _module("twoheads")
+    monkeypatch.setattr(
+        module,
+        "wrong_device",
+        lambda device: {**module.make_pair(), "device": "gpu"},
+        raising=False,
+    )
+    assert cli.main(["--model", "examples.architectures.twoheads:wrong_device"]) == 2
+    assert "called for device 'cpu' but returned device='gpu'" in capsys.readouterr().err
+
+
+def test_two_heads_in_another_order_than_keras_is_a_pairing_failure_without_layer_map() -> None:
+    """Keras lists reg_hidden before cls (graph depth); the port defines cls first. Without the
+    layer_map the report is one pairing failure naming both layers, never a silent pass."""
+    pair = _module("twoheads").make_pair()
+    del pair["layer_map"]
+    report = check_parity(**pair)
+    assert [r.status for r in report.rows] == ["fail"]
+    detail = report.rows[0].detail
+    assert "Keras layer 'reg_hidden' (Dense) and torch module 'cls' (Linear)" in detail, detail
+
+
+def test_two_heads_loss_is_the_weighted_sum_of_the_two_losses() -> None:
+    """The loss both sides are compared on is Keras' weighted loss dict, pinned against NumPy on
+    the model's outputs: cross-entropy (from logits) + 0.5 * mean squared error (float64
+    round-off)."""
+    import numpy as np
+
+    from tfreg.parity.models import ModelPair, evaluate_keras
+
+    pair = _module("twoheads").make_pair()
+    keras_model, x, y = pair["keras_model"], pair["x"], pair["y"]
+    outputs = keras_model(x)
+    logits, reg = np.asarray(outputs["cls"]), np.asarray(outputs["reg"])
+    log_softmax = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    cross_entropy = -log_softmax[np.arange(len(logits)), y["cls"]].mean()
+    expected = cross_entropy + 0.5 * ((reg - y["reg"]) ** 2).mean()
+    evaluation = evaluate_keras(
+        ModelPair(keras_model, pair["torch_module"], "float64", layer_map=pair["layer_map"]),
+        x,
+        y,
+        loss=pair["loss"],
+        loss_weights=pair["loss_weights"],
+    )
+    np.testing.assert_allclose(evaluation.loss, expected, rtol=1e-13)
