@@ -91,7 +91,7 @@ def make_pair(
     )
 
 
-def make_broken_pair() -> dict[str, Any]:
+def make_broken_pair(*, dtype: str = DTYPE, seed: int = 19) -> dict[str, Any]:
     """The regression head fed the trunk's output before its LayerNorm (Keras feeds the normed
     features): ``cls`` still agrees, and the report names ``reg_hidden``."""
-    return make_pair(reg_before_norm=True)
+    return make_pair(dtype=dtype, seed=seed, reg_before_norm=True)
