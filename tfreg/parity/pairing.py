@@ -28,7 +28,14 @@ import numpy as np
 
 from tfreg._compat import keras
 from tfreg.parity.capture import keras_watch
-from tfreg.parity.registry import Context, LayerPair, layer_pair_for, registered, torch_classes
+from tfreg.parity.registry import (
+    TORCH_WITHOUT_KERAS_LAYER,
+    Context,
+    LayerPair,
+    layer_pair_for,
+    registered,
+    torch_classes,
+)
 from tfreg_core.validation import choice
 from tfreg_harness.differences import note
 
@@ -236,6 +243,11 @@ def pair_layers(
             f"layer_map names Keras layers the model does not have: {sorted(unknown)}. "
             f"Layers: {[layer.name for layer in layers]}"
         )
+    leaves = torch_leaves(torch_module)
+    for name, module in leaves:  # before the Keras side, whose stand-in is of no kind either
+        topic = TORCH_WITHOUT_KERAS_LAYER.get(type(module).__name__)
+        if topic is not None:
+            raise PairingError(f"{_describe(name, module)} has no Keras layer: {note(topic)}")
     kinds: dict[int, LayerPair] = {}
     for layer in layers:
         kind = found[id(layer)]
@@ -255,7 +267,6 @@ def pair_layers(
             )
     sample = sample_input(keras_model, sample)
     in_shapes, out_shapes, model_outputs = _shapes(keras_model, layers, sample)
-    leaves = torch_leaves(torch_module)
     known_torch = torch_classes()
     for name, module in leaves:
         if not isinstance(module, known_torch):

@@ -184,6 +184,14 @@ def layer_pair_for(keras_layer: Any) -> LayerPair | None:
     return None
 
 
+TORCH_WITHOUT_KERAS_LAYER: dict[str, str] = {
+    "PixelShuffle": "pixel_shuffle",
+    "PixelUnshuffle": "pixel_shuffle",
+}
+"""torch classes with no Keras layer to pair (class name -> the ``tfreg_harness.differences``
+note that says why): a torch module holding one is refused with that reason."""
+
+
 def registered() -> dict[type, LayerPair]:
     """A copy of the registry: Keras class -> :class:`LayerPair`."""
     _load_builtin_kinds()
