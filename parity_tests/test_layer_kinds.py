@@ -999,3 +999,20 @@ def test_pixel_shuffle_is_refused_with_the_reason() -> None:
     detail = report.rows[0].detail
     assert "torch module '1' (PixelShuffle) has no Keras layer" in detail, detail
     assert "reads c*r*r + i*r + j (channel-major)" in detail, detail
+
+
+def test_keras_normalization_is_refused_with_the_reason() -> None:
+    """Before: "of no registered layer kind", without saying that adapt()'s mean/variance are
+    non-trainable weights with no torch tensor to go to, nor what to do instead."""
+    rng = seed_everything(12)
+    x = rng.normal(size=(6, 4))
+    normalization = keras.layers.Normalization(dtype="float64", name="norm")
+    normalization.adapt(x)
+    keras_model = keras.Sequential(
+        [keras.Input((4,), dtype="float64"), normalization, keras.layers.Dense(3, dtype="float64")]
+    )
+    report = check_parity(keras_model, nn.Linear(4, 3).double(), x, rng.integers(0, 3, 6))
+    assert [r.status for r in report.rows] == ["fail"]
+    detail = report.rows[0].detail
+    assert "Keras layer 'norm' (Normalization) has no torch layer" in detail, detail
+    assert "normalize the data before the model" in detail, detail

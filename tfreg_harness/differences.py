@@ -215,6 +215,12 @@ FRAMEWORK_DIFFERENCES = FrameworkDifferences(
             "(block-major), torch nn.PixelShuffle(r) reads c*r*r + i*r + j (channel-major): the "
             "same conv weights give differently ordered maps. The harness refuses it: there is no "
             "Keras layer to pair it with (a Lambda wrapping depth_to_space is of no kind).",
+            "keras_normalization": "Keras Normalization computes (x - mean) / "
+            "max(sqrt(variance), 1e-7) with adapt()'s statistics held as non-trainable weights "
+            "(mean, variance, count); torch has no such layer (a port subtracts buffers in "
+            "forward code), so there is no torch tensor to transfer them to and the harness "
+            "refuses the layer: normalize the data before the model (x = layer(x)) and pair the "
+            "rest.",
             "groupnorm_epsilon": "Keras GroupNormalization's epsilon defaults to 1e-3, torch "
             "GroupNorm's eps to 1e-5: pass eps explicitly.",
             "weight_decay": "torch SGD/Adam weight_decay=wd is coupled and equals Keras L2(wd/2); "

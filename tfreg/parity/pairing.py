@@ -29,6 +29,7 @@ import numpy as np
 from tfreg._compat import keras
 from tfreg.parity.capture import keras_watch
 from tfreg.parity.registry import (
+    KERAS_WITHOUT_TORCH_LAYER,
     TORCH_WITHOUT_KERAS_LAYER,
     Context,
     LayerPair,
@@ -251,6 +252,9 @@ def pair_layers(
     kinds: dict[int, LayerPair] = {}
     for layer in layers:
         kind = found[id(layer)]
+        topic = KERAS_WITHOUT_TORCH_LAYER.get(type(layer).__name__)
+        if kind is None and topic is not None:
+            raise PairingError(f"{_keras(layer)} has no torch layer: {note(topic)}")
         if kind is None:
             names = sorted(cls.__name__ for cls in registered())
             raise PairingError(

@@ -192,6 +192,10 @@ TORCH_WITHOUT_KERAS_LAYER: dict[str, str] = {
 note that says why): a torch module holding one is refused with that reason."""
 
 
+KERAS_WITHOUT_TORCH_LAYER: dict[str, str] = {"Normalization": "keras_normalization"}
+"""Keras classes with no torch layer to pair (class name -> the note that says why)."""
+
+
 def registered() -> dict[type, LayerPair]:
     """A copy of the registry: Keras class -> :class:`LayerPair`."""
     _load_builtin_kinds()
