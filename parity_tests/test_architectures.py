@@ -150,9 +150,9 @@ def test_two_heads_loss_is_the_weighted_sum_of_the_two_losses() -> None:
 # --- float32: correct architectures never fail, broken twins always do ------------------------
 # Tolerances: the harness' float32 table (1e-5 rel; gradients against their layer's largest
 # gradient, tfreg_harness.tolerances.GRADIENT_SCALE_RULE). The default suite runs each
-# architecture on FLOAT32_SEEDS; the full sweep (20 seeds x 5 architectures, correct and broken:
-# ~1.5-6 s per pair, ~7 min on 2 shared cores)
-# runs with `pytest -m slow parity_tests/test_architectures.py`.
+# architecture on FLOAT32_SEEDS (~4 s on an idle 2-core machine); the full sweep (20 seeds x 5
+# architectures, correct and broken: 200 runs, 78 s idle, ~7 min when the cores are shared) runs
+# with `pytest -m slow parity_tests/test_architectures.py`.
 
 FLOAT32_SEEDS = range(3)
 
@@ -187,8 +187,8 @@ def test_float32_sweep_20_seeds_no_false_verdicts(
     name: str, request: pytest.FixtureRequest
 ) -> None:
     """Issue 19's proof: 20 seeds x the five architectures, 0 false failures, and the broken
-    twins fail on every seed. Opt-in with ``-m slow`` (``make test`` runs the slow-marked tests,
-    and this sweep alone would take ~7 min of the suite's ~10)."""
+    twins fail on every seed. Opt-in with ``-m slow``: ``make test`` runs slow-marked tests, and
+    this sweep would take over a minute of the suite's budget."""
     if "slow" not in (request.config.getoption("markexpr") or ""):
         pytest.skip("the 20-seed float32 sweep runs with -m slow")
     assert _wrong_verdicts(name, range(20), broken=False) == []
