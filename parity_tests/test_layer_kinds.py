@@ -947,3 +947,72 @@ def test_documented_activation_differences_are_pinned() -> None:
         assert float(np.max(np.abs(keras_out - matched.numpy()))) <= 8.9e-16, name
     # The leaky gap is the slope's float32 rounding at the grid's end: 4 * 2.98e-9.
     assert math.isclose(act.keras_slope(0.2), 0.20000000298023224, rel_tol=1e-15)
+
+
+# --- PixelShuffle: no Keras layer, a channel order that differs -------------------------------
+
+
+def test_depth_to_space_and_pixel_shuffle_order_channels_differently() -> None:
+    """Pinned: tf.nn.depth_to_space reads input channel (i*r + j)*C + c for output channel c at
+    block offset (i, j); torch's PixelShuffle reads c*r*r + i*r + j. The same array gives other
+    maps; permuting the channels by that formula makes them equal (exact: only copies)."""
+    import tensorflow as tf
+
+    r, c = 2, 3
+    x = seed_everything(11).normal(size=(2, 4, 5, r * r * c))  # NHWC, Keras' layout
+    keras_out = tf.nn.depth_to_space(x, r).numpy()  # (2, 8, 10, c)
+    torch_out = nn.PixelShuffle(r)(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    assert not np.allclose(keras_out, torch_out.numpy())
+    # by hand, one element: output (n, h*r + i, w*r + j, ch) reads input channel (i*r + j)*C + ch
+    assert keras_out[1, 3, 6, 2] == x[1, 1, 3, (1 * r + 0) * c + 2]
+    assert torch_out[1, 3, 6, 2].item() == x[1, 1, 3, 2 * r * r + 1 * r + 0]
+    torch_channel_for = [
+        ch * r * r + i * r + j for i in range(r) for j in range(r) for ch in range(c)
+    ]
+    permuted = np.empty_like(x)
+    permuted[..., torch_channel_for] = x  # Keras channel k sits at torch channel order[k]
+    shuffled = nn.PixelShuffle(r)(torch.from_numpy(permuted).permute(0, 3, 1, 2))
+    np.testing.assert_array_equal(keras_out, shuffled.permute(0, 2, 3, 1).numpy())
+
+
+def test_pixel_shuffle_is_refused_with_the_reason() -> None:
+    """Before: the Keras stand-in (a Lambda around depth_to_space) was refused as "of no
+    registered layer kind", without the channel-order difference that makes the pair wrong."""
+    import tensorflow as tf
+
+    images = keras.Input((4, 4, 2), dtype="float64")
+    x = keras.layers.Conv2D(8, 1, dtype="float64", name="conv")(images)
+    x = keras.layers.Lambda(lambda t: tf.nn.depth_to_space(t, 2), dtype="float64", name="shuffle")(
+        x
+    )
+    logits = keras.layers.Dense(3, dtype="float64", name="head")(
+        keras.layers.Flatten(dtype="float64")(x)
+    )
+    torch_module = nn.Sequential(
+        nn.Conv2d(2, 8, 1), nn.PixelShuffle(2), nn.Flatten(), nn.Linear(2 * 8 * 8, 3)
+    ).double()
+    rng = seed_everything(11)
+    report = check_parity(
+        keras.Model(images, logits), torch_module, rng.normal(size=(2, 4, 4, 2)), [0, 1]
+    )
+    assert [r.status for r in report.rows] == ["fail"]
+    detail = report.rows[0].detail
+    assert "torch module '1' (PixelShuffle) has no Keras layer" in detail, detail
+    assert "reads c*r*r + i*r + j (channel-major)" in detail, detail
+
+
+def test_keras_normalization_is_refused_with_the_reason() -> None:
+    """Before: "of no registered layer kind", without saying that adapt()'s mean/variance are
+    non-trainable weights with no torch tensor to go to, nor what to do instead."""
+    rng = seed_everything(12)
+    x = rng.normal(size=(6, 4))
+    normalization = keras.layers.Normalization(dtype="float64", name="norm")
+    normalization.adapt(x)
+    keras_model = keras.Sequential(
+        [keras.Input((4,), dtype="float64"), normalization, keras.layers.Dense(3, dtype="float64")]
+    )
+    report = check_parity(keras_model, nn.Linear(4, 3).double(), x, rng.integers(0, 3, 6))
+    assert [r.status for r in report.rows] == ["fail"]
+    detail = report.rows[0].detail
+    assert "Keras layer 'norm' (Normalization) has no torch layer" in detail, detail
+    assert "normalize the data before the model" in detail, detail

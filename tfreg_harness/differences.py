@@ -210,6 +210,17 @@ FRAMEWORK_DIFFERENCES = FrameworkDifferences(
             "other points. 'nearest' repeats each value scale times in both. TensorFlow resizes "
             "bilinear in float32 even for float64 maps (~1e-8 apart): float64 parity needs "
             "'nearest'.",
+            "pixel_shuffle": "Keras has no PixelShuffle layer; tf.nn.depth_to_space(x, r) "
+            "reads input channel (i*r + j)*C + c for output channel c at block offset (i, j) "
+            "(block-major), torch nn.PixelShuffle(r) reads c*r*r + i*r + j (channel-major): the "
+            "same conv weights give differently ordered maps. The harness refuses it: there is no "
+            "Keras layer to pair it with (a Lambda wrapping depth_to_space is of no kind).",
+            "keras_normalization": "Keras Normalization computes (x - mean) / "
+            "max(sqrt(variance), 1e-7) with adapt()'s statistics held as non-trainable weights "
+            "(mean, variance, count); torch has no such layer (a port subtracts buffers in "
+            "forward code), so there is no torch tensor to transfer them to and the harness "
+            "refuses the layer: normalize the data before the model (x = layer(x)) and pair the "
+            "rest.",
             "groupnorm_epsilon": "Keras GroupNormalization's epsilon defaults to 1e-3, torch "
             "GroupNorm's eps to 1e-5: pass eps explicitly.",
             "weight_decay": "torch SGD/Adam weight_decay=wd is coupled and equals Keras L2(wd/2); "

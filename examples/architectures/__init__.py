@@ -7,7 +7,8 @@ module, as ``tfreg-parity --model`` factories (``make_pair(device="cpu")`` retur
 ``bert`` (mini-BERT encoder: token + position embeddings, MultiHeadAttention with a padding mask,
 residual Add, LayerNorm, GELU FFN, pooled head), ``resnet`` (basic-block CNN, torchvision style),
 ``unet`` (Conv2DTranspose / UpSampling2D, Concatenate skip, GroupNormalization), ``bilstm`` (stacked
-Bidirectional LSTM tagger vs ``nn.LSTM(num_layers=2, bidirectional=True)``). Each module also has
+Bidirectional LSTM tagger vs ``nn.LSTM(num_layers=2, bidirectional=True)``), ``twoheads`` (dict
+outputs ``{"cls", "reg"}`` with a loss dict and ``loss_weights``). Each module also has
 ``make_broken_pair``: the same pair with one subtle porting mistake, which the report names.
 ``make_pair(dtype="float32", seed=3)`` gives the same pair in another dtype / weight draw (for
 tolerance sweeps). Tiny sizes and float64 by default, so each runs in a second or two.

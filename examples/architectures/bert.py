@@ -101,7 +101,7 @@ def make_pair(
     )
 
 
-def make_broken_pair() -> dict[str, Any]:
+def make_broken_pair(*, dtype: str = DTYPE, seed: int = 19) -> dict[str, Any]:
     """The classic porting slip: Keras' keep-mask passed as torch's key_padding_mask (whose True
     means *ignore*): the attention output diverges, and the report names ``attn``."""
-    return make_pair(invert_mask=True)
+    return make_pair(dtype=dtype, seed=seed, invert_mask=True)

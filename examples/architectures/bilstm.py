@@ -76,6 +76,6 @@ def make_pair(
     return pair_dict(model, module, x, y, device=device)
 
 
-def make_broken_pair() -> dict[str, Any]:
+def make_broken_pair(*, dtype: str = DTYPE, seed: int = 19) -> dict[str, Any]:
     """torch's ``bias_hh`` left trainable: each step moves torch's effective bias twice."""
-    return make_pair(freeze_bias_hh=False)
+    return make_pair(dtype=dtype, seed=seed, freeze_bias_hh=False)

@@ -110,6 +110,6 @@ def make_pair(
     return pair_dict(model, module, x.astype(dtype), y, device=device, training=True)
 
 
-def make_broken_pair() -> dict[str, Any]:
+def make_broken_pair(*, dtype: str = DTYPE, seed: int = 19) -> dict[str, Any]:
     """The shortcut added before ``bn2`` instead of after it: ``b1_bn2`` diverges first."""
-    return make_pair(residual_before_bn=True)
+    return make_pair(dtype=dtype, seed=seed, residual_before_bn=True)

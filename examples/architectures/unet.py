@@ -81,7 +81,7 @@ def make_pair(
     return pair_dict(model, module, x.astype(dtype), y, device=device)
 
 
-def make_broken_pair() -> dict[str, Any]:
+def make_broken_pair(*, dtype: str = DTYPE, seed: int = 19) -> dict[str, Any]:
     """The skip concatenated before the upsampled map (Keras has [up, skip]): the decoder conv
     after the Concatenate is the first paired layer to diverge."""
-    return make_pair(skip_first=True)
+    return make_pair(dtype=dtype, seed=seed, skip_first=True)

@@ -28,7 +28,15 @@ import numpy as np
 
 from tfreg._compat import keras
 from tfreg.parity.capture import keras_watch
-from tfreg.parity.registry import Context, LayerPair, layer_pair_for, registered, torch_classes
+from tfreg.parity.registry import (
+    KERAS_WITHOUT_TORCH_LAYER,
+    TORCH_WITHOUT_KERAS_LAYER,
+    Context,
+    LayerPair,
+    layer_pair_for,
+    registered,
+    torch_classes,
+)
 from tfreg_core.validation import choice
 from tfreg_harness.differences import note
 
@@ -236,9 +244,17 @@ def pair_layers(
             f"layer_map names Keras layers the model does not have: {sorted(unknown)}. "
             f"Layers: {[layer.name for layer in layers]}"
         )
+    leaves = torch_leaves(torch_module)
+    for name, module in leaves:  # before the Keras side, whose stand-in is of no kind either
+        topic = TORCH_WITHOUT_KERAS_LAYER.get(type(module).__name__)
+        if topic is not None:
+            raise PairingError(f"{_describe(name, module)} has no Keras layer: {note(topic)}")
     kinds: dict[int, LayerPair] = {}
     for layer in layers:
         kind = found[id(layer)]
+        topic = KERAS_WITHOUT_TORCH_LAYER.get(type(layer).__name__)
+        if kind is None and topic is not None:
+            raise PairingError(f"{_keras(layer)} has no torch layer: {note(topic)}")
         if kind is None:
             names = sorted(cls.__name__ for cls in registered())
             raise PairingError(
@@ -255,7 +271,6 @@ def pair_layers(
             )
     sample = sample_input(keras_model, sample)
     in_shapes, out_shapes, model_outputs = _shapes(keras_model, layers, sample)
-    leaves = torch_leaves(torch_module)
     known_torch = torch_classes()
     for name, module in leaves:
         if not isinstance(module, known_torch):

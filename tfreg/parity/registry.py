@@ -184,6 +184,18 @@ def layer_pair_for(keras_layer: Any) -> LayerPair | None:
     return None
 
 
+TORCH_WITHOUT_KERAS_LAYER: dict[str, str] = {
+    "PixelShuffle": "pixel_shuffle",
+    "PixelUnshuffle": "pixel_shuffle",
+}
+"""torch classes with no Keras layer to pair (class name -> the ``tfreg_harness.differences``
+note that says why): a torch module holding one is refused with that reason."""
+
+
+KERAS_WITHOUT_TORCH_LAYER: dict[str, str] = {"Normalization": "keras_normalization"}
+"""Keras classes with no torch layer to pair (class name -> the note that says why)."""
+
+
 def registered() -> dict[type, LayerPair]:
     """A copy of the registry: Keras class -> :class:`LayerPair`."""
     _load_builtin_kinds()

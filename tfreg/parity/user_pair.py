@@ -3,9 +3,10 @@
 The contract, for ``FUNCTION`` (called ``make_pair`` below):
 
 - ``make_pair()`` returns either the tuple ``(keras_model, torch_module, x, y)`` or a dict with
-  those four keys plus any keyword argument of :func:`tfreg.parity.check_parity` except
-  ``device`` (``loss``, ``training``, ``steps``, ``keras_optimizer``, ``torch_optimizer``,
-  ``rtol``, ...), which are passed on as given.
+  those four keys plus any keyword argument of :func:`tfreg.parity.check_parity` (``loss``,
+  ``training``, ``steps``, ``keras_optimizer``, ``torch_optimizer``, ``rtol``, ...), which are
+  passed on as given. A ``device`` key (so the same dict also feeds ``check_parity(**pair)``)
+  must name the device ``make_pair`` was called for; another one is refused.
 - If ``make_pair`` takes a ``device`` parameter it is called once per device the run asks for,
   as ``make_pair(device="cpu")`` / ``make_pair(device="gpu")``, and must put the torch module on
   that device. A ``make_pair`` without one is run on the CPU only.
@@ -65,7 +66,7 @@ def load_pair_factory(spec: str) -> Callable[..., Any]:
 
 def _passed_on_keywords() -> set[str]:
     parameters = inspect.signature(check_parity).parameters.values()
-    return {p.name for p in parameters if p.kind is p.KEYWORD_ONLY} - {"device"}
+    return {p.name for p in parameters if p.kind is p.KEYWORD_ONLY}
 
 
 def _takes_device(factory: Callable[..., Any]) -> bool:
@@ -115,7 +116,14 @@ def make_user_pair(
         raise PairSpecError(
             f"--model {spec!r}: {factory.__name__}() raised {one_line(exc)}"
         ) from None
-    return _arguments(spec, made)
+    args, kwargs = _arguments(spec, made)
+    given = kwargs.pop("device", device)  # the run's device is passed to check_parity itself
+    if given != device:
+        raise PairSpecError(
+            f"--model {spec!r}: {factory.__name__}() was called for device {device!r} but "
+            f"returned device={given!r}"
+        )
+    return args, kwargs
 
 
 def check_user_pair(spec: str, *, devices: list[str]) -> Report:
