@@ -9,8 +9,12 @@ on GitHub and on the site::
 
     <!-- docs-test: skip: needs 2 processes (torchrun) -->
 
-and is reported as skipped with that reason; nothing else is skipped. Only ``python`` fences
-run; ``bash``/``text``/``ini`` fences are shown, not executed.
+and is reported as skipped with that reason; nothing else is skipped. A block the page tells the
+reader to save as a file (a module the CLI imports, a test file) carries ``<!-- docs-test: file:
+NAME.py -->``: it is written to NAME.py in the page's directory and run on its own, as a module
+(its own imports, nothing from the page's earlier blocks), with that directory importable; its
+names are then visible to the page's later blocks. Only ``python`` fences run;
+``bash``/``text``/``ini`` fences are shown, not executed.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 FENCE = re.compile(r"^```(\S*)[^\n]*$")
 INDENTED_PYTHON = re.compile(r"^\s+```python")
 DIRECTIVE = re.compile(r"^<!-- docs-test: (.+?) -->$")
+MODULE_FILE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\.py$")
 
 
 @dataclass(frozen=True)
@@ -36,10 +41,12 @@ class Block:
     line: int  # 1-based line of the opening fence
     source: str
     skip: str | None  # the reason, for a block marked ``skip``
+    file: str | None = None  # the file name, for a block marked ``file``
 
     @property
     def id(self) -> str:
-        return f"{self.page.relative_to(ROOT)}:{self.line}"
+        page = self.page.relative_to(ROOT) if self.page.is_relative_to(ROOT) else self.page
+        return f"{page}:{self.line}"
 
 
 def parse(page: Path) -> list[Block]:
@@ -59,17 +66,21 @@ def parse(page: Path) -> list[Block]:
         if end is None:
             raise ValueError(f"{page}:{i + 1}: code fence never closed")
         directive = DIRECTIVE.match(lines[i - 1]) if i else None
-        skip = None
+        skip = file = None
         if directive:
-            kind, _, reason = directive.group(1).partition(": ")
-            if kind != "skip" or not reason.strip():
+            kind, _, value = directive.group(1).partition(": ")
+            if kind == "skip" and value.strip():
+                skip = value.strip()
+            elif kind == "file" and MODULE_FILE.match(value):
+                file = value
+            else:
                 raise ValueError(
-                    f"{page}:{i}: unknown directive {directive.group(0)!r} "
-                    "(expected '<!-- docs-test: skip: REASON -->')"
+                    f"{page}:{i}: unknown directive {directive.group(0)!r} (expected "
+                    "'<!-- docs-test: skip: REASON -->' or '<!-- docs-test: file: NAME.py -->')"
                 )
-            skip = reason.strip()
         if fence.group(1) == "python":
-            blocks.append(Block(page, i + 1, "\n".join(lines[i + 1 : end]) + "\n", skip))
+            source = "\n".join(lines[i + 1 : end]) + "\n"
+            blocks.append(Block(page, i + 1, source, skip, file))
         elif directive:
             raise ValueError(f"{page}:{i}: a docs-test directive before a non-python block")
         i = end + 1
@@ -79,9 +90,18 @@ def parse(page: Path) -> list[Block]:
 BLOCKS = [block for page in PAGES for block in parse(page)]
 
 
-def run(block: Block, namespace: dict[str, Any]) -> None:
+def run(block: Block, namespace: dict[str, Any], directory: Path) -> None:
     code = compile(block.source, block.id, "exec")  # tracebacks name page:line
-    exec(code, namespace)
+    if block.file is None:
+        exec(code, namespace)
+        return
+    # A file the reader saves: standalone (a fresh namespace, as when Python imports it), and
+    # importable by the page's later files (a test file importing the module beside it).
+    directory.joinpath(block.file).write_text(block.source, encoding="utf-8")
+    module: dict[str, Any] = {"__name__": block.file.removesuffix(".py")}
+    sys.modules.pop(module["__name__"], None)  # another page's file of the same name
+    exec(code, module)
+    namespace.update({k: v for k, v in module.items() if not k.startswith("__")})
 
 
 @dataclass
@@ -112,9 +132,35 @@ def test_a_malformed_directive_or_a_block_that_would_not_run_is_an_error(tmp_pat
     page.write_text("```python\nx = 1\n")
     with pytest.raises(ValueError, match="never closed"):
         parse(page)
+    page.write_text("<!-- docs-test: file: my pairs.py -->\n```python\nx = 1\n```\n")
+    with pytest.raises(ValueError, match="unknown directive"):
+        parse(page)
     page.write_text("- a list item:\n\n    ```python\n    x = 1\n    ```\n")
     with pytest.raises(ValueError, match="indented python fence"):
         parse(page)
+
+
+def test_a_file_block_runs_on_its_own_and_later_blocks_import_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    page = tmp_path / "page.md"
+    page.write_text(
+        "```python\nx = 1\n```\n\n<!-- docs-test: file: uses_x.py -->\n```python\ny = x\n```\n"
+        "\n<!-- docs-test: file: pairs_mod.py -->\n```python\ndef two():\n    return 2\n```\n"
+        "\n```python\nfrom pairs_mod import two as imported\n```\n"
+    )
+    first, uses_x, pairs, last = parse(page)
+    assert (uses_x.file, pairs.file, last.file) == ("uses_x.py", "pairs_mod.py", None)
+    namespace: dict[str, Any] = {}
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "pairs_mod", raising=False)
+    run(first, namespace, tmp_path)
+    with pytest.raises(NameError, match="'x'"):  # a saved file does not see the page's names
+        run(uses_x, namespace, tmp_path)
+    run(pairs, namespace, tmp_path)
+    run(last, namespace, tmp_path)
+    assert namespace["two"]() == 2 and namespace["imported"]() == 2
+    assert (tmp_path / "pairs_mod.py").read_text() == "def two():\n    return 2\n"
 
 
 @pytest.mark.parametrize("block", BLOCKS, ids=[b.id for b in BLOCKS])
@@ -133,12 +179,13 @@ def test_block_runs(
         )
     state = pages[block.page]
     monkeypatch.chdir(state.directory)
+    monkeypatch.syspath_prepend(str(state.directory))
     page_blocks = [b for b in BLOCKS if b.page == block.page]
     index = page_blocks.index(block)
     for earlier in page_blocks[state.done : index]:  # a -k selection: the page's earlier blocks
         if earlier.skip is None:
-            run(earlier, state.namespace)
+            run(earlier, state.namespace, state.directory)
     state.done = index + 1
     if block.skip is not None:
         pytest.skip(block.skip)
-    run(block, state.namespace)
+    run(block, state.namespace, state.directory)
