@@ -24,6 +24,7 @@ Clipping is ``g * c / max(||g||, c)`` (Keras); ``torch.nn.utils.clip_grad_norm_`
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import math
 import numbers
@@ -252,6 +253,28 @@ def leaves(structure: Any) -> list[Any]:
     return [structure]
 
 
+def digest(structure: Any, *texts: str) -> list[int]:
+    """Four 16-bit integers digesting the arrays of ``structure`` (nested dicts/lists/tuples of
+    arrays or tensors, ``None`` left out: their dtypes, shapes and values) and ``texts``: what
+    workers or ranks compare with one small collective to check they hold the same data
+    (byte-level: values one ulp apart differ). A string array (numpy's object array of a
+    ``tf.string`` tensor, whose own buffer holds pointers, different in every process) is
+    digested by its strings."""
+    hasher = hashlib.blake2b(digest_size=8)
+    for text in texts:
+        hasher.update(len(text).to_bytes(8, "little") + text.encode())
+    for array in (np.asarray(v) for v in leaves(structure) if v is not None):
+        hasher.update(f"{array.dtype}{array.shape}".encode())
+        if array.dtype != object:
+            hasher.update(array.tobytes())
+            continue
+        for item in array.ravel():
+            item = item if isinstance(item, bytes) else str(item).encode()
+            hasher.update(len(item).to_bytes(8, "little") + item)
+    value = hasher.digest()
+    return [int.from_bytes(value[i : i + 2], "little") for i in range(0, 8, 2)]
+
+
 def leading_dim(structure: Any) -> int:
     """The micro-batch size: the first dimension of the first leaf (a static shape, no sync)."""
     shape = getattr(leaves(structure)[0], "shape", None)
@@ -299,10 +322,8 @@ class ArrayData:
 
     def digest(self) -> str:
         """A digest of ``x``, ``y`` and ``sample_weight`` (dtypes, shapes, values: blake2b via
-        :func:`tfreg_core.distributed.digest`, ~0.4 GB/s on the host), as hex text: what a
-        mid-epoch resume compares with the checkpoint's run record (:func:`run_fit`)."""
-        from tfreg_core.distributed import digest  # it imports this module
-
+        :func:`digest`, measured 0.2 s per 100 MB on the host), as hex: what a mid-epoch resume compares
+        with the checkpoint's run record (:func:`run_fit`)."""
         return "".join(f"{limb:04x}" for limb in digest((self.x, self.y, self.sample_weight)))
 
     def updates(self, spec: TrainerSpec) -> int | None:
