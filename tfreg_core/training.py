@@ -322,8 +322,8 @@ class ArrayData:
 
     def digest(self) -> str:
         """A digest of ``x``, ``y`` and ``sample_weight`` (dtypes, shapes, values: blake2b via
-        :func:`digest`, measured 0.2 s per 100 MB on the host), as hex: what a mid-epoch resume compares
-        with the checkpoint's run record (:func:`run_fit`)."""
+        :func:`digest`, measured 0.2 s per 100 MB on the host), as hex: what a mid-epoch
+        resume compares with the checkpoint's run record (:func:`run_fit`)."""
         return "".join(f"{limb:04x}" for limb in digest((self.x, self.y, self.sample_weight)))
 
     def updates(self, spec: TrainerSpec) -> int | None:
