@@ -168,6 +168,52 @@ def test_manager_resume_mid_window_is_bitwise(twin: Any, tmp_path: Any) -> None:
         np.testing.assert_array_equal(a, b)  # bitwise: the same run, same order of operations
 
 
+# Same size (the plan matches), other values: the position alone cannot tell them apart.
+X_OTHER = X + np.float32(1.0)
+
+
+def test_a_mid_epoch_resume_on_other_data_is_refused_before_any_update(
+    twin: Any, tmp_path: Any
+) -> None:
+    # Before: accepted silently; the rest of epoch 1 trained on X_OTHER.
+    _saved_mid_window(twin, tmp_path)
+    resumed = twin.make()
+    twin.manager(resumed, tmp_path).restore()
+    before = twin.weights(resumed)
+    with pytest.raises(InvalidArgumentError, match=r"saved while training on other data.*digest"):
+        resumed.fit(X_OTHER, Y, batch_size=2, epochs=3, verbose=0)
+    for a, b in zip(twin.weights(resumed), before, strict=True):
+        np.testing.assert_array_equal(a, b)  # weights and optimizer slots untouched
+    resumed.fit(X.copy(), Y.copy(), batch_size=2, epochs=3, verbose=0)  # equal values: accepted
+
+
+def test_a_resume_at_an_epoch_boundary_may_train_on_new_data(twin: Any, tmp_path: Any) -> None:
+    # Reference: one trainer, uninterrupted, epoch 0 on X then epoch 1 on X_OTHER.
+    reference = twin.make()
+    reference.fit(X, Y, batch_size=2, epochs=1, verbose=0)
+    reference.fit(X_OTHER, Y, batch_size=2, epochs=2, verbose=0)
+    first = twin.make()
+    first.fit(X, Y, batch_size=2, epochs=1, verbose=0)
+    twin.manager(first, tmp_path).save()
+    resumed = twin.make()
+    twin.manager(resumed, tmp_path).restore()
+    resumed.fit(X_OTHER, Y, batch_size=2, epochs=2, verbose=0)
+    for a, b in zip(twin.weights(resumed), twin.weights(reference), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.usefixtures("single_torch_thread")
+def test_a_run_record_without_a_data_digest_is_not_checked() -> None:
+    # Written before the field existed: the data is unknown, as for a stream.
+    twin, state = _torch_state()
+    del state["run"]["data"]
+    resumed = twin.make()
+    resumed.load_state_dict(state)
+    assert resumed.data_digest == ""
+    resumed.fit(X_OTHER, Y, batch_size=2, epochs=2, verbose=0)
+    assert resumed.data_digest not in ("", state["run"].get("data"))
+
+
 def test_manager_with_nothing_saved_restores_nothing(twin: Any, tmp_path: Any) -> None:
     assert twin.manager(twin.make(), tmp_path / "empty").restore() is None
 
@@ -278,6 +324,7 @@ def _torch_mutations() -> list[Any]:
             id="metric-sums",
         ),
         pytest.param(_set(("run", "seed"), 99), r"another run: seed=99", id="seed"),
+        pytest.param(_set(("run", "data"), 5), r"malformed data digest", id="data-digest"),
         # Before (the rows below): accepted, or refused by torch after the model was loaded.
         pytest.param(
             _set(("window", "touched"), "xyz"),

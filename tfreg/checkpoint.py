@@ -46,21 +46,23 @@ def run_fingerprint(trainer: Any, layout: str) -> dict[str, Any]:
         slots=[("", shape, dtype) for _, shape, dtype in _rows(optimizer.variables)],
         replicas=layout,
         batchnorm=trainer.batchnorm,
+        data=trainer.data_digest,
     )
 
 
 def check_file(
     path: str, run: dict[str, Any], *, accumulators: int, accumulation_steps: int
-) -> None:
+) -> str:
     """Refuse the checkpoint at ``path`` unless every tensor in it reads back whole, it is
     ``run``'s, its position is within its plan and (one device) each accumulator's counters
-    agree with the position."""
+    agree with the position. Returns the run record's data digest (``""``: unknown)."""
     reader = tf.train.load_checkpoint(path)
     for key in reader.get_variable_to_shape_map():  # each read verifies the tensor's checksum
         reader.get_tensor(key)
     if not reader.has_tensor(RUN_KEY):
         core.check_same_run(None, run)
-    core.check_same_run(core.from_text(reader.get_tensor(RUN_KEY).decode()), run)
+    saved = core.from_text(reader.get_tensor(RUN_KEY).decode())
+    core.check_same_run(saved, run)
     position = core.check_position([int(v) for v in reader.get_tensor(_POSITION_KEY)])
     for i in range(accumulators):
         if not reader.has_tensor(_ACC_KEY.format(i, "count")):
@@ -71,6 +73,7 @@ def check_file(
             float(reader.get_tensor(_ACC_KEY.format(i, "count"))),
             accumulation_steps,
         )
+    return str(saved.get("data", ""))
 
 
 class CheckpointManager(core.TrainerCheckpoints):

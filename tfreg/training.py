@@ -540,7 +540,8 @@ class _TrainerCheckpoint(tf.train.Checkpoint):
     """``tf.train.Checkpoint`` that refuses, before restoring anything, a checkpoint whose
     window sums belong to other ``metrics`` (they would be reported under the wrong names), to
     another number of replicas (the partial sums are per replica) or to another run
-    (:func:`tfreg.checkpoint.check_file`: its run record, position and counters)."""
+    (:func:`tfreg.checkpoint.check_file`: its run record, position and counters). Once read,
+    the record's data digest goes to ``on_data`` (the trainer's ``data_digest``)."""
 
     def __init__(
         self,
@@ -548,6 +549,7 @@ class _TrainerCheckpoint(tf.train.Checkpoint):
         layout: tuple[int, int, int],
         run: dict[str, Any],
         counters: tuple[int, int],
+        on_data: Callable[[str], None],
         **kwargs: Any,
     ) -> None:
         super().__init__(run=_Text(core_checkpoint.to_text(run)), **kwargs)
@@ -555,8 +557,9 @@ class _TrainerCheckpoint(tf.train.Checkpoint):
         self._layout = layout
         self._run = core_checkpoint.to_text(run)  # text: tracking would wrap a dict's lists
         self._counters = counters  # (accumulators saved with their counters, window size)
+        self._on_data = on_data
 
-    def _check(self, path: str) -> None:
+    def _check(self, path: str) -> str:
         reader = tf.train.load_checkpoint(path)
         if reader.has_tensor(_NAMES_KEY):
             saved = reader.get_tensor(_NAMES_KEY).decode()
@@ -583,14 +586,14 @@ class _TrainerCheckpoint(tf.train.Checkpoint):
             )
         accumulators, steps = self._counters
         run = core_checkpoint.from_text(self._run)
-        check_file(path, run, accumulators=accumulators, accumulation_steps=steps)
+        return check_file(path, run, accumulators=accumulators, accumulation_steps=steps)
 
-    def _check_readable(self, path: str) -> None:
+    def _check_readable(self, path: str) -> str:
         # A missing, truncated or foreign file fails in TF's reader (NotFoundError, DataLoss,
         # IndexError "Read less bytes than requested"): reported as the library's error naming
         # the path, and before anything is restored (check_file reads every tensor once).
         try:
-            self._check(path)
+            return self._check(path)
         except InvalidArgumentError:
             raise
         except (tf.errors.OpError, IndexError, UnicodeDecodeError, ValueError) as err:
@@ -600,12 +603,16 @@ class _TrainerCheckpoint(tf.train.Checkpoint):
             ) from err
 
     def read(self, save_path: str, options: Any = None) -> Any:
-        self._check_readable(save_path)
-        return super().read(save_path, options=options)
+        data = self._check_readable(save_path)
+        status = super().read(save_path, options=options)
+        self._on_data(data)
+        return status
 
     def restore(self, save_path: str, options: Any = None) -> Any:
-        self._check_readable(save_path)
-        return super().restore(save_path, options=options)
+        data = self._check_readable(save_path)
+        status = super().restore(save_path, options=options)
+        self._on_data(data)
+        return status
 
 
 def _present(args: tuple[Any, Any, Any]) -> tuple[Any, ...]:
@@ -965,6 +972,9 @@ class Trainer:
         self._names, self._terms = names, terms
         self._engine: _Engine | None = None
         self.stop_training = False
+        # The digest of the arrays the last fit trained on ("": none, or a stream), recorded in
+        # checkpoints: a mid-epoch resume on other data is refused (tfreg_core.training.run_fit).
+        self.data_digest = ""
 
     def build(self, input_shape: Any = None) -> None:
         """Create accumulator, optimizer variables and position (``fit`` calls this).
@@ -1046,7 +1056,12 @@ class Trainer:
         layout = _ONE_DEVICE if self._replicas is None else self._replicas.layout()
         run = run_fingerprint(self, _layout_text(layout))
         counters = (len(engine.accs) if self._replicas is None else 0, self.spec.accumulation_steps)
-        return _TrainerCheckpoint(self.spec.metrics, layout, run, counters, rng=engine.rng, **state)
+        return _TrainerCheckpoint(
+            self.spec.metrics, layout, run, counters, self._set_data_digest, rng=engine.rng, **state
+        )
+
+    def _set_data_digest(self, digest: str) -> None:
+        self.data_digest = digest
 
     def fit(
         self,

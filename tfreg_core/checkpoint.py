@@ -12,7 +12,10 @@ hyperparameters, the regularizer, ``proximal``, ``clipnorm``/``global_clipnorm``
 saved partial sums hold the data loss's gradients only), so changing one on resume changes the
 updates from then on, as a learning-rate schedule does, and never mixes with saved state.
 (A mid-epoch resume also needs the data the run was saved with: the position records the
-epoch's plan, ``num_examples``/``batch_size``/``shuffle``, which ``run_fit`` checks.)
+epoch's plan, ``num_examples``/``batch_size``/``shuffle``, and the run record's ``data`` the
+digest of the arrays the last ``fit`` trained on, which ``run_fit`` checks -- not
+:func:`check_same_run`: a restoring trainer has seen no data yet. At an epoch boundary new data
+is allowed.)
 
 *All or nothing.* :func:`check_position` and :func:`check_window` validate the resumable
 position and the open window's counters against the plan and the accumulator before the caller
@@ -134,13 +137,16 @@ def fingerprint(
     replicas: str,
     slots: Sequence[tuple[str, Sequence[int], str]] = (),
     batchnorm: str = "per_micro_batch",
+    data: str = "",
 ) -> dict[str, Any]:
     """What defines a run, as JSON-serialisable values (``model``: one ``[name, shape, dtype]``
     per parameter/weight; ``loss``: :func:`describe`'s text; ``optimizer``: its class name;
     ``slots``: its variables where the framework creates them up front (Keras; a torch
     optimizer's state describes itself); ``replicas``: the replica layout; ``batchnorm``: the
     trainer's BatchNorm mode, whose open-window moments only a ``"per_window"`` checkpoint
-    holds)."""
+    holds); ``data``: :meth:`tfreg_core.training.ArrayData.digest` of the arrays the last
+    ``fit`` trained on, ``""`` before any fit or for a stream (not digested) -- checked by
+    ``run_fit`` on a mid-epoch resume, not by :func:`check_same_run`)."""
 
     def table(rows: Sequence[tuple[str, Sequence[int], str]]) -> list[list[Any]]:
         return [[str(n), [int(d) for d in shape], str(dtype)] for n, shape, dtype in rows]
@@ -155,11 +161,15 @@ def fingerprint(
         "optimizer_slots": table(slots),
         "replicas": str(replicas),
         "batchnorm": str(batchnorm),
+        "data": str(data),
     }
 
 
 # Fields added to the run record later: a record written before holds their default.
 _ADDED = {"batchnorm": "per_micro_batch"}
+# Fields check_same_run does not compare: the restoring trainer has not seen its data yet
+# (run_fit compares it on a mid-epoch resume; a record without it: unknown, not checked).
+_NOT_COMPARED = ("data",)
 
 
 def to_text(run: Mapping[str, Any]) -> str:
@@ -182,13 +192,22 @@ def from_text(text: str) -> dict[str, Any]:
 
 def check_same_run(saved: Any, current: Mapping[str, Any]) -> None:
     """Raise :class:`InvalidArgumentError` naming the first field of ``current`` (a
-    :func:`fingerprint`) that ``saved`` (the checkpoint's) lacks or holds with another value."""
+    :func:`fingerprint`) that ``saved`` (the checkpoint's) lacks or holds with another value;
+    ``data`` is only checked to be a string (see :func:`fingerprint`)."""
     if not isinstance(saved, Mapping):
         raise InvalidArgumentError(
             "The checkpoint has no valid run record (accumulation steps, seed, optimizer, model "
             f"structure, replicas): it cannot be checked to be this run. Received: {saved!r:.200}"
         )
+    recorded = saved.get("data", "")
+    if not isinstance(recorded, str):
+        raise InvalidArgumentError(
+            'The checkpoint\'s run record holds a malformed data digest (a hex string or "" '
+            f"expected). Received: data={recorded!r:.200}"
+        )
     for field, value in current.items():
+        if field in _NOT_COMPARED:
+            continue
         if field not in saved and _ADDED.get(field, ...) == value:
             continue
         if field not in saved:

@@ -18,16 +18,12 @@ collectives (with zero gradients), so every rank runs the same number of micro-b
 
 from __future__ import annotations
 
-import hashlib
 import json
 import numbers
 import socket
-from typing import Any
-
-import numpy as np
 
 from tfreg_core import validation
-from tfreg_core.training import leaves
+from tfreg_core.training import digest
 
 __all__ = ["check_rank", "digest", "global_batch_size", "localhost_tf_configs", "rank_share"]
 
@@ -86,25 +82,3 @@ def localhost_tf_configs(workers: int) -> list[str]:
         json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
         for index in range(len(ports))
     ]
-
-
-def digest(structure: Any, *texts: str) -> list[int]:
-    """Four 16-bit integers digesting the arrays of ``structure`` (nested dicts/lists/tuples of
-    arrays or tensors, ``None`` left out: their dtypes, shapes and values) and ``texts``: what
-    workers or ranks compare with one small collective to check they hold the same data
-    (byte-level: values one ulp apart differ). A string array (numpy's object array of a
-    ``tf.string`` tensor, whose own buffer holds pointers, different in every process) is
-    digested by its strings."""
-    hasher = hashlib.blake2b(digest_size=8)
-    for text in texts:
-        hasher.update(len(text).to_bytes(8, "little") + text.encode())
-    for array in (np.asarray(v) for v in leaves(structure) if v is not None):
-        hasher.update(f"{array.dtype}{array.shape}".encode())
-        if array.dtype != object:
-            hasher.update(array.tobytes())
-            continue
-        for item in array.ravel():
-            item = item if isinstance(item, bytes) else str(item).encode()
-            hasher.update(len(item).to_bytes(8, "little") + item)
-    value = hasher.digest()
-    return [int.from_bytes(value[i : i + 2], "little") for i in range(0, 8, 2)]

@@ -43,6 +43,7 @@ def run_fingerprint(trainer: Any, layout: str) -> dict[str, Any]:
         ],
         replicas=layout,
         batchnorm=trainer.batchnorm,
+        data=trainer.data_digest,
     )
 
 

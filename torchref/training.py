@@ -1185,6 +1185,9 @@ class Trainer:
                 'batchnorm="per_window" with torch.distributed initialised'
             )
         self.stop_training = False
+        # The digest of the arrays the last fit trained on ("": none, or a stream), recorded in
+        # state_dict()["run"]: a mid-epoch resume on other data is refused (run_fit).
+        self.data_digest = ""
 
     @property
     def accumulator(self) -> accumulation.AccumulatorState:
@@ -1244,6 +1247,7 @@ class Trainer:
             e.loss_scale.load_state_dict(state["loss_scale"])
         if e.moments is not None:
             e.moments.load_state_dict(state["batchnorm"])
+        self.data_digest = state["run"].get("data", "")  # "" (a record without it): unknown
 
     def fit(
         self,
