@@ -55,7 +55,8 @@ format: $(STAMP)
 
 examples: $(STAMP)
 	for ex in lasso_logistic_regression cnn_weight_regularization linear_regression \
-	          tf_gradient_accumulation masked_sequence_accumulation dropout_batchnorm; do \
+	          tf_gradient_accumulation masked_sequence_accumulation dropout_batchnorm \
+	          structured_pruning; do \
 		$(PY) -m examples.$$ex || exit 1; \
 	done
 
