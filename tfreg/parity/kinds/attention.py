@@ -116,3 +116,89 @@ def _dot_attention_problem(k: Any, t: Any, ctx: Context) -> str | None:
 
 
 register_layer_pair(L.Attention, (), check=_dot_attention_problem, torch_optional=True)
+
+
+# --- a hand-written attention: four nn.Linear (q, k, v, out), the attention in forward code ----
+
+_PROJECTIONS = (("query", "query_dense"), ("key", "key_dense"), ("value", "value_dense"))
+_HEADS_ATTRIBUTES = ("num_heads", "n_heads", "heads")  # read off the module holding the Linears
+
+
+def _linear_attention_weights(k: Any, t: Any, ctx: Context) -> list[Weight]:
+    """Keras ``(d, heads, head_dim)`` projection kernels are the transposed ``nn.Linear``
+    weights ``(heads * head_dim, d)``, heads consecutive (as a ``view(b, n, heads, head_dim)``
+    splits them); the output kernel ``(heads, head_dim, d)`` is the out Linear's weight
+    transposed."""
+    heads = int(k.num_heads)
+    out: list[Weight] = []
+    for part, keras_name in _PROJECTIONS:
+        out.append(
+            Weight(
+                f"{keras_name}.kernel",
+                f"{part}.weight",
+                attention_projection_to_torch,
+                lambda a: attention_projection_to_keras(a, heads=heads),
+            )
+        )
+        if k.use_bias:
+            bias = Weight(
+                f"{keras_name}.bias",
+                f"{part}.bias",
+                lambda a: a.reshape(-1),
+                lambda a: a.reshape(heads, -1),
+            )
+            out.append(bias)
+    out.append(
+        Weight(
+            "output_dense.kernel",
+            "output.weight",
+            attention_output_to_torch,
+            lambda a: attention_output_to_keras(a, heads=heads),
+        )
+    )
+    if k.use_bias:
+        out.append(Weight("output_dense.bias", "output.bias"))
+    return out
+
+
+def _linear_attention_problem(k: Any, t: Any, ctx: Context) -> str | None:
+    if len(ctx.input_shape) != 3:
+        return f"input rank {len(ctx.input_shape)}: only (batch, length, features) maps to torch"
+    heads, key_dim = int(k.num_heads), int(k.key_dim)
+    value_dim = int(k.value_dim if k.value_dim is not None else k.key_dim)
+    owner = t.owner[0]
+    torch_heads = next((getattr(owner, a) for a in _HEADS_ATTRIBUTES if hasattr(owner, a)), None)
+    linears = {part: getattr(t, part) for part in ("query", "key", "value", "output")}
+    problem = first_mismatch(
+        [
+            # without such an attribute a wrong head count shows in this layer's output
+            ("num_heads", heads, heads if torch_heads is None else int(torch_heads)),
+            ("query features / query in_features", ctx.input_shape[-1], t.query.in_features),
+            ("num_heads * key_dim / query out_features", heads * key_dim, t.query.out_features),
+            ("num_heads * key_dim / key out_features", heads * key_dim, t.key.out_features),
+            ("num_heads * value_dim / value out_features", heads * value_dim, t.value.out_features),
+            ("num_heads * value_dim / output in_features", heads * value_dim, t.output.in_features),
+            ("output_shape", None, k.get_config().get("output_shape")),
+            ("query features / output out_features", ctx.input_shape[-1], t.output.out_features),
+            ("attention_axes", (1,), tuple(k.attention_axes or (1,))),
+            ("dropout (no mask injection)", 0.0, float(k.dropout)),
+            *(
+                (f"use_bias ({part})", bool(k.use_bias), linear.bias is not None)
+                for part, linear in linears.items()
+            ),
+        ]
+    )
+    scale = 1.0 / math.sqrt(key_dim)
+    if problem is None and ctx.dtype == "float64" and float(np.float32(scale)) != scale:
+        problem = f"key_dim {k.key_dim}: {note('attention_scale')}"
+    return problem
+
+
+register_layer_pair(
+    L.MultiHeadAttention,
+    (nn.Linear,) * 4,
+    transfer=_linear_attention_weights,
+    check=_linear_attention_problem,
+    torch_layout="channels_last",
+    torch_group=("query", "key", "value", "output"),
+)
