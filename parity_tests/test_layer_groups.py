@@ -333,3 +333,33 @@ def test_nn_multihead_attention_still_pairs() -> None:
     keras_model, module, x, y = _attention_pair("float64", Mha())
     report = assert_parity(keras_model, module, x, y)
     assert any(r.name == "attn <-> attn" for r in report.layers), report.to_text()
+
+
+def test_torch_group_must_name_each_class_once() -> None:
+    from tfreg.parity import register_layer_pair
+
+    class Custom(L.Layer):
+        pass
+
+    with pytest.raises(ValueError, match="torch_group must name each class of torch_cls once"):
+        register_layer_pair(Custom, (nn.Conv2d, nn.Conv2d), torch_group=("depthwise",))
+    with pytest.raises(ValueError, match="torch_group must name each class of torch_cls once"):
+        register_layer_pair(Custom, (nn.Conv2d, nn.Conv2d), torch_group=("a", "a"))
+
+
+def test_layer_map_names_the_group_by_its_first_leaf() -> None:
+    """layer_map={"sep": "dw"}: the group is dw and the leaf after it, wherever they sit."""
+
+    class Ported(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(F * 42, 2)  # defined first: definition order alone would fail
+            self.dw = nn.Conv2d(C, C * M, 3, padding=1, groups=C, bias=False)
+            self.pw = nn.Conv2d(C * M, F, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.relu(self.pw(self.dw(x))).flatten(1))
+
+    keras_model, module, x, y = _pair(2, "float64", Ported())
+    report = assert_parity(keras_model, module, x, y, layer_map={"sep": "dw", "head": "fc"})
+    assert any(r.name == "sep <-> dw+pw" for r in report.layers), report.to_text()

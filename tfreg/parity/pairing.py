@@ -393,15 +393,15 @@ def pair_layers(
                         "already paired with another Keras layer"
                     )
                 candidate = leaves[index[target]]
-                used.add(index[target])
                 entry = _kind_of(layer_pairs_for(layer), candidate[1], entry)
                 if not isinstance(candidate[1], entry.torch_cls[:1]):
                     raise pair_error(
                         layer, *candidate, f"layer_map pairs it with {type(candidate[1]).__name__}"
                     )
+                end = index[target] + 1
                 if entry.torch_group:  # the target is the group's first leaf
                     candidate, end = _group(layer, entry, leaves, index[target], used, torch_module)
-                    used.update(range(index[target], end))
+                used.update(range(index[target], end))
         elif weighted:
             entry = _next_kind(layer_pairs_for(layer), leaves, j, entry)
             while (
