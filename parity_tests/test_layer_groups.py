@@ -93,9 +93,8 @@ def test_separable_transfer_puts_each_kernel_in_its_leaf() -> None:
     np.testing.assert_array_equal(module[1].bias.detach().numpy(), np.asarray(sep.bias))
 
 
-@pytest.mark.parametrize("dims", [1, 2])
-def test_separable_conv_trajectory(dims: int) -> None:
-    keras_model, module, x, y = _pair(dims, "float64")
+def _assert_three_sgd_steps(keras_model: Any, module: Any, x: Any, y: Any) -> None:
+    """Weights after each of 3 SGD steps (lr 0.125, float32-exact) at "trajectory" (1e-9)."""
     report = assert_parity(
         keras_model,
         module,
@@ -108,6 +107,11 @@ def test_separable_conv_trajectory(dims: int) -> None:
     steps = [r for r in report.rows if r.check.startswith("step ")]
     assert steps and all(r.status == "pass" for r in steps)
     assert all(r.tolerance <= tolerance("trajectory", "float64").rtol for r in steps)
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_separable_conv_trajectory(dims: int) -> None:
+    _assert_three_sgd_steps(*_pair(dims, "float64"))
 
 
 def _transposed_pointwise(module: Any) -> Any:
@@ -261,19 +265,7 @@ def test_hand_written_attention_pairs_per_projection(dtype: str) -> None:
 
 
 def test_hand_written_attention_trajectory() -> None:
-    keras_model, module, x, y = _attention_pair("float64")
-    report = assert_parity(
-        keras_model,
-        module,
-        x,
-        y,
-        steps=3,
-        keras_optimizer=keras.optimizers.SGD(0.125),
-        torch_optimizer=torch.optim.SGD(module.parameters(), lr=0.125),
-    )
-    steps = [r for r in report.rows if r.check.startswith("step ")]
-    assert steps and all(r.status == "pass" for r in steps)
-    assert all(r.tolerance <= tolerance("trajectory", "float64").rtol for r in steps)
+    _assert_three_sgd_steps(*_attention_pair("float64"))
 
 
 def test_hand_written_attention_transfer_is_hand_indexed() -> None:

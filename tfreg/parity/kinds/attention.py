@@ -27,40 +27,45 @@ from tfreg_harness.layouts import (
 )
 
 
-def _attention_weights(k: Any, t: Any, ctx: Context) -> list[Weight]:
+def _projection_weights(k: Any, torch_paths: tuple[str, str, str, str]) -> list[Weight]:
+    """Keras' query/key/value kernels ``(d, heads, head_dim)`` are torch's transposed
+    ``(heads * head_dim, d)`` rows (heads consecutive), biases ``(heads, head_dim)`` flattened,
+    the output kernel ``(heads, head_dim, d)`` the transposed out weight. ``torch_paths``: the
+    torch weight paths of q, k, v and out; a bias path replaces ``weight`` by ``bias``."""
     heads = int(k.num_heads)
-    width = heads * int(k.key_dim)  # torch's embed_dim (the check holds it)
     out: list[Weight] = []
-    for i, name in enumerate(("query_dense", "key_dense", "value_dense")):
-        rows = f"[{i * width}:{(i + 1) * width}]"
+    keras_names = ("query_dense", "key_dense", "value_dense", "output_dense")
+    for keras_name, path in zip(keras_names, torch_paths, strict=True):
+        last = keras_name == "output_dense"
         out.append(
             Weight(
-                f"{name}.kernel",
-                f"in_proj_weight{rows}",
-                attention_projection_to_torch,
-                lambda a: attention_projection_to_keras(a, heads=heads),
+                f"{keras_name}.kernel",
+                path,
+                attention_output_to_torch if last else attention_projection_to_torch,
+                (lambda a: attention_output_to_keras(a, heads=heads))
+                if last
+                else (lambda a: attention_projection_to_keras(a, heads=heads)),
             )
         )
         if k.use_bias:
+            bias = path.replace("weight", "bias")
             out.append(
-                Weight(
-                    f"{name}.bias",
-                    f"in_proj_bias{rows}",
+                Weight(f"{keras_name}.bias", bias)
+                if last
+                else Weight(
+                    f"{keras_name}.bias",
+                    bias,
                     lambda a: a.reshape(-1),
                     lambda a: a.reshape(heads, -1),
                 )
             )
-    out.append(
-        Weight(
-            "output_dense.kernel",
-            "out_proj.weight",
-            attention_output_to_torch,
-            lambda a: attention_output_to_keras(a, heads=heads),
-        )
-    )
-    if k.use_bias:
-        out.append(Weight("output_dense.bias", "out_proj.bias"))
     return out
+
+
+def _attention_weights(k: Any, t: Any, ctx: Context) -> list[Weight]:
+    width = int(k.num_heads) * int(k.key_dim)  # torch's embed_dim (the check holds it)
+    rows = [f"in_proj_weight[{i * width}:{(i + 1) * width}]" for i in range(3)]
+    return _projection_weights(k, (rows[0], rows[1], rows[2], "out_proj.weight"))
 
 
 def _attention_problem(k: Any, t: Any, ctx: Context) -> str | None:
@@ -120,45 +125,13 @@ register_layer_pair(L.Attention, (), check=_dot_attention_problem, torch_optiona
 
 # --- a hand-written attention: four nn.Linear (q, k, v, out), the attention in forward code ----
 
-_PROJECTIONS = (("query", "query_dense"), ("key", "key_dense"), ("value", "value_dense"))
 _HEADS_ATTRIBUTES = ("num_heads", "n_heads", "heads")  # read off the module holding the Linears
 
 
 def _linear_attention_weights(k: Any, t: Any, ctx: Context) -> list[Weight]:
-    """Keras ``(d, heads, head_dim)`` projection kernels are the transposed ``nn.Linear``
-    weights ``(heads * head_dim, d)``, heads consecutive (as a ``view(b, n, heads, head_dim)``
-    splits them); the output kernel ``(heads, head_dim, d)`` is the out Linear's weight
-    transposed."""
-    heads = int(k.num_heads)
-    out: list[Weight] = []
-    for part, keras_name in _PROJECTIONS:
-        out.append(
-            Weight(
-                f"{keras_name}.kernel",
-                f"{part}.weight",
-                attention_projection_to_torch,
-                lambda a: attention_projection_to_keras(a, heads=heads),
-            )
-        )
-        if k.use_bias:
-            bias = Weight(
-                f"{keras_name}.bias",
-                f"{part}.bias",
-                lambda a: a.reshape(-1),
-                lambda a: a.reshape(heads, -1),
-            )
-            out.append(bias)
-    out.append(
-        Weight(
-            "output_dense.kernel",
-            "output.weight",
-            attention_output_to_torch,
-            lambda a: attention_output_to_keras(a, heads=heads),
-        )
-    )
-    if k.use_bias:
-        out.append(Weight("output_dense.bias", "output.bias"))
-    return out
+    """Each projection is one ``nn.Linear`` (heads consecutive in its rows, as
+    ``view(b, n, heads, head_dim)`` splits them)."""
+    return _projection_weights(k, ("query.weight", "key.weight", "value.weight", "output.weight"))
 
 
 def _linear_attention_problem(k: Any, t: Any, ctx: Context) -> str | None:
