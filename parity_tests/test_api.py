@@ -137,15 +137,15 @@ def test_configuration_mismatch_is_a_failure_never_a_skip() -> None:
 def test_unregistered_layer_fails_with_its_name() -> None:
     keras_model = keras.Sequential(
         [
-            keras.Input((4, 3), dtype="float64"),
-            keras.layers.SeparableConv1D(2, 2, dtype="float64", name="sep"),
+            keras.Input((4, 3, 3), dtype="float64"),
+            keras.layers.ConvLSTM1D(2, 2, dtype="float64", name="clstm"),
             keras.layers.Flatten(dtype="float64"),
         ]
     )
     module = nn.Sequential(nn.Conv1d(3, 2, 2), nn.Flatten()).double()
-    report = check_parity(keras_model, module, np.zeros((2, 4, 3)), np.zeros(2, int))
+    report = check_parity(keras_model, module, np.zeros((2, 4, 3, 3)), np.zeros(2, int))
     assert report.rows[0].status == "fail"
-    assert "'sep' (SeparableConv1D) is of no registered layer kind" in report.rows[0].detail
+    assert "'clstm' (ConvLSTM1D) is of no registered layer kind" in report.rows[0].detail
 
 
 def test_batchnorm_training_steps_zero_gradient_and_statistics(dtype: str) -> None:

@@ -34,6 +34,7 @@ from tfreg.parity.registry import (
     Context,
     LayerPair,
     layer_pair_for,
+    layer_pairs_for,
     registered,
     torch_classes,
 )
@@ -145,6 +146,56 @@ def _branch_leaf(
         if k not in used and isinstance(module, kinds):
             return k
     return None
+
+
+def _kind_of(options: tuple[LayerPair, ...], module: Any, default: LayerPair) -> LayerPair:
+    """Of a Keras class's kinds, the one whose (first) torch class ``module`` is."""
+    return next((o for o in options if isinstance(module, o.torch_cls[:1])), default)
+
+
+def _next_kind(
+    options: tuple[LayerPair, ...], leaves: list[tuple[str, Any]], j: int, default: LayerPair
+) -> LayerPair:
+    """A Keras class with a single-module kind and a group kind: the first torch leaf from ``j``
+    holding weights decides which one pairs."""
+    if len(options) < 2:
+        return default
+    for _, module in leaves[j:]:
+        if _holds_weights(module) or any(isinstance(module, o.torch_cls) for o in options):
+            return _kind_of(options, module, default)
+    return default
+
+
+def _group(
+    layer: Any,
+    entry: LayerPair,
+    leaves: list[tuple[str, Any]],
+    start: int,
+    used: set[int],
+    root: Any,
+) -> tuple[tuple[str, Any], int]:
+    """The ``torch_group`` of ``entry``: the consecutive leaves from ``start``, each of its part's
+    class, as ``(joined name, TorchGroup)``, and the index after them."""
+    from tfreg.parity.group import TorchGroup
+
+    parts: list[tuple[str, str, Any]] = []
+    for offset, (part, cls) in enumerate(zip(entry.torch_group, entry.torch_cls, strict=True)):
+        k = start + offset
+        if k >= len(leaves) or k in used or not isinstance(leaves[k][1], cls):
+            found = "no leaf left" if k >= len(leaves) else _describe(*leaves[k])
+            chain = " -> ".join(
+                f"{p} ({c.__name__})"
+                for p, c in zip(entry.torch_group, entry.torch_cls, strict=True)
+            )
+            raise PairingError(
+                f"{_keras(layer)} pairs with {len(entry.torch_group)} consecutive torch leaves "
+                f"{chain}; its {part} leaf should be torch {cls.__name__}, found {found}"
+            )
+        parts.append((part, *leaves[k]))
+    name = "+".join(leaf_name for _, leaf_name, _ in parts)
+    owners = {leaf_name.rpartition(".")[0] for _, leaf_name, _ in parts}
+    owner = root.get_submodule(owners.pop()) if len(owners) == 1 else root
+    return (name, TorchGroup(parts, owner)), start + len(parts)
 
 
 def _holds_weights(module: Any) -> bool:
@@ -342,12 +393,17 @@ def pair_layers(
                         "already paired with another Keras layer"
                     )
                 candidate = leaves[index[target]]
-                used.add(index[target])
-                if not isinstance(candidate[1], entry.torch_cls):
+                entry = _kind_of(layer_pairs_for(layer), candidate[1], entry)
+                if not isinstance(candidate[1], entry.torch_cls[:1]):
                     raise pair_error(
                         layer, *candidate, f"layer_map pairs it with {type(candidate[1]).__name__}"
                     )
+                end = index[target] + 1
+                if entry.torch_group:  # the target is the group's first leaf
+                    candidate, end = _group(layer, entry, leaves, index[target], used, torch_module)
+                used.update(range(index[target], end))
         elif weighted:
+            entry = _next_kind(layer_pairs_for(layer), leaves, j, entry)
             while (
                 j < len(leaves)
                 and not _holds_weights(leaves[j][1])
@@ -361,12 +417,14 @@ def pair_layers(
                     "pair it with"
                 )
             branch = _branch_leaf(leaves, j, entry.torch_cls, used)
-            if branch is not None:  # a parallel branch's layer: j stays on the main path
+            if entry.torch_group:  # consecutive leaves from j, checked part by part
+                candidate, j = _group(layer, entry, leaves, j, used, torch_module)
+            elif branch is not None:  # a parallel branch's layer: j stays on the main path
                 candidate = leaves[branch]
                 used.add(branch)
             else:
                 candidate, j = leaves[j], j + 1
-            if not isinstance(candidate[1], entry.torch_cls):
+            if not entry.torch_group and not isinstance(candidate[1], entry.torch_cls):
                 expected = " or ".join(c.__name__ for c in entry.torch_cls)
                 raise pair_error(layer, *candidate, f"it pairs with torch {expected}")
         elif j < len(leaves) and entry.torch_cls and isinstance(leaves[j][1], entry.torch_cls):

@@ -97,6 +97,7 @@ class LayerPair:
     fused_activation: bool = False
     torch_optional: bool = False
     torch_layers: Callable[[Any], int] | None = None
+    torch_group: tuple[str, ...] = ()
 
     def weights(self, keras_layer: Any, torch_module: Any, ctx: Context) -> list[Weight]:
         spec = self.transfer
@@ -107,6 +108,10 @@ class LayerPair:
 
 
 _REGISTRY: dict[type, LayerPair] = {}
+# A Keras class may also have one kind over a group of torch leaves (``torch_group``): Keras
+# MultiHeadAttention <-> nn.MultiheadAttention, or <-> four nn.Linear (q, k, v, out) and the
+# attention in forward code. The walk takes the group kind when the next torch leaf starts it.
+_GROUPS: dict[type, LayerPair] = {}
 
 
 def register_layer_pair(
@@ -120,6 +125,7 @@ def register_layer_pair(
     fused_activation: bool = False,
     torch_optional: bool = False,
     torch_layers: Callable[[Any], int] | None = None,
+    torch_group: Sequence[str] = (),
 ) -> LayerPair:
     """Register (or replace) how a Keras layer class pairs with torch module class(es).
 
@@ -142,6 +148,11 @@ def register_layer_pair(
     - ``torch_layers(torch_module)``: how many consecutive Keras layers of this family one
       torch module computes (``nn.LSTM(num_layers=2)``: 2); the walk pairs them all with it,
       each told its ``Context.torch_layer``. Only the last one's output is compared directly.
+    - ``torch_group``: the Keras layer pairs with that many *consecutive* torch leaves, one
+      name per leaf, ``torch_cls`` then giving each leaf's class in order
+      (``SeparableConv2D`` <-> ``(nn.Conv2d, nn.Conv2d)``, ``("depthwise", "pointwise")``).
+      ``transfer`` / ``check`` receive the group as one module whose children are those names
+      (``Weight("pointwise_kernel", "pointwise.weight")``); its output is the last leaf's.
     """
     classes = tuple(torch_cls) if isinstance(torch_cls, (tuple, list)) else (torch_cls,)
     if not isinstance(keras_cls, type) or not all(isinstance(c, type) for c in classes):
@@ -152,6 +163,16 @@ def register_layer_pair(
     if torch_layout not in TORCH_LAYOUTS:
         raise ValueError(
             f"torch_layout must be one of {TORCH_LAYOUTS}. Received: torch_layout={torch_layout!r}"
+        )
+    group = tuple(torch_group)
+    if group and (
+        len(group) != len(classes)
+        or len(set(group)) != len(group)
+        or not all(isinstance(n, str) and n.isidentifier() for n in group)
+    ):
+        raise ValueError(
+            "torch_group must name each class of torch_cls once, in order, with distinct "
+            f"identifiers. Received: torch_group={torch_group!r}, torch_cls={torch_cls!r}"
         )
     if not callable(transfer) and not all(isinstance(w, Weight) for w in transfer):
         raise TypeError(f"transfer must be Weight entries or a function. Received: {transfer!r}")
@@ -165,8 +186,9 @@ def register_layer_pair(
         fused_activation=fused_activation,
         torch_optional=torch_optional,
         torch_layers=torch_layers,
+        torch_group=group,
     )
-    _REGISTRY[keras_cls] = entry
+    (_GROUPS if group else _REGISTRY)[keras_cls] = entry
     return entry
 
 
@@ -176,12 +198,20 @@ def _load_builtin_kinds() -> None:
 
 
 def layer_pair_for(keras_layer: Any) -> LayerPair | None:
-    """The registered kind of ``keras_layer`` (its class, else the nearest registered base)."""
+    """The registered kind of ``keras_layer`` (its class, else the nearest registered base): the
+    single-module kind where there is one, else the group kind."""
+    kinds = layer_pairs_for(keras_layer)
+    return kinds[0] if kinds else None
+
+
+def layer_pairs_for(keras_layer: Any) -> tuple[LayerPair, ...]:
+    """Every kind ``keras_layer`` may pair as: its single-module kind, then its group kind."""
     _load_builtin_kinds()
     for cls in type(keras_layer).__mro__:
-        if cls in _REGISTRY:
-            return _REGISTRY[cls]
-    return None
+        found = tuple(table[cls] for table in (_REGISTRY, _GROUPS) if cls in table)
+        if found:
+            return found
+    return ()
 
 
 TORCH_WITHOUT_KERAS_LAYER: dict[str, str] = {
@@ -197,14 +227,21 @@ KERAS_WITHOUT_TORCH_LAYER: dict[str, str] = {"Normalization": "keras_normalizati
 
 
 def registered() -> dict[type, LayerPair]:
-    """A copy of the registry: Keras class -> :class:`LayerPair`."""
+    """A copy of the registry: Keras class -> :class:`LayerPair` (the single-module kind where a
+    class has both; :func:`registered_kinds` lists every kind)."""
     _load_builtin_kinds()
-    return dict(_REGISTRY)
+    return {**_GROUPS, **_REGISTRY}
+
+
+def registered_kinds() -> list[tuple[type, LayerPair]]:
+    """Every registered kind as ``(Keras class, kind)``, group kinds included."""
+    _load_builtin_kinds()
+    return [*_REGISTRY.items(), *_GROUPS.items()]
 
 
 def torch_classes() -> tuple[type, ...]:
     """Every torch class some registered kind pairs with."""
-    return tuple({c for entry in registered().values() for c in entry.torch_cls})
+    return tuple({c for _, entry in registered_kinds() for c in entry.torch_cls})
 
 
 def kind_list(builtin_only: bool = True) -> str:
@@ -213,15 +250,19 @@ def kind_list(builtin_only: bool = True) -> str:
     "or forward code" where torch may compute the layer in ``forward`` without a module. The
     README's list is this function's output (a test keeps them equal). ``builtin_only``: leave
     out kinds registered by users or tests."""
-    groups: dict[tuple[tuple[str, ...], bool], list[str]] = {}
-    for keras_cls, entry in registered().items():
+    groups: dict[tuple[tuple[str, ...], bool, tuple[str, ...]], list[str]] = {}
+    for keras_cls, entry in registered_kinds():
         if builtin_only and not entry_is_builtin(entry):
             continue
-        key = (tuple(c.__name__ for c in entry.torch_cls), entry.torch_optional)
+        names = tuple(c.__name__ for c in entry.torch_cls)
+        key = (names, entry.torch_optional, entry.torch_group)
         groups.setdefault(key, []).append(keras_cls.__name__)
     lines = []
-    for (torch_names, optional), keras_names in groups.items():
-        torch = " / ".join(f"`{n}`" for n in torch_names)
+    for (torch_names, optional, group), keras_names in groups.items():
+        if group:  # consecutive leaves: `Conv2d` (depthwise) + `Conv2d` (pointwise)
+            torch = " + ".join(f"`{n}` ({p})" for n, p in zip(torch_names, group, strict=True))
+        else:
+            torch = " / ".join(f"`{n}`" for n in torch_names)
         if optional:
             torch = f"{torch} or forward code" if torch else "forward code"
         keras = ", ".join(f"`{n}`" for n in sorted(keras_names, key=str.lower))
@@ -245,7 +286,9 @@ __all__ = [
     "Weight",
     "kind_list",
     "layer_pair_for",
+    "layer_pairs_for",
     "register_layer_pair",
     "registered",
+    "registered_kinds",
     "torch_classes",
 ]

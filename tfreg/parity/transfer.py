@@ -157,6 +157,16 @@ def model_dtype(keras_model: Any) -> str:
     return dtypes.pop() if dtypes else "float32"
 
 
+def _qualifier(name: str | None, module: Any) -> Callable[[str], str]:
+    """A kind's tensor path -> the user's ``state_dict`` key (a group maps its part names)."""
+    from tfreg.parity.group import TorchGroup
+
+    if isinstance(module, TorchGroup):
+        return module.qualified
+    prefix = f"{name}." if name else ""
+    return lambda path: prefix + path
+
+
 def pairs_from(pairing: Pairing) -> list[ParameterPair]:
     """Every Keras variable of the paired layers with its torch tensor(s), shapes and dtypes
     checked; raises :class:`PairingError` naming the pair on any mismatch."""
@@ -167,7 +177,7 @@ def pairs_from(pairing: Pairing) -> list[ParameterPair]:
         layer, t_name, module = match.keras_layer, match.torch_name, match.torch_module
         weights = match.kind.weights(layer, module, match.context)
         covered = set()
-        prefix = f"{t_name}." if t_name else ""
+        qualify = _qualifier(t_name, module)
         for weight in weights:
             variable = _resolve(layer, weight.keras)
             covered.add(id(variable))
@@ -176,12 +186,12 @@ def pairs_from(pairing: Pairing) -> list[ParameterPair]:
             pair = ParameterPair(
                 label_for(match),
                 variable,
-                tuple(prefix + n for n in names),
+                tuple(qualify(n) for n in names),
                 tensors,
                 weight.to_torch,
                 weight.to_keras,
                 weight.grad_to_keras or weight.to_keras,
-                tuple(prefix + n for n in weight.torch_frozen),
+                tuple(qualify(n) for n in weight.torch_frozen),
             )
             keras_shape = tuple(int(d) for d in variable.shape)
             converted = [a.shape for a in pair.torch_arrays(np.zeros(keras_shape))]

@@ -22,9 +22,9 @@ from tfreg.parity.kinds.activations import (
     torch_activation,
 )
 from tfreg.parity.kinds.normalization import CHANNEL_DROPOUT
-from tfreg.parity.registry import _BUILTIN, registered
+from tfreg.parity.registry import _BUILTIN, registered_kinds
 
-_BUILTIN.extend(registered().values())  # for kind_list(builtin_only=True)
+_BUILTIN.extend(entry for _, entry in registered_kinds())  # for kind_list(builtin_only=True)
 
 __all__ = [
     "CHANNEL_DROPOUT",

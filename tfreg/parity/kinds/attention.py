@@ -27,40 +27,45 @@ from tfreg_harness.layouts import (
 )
 
 
-def _attention_weights(k: Any, t: Any, ctx: Context) -> list[Weight]:
+def _projection_weights(k: Any, torch_paths: tuple[str, str, str, str]) -> list[Weight]:
+    """Keras' query/key/value kernels ``(d, heads, head_dim)`` are torch's transposed
+    ``(heads * head_dim, d)`` rows (heads consecutive), biases ``(heads, head_dim)`` flattened,
+    the output kernel ``(heads, head_dim, d)`` the transposed out weight. ``torch_paths``: the
+    torch weight paths of q, k, v and out; a bias path replaces ``weight`` by ``bias``."""
     heads = int(k.num_heads)
-    width = heads * int(k.key_dim)  # torch's embed_dim (the check holds it)
     out: list[Weight] = []
-    for i, name in enumerate(("query_dense", "key_dense", "value_dense")):
-        rows = f"[{i * width}:{(i + 1) * width}]"
+    keras_names = ("query_dense", "key_dense", "value_dense", "output_dense")
+    for keras_name, path in zip(keras_names, torch_paths, strict=True):
+        last = keras_name == "output_dense"
         out.append(
             Weight(
-                f"{name}.kernel",
-                f"in_proj_weight{rows}",
-                attention_projection_to_torch,
-                lambda a: attention_projection_to_keras(a, heads=heads),
+                f"{keras_name}.kernel",
+                path,
+                attention_output_to_torch if last else attention_projection_to_torch,
+                (lambda a: attention_output_to_keras(a, heads=heads))
+                if last
+                else (lambda a: attention_projection_to_keras(a, heads=heads)),
             )
         )
         if k.use_bias:
+            bias = path.replace("weight", "bias")
             out.append(
-                Weight(
-                    f"{name}.bias",
-                    f"in_proj_bias{rows}",
+                Weight(f"{keras_name}.bias", bias)
+                if last
+                else Weight(
+                    f"{keras_name}.bias",
+                    bias,
                     lambda a: a.reshape(-1),
                     lambda a: a.reshape(heads, -1),
                 )
             )
-    out.append(
-        Weight(
-            "output_dense.kernel",
-            "out_proj.weight",
-            attention_output_to_torch,
-            lambda a: attention_output_to_keras(a, heads=heads),
-        )
-    )
-    if k.use_bias:
-        out.append(Weight("output_dense.bias", "out_proj.bias"))
     return out
+
+
+def _attention_weights(k: Any, t: Any, ctx: Context) -> list[Weight]:
+    width = int(k.num_heads) * int(k.key_dim)  # torch's embed_dim (the check holds it)
+    rows = [f"in_proj_weight[{i * width}:{(i + 1) * width}]" for i in range(3)]
+    return _projection_weights(k, (rows[0], rows[1], rows[2], "out_proj.weight"))
 
 
 def _attention_problem(k: Any, t: Any, ctx: Context) -> str | None:
@@ -116,3 +121,57 @@ def _dot_attention_problem(k: Any, t: Any, ctx: Context) -> str | None:
 
 
 register_layer_pair(L.Attention, (), check=_dot_attention_problem, torch_optional=True)
+
+
+# --- a hand-written attention: four nn.Linear (q, k, v, out), the attention in forward code ----
+
+_HEADS_ATTRIBUTES = ("num_heads", "n_heads", "heads")  # read off the module holding the Linears
+
+
+def _linear_attention_weights(k: Any, t: Any, ctx: Context) -> list[Weight]:
+    """Each projection is one ``nn.Linear`` (heads consecutive in its rows, as
+    ``view(b, n, heads, head_dim)`` splits them)."""
+    return _projection_weights(k, ("query.weight", "key.weight", "value.weight", "output.weight"))
+
+
+def _linear_attention_problem(k: Any, t: Any, ctx: Context) -> str | None:
+    if len(ctx.input_shape) != 3:
+        return f"input rank {len(ctx.input_shape)}: only (batch, length, features) maps to torch"
+    heads, key_dim = int(k.num_heads), int(k.key_dim)
+    value_dim = int(k.value_dim if k.value_dim is not None else k.key_dim)
+    owner = t.owner[0]
+    torch_heads = next((getattr(owner, a) for a in _HEADS_ATTRIBUTES if hasattr(owner, a)), None)
+    linears = {part: getattr(t, part) for part in ("query", "key", "value", "output")}
+    problem = first_mismatch(
+        [
+            # without such an attribute a wrong head count shows in this layer's output
+            ("num_heads", heads, heads if torch_heads is None else int(torch_heads)),
+            ("query features / query in_features", ctx.input_shape[-1], t.query.in_features),
+            ("num_heads * key_dim / query out_features", heads * key_dim, t.query.out_features),
+            ("num_heads * key_dim / key out_features", heads * key_dim, t.key.out_features),
+            ("num_heads * value_dim / value out_features", heads * value_dim, t.value.out_features),
+            ("num_heads * value_dim / output in_features", heads * value_dim, t.output.in_features),
+            ("output_shape", None, k.get_config().get("output_shape")),
+            ("query features / output out_features", ctx.input_shape[-1], t.output.out_features),
+            ("attention_axes", (1,), tuple(k.attention_axes or (1,))),
+            ("dropout (no mask injection)", 0.0, float(k.dropout)),
+            *(
+                (f"use_bias ({part})", bool(k.use_bias), linear.bias is not None)
+                for part, linear in linears.items()
+            ),
+        ]
+    )
+    scale = 1.0 / math.sqrt(key_dim)
+    if problem is None and ctx.dtype == "float64" and float(np.float32(scale)) != scale:
+        problem = f"key_dim {k.key_dim}: {note('attention_scale')}"
+    return problem
+
+
+register_layer_pair(
+    L.MultiHeadAttention,
+    (nn.Linear,) * 4,
+    transfer=_linear_attention_weights,
+    check=_linear_attention_problem,
+    torch_layout="channels_last",
+    torch_group=("query", "key", "value", "output"),
+)

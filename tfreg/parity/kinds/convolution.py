@@ -212,3 +212,91 @@ for _keras_tconv, _torch_tconv in (
         torch_layout="channels_first",
         fused_activation=True,
     )
+
+
+# --- separable convolutions: a depthwise conv then a pointwise 1x1 conv -----------------------
+
+
+def _separable_depthwise_to_torch(kernel: Any) -> Any:
+    """Keras ``depthwise_kernel`` ``(*k, in, m)`` -> torch ``(in*m, 1, *k)`` (channel ``c*m+j``)."""
+    return conv_kernel_to_torch(kernel.reshape(*kernel.shape[:-2], 1, -1))
+
+
+def _separable_weights(k: Any, t: Any, ctx: Context) -> list[Weight]:
+    multiplier, channels = int(k.depth_multiplier), int(ctx.input_shape[-1])
+    depthwise = Weight(
+        "depthwise_kernel",
+        "depthwise.weight",
+        _separable_depthwise_to_torch,
+        lambda a: conv_kernel_to_keras(a).reshape(*a.shape[2:], channels, multiplier),
+    )
+    pointwise = Weight(
+        "pointwise_kernel", "pointwise.weight", conv_kernel_to_torch, conv_kernel_to_keras
+    )
+    bias = (Weight("bias", "pointwise.bias"),) if k.use_bias else ()
+    return [depthwise, pointwise, *bias]
+
+
+def _separable_problem(k: Any, t: Any, ctx: Context) -> str | None:
+    """Keras: depthwise conv (strides, padding, dilation; no bias) then a 1x1 conv with the bias."""
+    dims = len(as_tuple(k.kernel_size, 1))
+    channels, multiplier = int(ctx.input_shape[-1]), int(k.depth_multiplier)
+    depthwise, pointwise = t.depthwise, t.pointwise
+    problem = first_mismatch(
+        [
+            (
+                "depth_multiplier (depthwise out_channels / in_channels)",
+                multiplier,
+                _ratio(depthwise.out_channels, depthwise.in_channels),
+            ),
+            (
+                "depthwise bias (Keras has none: the bias is the pointwise conv's)",
+                None,
+                None if depthwise.bias is None else "a bias",
+            ),
+            ("pointwise kernel_size", (1,) * dims, as_tuple(pointwise.kernel_size, dims)),
+            ("pointwise strides", (1,) * dims, as_tuple(pointwise.stride, dims)),
+            (
+                "pointwise padding",
+                (0,) * dims,
+                (0,) * dims
+                if pointwise.padding in ("same", "valid")
+                else as_tuple(pointwise.padding, dims),
+            ),
+            ("pointwise groups", 1, pointwise.groups),
+            ("pointwise in_channels", channels * multiplier, pointwise.in_channels),
+            ("filters / pointwise out_channels", int(k.filters), pointwise.out_channels),
+            ("use_bias (on the pointwise conv)", bool(k.use_bias), pointwise.bias is not None),
+        ]
+    )
+    if problem:
+        return problem
+    # the depthwise conv carries Keras' kernel_size, strides, dilation and padding
+    return _conv_problem(_NoBias(k), depthwise, ctx, groups=channels)
+
+
+def _ratio(a: int, b: int) -> int | float:
+    return a // b if a % b == 0 else a / b
+
+
+class _NoBias:
+    """``k`` seen as its depthwise half, which has no bias."""
+
+    def __init__(self, k: Any) -> None:
+        self._k = k
+        self.use_bias = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._k, name)
+
+
+for _keras_sep, _torch_sep in ((L.SeparableConv1D, nn.Conv1d), (L.SeparableConv2D, nn.Conv2d)):
+    register_layer_pair(
+        _keras_sep,
+        (_torch_sep, _torch_sep),
+        transfer=_separable_weights,
+        check=_separable_problem,
+        torch_layout="channels_first",
+        fused_activation=True,
+        torch_group=("depthwise", "pointwise"),
+    )
