@@ -975,6 +975,8 @@ class Trainer:
         # The digest of the arrays the last fit trained on ("": none, or a stream), recorded in
         # checkpoints: a mid-epoch resume on other data is refused (tfreg_core.training.run_fit).
         self.data_digest = ""
+        # The digest a restored checkpoint recorded, checked by the next fit (run_fit) only.
+        self.resumed_data_digest = ""
 
     def build(self, input_shape: Any = None) -> None:
         """Create accumulator, optimizer variables and position (``fit`` calls this).
@@ -1061,7 +1063,7 @@ class Trainer:
         )
 
     def _set_data_digest(self, digest: str) -> None:
-        self.data_digest = digest
+        self.data_digest = self.resumed_data_digest = digest
 
     def fit(
         self,

@@ -581,9 +581,11 @@ def run_fit(
 
     A mid-epoch resume needs the data the checkpoint was saved with: the same plan
     (``num_examples``, ``batch_size``, ``shuffle``) and, for arrays, the same
-    :meth:`ArrayData.digest` as ``trainer.data_digest`` (restored from the run record; ``""``:
-    unknown, not checked). At an epoch boundary new data is allowed. ``trainer.data_digest``
-    becomes this data's digest (``""`` for a stream) once the checks pass.
+    :meth:`ArrayData.digest` as ``trainer.resumed_data_digest`` (the restored run record's;
+    ``""``: nothing restored, or unknown -- not checked). At an epoch boundary new data is
+    allowed, and so is the same trainer continuing an epoch on arrays changed in-process.
+    ``trainer.data_digest`` becomes this data's digest (``""`` for a stream) once the checks
+    pass.
     """
     callbacks = check_callbacks(callbacks)
     history = History()
@@ -596,7 +598,9 @@ def run_fit(
     # Hashed once per fit, arrays only (a stream is not digested: its position is all a
     # checkpoint knows of it). "" recorded = unknown (a stream, or a record without it).
     data_digest = data.digest() if isinstance(data, ArrayData) else ""
-    recorded = getattr(trainer, "data_digest", "")
+    # Against a restored checkpoint's record only: the same trainer continuing an epoch on
+    # arrays the user changed in this process (after fixing a non-finite window, say) is theirs.
+    recorded = getattr(trainer, "resumed_data_digest", "")
     if saved.micro_batch and recorded and data_digest != recorded:
         raise InvalidArgumentError(
             "The checkpoint was saved while training on other data: resuming mid-epoch would "
@@ -619,6 +623,7 @@ def run_fit(
         data.check_epochs(epochs - start_epoch)
     if start_epoch < epochs:  # what the run record says the trainer last trained on
         trainer.data_digest = data_digest
+        trainer.resumed_data_digest = ""
     hooks = _Hooks(callbacks, trainer)
     wants_records = progress.live or hooks.has("on_update_end")
     # Optional engine hook (torchref on a process group: DDP synchronises the closing backward).

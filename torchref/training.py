@@ -1188,6 +1188,8 @@ class Trainer:
         # The digest of the arrays the last fit trained on ("": none, or a stream), recorded in
         # state_dict()["run"]: a mid-epoch resume on other data is refused (run_fit).
         self.data_digest = ""
+        # The digest a restored state recorded, checked by the next fit (run_fit) only.
+        self.resumed_data_digest = ""
 
     @property
     def accumulator(self) -> accumulation.AccumulatorState:
@@ -1248,6 +1250,7 @@ class Trainer:
         if e.moments is not None:
             e.moments.load_state_dict(state["batchnorm"])
         self.data_digest = state["run"].get("data", "")  # "" (a record without it): unknown
+        self.resumed_data_digest = self.data_digest
 
     def fit(
         self,
