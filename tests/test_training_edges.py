@@ -9,14 +9,13 @@ tolerance (float64, <= 1e-12 rel: the window's sum is reassociated, nothing else
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from _keras_config import keras_setting
 
 import tfreg
 from tfreg_core import InvalidArgumentError
@@ -26,26 +25,6 @@ from tfreg_harness.differences import note
 EXACT = tolerance("accumulation", "float64")
 LR = 0.0625  # exact in float32 (Keras keeps the rate as a float32 variable)
 CLASSES = 3
-
-
-@contextlib.contextmanager
-def _global(get: Any, set_: Any, value: str) -> Iterator[None]:
-    previous = get()
-    set_(value)
-    try:
-        yield
-    finally:
-        set_(previous)
-
-
-@pytest.fixture
-def float64_floatx() -> Iterator[None]:
-    # fit's data adapter casts float inputs to floatx, and layers take the global policy.
-    with (
-        _global(keras.config.floatx, keras.config.set_floatx, "float64"),
-        _global(keras.config.dtype_policy, keras.config.set_dtype_policy, "float64"),
-    ):
-        yield
 
 
 @pytest.fixture
@@ -561,7 +540,7 @@ def test_float16_micro_batches_overflow_at_half_the_scale_keras_batch_does(rng) 
     more skipped window per halving); the applied updates are unaffected (unscaled in
     float32)."""
     assert "2**16 where Keras keeps 2**17" in note("float16_loss_scale")
-    with _global(keras.config.dtype_policy, keras.config.set_dtype_policy, "mixed_float16"):
+    with keras_setting(keras.config.dtype_policy, keras.config.set_dtype_policy, "mixed_float16"):
         model = keras.Sequential(
             [keras.Input((6,)), keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(3)]
         )

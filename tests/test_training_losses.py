@@ -7,13 +7,13 @@ batch. Tolerances are stated per test with their reason.
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from _keras_config import keras_setting
 
 import tfreg
 from tfreg._losses import loss_terms, micro_batch_gradients
@@ -30,31 +30,9 @@ def rng() -> np.random.Generator:
 
 
 @pytest.fixture
-def float64_floatx():
-    # fit's data adapter casts float inputs, and Keras losses compute, in floatx. Layers take
-    # the global dtype *policy*, which Keras pins to floatx when the first layer is built: set
-    # both, or a float64 test run after a float32 one silently runs in float32.
-    with (
-        _global(keras.config.floatx, keras.config.set_floatx, "float64"),
-        _global(keras.config.dtype_policy, keras.config.set_dtype_policy, "float64"),
-    ):
-        yield
-
-
-@pytest.fixture
 def policy(request):
-    with _global(keras.config.dtype_policy, keras.config.set_dtype_policy, request.param):
+    with keras_setting(keras.config.dtype_policy, keras.config.set_dtype_policy, request.param):
         yield request.param
-
-
-@contextlib.contextmanager
-def _global(get, set_, value):
-    previous = get()
-    set_(value)
-    try:
-        yield
-    finally:
-        set_(previous)
 
 
 def _masked_model(rng: np.random.Generator) -> keras.Model:

@@ -1,0 +1,23 @@
+"""Fixtures of the single-framework suites (tests/); the root conftest.py serves both suites."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from _keras_config import keras_setting
+
+
+@pytest.fixture
+def float64_floatx() -> Iterator[None]:
+    """Keras computes in float64 for the test. fit's data adapter casts float inputs, and Keras
+    losses compute, in floatx; layers take the global dtype *policy*, which Keras pins to floatx
+    when the first layer is built: set both, or a float64 test run after a float32 one silently
+    runs in float32."""
+    import keras
+
+    with (
+        keras_setting(keras.config.floatx, keras.config.set_floatx, "float64"),
+        keras_setting(keras.config.dtype_policy, keras.config.set_dtype_policy, "float64"),
+    ):
+        yield
