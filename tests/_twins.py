@@ -1,10 +1,13 @@
 """The twin adapters and the NumPy window reference shared by the trainer suites.
 
-A twin is what a case needs from one framework (torch's ``OptimizerInfo`` pattern): a float64
-linear model from ``(w, b)``, an SGD optimizer whose steps are counted, the kernel and bias read
-back as NumPy; everything else is the twins' shared public API (``twin.pkg.Trainer``, ``.L2``).
-Each framework is imported only when its twin is built. The reference spells its windows out by
-hand (indices, not ``tfreg_core.windows``) and its gradient in closed form.
+A twin is what a case needs from one framework (torch's ``OptimizerInfo`` pattern): models
+from a spec (a float64 linear model from ``(w, b)``, a seeded float32 one, a small classifier),
+optimizers whose steps are counted, weights and optimizer slots read back as NumPy, the
+framework's own checkpoint format; everything else is the twins' shared public API
+(``twin.pkg.Trainer``, ``.L2``, ``.CheckpointManager``). Each framework is imported only when its
+twin is built; the ``twin`` fixture (``tests/conftest.py``) runs a case on both, ids ``tf`` and
+``torch``. The reference spells its windows out by hand (indices, not ``tfreg_core.windows``)
+and its gradient in closed form.
 """
 
 from __future__ import annotations
@@ -30,12 +33,22 @@ WINDOWS = [np.arange(0, 12), np.arange(12, 19)]
 class Twin:
     """What a case needs from one framework; everything else is the twins' shared public API."""
 
+    name: str  # "tf" or "torch": the case's id
     pkg: ModuleType  # tfreg or torchref
     linear: Callable[[np.ndarray, float], Any]  # float64 y = x @ w + b
-    sgd: Callable[[Any, float], Any]  # optimizer over the model's parameters
-    kernel: Callable[[Any], np.ndarray]  # (D,)
+    seeded_linear: Callable[[int, int], Any]  # (width, seed): float32 (D,) -> (width,), seeded init
+    classifier: Callable[[int, bool], Any]  # (seed, dropout): float64 4 -> hidden -> 3 logits
+    # (model, lr, kind="sgd" | "adam", **options such as momentum): steps counted, see `steps`
+    optimizer: Callable[..., Any]
+    kernel: Callable[[Any], np.ndarray]  # (D,) of a linear model
     bias: Callable[[Any], float]
-    steps: Callable[[Any], int]  # optimizer steps taken, read from the trainer
+    steps: Callable[[Any], int]  # optimizer steps a trainer took in this process
+    state: Callable[[Any], list[np.ndarray]]  # a trainer's weights and optimizer slots
+    # The framework's own format: tfreg's trainer.checkpoint() written under a directory,
+    # torchref's state_dict() (in memory); restore(trainer, saved) loads it into a fresh trainer.
+    save: Callable[[Any, Any], Any]
+    restore: Callable[[Any, Any], None]
+    draw_random: Callable[[], None]  # moves the framework's global generator on
 
 
 def tf_twin() -> Twin:
@@ -50,13 +63,56 @@ def tf_twin() -> Twin:
         model.set_weights([w.reshape(D, 1), np.array([b])])
         return model
 
+    def seeded_linear(width: int, seed: int) -> Any:
+        init = keras.initializers.GlorotUniform(seed=seed)
+        return keras.Sequential(
+            [keras.Input((D,)), keras.layers.Dense(width, kernel_initializer=init)]
+        )
+
+    def classifier(seed: int, dropout: bool) -> Any:
+        f64 = "float64"
+        hidden = (
+            [keras.layers.Dense(16, dtype=f64), keras.layers.Dropout(0.5, seed=seed, dtype=f64)]
+            if dropout
+            else [keras.layers.Dense(6, activation="tanh", dtype=f64)]
+        )
+        model = keras.Sequential(
+            [keras.Input((4,), dtype=f64), *hidden, keras.layers.Dense(3, dtype=f64)]
+        )
+        rng = np.random.default_rng(seed)
+        model.set_weights([rng.normal(size=v.shape) * 0.5 for v in model.weights])
+        return model
+
+    def optimizer(model: Any, lr: float, kind: str = "sgd", **options: Any) -> Any:
+        return {"sgd": keras.optimizers.SGD, "adam": keras.optimizers.Adam}[kind](lr, **options)
+
+    def state(trainer: Any) -> list[np.ndarray]:
+        trainer.build()  # the optimizer's variables exist once the trainer is built
+        return [np.array(v.numpy()) for v in [*trainer.model.weights, *trainer.optimizer.variables]]
+
+    def save(trainer: Any, directory: Any) -> Any:
+        return trainer.checkpoint().write(str(directory / "ckpt"))
+
+    def restore(trainer: Any, path: Any) -> None:
+        trainer.checkpoint().read(path).assert_consumed()
+
+    def draw_random() -> None:
+        keras.random.uniform((1000,))  # Keras' global SeedGenerator
+
     return Twin(
+        name="tf",
         pkg=tfreg,
         linear=linear,
-        sgd=lambda model, lr: keras.optimizers.SGD(lr),
+        seeded_linear=seeded_linear,
+        classifier=classifier,
+        optimizer=optimizer,
         kernel=lambda model: model.get_weights()[0][:, 0],
         bias=lambda model: float(model.get_weights()[1][0]),
         steps=lambda t: int(t.optimizer.iterations.numpy()),
+        state=state,
+        save=save,
+        restore=restore,
+        draw_random=draw_random,
     )
 
 
@@ -72,26 +128,60 @@ def torch_twin() -> Twin:
             model.bias.fill_(b)
         return model
 
+    def seeded_linear(width: int, seed: int) -> Any:
+        torch.manual_seed(seed)
+        return torch.nn.Linear(D, width)
+
+    def classifier(seed: int, dropout: bool) -> Any:
+        # The seed also resets the global generator Dropout draws from: a model built anew
+        # draws the same masks.
+        torch.manual_seed(seed)
+        nn = torch.nn
+        hidden = [nn.Linear(4, 16), nn.Dropout(0.5)] if dropout else [nn.Linear(4, 6), nn.Tanh()]
+        return nn.Sequential(*hidden, nn.Linear(hidden[0].out_features, 3)).double()
+
     steps: dict[int, int] = {}
 
-    def sgd(model: Any, lr: float) -> Any:
-        # torch's SGD keeps no step count: count optimizer.step() calls with torch's public hook.
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-        steps[id(optimizer)] = 0
+    def optimizer(model: Any, lr: float, kind: str = "sgd", **options: Any) -> Any:
+        kinds = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
+        opt = kinds[kind](model.parameters(), lr=lr, **options)
+        # torch's optimizers keep no step count of their own (SGD): count optimizer.step()
+        # calls with torch's public hook.
+        steps[id(opt)] = 0
 
-        def counted(opt: Any, args: Any, kwargs: Any) -> None:
-            steps[id(opt)] += 1
+        def counted(o: Any, args: Any, kwargs: Any) -> None:
+            steps[id(o)] += 1
 
-        optimizer.register_step_post_hook(counted)
-        return optimizer
+        opt.register_step_post_hook(counted)
+        return opt
+
+    def draw_random() -> None:
+        torch.rand(1000)  # torch's global generator
+
+    def state(trainer: Any) -> list[np.ndarray]:
+        params = [p.detach().numpy().copy() for p in trainer.model.parameters()]
+        slots = [
+            v.detach().numpy().copy()
+            for s in trainer.optimizer.state.values()
+            for v in s.values()
+            if hasattr(v, "detach")
+        ]
+        return params + slots
 
     return Twin(
+        name="torch",
         pkg=torchref,
         linear=linear,
-        sgd=sgd,
+        seeded_linear=seeded_linear,
+        classifier=classifier,
+        optimizer=optimizer,
         kernel=lambda model: model.weight.detach().numpy()[0].copy(),
         bias=lambda model: float(model.bias.detach()[0]),
         steps=lambda t: steps[id(t.optimizer)],
+        state=state,
+        save=lambda trainer, directory: trainer.state_dict(),
+        restore=lambda trainer, saved: trainer.load_state_dict(saved),
+        draw_random=draw_random,
     )
 
 

@@ -18,17 +18,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _twins import B0, EXACT, LR, TWINS, WINDOWS, D, N, Twin, numpy_sgd, window_data
+from _twins import B0, EXACT, LR, WINDOWS, D, N, Twin, numpy_sgd, window_data
 
 from tfreg_core import InvalidArgumentError
 from tfreg_harness import assert_close
-
-
-@pytest.fixture(params=["tf", "torch"])
-def twin(request: pytest.FixtureRequest) -> Twin:
-    if request.param == "torch":
-        request.getfixturevalue("single_torch_thread")
-    return TWINS[request.param]()
 
 
 @pytest.fixture
@@ -37,7 +30,7 @@ def data() -> tuple[np.ndarray, ...]:
 
 
 def make_trainer(twin: Twin, model: Any, **kwargs: Any) -> Any:
-    return twin.pkg.Trainer(model, "mse", twin.sgd(model, LR), accumulation_steps=3, **kwargs)
+    return twin.pkg.Trainer(model, "mse", twin.optimizer(model, LR), accumulation_steps=3, **kwargs)
 
 
 # name -> (l2, global_clipnorm, drop_remainder)
@@ -188,7 +181,7 @@ def test_bad_options_name_the_argument(twin, option) -> None:
     kwargs, match = BAD_OPTIONS[option]
     model = twin.linear(np.zeros(D), 0.0)
     with pytest.raises(InvalidArgumentError, match=match):
-        twin.pkg.Trainer(model, "mse", twin.sgd(model, LR), **kwargs)
+        twin.pkg.Trainer(model, "mse", twin.optimizer(model, LR), **kwargs)
 
 
 # float32-exact factors: L1 keeps Keras' float32 factor in both twins (L1(0.1) reads back
@@ -199,7 +192,7 @@ PENALTIES = {"L2": 0.1, "L1": 0.5}
 @pytest.mark.parametrize("penalty", list(PENALTIES))
 def test_get_config_returns_the_keyword_arguments(twin, penalty) -> None:
     model = twin.linear(np.zeros(D), 0.0)
-    sgd = twin.sgd(model, LR)
+    sgd = twin.optimizer(model, LR)
     t = twin.pkg.Trainer(
         model,
         "mse",
