@@ -38,6 +38,7 @@ class Twin:
     linear: Callable[[np.ndarray, float], Any]  # float64 y = x @ w + b
     seeded_linear: Callable[[int, int], Any]  # (width, seed): float32 (D,) -> (width,), seeded init
     classifier: Callable[[int, bool], Any]  # (seed, dropout): float64 4 -> hidden -> 3 logits
+    cross_entropy: Callable[[], Any]  # the framework's class-index cross-entropy on logits
     # (model, lr, kind="sgd" | "adam", **options such as momentum): steps counted, see `steps`
     optimizer: Callable[..., Any]
     kernel: Callable[[Any], np.ndarray]  # (D,) of a linear model
@@ -105,6 +106,7 @@ def tf_twin() -> Twin:
         linear=linear,
         seeded_linear=seeded_linear,
         classifier=classifier,
+        cross_entropy=lambda: keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         optimizer=optimizer,
         kernel=lambda model: model.get_weights()[0][:, 0],
         bias=lambda model: float(model.get_weights()[1][0]),
@@ -174,6 +176,7 @@ def torch_twin() -> Twin:
         linear=linear,
         seeded_linear=seeded_linear,
         classifier=classifier,
+        cross_entropy=torch.nn.CrossEntropyLoss,
         optimizer=optimizer,
         kernel=lambda model: model.weight.detach().numpy()[0].copy(),
         bias=lambda model: float(model.bias.detach()[0]),

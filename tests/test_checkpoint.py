@@ -93,6 +93,46 @@ def test_manager_resume_mid_window_is_bitwise(twin: Twin, tmp_path: Any) -> None
         np.testing.assert_array_equal(a, b)  # bitwise: the same run, same order of operations
 
 
+@pytest.mark.parametrize("dropout", [False, True], ids=["mlp", "dropout"])
+def test_the_frameworks_own_format_resumes_mid_window_bit_identically(
+    twin: Twin, tmp_path: Any, dropout: bool
+) -> None:
+    # tfreg's trainer.checkpoint(), torchref's state_dict(); Adam's slots and step count
+    # included. With Dropout, the checkpoint's RNG state makes the resumed masks the
+    # uninterrupted ones (measured: a generator moved on after the restore moved the final
+    # weights by 7.6e-2 (tf) / 4.9e-2 (torch)).
+    rng = np.random.default_rng(11)
+    x, y = rng.normal(size=(23, 4)), rng.integers(0, 3, size=23)
+
+    def classifier_trainer() -> Any:
+        model = twin.classifier(5, dropout)
+        opt = twin.optimizer(model, 0.01, "adam")
+        return twin.pkg.Trainer(model, twin.cross_entropy(), opt, accumulation_steps=3, seed=9)
+
+    reference = classifier_trainer()
+    reference.fit(x, y, batch_size=4, epochs=3, verbose=0)
+    first = classifier_trainer()
+    first.fit(x, y, batch_size=4, epochs=3, callbacks=[StopAt(1, 4)], verbose=0)
+    assert int(first.accumulator.micro_batches) == 2  # 2 of window 1's 3 micro-batches are in
+    saved = twin.save(first, tmp_path)
+    twin.draw_random()  # whatever runs between saving and resuming moves the generator on
+    resumed = classifier_trainer()
+    twin.restore(resumed, saved)
+    restored = twin.state(resumed)
+    for other_plan, match in [
+        ((x, y, 5), r"batch_size=4.*Received.*batch_size=5"),
+        ((x[:22], y[:22], 4), r"num_examples=23.*Received: num_examples=22"),
+    ]:
+        xs, ys, batch_size = other_plan
+        with pytest.raises(InvalidArgumentError, match=match):  # another plan: refused
+            resumed.fit(xs, ys, batch_size=batch_size, epochs=3, verbose=0)
+        for a, b in zip(twin.state(resumed), restored, strict=True):
+            np.testing.assert_array_equal(a, b)
+    resumed.fit(x, y, batch_size=4, epochs=3, verbose=0)
+    for a, b in zip(twin.state(resumed), twin.state(reference), strict=True):
+        np.testing.assert_array_equal(a, b)  # bitwise: the same run, same order of operations
+
+
 # Same size (the plan matches), other values: the position alone cannot tell them apart.
 X_OTHER = X + np.float32(1.0)
 

@@ -1,7 +1,7 @@
 """tfreg.Trainer's and tfreg.AccumulatingModel's TF-only cases against a NumPy least-squares
 reference (``_twins.numpy_sgd``: windows spelled out by hand, gradient in closed form): tracing,
-XLA, checkpoints, Keras' model checks, mixed precision and ``model.fit``. The window rules both
-twins share run in ``test_trainer_cases.py``.
+XLA, Keras' model checks, mixed precision and ``model.fit``. The window rules both twins share
+run in ``test_trainer_cases.py``, their checkpoints in ``test_checkpoint.py``.
 """
 
 from __future__ import annotations
@@ -74,40 +74,6 @@ def mlp(seed: int) -> keras.Model:
     )
     model.set_weights([rng.normal(size=v.shape) * 0.5 for v in model.weights])
     return model
-
-
-def test_checkpoint_mid_window_resumes_bit_identically(tmp_path) -> None:
-    rng = np.random.default_rng(11)
-    x, y = rng.normal(size=(23, 4)), rng.integers(0, 3, size=23)
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-    def make() -> tfreg.Trainer:
-        return tfreg.Trainer(
-            mlp(5), loss, keras.optimizers.Adam(0.01), accumulation_steps=3, seed=9
-        )
-
-    reference = make()
-    reference.fit(x, y, batch_size=4, epochs=3, verbose=0)
-
-    class StopMidWindow:
-        def on_micro_batch_end(self, trainer, epoch, micro_batch):
-            if (epoch, micro_batch) == (1, 4):  # 2 of window 1's 3 micro-batches are in
-                trainer.stop_training = True
-
-    first = make()
-    first.fit(x, y, batch_size=4, epochs=3, callbacks=[StopMidWindow()], verbose=0)
-    assert int(first.accumulator.micro_batches.numpy()) == 2
-    path = first.checkpoint().write(str(tmp_path / "ckpt"))
-
-    resumed = make()
-    resumed.build()
-    resumed.checkpoint().read(path).assert_consumed()
-    with pytest.raises(InvalidArgumentError, match=r"batch_size=4.*Received.*batch_size=5"):
-        resumed.fit(x, y, batch_size=5, epochs=3, verbose=0)  # a different plan: refused
-    resumed.fit(x, y, batch_size=4, epochs=3, verbose=0)
-    for a, b in zip(resumed.model.get_weights(), reference.model.get_weights(), strict=True):
-        np.testing.assert_array_equal(a, b)
-    assert int(resumed.optimizer.iterations.numpy()) == int(reference.optimizer.iterations.numpy())
 
 
 def test_verbose_levels(data, capsys) -> None:
