@@ -35,7 +35,7 @@ class Twin:
 
     name: str  # "tf" or "torch": the case's id
     pkg: ModuleType  # tfreg or torchref
-    linear: Callable[[np.ndarray, float], Any]  # float64 y = x @ w + b
+    dense: Callable[[np.ndarray, np.ndarray | None], Any]  # (kernel (in, out), bias or None)
     seeded_linear: Callable[[int, int], Any]  # (width, seed): float32 (D,) -> (width,), seeded init
     classifier: Callable[[int, bool], Any]  # (seed, dropout): float64 4 -> hidden -> 3 logits
     cross_entropy: Callable[[], Any]  # the framework's class-index cross-entropy on logits
@@ -51,17 +51,21 @@ class Twin:
     restore: Callable[[Any, Any], None]
     draw_random: Callable[[], None]  # moves the framework's global generator on
 
+    def linear(self, w: np.ndarray, b: float) -> Any:
+        """float64 y = x @ w + b, w of shape (D,)."""
+        return self.dense(w.reshape(D, 1), np.array([b]))
+
 
 def tf_twin() -> Twin:
     import keras
 
     import tfreg
 
-    def linear(w: np.ndarray, b: float) -> Any:
-        model = keras.Sequential(
-            [keras.Input((D,), dtype="float64"), keras.layers.Dense(1, dtype="float64")]
-        )
-        model.set_weights([w.reshape(D, 1), np.array([b])])
+    def dense(kernel: np.ndarray, bias: np.ndarray | None) -> Any:
+        (fan_in, units), f64 = kernel.shape, "float64"
+        layer = keras.layers.Dense(units, use_bias=bias is not None, dtype=f64)
+        model = keras.Sequential([keras.Input((fan_in,), dtype=f64), layer])
+        model.set_weights([kernel] + ([] if bias is None else [bias]))
         return model
 
     def seeded_linear(width: int, seed: int) -> Any:
@@ -103,7 +107,7 @@ def tf_twin() -> Twin:
     return Twin(
         name="tf",
         pkg=tfreg,
-        linear=linear,
+        dense=dense,
         seeded_linear=seeded_linear,
         classifier=classifier,
         cross_entropy=lambda: keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -123,11 +127,12 @@ def torch_twin() -> Twin:
 
     import torchref
 
-    def linear(w: np.ndarray, b: float) -> Any:
-        model = torch.nn.Linear(D, 1).double()
+    def dense(kernel: np.ndarray, bias: np.ndarray | None) -> Any:
+        model = torch.nn.Linear(*kernel.shape, bias=bias is not None).double()
         with torch.no_grad():
-            model.weight.copy_(torch.tensor(w).reshape(1, D))
-            model.bias.fill_(b)
+            model.weight.copy_(torch.tensor(kernel.T))
+            if bias is not None:
+                model.bias.copy_(torch.tensor(bias))
         return model
 
     def seeded_linear(width: int, seed: int) -> Any:
@@ -173,7 +178,7 @@ def torch_twin() -> Twin:
     return Twin(
         name="torch",
         pkg=torchref,
-        linear=linear,
+        dense=dense,
         seeded_linear=seeded_linear,
         classifier=classifier,
         cross_entropy=torch.nn.CrossEntropyLoss,

@@ -164,6 +164,60 @@ def test_weights_and_optimizer_change_only_when_a_window_closes(twin, data) -> N
     assert [it for _, it in seen] == [0, 0, 1, 1, 2]
 
 
+def test_loss_and_metric_records_are_window_values(twin) -> None:
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(10, 2))
+    y = rng.integers(0, 2, size=10)
+    kernel = rng.normal(size=(2, 2))
+    model = twin.dense(kernel, None)
+    t = twin.pkg.Trainer(
+        model,
+        twin.cross_entropy(),
+        twin.optimizer(model, 0.0),  # weights stay put: every window sees `kernel`
+        accumulation_steps=2,
+        metrics=["sparse_categorical_accuracy"],
+    )
+    history = t.fit(x, y, batch_size=3, epochs=1, shuffle=False, verbose=0)
+    logits = x @ kernel
+    log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    nll = -log_p[np.arange(10), y]
+    hits = logits.argmax(axis=1) == y
+    for record, idx in zip(history.records, [np.arange(0, 6), np.arange(6, 10)], strict=True):
+        assert record["data_loss"] == pytest.approx(nll[idx].mean(), rel=1e-14)
+        assert record["sparse_categorical_accuracy"] == pytest.approx(hits[idx].mean())
+
+
+def test_verbose_levels(twin, data, capsys) -> None:
+    x, y, _, w = data
+    make_trainer(twin, twin.linear(w, B0)).fit(x, y, batch_size=4, epochs=2, verbose=0)
+    assert capsys.readouterr().out == ""
+    make_trainer(twin, twin.linear(w, B0)).fit(x, y, batch_size=4, epochs=2, verbose=1)
+    assert "Epoch 2/2 loss" in capsys.readouterr().out  # rich's bar, with each update's loss
+    t = make_trainer(twin, twin.linear(w, B0))
+    t.fit(x, y, batch_size=4, epochs=2, verbose=2)
+    out = capsys.readouterr().out
+    assert "Epoch 1/2: 2 updates" in out and "Epoch 2/2" in out
+    # epochs is the final epoch index: a repeated call has nothing left to do, and warns
+    # (at every verbosity)
+    with pytest.warns(UserWarning, match="Nothing to train: the trainer is at epoch 2"):
+        assert len(t.fit(x, y, batch_size=4, epochs=2, verbose=0)) == 0
+    assert len(t.fit(x, y, batch_size=4, epochs=3, verbose=0)) == 2
+
+
+def test_bad_fit_data_changes_nothing(twin, data) -> None:
+    x, y, _, w = data
+    model = twin.linear(w, B0)
+    t = make_trainer(twin, model)
+    with pytest.raises(InvalidArgumentError, match=r"sample_weight.shape=\(3,\)"):
+        t.fit(x, y, batch_size=4, sample_weight=np.ones(3), verbose=0)
+    with pytest.raises(InvalidArgumentError, match="batch_size=0"):
+        t.fit(x, y, batch_size=0, verbose=0)
+    with pytest.raises(InvalidArgumentError, match=r"y.shape=\(5, 1\)"):
+        t.fit(x, y[:5], batch_size=4, verbose=0)
+    np.testing.assert_array_equal(twin.kernel(model), w)
+    assert twin.steps(t) == 0
+
+
 BAD_OPTIONS = {
     "steps-zero": ({"accumulation_steps": 0}, "accumulation_steps=0"),
     "steps-negative": ({"accumulation_steps": -1}, "accumulation_steps=-1"),
