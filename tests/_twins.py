@@ -3,15 +3,17 @@
 A twin is what a case needs from one framework (torch's ``OptimizerInfo`` pattern): models
 from a spec (a float64 linear model from ``(w, b)``, a seeded float32 one, a small classifier),
 optimizers whose steps are counted, weights and optimizer slots read back as NumPy, the
-framework's own checkpoint format; everything else is the twins' shared public API
-(``twin.pkg.Trainer``, ``.L2``, ``.CheckpointManager``). Each framework is imported only when its
-twin is built; the ``twin`` fixture (``tests/conftest.py``) runs a case on both, ids ``tf`` and
-``torch``. The reference spells its windows out by hand (indices, not ``tfreg_core.windows``)
-and its gradient in closed form.
+framework's own checkpoint format, and the framework's own training step as an independent
+reference (Keras ``model.fit`` / a plain torch loop); everything else is the twins' shared
+public API (``twin.pkg.Trainer``, ``.L2``, ``.CheckpointManager``). Each framework is imported
+only when its twin is built; the ``twin`` fixture (``tests/conftest.py``) runs a case on both,
+ids ``tf`` and ``torch``. The NumPy reference spells its windows out by hand (indices, not
+``tfreg_core.windows``) and its gradient in closed form.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
@@ -44,6 +46,15 @@ class Twin:
     kernel: Callable[[Any], np.ndarray]  # (D,) of a linear model
     bias: Callable[[Any], float]
     steps: Callable[[Any], int]  # optimizer steps a trainer took in this process
+    weights: Callable[[Any], list[np.ndarray]]  # a model's weights
+    clone: Callable[[Any], Any]  # the same model with the same weights
+    # (model, loss, x, y, lr): one SGD step of the framework's own loop on (x, y), in place --
+    # Keras' model.fit / torch's loss(model(x), y).backward(); optimizer.step(): the reference
+    plain_step: Callable[[Any, Any, np.ndarray, np.ndarray, float], None]
+    # (model, x, y, loss elements counted in window 0): class indices, 8 examples, the second
+    # window of 4 counting no loss element the way the framework's users write it -- Keras: a
+    # mask (Embedding(mask_zero=True) feeding a per-timestep loss); torch: labels -100
+    uncounted_window: Callable[[], tuple[Any, np.ndarray, np.ndarray, float]]
     state: Callable[[Any], list[np.ndarray]]  # a trainer's weights and optimizer slots
     # The framework's own format: tfreg's trainer.checkpoint() written under a directory,
     # torchref's state_dict() (in memory); restore(trainer, saved) loads it into a fresh trainer.
@@ -91,9 +102,37 @@ def tf_twin() -> Twin:
     def optimizer(model: Any, lr: float, kind: str = "sgd", **options: Any) -> Any:
         return {"sgd": keras.optimizers.SGD, "adam": keras.optimizers.Adam}[kind](lr, **options)
 
+    def clone(model: Any) -> Any:
+        cloned = keras.models.clone_model(model)
+        cloned.set_weights(model.get_weights())
+        return cloned
+
+    def plain_step(model: Any, loss: Any, x: np.ndarray, y: np.ndarray, lr: float) -> None:
+        model.compile(keras.optimizers.SGD(lr), loss)
+        model.fit(x, y, batch_size=len(x), shuffle=False, verbose=0)
+
+    def uncounted_window() -> tuple[Any, np.ndarray, np.ndarray, float]:
+        # float64 needs keras.config's floatx and dtype policy set around the case (the
+        # float64_floatx fixture): Keras' reference fit computes its loss in floatx.
+        rng = np.random.default_rng(20261201)
+        steps, vocab, classes = 4, 6, 3
+        model = keras.Sequential(
+            [
+                keras.Input((steps,), dtype="int64"),
+                keras.layers.Embedding(vocab, 3, mask_zero=True),  # token 0: masked
+                keras.layers.Dense(classes),
+            ]
+        )
+        model.set_weights([rng.normal(scale=0.5, size=w.shape) for w in model.get_weights()])
+        x = rng.integers(1, vocab, size=(8, steps))
+        x[4:] = 0  # the second window (examples 4..7) is all padding
+        y = rng.integers(0, classes, size=(8, steps))
+        return model, x, y, 4.0 * steps
+
     def state(trainer: Any) -> list[np.ndarray]:
         trainer.build()  # the optimizer's variables exist once the trainer is built
-        return [np.array(v.numpy()) for v in [*trainer.model.weights, *trainer.optimizer.variables]]
+        slots = [np.array(v.numpy()) for v in trainer.optimizer.variables]
+        return trainer.model.get_weights() + slots
 
     def save(trainer: Any, directory: Any) -> Any:
         return trainer.checkpoint().write(str(directory / "ckpt"))
@@ -115,6 +154,10 @@ def tf_twin() -> Twin:
         kernel=lambda model: model.get_weights()[0][:, 0],
         bias=lambda model: float(model.get_weights()[1][0]),
         steps=lambda t: int(t.optimizer.iterations.numpy()),
+        weights=lambda model: model.get_weights(),
+        clone=clone,
+        plain_step=plain_step,
+        uncounted_window=uncounted_window,
         state=state,
         save=save,
         restore=restore,
@@ -165,15 +208,31 @@ def torch_twin() -> Twin:
     def draw_random() -> None:
         torch.rand(1000)  # torch's global generator
 
+    def weights(model: Any) -> list[np.ndarray]:
+        return [p.detach().numpy().copy() for p in model.parameters()]
+
+    def plain_step(model: Any, loss: Any, x: np.ndarray, y: np.ndarray, lr: float) -> None:
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+        loss(model(torch.as_tensor(x)), torch.as_tensor(y)).backward()
+        opt.step()
+
+    def uncounted_window() -> tuple[Any, np.ndarray, np.ndarray, float]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)
+        ).double()
+        x = np.random.default_rng(2).normal(size=(8, 4))
+        y = np.array([0, 1, 2, 1, -100, -100, -100, -100])  # window 1: every label ignored
+        return model, x, y, 4.0
+
     def state(trainer: Any) -> list[np.ndarray]:
-        params = [p.detach().numpy().copy() for p in trainer.model.parameters()]
         slots = [
             v.detach().numpy().copy()
             for s in trainer.optimizer.state.values()
             for v in s.values()
             if hasattr(v, "detach")
         ]
-        return params + slots
+        return weights(trainer.model) + slots
 
     return Twin(
         name="torch",
@@ -186,6 +245,10 @@ def torch_twin() -> Twin:
         kernel=lambda model: model.weight.detach().numpy()[0].copy(),
         bias=lambda model: float(model.bias.detach()[0]),
         steps=lambda t: steps[id(t.optimizer)],
+        weights=weights,
+        clone=copy.deepcopy,
+        plain_step=plain_step,
+        uncounted_window=uncounted_window,
         state=state,
         save=lambda trainer, directory: trainer.state_dict(),
         restore=lambda trainer, saved: trainer.load_state_dict(saved),
