@@ -279,6 +279,7 @@ def numpy_sgd(
     epochs: int,
     windows: list[np.ndarray] = WINDOWS,
     l2: float = 0.0,
+    clipnorm: float | None = None,
     global_clipnorm: float | None = None,
     prox_l1: float = 0.0,
 ) -> tuple[np.ndarray, float]:
@@ -288,6 +289,9 @@ def numpy_sgd(
             r = (x[idx] @ w + b - y[idx, 0]) * sw[idx]
             gw = 2 * x[idx].T @ r / len(idx) + 2 * l2 * w
             gb = 2 * r.sum() / len(idx)
+            if clipnorm is not None:  # each variable on its own
+                gw = gw * clipnorm / max(np.sqrt(gw @ gw), clipnorm)
+                gb = gb * clipnorm / max(abs(gb), clipnorm)
             if global_clipnorm is not None:
                 scale = global_clipnorm / max(np.sqrt(gw @ gw + gb * gb), global_clipnorm)
                 gw, gb = gw * scale, gb * scale

@@ -33,27 +33,31 @@ def make_trainer(twin: Twin, model: Any, **kwargs: Any) -> Any:
     return twin.pkg.Trainer(model, "mse", twin.optimizer(model, LR), accumulation_steps=3, **kwargs)
 
 
-# name -> (l2, global_clipnorm, drop_remainder)
-WINDOW_CASES: dict[str, tuple[float, float | None, bool]] = {
-    "flush": (0.0, None, False),
-    "l2-clip": (0.25, 0.5, False),  # the clip binds: penalty and clipping once per update
-    "l2-drop": (0.25, None, True),
+# name -> (l2, clipping, drop_remainder)
+WINDOW_CASES: dict[str, tuple[float, dict[str, float], bool]] = {
+    "flush": (0.0, {}, False),
+    # the clip binds: penalty and clipping once per update
+    "l2-clip": (0.25, {"global_clipnorm": 0.5}, False),
+    # per variable: the kernel's norm (1.4 to 3.4) is clipped at every update, the bias'
+    # (0.1 to 0.9) never, so the global rule would give another update
+    "l2-clipnorm": (0.25, {"clipnorm": 1.0}, False),
+    "l2-drop": (0.25, {}, True),
 }
 
 
 @pytest.mark.parametrize("case", list(WINDOW_CASES))
 def test_windows_penalty_clipping_and_short_window_match_numpy(twin, data, case) -> None:
-    l2, clip, drop = WINDOW_CASES[case]
+    l2, clipping, drop = WINDOW_CASES[case]
     x, y, sw, w = data
     model = twin.linear(w, B0)
-    options: dict[str, Any] = {"drop_remainder": drop, "global_clipnorm": clip}
+    options: dict[str, Any] = {"drop_remainder": drop, **clipping}
     if l2:
         options["regularizer"] = twin.pkg.L2(l2)
     t = make_trainer(twin, model, **options)
     history = t.fit(x, y, batch_size=4, epochs=2, shuffle=False, sample_weight=sw, verbose=0)
     windows = WINDOWS[:1] if drop else WINDOWS
     expected_w, expected_b = numpy_sgd(
-        x, y, sw, w, B0, epochs=2, windows=windows, l2=l2, global_clipnorm=clip
+        x, y, sw, w, B0, epochs=2, windows=windows, l2=l2, **clipping
     )
     assert_close("kernel", twin.kernel(model), expected_w, rtol=EXACT.rtol)
     assert_close("bias", twin.bias(model), expected_b, rtol=EXACT.rtol)
