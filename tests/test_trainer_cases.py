@@ -1,15 +1,18 @@
 """The trainer's window rules, written once and run against both twins (``tf`` and ``torch``).
 
-torch's ``OptimizerInfo`` pattern: a small adapter per framework (a float64 linear model from
-``(w, b)``, an SGD optimizer whose steps are counted, the kernel and bias read back as NumPy),
-the same public names in ``tfreg`` and ``torchref`` (``twin.pkg.Trainer``, ``.L2``, ...), and
-each case written once. The reference is NumPy least squares with its windows spelled out by
-hand (indices, not ``tfreg_core.windows``) and its gradient in closed form, so a wrong plan, a
-wrong scale or a per-micro-batch step all show up. Each twin's framework is imported only when
-its parameter runs (``-k torch`` never imports TensorFlow).
+torch's ``OptimizerInfo`` pattern: one adapter per framework (``tests/_twins.py``: models from
+a spec, optimizers whose steps are counted, weights read back as NumPy), the same public names
+in ``tfreg`` and ``torchref`` (``twin.pkg.Trainer``, ``.L2``, ...), and each case written once.
+The reference is NumPy least squares with its windows spelled out by hand (indices, not
+``tfreg_core.windows``) and its gradient in closed form, so a wrong plan, a wrong scale or a
+per-micro-batch step all show up; records are checked against hand-computed values. Each
+twin's framework is imported only when its parameter runs (``-k torch`` never imports
+TensorFlow).
 
-What each framework alone has (checkpoint formats, Keras fit / torch loss modules, KerasAdamW,
-tracing) stays in ``test_training.py`` / ``test_training_torch.py``.
+Checkpoints of both twins run in ``test_checkpoint.py``, loss cases in
+``test_trainer_loss_cases.py``. What each framework alone has (Keras fit and model checks,
+tracing and XLA, torch loss modules and optimizer state, KerasAdamW) stays in
+``test_training.py`` / ``test_training_torch.py``.
 """
 
 from __future__ import annotations
