@@ -56,8 +56,9 @@ class Twin:
     # mask (Embedding(mask_zero=True) feeding a per-timestep loss); torch: labels -100
     uncounted_window: Callable[[], tuple[Any, np.ndarray, np.ndarray, float]]
     state: Callable[[Any], list[np.ndarray]]  # a trainer's weights and optimizer slots
-    # The framework's own format: tfreg's trainer.checkpoint() written under a directory,
-    # torchref's state_dict() (in memory); restore(trainer, saved) loads it into a fresh trainer.
+    # save(trainer, directory) -> path, in the framework's own format as its users write it:
+    # tfreg's trainer.checkpoint().write, torchref's torch.save(trainer.state_dict());
+    # restore(trainer, path) loads it into a fresh trainer (torch.load(weights_only=True)).
     save: Callable[[Any, Any], Any]
     restore: Callable[[Any, Any], None]
     draw_random: Callable[[], None]  # moves the framework's global generator on
@@ -211,6 +212,14 @@ def torch_twin() -> Twin:
     def weights(model: Any) -> list[np.ndarray]:
         return [p.detach().numpy().copy() for p in model.parameters()]
 
+    def save(trainer: Any, directory: Any) -> Any:
+        path = directory / "state.pt"
+        torch.save(trainer.state_dict(), path)
+        return path
+
+    def restore(trainer: Any, path: Any) -> None:
+        trainer.load_state_dict(torch.load(path, weights_only=True))
+
     def plain_step(model: Any, loss: Any, x: np.ndarray, y: np.ndarray, lr: float) -> None:
         opt = torch.optim.SGD(model.parameters(), lr=lr)
         loss(model(torch.as_tensor(x)), torch.as_tensor(y)).backward()
@@ -250,8 +259,8 @@ def torch_twin() -> Twin:
         plain_step=plain_step,
         uncounted_window=uncounted_window,
         state=state,
-        save=lambda trainer, directory: trainer.state_dict(),
-        restore=lambda trainer, saved: trainer.load_state_dict(saved),
+        save=save,
+        restore=restore,
         draw_random=draw_random,
     )
 

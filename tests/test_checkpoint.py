@@ -97,10 +97,10 @@ def test_manager_resume_mid_window_is_bitwise(twin: Twin, tmp_path: Any) -> None
 def test_the_frameworks_own_format_resumes_mid_window_bit_identically(
     twin: Twin, tmp_path: Any, dropout: bool
 ) -> None:
-    # tfreg's trainer.checkpoint(), torchref's state_dict(); Adam's slots and step count
-    # included. With Dropout, the checkpoint's RNG state makes the resumed masks the
-    # uninterrupted ones (measured: a generator moved on after the restore moved the final
-    # weights by 7.6e-2 (tf) / 4.9e-2 (torch)).
+    # tfreg's trainer.checkpoint(), torchref's state_dict() through torch.save/torch.load;
+    # Adam's slots and step count included. With Dropout, the checkpoint's RNG state makes
+    # the resumed masks the uninterrupted ones (measured: a generator moved on after the
+    # restore moved the final weights by 7.6e-2 (tf) / 4.9e-2 (torch)).
     rng = np.random.default_rng(11)
     x, y = rng.normal(size=(23, 4)), rng.integers(0, 3, size=23)
 
