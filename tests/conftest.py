@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 from _keras_config import keras_setting
+from _twins import TWINS, Twin
 
 
 @pytest.fixture
@@ -21,3 +22,12 @@ def float64_floatx() -> Iterator[None]:
         keras_setting(keras.config.dtype_policy, keras.config.set_dtype_policy, "float64"),
     ):
         yield
+
+
+@pytest.fixture(params=list(TWINS))
+def twin(request: pytest.FixtureRequest) -> Twin:
+    """A case run against both twins (``tests/_twins.py``), ids ``tf`` and ``torch``; each
+    framework is imported only when its parameter runs (``-k torch`` never imports TensorFlow)."""
+    if request.param == "torch":
+        request.getfixturevalue("single_torch_thread")
+    return TWINS[request.param]()

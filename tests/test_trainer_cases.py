@@ -1,15 +1,18 @@
 """The trainer's window rules, written once and run against both twins (``tf`` and ``torch``).
 
-torch's ``OptimizerInfo`` pattern: a small adapter per framework (a float64 linear model from
-``(w, b)``, an SGD optimizer whose steps are counted, the kernel and bias read back as NumPy),
-the same public names in ``tfreg`` and ``torchref`` (``twin.pkg.Trainer``, ``.L2``, ...), and
-each case written once. The reference is NumPy least squares with its windows spelled out by
-hand (indices, not ``tfreg_core.windows``) and its gradient in closed form, so a wrong plan, a
-wrong scale or a per-micro-batch step all show up. Each twin's framework is imported only when
-its parameter runs (``-k torch`` never imports TensorFlow).
+torch's ``OptimizerInfo`` pattern: one adapter per framework (``tests/_twins.py``: models from
+a spec, optimizers whose steps are counted, weights read back as NumPy), the same public names
+in ``tfreg`` and ``torchref`` (``twin.pkg.Trainer``, ``.L2``, ...), and each case written once.
+The reference is NumPy least squares with its windows spelled out by hand (indices, not
+``tfreg_core.windows``) and its gradient in closed form, so a wrong plan, a wrong scale or a
+per-micro-batch step all show up; records are checked against hand-computed values. Each
+twin's framework is imported only when its parameter runs (``-k torch`` never imports
+TensorFlow).
 
-What each framework alone has (checkpoint formats, Keras fit / torch loss modules, KerasAdamW,
-tracing) stays in ``test_training.py`` / ``test_training_torch.py``.
+Checkpoints of both twins run in ``test_checkpoint.py``, loss cases in
+``test_trainer_loss_cases.py``. What each framework alone has (Keras fit and model checks,
+tracing and XLA, torch loss modules and optimizer state, KerasAdamW) stays in
+``test_training.py`` / ``test_training_torch.py``.
 """
 
 from __future__ import annotations
@@ -18,17 +21,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _twins import B0, EXACT, LR, TWINS, WINDOWS, D, N, Twin, numpy_sgd, window_data
+from _twins import B0, EXACT, LR, WINDOWS, D, N, Twin, numpy_sgd, window_data
 
 from tfreg_core import InvalidArgumentError
 from tfreg_harness import assert_close
-
-
-@pytest.fixture(params=["tf", "torch"])
-def twin(request: pytest.FixtureRequest) -> Twin:
-    if request.param == "torch":
-        request.getfixturevalue("single_torch_thread")
-    return TWINS[request.param]()
 
 
 @pytest.fixture
@@ -37,30 +33,34 @@ def data() -> tuple[np.ndarray, ...]:
 
 
 def make_trainer(twin: Twin, model: Any, **kwargs: Any) -> Any:
-    return twin.pkg.Trainer(model, "mse", twin.sgd(model, LR), accumulation_steps=3, **kwargs)
+    return twin.pkg.Trainer(model, "mse", twin.optimizer(model, LR), accumulation_steps=3, **kwargs)
 
 
-# name -> (l2, global_clipnorm, drop_remainder)
-WINDOW_CASES: dict[str, tuple[float, float | None, bool]] = {
-    "flush": (0.0, None, False),
-    "l2-clip": (0.25, 0.5, False),  # the clip binds: penalty and clipping once per update
-    "l2-drop": (0.25, None, True),
+# name -> (l2, clipping, drop_remainder)
+WINDOW_CASES: dict[str, tuple[float, dict[str, float], bool]] = {
+    "flush": (0.0, {}, False),
+    # the clip binds: penalty and clipping once per update
+    "l2-clip": (0.25, {"global_clipnorm": 0.5}, False),
+    # per variable: the kernel's norm (1.4 to 3.4) is clipped at every update, the bias'
+    # (0.1 to 0.9) never, so the global rule would give another update
+    "l2-clipnorm": (0.25, {"clipnorm": 1.0}, False),
+    "l2-drop": (0.25, {}, True),
 }
 
 
 @pytest.mark.parametrize("case", list(WINDOW_CASES))
 def test_windows_penalty_clipping_and_short_window_match_numpy(twin, data, case) -> None:
-    l2, clip, drop = WINDOW_CASES[case]
+    l2, clipping, drop = WINDOW_CASES[case]
     x, y, sw, w = data
     model = twin.linear(w, B0)
-    options: dict[str, Any] = {"drop_remainder": drop, "global_clipnorm": clip}
+    options: dict[str, Any] = {"drop_remainder": drop, **clipping}
     if l2:
         options["regularizer"] = twin.pkg.L2(l2)
     t = make_trainer(twin, model, **options)
     history = t.fit(x, y, batch_size=4, epochs=2, shuffle=False, sample_weight=sw, verbose=0)
     windows = WINDOWS[:1] if drop else WINDOWS
     expected_w, expected_b = numpy_sgd(
-        x, y, sw, w, B0, epochs=2, windows=windows, l2=l2, global_clipnorm=clip
+        x, y, sw, w, B0, epochs=2, windows=windows, l2=l2, **clipping
     )
     assert_close("kernel", twin.kernel(model), expected_w, rtol=EXACT.rtol)
     assert_close("bias", twin.bias(model), expected_b, rtol=EXACT.rtol)
@@ -171,6 +171,60 @@ def test_weights_and_optimizer_change_only_when_a_window_closes(twin, data) -> N
     assert [it for _, it in seen] == [0, 0, 1, 1, 2]
 
 
+def test_loss_and_metric_records_are_window_values(twin) -> None:
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(10, 2))
+    y = rng.integers(0, 2, size=10)
+    kernel = rng.normal(size=(2, 2))
+    model = twin.dense(kernel, None)
+    t = twin.pkg.Trainer(
+        model,
+        twin.cross_entropy(),
+        twin.optimizer(model, 0.0),  # weights stay put: every window sees `kernel`
+        accumulation_steps=2,
+        metrics=["sparse_categorical_accuracy"],
+    )
+    history = t.fit(x, y, batch_size=3, epochs=1, shuffle=False, verbose=0)
+    logits = x @ kernel
+    log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    nll = -log_p[np.arange(10), y]
+    hits = logits.argmax(axis=1) == y
+    for record, idx in zip(history.records, [np.arange(0, 6), np.arange(6, 10)], strict=True):
+        assert record["data_loss"] == pytest.approx(nll[idx].mean(), rel=1e-14)
+        assert record["sparse_categorical_accuracy"] == pytest.approx(hits[idx].mean())
+
+
+def test_verbose_levels(twin, data, capsys) -> None:
+    x, y, _, w = data
+    make_trainer(twin, twin.linear(w, B0)).fit(x, y, batch_size=4, epochs=2, verbose=0)
+    assert capsys.readouterr().out == ""
+    make_trainer(twin, twin.linear(w, B0)).fit(x, y, batch_size=4, epochs=2, verbose=1)
+    assert "Epoch 2/2 loss" in capsys.readouterr().out  # rich's bar, with each update's loss
+    t = make_trainer(twin, twin.linear(w, B0))
+    t.fit(x, y, batch_size=4, epochs=2, verbose=2)
+    out = capsys.readouterr().out
+    assert "Epoch 1/2: 2 updates" in out and "Epoch 2/2" in out
+    # epochs is the final epoch index: a repeated call has nothing left to do, and warns
+    # (at every verbosity)
+    with pytest.warns(UserWarning, match="Nothing to train: the trainer is at epoch 2"):
+        assert len(t.fit(x, y, batch_size=4, epochs=2, verbose=0)) == 0
+    assert len(t.fit(x, y, batch_size=4, epochs=3, verbose=0)) == 2
+
+
+def test_bad_fit_data_changes_nothing(twin, data) -> None:
+    x, y, _, w = data
+    model = twin.linear(w, B0)
+    t = make_trainer(twin, model)
+    with pytest.raises(InvalidArgumentError, match=r"sample_weight.shape=\(3,\)"):
+        t.fit(x, y, batch_size=4, sample_weight=np.ones(3), verbose=0)
+    with pytest.raises(InvalidArgumentError, match="batch_size=0"):
+        t.fit(x, y, batch_size=0, verbose=0)
+    with pytest.raises(InvalidArgumentError, match=r"y.shape=\(5, 1\)"):
+        t.fit(x, y[:5], batch_size=4, verbose=0)
+    np.testing.assert_array_equal(twin.kernel(model), w)
+    assert twin.steps(t) == 0
+
+
 BAD_OPTIONS = {
     "steps-zero": ({"accumulation_steps": 0}, "accumulation_steps=0"),
     "steps-negative": ({"accumulation_steps": -1}, "accumulation_steps=-1"),
@@ -188,7 +242,7 @@ def test_bad_options_name_the_argument(twin, option) -> None:
     kwargs, match = BAD_OPTIONS[option]
     model = twin.linear(np.zeros(D), 0.0)
     with pytest.raises(InvalidArgumentError, match=match):
-        twin.pkg.Trainer(model, "mse", twin.sgd(model, LR), **kwargs)
+        twin.pkg.Trainer(model, "mse", twin.optimizer(model, LR), **kwargs)
 
 
 # float32-exact factors: L1 keeps Keras' float32 factor in both twins (L1(0.1) reads back
@@ -199,7 +253,7 @@ PENALTIES = {"L2": 0.1, "L1": 0.5}
 @pytest.mark.parametrize("penalty", list(PENALTIES))
 def test_get_config_returns_the_keyword_arguments(twin, penalty) -> None:
     model = twin.linear(np.zeros(D), 0.0)
-    sgd = twin.sgd(model, LR)
+    sgd = twin.optimizer(model, LR)
     t = twin.pkg.Trainer(
         model,
         "mse",

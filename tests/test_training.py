@@ -1,7 +1,7 @@
 """tfreg.Trainer's and tfreg.AccumulatingModel's TF-only cases against a NumPy least-squares
 reference (``_twins.numpy_sgd``: windows spelled out by hand, gradient in closed form): tracing,
-XLA, checkpoints, Keras' model checks, mixed precision and ``model.fit``. The window rules both
-twins share run in ``test_trainer_cases.py``.
+XLA, Keras' model checks, mixed precision and ``model.fit``. The window rules both twins share
+run in ``test_trainer_cases.py``, their checkpoints in ``test_checkpoint.py``.
 """
 
 from __future__ import annotations
@@ -30,32 +30,6 @@ def trainer(model: keras.Model, **kwargs) -> tfreg.Trainer:
     )
 
 
-def test_loss_and_metric_records_are_window_values() -> None:
-    rng = np.random.default_rng(3)
-    x = rng.normal(size=(10, 2))
-    y = rng.integers(0, 2, size=10)
-    kernel = rng.normal(size=(2, 2))
-    model = keras.Sequential(
-        [keras.Input((2,), dtype="float64"), keras.layers.Dense(2, use_bias=False, dtype="float64")]
-    )
-    model.set_weights([kernel])
-    t = tfreg.Trainer(
-        model,
-        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        keras.optimizers.SGD(0.0),  # weights stay put: every window sees `kernel`
-        accumulation_steps=2,
-        metrics=["sparse_categorical_accuracy"],
-    )
-    history = t.fit(x, y, batch_size=3, epochs=1, shuffle=False, verbose=0)
-    logits = x @ kernel
-    log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-    nll = -log_p[np.arange(10), y]
-    hits = logits.argmax(axis=1) == y
-    for record, idx in zip(history.records, [np.arange(0, 6), np.arange(6, 10)], strict=True):
-        assert record["data_loss"] == pytest.approx(nll[idx].mean(), rel=1e-14)
-        assert record["sparse_categorical_accuracy"] == pytest.approx(hits[idx].mean())
-
-
 def test_no_retrace_across_updates_and_the_short_window(data) -> None:
     x, y, sw, w = data
     t = trainer(linear_model(w, 0.3))
@@ -76,57 +50,6 @@ def mlp(seed: int) -> keras.Model:
     return model
 
 
-def test_checkpoint_mid_window_resumes_bit_identically(tmp_path) -> None:
-    rng = np.random.default_rng(11)
-    x, y = rng.normal(size=(23, 4)), rng.integers(0, 3, size=23)
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-    def make() -> tfreg.Trainer:
-        return tfreg.Trainer(
-            mlp(5), loss, keras.optimizers.Adam(0.01), accumulation_steps=3, seed=9
-        )
-
-    reference = make()
-    reference.fit(x, y, batch_size=4, epochs=3, verbose=0)
-
-    class StopMidWindow:
-        def on_micro_batch_end(self, trainer, epoch, micro_batch):
-            if (epoch, micro_batch) == (1, 4):  # 2 of window 1's 3 micro-batches are in
-                trainer.stop_training = True
-
-    first = make()
-    first.fit(x, y, batch_size=4, epochs=3, callbacks=[StopMidWindow()], verbose=0)
-    assert int(first.accumulator.micro_batches.numpy()) == 2
-    path = first.checkpoint().write(str(tmp_path / "ckpt"))
-
-    resumed = make()
-    resumed.build()
-    resumed.checkpoint().read(path).assert_consumed()
-    with pytest.raises(InvalidArgumentError, match=r"batch_size=4.*Received.*batch_size=5"):
-        resumed.fit(x, y, batch_size=5, epochs=3, verbose=0)  # a different plan: refused
-    resumed.fit(x, y, batch_size=4, epochs=3, verbose=0)
-    for a, b in zip(resumed.model.get_weights(), reference.model.get_weights(), strict=True):
-        np.testing.assert_array_equal(a, b)
-    assert int(resumed.optimizer.iterations.numpy()) == int(reference.optimizer.iterations.numpy())
-
-
-def test_verbose_levels(data, capsys) -> None:
-    x, y, _, w = data
-    trainer(linear_model(w, 0.3)).fit(x, y, batch_size=4, epochs=2, verbose=0)
-    assert capsys.readouterr().out == ""
-    trainer(linear_model(w, 0.3)).fit(x, y, batch_size=4, epochs=2, verbose=1)
-    assert "Epoch 2/2 loss" in capsys.readouterr().out  # rich's bar, with each update's loss
-    t = trainer(linear_model(w, 0.3))
-    t.fit(x, y, batch_size=4, epochs=2, verbose=2)
-    out = capsys.readouterr().out
-    assert "Epoch 1/2: 2 updates" in out and "Epoch 2/2" in out
-    # epochs is the final epoch index: a repeated call has nothing left to do, and warns
-    # (at every verbosity)
-    with pytest.warns(UserWarning, match="Nothing to train: the trainer is at epoch 2"):
-        assert len(t.fit(x, y, batch_size=4, epochs=2, verbose=0)) == 0
-    assert len(t.fit(x, y, batch_size=4, epochs=3, verbose=0)) == 2
-
-
 def test_rejected_setups() -> None:
     with pytest.raises(InvalidArgumentError, match="gradient_accumulation_steps=2"):
         tfreg.Trainer(mlp(0), "mse", keras.optimizers.SGD(gradient_accumulation_steps=2))
@@ -141,20 +64,6 @@ def test_rejected_setups() -> None:
     scaled = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD())
     with pytest.raises(InvalidArgumentError, match="on_nonfinite='raise' with a LossScale"):
         tfreg.Trainer(mlp(0), "mse", scaled, on_nonfinite="raise")
-
-
-def test_bad_fit_data_changes_nothing(data) -> None:
-    x, y, _, w = data
-    model = linear_model(w, 0.3)
-    t = trainer(model)
-    with pytest.raises(InvalidArgumentError, match=r"sample_weight.shape=\(3,\)"):
-        t.fit(x, y, batch_size=4, sample_weight=np.ones(3), verbose=0)
-    with pytest.raises(InvalidArgumentError, match="batch_size=0"):
-        t.fit(x, y, batch_size=0, verbose=0)
-    with pytest.raises(InvalidArgumentError, match=r"y.shape=\(5, 1\)"):
-        t.fit(x, y[:5], batch_size=4, verbose=0)
-    np.testing.assert_array_equal(model.get_weights()[0][:, 0], w)
-    assert int(t.optimizer.iterations.numpy()) == 0
 
 
 def test_mixed_precision_accumulates_in_float32() -> None:

@@ -1,6 +1,7 @@
-"""torchref.Trainer's torch-only cases (state_dict resume with Dropout, torch loss/optimizer
-refusals) and KerasAdamW, against hand-computed references (no TensorFlow imported here). The
-window rules both twins share run in ``test_trainer_cases.py``."""
+"""torchref.Trainer's torch-only cases (torch loss/optimizer refusals, Adam's own step count)
+and KerasAdamW, against hand-computed references (no TensorFlow imported here). The window
+rules both twins share run in ``test_trainer_cases.py``, their checkpoints (``state_dict``
+resume with Dropout included) in ``test_checkpoint.py``."""
 
 from __future__ import annotations
 
@@ -22,47 +23,6 @@ def mlp(seed: int) -> torch.nn.Module:
     return torch.nn.Sequential(
         torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)
     ).double()
-
-
-def dropout_mlp(seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(
-        torch.nn.Linear(4, 16), torch.nn.Dropout(0.5), torch.nn.Linear(16, 3)
-    ).double()
-
-
-@pytest.mark.parametrize("build", [mlp, dropout_mlp], ids=["mlp", "dropout"])
-def test_state_dict_mid_window_resumes_bit_identically(build) -> None:
-    # With Dropout, the checkpoint's RNG state makes the resumed masks the uninterrupted ones
-    # (without it the weights differed by ~2e-2).
-    rng = np.random.default_rng(11)
-    x, y = rng.normal(size=(23, 4)), rng.integers(0, 3, size=23)
-
-    def make() -> torchref.Trainer:
-        model = build(5)
-        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-        return torchref.Trainer(model, "cross_entropy", optimizer, accumulation_steps=3, seed=9)
-
-    reference = make()
-    reference.fit(x, y, batch_size=4, epochs=3, verbose=0)
-
-    class StopMidWindow:
-        def on_micro_batch_end(self, trainer, epoch, micro_batch):
-            if (epoch, micro_batch) == (1, 4):
-                trainer.stop_training = True
-
-    first = make()
-    first.fit(x, y, batch_size=4, epochs=3, callbacks=[StopMidWindow()], verbose=0)
-    assert first.accumulator.micro_batches == 2
-    saved = first.state_dict()
-    torch.rand(1000)  # whatever runs between saving and resuming moves the generator on
-    resumed = make()
-    resumed.load_state_dict(saved)
-    with pytest.raises(InvalidArgumentError, match=r"num_examples=23.*Received: num_examples=22"):
-        resumed.fit(x[:22], y[:22], batch_size=4, epochs=3, verbose=0)
-    resumed.fit(x, y, batch_size=4, epochs=3, verbose=0)
-    for a, b in zip(resumed.model.parameters(), reference.model.parameters(), strict=True):
-        assert torch.equal(a, b)
 
 
 def test_optimizer_steps_count_updates() -> None:
