@@ -143,6 +143,18 @@ def test_preconditioned_prox_over_any_axes_matches_the_per_group_solve(
     _assert_matches(f"{framework} equal steps", actual, closed)
 
 
+def test_newton_iteration_count_is_certified_in_float64() -> None:
+    # benchmarks/prox_newton_certificate.py on 150 of its stress groups: the kernel's iteration
+    # count is within ROUND_OFF allowances of the independent Brent root (its module docstring
+    # defines the allowance), and the criterion has teeth: 3 iterations are far outside it.
+    from benchmarks import prox_newton_certificate as certificate
+
+    used = core.NEWTON_ITERATIONS
+    worst, nonfinite = certificate.certify(150, np.float64, [3, used])
+    assert nonfinite == {3: 0, used: 0}
+    assert worst[used] <= certificate.ROUND_OFF < 1e3 * certificate.ROUND_OFF < worst[3]
+
+
 def test_group_weight() -> None:
     assert core.group_weight((20, 8), (1,), None) == 1.0
     assert core.group_weight((3, 3, 4, 16), (0, 1, 2), "sqrt_size") == 6.0

@@ -81,6 +81,10 @@ class _TFOps:
         return tf.reduce_max(x, axis=axes, keepdims=True)
 
     @staticmethod
+    def maximum(x: tf.Tensor, floor: float) -> tf.Tensor:
+        return tf.maximum(x, tf.constant(floor, x.dtype))
+
+    @staticmethod
     def tiny(x: tf.Tensor) -> float:
         return float(np.finfo(x.dtype.as_numpy_dtype).tiny)
 

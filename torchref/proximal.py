@@ -75,6 +75,10 @@ class _TorchOps:
         return torch.amax(x, dim=axes, keepdim=True)
 
     @staticmethod
+    def maximum(x: torch.Tensor, floor: float) -> torch.Tensor:
+        return torch.clamp_min(x, floor)
+
+    @staticmethod
     def tiny(x: torch.Tensor) -> float:
         return float(torch.finfo(x.dtype).tiny)
 
