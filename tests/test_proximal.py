@@ -143,6 +143,53 @@ def test_preconditioned_prox_over_any_axes_matches_the_per_group_solve(
     _assert_matches(f"{framework} equal steps", actual, closed)
 
 
+def _rows(a: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    rest = [i for i in range(a.ndim) if i not in axes]
+    return np.transpose(a, rest + list(axes)).reshape(math.prod(a.shape[i] for i in rest), -1)
+
+
+@pytest.mark.parametrize("framework", sorted(_ARRAY_OPS))
+def test_preconditioned_prox_of_many_tensors_matches_the_per_group_solve(framework: str) -> None:
+    # Kernels of several layouts, group sizes and taus (as group_weights="sqrt_size" gives them)
+    # are solved together as zero-padded rows; the 200x200 one (over BATCH_ENTRIES) alone, and
+    # the float32 one apart from the float64 ones. Each group against the independent Brent
+    # solve: float64 1e-12 relative (round-off), float32 1e-5 (float32 round-off times the
+    # conditioning of groups near the threshold).
+    ops, to_array, to_numpy = _ARRAY_OPS[framework]
+    rng = np.random.default_rng(17)
+    cases = [
+        ((3, 3, 4, 6), (3,), np.float64),
+        ((6, 4, 3, 3), (0,), np.float64),
+        ((9, 5), (0,), np.float64),
+        ((2, 7), (1,), np.float64),
+        ((200, 200), (1,), np.float64),
+        ((5, 3), (1,), np.float32),
+    ]
+    assert core.BATCH_ENTRIES < 200 * 200
+    zs, steps, taus = [], [], []
+    for shape, axes, dtype in cases:
+        z = rng.standard_normal(shape) * rng.uniform(0.01, 3, size=shape)
+        s = 10 ** rng.uniform(-4, 0, size=shape)
+        # About half of the groups at zero: tau the median of ||z_g / s_g||.
+        taus.append(float(np.median(np.linalg.norm(_rows(z, axes) / _rows(s, axes), axis=1))))
+        zs.append(z.astype(dtype))
+        steps.append(s.astype(dtype))
+    xs = core.preconditioned_block_proxes(
+        [to_array(z) for z in zs], [to_array(s) for s in steps], taus, [c[1] for c in cases], ops
+    )
+    for (shape, axes, dtype), z, s, tau, x in zip(cases, zs, steps, taus, xs, strict=True):
+        actual, name = to_numpy(x), f"{framework} {shape} axes {axes}"
+        assert actual.shape == shape and actual.dtype == dtype, name
+        z64, s64 = (_rows(a.astype(np.float64), axes) for a in (z, s))
+        expected = reference_rows(z64, s64, tau)
+        if dtype == np.float64:
+            _assert_matches(name, _rows(actual, axes), expected)
+        else:
+            np.testing.assert_allclose(_rows(actual, axes), expected, rtol=0, atol=1e-5)
+        zero = np.all(_rows(actual, axes) == 0, axis=1)
+        assert 0 < np.count_nonzero(zero) < len(zero), name
+
+
 def test_newton_iteration_count_is_certified_in_float64() -> None:
     # benchmarks/prox_newton_certificate.py on 150 of its stress groups: the kernel's iteration
     # count is within ROUND_OFF allowances of the independent Brent root (its module docstring

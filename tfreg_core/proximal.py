@@ -75,6 +75,7 @@ from tfreg_core import validation
 from tfreg_core.specs import GroupLassoSpec
 
 __all__ = [
+    "BATCH_ENTRIES",
     "GROUP_WEIGHTS",
     "NEWTON_ITERATIONS",
     "NUMPY_OPS",
@@ -89,6 +90,7 @@ __all__ = [
     "group_weight",
     "include_bias_flag",
     "preconditioned_block_prox",
+    "preconditioned_block_proxes",
     "proximal_threshold",
     "resolve",
     "soft_threshold",
@@ -97,6 +99,9 @@ __all__ = [
 THRESHOLD_MODES = ("auto", "scalar", "preconditioned")
 GROUP_WEIGHTS = (None, "sqrt_size")
 NEWTON_ITERATIONS = 6
+# Below this many entries (padded), a kernel's solve costs its ~90 op dispatches, not its passes
+# over the data: such kernels are solved together, as the rows of one padded matrix.
+BATCH_ENTRIES = 1 << 15
 
 
 class ArrayOps(Protocol):
@@ -118,6 +123,21 @@ class ArrayOps(Protocol):
     def ones_like(self, x: Any) -> Any: ...
 
     def tiny(self, x: Any) -> float: ...
+
+    def transpose(self, x: Any, permutation: tuple[int, ...]) -> Any: ...
+
+    def reshape(self, x: Any, shape: tuple[int, ...]) -> Any: ...
+
+    def pad_columns(self, x: Any, width: int) -> Any:
+        """A 2-D ``x`` with ``width`` zero columns appended."""
+
+    def concat_rows(self, xs: Sequence[Any]) -> Any: ...
+
+    def constant(self, values: np.ndarray, like: Any) -> Any:
+        """``values`` as an array of ``like``'s kind (dtype, device)."""
+
+    def kind(self, x: Any) -> Any:
+        """What arrays must share to be concatenated (dtype, device), hashable."""
 
 
 class _NumpyOps:
@@ -141,6 +161,30 @@ class _NumpyOps:
     @staticmethod
     def tiny(x: np.ndarray) -> float:
         return float(np.finfo(x.dtype).tiny)
+
+    @staticmethod
+    def transpose(x: np.ndarray, permutation: tuple[int, ...]) -> np.ndarray:
+        return np.transpose(x, permutation)
+
+    @staticmethod
+    def reshape(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        return np.reshape(x, shape)
+
+    @staticmethod
+    def pad_columns(x: np.ndarray, width: int) -> np.ndarray:
+        return np.pad(x, ((0, 0), (0, width)))
+
+    @staticmethod
+    def concat_rows(xs: Sequence[np.ndarray]) -> np.ndarray:
+        return np.concatenate(xs, axis=0)
+
+    @staticmethod
+    def constant(values: np.ndarray, like: np.ndarray) -> np.ndarray:
+        return np.asarray(values, dtype=like.dtype)
+
+    @staticmethod
+    def kind(x: np.ndarray) -> Any:
+        return x.dtype
 
 
 NUMPY_OPS: ArrayOps = _NumpyOps()
@@ -210,7 +254,7 @@ def block_soft_threshold(z: Any, threshold: Any, axes: tuple[int, ...], ops: Arr
 def preconditioned_block_prox(
     z: Any,
     step: Any,
-    tau: float,
+    tau: Any,
     axes: tuple[int, ...],
     ops: ArrayOps,
     *,
@@ -218,7 +262,8 @@ def preconditioned_block_prox(
 ) -> Any:
     """``argmin_x sum_i (x_i - z_i)^2 / (2 step_i) + tau * sum_g ||x_g||`` (norms over ``axes``),
     by the Newton iteration of the module docstring. ``step`` has ``z``'s shape, entries >= 0;
-    ``tau`` > 0 is a Python number."""
+    ``tau`` > 0 is a Python number, or an array of one per group (``z``'s shape reduced over
+    ``axes``)."""
     # The cost is the passes over the whole tensor (the rest is per group), so there are as few
     # as the arithmetic allows: one for the step floor, four per iteration (r = z / d once,
     # Q^2 = sum r^2 and S = sum r^2 / d from it), three for the result.
@@ -241,6 +286,74 @@ def preconditioned_block_prox(
     # per group, not by another pass over the tensor.
     nu = ops.where(zero_group, ops.zeros_like(nu), nu)
     return z * (nu / (s + nu))
+
+
+def _layout(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[tuple[int, ...], int, int]:
+    """The permutation that moves ``axes`` last, the number of groups and the group size."""
+    rest = tuple(a for a in range(len(shape)) if a not in axes)
+    return rest + axes, math.prod(shape[a] for a in rest), math.prod(shape[a] for a in axes)
+
+
+def _as_rows(x: Any, axes: tuple[int, ...], width: int, ops: ArrayOps) -> Any:
+    """``x`` as a (groups, width) matrix: one group per row, zero-padded on the right."""
+    permutation, groups, size = _layout(tuple(x.shape), axes)
+    if permutation != tuple(range(len(permutation))):
+        x = ops.transpose(x, permutation)
+    x = ops.reshape(x, (groups, size))
+    return x if size == width else ops.pad_columns(x, width - size)
+
+
+def _from_rows(rows: Any, shape: tuple[int, ...], axes: tuple[int, ...], ops: ArrayOps) -> Any:
+    """The inverse of :func:`_as_rows` for a tensor of ``shape``."""
+    permutation, _, size = _layout(shape, axes)
+    x = ops.reshape(rows[:, :size], tuple(shape[a] for a in permutation))
+    inverse = tuple(int(a) for a in np.argsort(permutation))
+    return x if inverse == tuple(range(len(inverse))) else ops.transpose(x, inverse)
+
+
+def preconditioned_block_proxes(
+    zs: Sequence[Any],
+    steps: Sequence[Any],
+    taus: Sequence[float],
+    axes: Sequence[tuple[int, ...]],
+    ops: ArrayOps,
+) -> list[Any]:
+    """:func:`preconditioned_block_prox` of each ``(zs[i], steps[i], taus[i], axes[i])``.
+
+    Small tensors of one kind (dtype, device) are solved in one call: each laid out as rows (one
+    group per row, ``axes`` last), zero-padded to the widest group (``z = 0`` adds nothing to
+    any sum; its step 0 becomes the floor, below every real step, so the start's ``max s`` is
+    unchanged) and stacked, with ``tau`` per row. The same arithmetic per group, so the same
+    result up to the order of the sums (round-off); one set of ~90 ops instead of one per
+    tensor. Large tensors are solved alone (no copies)."""
+    layouts = [_layout(tuple(z.shape), a) for z, a in zip(zs, axes, strict=True)]
+    small: dict[Any, list[int]] = {}
+    for i, (_, groups, size) in enumerate(layouts):
+        if groups * size <= BATCH_ENTRIES:
+            small.setdefault(ops.kind(zs[i]), []).append(i)
+    out: dict[int, Any] = {}
+    for candidates in small.values():
+        width = max(layouts[i][2] for i in candidates)
+        members = [i for i in candidates if layouts[i][1] * width <= BATCH_ENTRIES]
+        if len(members) < 2:
+            continue
+        z = ops.concat_rows([_as_rows(zs[i], axes[i], width, ops) for i in members])
+        step = ops.concat_rows([_as_rows(steps[i], axes[i], width, ops) for i in members])
+        member_taus = [taus[i] for i in members]
+        tau: Any = member_taus[0]
+        if len(set(member_taus)) > 1:  # one per row (group_weights="sqrt_size")
+            column = np.repeat(member_taus, [layouts[i][1] for i in members])
+            tau = ops.constant(column[:, None], z)
+        x = preconditioned_block_prox(z, step, tau, (1,), ops)
+        start = 0
+        for i in members:
+            groups = layouts[i][1]
+            out[i] = _from_rows(x[start : start + groups], tuple(zs[i].shape), axes[i], ops)
+            start += groups
+    return [
+        out[i] if i in out else preconditioned_block_prox(z, steps[i], taus[i], axes[i], ops)
+        for i, z in enumerate(zs)
+    ]
 
 
 def _threshold_mode(value: Any) -> str:
