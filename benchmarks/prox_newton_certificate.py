@@ -59,8 +59,10 @@ def stress_set(groups: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray,
 
 
 def reference(z: np.ndarray, s: np.ndarray, tau: float) -> np.ndarray:
-    """The prox of one group in float64 by Brent's method on ``rho = ||x||``."""
-    if np.linalg.norm(z / s) <= tau:
+    """``argmin_x sum (x - z)^2 / (2 s) + tau ||x||`` for one group, float64, from the optimality
+    condition ``x = z / (1 + s tau / rho)``, ``rho = ||x||``, solved for ``rho`` by Brent's
+    method. Also the independent reference of ``tests/test_proximal.py``."""
+    if np.linalg.norm(z / s) <= tau:  # 0 is optimal iff ||D z|| <= tau with D = diag(1/s)
         return np.zeros_like(z)
 
     def gap(rho: float) -> float:

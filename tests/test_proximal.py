@@ -22,10 +22,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import torch
-from scipy.optimize import brentq
 
 import tfreg
 import torchref
+from benchmarks import prox_newton_certificate
+from benchmarks.prox_newton_certificate import reference as reference_block_prox
 from tfreg_core import proximal as core
 from tfreg_core.validation import InvalidArgumentError
 
@@ -40,23 +41,9 @@ def _assert_matches(name: str, actual: np.ndarray, expected: np.ndarray) -> None
 
 
 # --- an independent reference for the preconditioned block prox -------------------------------
-
-
-def reference_block_prox(z: np.ndarray, s: np.ndarray, tau: float) -> np.ndarray:
-    """argmin_x sum (x - z)^2 / (2 s) + tau ||x|| for one group, written from the optimality
-    condition x = z / (1 + s tau / rho), rho = ||x||, solved for rho by Brent's method."""
-    if np.linalg.norm(z / s) <= tau:  # 0 is optimal iff ||D z|| <= tau with D = diag(1/s)
-        return np.zeros_like(z)
-
-    def gap(rho: float) -> float:
-        return float(np.linalg.norm(z / (1 + s * tau / rho)) - rho)
-
-    high = float(np.linalg.norm(z))  # gap < 0 there; halve down to a point where gap > 0
-    low = high / 2
-    while gap(low) <= 0:
-        low /= 2
-    rho = brentq(gap, low, high, xtol=1e-300, rtol=1e-15, maxiter=500)
-    return z / (1 + s * tau / rho)
+# reference_block_prox: argmin_x sum (x - z)^2 / (2 s) + tau ||x|| for one group, from the
+# optimality condition x = z / (1 + s tau / rho), rho = ||x||, solved for rho by Brent's method
+# (benchmarks/prox_newton_certificate.py, which certifies the kernel's iteration count with it).
 
 
 def reference_rows(z: np.ndarray, s: np.ndarray, tau: float) -> np.ndarray:
@@ -194,12 +181,11 @@ def test_newton_iteration_count_is_certified_in_float64() -> None:
     # benchmarks/prox_newton_certificate.py on 150 of its stress groups: the kernel's iteration
     # count is within ROUND_OFF allowances of the independent Brent root (its module docstring
     # defines the allowance), and the criterion has teeth: 3 iterations are far outside it.
-    from benchmarks import prox_newton_certificate as certificate
-
     used = core.NEWTON_ITERATIONS
-    worst, nonfinite = certificate.certify(150, np.float64, [3, used])
+    worst, nonfinite = prox_newton_certificate.certify(150, np.float64, [3, used])
     assert nonfinite == {3: 0, used: 0}
-    assert worst[used] <= certificate.ROUND_OFF < 1e3 * certificate.ROUND_OFF < worst[3]
+    round_off = prox_newton_certificate.ROUND_OFF
+    assert worst[used] <= round_off < 1e3 * round_off < worst[3]
 
 
 def test_group_weight() -> None:
