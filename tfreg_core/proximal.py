@@ -265,8 +265,9 @@ def preconditioned_block_prox(
     ``tau`` > 0 is a Python number, or an array of one per group (``z``'s shape reduced over
     ``axes``)."""
     # The cost is the passes over the whole tensor (the rest is per group), so there are as few
-    # as the arithmetic allows: one for the step floor, four per iteration (r = z / d once,
-    # Q^2 = sum r^2 and S = sum r^2 / d from it), three for the result.
+    # as the arithmetic allows without fusing ops: seven to start (step floor, ||z / s||, ||z||,
+    # max s), six per iteration (d = s + nu, r = z / d once, Q^2 = sum r^2 and S = sum r^2 / d
+    # from it), three for the result.
     s = ops.maximum(step, ops.tiny(z))
     r = z / s
     zero_group = ops.sqrt(ops.sum_keep(r * r, axes)) <= tau
