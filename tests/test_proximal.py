@@ -177,6 +177,24 @@ def test_preconditioned_prox_of_many_tensors_matches_the_per_group_solve(framewo
         assert 0 < np.count_nonzero(zero) < len(zero), name
 
 
+def test_preconditioned_prox_of_many_tensors_with_a_dimension_unknown_when_tracing() -> None:
+    # A tf.function input of shape (None, 4) cannot be laid out as rows: it is solved alone, the
+    # other tensor as before; each group against the Brent solve (float64, 1e-12).
+    rng = np.random.default_rng(18)
+    z1, s1 = rng.standard_normal((5, 4)), 10 ** rng.uniform(-3, 0, (5, 4))
+    z2, s2 = rng.standard_normal((3, 6)), 10 ** rng.uniform(-3, 0, (3, 6))
+    unknown, known = tf.TensorSpec([None, 4], tf.float64), tf.TensorSpec([3, 6], tf.float64)
+
+    @tf.function(input_signature=[unknown, unknown, known, known])
+    def solve(a: tf.Tensor, b: tf.Tensor, c: tf.Tensor, d: tf.Tensor) -> list[tf.Tensor]:
+        ops = tfreg.proximal._OPS
+        return core.preconditioned_block_proxes([a, c], [b, d], [1.0, 2.0], [(1,), (1,)], ops)
+
+    x1, x2 = solve(z1, s1, z2, s2)
+    _assert_matches("unknown dimension", x1.numpy(), reference_rows(z1, s1, 1.0))
+    _assert_matches("known", x2.numpy(), reference_rows(z2, s2, 2.0))
+
+
 def test_newton_iteration_count_is_certified_in_float64() -> None:
     # benchmarks/prox_newton_certificate.py on 150 of its stress groups: the kernel's iteration
     # count is within ROUND_OFF allowances of the independent Brent root (its module docstring

@@ -327,9 +327,13 @@ def preconditioned_block_proxes(
     unchanged) and stacked, with ``tau`` per row. The same arithmetic per group, so the same
     result up to the order of the sums (round-off); one set of ~90 ops instead of one per
     tensor. Large tensors are solved alone (no copies)."""
-    layouts = [_layout(tuple(z.shape), a) for z, a in zip(zs, axes, strict=True)]
+    layouts = {
+        i: _layout(tuple(z.shape), a)
+        for i, (z, a) in enumerate(zip(zs, axes, strict=True))
+        if None not in tuple(z.shape)  # a dimension unknown when tracing: solved alone
+    }
     small: dict[Any, list[int]] = {}
-    for i, (_, groups, size) in enumerate(layouts):
+    for i, (_, groups, size) in layouts.items():
         if groups * size <= BATCH_ENTRIES:
             small.setdefault(ops.kind(zs[i]), []).append(i)
     out: dict[int, Any] = {}
