@@ -37,7 +37,7 @@ per-coordinate step ``s`` (a scalar ``lr`` for SGD) moves ``w`` to ``z = w - s *
   distance to the zero threshold: near it ``x`` is as ill-conditioned as the problem); 5
   iterations miss by up to ~1e3 allowances, and the tighter ``max(Jensen, per-coordinate)``
   lower bound as a start does not save one. On 2 of the seeds 0..10 one group in 1200 needs a
-  7th iteration (after 6: 2e-11..4e-10 relative; a coordinate with a tiny share of ``z`` but a
+  7th iteration (after 6: 5e-11..1e-9 of max|x| off; a coordinate with a tiny share of ``z`` but a
   tiny step, whose line dominates ``1/Q`` below the root). float32 converges in 4..6; with
   ``tau`` below ~1e-11 of the threshold (``nu`` > ~1e12, a strength below ~1e-13 of the
   weights' norm) ``(s + nu)^3`` overflows float32 and the result is NaN (a known limit).
