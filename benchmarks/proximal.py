@@ -1,11 +1,11 @@
 """Issue 16's proximal and penalty ratios, side by side in one process (interleaved rounds):
 
 prox       the Adam-consistent prox per update: ``Trainer(proximal=ProximalGroupLasso(...))``
-           (the preconditioned block prox, a fixed-iteration Newton solve per kernel) over the
-           same Trainer without prox, tfreg and torchref, on the seed CNN. ``--baseline-core``
-           adds the same trainers running the kernel of another ``tfreg_core/proximal.py``
-           (e.g. ``git show main:tfreg_core/proximal.py > /tmp/old.py``): before and after in
-           one run.
+           (the preconditioned block prox, a fixed-iteration Newton solve) over the same
+           Trainer without prox, tfreg and torchref, on the seed CNN. ``--baseline-core`` adds
+           the same trainers running the ``preconditioned_block_prox`` of another
+           ``tfreg_core/proximal.py`` once per kernel (e.g. ``git show
+           main:tfreg_core/proximal.py > /tmp/old.py``): before and after in one run.
 ista       full-batch ISTA (SGD + ``ProximalL1``) on scikit-learn's diabetes data: tfreg.Trainer
            over torchref.Trainer per update, and the same update hand-written (one
            ``tf.function`` step / a plain torch step) to separate the trainers' per-update cost
@@ -73,15 +73,19 @@ def _load_core(path: str) -> Any:
 
 @contextmanager
 def _kernel(function: Callable[..., Any]) -> Iterator[None]:
-    # Both twins call the kernel through the tfreg_core.proximal module.
+    # Both twins call the solve through tfreg_core.proximal.preconditioned_block_proxes; the
+    # baseline's single-tensor kernel replaces it, called once per tensor (as before batching).
     from tfreg_core import proximal as core
 
-    saved = core.preconditioned_block_prox
-    core.preconditioned_block_prox = function
+    def per_tensor(zs: Any, steps: Any, taus: Any, axes: Any, ops: Any) -> list[Any]:
+        return [function(*args, ops) for args in zip(zs, steps, taus, axes, strict=True)]
+
+    saved = core.preconditioned_block_proxes
+    core.preconditioned_block_proxes = per_tensor
     try:
         yield
     finally:
-        core.preconditioned_block_prox = saved
+        core.preconditioned_block_proxes = saved
 
 
 def _with_kernel(run: Callable[[], None], function: Callable[..., Any]) -> Callable[[], None]:

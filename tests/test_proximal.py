@@ -22,10 +22,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import torch
-from scipy.optimize import brentq
 
 import tfreg
 import torchref
+from benchmarks import prox_newton_certificate
+from benchmarks.prox_newton_certificate import reference as reference_block_prox
 from tfreg_core import proximal as core
 from tfreg_core.validation import InvalidArgumentError
 
@@ -40,23 +41,9 @@ def _assert_matches(name: str, actual: np.ndarray, expected: np.ndarray) -> None
 
 
 # --- an independent reference for the preconditioned block prox -------------------------------
-
-
-def reference_block_prox(z: np.ndarray, s: np.ndarray, tau: float) -> np.ndarray:
-    """argmin_x sum (x - z)^2 / (2 s) + tau ||x|| for one group, written from the optimality
-    condition x = z / (1 + s tau / rho), rho = ||x||, solved for rho by Brent's method."""
-    if np.linalg.norm(z / s) <= tau:  # 0 is optimal iff ||D z|| <= tau with D = diag(1/s)
-        return np.zeros_like(z)
-
-    def gap(rho: float) -> float:
-        return float(np.linalg.norm(z / (1 + s * tau / rho)) - rho)
-
-    high = float(np.linalg.norm(z))  # gap < 0 there; halve down to a point where gap > 0
-    low = high / 2
-    while gap(low) <= 0:
-        low /= 2
-    rho = brentq(gap, low, high, xtol=1e-300, rtol=1e-15, maxiter=500)
-    return z / (1 + s * tau / rho)
+# reference_block_prox: argmin_x sum (x - z)^2 / (2 s) + tau ||x|| for one group, from the
+# optimality condition x = z / (1 + s tau / rho), rho = ||x||, solved for rho by Brent's method
+# (benchmarks/prox_newton_certificate.py, which certifies the kernel's iteration count with it).
 
 
 def reference_rows(z: np.ndarray, s: np.ndarray, tau: float) -> np.ndarray:
@@ -141,6 +128,82 @@ def test_preconditioned_prox_over_any_axes_matches_the_per_group_solve(
         core.preconditioned_block_prox(to_array(z), to_array(s_group), tau, axes, ops)
     )
     _assert_matches(f"{framework} equal steps", actual, closed)
+
+
+def _rows(a: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    rest = [i for i in range(a.ndim) if i not in axes]
+    return np.transpose(a, rest + list(axes)).reshape(math.prod(a.shape[i] for i in rest), -1)
+
+
+@pytest.mark.parametrize("framework", sorted(_ARRAY_OPS))
+def test_preconditioned_prox_of_many_tensors_matches_the_per_group_solve(framework: str) -> None:
+    # Kernels of several layouts, group sizes and taus (as group_weights="sqrt_size" gives them)
+    # are solved together as zero-padded rows; the 200x200 one (over BATCH_ENTRIES) alone, and
+    # the float32 one apart from the float64 ones. Each group against the independent Brent
+    # solve: float64 1e-12 relative (round-off), float32 1e-5 (float32 round-off times the
+    # conditioning of groups near the threshold).
+    ops, to_array, to_numpy = _ARRAY_OPS[framework]
+    rng = np.random.default_rng(17)
+    cases = [
+        ((3, 3, 4, 6), (3,), np.float64),
+        ((6, 4, 3, 3), (0,), np.float64),
+        ((9, 5), (0,), np.float64),
+        ((2, 7), (1,), np.float64),
+        ((200, 200), (1,), np.float64),
+        ((5, 3), (1,), np.float32),
+    ]
+    assert core.BATCH_ENTRIES < 200 * 200
+    zs, steps, taus = [], [], []
+    for shape, axes, dtype in cases:
+        z = rng.standard_normal(shape) * rng.uniform(0.01, 3, size=shape)
+        s = 10 ** rng.uniform(-4, 0, size=shape)
+        # About half of the groups at zero: tau the median of ||z_g / s_g||.
+        taus.append(float(np.median(np.linalg.norm(_rows(z, axes) / _rows(s, axes), axis=1))))
+        zs.append(z.astype(dtype))
+        steps.append(s.astype(dtype))
+    xs = core.preconditioned_block_proxes(
+        [to_array(z) for z in zs], [to_array(s) for s in steps], taus, [c[1] for c in cases], ops
+    )
+    for (shape, axes, dtype), z, s, tau, x in zip(cases, zs, steps, taus, xs, strict=True):
+        actual, name = to_numpy(x), f"{framework} {shape} axes {axes}"
+        assert actual.shape == shape and actual.dtype == dtype, name
+        z64, s64 = (_rows(a.astype(np.float64), axes) for a in (z, s))
+        expected = reference_rows(z64, s64, tau)
+        if dtype == np.float64:
+            _assert_matches(name, _rows(actual, axes), expected)
+        else:
+            np.testing.assert_allclose(_rows(actual, axes), expected, rtol=0, atol=1e-5)
+        zero = np.all(_rows(actual, axes) == 0, axis=1)
+        assert 0 < np.count_nonzero(zero) < len(zero), name
+
+
+def test_preconditioned_prox_of_many_tensors_with_a_dimension_unknown_when_tracing() -> None:
+    # A tf.function input of shape (None, 4) cannot be laid out as rows: it is solved alone, the
+    # other tensor as before; each group against the Brent solve (float64, 1e-12).
+    rng = np.random.default_rng(18)
+    z1, s1 = rng.standard_normal((5, 4)), 10 ** rng.uniform(-3, 0, (5, 4))
+    z2, s2 = rng.standard_normal((3, 6)), 10 ** rng.uniform(-3, 0, (3, 6))
+    unknown, known = tf.TensorSpec([None, 4], tf.float64), tf.TensorSpec([3, 6], tf.float64)
+
+    @tf.function(input_signature=[unknown, unknown, known, known])
+    def solve(a: tf.Tensor, b: tf.Tensor, c: tf.Tensor, d: tf.Tensor) -> list[tf.Tensor]:
+        ops = tfreg.proximal._OPS
+        return core.preconditioned_block_proxes([a, c], [b, d], [1.0, 2.0], [(1,), (1,)], ops)
+
+    x1, x2 = solve(z1, s1, z2, s2)
+    _assert_matches("unknown dimension", x1.numpy(), reference_rows(z1, s1, 1.0))
+    _assert_matches("known", x2.numpy(), reference_rows(z2, s2, 2.0))
+
+
+def test_newton_iteration_count_is_certified_in_float64() -> None:
+    # benchmarks/prox_newton_certificate.py on 150 of its stress groups: the kernel's iteration
+    # count is within ROUND_OFF allowances of the independent Brent root (its module docstring
+    # defines the allowance), and the criterion has teeth: 3 iterations are far outside it.
+    used = core.NEWTON_ITERATIONS
+    worst, nonfinite = prox_newton_certificate.certify(150, np.float64, [3, used])
+    assert nonfinite == {3: 0, used: 0}
+    round_off = prox_newton_certificate.ROUND_OFF
+    assert worst[used] <= round_off < 1e3 * round_off < worst[3]
 
 
 def test_group_weight() -> None:

@@ -81,8 +81,36 @@ class _TFOps:
         return tf.reduce_max(x, axis=axes, keepdims=True)
 
     @staticmethod
+    def maximum(x: tf.Tensor, floor: float) -> tf.Tensor:
+        return tf.maximum(x, tf.constant(floor, x.dtype))
+
+    @staticmethod
     def tiny(x: tf.Tensor) -> float:
         return float(np.finfo(x.dtype.as_numpy_dtype).tiny)
+
+    @staticmethod
+    def transpose(x: tf.Tensor, permutation: tuple[int, ...]) -> tf.Tensor:
+        return tf.transpose(x, permutation)
+
+    @staticmethod
+    def reshape(x: tf.Tensor, shape: tuple[int, ...]) -> tf.Tensor:
+        return tf.reshape(x, shape)
+
+    @staticmethod
+    def pad_columns(x: tf.Tensor, width: int) -> tf.Tensor:
+        return tf.pad(x, [[0, 0], [0, width]])
+
+    @staticmethod
+    def concat_rows(xs: Sequence[tf.Tensor]) -> tf.Tensor:
+        return tf.concat(list(xs), axis=0)
+
+    @staticmethod
+    def constant(values: np.ndarray, like: tf.Tensor) -> tf.Tensor:
+        return tf.constant(values, like.dtype)
+
+    @staticmethod
+    def kind(x: tf.Tensor) -> Any:
+        return x.dtype
 
 
 _OPS = _TFOps()
@@ -423,9 +451,12 @@ class ProximalGroupLasso(_Operator, _core.ProximalGroupLassoSpec):
                 t = _in_dtype(_threshold(learning_rate, tau), tf.as_dtype(v.dtype))
                 v.assign(_core.block_soft_threshold(tf.convert_to_tensor(v), t, axes, _OPS))
             return
-        for (v, axes, tau), s in zip(plans, steps, strict=True):
-            z = tf.convert_to_tensor(v)
-            v.assign(_core.preconditioned_block_prox(z, s, tau, axes, _OPS))
+        zs = [tf.convert_to_tensor(v) for v, _, _ in plans]
+        taus, group_axes = [tau for _, _, tau in plans], [a for _, a, _ in plans]
+        for (v, _, _), x in zip(
+            plans, _core.preconditioned_block_proxes(zs, steps, taus, group_axes, _OPS), strict=True
+        ):
+            v.assign(x)
 
 
 class ProximalChain(_core.ProximalChainSpec):

@@ -75,8 +75,36 @@ class _TorchOps:
         return torch.amax(x, dim=axes, keepdim=True)
 
     @staticmethod
+    def maximum(x: torch.Tensor, floor: float) -> torch.Tensor:
+        return torch.clamp_min(x, floor)
+
+    @staticmethod
     def tiny(x: torch.Tensor) -> float:
         return float(torch.finfo(x.dtype).tiny)
+
+    @staticmethod
+    def transpose(x: torch.Tensor, permutation: tuple[int, ...]) -> torch.Tensor:
+        return torch.permute(x, permutation)
+
+    @staticmethod
+    def reshape(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.reshape(x, shape)
+
+    @staticmethod
+    def pad_columns(x: torch.Tensor, width: int) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (0, width))
+
+    @staticmethod
+    def concat_rows(xs: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(list(xs), dim=0)
+
+    @staticmethod
+    def constant(values: Any, like: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(values, dtype=like.dtype, device=like.device)
+
+    @staticmethod
+    def kind(x: torch.Tensor) -> Any:
+        return (x.dtype, x.device)
 
 
 _OPS = _TorchOps()
@@ -339,12 +367,19 @@ class ProximalGroupLasso(_Operator, _core.ProximalGroupLassoSpec):
         if self.strength == 0:
             return  # the prox of a zero penalty is the identity
         with torch.no_grad():
+            if steps is not None:
+                taus, group_axes = [tau for _, _, tau in plans], [a for _, a, _ in plans]
+                zs = [t for t, _, _ in plans]
+                for t, x in zip(
+                    zs,
+                    _core.preconditioned_block_proxes(zs, steps, taus, group_axes, _OPS),
+                    strict=True,
+                ):
+                    t.copy_(x)
+                return
             for i, (t, axes, tau) in enumerate(plans):
-                if steps is None:
-                    threshold = torch.as_tensor(rates[i] * tau, dtype=t.dtype, device=t.device)
-                    t.copy_(_core.block_soft_threshold(t, threshold, axes, _OPS))
-                else:
-                    t.copy_(_core.preconditioned_block_prox(t, steps[i], tau, axes, _OPS))
+                threshold = torch.as_tensor(rates[i] * tau, dtype=t.dtype, device=t.device)
+                t.copy_(_core.block_soft_threshold(t, threshold, axes, _OPS))
 
 
 class ProximalChain(_core.ProximalChainSpec):
