@@ -27,8 +27,10 @@ from typing import Any, Literal
 import numpy as np
 
 from tfreg._compat import keras
-from tfreg.parity.capture import keras_watch
-from tfreg.parity.registry import (
+from tfreg_core.validation import choice
+from tfreg_harness.differences import note
+from tfreg_harness.keras_side.capture import keras_watch
+from tfreg_harness.keras_side.registry import (
     KERAS_WITHOUT_TORCH_LAYER,
     TORCH_WITHOUT_KERAS_LAYER,
     Context,
@@ -38,8 +40,6 @@ from tfreg.parity.registry import (
     registered,
     torch_classes,
 )
-from tfreg_core.validation import choice
-from tfreg_harness.differences import note
 
 # The layout torch's input has (see pair_layers); "auto" reads it off the torch layers.
 TorchInput = Literal["auto", "channels_first", "channels_last"]
@@ -176,7 +176,7 @@ def _group(
 ) -> tuple[tuple[str, Any], int]:
     """The ``torch_group`` of ``entry``: the consecutive leaves from ``start``, each of its part's
     class, as ``(joined name, TorchGroup)``, and the index after them."""
-    from tfreg.parity.group import TorchGroup
+    from tfreg_harness.keras_side.group import TorchGroup
 
     parts: list[tuple[str, str, Any]] = []
     for offset, (part, cls) in enumerate(zip(entry.torch_group, entry.torch_cls, strict=True)):
@@ -274,7 +274,11 @@ def pair_layers(
     configuration (see the module docstring). ``torch_input``: the layout torch's input has --
     ``"auto"``: channels first when the first Keras layer that decides it is a convolution,
     pooling or padding (torch's Conv/Pool modules need it), else as Keras has it."""
-    from tfreg.parity.kinds import TORCH_ACTIVATIONS, activation_problem, keras_activation
+    from tfreg_harness.keras_side.kinds import (
+        TORCH_ACTIVATIONS,
+        activation_problem,
+        keras_activation,
+    )
 
     choice(torch_input, "torch_input", ("auto", "channels_first", "channels_last"))
     all_layers = keras_layers(keras_model)

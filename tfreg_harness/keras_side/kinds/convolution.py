@@ -7,9 +7,9 @@ from typing import Any
 
 from torch import nn
 
-from tfreg.parity.kinds._common import VECTOR, L, as_tuple, first_mismatch
-from tfreg.parity.registry import Context, Weight, register_layer_pair
 from tfreg_harness.differences import note
+from tfreg_harness.keras_side.kinds._common import VECTOR, L, as_tuple, first_mismatch
+from tfreg_harness.keras_side.registry import Context, Weight, register_layer_pair
 from tfreg_harness.layouts import (
     conv_kernel_to_keras,
     conv_kernel_to_torch,

@@ -12,9 +12,9 @@
                       torch_optimizer=torch.optim.SGD(torch_module.parameters(), lr=0.125))
 
 Any built ``keras.Model`` (Sequential, functional, subclassed) and any ``nn.Module``: layers pair
-in definition order (``tfreg.parity.pairing``; override with ``layer_map``), each pair's
-configuration is checked by its registered kind (``tfreg.parity.kinds``), and weights are copied
-Keras -> torch (``transfer=False`` keeps the torch weights: test your own converter). The report
+in definition order (``pairing``; override with ``layer_map``), each pair's configuration
+is checked by its registered kind (``kinds``), and weights are copied Keras -> torch
+(``transfer=False`` keeps the torch weights: test your own converter). The report
 compares every paired layer's output, the logits, the loss and every parameter's gradient, and
 names the first layer and the first gradient that leave their tolerance; with ``steps``, the
 weights after each update, the BatchNorm moving statistics (torch's unbiased running variance
@@ -33,8 +33,12 @@ from typing import Any
 import numpy as np
 
 from tfreg._compat import keras, tf
-from tfreg.parity.devices import tf_device
-from tfreg.parity.models import (
+from tfreg_core.validation import InvalidArgumentError
+from tfreg_harness.compare import Comparison, compare, compare_floored
+from tfreg_harness.differences import note, torch_running_var_from_keras
+from tfreg_harness.divergence import LayerRecord, ParityReport
+from tfreg_harness.keras_side.devices import tf_device
+from tfreg_harness.keras_side.models import (
     LOSS_PAIRS,
     LossSpec,
     ModelPair,
@@ -51,17 +55,13 @@ from tfreg.parity.models import (
     settle_flatten_orders,
     torch_outputs_in_keras_layout,
 )
-from tfreg.parity.pairing import LayerMatch, PairingError, TorchInput
-from tfreg.parity.transfer import (
+from tfreg_harness.keras_side.pairing import LayerMatch, PairingError, TorchInput
+from tfreg_harness.keras_side.transfer import (
     ParameterPair,
     copy_weights,
     model_dtype,
     trainable_mismatches,
 )
-from tfreg_core.validation import InvalidArgumentError
-from tfreg_harness.compare import Comparison, compare, compare_floored
-from tfreg_harness.differences import note, torch_running_var_from_keras
-from tfreg_harness.divergence import LayerRecord, ParityReport
 from tfreg_harness.report import Row
 from tfreg_harness.tolerances import resolve_rtol, zero_gradient_atol
 

@@ -2,9 +2,9 @@
 and the seed models built twice from one framework-neutral description.
 
 Inputs are always given in Keras' layout (channels last); torch receives them channels first
-when its first layers need it (see ``tfreg.parity.pairing.pair_layers``). Logits come out of
+when its first layers need it (see ``pairing.pair_layers``). Logits come out of
 both models: no softmax inside. Every paired layer's output is recorded on both sides
-(``tfreg.parity.capture``), so a comparison can name the first layer that diverges.
+(``tfreg_harness.keras_side.capture``), so a comparison can name the first layer that diverges.
 
 Dropout draws its masks from each framework's own RNG, which never agree even under the same
 seed; a training-mode run injects one NumPy keep-mask per Dropout layer (``dropout_masks``, see
@@ -19,11 +19,16 @@ from typing import Any
 
 import numpy as np
 
-from tfreg import architecture as keras_architecture
 from tfreg._compat import keras, tf
-from tfreg.parity.capture import keras_watch, torch_inputs, torch_watch
-from tfreg.parity.devices import tf_device, torch_device
-from tfreg.parity.pairing import (
+from tfreg_core.validation import InvalidArgumentError, choice, positive_int
+from tfreg_harness import architecture
+from tfreg_harness.compare import Comparison, compare, compare_floored
+from tfreg_harness.differences import note
+from tfreg_harness.divergence import LayerRecord, Stage
+from tfreg_harness.keras_side import architecture as keras_architecture
+from tfreg_harness.keras_side.capture import keras_watch, torch_inputs, torch_watch
+from tfreg_harness.keras_side.devices import tf_device, torch_device
+from tfreg_harness.keras_side.pairing import (
     LayerMatch,
     Pairing,
     TorchInput,
@@ -32,12 +37,12 @@ from tfreg.parity.pairing import (
     pair_layers,
     sample_input,
 )
-from tfreg.parity.transfer import ParameterPair, copy_weights, pairs_from, torch_to_numpy
-from tfreg_core.validation import InvalidArgumentError, choice, positive_int
-from tfreg_harness import architecture
-from tfreg_harness.compare import Comparison, compare, compare_floored
-from tfreg_harness.differences import note
-from tfreg_harness.divergence import LayerRecord, Stage
+from tfreg_harness.keras_side.transfer import (
+    ParameterPair,
+    copy_weights,
+    pairs_from,
+    torch_to_numpy,
+)
 from tfreg_harness.layouts import to_channels_first, to_channels_last
 from tfreg_harness.tolerances import (
     gradient_scales,
@@ -97,7 +102,7 @@ def build_pair(
     """Both models for ``spec`` (a ``tfreg_harness.architecture`` description); with ``rng``,
     weights drawn from it (``architecture.initial_weights``) are loaded into both, so they
     compute the same function."""
-    from torchref import architecture as torch_architecture
+    from tfreg_harness.torch_side import architecture as torch_architecture
 
     choice(dtype, "dtype", DTYPES)
     with tf.device(tf_device(device)):
@@ -315,7 +320,7 @@ def dropout_masks_for(keras_model: Any, x: Any, rng: np.random.Generator) -> lis
 
 
 def _noise_shape(layer: Any, shape: tuple[int, ...]) -> tuple[int, ...]:
-    from tfreg.parity.kinds import CHANNEL_DROPOUT
+    from tfreg_harness.keras_side.kinds import CHANNEL_DROPOUT
 
     if isinstance(layer, tuple(CHANNEL_DROPOUT)):
         return (shape[0], *([1] * (len(shape) - 2)), shape[-1])
@@ -386,7 +391,7 @@ class Evaluation:
 
 
 def _split_activation(pairing: Pairing) -> frozenset[int]:
-    from tfreg.parity.kinds import keras_activation
+    from tfreg_harness.keras_side.kinds import keras_activation
 
     return frozenset(
         id(m.keras_layer)

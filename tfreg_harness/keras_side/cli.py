@@ -24,9 +24,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tfreg.parity.checks import GROUPS
 from tfreg_harness.deadline import DEFAULT_TIMEOUT_S, timeout_seconds
 from tfreg_harness.exits import guarded, unusable
+from tfreg_harness.keras_side.checks import GROUPS
 from tfreg_harness.outputs import OutputPathError, check_output_path, write_text_atomic
 from tfreg_harness.report import Report, Row
 
@@ -59,7 +59,7 @@ examples:
   tfreg-parity                      quick matrix on CPU (what `make demo` runs)
   tfreg-parity --full --device all  everything, on CPU and (if visible) GPU
   tfreg-parity --group models --json out.json --junit-xml parity.xml --plot parity-plots/
-  tfreg-parity --model tests.parity_pairs:make_pair   your own pair (see tfreg.parity.user_pair)
+  tfreg-parity --model tests.parity_pairs:make_pair   your own pair (see keras_side/user_pair.py)
 
   tfreg-parity --model tests.parity_pairs:make_pair --record pair.npz \
       --torch-factory tests.parity_pairs:make_torch   record your pair for torchref.verify
@@ -198,7 +198,7 @@ def _run(args: argparse.Namespace) -> int | tuple[Report, list[float | None], fl
 
     # Each check builds fresh trainers, whose first traces TF would report as "retracing".
     tf.get_logger().setLevel("ERROR")
-    from tfreg.parity.devices import available_devices
+    from tfreg_harness.keras_side.devices import available_devices
 
     devices = ["cpu", "gpu"] if args.device == "all" else [args.device]
     # --device all asks for the GPU where there is one; --device gpu asks for it outright.
@@ -208,7 +208,11 @@ def _run(args: argparse.Namespace) -> int | tuple[Report, list[float | None], fl
     report = Report()
     seconds: list[float | None] = []
     if args.model:
-        from tfreg.parity.user_pair import PairFactoryExited, PairSpecError, check_user_pair
+        from tfreg_harness.keras_side.user_pair import (
+            PairFactoryExited,
+            PairSpecError,
+            check_user_pair,
+        )
 
         try:
             report = check_user_pair(args.model, devices=[d for d in devices if d not in missing])
@@ -222,7 +226,7 @@ def _run(args: argparse.Namespace) -> int | tuple[Report, list[float | None], fl
             report.extend([_missing_row(f"model {args.model}", "-", device, optional)])
             seconds.append(0.0)
     else:
-        from tfreg.parity.checks import run_one, selected
+        from tfreg_harness.keras_side.checks import run_one, selected
 
         try:
             checks = selected(full=args.full, groups=args.group)
@@ -251,8 +255,8 @@ def _run(args: argparse.Namespace) -> int | tuple[Report, list[float | None], fl
         if args.model and status != 0:
             recorded = f"not recorded to {args.record}: the pair did not pass here"
         elif args.model:
-            from tfreg.parity.record import record_user_pair
-            from tfreg.parity.user_pair import PairSpecError
+            from tfreg_harness.keras_side.record import record_user_pair
+            from tfreg_harness.keras_side.user_pair import PairSpecError
 
             try:
                 record_user_pair(args.record, args.model, args.torch_factory)
@@ -260,7 +264,7 @@ def _run(args: argparse.Namespace) -> int | tuple[Report, list[float | None], fl
                 return _error(str(exc))
             recorded = f"recorded your pair ({args.model}) to {args.record}"
         else:
-            from tfreg.parity.record import record_bundle
+            from tfreg_harness.keras_side.record import record_bundle
 
             n_cases = record_bundle(args.record)
             recorded = f"recorded {n_cases} TensorFlow cases to {args.record}"
@@ -327,7 +331,7 @@ def _verdict(report: Report, *, missing_allowed: bool) -> tuple[int, str]:
 
 
 def _environment() -> dict[str, Any]:
-    from tfreg.parity.environment import machine, versions
+    from tfreg_harness.keras_side.environment import machine, versions
 
     return {"versions": versions(), "machine": machine()}
 
