@@ -24,7 +24,7 @@ from tfreg_core.validation import InvalidArgumentError, choice, positive_int
 from tfreg_harness import architecture
 from tfreg_harness.compare import Comparison, compare, compare_floored
 from tfreg_harness.differences import note
-from tfreg_harness.divergence import LayerRecord, Stage
+from tfreg_harness.divergence import LayerRecord
 from tfreg_harness.keras_side import architecture as keras_architecture
 from tfreg_harness.keras_side.capture import keras_watch, torch_inputs, torch_watch
 from tfreg_harness.keras_side.devices import tf_device, torch_device
@@ -47,7 +47,7 @@ from tfreg_harness.layouts import to_channels_first, to_channels_last
 from tfreg_harness.tolerances import (
     gradient_scales,
     resolve_rtol,
-    zero_gradient_atol,
+    zero_atol,
 )
 
 DTYPES: tuple[str, ...] = ("float32", "float64")
@@ -675,18 +675,6 @@ def compare_outputs(name: str, actual: Any, expected: Any, *, rtol: float) -> li
     return [compare(f"{name} {k}", actual[k], expected[k], rtol=rtol) for k in expected]
 
 
-def _record(comparison: Comparison, kind: str, stage: Stage, absolute: bool) -> LayerRecord:
-    return LayerRecord(
-        name=comparison.name,
-        kind=kind,
-        stage=stage,
-        max_abs=comparison.max_abs,
-        rel=None if absolute else comparison.max_rel,
-        tolerance=comparison.atol if absolute else comparison.rtol,
-        passed=comparison.passed,
-    )
-
-
 def compare_layers(
     pairing: Pairing, keras_eval: Evaluation, torch_eval: Evaluation, *, rtol: float
 ) -> list[LayerRecord]:
@@ -721,15 +709,9 @@ def compare_layers(
             )
             continue
         records.append(
-            _record(compare(match.name, actual, expected, rtol=rtol), kind, "output", False)
+            LayerRecord.of(compare(match.name, actual, expected, rtol=rtol), kind, "output")
         )
     return records
-
-
-def gradient_scale(keras_eval: Evaluation) -> float:
-    return max(
-        (float(np.max(np.abs(g), initial=0.0)) for g in keras_eval.gradients.values()), default=0.0
-    )
 
 
 def compare_evaluations(
@@ -746,7 +728,7 @@ def compare_evaluations(
     A gradient's relative error is measured against its layer's largest gradient entry
     (``tfreg_harness.tolerances.GRADIENT_SCALE_RULE``: a bias gradient that cancels to a small
     value carries the round-off of its large terms). A gradient whose Keras value lies within
-    ``zero_gradient_atol(dtype, G)`` of 0 (``G`` the model's largest gradient entry) is
+    ``zero_atol(dtype, gradients)`` of 0 (64 ulps of the model's largest gradient entry) is
     analytically zero -- a bias feeding a train-mode BatchNorm -- and both frameworks return
     round-off; it is compared with that absolute bound (rtol 0, named ``grad PATH == 0``),
     never relatively (:func:`compare_floored`).
@@ -776,7 +758,7 @@ def compare_evaluations(
                 False,
             )
         )
-    atol = zero_gradient_atol(dtype, gradient_scale(keras_eval))
+    atol = zero_atol(dtype, keras_eval.gradients.values())
     scales = gradient_scales(keras_eval.gradients)
     for path, expected in keras_eval.gradients.items():
         if path not in torch_eval.ungraded:
@@ -786,6 +768,20 @@ def compare_evaluations(
                     f"grad {path}", actual, expected, rtol=rtol, atol=atol, scale=scales[path]
                 )
             )
+    return out
+
+
+def gradient_records(
+    comparisons: Sequence[Comparison], kinds: Mapping[str, str]
+) -> list[LayerRecord]:
+    """The gradient comparisons of :func:`compare_evaluations` (``grad PATH``, ``grad PATH ==
+    0``) as records named by the Keras variable ``PATH``; ``kinds`` maps a path to its layer's
+    kind."""
+    out = []
+    for c in comparisons:
+        if c.name.startswith("grad "):
+            path = c.name.removeprefix("grad ").removesuffix(" == 0")
+            out.append(replace(LayerRecord.of(c, kinds.get(path, ""), "gradient"), name=path))
     return out
 
 
@@ -828,7 +824,7 @@ __all__ = [
     "evaluate_torch",
     "forward_keras",
     "forward_torch",
-    "gradient_scale",
+    "gradient_records",
     "in_keras_layout",
     "keras_loss",
     "keras_outputs",

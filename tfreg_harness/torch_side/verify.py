@@ -48,7 +48,7 @@ from tfreg_harness.exits import guarded, one_line, unusable
 from tfreg_harness.factories import FactorySpecError, import_factory
 from tfreg_harness.outputs import OutputPathError, check_output_path, write_text_atomic
 from tfreg_harness.report import Report, Row
-from tfreg_harness.tolerances import tolerance, zero_gradient_atol
+from tfreg_harness.tolerances import resolve_rtol, tolerance, zero_atol
 from tfreg_harness.torch_side.architecture import build_model
 from torchref import regularizers
 from torchref._compat import torch
@@ -419,11 +419,10 @@ def _verify_pair(case: Case, device: str) -> list[Comparison]:
         return out, value
 
     claim_rtol = case.params.get("rtol")
-    rtol = tolerance(case.claim, case.dtype).rtol if claim_rtol is None else claim_rtol
+    rtol = resolve_rtol(case.claim, case.dtype, claim_rtol)
     logits, value = evaluate()
     expected_grads = {name: case.arrays[f"grad/{name}"] for name in grads}
-    scale = max(float(np.max(np.abs(g), initial=0.0)) for g in expected_grads.values())
-    atol = zero_gradient_atol(case.dtype, scale)
+    atol = zero_atol(case.dtype, expected_grads.values())
 
     def host(tensor: Any) -> np.ndarray:
         return np.asarray(tensor.detach().cpu().numpy())
@@ -441,11 +440,8 @@ def _verify_pair(case: Case, device: str) -> list[Comparison]:
         for n in grads
     ]
     if steps:
-        step_rtol = tolerance("trajectory", case.dtype).rtol if claim_rtol is None else claim_rtol
-        weight_scale = max(
-            float(np.max(np.abs(case.arrays[f"state/{n}"]), initial=0.0)) for n in grads
-        )
-        step_atol = zero_gradient_atol(case.dtype, weight_scale)
+        step_rtol = resolve_rtol("trajectory", case.dtype, claim_rtol)
+        step_atol = zero_atol(case.dtype, (case.arrays[f"state/{n}"] for n in grads))
         for step in range(1, steps + 1):
             if step > 1:
                 evaluate()
