@@ -27,18 +27,18 @@ from typing import Any
 from tfreg_harness.deadline import DEFAULT_TIMEOUT_S, timeout_seconds
 from tfreg_harness.exits import guarded, unusable
 from tfreg_harness.keras_side.checks import GROUPS
-from tfreg_harness.outputs import OutputPathError, check_output_path, write_text_atomic
+from tfreg_harness.outputs import (
+    REPORT_OUTPUTS,
+    OutputPathError,
+    add_report_outputs,
+    check_output_paths,
+    write_text_atomic,
+)
 from tfreg_harness.report import Report, Row
 
 PROG = "tfreg-parity"
-# (option, attribute, a directory?) of every file the run writes.
-OUTPUTS = (
-    ("--json", "json", False),
-    ("--markdown", "markdown", False),
-    ("--junit-xml", "junit_xml", False),
-    ("--plot", "plot", True),
-    ("--record", "record", False),
-)
+# (option, attribute) of every file the run writes; --plot names a folder.
+OUTPUTS = (*REPORT_OUTPUTS, ("--plot", "plot"), ("--record", "record"))
 
 _DESCRIPTION = """\
 Run the TensorFlow/Keras vs PyTorch parity matrix and print a table: check, dtype, device,
@@ -115,11 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="check your own pair: FUNCTION() returns (keras_model, torch_module, x, y) or a "
         "dict with those keys plus check_parity keyword arguments",
     )
-    parser.add_argument("--json", metavar="PATH", help="also write the report as JSON")
-    parser.add_argument("--markdown", metavar="PATH", help="also write the report as Markdown")
-    parser.add_argument(
-        "--junit-xml", metavar="PATH", help="also write JUnit XML (one testcase per row) for CI"
-    )
+    add_report_outputs(parser, testcase="row")
     parser.add_argument(
         "--plot",
         metavar="DIR",
@@ -182,9 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     _check_arguments(parser, args)
     try:
-        for option, attribute, directory in OUTPUTS:
-            if getattr(args, attribute) is not None:
-                check_output_path(option, getattr(args, attribute), directory=directory)
+        check_output_paths(args, OUTPUTS, folders=("--plot",))
     except OutputPathError as exc:
         return _error(str(exc))
     what = PROG if not args.model else f"{PROG} --model {args.model}"

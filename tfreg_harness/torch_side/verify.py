@@ -46,7 +46,13 @@ from tfreg_harness.compare import Comparison, compare, compare_floored
 from tfreg_harness.deadline import DEFAULT_TIMEOUT_S, timeout_seconds
 from tfreg_harness.exits import guarded, one_line, unusable
 from tfreg_harness.factories import FactorySpecError, import_factory
-from tfreg_harness.outputs import OutputPathError, check_output_path, write_text_atomic
+from tfreg_harness.outputs import (
+    REPORT_OUTPUTS,
+    OutputPathError,
+    add_report_outputs,
+    check_output_paths,
+    write_text_atomic,
+)
 from tfreg_harness.report import Report, Row
 from tfreg_harness.tolerances import resolve_rtol, tolerance, zero_atol
 from tfreg_harness.torch_side.architecture import build_model
@@ -544,11 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("bundle", help="a .npz written by `tfreg-parity --record PATH`")
     parser.add_argument("--device", default="cpu", help='torch device: "cpu", "cuda", "gpu"')
-    parser.add_argument("--json", metavar="PATH", help="also write the report as JSON")
-    parser.add_argument("--markdown", metavar="PATH", help="also write the report as Markdown")
-    parser.add_argument(
-        "--junit-xml", metavar="PATH", help="also write JUnit XML (one testcase per case) for CI"
-    )
+    add_report_outputs(parser, testcase="case")
     parser.add_argument(
         "--timeout",
         type=timeout_seconds,
@@ -566,18 +568,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-OUTPUT_OPTIONS = (("--json", "json"), ("--markdown", "markdown"), ("--junit-xml", "junit_xml"))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not (math.isfinite(args.max_bundle_mb) and args.max_bundle_mb > 0):
         parser.error(f"--max-bundle-mb must be > 0. Received: {args.max_bundle_mb}")
     try:
-        for option, attribute in OUTPUT_OPTIONS:
-            if getattr(args, attribute) is not None:
-                check_output_path(option, getattr(args, attribute))
+        check_output_paths(args, REPORT_OUTPUTS)
     except OutputPathError as exc:
         return _error(str(exc))
     if torch_device(args.device).startswith("cuda"):
