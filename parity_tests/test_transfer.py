@@ -320,6 +320,8 @@ def test_parity_imports_without_torch() -> None:
         "assert tfreg.architecture is side.architecture\n"
         "import tfreg.parity.checks.models\n"  # a nested module: the same object, loaded once
         "assert tfreg.parity.checks.models is side.checks.models\n"
+        "import importlib.util\n"
+        "assert importlib.util.find_spec('tfreg.parity.no_such_module') is None\n"
         "assert side.models.__spec__.name == 'tfreg_harness.keras_side.models'\n"
         "assert tfreg.parity.flatten_permutation((1, 2)).tolist() == [0, 1]\n"
     )

@@ -90,6 +90,8 @@ class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     ) -> importlib.machinery.ModuleSpec | None:
         if not fullname.startswith(__name__ + ".") or fullname == __name__ + ".__main__":
             return None
+        if importlib.util.find_spec(_HOME + fullname.removeprefix(__name__)) is None:
+            return None  # no such module: the import fails under the name it was asked by
         return importlib.util.spec_from_loader(fullname, self)
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:

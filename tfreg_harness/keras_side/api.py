@@ -69,15 +69,24 @@ from tfreg_harness.report import Row
 from tfreg_harness.tolerances import resolve_rtol, zero_atol
 
 
-def _row(c: Comparison, dtype: str, device: str, detail: str = "") -> Row:
+def _row(
+    found: Comparison | LayerRecord,
+    dtype: str,
+    device: str,
+    detail: str = "",
+    *,
+    check: str | None = None,
+) -> Row:
+    """A comparison's or a layer record's row (``check``: its name, else the comparison's)."""
+    r = found if isinstance(found, LayerRecord) else LayerRecord.of(found, "", "output")
     return Row(
-        c.name,
+        check or r.name,
         dtype,
         device,
-        "pass" if c.passed else "fail",
-        max_abs=c.max_abs,
-        max_rel=c.relative_error,
-        tolerance=c.bound,
+        "pass" if r.passed else "fail",
+        max_abs=r.max_abs,
+        max_rel=r.rel,
+        tolerance=r.tolerance,
         detail=detail,
     )
 
@@ -85,18 +94,6 @@ def _row(c: Comparison, dtype: str, device: str, detail: str = "") -> Row:
 def _failures(found: list[tuple[str, str]], dtype: str, device: str) -> list[Row]:
     """A failed row per ``(check, cause)`` a probe found."""
     return [Row(check, dtype, device, "fail", detail=why) for check, why in found]
-
-
-def _record_row(r: LayerRecord, dtype: str, device: str) -> Row:
-    return Row(
-        f"output {r.name}",
-        dtype,
-        device,
-        "pass" if r.passed else "fail",
-        max_abs=r.max_abs,
-        max_rel=r.rel,
-        tolerance=r.tolerance,
-    )
 
 
 def _batchnorms(pair: ModelPair) -> list[tuple[LayerMatch, ParameterPair, ParameterPair]]:
@@ -443,7 +440,8 @@ def _report(
     """Report one pass: its records, a row per comparison, then a row per layer output."""
     report.layers = records
     report.extend([_row(c, dtype, device) for c in comparisons])
-    report.extend([_record_row(r, dtype, device) for r in records if r.stage == "output"])
+    outputs = [r for r in records if r.stage == "output"]
+    report.extend([_row(r, dtype, device, check=f"output {r.name}") for r in outputs])
 
 
 def _take_steps(
