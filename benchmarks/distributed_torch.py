@@ -47,7 +47,7 @@ def main() -> None:
 
     import torchref
     from examples.cnn_weight_regularization import NOTEBOOK_CNN
-    from torchref.architecture import build_model
+    from tfreg_harness.torch_side.architecture import build_model
 
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo")

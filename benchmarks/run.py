@@ -216,8 +216,8 @@ def keras_cnn(input_size: int) -> Any:
     """The seed CNN (``tfreg_harness.architecture.cnn_spec``) in Keras, float32, fixed seed."""
     import keras
 
-    from tfreg.architecture import build_model
     from tfreg_harness.architecture import cnn_spec
+    from tfreg_harness.keras_side.architecture import build_model
 
     keras.utils.set_random_seed(0)
     return build_model(cnn_spec(), (input_size, input_size, 1), dtype="float32")
@@ -231,7 +231,7 @@ def torch_cnn(input_size: int) -> Any:
     import torch
 
     from tfreg_harness.architecture import cnn_spec
-    from torchref.architecture import build_model
+    from tfreg_harness.torch_side.architecture import build_model
 
     torch.manual_seed(0)
     return build_model(cnn_spec(), (input_size, input_size, 1), dtype="float32")
@@ -241,7 +241,7 @@ def seed_cnns(input_size: int, frameworks: Sequence[str], device: str) -> tuple[
     """(Keras template, torch template) of the seed CNN; None for a framework not benchmarked.
     With both, ``build_cnn`` loads identical NumPy weights into the two."""
     if "tf" in frameworks and "torch" in frameworks:
-        from tfreg.parity.models import build_cnn
+        from tfreg_harness.keras_side.models import build_cnn
 
         pair = build_cnn(
             dtype="float32",

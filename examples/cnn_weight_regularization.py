@@ -138,9 +138,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--lr", type=float, default=0.05, help="learning rate")
     parser.add_argument("--wd", type=float, default=0.1, help="weight decay (notebook: 0.1)")
     args = parser.parse_args(argv)
-    from tfreg.architecture import build_model as build_keras
     from tfreg.parity import load_weights
-    from torchref.architecture import build_model as build_torch
+    from tfreg_harness.keras_side.architecture import build_model as build_keras
+    from tfreg_harness.torch_side.architecture import build_model as build_torch
 
     start = time.perf_counter()
     data = load_mnist(args.mnist)

@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     import torchref
     from tfreg_harness.layouts import to_torch_input
-    from torchref.architecture import build_model
+    from tfreg_harness.torch_side.architecture import build_model
 
     distributed = "RANK" in os.environ  # set by torchrun
     if distributed:

@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     import tensorflow as tf
 
     import tfreg
-    from tfreg.architecture import build_model
+    from tfreg_harness.keras_side.architecture import build_model
 
     if "TF_CONFIG" in os.environ:  # created before any other TensorFlow work
         options = tf.distribute.experimental.CommunicationOptions(

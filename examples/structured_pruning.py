@@ -45,7 +45,7 @@ if __package__ in (None, ""):  # run as a script: make the `examples` package im
 import tfreg
 from examples._common import load_mnist, make_parser, pyplot, save_figure, table
 from tfreg.parity import seed_everything
-from tfreg.parity.models import build_cnn
+from tfreg_harness.keras_side.models import build_cnn
 
 LR = 3e-3
 

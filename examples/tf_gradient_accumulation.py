@@ -48,7 +48,7 @@ import tfreg
 import torchref
 from examples._common import load_mnist, make_parser, pyplot, save_figure
 from tfreg.parity import seed_everything
-from tfreg.parity.models import build_cnn
+from tfreg_harness.keras_side.models import build_cnn
 from tfreg_harness.layouts import to_torch_input
 
 MICRO_BATCH, STEPS = 64, 4  # 4 x 64 accumulated vs one batch of 256

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tfreg.parity import seed_everything
-from tfreg.parity.devices import available_devices
+from tfreg_harness.keras_side.devices import available_devices
 
 SEED = 20261123
 

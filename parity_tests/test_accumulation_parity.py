@@ -23,10 +23,10 @@ import torch
 
 import tfreg
 import torchref
-from tfreg.parity.devices import tf_device, torch_device
-from tfreg.parity.models import build_mlp
-from tfreg.parity.transfer import parameter_pairs, torch_to_numpy
 from tfreg_harness import assert_close, tolerance
+from tfreg_harness.keras_side.devices import tf_device, torch_device
+from tfreg_harness.keras_side.models import build_mlp
+from tfreg_harness.keras_side.transfer import parameter_pairs, torch_to_numpy
 
 CLASSES, FEATURES = 3, 6
 

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from tfreg.parity import assert_parity, check_parity, seed_everything
-from tfreg.parity.devices import tf_device, torch_device
+from tfreg_harness.keras_side.devices import tf_device, torch_device
 from tfreg_harness.tolerances import tolerance, zero_gradient_atol
-from torchref.architecture import KerasGELU
+from tfreg_harness.torch_side.architecture import KerasGELU
 
 
 def _models(dtype: str, device: str, *, torch_activation: type = nn.ReLU):

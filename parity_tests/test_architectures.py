@@ -128,7 +128,7 @@ def test_two_heads_loss_is_the_weighted_sum_of_the_two_losses() -> None:
     round-off)."""
     import numpy as np
 
-    from tfreg.parity.models import ModelPair, evaluate_keras
+    from tfreg_harness.keras_side.models import ModelPair, evaluate_keras
 
     pair = _module("twoheads").make_pair()
     keras_model, x, y = pair["keras_model"], pair["x"], pair["y"]

@@ -19,15 +19,6 @@ import pytest
 from torch import nn
 
 from tfreg._compat import keras
-from tfreg.parity.models import (
-    ModelPair,
-    build_mlp,
-    build_pair,
-    forward_keras,
-    forward_torch,
-    model_parity,
-)
-from tfreg.parity.transfer import torch_to_numpy, transfer_weights
 from tfreg_harness.architecture import BatchNorm
 from tfreg_harness.compare import assert_close, compare
 from tfreg_harness.differences import (
@@ -35,6 +26,15 @@ from tfreg_harness.differences import (
     keras_moving_variance_from_torch,
     torch_running_var_from_keras,
 )
+from tfreg_harness.keras_side.models import (
+    ModelPair,
+    build_mlp,
+    build_pair,
+    forward_keras,
+    forward_torch,
+    model_parity,
+)
+from tfreg_harness.keras_side.transfer import torch_to_numpy, transfer_weights
 from tfreg_harness.layouts import to_keras_output
 from tfreg_harness.tolerances import tolerance
 

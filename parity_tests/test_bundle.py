@@ -8,11 +8,11 @@ import sys
 import numpy as np
 import pytest
 
-from tfreg.parity.devices import torch_device
-from tfreg.parity.record import record_bundle
 from tfreg_harness.bundle import BundleError, Case, load_bundle, save_bundle
-from torchref.verify import main as verify_main
-from torchref.verify import verify_bundle
+from tfreg_harness.keras_side.devices import torch_device
+from tfreg_harness.keras_side.record import record_bundle
+from tfreg_harness.torch_side.verify import main as verify_main
+from tfreg_harness.torch_side.verify import verify_bundle
 
 
 @pytest.fixture(scope="module")

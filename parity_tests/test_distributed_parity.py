@@ -124,7 +124,7 @@ def tf_main(directory: Path) -> None:
     import keras
 
     import tfreg
-    from tfreg.architecture import build_model
+    from tfreg_harness.keras_side.architecture import build_model
 
     inputs = np.load(directory / "inputs.npz")
     initial = [inputs[f"keras_{i}"] for i in range(int(inputs["keras_count"]))]
@@ -159,7 +159,7 @@ def tf_main(directory: Path) -> None:
 
 
 def _rank(rank: int, port: int, directory: str) -> None:
-    from torchref.architecture import build_model
+    from tfreg_harness.torch_side.architecture import build_model
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -211,7 +211,7 @@ def _free_port() -> int:
 def initial_pair() -> Any:
     """The model pair, weights from one NumPy draw loaded into Keras and transferred to torch
     through the layout maps (``build_pair``)."""
-    from tfreg.parity.models import build_pair
+    from tfreg_harness.keras_side.models import build_pair
 
     return build_pair(SPEC, (FEATURES,), dtype="float64", rng=np.random.default_rng(3))
 

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from tfreg.parity import assert_parity, check_parity, seed_everything
-from tfreg.parity.models import dropout_masks_for
 from tfreg_harness.differences import torch_batchnorm_kwargs
+from tfreg_harness.keras_side.models import dropout_masks_for
 
 F64 = "float64"
 
@@ -350,7 +350,7 @@ def _two_heads_data() -> tuple[np.ndarray, dict[str, np.ndarray]]:
 def test_dict_outputs_with_a_loss_dict_and_weights_forward_gradients_trajectory() -> None:
     """Before: ``AttributeError: 'dict' object has no attribute 'shape'``; with a loss dict,
     ``TypeError: unhashable type: 'dict'``."""
-    from tfreg.parity.models import ModelPair, evaluate_keras
+    from tfreg_harness.keras_side.models import ModelPair, evaluate_keras
 
     x, y = _two_heads_data()
     keras_model, torch_module = _two_heads_keras(), _TwoHeads().double()

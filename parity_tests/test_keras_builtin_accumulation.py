@@ -16,8 +16,8 @@ import pytest
 import tensorflow as tf
 
 import tfreg
-from tfreg.parity.models import build_mlp
 from tfreg_harness import assert_close, compare, tolerance
+from tfreg_harness.keras_side.models import build_mlp
 
 FEATURES, CLASSES = 6, 3
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from tfreg.parity import assert_parity, check_parity, seed_everything, transfer_weights
-from tfreg.parity.registry import kind_list
+from tfreg_harness.keras_side.registry import kind_list
 from tfreg_harness.tolerances import tolerance
 
 L = keras.layers

@@ -25,7 +25,7 @@ from torch import nn
 from tfreg.parity import assert_parity, check_parity, seed_everything, transfer_weights
 from tfreg_harness.differences import FRAMEWORK_DIFFERENCES
 from tfreg_harness.tolerances import tolerance
-from torchref.architecture import KerasGELU, KerasLeakyReLU
+from tfreg_harness.torch_side.architecture import KerasGELU, KerasLeakyReLU
 
 L = keras.layers
 BATCH = 6

@@ -15,7 +15,9 @@ import torch
 from torch import nn
 
 from tfreg._compat import keras, tf
-from tfreg.parity.models import (
+from tfreg_harness.architecture import Dropout
+from tfreg_harness.compare import Comparison, assert_close
+from tfreg_harness.keras_side.models import (
     build_cnn,
     build_mlp,
     build_pair,
@@ -26,9 +28,7 @@ from tfreg.parity.models import (
     model_parity,
     torch_loss,
 )
-from tfreg.parity.seeding import seed_everything
-from tfreg_harness.architecture import Dropout
-from tfreg_harness.compare import Comparison, assert_close
+from tfreg_harness.keras_side.seeding import seed_everything
 from tfreg_harness.tolerances import tolerance
 
 BATCH = 32

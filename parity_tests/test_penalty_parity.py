@@ -22,8 +22,8 @@ import torch
 
 import tfreg
 import torchref
-from tfreg.parity.devices import tf_device, torch_device
 from tfreg_harness import assert_close, tolerance
+from tfreg_harness.keras_side.devices import tf_device, torch_device
 
 
 class Penalty(NamedTuple):

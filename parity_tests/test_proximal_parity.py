@@ -1,8 +1,9 @@
 """Proximal group lasso parity: tfreg.Trainer and torchref.Trainer follow the same trajectory to
 the same exact zero groups, under SGD, SGD with momentum and Adam, with accumulation k in {1, 3}.
 
-Set-up: an MLP 8 -> 6 -> 3 (tfreg.parity.models.build_mlp: identical initial weights), 48
-examples whose class depends on the first 3 features only, micro-batches of 4, about 60 updates.
+Set-up: an MLP 8 -> 6 -> 3 (tfreg_harness.keras_side.models.build_mlp: identical initial
+weights), 48 examples whose class depends on the first 3 features only, micro-batches of 4,
+about 60 updates.
 The prox groups each kernel's *input* units: Keras kernel ``(in, out)`` ``axis=1``, torch
 ``Linear.weight (out, in)`` ``axis=0`` -- the same groups in the other layout. Adam is Keras'
 ``Adam`` against ``torchref.KerasAdamW`` (Keras' epsilon placement; torch's own Adam thresholds
@@ -27,9 +28,9 @@ import torch
 import tfreg
 import torchref
 from tfreg.parity import seed_everything
-from tfreg.parity.models import build_mlp
-from tfreg.parity.transfer import parameter_pairs, torch_to_numpy
 from tfreg_harness import assert_close, tolerance
+from tfreg_harness.keras_side.models import build_mlp
+from tfreg_harness.keras_side.transfer import parameter_pairs, torch_to_numpy
 
 N, FEATURES, HIDDEN, CLASSES, BATCH = 48, 8, 6, 3, 4
 UPDATES = 60

@@ -13,12 +13,12 @@ import torch
 
 import tfreg
 import torchref
-from tfreg.architecture import build_model as build_keras
-from tfreg.parity.transfer import transfer_weights
 from tfreg_harness import tolerance
 from tfreg_harness.architecture import cnn_spec
+from tfreg_harness.keras_side.architecture import build_model as build_keras
+from tfreg_harness.keras_side.transfer import transfer_weights
 from tfreg_harness.layouts import to_channels_first
-from torchref.architecture import build_model as build_torch
+from tfreg_harness.torch_side.architecture import build_model as build_torch
 
 
 def _rel(a: np.ndarray, e: np.ndarray) -> float:

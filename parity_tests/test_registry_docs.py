@@ -1,12 +1,13 @@
-"""The README's list of built-in layer kinds is ``tfreg.parity.registry.kind_list()``'s output, so
-a kind added to the registry (in one place) cannot go undocumented, nor a listed kind vanish."""
+"""The README's list of built-in layer kinds is
+``tfreg_harness.keras_side.registry.kind_list()``'s output, so a kind added to the registry (in
+one place) cannot go undocumented, nor a listed kind vanish."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-from tfreg.parity.registry import kind_list
+from tfreg_harness.keras_side.registry import kind_list
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK = re.compile(r"<!-- kinds:start -->\n(.*?)<!-- kinds:end -->", re.DOTALL)

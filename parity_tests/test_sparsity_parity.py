@@ -22,12 +22,12 @@ import torch
 import tfreg
 import torchref
 from tfreg._compat import keras, tf
-from tfreg.parity.devices import tf_device
-from tfreg.parity.models import build_cnn, build_mlp, build_pair
-from tfreg.parity.transfer import torch_to_numpy, transfer_weights
 from tfreg_core.sparsity import SparsityReport
 from tfreg_harness.architecture import Dense
 from tfreg_harness.compare import assert_close
+from tfreg_harness.keras_side.devices import tf_device
+from tfreg_harness.keras_side.models import build_cnn, build_mlp, build_pair
+from tfreg_harness.keras_side.transfer import torch_to_numpy, transfer_weights
 from tfreg_harness.tolerances import tolerance
 
 STEPS = 200

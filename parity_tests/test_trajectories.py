@@ -30,9 +30,9 @@ import torch
 
 import tfreg
 import torchref
-from tfreg.parity.models import build_mlp
-from tfreg.parity.transfer import parameter_pairs, torch_to_numpy
 from tfreg_harness import assert_close, compare, tolerance
+from tfreg_harness.keras_side.models import build_mlp
+from tfreg_harness.keras_side.transfer import parameter_pairs, torch_to_numpy
 
 N, BATCH, STEPS, EPOCHS = 40, 4, 2, 20  # 100 updates
 FEATURES, CLASSES = 4, 3

@@ -13,9 +13,6 @@ import torch
 from torch import nn
 
 from tfreg._compat import keras
-from tfreg.architecture import build_model as build_keras
-from tfreg.parity.models import build_cnn, build_mlp, build_pair
-from tfreg.parity.transfer import load_weights, parameter_pairs, torch_to_numpy, transfer_weights
 from tfreg_core.validation import InvalidArgumentError
 from tfreg_harness.architecture import (
     BatchNorm,
@@ -27,6 +24,14 @@ from tfreg_harness.architecture import (
 )
 from tfreg_harness.compare import assert_close
 from tfreg_harness.differences import FRAMEWORK_DIFFERENCES
+from tfreg_harness.keras_side.architecture import build_model as build_keras
+from tfreg_harness.keras_side.models import build_cnn, build_mlp, build_pair
+from tfreg_harness.keras_side.transfer import (
+    load_weights,
+    parameter_pairs,
+    torch_to_numpy,
+    transfer_weights,
+)
 from tfreg_harness.layouts import (
     conv2d_kernel_to_keras,
     conv2d_kernel_to_torch,
@@ -36,7 +41,7 @@ from tfreg_harness.layouts import (
     to_torch_input,
 )
 from tfreg_harness.tolerances import tolerance
-from torchref.architecture import build_model as build_torch
+from tfreg_harness.torch_side.architecture import build_model as build_torch
 
 
 def test_dense_kernel_layout_hand_example() -> None:
@@ -291,8 +296,12 @@ def test_torch_side_builds_without_tensorflow() -> None:
     torch-only machine: the torch side must not import TensorFlow."""
     code = _BLOCK_TF + (
         "from tfreg_harness.architecture import cnn_spec\n"
+        "import importlib, pkgutil, tfreg_harness.torch_side as side\n"
+        "for m in pkgutil.iter_modules(side.__path__, side.__name__ + '.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "import torchref.architecture, torchref.verify\n"
+        "assert torchref.verify is sys.modules['tfreg_harness.torch_side.verify']\n"
         "from torchref.architecture import build_model\n"
-        "import torchref.verify\n"
         "m = build_model(cnn_spec(), (8, 8, 1), dtype='float32')\n"
         "assert [type(x).__name__ for x in m][:3] == ['Conv2d', 'ReLU', 'MaxPool2d']\n"
         "assert m[6].in_features == 4 * 4 * 16\n"
@@ -304,8 +313,16 @@ def test_torch_side_builds_without_tensorflow() -> None:
 
 def test_parity_imports_without_torch() -> None:
     code = _BLOCK_TORCH + (
-        "import tfreg.parity, tfreg.parity.transfer, tfreg.parity.models\n"
+        "import tfreg.parity, tfreg.parity.transfer, tfreg.parity.models, tfreg.architecture\n"
         "assert 'torch' not in sys.modules\n"
+        "import tfreg_harness.keras_side as side\n"
+        "assert tfreg.parity.models is side.models and tfreg.parity.transfer is side.transfer\n"
+        "assert tfreg.architecture is side.architecture\n"
+        "import tfreg.parity.checks.models\n"  # a nested module: the same object, loaded once
+        "assert tfreg.parity.checks.models is side.checks.models\n"
+        "import importlib.util\n"
+        "assert importlib.util.find_spec('tfreg.parity.no_such_module') is None\n"
+        "assert side.models.__spec__.name == 'tfreg_harness.keras_side.models'\n"
         "assert tfreg.parity.flatten_permutation((1, 2)).tolist() == [0, 1]\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -326,7 +343,7 @@ def test_model_checks_run_without_scikit_learn() -> None:
         "        if name.split('.')[0] == 'sklearn' and any(o in importer for o in OURS):\n"
         "            raise ImportError('scikit-learn is blocked for this test')\n"
         "sys.meta_path.insert(0, NoSklearn())\n"
-        "from tfreg.parity.checks import run_one, selected\n"
+        "from tfreg_harness.keras_side.checks import run_one, selected\n"
         "first = selected(full=False, groups=['models'])[:1]  # one check: the data path\n"
         "rows = [run_one(c, 'float64', 'cpu') for c in first]\n"
         "assert rows and all(r.status == 'pass' for r in rows), rows\n"

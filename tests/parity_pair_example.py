@@ -16,7 +16,7 @@ def _models(device: str, torch_activation: str) -> tuple[Any, Any]:
     import keras
 
     from tfreg._compat import tf
-    from tfreg.parity.devices import tf_device, torch_device
+    from tfreg_harness.keras_side.devices import tf_device, torch_device
 
     with tf.device(tf_device(device)):
         keras_model = keras.Sequential(

@@ -3,15 +3,19 @@
 Lowest layer first; each may import only the layers above it in this list:
 
 - ``tfreg_core``: framework-free runtime. Neither framework, nor tfreg/torchref/tfreg_harness.
-- ``tfreg_harness``: framework-free half of the parity harness. Neither framework, nor
-  tfreg/torchref -- except its pytest plugin, the entry point that wires it to ``tfreg.parity``,
-  which imports ``tfreg.parity`` inside a function (when a test uses the fixture).
+- ``tfreg_harness`` (its neutral core): framework-free half of the parity harness. Neither
+  framework, nor tfreg/torchref, nor either side of the harness.
 - ``tfreg`` (Keras) never imports torch/torchref; ``torchref`` never imports TensorFlow/Keras/tfreg.
-- ``tfreg.parity`` is the cross-framework harness: it sees both frameworks.
+  Neither imports the harness' sides.
+- ``tfreg_harness.torch_side``: the torch half of the harness (``torchref.verify``), importable
+  without TensorFlow: never TensorFlow/Keras/tfreg, nor the Keras side.
+- ``tfreg_harness.keras_side`` is the cross-framework harness: it sees both frameworks; so does
+  ``tfreg.parity``, the public names re-exported from it.
 
-Two checks: every import statement in the source (module level, inside functions and under
-``TYPE_CHECKING``: a lazy import is still a dependency) against that table and its one
-exception, and a fresh interpreter per package that imports every module and reads
+The old module names kept as aliases of their moved modules (``SHIMS``) are the one exception:
+each imports its new home, and nothing else. Two checks: every import statement in the source
+(module level, inside functions and under ``TYPE_CHECKING``: a lazy import is still a dependency)
+against that table, and a fresh interpreter per layer that imports every module and reads
 ``sys.modules`` (which also catches a dependency pulled in indirectly). A third pins that no
 two modules import each other, directly or around a longer circle.
 """
@@ -29,19 +33,30 @@ _PACKAGES = ("tfreg_core", "tfreg_harness", "tfreg", "torchref")
 _TF = frozenset({"tensorflow", "keras", "tf_keras"})
 _FRAMEWORKS = _TF | {"torch"}
 
-# Module prefix -> top-level packages it must not import; the longest matching prefix applies.
+_KERAS_SIDE = "tfreg_harness.keras_side"
+_TORCH_SIDE = "tfreg_harness.torch_side"
+_SIDES = frozenset({_KERAS_SIDE, _TORCH_SIDE})
+
+# Module prefix -> module prefixes it must not import; the longest matching prefix applies.
 FORBIDDEN: dict[str, frozenset[str]] = {
     "tfreg_core": _FRAMEWORKS | {"tfreg", "torchref", "tfreg_harness"},
-    "tfreg_harness": _FRAMEWORKS | {"tfreg", "torchref"},
-    "tfreg": frozenset({"torch", "torchref"}),
-    "tfreg.parity": frozenset(),  # the cross-framework harness
-    "torchref": _TF | {"tfreg"},
+    "tfreg_harness": _FRAMEWORKS | {"tfreg", "torchref"} | _SIDES,
+    _TORCH_SIDE: _TF | {"tfreg", _KERAS_SIDE},
+    _KERAS_SIDE: frozenset(),  # the cross-framework harness
+    "tfreg": frozenset({"torch", "torchref"}) | _SIDES,
+    "tfreg.parity": frozenset(),  # the public names of the cross-framework harness
+    "torchref": _TF | {"tfreg"} | _SIDES,
 }
-# (importing module, imported module prefix): allowed inside a function only.
-LAZY_EXCEPTIONS = {("tfreg_harness.pytest_plugin", "tfreg.parity")}
-# Cycles are checked everywhere but here: tfreg.parity's circles (kinds <-> registry, the
-# checks package <-> its modules) belong to the harness restructuring of issue 16.
-CYCLES_EXEMPT = ("tfreg.parity",)
+# Old module name -> the moved module it is an alias of (the only import it may make).
+SHIMS = {
+    "tfreg.architecture": f"{_KERAS_SIDE}.architecture",
+    "torchref.architecture": f"{_TORCH_SIDE}.architecture",
+    "torchref.verify": f"{_TORCH_SIDE}.verify",
+    "tfreg_harness.pytest_plugin": f"{_KERAS_SIDE}.pytest_plugin",
+}
+# Cycles are checked everywhere but here: the Keras side's circles (kinds <-> registry, the
+# checks package <-> its modules) register built-ins on first use.
+CYCLES_EXEMPT = (_KERAS_SIDE,)
 
 
 def _modules() -> dict[str, Path]:
@@ -79,9 +94,8 @@ def _imports(name: str, path: Path) -> list[tuple[str, int, bool]]:
     return found
 
 
-def _forbidden_for(module: str) -> frozenset[str]:
-    prefixes = [p for p in FORBIDDEN if module == p or module.startswith(p + ".")]
-    return FORBIDDEN[max(prefixes, key=len)]
+def _layer(module: str) -> str:
+    return max((p for p in FORBIDDEN if _within(module, p)), key=len)
 
 
 def _within(module: str, prefix: str) -> bool:
@@ -89,38 +103,37 @@ def _within(module: str, prefix: str) -> bool:
 
 
 def test_no_module_imports_a_layer_it_must_not() -> None:
-    violations, used = [], set()
+    violations = []
     for module, path in _modules().items():
-        forbidden = _forbidden_for(module)
+        forbidden = FORBIDDEN[_layer(module)]
         for target, line, in_function in _imports(module, path):
-            if target.split(".")[0] not in forbidden:
+            if module in SHIMS and target == "sys":
                 continue
-            allowed = {
-                exception
-                for exception in LAZY_EXCEPTIONS
-                if exception[0] == module and _within(target, exception[1])
-            }
-            if allowed and in_function:
-                used |= allowed
+            if module in SHIMS and _within(target, SHIMS[module]):
                 continue
-            where = "inside a function" if in_function else "at module level"
-            violations.append(f"{path.relative_to(_ROOT)}:{line}: imports {target} {where}")
+            if module in SHIMS or any(_within(target, f) for f in forbidden):
+                where = "inside a function" if in_function else "at module level"
+                violations.append(f"{path.relative_to(_ROOT)}:{line}: imports {target} {where}")
     assert violations == []
-    assert used == LAZY_EXCEPTIONS, "a stale allow-list entry: drop it"
 
 
 def test_importing_every_module_loads_no_forbidden_package() -> None:
-    """Each package in a fresh interpreter (all at once: a TensorFlow import takes seconds)."""
+    """Each layer in a fresh interpreter (all at once: a TensorFlow import takes seconds); a
+    layer's shims import their moved module, so that module's side is not forbidden there."""
     modules = _modules()
+    layers = [p for p in FORBIDDEN if FORBIDDEN[p]]  # the cross-framework layers forbid nothing
     checks = {
-        package: (
-            sorted(m for m in modules if _within(m, package) and not _within(m, "tfreg.parity")),
-            sorted(_forbidden_for(package)),
+        layer: (
+            sorted(m for m in modules if _layer(m) == layer),
+            sorted(
+                FORBIDDEN[layer]
+                - {_layer(new) for old, new in SHIMS.items() if _layer(old) == layer}
+            ),
         )
-        for package in _PACKAGES
+        for layer in layers
     }
     processes = {
-        package: subprocess.Popen(
+        layer: subprocess.Popen(
             [
                 sys.executable,
                 "-c",
@@ -136,11 +149,11 @@ def test_importing_every_module_loads_no_forbidden_package() -> None:
             cwd=_ROOT,
             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
         )
-        for package, (names, forbidden) in checks.items()
+        for layer, (names, forbidden) in checks.items()
     }
-    for package, process in processes.items():
+    for layer, process in processes.items():
         _, stderr = process.communicate(timeout=180)
-        assert process.returncode == 0, f"{package}: {stderr[-2000:]}"
+        assert process.returncode == 0, f"{layer}: {stderr[-2000:]}"
 
 
 def test_no_import_cycles() -> None:

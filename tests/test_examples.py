@@ -116,7 +116,7 @@ def test_cnn_example_weight_decay_equals_l2(tmp_path: Path) -> None:
 def test_cnn_example_torch_loop_does_not_sync_per_step(monkeypatch) -> None:
     import torch
 
-    from torchref.architecture import build_model
+    from tfreg_harness.torch_side.architecture import build_model
 
     module = build_model(cnn_weight_regularization.NOTEBOOK_CNN, (8, 8, 1), dtype="float64")
     x = np.random.default_rng(0).normal(size=(4, 8, 8, 1))

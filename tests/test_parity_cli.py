@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tfreg.parity import cli, devices
-from tfreg.parity.checks import GROUPS, Check, SkipCheck, registered_groups, run_one
 from tfreg_harness.compare import compare
+from tfreg_harness.keras_side import cli, devices
+from tfreg_harness.keras_side.checks import GROUPS, Check, SkipCheck, registered_groups, run_one
 from tfreg_harness.report import Report, Row
 
 
@@ -95,7 +95,7 @@ def test_cli_penalties_quick_writes_outputs_and_exits_zero(tmp_path, capsys) -> 
 
 
 def test_cli_exit_code_is_one_when_a_check_fails(monkeypatch, capsys) -> None:
-    from tfreg.parity import checks
+    from tfreg_harness.keras_side import checks
 
     failing = Check("always off", "broken", lambda d, dev: [compare("x", [2.0], [1.0], rtol=0)])
     monkeypatch.setattr(checks, "CHECKS", [*checks.CHECKS, failing])
@@ -150,7 +150,7 @@ def test_device_gpu_without_gpu_fails_unless_allowed(no_gpu, tmp_path, capsys) -
 
 
 def test_a_run_where_nothing_ran_is_not_green(monkeypatch, capsys) -> None:
-    from tfreg.parity import checks
+    from tfreg_harness.keras_side import checks
 
     only32 = Check(
         "f32 only", "f32", lambda d, dev: [compare("x", [1.0], [1.0], rtol=0)], dtypes=("float32",)
@@ -164,7 +164,7 @@ def test_a_run_where_nothing_ran_is_not_green(monkeypatch, capsys) -> None:
 
 
 def test_json_junit_and_plot_of_a_mixed_run(monkeypatch, tmp_path) -> None:
-    from tfreg.parity import checks
+    from tfreg_harness.keras_side import checks
 
     def crash(d, dev):
         raise RuntimeError("boom")
@@ -286,7 +286,9 @@ def test_model_on_gpu_needs_a_make_pair_that_takes_the_device(monkeypatch, capsy
 
 
 # scikit-learn is in no extra the parity install names; this wrapper makes it unimportable.
-_WITHOUT_SKLEARN = "import sys; sys.modules['sklearn'] = None; from tfreg.parity.cli import main; "
+_WITHOUT_SKLEARN = (
+    "import sys; sys.modules['sklearn'] = None; from tfreg_harness.keras_side.cli import main; "
+)
 
 
 def test_harness_runs_without_scikit_learn(tmp_path) -> None:
@@ -317,7 +319,7 @@ def test_harness_runs_without_scikit_learn(tmp_path) -> None:
 def test_unwritable_outputs_are_exit_2_before_the_run(
     monkeypatch, tmp_path, capsys, option, target, message
 ) -> None:
-    from tfreg.parity import checks
+    from tfreg_harness.keras_side import checks
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "r.json").write_text("{}")
@@ -331,8 +333,8 @@ def test_unwritable_outputs_are_exit_2_before_the_run(
 def test_json_exit_status_is_the_returned_one_when_a_late_write_fails(
     monkeypatch, tmp_path, capsys
 ) -> None:
-    from tfreg.parity import checks
     from tfreg_harness import junit
+    from tfreg_harness.keras_side import checks
 
     exact = Check("exact", "late", lambda d, dev: [compare("x", [1.0], [1.0], rtol=0)])
     monkeypatch.setattr(checks, "CHECKS", [*checks.CHECKS, exact])
@@ -371,7 +373,7 @@ def test_help_documents_every_exit_status() -> None:
 # torchref.verify on a machine without TensorFlow: the child cannot import it.
 _WITHOUT_TF = (
     "import sys; sys.modules['tensorflow'] = None; sys.modules['keras'] = None; "
-    "from torchref.verify import main; sys.exit(main(sys.argv[1:]))"
+    "from tfreg_harness.torch_side.verify import main; sys.exit(main(sys.argv[1:]))"
 )
 
 
@@ -405,7 +407,7 @@ def test_record_of_a_users_pair_is_verified_without_tensorflow(
     assert "1 passed, 0 failed" in good.stdout and "model parity_pair_example" in good.stdout
     # The same bundle naming a wrong port (tanh) fails: verify ran THEIR module.
     from tfreg_harness.bundle import save_bundle
-    from torchref.verify import main as verify_main
+    from tfreg_harness.torch_side.verify import main as verify_main
 
     case.params = case.params | {"torch_factory": "parity_pair_example:make_torch_tanh", "steps": 0}
     case.arrays = {k: v for k, v in case.arrays.items() if not k.startswith("step")}

@@ -1,4 +1,4 @@
-"""The pytest plugin (``tfreg_harness.pytest_plugin``): the ``parity`` fixture, tolerance
+"""The pytest plugin (``tfreg_harness.keras_side.pytest_plugin``): the ``parity`` fixture, tolerance
 overrides from ini / marker / call, device refusal, and an import that loads no framework.
 
 Inner sessions run in-process (pytester) with the plugin loaded by ``-p`` and the installed entry
@@ -16,7 +16,7 @@ import pytest
 pytest_plugins = ["pytester"]
 
 _ROOT = Path(__file__).resolve().parents[1]
-_PLUGIN = ["-p", "no:tfreg_parity", "-p", "tfreg_harness.pytest_plugin"]
+_PLUGIN = ["-p", "no:tfreg_parity", "-p", "tfreg_harness.keras_side.pytest_plugin"]
 
 # The pair's rows are float64 model_cross comparisons (table: 1e-10) and, with steps, float64
 # trajectory ones (table: 1e-9); each test below sets distinct values to see which one applied.
@@ -96,7 +96,7 @@ def test_bad_ini_policy_stops_the_session(inner) -> None:
 
 
 def test_missing_gpu_fails_the_test(inner, monkeypatch) -> None:
-    from tfreg.parity import devices
+    from tfreg_harness.keras_side import devices
 
     monkeypatch.setattr(devices, "available_devices", lambda: ["cpu"])  # whatever this has
     inner.makepyfile(test_gpu=_TESTS)
@@ -109,15 +109,17 @@ def test_entry_point_names_the_plugin_module() -> None:
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     project = tomllib.loads((_ROOT / "pyproject.toml").read_text())
     entry_points = project["project"]["entry-points"]["pytest11"]
-    assert entry_points == {"tfreg_parity": "tfreg_harness.pytest_plugin"}
+    assert entry_points == {"tfreg_parity": "tfreg_harness.keras_side.pytest_plugin"}
     assert "matplotlib>=3.7" in project["project"]["optional-dependencies"]["plot"]
 
 
 def test_loading_the_plugin_imports_no_framework() -> None:
     # Every pytest session of an environment with tfreg installed loads the plugin: it must not
     # cost a TensorFlow import (seconds) or fail where one framework is absent.
+    # The old module name (environments installed before the move name it) is the same module.
     code = (
-        "import sys, tfreg_harness.pytest_plugin; "
+        "import sys, tfreg_harness.keras_side.pytest_plugin as new, tfreg_harness.pytest_plugin; "
+        "assert sys.modules['tfreg_harness.pytest_plugin'] is new; "
         "print(sorted(m for m in ('tensorflow', 'keras', 'torch', 'tfreg') if m in sys.modules))"
     )
     out = subprocess.run(

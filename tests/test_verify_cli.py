@@ -26,8 +26,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tfreg_harness.bundle import BundleError, Case, load_bundle, save_bundle
-from torchref import verify
-from torchref.verify import main, validate_cases
+from tfreg_harness.torch_side import verify
+from tfreg_harness.torch_side.verify import main, validate_cases
 
 # ---------------------------------------------------------------------------------------------
 # Valid cases with hand-computed expected values

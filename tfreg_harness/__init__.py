@@ -5,11 +5,11 @@ descriptions both frameworks build (``architecture``), per-layer divergence reco
 checked before a run and written atomically (``outputs``), ``--timeout`` (``deadline``) and
 importing ``pkg.module:function`` specs (``factories``).
 
-Both ``tfreg.parity`` (which sees both frameworks) and ``torchref.verify`` (torch only) build on
-it, so it imports neither framework, nor ``tfreg``/``torchref``. It depends on ``tfreg_core`` for
-validation only. One documented exception: ``pytest_plugin``, the entry point that wires this
-package to ``tfreg.parity``, imports ``tfreg.parity`` lazily when a test uses its fixture
-(``tests/test_dependency_rule.py`` pins the rule and this one exception).
+The harness' two sides build on it, each a subpackage: ``tfreg_harness.keras_side`` (sees both
+frameworks; ``tfreg.parity`` re-exports its public names) and ``tfreg_harness.torch_side`` (torch
+only: ``torchref.verify``). This core imports neither framework, nor ``tfreg``/``torchref``, nor
+either side; it depends on ``tfreg_core`` for validation only (``tests/test_dependency_rule.py``
+pins the rule).
 """
 
 from tfreg_core._version import __version__

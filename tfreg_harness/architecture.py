@@ -1,11 +1,12 @@
 """Framework-neutral descriptions of the harness' seed models (no framework imported).
 
-A model is a tuple of layer descriptions (frozen dataclasses). ``tfreg.architecture.build_model``
-builds it in Keras and ``torchref.architecture.build_model`` in torch -- the torch side needs no
-TensorFlow, so ``torchref.verify`` and the benchmarks build the same models from the same
-description. Shapes are Keras' (channels last, batch omitted); :func:`output_shape` tracks them so
-both builders can size their layers, and :func:`initial_weights` draws one set of weights (Keras
-layout, ``get_weights()`` order) that both load.
+A model is a tuple of layer descriptions (frozen dataclasses).
+``keras_side.architecture.build_model`` builds it in Keras and
+``torch_side.architecture.build_model`` in torch -- the torch side needs no TensorFlow, so
+``torchref.verify`` and the benchmarks build the same models from the same description. Shapes are
+Keras' (channels last, batch omitted); :func:`output_shape` tracks them so both builders can size
+their layers, and :func:`initial_weights` draws one set of weights (Keras layout, ``get_weights()``
+order) that both load.
 """
 
 from __future__ import annotations

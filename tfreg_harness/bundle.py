@@ -2,7 +2,7 @@
 
 TensorFlow and PyTorch often cannot share a machine (a GPU image without TensorFlow, a TF-only CI
 runner). A bundle is one ``.npz`` file: each *case* has a kind (e.g. "penalty", "mlp", "pair"),
-JSON parameters, input arrays and the recording framework's outputs. ``tfreg.parity.record``
+JSON parameters, input arrays and the recording framework's outputs. ``keras_side.record``
 writes bundles; ``torchref.verify`` recomputes every case with torchref on any device and
 compares, citing the same tolerance table. Only NumPy and JSON are involved, so either side can
 read it.

@@ -47,6 +47,22 @@ class Comparison:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def absolute(self) -> bool:
+        """Held to ``atol`` alone (``rtol`` 0: an exact-zero target, see
+        :func:`compare_floored`), where a relative error would be round-off over round-off."""
+        return self.rtol == 0
+
+    @property
+    def relative_error(self) -> float | None:
+        """``max_rel`` as a report shows it: ``None`` for an :attr:`absolute` comparison."""
+        return None if self.absolute else self.max_rel
+
+    @property
+    def bound(self) -> float:
+        """The bound a report shows: ``atol`` for an :attr:`absolute` comparison, else ``rtol``."""
+        return self.atol if self.absolute else self.rtol
+
 
 def compare(name: str, actual: Any, expected: Any, *, rtol: float, atol: float = 0.0) -> Comparison:
     """Compare two array-likes (already on the host as NumPy-convertible values).

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from tfreg_harness.compare import Comparison
 from tfreg_harness.report import Report
 
 Stage = Literal["output", "gradient"]
@@ -31,6 +32,19 @@ class LayerRecord:
     rel: float | None
     tolerance: float
     passed: bool
+
+    @classmethod
+    def of(cls, comparison: Comparison, kind: str, stage: Stage) -> LayerRecord:
+        """The record of ``comparison`` (its name, errors, bound and verdict)."""
+        return cls(
+            comparison.name,
+            kind,
+            stage,
+            comparison.max_abs,
+            comparison.relative_error,
+            comparison.bound,
+            comparison.passed,
+        )
 
 
 @dataclass

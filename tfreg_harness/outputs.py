@@ -12,16 +12,28 @@ or the new file, never an empty one.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 
 from tfreg_core.checkpoint import fsync
 
-__all__ = ["OutputPathError", "atomic_path", "check_output_path", "write_text_atomic"]
+__all__ = [
+    "REPORT_OUTPUTS",
+    "OutputPathError",
+    "add_report_outputs",
+    "atomic_path",
+    "check_output_path",
+    "check_output_paths",
+    "write_text_atomic",
+]
+
+# (option, attribute) of the report files both command-line tools can write.
+REPORT_OUTPUTS = (("--json", "json"), ("--markdown", "markdown"), ("--junit-xml", "junit_xml"))
 
 
 class OutputPathError(ValueError):
@@ -96,3 +108,25 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     """``Path(path).write_text(text, encoding="utf-8")``, atomically (:func:`atomic_path`)."""
     with atomic_path(path) as temporary:
         temporary.write_text(text, encoding="utf-8")
+
+
+def add_report_outputs(parser: argparse.ArgumentParser, *, testcase: str) -> None:
+    """The :data:`REPORT_OUTPUTS` options of a command line (``testcase``: what one JUnit
+    testcase stands for)."""
+    parser.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    parser.add_argument("--markdown", metavar="PATH", help="also write the report as Markdown")
+    parser.add_argument(
+        "--junit-xml",
+        metavar="PATH",
+        help=f"also write JUnit XML (one testcase per {testcase}) for CI",
+    )
+
+
+def check_output_paths(
+    args: argparse.Namespace, options: Iterable[tuple[str, str]], *, folders: Collection[str] = ()
+) -> None:
+    """:func:`check_output_path` for each ``(option, attribute)`` that ``args`` sets, in order;
+    an option in ``folders`` names a directory."""
+    for option, attribute in options:
+        if getattr(args, attribute) is not None:
+            check_output_path(option, getattr(args, attribute), directory=option in folders)

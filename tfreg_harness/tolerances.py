@@ -8,11 +8,12 @@ Each entry says why the number is what it is, so a failing comparison can print 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Any
 
 import numpy as np
 
@@ -124,6 +125,15 @@ def zero_gradient_atol(dtype: str, scale: float) -> float:
             f"No zero-gradient bound for dtype={dtype!r}; dtypes: 'float32', 'float64'"
         )
     return ZERO_GRADIENT_ULPS * float(np.finfo(dtype).eps) * float(scale)
+
+
+def zero_atol(dtype: str, arrays: Iterable[Any]) -> float:
+    """:func:`zero_gradient_atol` at the largest ``|entry|`` of ``arrays`` (a model's gradients,
+    or its weights for the steps after them; 0 when there are none): the one bound below which
+    an expected value is compared as an exact zero (``compare_floored``)."""
+    return zero_gradient_atol(
+        dtype, max((float(np.max(np.abs(a), initial=0.0)) for a in arrays), default=0.0)
+    )
 
 
 # Overrides in force (innermost ``tolerance_overrides`` block); a ContextVar, so threads and

@@ -49,7 +49,7 @@ def torch_module(dtype: str = DTYPE, *, invert_mask: bool = False) -> Any:
     import torch
     from torch import nn
 
-    from torchref.architecture import KerasGELU
+    from tfreg_harness.torch_side.architecture import KerasGELU
 
     class MiniBert(nn.Module):
         def __init__(self) -> None:
@@ -89,7 +89,7 @@ def data(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
 def make_pair(
     device: str = "cpu", *, dtype: str = DTYPE, seed: int = 19, invert_mask: bool = False
 ) -> dict[str, Any]:
-    from tfreg.parity.devices import torch_device
+    from tfreg_harness.keras_side.devices import torch_device
 
     model = keras_model(dtype)
     x, y = data(randomize(model, seed))

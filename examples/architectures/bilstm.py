@@ -68,7 +68,7 @@ def data(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
 def make_pair(
     device: str = "cpu", *, dtype: str = DTYPE, seed: int = 19, freeze_bias_hh: bool = True
 ) -> dict[str, Any]:
-    from tfreg.parity.devices import torch_device
+    from tfreg_harness.keras_side.devices import torch_device
 
     model = keras_model(dtype)
     x, y = data(randomize(model, seed))

@@ -102,7 +102,7 @@ def data(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
 def make_pair(
     device: str = "cpu", *, dtype: str = DTYPE, seed: int = 19, residual_before_bn: bool = False
 ) -> dict[str, Any]:
-    from tfreg.parity.devices import torch_device
+    from tfreg_harness.keras_side.devices import torch_device
 
     model = keras_model(dtype)
     x, y = data(randomize(model, seed))

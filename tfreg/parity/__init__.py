@@ -1,22 +1,38 @@
-"""Cross-framework parity harness: the only part of this project that sees TensorFlow and PyTorch.
+"""Cross-framework parity harness, the public names: ``check_parity`` / ``assert_parity``,
+``register_layer_pair``, the seed model pairs, weight transfer and layout maps.
 
-torch is imported lazily (inside these modules' functions, or when the first layer pairing loads
+The harness lives in :mod:`tfreg_harness` (framework-neutral core), :mod:`tfreg_harness.keras_side`
+(this package's modules: ``api``, ``models``, ``pairing``, ``registry``, ``kinds``, ``transfer``,
+``checks``, ``cli``, ...) and :mod:`tfreg_harness.torch_side`. ``tfreg.parity`` stays the name
+users import, ``python -m tfreg.parity`` runs ``tfreg-parity``, and ``tfreg.parity.<module>`` is
+``tfreg_harness.keras_side.<module>`` -- the same module object, imported on first use.
+
+torch is imported lazily (inside those modules' functions, or when the first layer pairing loads
 the built-in kinds), so ``import tfreg.parity`` never needs it.
-
-- :mod:`tfreg.parity.api`: ``check_parity`` / ``assert_parity`` for any Keras model and torch
-  module.
-- :mod:`tfreg.parity.registry`: ``register_layer_pair`` -- layer kinds as data;
-  :mod:`tfreg.parity.kinds` registers the built-in ones.
-- :mod:`tfreg.parity.pairing`: pairing layers in definition order, configuration checks.
-- :mod:`tfreg.parity.transfer`: parameter pairs and weight transfer.
-- :mod:`tfreg.parity.capture`: per-layer outputs and Dropout masks while a model runs.
-- :mod:`tfreg.parity.models`: evaluation (logits, loss, gradients, per-layer outputs) and the
-  seed model pairs. The framework differences and layout maps live in
-  ``tfreg_harness.differences`` / ``tfreg_harness.layouts`` (no framework needed).
 """
 
-from tfreg.parity.api import assert_parity, check_parity
-from tfreg.parity.models import (
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import sys
+from types import ModuleType
+
+from tfreg_harness.differences import (
+    FRAMEWORK_DIFFERENCES,
+    BatchNormDifferences,
+    FrameworkDifferences,
+    Layout,
+    keras_batchnorm_kwargs,
+    keras_moving_variance_from_torch,
+    torch_batchnorm_kwargs,
+    torch_running_var_from_keras,
+)
+from tfreg_harness.divergence import LayerRecord, ParityReport
+from tfreg_harness.keras_side.api import assert_parity, check_parity
+from tfreg_harness.keras_side.models import (
     LOSS_PAIRS,
     Evaluation,
     ModelPair,
@@ -34,10 +50,16 @@ from tfreg.parity.models import (
     model_parity,
     torch_loss,
 )
-from tfreg.parity.pairing import LayerMatch, Pairing, PairingError, pair_layers
-from tfreg.parity.registry import Context, LayerPair, Weight, register_layer_pair, registered
-from tfreg.parity.seeding import disable_tf32, seed_everything
-from tfreg.parity.transfer import (
+from tfreg_harness.keras_side.pairing import LayerMatch, Pairing, PairingError, pair_layers
+from tfreg_harness.keras_side.registry import (
+    Context,
+    LayerPair,
+    Weight,
+    register_layer_pair,
+    registered,
+)
+from tfreg_harness.keras_side.seeding import disable_tf32, seed_everything
+from tfreg_harness.keras_side.transfer import (
     ParameterPair,
     load_weights,
     parameter_pairs,
@@ -45,17 +67,6 @@ from tfreg.parity.transfer import (
     torch_to_numpy,
     transfer_weights,
 )
-from tfreg_harness.differences import (
-    FRAMEWORK_DIFFERENCES,
-    BatchNormDifferences,
-    FrameworkDifferences,
-    Layout,
-    keras_batchnorm_kwargs,
-    keras_moving_variance_from_torch,
-    torch_batchnorm_kwargs,
-    torch_running_var_from_keras,
-)
-from tfreg_harness.divergence import LayerRecord, ParityReport
 from tfreg_harness.layouts import (
     conv2d_kernel_to_keras,
     conv2d_kernel_to_torch,
@@ -65,6 +76,37 @@ from tfreg_harness.layouts import (
     to_keras_output,
     to_torch_input,
 )
+
+_HOME = "tfreg_harness.keras_side"
+
+
+class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Resolves ``tfreg.parity.X[.Y]`` to the module ``tfreg_harness.keras_side.X[.Y]`` itself
+    (one module object under both names: one layer registry, and a patched attribute is seen
+    through either name)."""
+
+    def find_spec(
+        self, fullname: str, path: object = None, target: object = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if not fullname.startswith(__name__ + ".") or fullname == __name__ + ".__main__":
+            return None
+        if importlib.util.find_spec(_HOME + fullname.removeprefix(__name__)) is None:
+            return None  # no such module: the import fails under the name it was asked by
+        return importlib.util.spec_from_loader(fullname, self)
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
+        module = importlib.import_module(_HOME + spec.name.removeprefix(__name__))
+        spec.loader_state = module.__spec__
+        return module
+
+    def exec_module(self, module: ModuleType) -> None:
+        # importlib stamped the alias' spec on the module: give it back its own
+        assert module.__spec__ is not None
+        module.__spec__ = module.__spec__.loader_state
+
+
+if not any(isinstance(finder, _MovedModules) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _MovedModules())
 
 __all__ = [
     "FRAMEWORK_DIFFERENCES",

@@ -1,5 +1,5 @@
 import sys
 
-from tfreg.parity.cli import main
+from tfreg_harness.keras_side.cli import main
 
 sys.exit(main())

@@ -7,9 +7,9 @@ from typing import Any, cast
 import numpy as np
 from torch import nn
 
-from tfreg.parity.kinds._common import L, first_mismatch, same
-from tfreg.parity.registry import Context, Weight, register_layer_pair
 from tfreg_harness.differences import note, torch_batchnorm_kwargs
+from tfreg_harness.keras_side.kinds._common import L, first_mismatch, same
+from tfreg_harness.keras_side.registry import Context, Weight, register_layer_pair
 
 
 def _batchnorm_weights(k: Any, t: Any, ctx: Context) -> list[Weight]:

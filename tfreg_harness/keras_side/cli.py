@@ -24,21 +24,21 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tfreg.parity.checks import GROUPS
 from tfreg_harness.deadline import DEFAULT_TIMEOUT_S, timeout_seconds
 from tfreg_harness.exits import guarded, unusable
-from tfreg_harness.outputs import OutputPathError, check_output_path, write_text_atomic
+from tfreg_harness.keras_side.checks import GROUPS
+from tfreg_harness.outputs import (
+    REPORT_OUTPUTS,
+    OutputPathError,
+    add_report_outputs,
+    check_output_paths,
+    write_text_atomic,
+)
 from tfreg_harness.report import Report, Row
 
 PROG = "tfreg-parity"
-# (option, attribute, a directory?) of every file the run writes.
-OUTPUTS = (
-    ("--json", "json", False),
-    ("--markdown", "markdown", False),
-    ("--junit-xml", "junit_xml", False),
-    ("--plot", "plot", True),
-    ("--record", "record", False),
-)
+# (option, attribute) of every file the run writes; --plot names a folder.
+OUTPUTS = (*REPORT_OUTPUTS, ("--plot", "plot"), ("--record", "record"))
 
 _DESCRIPTION = """\
 Run the TensorFlow/Keras vs PyTorch parity matrix and print a table: check, dtype, device,
@@ -59,7 +59,7 @@ examples:
   tfreg-parity                      quick matrix on CPU (what `make demo` runs)
   tfreg-parity --full --device all  everything, on CPU and (if visible) GPU
   tfreg-parity --group models --json out.json --junit-xml parity.xml --plot parity-plots/
-  tfreg-parity --model tests.parity_pairs:make_pair   your own pair (see tfreg.parity.user_pair)
+  tfreg-parity --model tests.parity_pairs:make_pair   your own pair (see keras_side/user_pair.py)
 
   tfreg-parity --model tests.parity_pairs:make_pair --record pair.npz \
       --torch-factory tests.parity_pairs:make_torch   record your pair for torchref.verify
@@ -115,11 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="check your own pair: FUNCTION() returns (keras_model, torch_module, x, y) or a "
         "dict with those keys plus check_parity keyword arguments",
     )
-    parser.add_argument("--json", metavar="PATH", help="also write the report as JSON")
-    parser.add_argument("--markdown", metavar="PATH", help="also write the report as Markdown")
-    parser.add_argument(
-        "--junit-xml", metavar="PATH", help="also write JUnit XML (one testcase per row) for CI"
-    )
+    add_report_outputs(parser, testcase="row")
     parser.add_argument(
         "--plot",
         metavar="DIR",
@@ -182,9 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     _check_arguments(parser, args)
     try:
-        for option, attribute, directory in OUTPUTS:
-            if getattr(args, attribute) is not None:
-                check_output_path(option, getattr(args, attribute), directory=directory)
+        check_output_paths(args, OUTPUTS, folders=("--plot",))
     except OutputPathError as exc:
         return _error(str(exc))
     what = PROG if not args.model else f"{PROG} --model {args.model}"
@@ -198,7 +192,7 @@ def _run(args: argparse.Namespace) -> int | tuple[Report, list[float | None], fl
 
     # Each check builds fresh trainers, whose first traces TF would report as "retracing".
     tf.get_logger().setLevel("ERROR")
-    from tfreg.parity.devices import available_devices
+    from tfreg_harness.keras_side.devices import available_devices
 
     devices = ["cpu", "gpu"] if args.device == "all" else [args.device]
     # --device all asks for the GPU where there is one; --device gpu asks for it outright.
@@ -208,7 +202,11 @@ def _run(args: argparse.Namespace) -> int | tuple[Report, list[float | None], fl
     report = Report()
     seconds: list[float | None] = []
     if args.model:
-        from tfreg.parity.user_pair import PairFactoryExited, PairSpecError, check_user_pair
+        from tfreg_harness.keras_side.user_pair import (
+            PairFactoryExited,
+            PairSpecError,
+            check_user_pair,
+        )
 
         try:
             report = check_user_pair(args.model, devices=[d for d in devices if d not in missing])
@@ -222,7 +220,7 @@ def _run(args: argparse.Namespace) -> int | tuple[Report, list[float | None], fl
             report.extend([_missing_row(f"model {args.model}", "-", device, optional)])
             seconds.append(0.0)
     else:
-        from tfreg.parity.checks import run_one, selected
+        from tfreg_harness.keras_side.checks import run_one, selected
 
         try:
             checks = selected(full=args.full, groups=args.group)
@@ -251,8 +249,8 @@ def _run(args: argparse.Namespace) -> int | tuple[Report, list[float | None], fl
         if args.model and status != 0:
             recorded = f"not recorded to {args.record}: the pair did not pass here"
         elif args.model:
-            from tfreg.parity.record import record_user_pair
-            from tfreg.parity.user_pair import PairSpecError
+            from tfreg_harness.keras_side.record import record_user_pair
+            from tfreg_harness.keras_side.user_pair import PairSpecError
 
             try:
                 record_user_pair(args.record, args.model, args.torch_factory)
@@ -260,7 +258,7 @@ def _run(args: argparse.Namespace) -> int | tuple[Report, list[float | None], fl
                 return _error(str(exc))
             recorded = f"recorded your pair ({args.model}) to {args.record}"
         else:
-            from tfreg.parity.record import record_bundle
+            from tfreg_harness.keras_side.record import record_bundle
 
             n_cases = record_bundle(args.record)
             recorded = f"recorded {n_cases} TensorFlow cases to {args.record}"
@@ -327,7 +325,7 @@ def _verdict(report: Report, *, missing_allowed: bool) -> tuple[int, str]:
 
 
 def _environment() -> dict[str, Any]:
-    from tfreg.parity.environment import machine, versions
+    from tfreg_harness.keras_side.environment import machine, versions
 
     return {"versions": versions(), "machine": machine()}
 

@@ -1,6 +1,6 @@
 """Training parity: exact accumulation within each framework, and tfreg vs torchref trajectories.
 
-Models are helper-built MLP pairs (``tfreg.parity.models``) with NumPy-drawn weights loaded into
+Models are helper-built MLP pairs (``models``) with NumPy-drawn weights loaded into
 both frameworks. Data sizes are chosen so windows are uneven and the last one is short.
 """
 
@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 
 from tfreg._compat import keras
-from tfreg.parity.checks import register
-from tfreg.parity.models import ModelPair, build_mlp
-from tfreg.parity.seeding import seed_everything
-from tfreg.parity.transfer import parameter_pairs, torch_to_numpy
 from tfreg_harness.compare import Comparison, compare
+from tfreg_harness.keras_side.checks import register
+from tfreg_harness.keras_side.models import ModelPair, build_mlp
+from tfreg_harness.keras_side.seeding import seed_everything
+from tfreg_harness.keras_side.transfer import parameter_pairs, torch_to_numpy
 from tfreg_harness.tolerances import tolerance
 
 _SEED = 7

@@ -7,9 +7,9 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from tfreg.parity.kinds._common import L, as_tuple, first_mismatch
-from tfreg.parity.registry import Context, register_layer_pair
 from tfreg_harness.differences import note
+from tfreg_harness.keras_side.kinds._common import L, as_tuple, first_mismatch
+from tfreg_harness.keras_side.registry import Context, register_layer_pair
 from tfreg_harness.layouts import flatten_permutation, same_padding
 
 

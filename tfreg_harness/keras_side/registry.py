@@ -11,7 +11,7 @@ A kind is data, added in one place::
         check=lambda k, t, ctx: None if k.axis == -1 else f"axis {k.axis} is not supported",
     )
 
-The built-in kinds (``tfreg.parity.kinds``) are registered the same way. The layout maps are the
+The built-in kinds (``kinds``) are registered the same way. The layout maps are the
 NumPy functions of ``tfreg_harness.layouts``, which read ``FRAMEWORK_DIFFERENCES``.
 """
 
@@ -194,7 +194,7 @@ def register_layer_pair(
 
 def _load_builtin_kinds() -> None:
     # Importing the module runs its register_layer_pair calls (once; Python caches modules).
-    from tfreg.parity import kinds  # noqa: F401
+    from tfreg_harness.keras_side import kinds  # noqa: F401
 
 
 def layer_pair_for(keras_layer: Any) -> LayerPair | None:
@@ -271,11 +271,11 @@ def kind_list(builtin_only: bool = True) -> str:
 
 
 def entry_is_builtin(entry: LayerPair) -> bool:
-    """Whether ``entry`` was registered by ``tfreg.parity.kinds`` (not by a user)."""
+    """Whether ``entry`` was registered by ``tfreg_harness.keras_side.kinds`` (not by a user)."""
     return entry in _BUILTIN
 
 
-_BUILTIN: list[LayerPair] = []  # filled by tfreg.parity.kinds after its registrations
+_BUILTIN: list[LayerPair] = []  # filled by tfreg_harness.keras_side.kinds after its registrations
 
 
 __all__ = [

@@ -9,12 +9,12 @@ from typing import Any
 import numpy as np
 
 from tfreg._compat import keras, tf
-from tfreg.parity.checks import register
-from tfreg.parity.devices import tf_device
-from tfreg.parity.models import build_cnn
-from tfreg.parity.seeding import seed_everything
-from tfreg.parity.transfer import transfer_weights
 from tfreg_harness.compare import Comparison, compare
+from tfreg_harness.keras_side.checks import register
+from tfreg_harness.keras_side.devices import tf_device
+from tfreg_harness.keras_side.models import build_cnn
+from tfreg_harness.keras_side.seeding import seed_everything
+from tfreg_harness.keras_side.transfer import transfer_weights
 from tfreg_harness.tolerances import tolerance
 
 
@@ -65,9 +65,12 @@ def _proximal_trajectory(updates: int) -> Callable[[str, str], list[Comparison]]
 
         import tfreg
         import torchref
-        from tfreg.parity.checks.training import keras_weights, torch_weights_in_keras_layout
-        from tfreg.parity.models import build_pair
         from tfreg_harness.architecture import Dense
+        from tfreg_harness.keras_side.checks.training import (
+            keras_weights,
+            torch_weights_in_keras_layout,
+        )
+        from tfreg_harness.keras_side.models import build_pair
 
         x, y = _logistic(dtype)
         pair = build_pair(

@@ -27,8 +27,10 @@ from typing import Any, Literal
 import numpy as np
 
 from tfreg._compat import keras
-from tfreg.parity.capture import keras_watch
-from tfreg.parity.registry import (
+from tfreg_core.validation import choice
+from tfreg_harness.differences import note
+from tfreg_harness.keras_side.capture import keras_watch
+from tfreg_harness.keras_side.registry import (
     KERAS_WITHOUT_TORCH_LAYER,
     TORCH_WITHOUT_KERAS_LAYER,
     Context,
@@ -38,8 +40,6 @@ from tfreg.parity.registry import (
     registered,
     torch_classes,
 )
-from tfreg_core.validation import choice
-from tfreg_harness.differences import note
 
 # The layout torch's input has (see pair_layers); "auto" reads it off the torch layers.
 TorchInput = Literal["auto", "channels_first", "channels_last"]
@@ -176,7 +176,7 @@ def _group(
 ) -> tuple[tuple[str, Any], int]:
     """The ``torch_group`` of ``entry``: the consecutive leaves from ``start``, each of its part's
     class, as ``(joined name, TorchGroup)``, and the index after them."""
-    from tfreg.parity.group import TorchGroup
+    from tfreg_harness.keras_side.group import TorchGroup
 
     parts: list[tuple[str, str, Any]] = []
     for offset, (part, cls) in enumerate(zip(entry.torch_group, entry.torch_cls, strict=True)):
@@ -274,20 +274,52 @@ def pair_layers(
     configuration (see the module docstring). ``torch_input``: the layout torch's input has --
     ``"auto"``: channels first when the first Keras layer that decides it is a convolution,
     pooling or padding (torch's Conv/Pool modules need it), else as Keras has it."""
-    from tfreg.parity.kinds import TORCH_ACTIVATIONS, activation_problem, keras_activation
-
     choice(torch_input, "torch_input", ("auto", "channels_first", "channels_last"))
+    layers, found = _layers_to_pair(keras_model)
+    layer_map = dict(layer_map or {})
+    variable_keys = _check_layer_map(keras_model, layers, layer_map)
+    leaves = torch_leaves(torch_module)
+    _refuse_torch_without_keras(leaves)  # before the Keras side, whose stand-in has no kind
+    kinds = _kinds(layers, found)
+    _check_input_dtype(keras_model, dtype)
+    sample = sample_input(keras_model, sample)
+    in_shapes, out_shapes, model_outputs = _shapes(keras_model, layers, sample)
+    _check_torch_kinds(leaves)
+    input_state = _input_channels_first(torch_input, layers, kinds, sample)
+    walk = _Walk(dtype, torch_module, leaves, layer_map, kinds, in_shapes, out_shapes, input_state)
+    for layer in layers:
+        walk.pair(layer)
+    walk.finish(layers)
+    paired_modules = [m.torch_module for m in walk.matches if m.torch_module is not None]
+    free = free_parameters(
+        keras_model, layers, torch_module, paired_modules, {k: layer_map[k] for k in variable_keys}
+    )
+    matches, state = tuple(walk.matches), walk.state
+    if isinstance(model_outputs, dict):
+        return Pairing(matches, input_state, state, free, model_outputs)
+    return Pairing(matches, input_state, state, free, output_shape=model_outputs)
+
+
+def _layers_to_pair(keras_model: Any) -> tuple[list[Any], dict[int, LayerPair | None]]:
+    """The Keras layers to pair, in definition order, and each one's registered kind (None: of
+    no kind). A custom layer holding weights (add_weight) and of no registered kind is left out:
+    torch computes it in forward code, and its weights pair parameter by parameter
+    (:func:`free_parameters`). A Keras built-in of no registered kind stays, to be refused."""
     all_layers = keras_layers(keras_model)
     found = {id(layer): layer_pair_for(layer) for layer in all_layers}
-    # a custom layer holding weights (add_weight) and of no registered kind: torch computes it in
-    # forward code; its weights pair parameter by parameter (free_parameters). A Keras built-in
-    # of no registered kind is refused below.
     layers = [
         layer
         for layer in all_layers
         if found[id(layer)] is not None or not layer.weights or _builtin(layer)
     ]
-    layer_map = dict(layer_map or {})
+    return layers, found
+
+
+def _check_layer_map(
+    keras_model: Any, layers: list[Any], layer_map: Mapping[str, str | None]
+) -> set[str]:
+    """Refuse a ``layer_map`` key that names neither a layer to pair nor a free Keras variable;
+    returns the keys that name free variables."""
     variable_keys = {k for k in layer_map if _free_variable(keras_model, layers, k) is not None}
     unknown = set(layer_map) - {layer.name for layer in layers} - variable_keys
     if unknown:
@@ -295,11 +327,18 @@ def pair_layers(
             f"layer_map names Keras layers the model does not have: {sorted(unknown)}. "
             f"Layers: {[layer.name for layer in layers]}"
         )
-    leaves = torch_leaves(torch_module)
-    for name, module in leaves:  # before the Keras side, whose stand-in is of no kind either
+    return variable_keys
+
+
+def _refuse_torch_without_keras(leaves: list[tuple[str, Any]]) -> None:
+    for name, module in leaves:
         topic = TORCH_WITHOUT_KERAS_LAYER.get(type(module).__name__)
         if topic is not None:
             raise PairingError(f"{_describe(name, module)} has no Keras layer: {note(topic)}")
+
+
+def _kinds(layers: list[Any], found: dict[int, LayerPair | None]) -> dict[int, LayerPair]:
+    """Every layer's kind, by layer id; a layer of no registered kind is refused."""
     kinds: dict[int, LayerPair] = {}
     for layer in layers:
         kind = found[id(layer)]
@@ -313,6 +352,10 @@ def pair_layers(
                 "Add one with tfreg.parity.register_layer_pair."
             )
         kinds[id(layer)] = kind
+    return kinds
+
+
+def _check_input_dtype(keras_model: Any, dtype: str) -> None:
     for spec in getattr(keras_model, "inputs", None) or ():
         if "float" in str(spec.dtype) and str(spec.dtype) != dtype:
             raise PairingError(
@@ -320,8 +363,9 @@ def pair_layers(
                 f"{dtype}: Keras rounds every batch to {spec.dtype} before the first layer, torch "
                 f"does not. Build the Input with dtype={dtype!r}."
             )
-    sample = sample_input(keras_model, sample)
-    in_shapes, out_shapes, model_outputs = _shapes(keras_model, layers, sample)
+
+
+def _check_torch_kinds(leaves: list[tuple[str, Any]]) -> None:
     known_torch = torch_classes()
     for name, module in leaves:
         if not isinstance(module, known_torch):
@@ -329,178 +373,259 @@ def pair_layers(
                 f"{_describe(name, module)} is of no registered layer kind; add one with "
                 "tfreg.parity.register_layer_pair."
             )
-    index = {name: i for i, (name, _) in enumerate(leaves)}
 
-    if torch_input == "auto":
-        decisive = [kinds[id(layer)].torch_layout for layer in layers]
-        decisive = [layout for layout in decisive if layout != "input"]
-        state = bool(np.ndim(sample) > 2 and decisive and decisive[0] == "channels_first")
-    else:
-        state = torch_input == "channels_first"
-    input_state = state
-    flatten_from: tuple[int, ...] | None = None
-    stacked: tuple[str, Any, int, int] | None = None  # (name, module, next layer, layers)
-    matches: list[LayerMatch] = []
-    pending: list[tuple[str, Any]] = []
-    used: set[int] = set()  # leaves paired through layer_map, wherever they sit
-    j = 0
 
-    def next_free(k: int) -> int:
-        while k in used:
+def _input_channels_first(
+    torch_input: TorchInput, layers: list[Any], kinds: dict[int, LayerPair], sample: Any
+) -> bool:
+    """Whether torch's input is channels first: as ``torch_input`` says, or for ``"auto"``
+    when the first layer whose kind decides a layout wants channels first (and the input has
+    spatial dimensions)."""
+    if torch_input != "auto":
+        return torch_input == "channels_first"
+    decisive = [kinds[id(layer)].torch_layout for layer in layers]
+    decisive = [layout for layout in decisive if layout != "input"]
+    return bool(np.ndim(sample) > 2 and decisive and decisive[0] == "channels_first")
+
+
+class _Walk:
+    """The walk of :func:`pair_layers`: Keras layers in order against the torch leaves, each
+    layer paired with a leaf (``pair``), then the leftovers refused (``finish``).
+
+    Its state: ``j``, the next torch leaf on the main path; ``used``, leaves paired out of order
+    (through ``layer_map``, a parallel branch, a group); ``pending``, weightless leaves the walk
+    passed over (handed to the next pair's check as ``Context.torch_before``); ``stacked``, a
+    stacked torch RNN still pairing Keras layers ``(name, module, next layer, layers)``;
+    ``state``, whether torch's current map is channels first; ``flatten_from``, the map a
+    Flatten consumed channels last while torch held it channels first (the next Dense's
+    kernel is permuted)."""
+
+    def __init__(
+        self,
+        dtype: str,
+        torch_module: Any,
+        leaves: list[tuple[str, Any]],
+        layer_map: Mapping[str, str | None],
+        kinds: dict[int, LayerPair],
+        in_shapes: dict[int, tuple[int, ...]],
+        out_shapes: dict[int, tuple[int, ...]],
+        state: bool,
+    ) -> None:
+        self.dtype, self.torch_module, self.leaves = dtype, torch_module, leaves
+        self.layer_map, self.kinds = layer_map, kinds
+        self.in_shapes, self.out_shapes = in_shapes, out_shapes
+        self.index = {name: i for i, (name, _) in enumerate(leaves)}
+        self.state = state
+        self.flatten_from: tuple[int, ...] | None = None
+        self.stacked: tuple[str, Any, int, int] | None = None
+        self.matches: list[LayerMatch] = []
+        self.pending: list[tuple[str, Any]] = []
+        self.used: set[int] = set()
+        self.j = 0
+
+    def next_free(self, k: int) -> int:
+        while k in self.used:
             k += 1
         return k
 
-    for layer in layers:
-        j = next_free(j)
-        entry = kinds[id(layer)]
+    def pair(self, layer: Any) -> None:
+        """Pair ``layer`` (and its fused activation) and move the walk past it."""
+        self.j = self.next_free(self.j)
         key = id(layer)
-        if key not in in_shapes:
+        if key not in self.in_shapes:
             raise PairingError(f"{_keras(layer)} was not called on the sample batch")
         weighted = bool(layer.weights)
-        if flatten_from is not None and weighted and not isinstance(layer, keras.layers.Dense):
+        dense = isinstance(layer, keras.layers.Dense)
+        if self.flatten_from is not None and weighted and not dense:
             raise PairingError(
                 f"{_keras(layer)} holds weights right after a Flatten of a channels-first torch "
                 f"map; only a Dense gets the Flatten permutation. {note('flatten')}"
             )
         ctx = Context(
-            dtype=dtype,
-            input_shape=in_shapes[key],
-            output_shape=out_shapes[key],
-            flatten_from=flatten_from if isinstance(layer, keras.layers.Dense) else None,
-            torch_channels_first=state,
+            dtype=self.dtype,
+            input_shape=self.in_shapes[key],
+            output_shape=self.out_shapes[key],
+            flatten_from=self.flatten_from if dense else None,
+            torch_channels_first=self.state,
         )
-        candidate: tuple[str, Any] | None = None
-        if stacked is not None and weighted:
-            name, module, position, count = stacked
-            if entry.torch_layers is None or not isinstance(module, entry.torch_cls):
-                raise PairingError(
-                    f"{_describe(name, module)} computes {count} stacked layers but only "
-                    f"{position} Keras layer(s) pair with it; the next is {_keras(layer)}"
-                )
-            candidate, ctx = (name, module), replace(ctx, torch_layer=(position, count))
-            stacked = (name, module, position + 1, count) if position + 1 < count else None
-        elif layer.name in layer_map:
-            target = layer_map[layer.name]
-            if target is not None:
-                if target not in index:
-                    raise PairingError(
-                        f"layer_map pairs {_keras(layer)} with torch module {target!r}, which is "
-                        f"not a leaf of the torch module. Leaves: {list(index)}"
-                    )
-                if index[target] in used:
-                    raise PairingError(
-                        f"layer_map pairs {_keras(layer)} with torch module {target!r}, which is "
-                        "already paired with another Keras layer"
-                    )
-                candidate = leaves[index[target]]
-                entry = _kind_of(layer_pairs_for(layer), candidate[1], entry)
-                if not isinstance(candidate[1], entry.torch_cls[:1]):
-                    raise pair_error(
-                        layer, *candidate, f"layer_map pairs it with {type(candidate[1]).__name__}"
-                    )
-                end = index[target] + 1
-                if entry.torch_group:  # the target is the group's first leaf
-                    candidate, end = _group(layer, entry, leaves, index[target], used, torch_module)
-                used.update(range(index[target], end))
-        elif weighted:
-            entry = _next_kind(layer_pairs_for(layer), leaves, j, entry)
-            while (
-                j < len(leaves)
-                and not _holds_weights(leaves[j][1])
-                and not isinstance(leaves[j][1], entry.torch_cls)
-            ):
-                pending.append(leaves[j])
-                j = next_free(j + 1)
-            if j == len(leaves):
-                raise PairingError(
-                    f"{_keras(layer)} holds weights but the torch module has no layer left to "
-                    "pair it with"
-                )
-            branch = _branch_leaf(leaves, j, entry.torch_cls, used)
-            if entry.torch_group:  # consecutive leaves from j, checked part by part
-                candidate, j = _group(layer, entry, leaves, j, used, torch_module)
-            elif branch is not None:  # a parallel branch's layer: j stays on the main path
-                candidate = leaves[branch]
-                used.add(branch)
-            else:
-                candidate, j = leaves[j], j + 1
-            if not entry.torch_group and not isinstance(candidate[1], entry.torch_cls):
-                expected = " or ".join(c.__name__ for c in entry.torch_cls)
-                raise pair_error(layer, *candidate, f"it pairs with torch {expected}")
-        elif j < len(leaves) and entry.torch_cls and isinstance(leaves[j][1], entry.torch_cls):
-            candidate, j = leaves[j], j + 1
+        candidate, entry, ctx = self._candidate(layer, self.kinds[key], ctx, weighted)
+        ctx = replace(ctx, torch_before=tuple(self.pending))  # the leaves the walk passed over
+        ctx = self._check(layer, entry, candidate, ctx, weighted)
+        if isinstance(layer, keras.layers.Flatten) and self.state and len(ctx.input_shape) > 2:
+            self.flatten_from = ctx.input_shape[1:]
+        elif dense:
+            self.flatten_from = None
+        layout = {"channels_first": True, "channels_last": False}
+        self.state = layout.get(entry.torch_layout, self.state)
+        paired_name, paired = candidate if candidate is not None else (None, None)
+        self.matches.append(LayerMatch(layer, paired_name, paired, entry, ctx, self.state))
+        self.j = self.next_free(self.j)
+        self._fused_activation(layer, entry, candidate)
 
-        ctx = replace(ctx, torch_before=tuple(pending))  # the leaves the walk passed over
+    def _candidate(
+        self, layer: Any, entry: LayerPair, ctx: Context, weighted: bool
+    ) -> tuple[tuple[str, Any] | None, LayerPair, Context]:
+        """The torch leaf (or group) ``layer`` pairs with, its kind and context: the stacked
+        RNN still pairing, ``layer_map``'s, the next of its kind on the walk, or -- for a
+        weightless layer -- the next leaf when it is of its kind (else forward code, None)."""
+        if self.stacked is not None and weighted:
+            return self._stacked(layer, entry, ctx)
+        if layer.name in self.layer_map:
+            candidate, entry = self._mapped(layer, entry)
+            return candidate, entry, ctx
+        if weighted:
+            candidate, entry = self._walked(layer, entry)
+            return candidate, entry, ctx
+        leaves, j = self.leaves, self.j
+        if j < len(leaves) and entry.torch_cls and isinstance(leaves[j][1], entry.torch_cls):
+            self.j += 1
+            return leaves[j], entry, ctx
+        return None, entry, ctx
+
+    def _stacked(
+        self, layer: Any, entry: LayerPair, ctx: Context
+    ) -> tuple[tuple[str, Any], LayerPair, Context]:
+        assert self.stacked is not None
+        name, module, position, count = self.stacked
+        if entry.torch_layers is None or not isinstance(module, entry.torch_cls):
+            raise PairingError(
+                f"{_describe(name, module)} computes {count} stacked layers but only "
+                f"{position} Keras layer(s) pair with it; the next is {_keras(layer)}"
+            )
+        self.stacked = (name, module, position + 1, count) if position + 1 < count else None
+        return (name, module), entry, replace(ctx, torch_layer=(position, count))
+
+    def _mapped(self, layer: Any, entry: LayerPair) -> tuple[tuple[str, Any] | None, LayerPair]:
+        target = self.layer_map[layer.name]
+        if target is None:
+            return None, entry
+        if target not in self.index:
+            raise PairingError(
+                f"layer_map pairs {_keras(layer)} with torch module {target!r}, which is "
+                f"not a leaf of the torch module. Leaves: {list(self.index)}"
+            )
+        start = self.index[target]
+        if start in self.used:
+            raise PairingError(
+                f"layer_map pairs {_keras(layer)} with torch module {target!r}, which is "
+                "already paired with another Keras layer"
+            )
+        candidate = self.leaves[start]
+        entry = _kind_of(layer_pairs_for(layer), candidate[1], entry)
+        if not isinstance(candidate[1], entry.torch_cls[:1]):
+            raise pair_error(
+                layer, *candidate, f"layer_map pairs it with {type(candidate[1]).__name__}"
+            )
+        end = start + 1
+        if entry.torch_group:  # the target is the group's first leaf
+            candidate, end = _group(layer, entry, self.leaves, start, self.used, self.torch_module)
+        self.used.update(range(start, end))
+        return candidate, entry
+
+    def _walked(self, layer: Any, entry: LayerPair) -> tuple[tuple[str, Any], LayerPair]:
+        """The next leaf (or group) of ``layer``'s kind; weightless leaves before it are
+        pending, and a parallel branch's leaf is taken where it sits (``j`` stays)."""
+        leaves = self.leaves
+        entry = _next_kind(layer_pairs_for(layer), leaves, self.j, entry)
+        while (
+            self.j < len(leaves)
+            and not _holds_weights(leaves[self.j][1])
+            and not isinstance(leaves[self.j][1], entry.torch_cls)
+        ):
+            self.pending.append(leaves[self.j])
+            self.j = self.next_free(self.j + 1)
+        if self.j == len(leaves):
+            raise PairingError(
+                f"{_keras(layer)} holds weights but the torch module has no layer left to "
+                "pair it with"
+            )
+        branch = _branch_leaf(leaves, self.j, entry.torch_cls, self.used)
+        if entry.torch_group:  # consecutive leaves from j, checked part by part
+            candidate, self.j = _group(layer, entry, leaves, self.j, self.used, self.torch_module)
+        elif branch is not None:  # a parallel branch's layer: j stays on the main path
+            candidate = leaves[branch]
+            self.used.add(branch)
+        else:
+            candidate, self.j = leaves[self.j], self.j + 1
+        if not entry.torch_group and not isinstance(candidate[1], entry.torch_cls):
+            expected = " or ".join(c.__name__ for c in entry.torch_cls)
+            raise pair_error(layer, *candidate, f"it pairs with torch {expected}")
+        return candidate, entry
+
+    def _check(
+        self,
+        layer: Any,
+        entry: LayerPair,
+        candidate: tuple[str, Any] | None,
+        ctx: Context,
+        weighted: bool,
+    ) -> Context:
+        """Check the pair's configuration (a leaf computing several stacked layers starts
+        pairing the next ones); returns the pair's context."""
         if candidate is not None and ctx.torch_layer == (0, 1) and entry.torch_layers:
             count = entry.torch_layers(candidate[1])
             if count > 1:  # the next count - 1 Keras layers pair with the same module
                 ctx = replace(ctx, torch_layer=(0, count))
-                stacked = (*candidate, 1, count)
+                self.stacked = (*candidate, 1, count)
         if candidate is not None:
             problem = entry.problem(layer, candidate[1], ctx)
             if problem:
                 raise pair_error(layer, *candidate, problem)
-            pending = []
+            self.pending = []
         elif weighted:
             raise PairingError(f"{_keras(layer)} holds weights but layer_map pairs it with None")
         elif entry.torch_optional:
             problem = entry.problem(layer, None, ctx)
             if problem:
                 raise PairingError(f"{_keras(layer)} cannot be computed by torch: {problem}")
+        return ctx
 
-        if isinstance(layer, keras.layers.Flatten) and state and len(ctx.input_shape) > 2:
-            flatten_from = ctx.input_shape[1:]
-        elif isinstance(layer, keras.layers.Dense):
-            flatten_from = None
-        state = {"channels_first": True, "channels_last": False}.get(entry.torch_layout, state)
-        paired_name, paired = candidate if candidate is not None else (None, None)
-        matches.append(LayerMatch(layer, paired_name, paired, entry, ctx, state))
+    def _fused_activation(
+        self, layer: Any, entry: LayerPair, candidate: tuple[str, Any] | None
+    ) -> None:
+        """Pair the torch activation leaf after a paired layer with its fused ``activation=``."""
+        from tfreg_harness.keras_side.kinds import (
+            TORCH_ACTIVATIONS,
+            activation_problem,
+            keras_activation,
+        )
 
-        j = next_free(j)
         activation = getattr(layer, "activation", None) if entry.fused_activation else None
         if (
-            activation is not None
-            and keras_activation(activation) != ("linear",)
-            and (
-                candidate is not None
-                and j < len(leaves)
-                and isinstance(leaves[j][1], TORCH_ACTIVATIONS)
-            )
+            activation is None
+            or keras_activation(activation) == ("linear",)
+            or candidate is None
+            or self.j >= len(self.leaves)
+            or not isinstance(self.leaves[self.j][1], TORCH_ACTIVATIONS)
         ):
-            act_name, act_module = leaves[j]
-            j += 1
-            act_ctx = Context(
-                dtype=dtype,
-                input_shape=out_shapes[key],
-                output_shape=out_shapes[key],
-                torch_channels_first=state,
-            )
-            problem = activation_problem(keras_activation(activation), act_module, act_ctx)
-            if problem:
-                raise pair_error(layer, act_name, act_module, f"fused {problem}")
-            matches.append(
-                LayerMatch(layer, act_name, act_module, entry, act_ctx, state, "activation")
-            )
-
-    if stacked is not None:
-        name, module, position, count = stacked
-        raise PairingError(
-            f"{_describe(name, module)} computes {count} stacked layers but only {position} Keras "
-            "layer(s) pair with it"
+            return
+        act_name, act_module = self.leaves[self.j]
+        self.j += 1
+        shape = self.out_shapes[id(layer)]
+        act_ctx = Context(
+            dtype=self.dtype, input_shape=shape, output_shape=shape, torch_channels_first=self.state
         )
-    for k, (name, module) in enumerate(leaves):
-        if k >= j and k not in used and _holds_weights(module):
+        problem = activation_problem(keras_activation(activation), act_module, act_ctx)
+        if problem:
+            raise pair_error(layer, act_name, act_module, f"fused {problem}")
+        self.matches.append(
+            LayerMatch(layer, act_name, act_module, entry, act_ctx, self.state, "activation")
+        )
+
+    def finish(self, layers: list[Any]) -> None:
+        """Refuse what the walk left: a stacked RNN short of layers, a leaf holding weights."""
+        if self.stacked is not None:
+            name, module, position, count = self.stacked
             raise PairingError(
-                f"{_describe(name, module)} holds weights but no Keras layer is left to pair it "
-                f"with (Keras layers: {[layer.name for layer in layers]})"
+                f"{_describe(name, module)} computes {count} stacked layers but only {position} "
+                "Keras layer(s) pair with it"
             )
-    paired_modules = [m.torch_module for m in matches if m.torch_module is not None]
-    free = free_parameters(
-        keras_model, layers, torch_module, paired_modules, {k: layer_map[k] for k in variable_keys}
-    )
-    if isinstance(model_outputs, dict):
-        return Pairing(tuple(matches), input_state, state, free, model_outputs)
-    return Pairing(tuple(matches), input_state, state, free, output_shape=model_outputs)
+        for k, (name, module) in enumerate(self.leaves):
+            if k >= self.j and k not in self.used and _holds_weights(module):
+                raise PairingError(
+                    f"{_describe(name, module)} holds weights but no Keras layer is left to pair "
+                    f"it with (Keras layers: {[layer.name for layer in layers]})"
+                )
 
 
 def _builtin(layer: Any) -> bool:

@@ -2,9 +2,9 @@
 and the seed models built twice from one framework-neutral description.
 
 Inputs are always given in Keras' layout (channels last); torch receives them channels first
-when its first layers need it (see ``tfreg.parity.pairing.pair_layers``). Logits come out of
+when its first layers need it (see ``pairing.pair_layers``). Logits come out of
 both models: no softmax inside. Every paired layer's output is recorded on both sides
-(``tfreg.parity.capture``), so a comparison can name the first layer that diverges.
+(``tfreg_harness.keras_side.capture``), so a comparison can name the first layer that diverges.
 
 Dropout draws its masks from each framework's own RNG, which never agree even under the same
 seed; a training-mode run injects one NumPy keep-mask per Dropout layer (``dropout_masks``, see
@@ -19,11 +19,16 @@ from typing import Any
 
 import numpy as np
 
-from tfreg import architecture as keras_architecture
 from tfreg._compat import keras, tf
-from tfreg.parity.capture import keras_watch, torch_inputs, torch_watch
-from tfreg.parity.devices import tf_device, torch_device
-from tfreg.parity.pairing import (
+from tfreg_core.validation import InvalidArgumentError, choice, positive_int
+from tfreg_harness import architecture
+from tfreg_harness.compare import Comparison, compare, compare_floored
+from tfreg_harness.differences import note
+from tfreg_harness.divergence import LayerRecord
+from tfreg_harness.keras_side import architecture as keras_architecture
+from tfreg_harness.keras_side.capture import keras_watch, torch_inputs, torch_watch
+from tfreg_harness.keras_side.devices import tf_device, torch_device
+from tfreg_harness.keras_side.pairing import (
     LayerMatch,
     Pairing,
     TorchInput,
@@ -32,17 +37,17 @@ from tfreg.parity.pairing import (
     pair_layers,
     sample_input,
 )
-from tfreg.parity.transfer import ParameterPair, copy_weights, pairs_from, torch_to_numpy
-from tfreg_core.validation import InvalidArgumentError, choice, positive_int
-from tfreg_harness import architecture
-from tfreg_harness.compare import Comparison, compare, compare_floored
-from tfreg_harness.differences import note
-from tfreg_harness.divergence import LayerRecord, Stage
+from tfreg_harness.keras_side.transfer import (
+    ParameterPair,
+    copy_weights,
+    pairs_from,
+    torch_to_numpy,
+)
 from tfreg_harness.layouts import to_channels_first, to_channels_last
 from tfreg_harness.tolerances import (
     gradient_scales,
     resolve_rtol,
-    zero_gradient_atol,
+    zero_atol,
 )
 
 DTYPES: tuple[str, ...] = ("float32", "float64")
@@ -97,7 +102,7 @@ def build_pair(
     """Both models for ``spec`` (a ``tfreg_harness.architecture`` description); with ``rng``,
     weights drawn from it (``architecture.initial_weights``) are loaded into both, so they
     compute the same function."""
-    from torchref import architecture as torch_architecture
+    from tfreg_harness.torch_side import architecture as torch_architecture
 
     choice(dtype, "dtype", DTYPES)
     with tf.device(tf_device(device)):
@@ -315,7 +320,7 @@ def dropout_masks_for(keras_model: Any, x: Any, rng: np.random.Generator) -> lis
 
 
 def _noise_shape(layer: Any, shape: tuple[int, ...]) -> tuple[int, ...]:
-    from tfreg.parity.kinds import CHANNEL_DROPOUT
+    from tfreg_harness.keras_side.kinds import CHANNEL_DROPOUT
 
     if isinstance(layer, tuple(CHANNEL_DROPOUT)):
         return (shape[0], *([1] * (len(shape) - 2)), shape[-1])
@@ -386,7 +391,7 @@ class Evaluation:
 
 
 def _split_activation(pairing: Pairing) -> frozenset[int]:
-    from tfreg.parity.kinds import keras_activation
+    from tfreg_harness.keras_side.kinds import keras_activation
 
     return frozenset(
         id(m.keras_layer)
@@ -670,18 +675,6 @@ def compare_outputs(name: str, actual: Any, expected: Any, *, rtol: float) -> li
     return [compare(f"{name} {k}", actual[k], expected[k], rtol=rtol) for k in expected]
 
 
-def _record(comparison: Comparison, kind: str, stage: Stage, absolute: bool) -> LayerRecord:
-    return LayerRecord(
-        name=comparison.name,
-        kind=kind,
-        stage=stage,
-        max_abs=comparison.max_abs,
-        rel=None if absolute else comparison.max_rel,
-        tolerance=comparison.atol if absolute else comparison.rtol,
-        passed=comparison.passed,
-    )
-
-
 def compare_layers(
     pairing: Pairing, keras_eval: Evaluation, torch_eval: Evaluation, *, rtol: float
 ) -> list[LayerRecord]:
@@ -716,15 +709,9 @@ def compare_layers(
             )
             continue
         records.append(
-            _record(compare(match.name, actual, expected, rtol=rtol), kind, "output", False)
+            LayerRecord.of(compare(match.name, actual, expected, rtol=rtol), kind, "output")
         )
     return records
-
-
-def gradient_scale(keras_eval: Evaluation) -> float:
-    return max(
-        (float(np.max(np.abs(g), initial=0.0)) for g in keras_eval.gradients.values()), default=0.0
-    )
 
 
 def compare_evaluations(
@@ -741,7 +728,7 @@ def compare_evaluations(
     A gradient's relative error is measured against its layer's largest gradient entry
     (``tfreg_harness.tolerances.GRADIENT_SCALE_RULE``: a bias gradient that cancels to a small
     value carries the round-off of its large terms). A gradient whose Keras value lies within
-    ``zero_gradient_atol(dtype, G)`` of 0 (``G`` the model's largest gradient entry) is
+    ``zero_atol(dtype, gradients)`` of 0 (64 ulps of the model's largest gradient entry) is
     analytically zero -- a bias feeding a train-mode BatchNorm -- and both frameworks return
     round-off; it is compared with that absolute bound (rtol 0, named ``grad PATH == 0``),
     never relatively (:func:`compare_floored`).
@@ -771,7 +758,7 @@ def compare_evaluations(
                 False,
             )
         )
-    atol = zero_gradient_atol(dtype, gradient_scale(keras_eval))
+    atol = zero_atol(dtype, keras_eval.gradients.values())
     scales = gradient_scales(keras_eval.gradients)
     for path, expected in keras_eval.gradients.items():
         if path not in torch_eval.ungraded:
@@ -781,6 +768,20 @@ def compare_evaluations(
                     f"grad {path}", actual, expected, rtol=rtol, atol=atol, scale=scales[path]
                 )
             )
+    return out
+
+
+def gradient_records(
+    comparisons: Sequence[Comparison], kinds: Mapping[str, str]
+) -> list[LayerRecord]:
+    """The gradient comparisons of :func:`compare_evaluations` (``grad PATH``, ``grad PATH ==
+    0``) as records named by the Keras variable ``PATH``; ``kinds`` maps a path to its layer's
+    kind."""
+    out = []
+    for c in comparisons:
+        if c.name.startswith("grad "):
+            path = c.name.removeprefix("grad ").removesuffix(" == 0")
+            out.append(replace(LayerRecord.of(c, kinds.get(path, ""), "gradient"), name=path))
     return out
 
 
@@ -823,7 +824,7 @@ __all__ = [
     "evaluate_torch",
     "forward_keras",
     "forward_torch",
-    "gradient_scale",
+    "gradient_records",
     "in_keras_layout",
     "keras_loss",
     "keras_outputs",

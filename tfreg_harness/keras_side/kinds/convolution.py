@@ -7,9 +7,9 @@ from typing import Any
 
 from torch import nn
 
-from tfreg.parity.kinds._common import VECTOR, L, as_tuple, first_mismatch
-from tfreg.parity.registry import Context, Weight, register_layer_pair
 from tfreg_harness.differences import note
+from tfreg_harness.keras_side.kinds._common import VECTOR, L, as_tuple, first_mismatch
+from tfreg_harness.keras_side.registry import Context, Weight, register_layer_pair
 from tfreg_harness.layouts import (
     conv_kernel_to_keras,
     conv_kernel_to_torch,
@@ -87,19 +87,32 @@ def _keras_padding(k: Any, ctx: Context, dims: int) -> list[tuple[int, int]]:
     ]
 
 
-def _conv_problem(k: Any, t: Any, ctx: Context, *, groups: int) -> str | None:
-    dims = len(as_tuple(k.kernel_size, 1))
+def _conv_mismatch(k: Any, t: Any, dims: int, fields: list[tuple[str, Any, Any]]) -> str | None:
+    """The first disagreement of a Keras convolution and its torch module: a channels-first
+    Keras map, then kernel size and strides, then the kind's own ``fields``."""
     if k.data_format != "channels_last":
         return f"Keras data_format={k.data_format!r}; the harness keeps maps channels_last"
-    problem = first_mismatch(
+    return first_mismatch(
         [
             ("kernel_size", as_tuple(k.kernel_size, dims), as_tuple(t.kernel_size, dims)),
             ("strides", as_tuple(k.strides, dims), as_tuple(t.stride, dims)),
+            *fields,
+        ]
+    )
+
+
+def _conv_problem(k: Any, t: Any, ctx: Context, *, groups: int) -> str | None:
+    dims = len(as_tuple(k.kernel_size, 1))
+    problem = _conv_mismatch(
+        k,
+        t,
+        dims,
+        [
             ("dilation", as_tuple(k.dilation_rate, dims), as_tuple(t.dilation, dims)),
             ("groups", groups, t.groups),
             ("use_bias", k.use_bias, t.bias is not None),
             ("padding_mode", "zeros", t.padding_mode),
-        ]
+        ],
     )
     if problem:
         return problem
@@ -167,18 +180,17 @@ def _transpose_crop(k: Any, ctx: Context, dims: int) -> list[tuple[int, int]]:
 
 def _conv_transpose_problem(k: Any, t: Any, ctx: Context) -> str | None:
     dims = len(as_tuple(k.kernel_size, 1))
-    if k.data_format != "channels_last":
-        return f"Keras data_format={k.data_format!r}; the harness keeps maps channels_last"
-    problem = first_mismatch(
+    problem = _conv_mismatch(
+        k,
+        t,
+        dims,
         [
-            ("kernel_size", as_tuple(k.kernel_size, dims), as_tuple(t.kernel_size, dims)),
-            ("strides", as_tuple(k.strides, dims), as_tuple(t.stride, dims)),
             ("dilation", (1,) * dims, as_tuple(t.dilation, dims)),
             ("dilation_rate (Keras)", (1,) * dims, as_tuple(k.dilation_rate, dims)),
             ("groups", 1, t.groups),
             ("output_padding (Keras)", None, k.output_padding),
             ("use_bias", k.use_bias, t.bias is not None),
-        ]
+        ],
     )
     if problem:
         return problem

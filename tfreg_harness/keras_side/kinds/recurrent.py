@@ -10,9 +10,9 @@ import numpy as np
 from torch import nn
 
 from tfreg._compat import keras
-from tfreg.parity.kinds._common import L, first_mismatch
-from tfreg.parity.registry import Context, Weight, register_layer_pair
 from tfreg_harness.differences import note
+from tfreg_harness.keras_side.kinds._common import L, first_mismatch
+from tfreg_harness.keras_side.registry import Context, Weight, register_layer_pair
 from tfreg_harness.layouts import (
     gate_permutation,
     recurrent_kernel_to_keras,

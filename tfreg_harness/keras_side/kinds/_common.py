@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from tfreg._compat import keras
-from tfreg.parity.registry import Weight
+from tfreg_harness.keras_side.registry import Weight
 
 L = keras.layers
 VECTOR = (Weight("bias", "bias"),)

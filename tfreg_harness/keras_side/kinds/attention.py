@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from tfreg.parity.kinds._common import L, first_mismatch
-from tfreg.parity.registry import Context, Weight, register_layer_pair
 from tfreg_harness.differences import note
+from tfreg_harness.keras_side.kinds._common import L, first_mismatch
+from tfreg_harness.keras_side.registry import Context, Weight, register_layer_pair
 from tfreg_harness.layouts import (
     attention_output_to_keras,
     attention_output_to_torch,

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from tfreg.parity.devices import available_devices
 from tfreg_harness.compare import Comparison
+from tfreg_harness.keras_side.devices import available_devices
 from tfreg_harness.report import Row
 
 
@@ -105,7 +105,7 @@ def run_one(check: Check, dtype: str, device: str) -> Row:
 
 def _load_builtin_checks() -> None:
     # Importing the modules runs their @register decorators (once; Python caches modules).
-    from tfreg.parity.checks import models, penalties, sparsity, training  # noqa: F401
+    from tfreg_harness.keras_side.checks import models, penalties, sparsity, training  # noqa: F401
 
 
 __all__ = [

@@ -6,10 +6,16 @@ from collections.abc import Callable
 
 import numpy as np
 
-from tfreg.parity.checks import register
-from tfreg.parity.models import ModelPair, build_cnn, build_mlp, dropout_masks_for, model_parity
-from tfreg.parity.seeding import seed_everything
 from tfreg_harness.compare import Comparison
+from tfreg_harness.keras_side.checks import register
+from tfreg_harness.keras_side.models import (
+    ModelPair,
+    build_cnn,
+    build_mlp,
+    dropout_masks_for,
+    model_parity,
+)
+from tfreg_harness.keras_side.seeding import seed_everything
 
 _BATCH = 16
 

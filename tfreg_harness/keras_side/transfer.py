@@ -1,8 +1,8 @@
 """Weight transfer between a paired Keras model and torch module.
 
-:func:`parameter_pairs` turns a layer pairing (``tfreg.parity.pairing``) into one
+:func:`parameter_pairs` turns a layer pairing (``tfreg_harness.keras_side.pairing``) into one
 :class:`ParameterPair` per Keras variable, using each kind's weight layout map
-(``tfreg.parity.registry.Weight``); :func:`transfer_weights` copies through them, in either
+(``registry.Weight``); :func:`transfer_weights` copies through them, in either
 direction, after every check has passed -- a refusal leaves both models untouched.
 torch is imported inside the functions that need it.
 """
@@ -15,8 +15,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from tfreg.parity.pairing import Pairing, PairingError, pair_error, pair_layers
 from tfreg_core.validation import choice
+from tfreg_harness.keras_side.pairing import Pairing, PairingError, pair_error, pair_layers
 
 Direction = Literal["keras_to_torch", "torch_to_keras"]
 DIRECTIONS: tuple[str, ...] = ("keras_to_torch", "torch_to_keras")
@@ -159,7 +159,7 @@ def model_dtype(keras_model: Any) -> str:
 
 def _qualifier(name: str | None, module: Any) -> Callable[[str], str]:
     """A kind's tensor path -> the user's ``state_dict`` key (a group maps its part names)."""
-    from tfreg.parity.group import TorchGroup
+    from tfreg_harness.keras_side.group import TorchGroup
 
     if isinstance(module, TorchGroup):
         return module.qualified
@@ -276,8 +276,8 @@ def parameter_pairs(
     sample: Any | None = None,
     layer_map: Mapping[str, str | None] | None = None,
 ) -> list[ParameterPair]:
-    """Pair every Keras variable with its torch parameter/buffer (see ``tfreg.parity.pairing``
-    for the walk and ``tfreg.parity.kinds`` for the kinds). ``sample``: a batch for the shape
+    """Pair every Keras variable with its torch parameter/buffer (see ``pairing`` for the
+    walk and ``kinds`` for the kinds). ``sample``: a batch for the shape
     pass, needed for subclassed models (others use a zero batch of their Input's shape)."""
     pairing = pair_layers(
         keras_model,

@@ -10,10 +10,10 @@ import numpy as np
 
 from tfreg import regularizers as tfr
 from tfreg._compat import keras, tf
-from tfreg.parity.checks import SkipCheck, register
-from tfreg.parity.devices import tf_device, torch_device
-from tfreg.parity.seeding import seed_everything
 from tfreg_harness.compare import Comparison, compare
+from tfreg_harness.keras_side.checks import SkipCheck, register
+from tfreg_harness.keras_side.devices import tf_device, torch_device
+from tfreg_harness.keras_side.seeding import seed_everything
 from tfreg_harness.tolerances import tolerance
 
 
@@ -87,7 +87,7 @@ def penalty_weights(dtype: str, shape: tuple[int, ...], seed_offset: int) -> np.
 
 
 def _penalty_vs_torchref(name: str, dtype: str, device: str) -> list[Comparison]:
-    from torchref.verify import penalty_value_and_grad
+    from tfreg_harness.torch_side.verify import penalty_value_and_grad
 
     spec = next(c for c in PENALTY_CASES if c.name == name)
     class_name, kwargs = spec.torchref

@@ -10,10 +10,10 @@ import numpy as np
 from torch import nn
 
 from tfreg._compat import keras
-from tfreg.parity.kinds._common import L, same
-from tfreg.parity.registry import Context, Weight, register_layer_pair
 from tfreg_harness.differences import FRAMEWORK_DIFFERENCES, note
-from torchref.architecture import KerasGELU
+from tfreg_harness.keras_side.kinds._common import L, same
+from tfreg_harness.keras_side.registry import Context, Weight, register_layer_pair
+from tfreg_harness.torch_side.architecture import KerasGELU
 
 _ACT = FRAMEWORK_DIFFERENCES.activations
 

@@ -12,9 +12,9 @@
                       torch_optimizer=torch.optim.SGD(torch_module.parameters(), lr=0.125))
 
 Any built ``keras.Model`` (Sequential, functional, subclassed) and any ``nn.Module``: layers pair
-in definition order (``tfreg.parity.pairing``; override with ``layer_map``), each pair's
-configuration is checked by its registered kind (``tfreg.parity.kinds``), and weights are copied
-Keras -> torch (``transfer=False`` keeps the torch weights: test your own converter). The report
+in definition order (``pairing``; override with ``layer_map``), each pair's configuration
+is checked by its registered kind (``kinds``), and weights are copied Keras -> torch
+(``transfer=False`` keeps the torch weights: test your own converter). The report
 compares every paired layer's output, the logits, the loss and every parameter's gradient, and
 names the first layer and the first gradient that leave their tolerance; with ``steps``, the
 weights after each update, the BatchNorm moving statistics (torch's unbiased running variance
@@ -27,15 +27,21 @@ never a skip.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from math import prod
 from typing import Any
 
 import numpy as np
 
 from tfreg._compat import keras, tf
-from tfreg.parity.devices import tf_device
-from tfreg.parity.models import (
+from tfreg_core.validation import InvalidArgumentError
+from tfreg_harness.compare import Comparison, compare, compare_floored
+from tfreg_harness.differences import note, torch_running_var_from_keras
+from tfreg_harness.divergence import LayerRecord, ParityReport
+from tfreg_harness.keras_side.devices import tf_device
+from tfreg_harness.keras_side.models import (
     LOSS_PAIRS,
+    Evaluation,
     LossSpec,
     ModelPair,
     compare_evaluations,
@@ -46,36 +52,41 @@ from tfreg.parity.models import (
     evaluate_torch,
     forward_keras,
     forward_torch,
+    gradient_records,
     keras_outputs,
     loss_terms,
     settle_flatten_orders,
     torch_outputs_in_keras_layout,
 )
-from tfreg.parity.pairing import LayerMatch, PairingError, TorchInput
-from tfreg.parity.transfer import (
+from tfreg_harness.keras_side.pairing import LayerMatch, PairingError, TorchInput
+from tfreg_harness.keras_side.transfer import (
     ParameterPair,
     copy_weights,
     model_dtype,
     trainable_mismatches,
 )
-from tfreg_core.validation import InvalidArgumentError
-from tfreg_harness.compare import Comparison, compare, compare_floored
-from tfreg_harness.differences import note, torch_running_var_from_keras
-from tfreg_harness.divergence import LayerRecord, ParityReport
 from tfreg_harness.report import Row
-from tfreg_harness.tolerances import resolve_rtol, zero_gradient_atol
+from tfreg_harness.tolerances import resolve_rtol, zero_atol
 
 
-def _row(c: Comparison, dtype: str, device: str, detail: str = "") -> Row:
-    absolute = c.rtol == 0  # an exact-zero target: the relative column would be meaningless
+def _row(
+    found: Comparison | LayerRecord,
+    dtype: str,
+    device: str,
+    detail: str = "",
+    *,
+    check: str | None = None,
+) -> Row:
+    """A comparison's or a layer record's row (``check``: its name, else the comparison's)."""
+    r = found if isinstance(found, LayerRecord) else LayerRecord.of(found, "", "output")
     return Row(
-        c.name,
+        check or r.name,
         dtype,
         device,
-        "pass" if c.passed else "fail",
-        max_abs=c.max_abs,
-        max_rel=None if absolute else c.max_rel,
-        tolerance=c.atol if absolute else c.rtol,
+        "pass" if r.passed else "fail",
+        max_abs=r.max_abs,
+        max_rel=r.rel,
+        tolerance=r.tolerance,
         detail=detail,
     )
 
@@ -83,39 +94,6 @@ def _row(c: Comparison, dtype: str, device: str, detail: str = "") -> Row:
 def _failures(found: list[tuple[str, str]], dtype: str, device: str) -> list[Row]:
     """A failed row per ``(check, cause)`` a probe found."""
     return [Row(check, dtype, device, "fail", detail=why) for check, why in found]
-
-
-def _record_row(r: LayerRecord, dtype: str, device: str) -> Row:
-    return Row(
-        f"output {r.name}",
-        dtype,
-        device,
-        "pass" if r.passed else "fail",
-        max_abs=r.max_abs,
-        max_rel=r.rel,
-        tolerance=r.tolerance,
-    )
-
-
-def _gradient_records(comparisons: list[Comparison], kinds: dict[str, str]) -> list[LayerRecord]:
-    out = []
-    for c in comparisons:
-        if not c.name.startswith("grad "):
-            continue
-        path = c.name.removeprefix("grad ").removesuffix(" == 0")
-        absolute = c.rtol == 0
-        out.append(
-            LayerRecord(
-                path,
-                kinds.get(path, ""),
-                "gradient",
-                c.max_abs,
-                None if absolute else c.max_rel,
-                c.atol if absolute else c.rtol,
-                c.passed,
-            )
-        )
-    return out
 
 
 def _batchnorms(pair: ModelPair) -> list[tuple[LayerMatch, ParameterPair, ParameterPair]]:
@@ -190,6 +168,28 @@ def _statistics_rows(
     return rows, converted
 
 
+def _moving_variances(pair: ModelPair) -> dict[int, np.ndarray]:
+    """Every paired BatchNormalization's moving variance (Keras' convention), by layer id."""
+    return {
+        id(m.keras_layer): np.asarray(v.keras_variable.numpy()).copy()
+        for m, _, v in _batchnorms(pair)
+    }
+
+
+def _report_after_steps(
+    report: ParityReport,
+    pair: ModelPair,
+    x: Any,
+    initial: dict[int, np.ndarray],
+    passes: int,
+    rtol: float,
+) -> None:
+    """The BatchNorm statistics after ``passes`` train-mode batches, then the eval-mode logits."""
+    rows, converted = _statistics_rows(pair, initial, passes, rtol, pair.device)
+    report.extend(rows)
+    report.extend(_eval_rows(pair, x, converted, rtol, pair.device))
+
+
 def _eval_rows(
     pair: ModelPair, x: Any, converted: list[tuple[Any, np.ndarray]], rtol: float, device: str
 ) -> list[Row]:
@@ -258,6 +258,32 @@ def check_parity(
     model starts with a convolution, pooling or padding), ``"channels_first"`` or
     ``"channels_last"`` (``x`` as given).
     """
+    _check_arguments(loss, steps, keras_optimizer, torch_optimizer, transfer)
+    dtype = model_dtype(keras_model)
+    report = ParityReport()
+    pair = ModelPair(keras_model, torch_module, dtype, device, layer_map, torch_input)
+    pairs = _pair(pair, x, steps, report)
+    if pairs is None:  # refused: the report says why
+        return report
+    loss_terms(pair.pairing().outputs, loss, loss_weights)  # bad loss / loss_weights: refused
+    bounds = _Bounds.resolve(dtype, rtol)
+    pairs = _transfer(pair, pairs, x, transfer, bounds.one_pass, report)
+    passes = _Passes(pair, x, y, loss, loss_weights, training, dropout_masks, seed)
+    initial = _moving_variances(pair)  # before a train-mode pass moves them
+    keras_eval, torch_eval = passes.evaluate()
+    comparisons, records = _compare(pair, pairs, keras_eval, torch_eval, bounds.one_pass)
+    _report(report, comparisons, records, dtype, device)
+    if steps:
+        assert keras_optimizer is not None  # refused above without both optimizers
+        _take_steps(report, pair, pairs, passes, steps, keras_optimizer, torch_optimizer, bounds)
+        passed = (steps + 1) if training else 0  # train-mode batches the statistics saw
+        _report_after_steps(report, pair, x, initial, passed, bounds.trajectory)
+    return report
+
+
+def _check_arguments(
+    loss: LossSpec, steps: int, keras_optimizer: Any, torch_optimizer: Any, transfer: bool
+) -> None:
     if isinstance(loss, str) and loss not in LOSS_PAIRS:
         raise InvalidArgumentError(
             f"Unknown loss {loss!r}. Expected one of {sorted(LOSS_PAIRS)}. Received: loss={loss!r}"
@@ -275,76 +301,167 @@ def check_parity(
         )
     if not isinstance(transfer, bool):
         raise InvalidArgumentError(f"transfer must be a bool. Received: transfer={transfer!r}")
-    dtype = model_dtype(keras_model)
-    report = ParityReport()
-    pair = ModelPair(keras_model, torch_module, dtype, device, layer_map, torch_input)
+
+
+@dataclass(frozen=True)
+class _Bounds:
+    """The two relative bounds of a run, resolved once: ``one_pass`` (the ``model_cross`` claim:
+    outputs, loss, gradients, the Flatten-order probe) and ``trajectory`` (weights, statistics
+    and eval logits after the steps); ``rtol`` given replaces both."""
+
+    one_pass: float
+    trajectory: float
+
+    @classmethod
+    def resolve(cls, dtype: str, rtol: float | None) -> _Bounds:
+        return cls(
+            resolve_rtol("model_cross", dtype, rtol), resolve_rtol("trajectory", dtype, rtol)
+        )
+
+
+def _pair(pair: ModelPair, x: Any, steps: int, report: ParityReport) -> list[ParameterPair] | None:
+    """Pair: layers, configurations and parameters; ``None`` (a failed row added) when the two
+    models cannot be compared -- a pairing refused, or, with ``steps``, torch tensors that train
+    without a Keras variable (found before any weight moves)."""
     try:
         pairs = pair.parameter_pairs(x)
     except PairingError as exc:
         report.extend(
-            [Row("layer pairing and configuration", dtype, device, "fail", detail=str(exc))]
+            [
+                Row(
+                    "layer pairing and configuration",
+                    pair.dtype,
+                    pair.device,
+                    "fail",
+                    detail=str(exc),
+                )
+            ]
         )
-        return report
+        return None
     trained = [name for p in pairs if p.trainable for name in p.trained_frozen()]
-    if steps and trained:  # before any weight moves
+    if steps and trained:
         detail = (
             f"{', '.join(trained)} train in torch but have no Keras variable. {note('lstm_bias')}"
         )
         report.extend(
-            [Row("torch tensors without a Keras variable", dtype, device, "fail", detail=detail)]
+            [
+                Row(
+                    "torch tensors without a Keras variable",
+                    pair.dtype,
+                    pair.device,
+                    "fail",
+                    detail=detail,
+                )
+            ]
         )
-        return report
-    loss_terms(pair.pairing().outputs, loss, loss_weights)  # bad loss / loss_weights: refused
-    one_rtol = resolve_rtol("model_cross", dtype, rtol)
-    report.extend(_failures(trainable_mismatches(pairs), dtype, device))
+        return None
+    return pairs
+
+
+def _transfer(
+    pair: ModelPair,
+    pairs: list[ParameterPair],
+    x: Any,
+    transfer: bool,
+    rtol: float,
+    report: ParityReport,
+) -> list[ParameterPair]:
+    """Transfer the weights Keras -> torch (unless ``transfer=False``), settle the order in which
+    torch flattens each map a Dense reads (a settled order re-pairs that Dense's kernel, so the
+    parameter pairs are made and transferred again), and report trainable-flag mismatches and
+    unsettled Flatten orders as failed rows; returns the final parameter pairs."""
+    report.extend(_failures(trainable_mismatches(pairs), pair.dtype, pair.device))
     if transfer:
         copy_weights(pairs, direction="keras_to_torch")
-    flattened = settle_flatten_orders(pair, x, rtol=one_rtol)
-    report.extend(_failures(flattened, dtype, device))
-    pairs = pair.parameter_pairs()  # a settled Flatten order changes a Dense's kernel map
+    report.extend(_failures(settle_flatten_orders(pair, x, rtol=rtol), pair.dtype, pair.device))
+    pairs = pair.parameter_pairs()
     if transfer:
         copy_weights(pairs, direction="keras_to_torch")
+    return pairs
 
-    rng = np.random.default_rng(seed)
 
-    def masks() -> Sequence[Any] | None:
-        if dropout_masks is not None or not training:
-            return dropout_masks
-        return dropout_masks_for(keras_model, x, rng)
+@dataclass
+class _Passes:
+    """Evaluate: one pass of both models on the same batch (logits, loss, gradients, per-layer
+    outputs), in training mode with the same Dropout keep-masks when ``training`` (given, else
+    drawn from ``numpy.random.default_rng(seed)`` afresh for every pass)."""
 
-    def evaluate() -> tuple[Any, Any]:
+    pair: ModelPair
+    x: Any
+    y: Any
+    loss: LossSpec
+    loss_weights: Mapping[str, float] | None
+    training: bool
+    dropout_masks: Sequence[Any] | None
+    seed: int
+    rng: np.random.Generator = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rng = np.random.default_rng(self.seed)
+
+    def evaluate(self) -> tuple[Evaluation, Evaluation]:
+        masks = self.dropout_masks
+        if masks is None and self.training:
+            masks = dropout_masks_for(self.pair.keras, self.x, self.rng)
         kwargs: dict[str, Any] = {
-            "training": training,
-            "dropout_masks": masks(),
-            "loss": loss,
-            "loss_weights": loss_weights,
+            "training": self.training,
+            "dropout_masks": masks,
+            "loss": self.loss,
+            "loss_weights": self.loss_weights,
         }
-        return evaluate_keras(pair, x, y, **kwargs), evaluate_torch(pair, x, y, **kwargs)
+        return (
+            evaluate_keras(self.pair, self.x, self.y, **kwargs),
+            evaluate_torch(self.pair, self.x, self.y, **kwargs),
+        )
 
-    initial = {
-        id(m.keras_layer): np.asarray(v.keras_variable.numpy()).copy()
-        for m, _, v in _batchnorms(pair)
-    }
-    keras_eval, torch_eval = evaluate()
-    comparisons = compare_evaluations(keras_eval, torch_eval, dtype=dtype, rtol=one_rtol)
+
+def _compare(
+    pair: ModelPair,
+    pairs: list[ParameterPair],
+    keras_eval: Evaluation,
+    torch_eval: Evaluation,
+    rtol: float,
+) -> tuple[list[Comparison], list[LayerRecord]]:
+    """Compare one pass: logits, loss and gradients, and the per-layer records -- every paired
+    layer's output in model order, then every gradient."""
+    comparisons = compare_evaluations(keras_eval, torch_eval, dtype=pair.dtype, rtol=rtol)
     kinds = {p.keras_variable.path: p.layer for p in pairs}
-    report.layers = compare_layers(pair.pairing(), keras_eval, torch_eval, rtol=one_rtol)
-    report.layers += _gradient_records(comparisons, kinds)
-    report.extend([_row(c, dtype, device) for c in comparisons])
-    report.extend([_record_row(r, dtype, device) for r in report.layers if r.stage == "output"])
-    if steps == 0:
-        return report
-    assert keras_optimizer is not None  # steps > 0 without both optimizers was refused above
+    records = compare_layers(pair.pairing(), keras_eval, torch_eval, rtol=rtol)
+    return comparisons, records + gradient_records(comparisons, kinds)
 
-    step_rtol = resolve_rtol("trajectory", dtype, rtol)
+
+def _report(
+    report: ParityReport,
+    comparisons: list[Comparison],
+    records: list[LayerRecord],
+    dtype: str,
+    device: str,
+) -> None:
+    """Report one pass: its records, a row per comparison, then a row per layer output."""
+    report.layers = records
+    report.extend([_row(c, dtype, device) for c in comparisons])
+    outputs = [r for r in records if r.stage == "output"]
+    report.extend([_row(r, dtype, device, check=f"output {r.name}") for r in outputs])
+
+
+def _take_steps(
+    report: ParityReport,
+    pair: ModelPair,
+    pairs: list[ParameterPair],
+    passes: _Passes,
+    steps: int,
+    keras_optimizer: keras.optimizers.Optimizer,
+    torch_optimizer: Any,
+    bounds: _Bounds,
+) -> None:
+    """``steps`` updates of both models from the same gradients, a row per trainable weight
+    after each; a weight within ``zero_atol`` of 0 (64 ulps of the largest initial weight) is
+    compared absolutely."""
     trainable = [p for p in pairs if p.trainable]
-    weight_scale = max(
-        float(np.max(np.abs(p.keras_variable.numpy()), initial=0.0)) for p in trainable
-    )
-    step_atol = zero_gradient_atol(dtype, weight_scale)
+    atol = zero_atol(pair.dtype, (p.keras_variable.numpy() for p in trainable))
     for step in range(1, steps + 1):
-        keras_eval, _ = evaluate()  # leaves .grad on the torch parameters
-        with tf.device(tf_device(device)):
+        keras_eval, _ = passes.evaluate()  # leaves .grad on the torch parameters
+        with tf.device(tf_device(pair.device)):
             keras_optimizer.apply_gradients(
                 [
                     (tf.constant(keras_eval.gradients[p.keras_variable.path]), p.keras_variable)
@@ -359,20 +476,15 @@ def check_parity(
                         f"step {step} {p.keras_variable.path}",
                         p.torch_value(),
                         np.asarray(p.keras_variable.numpy()),
-                        rtol=step_rtol,
-                        atol=step_atol,
+                        rtol=bounds.trajectory,
+                        atol=atol,
                     ),
-                    dtype,
-                    device,
+                    pair.dtype,
+                    pair.device,
                 )
                 for p in trainable
             ]
         )
-    passes = (steps + 1) if training else 0
-    rows, converted = _statistics_rows(pair, initial, passes, step_rtol, device)
-    report.extend(rows)
-    report.extend(_eval_rows(pair, x, converted, step_rtol, device))
-    return report
 
 
 def assert_parity(

@@ -5,8 +5,8 @@ first diverging *paired* layer is named."""
 
 from __future__ import annotations
 
-from tfreg.parity.kinds._common import L
-from tfreg.parity.registry import register_layer_pair
+from tfreg_harness.keras_side.kinds._common import L
+from tfreg_harness.keras_side.registry import register_layer_pair
 
 MERGE_LAYERS = (L.Add, L.Subtract, L.Multiply, L.Average, L.Maximum, L.Minimum, L.Concatenate)
 

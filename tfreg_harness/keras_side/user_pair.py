@@ -12,7 +12,7 @@ The contract, for ``FUNCTION`` (called ``make_pair`` below):
   that device. A ``make_pair`` without one is run on the CPU only.
 
 With ``--record PATH --torch-factory T:make_torch`` the pair is also recorded for
-``python -m torchref.verify`` on a machine without TensorFlow (``tfreg.parity.record``):
+``python -m torchref.verify`` on a machine without TensorFlow (``tfreg_harness.keras_side.record``):
 ``make_torch`` is a torch-only function of the team's code that builds the same torch module.
 
 ``MODULE`` is imported with the current directory on ``sys.path`` (as ``python -m`` would), so a
@@ -31,9 +31,9 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from tfreg.parity.api import check_parity
 from tfreg_harness.exits import one_line
 from tfreg_harness.factories import FactorySpecError, import_factory
+from tfreg_harness.keras_side.api import check_parity
 from tfreg_harness.report import Report, Row
 
 __all__ = [

@@ -23,15 +23,30 @@ from typing import Any
 import numpy as np
 
 from tfreg._compat import keras, tf
-from tfreg.parity.checks.penalties import PENALTY_CASES, penalty_weights, tf_value_and_grad
-from tfreg.parity.devices import tf_device
-from tfreg.parity.environment import machine, versions
-from tfreg.parity.models import LOSS_PAIRS, ModelPair, build_mlp, evaluate_keras, forward_torch
-from tfreg.parity.seeding import seed_everything
-from tfreg.parity.transfer import copy_weights, model_dtype, parameter_pairs, torch_to_numpy
-from tfreg.parity.user_pair import PairSpecError, load_pair_factory, make_user_pair
 from tfreg_harness.bundle import DTYPES, Case, save_bundle
 from tfreg_harness.data import digit_like_images
+from tfreg_harness.keras_side.checks.penalties import (
+    PENALTY_CASES,
+    penalty_weights,
+    tf_value_and_grad,
+)
+from tfreg_harness.keras_side.devices import tf_device
+from tfreg_harness.keras_side.environment import machine, versions
+from tfreg_harness.keras_side.models import (
+    LOSS_PAIRS,
+    ModelPair,
+    build_mlp,
+    evaluate_keras,
+    forward_torch,
+)
+from tfreg_harness.keras_side.seeding import seed_everything
+from tfreg_harness.keras_side.transfer import (
+    copy_weights,
+    model_dtype,
+    parameter_pairs,
+    torch_to_numpy,
+)
+from tfreg_harness.keras_side.user_pair import PairSpecError, load_pair_factory, make_user_pair
 from tfreg_harness.layouts import to_channels_first
 
 # A small MLP on digits-sized inputs. The bundle stores its weights in torch layout and its
@@ -194,7 +209,7 @@ def user_pair_case(spec: str, torch_factory: str) -> Case:
     harness --, ``transfer=False``, a Keras variable held by several torch tensors), a torch
     factory that cannot be imported or whose module has another ``state_dict`` than the pair's.
     """
-    from torchref.verify import FactoryError, load_torch_factory, make_torch
+    from tfreg_harness.torch_side.verify import FactoryError, load_torch_factory, make_torch
 
     args, kwargs = make_user_pair(spec, load_pair_factory(spec), "cpu")
     keras_model, torch_module, x, y = args
