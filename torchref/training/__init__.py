@@ -26,6 +26,11 @@ from torchref.training.amp import LossScale
 from torchref.training.losses import LOSSES, PerElementLoss, per_element, per_example_loss
 from torchref.training.trainer import Trainer
 
+# The public home of the classes (reprs, docs, and the checkpoint manager's trainer check,
+# which reads the class's module: torchref.checkpoint cannot import the Trainer).
+for _public in (LossScale, PerElementLoss, Trainer):
+    _public.__module__ = __name__
+
 __all__ = [
     "LOSSES",
     "History",
