@@ -97,17 +97,26 @@ class _Engine:
         # DDP syncs every micro-batch: still exact (it averages the accumulated .grad, whose
         # already-reduced part is equal on every rank), only k all-reduces instead of one.
         self.closes = True
+        self._zero = torch.zeros((), dtype=torch.float64, device=self.device)  # no penalty
         self.position = Position().as_tuple()
-        # Set by Trainer.fit: the array labels to check at the first micro-batch (when the
-        # model's class count is known), and whether the data are arrays (else a stream).
-        self.labels: Any = None
-        self.array_data = False
+        self.use_data(None)
+
+    def use_data(self, labels: Any) -> None:
+        """Before ``fit``: the labels of array data (None: a stream)."""
+        # The array labels to check at the first micro-batch (when the model's class count is
+        # known), and whether the data are arrays (else each micro-batch is checked).
+        self.labels = labels
+        self.array_data = labels is not None
+        # Checked once here rather than by a scan of each micro-batch's targets.
+        self.every_label_counts = self.array_data and self.loss.every_label_counts(labels)
 
     def _tensors(self, structure: Any, dtype: torch.dtype | None = None) -> Any:
         # Floating inputs are cast to `dtype` (as Keras casts inputs to the layer's dtype).
         def convert(value: Any) -> torch.Tensor:
             tensor = torch.as_tensor(value, device=self.device)
-            return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+            if dtype is None or tensor.dtype == dtype or not tensor.is_floating_point():
+                return tensor
+            return tensor.to(dtype)
 
         return map_structure(convert, structure)
 
@@ -146,7 +155,7 @@ class _Engine:
             epoch, micro_batch = self.position[:2]
             self.loss.check_labels(y, y_pred, f"micro-batch {micro_batch} of epoch {epoch}: y")
         y_host = self._targets(y_pred, y)
-        values, count = self.loss(y_pred, y_host)
+        values, count = self.loss(y_pred, y_host, every_label_counts=self.every_label_counts)
         if sample_weight is None or _all_ones(sample_weight):
             sample_weight = None  # unweighted: no weight tensor, no product to differentiate
             loss_sum = values.sum()
@@ -195,7 +204,7 @@ class _Engine:
 
     def _penalty(self) -> torch.Tensor:
         if self.regularizer is None:
-            return torch.zeros((), dtype=torch.float64, device=self.device)
+            return self._zero
         return _penalty(self.model, self.regularizer, include_bias=self.spec.include_bias)
 
     @torch.no_grad()

@@ -284,8 +284,11 @@ class _WindowLoss:
         return per_element if device is None else per_element.to(device)
 
     def __call__(
-        self, y_pred: torch.Tensor, y_true: torch.Tensor
+        self, y_pred: torch.Tensor, y_true: torch.Tensor, *, every_label_counts: bool = False
     ) -> tuple[torch.Tensor, int | float | torch.Tensor]:
+        """Per-element values and their count; ``every_label_counts``: the targets are known to
+        hold no ``ignore_index`` and there are no class weights (:meth:`every_label_counts`,
+        once per fit for arrays), so class indices count one each without a scan."""
         if not (isinstance(y_pred, torch.Tensor) and isinstance(y_true, torch.Tensor)):
             y_pred, y_true = self._structures(y_pred, y_true)
             count = None
@@ -293,7 +296,8 @@ class _WindowLoss:
             if y_pred.dtype in _LOW_PRECISION:
                 y_pred = y_pred.float()  # float16/bfloat16 predictions: the loss in float32
             y_true, index = self._check_targets(y_pred, y_true)
-            count = self._count(y_pred, y_true) if index or self.masked else None
+            scan = (index and not every_label_counts) or self.masked
+            count = self._count(y_pred, y_true) if scan else None
             if y_true.device != y_pred.device:
                 y_true = y_true.to(y_pred.device)
         values = self.fn(y_pred, y_true)
@@ -407,6 +411,18 @@ class _WindowLoss:
             labels = labels.numpy()
         if isinstance(labels, np.ndarray) and labels.dtype.kind in "iu":
             check_class_labels(labels, int(y_pred.shape[1]), ignore=self.ignore_index, where=where)
+
+    def every_label_counts(self, labels: Any) -> bool:
+        """Whether every class-index target in ``labels`` (host arrays) counts once: no class
+        weights, and no target is ``ignore_index``."""
+        return (
+            self.targets in ("index", "index_or_probabilities")
+            and self.class_weight is None
+            and not self.masked
+            and isinstance(labels, np.ndarray)
+            and labels.dtype.kind in "iu"
+            and not np.any(labels == self.ignore_index)
+        )
 
     def _count(self, y_pred: torch.Tensor, y_true: torch.Tensor) -> int | float | torch.Tensor:
         # Counted where the targets live: host targets (the usual case) give a Python number,

@@ -221,8 +221,7 @@ class Trainer:
     def accumulator(self) -> accumulation.AccumulatorState:
         """The open window's gradient sums, count and micro-batches (:mod:`torchref.accumulation`;
         the count read on the host joins ``count`` here)."""
-        self._engine.window.totals.take_count()
-        return self._engine.window.acc
+        return self._engine.window.settle()
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed ``fit`` needs, mid-window included (tensors are copies)."""
@@ -349,8 +348,7 @@ class Trainer:
         if not isinstance(data, ArrayData):
             callbacks = [*_sampler_epochs(x), *(callbacks or [])]
         engine = self._engine
-        engine.array_data = isinstance(data, ArrayData)
-        engine.labels = data.y if isinstance(data, ArrayData) else None
+        engine.use_data(data.y if isinstance(data, ArrayData) else None)
         with engine.session():
             return run_fit(
                 engine,

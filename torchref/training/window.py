@@ -37,17 +37,30 @@ __all__ = ["TORCH_OPS", "Totals", "Window"]
 
 class _TorchOps:
     """:class:`tfreg_core.update.UpdateOps` and :class:`tfreg_core.metrics.MetricOps` on torch
-    tensors."""
+    tensors. ``cast_like`` converts each value once per dtype: one instance serves one closing
+    (:meth:`Window.close`), during which the values it casts (the divisor, the clip scale) do
+    not change."""
+
+    def __init__(self) -> None:
+        self._casts: dict[tuple[Any, ...], tuple[Any, torch.Tensor]] = {}
 
     @staticmethod
     def where(condition: Any, x: Any, y: Any) -> Any:
         return torch.where(condition, x, y)
 
-    @staticmethod
-    def cast_like(x: Any, like: Any) -> Any:
+    def cast_like(self, x: Any, like: Any) -> Any:
+        if isinstance(x, torch.Tensor) and x.dtype == like.dtype:
+            return x
+        key = (id(x) if isinstance(x, torch.Tensor) else x, like.dtype, like.device)
+        cached = self._casts.get(key)
+        if cached is not None and cached[0] is x:  # the value itself is held: ids stay unique
+            return cached[1]
         if isinstance(x, torch.Tensor):
-            return x if x.dtype == like.dtype else x.to(like.dtype)
-        return torch.as_tensor(x, dtype=like.dtype, device=like.device)
+            value = x.to(like.dtype)
+        else:
+            value = torch.as_tensor(x, dtype=like.dtype, device=like.device)
+        self._casts[key] = (x, value)
+        return value
 
     @staticmethod
     def cast(x: Any, dtype: Any) -> Any:
@@ -77,11 +90,12 @@ class _TorchOps:
     @torch.no_grad()
     def all_finite(xs: Sequence[Any]) -> bool:
         """One host sync per update (torch has no graph-side conditional to keep the decision
-        on the device). A sum is NaN or inf when an element is, and only overflows for finite
-        elements near the dtype's maximum: the elementwise check runs only then, so the answer
-        is exact and usually costs one reduction per tensor (an elementwise isfinite pass over
-        every gradient cost ~1 ms per update on the 200k-parameter seed CNN)."""
-        if bool(torch.isfinite(torch.stack([x.sum() for x in xs])).all()):
+        on the device). A sum of absolute values is NaN or inf when an element is, and only
+        overflows for finite elements near the dtype's maximum: the elementwise check runs only
+        then, so the answer is exact and usually costs one fused reduction over the tensors
+        (an elementwise isfinite pass over every gradient cost ~1 ms per update on the
+        200k-parameter seed CNN)."""
+        if bool(torch.isfinite(torch.stack(torch._foreach_norm(list(xs), 1))).all()):
             return True
         return bool(torch.stack([torch.isfinite(x).all() for x in xs]).all())
 
@@ -114,7 +128,7 @@ class _TorchOps:
         return x.mean(-1)
 
 
-TORCH_OPS = _TorchOps()
+TORCH_OPS = _TorchOps()  # the metrics' (which cast nothing)
 _TERM = (Term(),)  # torchref trains one loss term
 
 
@@ -170,8 +184,10 @@ class Totals:
         return self.count
 
     def stats(self) -> list[torch.Tensor]:
-        """The float64 scalars a process group sums over ranks, the count first."""
-        return [self.take_count(), self.loss_sum, self.weight_sum, self.examples, *self.metric_sums]
+        """The float64 scalars a process group sums over ranks: the count first (a new tensor,
+        which outlives :meth:`reset`), then the sums."""
+        count = self.count + self.host_count
+        return [count, self.loss_sum, self.weight_sum, self.examples, *self.metric_sums]
 
     def record(self, count: torch.Tensor, penalty: torch.Tensor) -> dict[str, Any]:
         """:func:`tfreg_core.update.window_record` of these sums (``count``: a tensor that
@@ -181,14 +197,14 @@ class Totals:
             [self.loss_sum],
             [count],
             penalty,
-            TORCH_OPS,
+            _TorchOps(),
             metrics=dict(zip(self.metrics, self.metric_sums, strict=True)),
             weight_sum=self.weight_sum,
         )
 
     def reset(self) -> None:
-        for total in [self.count, self.loss_sum, self.weight_sum, self.examples, *self.metric_sums]:
-            total.zero_()
+        sums = [self.count, self.loss_sum, self.weight_sum, self.examples, *self.metric_sums]
+        torch._foreach_zero_(sums)
         self.host_count = 0.0
 
 
@@ -240,13 +256,18 @@ class Window:
         scaled.backward()
         for i, (p, grad) in enumerate(zip(self.params, exposed, strict=True)):
             new = p.grad
-            if new is not grad and new is not None:
-                # The parameter's first gradient in the window (backward created .grad), or torch
-                # (DDP's bucket views) replaced .grad by the accumulated value: into the sum.
-                total = self.acc.sums[i]
-                total.copy_(new)
-                p.grad = exposed[i] = total
-                self.touched[i] = True
+            if new is grad or new is None:
+                continue
+            if grad is None and not self.takes_all:
+                # The parameter's first gradient in the window: the tensor backward created for
+                # it (a plain loop's .grad) becomes its sum, no copy.
+                self.acc.sums[i] = exposed[i] = new
+            else:
+                # Torch (DDP's bucket views) replaced .grad by the accumulated value: into the
+                # sum (which DDP's reduction at the close expects to be .grad).
+                self.acc.sums[i].copy_(new)
+                p.grad = exposed[i] = self.acc.sums[i]
+            self.touched[i] = True
         self.acc.micro_batches += 1
 
     def gradients(self, value: torch.Tensor) -> list[torch.Tensor | None]:
@@ -287,7 +308,7 @@ class Window:
         grads, finite = close_window(
             [sums],
             [count],
-            TORCH_OPS,
+            _TorchOps(),
             summed=[False],
             micro_batches=self.acc.micro_batches,
             penalty_grads=penalty_grads,
@@ -298,11 +319,26 @@ class Window:
         )
         return grads, bool(finite), self.totals.record(count, penalty)
 
+    def settle(self) -> accumulation.AccumulatorState:
+        """The accumulator as :mod:`torchref.accumulation` describes it: the host count joined
+        to ``count``, and zero sums for the parameters the window has not reached (which hold
+        the previous window's consumed gradients while it is open, see :meth:`reset`)."""
+        self.totals.take_count()
+        with torch.no_grad():
+            for total, touched in zip(self.acc.sums, self.touched, strict=True):
+                if not touched:
+                    total.zero_()
+        return self.acc
+
     def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """Copies of the accumulator's state and of the window's sums (``state_dict()``)."""
         totals = self.totals
         accumulator = self.acc.state_dict()
         accumulator["count"] += totals.host_count
+        accumulator["sums"] = [
+            s if touched else torch.zeros_like(s)
+            for s, touched in zip(accumulator["sums"], self.touched, strict=True)
+        ]
         return accumulator, {
             "loss_sum": totals.loss_sum.clone(),
             "weight_sum": totals.weight_sum.clone(),
@@ -332,9 +368,15 @@ class Window:
         self._exposed = [s if t else None for s, t in zip(self.acc.sums, self.touched, strict=True)]
 
     def reset(self) -> None:
-        """Empty the window (after the update that consumed it, or to discard it)."""
-        accumulation.reset(self.acc)
-        self.totals.reset()
+        """Empty the window (after the update that consumed it, or to discard it). Sums that
+        backward's tensors became (:meth:`micro`) are not zeroed: the next window replaces each
+        at its parameter's first gradient; the others are zeroed for the next window's
+        ``backward()`` or ``add()`` to add into."""
+        if self.in_grad and not self.takes_all:
+            self.acc.micro_batches = 0
+        else:
+            accumulation.reset(self.acc)
+        self.totals.reset()  # the count with it
         self.touched = [False] * len(self.params)
         self._exposed = [None] * len(self.params)
 
