@@ -8,6 +8,8 @@ import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+import numpy as np
+
 from tfreg_core.training import (
     NONFINITE_MESSAGE,
     Position,
@@ -22,7 +24,7 @@ from torchref.distributed import process_group
 from torchref.penalties import penalty as _penalty
 from torchref.proximal import Proximal
 from torchref.training.amp import LossScale
-from torchref.training.losses import _all_ones, _per_example, _WindowLoss
+from torchref.training.losses import _WindowLoss
 from torchref.training.window import Totals, Window
 
 __all__ = ["call_module"]
@@ -51,6 +53,24 @@ def _training_mode(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for module, mode in modes:  # parents first: each child then resets its own subtree
             module.train(mode)
+
+
+def _per_example(w: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Sample weights ``(N,)`` shaped to multiply per-element ``values`` ``(N, ...)``: one
+    weight per example, broadcast over the example's elements (Keras' rule)."""
+    if values.shape[0] != w.shape[0]:
+        raise InvalidArgumentError(
+            f"sample_weight holds one weight per example ({w.shape[0]}), but the loss values "
+            f"have shape {tuple(values.shape)}: their first axis must be the batch (values "
+            "flattened over the batch, e.g. logits.view(-1, V), are read back in the targets' "
+            "layout only with per_element(fn, ignore_index=...) or mask=...)"
+        )
+    return w.reshape([-1] + [1] * (values.ndim - 1))
+
+
+def _all_ones(sample_weight: Any) -> bool:
+    # Host arrays only: reading a device tensor here would synchronise every micro-batch.
+    return isinstance(sample_weight, np.ndarray) and bool(np.all(sample_weight == 1.0))
 
 
 def _own_rng(device: torch.device) -> contextlib.AbstractContextManager[None]:
@@ -311,4 +331,4 @@ class _Engine:
         return self.position
 
     def set_position(self, position: tuple[int, ...]) -> None:
-        self.position = tuple(int(v) for v in position)
+        self.position = tuple(map(int, position))

@@ -450,21 +450,3 @@ def per_example_loss(loss: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.
         return window_loss(y_pred, y_true)[0]
 
     return values
-
-
-def _per_example(w: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Sample weights ``(N,)`` shaped to multiply per-element ``values`` ``(N, ...)``: one
-    weight per example, broadcast over the example's elements (Keras' rule)."""
-    if values.shape[0] != w.shape[0]:
-        raise InvalidArgumentError(
-            f"sample_weight holds one weight per example ({w.shape[0]}), but the loss values "
-            f"have shape {tuple(values.shape)}: their first axis must be the batch (values "
-            "flattened over the batch, e.g. logits.view(-1, V), are read back in the targets' "
-            "layout only with per_element(fn, ignore_index=...) or mask=...)"
-        )
-    return w.reshape([-1] + [1] * (values.ndim - 1))
-
-
-def _all_ones(sample_weight: Any) -> bool:
-    # Host arrays only: reading a device tensor here would synchronise every micro-batch.
-    return isinstance(sample_weight, np.ndarray) and bool(np.all(sample_weight == 1.0))

@@ -303,7 +303,7 @@ class Window:
         stats = self.totals.stats()
         if reduce is not None:
             reduce(self.acc.sums, stats)
-        count = stats[0].clone()  # the record's: outlives reset()
+        count = stats[0]  # a new tensor: the record's outlives reset()
         sums = [s if t else None for s, t in zip(self.acc.sums, self.touched, strict=True)]
         grads, finite = close_window(
             [sums],
