@@ -89,15 +89,20 @@ class _TorchOps:
     @staticmethod
     @torch.no_grad()
     def all_finite(xs: Sequence[Any]) -> bool:
-        """One host sync per update (torch has no graph-side conditional to keep the decision
-        on the device). A sum of absolute values is NaN or inf when an element is, and only
-        overflows for finite elements near the dtype's maximum: the elementwise check runs only
-        then, so the answer is exact and usually costs one fused reduction over the tensors
-        (an elementwise isfinite pass over every gradient cost ~1 ms per update on the
-        200k-parameter seed CNN)."""
-        if bool(torch.isfinite(torch.stack(torch._foreach_norm(list(xs), 1))).all()):
-            return True
-        return bool(torch.stack([torch.isfinite(x).all() for x in xs]).all())
+        """Every element checked, one fused pass per device (``torch.amp.GradScaler``'s own
+        kernel, multiplying by 1 in place: the values do not change), and one host sync per
+        update (torch has no graph-side conditional to keep the decision on the device).
+        Measured on the CPU: 13 us on the 8x8 seed CNN's gradients where one sum per tensor
+        took 39 us; 60 against 38 us on the 28x28 one's 200k parameters."""
+        found = []
+        for device in dict.fromkeys(x.device for x in xs):
+            flag = torch.zeros(1, device=device)
+            tensors = [x for x in xs if x.device == device]
+            torch._amp_foreach_non_finite_check_and_unscale_(
+                tensors, flag, torch.ones(1, device=device)
+            )
+            found.append(flag)
+        return not bool(torch.cat(found).any()) if len(found) > 1 else not bool(found[0])
 
     @staticmethod
     def logical_and(x: Any, y: Any) -> bool:
@@ -258,7 +263,7 @@ class Window:
             new = p.grad
             if new is grad or new is None:
                 continue
-            if grad is None and not self.takes_all:
+            if grad is None and not self.takes_all and not new.is_sparse:
                 # The parameter's first gradient in the window: the tensor backward created for
                 # it (a plain loop's .grad) becomes its sum, no copy.
                 self.acc.sums[i] = exposed[i] = new
