@@ -322,7 +322,11 @@ class _Engine:
             self.moments.reset()
 
     def fetch(self, values: Mapping[str, Any]) -> dict[str, Any]:
-        out = {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in values.items()}
+        # The record's float64 scalars in one host read.
+        out = dict(values)
+        tensors = {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}
+        if tensors:
+            out.update(zip(tensors, torch.stack(list(tensors.values())).tolist(), strict=True))
         if "examples" in out:  # reduced as float64 (exact): the record's integer
             out["examples"] = int(out["examples"])
         return out

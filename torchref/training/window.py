@@ -9,14 +9,15 @@ count, the loss sum, the examples and the metric sums (:class:`Totals`) -- and
 with :func:`tfreg_core.update.close_window` and :func:`~tfreg_core.update.window_record`.
 
 Where a parameter and its sum share a dtype, the sum *is* the parameter's ``.grad`` during
-``fit``: ``backward()`` adds each micro-batch's gradient into it in place, as a hand-written
-accumulation loop does. ``.grad`` is set once per window (:meth:`Window.micro`), and None until
-a gradient reaches the parameter, so that backward tells which parameters it reaches; a
-parameter no gradient reached passes ``None`` to the core, keeps ``.grad = None`` at the step and
-is skipped by the optimizer, as in a plain loop (a zero gradient would still move it by momentum
-or decoupled decay). Closing works in place on the window's own sums, which it consumes (the
-pattern of ``torch.optim``'s functional kernels); :meth:`Window.reset` zeroes them for the next
-window.
+``fit``: the tensor ``backward()`` creates at the parameter's first gradient in the window becomes
+its sum, and later micro-batches add into it in place, as in a hand-written accumulation loop
+(on a process group the sums are fixed buffers, exposed as ``.grad`` at the window's start, for
+DDP to reduce). ``.grad`` is set once per window (:meth:`Window.micro`; again only where
+something else changed it between micro-batches), and is None until a gradient reaches the
+parameter, so that backward tells which parameters it reaches; a parameter no gradient reached
+passes ``None`` to the core, keeps ``.grad = None`` at the step and is skipped by the optimizer,
+as in a plain loop (a zero gradient would still move it by momentum or decoupled decay).
+Closing consumes the window's sums; :meth:`Window.reset` empties the window for the next one.
 
 Per micro-batch the window costs no host synchronisation: a count the loss read on the host (a
 Python number) is summed on the host and joins the device count once per window.
