@@ -267,8 +267,8 @@ class _Engine:
             )
         record = totals.record(totals.take_count(), self._penalty().double())
         names = ["loss", "data_loss", *self.spec.metrics]
-        fetched = torch.stack([record[name] for name in names]).tolist()
-        return {f"val_{name}": value for name, value in zip(names, fetched, strict=True)}
+        fetched = self.fetch({name: record[name] for name in names})
+        return {f"val_{name}": value for name, value in fetched.items()}
 
     def apply_step(self) -> dict[str, Any]:
         window = self.window
