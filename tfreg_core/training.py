@@ -216,7 +216,12 @@ class Position:
 
 class StepEngine(Protocol):
     """What a framework provides to :func:`run_fit`. ``x``/``y`` may be nested (dicts, tuples);
-    ``sample_weight`` is ``None`` (every loss element weighs 1) or what the data gave."""
+    ``sample_weight`` is ``None`` (every loss element weighs 1) or what the data gave.
+
+    Optional attributes: ``begin_micro_batch(closes)``, called before each micro-batch, and
+    ``micro_update(x, y, sample_weight, position)`` (or ``None``), which does for a window of
+    one micro-batch what ``micro_step``, ``apply_step`` and ``set_position(position)`` do, in
+    one call, and returns ``apply_step``'s values."""
 
     def micro_step(self, x: Any, y: Any, sample_weight: Any) -> None: ...
 
@@ -628,6 +633,9 @@ def run_fit(
     wants_records = progress.live or hooks.has("on_update_end")
     # Optional engine hook (torchref on a process group: DDP synchronises the closing backward).
     begin_micro_batch = getattr(engine, "begin_micro_batch", None)
+    # Optional: a window of one micro-batch in one call -- micro-batch, update and the position
+    # after it (tfreg: one graph instead of two calls and an eager assign).
+    micro_update = getattr(engine, "micro_update", None)
     hooks.call("on_train_begin")
     for epoch in range(start_epoch, epochs):
         resumed = epoch == start_epoch
@@ -638,7 +646,14 @@ def run_fit(
         for step, (x, y, weights) in data.steps(spec, epoch, saved.micro_batch if resumed else 0):
             if begin_micro_batch is not None:
                 begin_micro_batch(step.closes)
-            engine.micro_step(x, y, weights)
+            fused = (
+                micro_update is not None
+                and step.closes
+                and not step.drop
+                and step.window_micro_batches == 1
+            )
+            if not fused:
+                engine.micro_step(x, y, weights)
             examples += leading_dim(y)
             next_position = Position(epoch, step.micro_batch + 1, *data.plan, examples)
             if step.closes and step.drop:
@@ -651,7 +666,11 @@ def run_fit(
                     "micro_batches": step.window_micro_batches,
                 }
                 try:
-                    values = engine.apply_step()
+                    if fused and micro_update is not None:  # (checked above; for mypy)
+                        after = next_position._replace_window(0).as_tuple()
+                        values = micro_update(x, y, weights, after)
+                    else:
+                        values = engine.apply_step()
                 except FloatingPointError:
                     # on_nonfinite="raise": the engine reset the window before raising, so
                     # the position moves past it too; a later fit() starts cleanly after it.
@@ -665,7 +684,8 @@ def run_fit(
             if step.closes:
                 examples = 0
                 next_position = next_position._replace_window(0)
-            engine.set_position(next_position.as_tuple())
+            if not fused:  # the fused call assigned it
+                engine.set_position(next_position.as_tuple())
             hooks.call("on_micro_batch_end", epoch, step.micro_batch)
             if trainer.stop_training:
                 _resolve(engine, pending, history)
