@@ -52,7 +52,7 @@ micro-batch they would change strength) are rejected with an ``InvalidArgumentEr
 the layer; ``regularizer=`` and variable regularizers are applied once per update.
 
 The package: :mod:`~tfreg.training.window` (the window's state, ``micro``/``close``/``discard``
-over :mod:`tfreg_core.update`), :mod:`~tfreg.training.ops` (TensorFlow's array ops for the core),
+over :mod:`tfreg_core.update`, on TensorFlow's array ops from ``tfreg._ops``),
 :mod:`~tfreg.training.engine` and :mod:`~tfreg.training.trainer` (``Trainer``),
 :mod:`~tfreg.training.callbacks` (its Keras callbacks), :mod:`~tfreg.training.keras_fit`
 (``AccumulatingModel``), :mod:`~tfreg.training.checkpoint` (the trainer checkpoint format),

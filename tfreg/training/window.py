@@ -2,7 +2,7 @@
 micro-batch in), ``close`` (one update out) and ``discard``. ``Trainer`` (its engine) and
 ``AccumulatingModel`` each hold one; the arithmetic of closing is
 :func:`tfreg_core.update.close_window` and :func:`tfreg_core.update.window_record`, run on
-TensorFlow tensors (:data:`tfreg.training.ops.UPDATE_OPS`), the pattern of ``torch.optim``'s
+TensorFlow tensors (:data:`tfreg._ops.UPDATE_OPS`), the pattern of ``torch.optim``'s
 functional kernels: this class gathers the window's state, the core computes.
 
 The variables, per loss term ``o``: an accumulator (:mod:`tfreg.accumulation`: gradient sums
@@ -23,13 +23,13 @@ from typing import Any
 from tfreg import accumulation
 from tfreg._compat import keras, tf
 from tfreg._losses import LossTerm, MicroBatch, element_weights
+from tfreg._ops import METRIC_OPS, UPDATE_OPS
 from tfreg.batchnorm import WindowMoments
 from tfreg.distributed import Replicas, local_variable, zero
 from tfreg.penalties import penalty as _penalty
 from tfreg.proximal import Proximal
 from tfreg.training.checkpoint import Text
 from tfreg.training.checks import loss_scale
-from tfreg.training.ops import METRIC_OPS, UPDATE_OPS
 from tfreg_core.metrics import METRIC_FUNCTIONS
 from tfreg_core.training import Position
 from tfreg_core.update import Term, close_window, window_record

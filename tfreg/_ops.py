@@ -1,7 +1,8 @@
 """TensorFlow's array functions for the framework-free window core: the
 :class:`tfreg_core.update.UpdateOps` that closes a window (:func:`tfreg_core.update.close_window`,
 :func:`tfreg_core.update.window_record`) and the :class:`tfreg_core.metrics.MetricOps` of the
-window metrics, as graph-safe ops (both run inside the trainers' ``tf.function`` s).
+window metrics, as graph-safe ops (both run inside the trainers' ``tf.function`` s; the
+window rule also serves :func:`tfreg.accumulation.result`, hence here, below both).
 
 A Python number meeting a tensor is converted straight to the tensor's dtype
 (``tf.constant(x, dtype)``): ``tf.cast`` of a Python float would make it a float32 tensor first
