@@ -324,6 +324,9 @@ class ArrayData:
         self.batch_size = validation.positive_int(batch_size, "batch_size")
         self.shuffle = validation.strict_bool(shuffle, "shuffle")
         self.plan = (self.num_examples, self.batch_size, int(self.shuffle))
+        # How an epoch's rows of one array are taken: NumPy indexing, or a framework's (tfreg,
+        # full batch: from a tensor converted once per fit instead of once per step).
+        self.take_rows: Callable[[np.ndarray, np.ndarray], Any] = _numpy_rows
 
     def digest(self) -> str:
         """A digest of ``x``, ``y`` and ``sample_weight`` (dtypes, shapes, values: blake2b via
@@ -347,14 +350,18 @@ class ArrayData:
         for step in array_steps(self._windows(spec), start=start):
             idx = order[step.item[0] : step.item[1]]
 
-            def take(a: np.ndarray, idx: np.ndarray = idx) -> np.ndarray:
-                rows: np.ndarray = a[idx]
-                return rows
+            def take(a: np.ndarray, idx: np.ndarray = idx) -> Any:
+                return self.take_rows(a, idx)
 
             weights = self.sample_weight
             if weights is not None:
                 weights = map_structure(take, weights)
             yield step, (map_structure(take, self.x), map_structure(take, self.y), weights)
+
+
+def _numpy_rows(array: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    rows: np.ndarray = array[idx]
+    return rows
 
 
 def _shapes(structure: Any) -> Any:

@@ -100,6 +100,10 @@ class Engine:
         self.micro_fns: dict[Any, Any] = {}
         self.fused_fns: dict[Any, Any] = {}
         self.eval_fns: dict[Any, Any] = {}
+        # Each function's concrete function, called directly: the polymorphic call's argument
+        # binding and conversion cost more than the graph of a small model (ISTA on 442 x 10:
+        # 0.65 ms against 0.29 ms per call, measured).
+        self._concrete: dict[tuple[int, str], Any] = {}
         self.apply_fn = update_function(self._apply, self.replicas, jit_compile=spec.jit_compile)
         # run_fit's optional fused step: every window is one micro-batch. Under a strategy the
         # update runs in cross-replica context, outside the replicas' step (two functions).
@@ -114,8 +118,9 @@ class Engine:
         extra: Sequence[tf.TensorSpec] = (),
     ) -> Any:
         """``fn`` as a ``tf.function`` with nested ``TensorSpec`` s of ``args`` (one trace per
-        structure and dtype, never per step) and the ``extra`` specs after them.
-        ``sample_weight=None`` gets its own function."""
+        structure and dtype, never per step) and the ``extra`` specs after them, kept in
+        ``cache``; returns its concrete function. ``sample_weight=None`` gets its own
+        function."""
         weighted = args[2] is not None
         specs = [*tf.nest.map_structure(_spec, args if weighted else args[:2]), *extra]
         key = str(specs)
@@ -129,7 +134,8 @@ class Engine:
                 jit_compile=self.spec.jit_compile,
                 autograph=False,
             )
-        return cache[key]
+            self._concrete[id(cache), key] = cache[key].get_concrete_function()
+        return self._concrete[id(cache), key]
 
     def _begin(self, x: Any, y: Any, sample_weight: Any) -> None:
         # Host-side, before a micro-batch: a window's first checks the proximal rates; the
@@ -200,7 +206,7 @@ class Engine:
         first = next(iter(batches()), None)
         if first is None:
             raise InvalidArgumentError("validation_data yielded no batch. Received: empty data")
-        self._traced(self.eval_fns, self._eval, first).get_concrete_function()
+        self._traced(self.eval_fns, self._eval, first)
 
     def evaluate(self, batches: Iterable[tuple[Any, Any, Any]]) -> dict[str, float]:
         """``val_loss`` (= ``sum_o weight_o * S_o / N_o`` over the data + penalty, as Keras'
@@ -265,7 +271,7 @@ class Engine:
         return tuple(int(v) for v in self.window.state.position.numpy())
 
     def set_position(self, position: tuple[int, ...]) -> None:
-        self.window.state.position.assign(position)
+        self.window.state.position.assign(np.asarray(position, np.int64), read_value=False)
 
 
 def scope(replicas: Replicas | None) -> Any:

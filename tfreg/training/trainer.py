@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from tfreg import accumulation
 from tfreg._compat import keras, tf
 from tfreg._losses import loss_terms, output_names
@@ -32,6 +34,7 @@ from tfreg_core.training import (
     StreamData,
     TrainerSpec,
     fit_data,
+    leaves,
     object_config,
     resolve_proximal,
     run_fit,
@@ -320,6 +323,8 @@ class Trainer:
         if self._replicas is not None and isinstance(data, ArrayData):
             arrays = (data.x, data.y, data.sample_weight)
             self._replicas.check_plan(data.plan, self.spec, arrays)
+        elif isinstance(data, ArrayData) and data.batch_size >= data.num_examples:
+            data.take_rows = _FullBatch(data)
         self.build(_input_shape(data))
         engine = self._engine
         assert engine is not None  # build() made it
@@ -380,6 +385,23 @@ class _FinalizeVariables:
     def on_train_end(self, trainer: Trainer, history: History) -> None:
         assert trainer._engine is not None  # fit built it before the first epoch
         trainer.optimizer.finalize_variable_values(trainer._engine.variables)
+
+
+class _FullBatch:
+    """``ArrayData.take_rows`` of a full-batch fit: the arrays converted to tensors once per fit
+    (every step takes all rows, so converting per step would repeat the same copy), the rows
+    taken in the epoch's order (``tf.gather``: the same values as NumPy's indexing)."""
+
+    def __init__(self, data: ArrayData) -> None:
+        arrays = leaves((data.x, data.y, data.sample_weight))
+        self.tensors = {id(a): tf.convert_to_tensor(a) for a in arrays if a is not None}
+        self.in_order = not data.shuffle
+
+    def __call__(self, array: np.ndarray, idx: np.ndarray) -> tf.Tensor:
+        tensor = self.tensors[id(array)]
+        if self.in_order and len(idx) == array.shape[0]:  # all rows, in order
+            return tensor
+        return tf.gather(tensor, idx)
 
 
 def _stream_length(data: StreamData) -> int:
