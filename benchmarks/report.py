@@ -185,9 +185,10 @@ def _penalty(section: dict[str, Any], clock: str) -> list[str]:
         "A verdict is *met* when the whole interquartile range is within the goal, *MISSED* when "
         "all of it is above, *inconclusive* when the goal lies inside it (below the noise).",
         "",
-        "Where the cost comes from (read from `tfreg/training.py` and `tfreg/regularizers.py`): "
-        "Trainer evaluates the penalty once per update, inside the same `tf.function` as the "
-        "optimizer step (no extra dispatch, no host sync), and differentiates it with one extra "
+        "Where the cost comes from (read from `tfreg/training/window.py` and "
+        "`tfreg/regularizers.py`): Trainer evaluates the penalty once per update, inside the "
+        "same `tf.function` as the optimizer step (no extra dispatch, no host sync), and "
+        "differentiates it with one extra "
         "tape. What remains is the regularizer's own ops, the formulas Keras uses: a few "
         "elementwise ops and a reduction per kernel for L1/L2/L1L2/PNorm/GroupLasso (the zero-safe "
         "root of PNorm/GroupLasso adds two `where`s), each ~1 µs on the tiny kernels of the 8x8 "

@@ -29,6 +29,10 @@ def test_tf_hand_computed_window() -> None:
     tfreg.accumulation.reset(state)
     assert float(state.count.numpy()) == 0.0
     assert np.isnan(tfreg.accumulation.result(state)[0].numpy()).all()  # 0/0: never a silent step
+    # Micro-batches whose every element was masked (count 0): their zero sums, the trainers'
+    # rule (tfreg_core.update; Keras' divide_no_nan on such a batch). Was NaN (0/0).
+    tfreg.accumulation.add(state, [tf.constant([0.0, 0.0], tf.float64)], 0)
+    np.testing.assert_array_equal(tfreg.accumulation.result(state)[0].numpy(), [0.0, 0.0])
 
 
 def test_torch_hand_computed_window() -> None:
@@ -41,6 +45,9 @@ def test_torch_hand_computed_window() -> None:
     torchref.accumulation.reset(state)
     assert state.micro_batches == 0
     assert torch.isnan(torchref.accumulation.result(state)[0]).all()
+    # All masked (count 0) after a micro-batch: its zero sums, as in tfreg. Was NaN (0/0).
+    torchref.accumulation.add(state, [torch.zeros(2, dtype=torch.float64)], 0)
+    np.testing.assert_array_equal(torchref.accumulation.result(state)[0].numpy(), [0.0, 0.0])
 
 
 def _least_squares(rng: np.random.Generator, n: int = 13, d: int = 4):

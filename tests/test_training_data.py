@@ -237,7 +237,7 @@ def test_checkpoint_with_other_metrics_is_refused_at_load(tmp_path) -> None:
 def test_checkpoint_with_only_a_replica_count_is_refused_clearly(tmp_path) -> None:
     # A distributed checkpoint written before the replica layout was recorded holds the count
     # alone ("2"); reading it raised an unpacking ValueError instead of the refusal.
-    from tfreg.training import _Text
+    from tfreg.training.checkpoint import Text as _Text
 
     t = trainer(linear_model())
     saved = tf.train.Checkpoint(model=t.model, replicas=tf.Module())

@@ -25,8 +25,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from tfreg._compat import tf
+from tfreg._ops import UPDATE_OPS
 from tfreg.distributed import local_variable, scatter_add, zero
 from tfreg_core.accumulation import COUNT_MESSAGE, check_add, reject_count, reject_gradient
+from tfreg_core.update import data_gradient
 
 __all__ = ["AccumulatorState", "add", "init", "reset", "result"]
 
@@ -131,12 +133,16 @@ def add(state: AccumulatorState, grads: Sequence[Any], count: Any) -> Accumulato
 
 
 def result(state: AccumulatorState) -> list[tf.Tensor]:
-    """The window's gradient: each sum divided by the total count.
+    """The window's gradient: each sum divided by the total count, by the trainers' rule
+    (:func:`tfreg_core.update.data_gradient`, one term).
 
-    An empty window gives 0/0 = NaN on purpose: a step taken from nothing must be caught by a
+    A window whose micro-batches counted no element (every timestep masked, ``count == 0``)
+    gives its sums -- zero -- as Keras' ``divide_no_nan`` does on such a batch. A window without
+    any micro-batch gives NaN on purpose: a step taken from nothing must be caught by a
     finiteness check, never silently applied as a zero-gradient step.
     """
-    return [acc / tf.cast(state.count, acc.dtype) for acc in state.sums]
+    grads = data_gradient([state.sums], [state.count], [False], UPDATE_OPS)
+    return [UPDATE_OPS.where(state.micro_batches > 0, g, float("nan")) for g in grads]
 
 
 def reset(state: AccumulatorState) -> AccumulatorState:

@@ -468,6 +468,12 @@ class CheckpointDirectory:
         return final
 
 
+def _packages(module: str) -> list[str]:
+    # "a.b.c" -> ["a", "a.b", "a.b.c"]
+    parts = module.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
 class TrainerCheckpoints:
     """What both twins' ``CheckpointManager`` share: a :class:`CheckpointDirectory` of one
     trainer's checkpoints, ``save()`` and ``restore()`` (the latest checkpoint, its manifest
@@ -478,8 +484,14 @@ class TrainerCheckpoints:
 
     def __init__(self, trainer: Any, directory: Any, *, max_to_keep: int = 2) -> None:
         # By name, through the MRO (subclasses pass): the twin's training module imports its
-        # checkpoint module, which therefore cannot import the Trainer class.
-        names = {f"{c.__module__}.{c.__qualname__}" for c in type(trainer).__mro__}
+        # checkpoint module, which therefore cannot import the Trainer class. A class defined
+        # in a submodule matches under each package above it (tfreg.training.trainer.Trainer
+        # is tfreg.training.Trainer).
+        names = {
+            f"{package}.{c.__qualname__}"
+            for c in type(trainer).__mro__
+            for package in _packages(c.__module__)
+        }
         if self.TRAINER not in names:  # an nn.Module has a state_dict() too
             package, _, name = self.TRAINER.partition(".training.")
             raise InvalidArgumentError(

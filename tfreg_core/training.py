@@ -218,7 +218,12 @@ class Position:
 
 class StepEngine(Protocol):
     """What a framework provides to :func:`run_fit`. ``x``/``y`` may be nested (dicts, tuples);
-    ``sample_weight`` is ``None`` (every loss element weighs 1) or what the data gave."""
+    ``sample_weight`` is ``None`` (every loss element weighs 1) or what the data gave.
+
+    Optional attributes: ``begin_micro_batch(closes)``, called before each micro-batch, and
+    ``micro_update(x, y, sample_weight, position)`` (or ``None``), which does for a window of
+    one micro-batch what ``micro_step``, ``apply_step`` and ``set_position(position)`` do, in
+    one call, and returns ``apply_step``'s values."""
 
     def micro_step(self, x: Any, y: Any, sample_weight: Any) -> None: ...
 
@@ -321,6 +326,9 @@ class ArrayData:
         self.batch_size = validation.positive_int(batch_size, "batch_size")
         self.shuffle = validation.strict_bool(shuffle, "shuffle")
         self.plan = (self.num_examples, self.batch_size, int(self.shuffle))
+        # How an epoch's rows of one array are taken: NumPy indexing, or a framework's (tfreg,
+        # full batch: from a tensor converted once per fit instead of once per step).
+        self.take_rows: Callable[[np.ndarray, np.ndarray], Any] = _numpy_rows
 
     def digest(self) -> str:
         """A digest of ``x``, ``y`` and ``sample_weight`` (dtypes, shapes, values: blake2b via
@@ -344,14 +352,18 @@ class ArrayData:
         for step in array_steps(self._windows(spec), start=start):
             idx = order[step.item[0] : step.item[1]]
 
-            def take(a: np.ndarray, idx: np.ndarray = idx) -> np.ndarray:
-                rows: np.ndarray = a[idx]
-                return rows
+            def take(a: np.ndarray, idx: np.ndarray = idx) -> Any:
+                return self.take_rows(a, idx)
 
             weights = self.sample_weight
             if weights is not None:
                 weights = map_structure(take, weights)
             yield step, (map_structure(take, self.x), map_structure(take, self.y), weights)
+
+
+def _numpy_rows(array: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    rows: np.ndarray = array[idx]
+    return rows
 
 
 def _shapes(structure: Any) -> Any:
@@ -630,6 +642,9 @@ def run_fit(
     wants_records = progress.live or hooks.has("on_update_end")
     # Optional engine hook (torchref on a process group: DDP synchronises the closing backward).
     begin_micro_batch = getattr(engine, "begin_micro_batch", None)
+    # Optional: a window of one micro-batch in one call -- micro-batch, update and the position
+    # after it (tfreg: one graph instead of two calls and an eager assign).
+    micro_update = getattr(engine, "micro_update", None)
     hooks.call("on_train_begin")
     for epoch in range(start_epoch, epochs):
         resumed = epoch == start_epoch
@@ -640,7 +655,14 @@ def run_fit(
         for step, (x, y, weights) in data.steps(spec, epoch, saved.micro_batch if resumed else 0):
             if begin_micro_batch is not None:
                 begin_micro_batch(step.closes)
-            engine.micro_step(x, y, weights)
+            fused = (
+                micro_update is not None
+                and step.closes
+                and not step.drop
+                and step.window_micro_batches == 1
+            )
+            if not fused:
+                engine.micro_step(x, y, weights)
             examples += leading_dim(y)
             next_position = Position(epoch, step.micro_batch + 1, *data.plan, examples)
             if step.closes and step.drop:
@@ -653,7 +675,11 @@ def run_fit(
                     "micro_batches": step.window_micro_batches,
                 }
                 try:
-                    values = engine.apply_step()
+                    if fused and micro_update is not None:  # (checked above; for mypy)
+                        after = next_position._replace_window(0).as_tuple()
+                        values = micro_update(x, y, weights, after)
+                    else:
+                        values = engine.apply_step()
                 except FloatingPointError:
                     # on_nonfinite="raise": the engine reset the window before raising, so
                     # the position moves past it too; a later fit() starts cleanly after it.
@@ -667,7 +693,8 @@ def run_fit(
             if step.closes:
                 examples = 0
                 next_position = next_position._replace_window(0)
-            engine.set_position(next_position.as_tuple())
+            if not fused:  # the fused call assigned it
+                engine.set_position(next_position.as_tuple())
             hooks.call("on_micro_batch_end", epoch, step.micro_batch)
             if trainer.stop_training:
                 _resolve(engine, pending, history)

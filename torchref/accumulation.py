@@ -140,9 +140,14 @@ def add(
 
 
 def result(state: AccumulatorState) -> list[torch.Tensor]:
-    """Each sum divided by the total count; an empty window gives NaN (0/0) on purpose, so that
-    a finiteness check catches it instead of a silent zero-gradient step."""
-    return [acc / state.count.to(acc.dtype) for acc in state.sums]
+    """Each sum divided by the total count, by the trainers' rule (``tfreg_core.update``): a
+    window whose micro-batches counted no element gives its (zero) sums; one without any
+    micro-batch gives NaN (0/0) on purpose, so that a finiteness check catches it instead of a
+    silent zero-gradient step."""
+    count = (
+        state.count if state.micro_batches == 0 else torch.where(state.count > 0, state.count, 1.0)
+    )
+    return [acc / count.to(acc.dtype) for acc in state.sums]
 
 
 def reset(state: AccumulatorState) -> AccumulatorState:
