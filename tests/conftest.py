@@ -14,12 +14,14 @@ def float64_floatx() -> Iterator[None]:
     """Keras computes in float64 for the test. fit's data adapter casts float inputs, and Keras
     losses compute, in floatx; layers take the global dtype *policy*, which Keras pins to floatx
     when the first layer is built: set both, or a float64 test run after a float32 one silently
-    runs in float32."""
+    runs in float32. The policy is read (and saved) first: ``dtype_policy()`` pins an unset
+    policy to the current floatx, so reading it after floatx became float64 saved -- and
+    restored -- float64 (a later float32 test then built float64 layers)."""
     import keras
 
     with (
-        keras_setting(keras.config.floatx, keras.config.set_floatx, "float64"),
         keras_setting(keras.config.dtype_policy, keras.config.set_dtype_policy, "float64"),
+        keras_setting(keras.config.floatx, keras.config.set_floatx, "float64"),
     ):
         yield
 

@@ -77,17 +77,11 @@ def test_mixed_precision_accumulates_in_float32() -> None:
     assert len(history) == 2 and np.isfinite(history.history["loss"]).all()
 
 
-@pytest.fixture
-def float64_inputs():
-    # model.fit's data adapter casts float inputs to floatx; float64 keeps the reference exact.
-    previous = keras.config.floatx()
-    keras.config.set_floatx("float64")
-    yield
-    keras.config.set_floatx(previous)
-
-
 @pytest.mark.parametrize("drop_remainder", [False, True], ids=["flush", "drop"])
-def test_accumulating_model_fit_equals_trainer(data, float64_inputs, drop_remainder) -> None:
+def test_accumulating_model_fit_equals_trainer(data, float64_floatx, drop_remainder) -> None:
+    # float64_floatx (conftest): model.fit's data adapter casts float inputs to floatx, and
+    # both floatx and the dtype policy are restored after (setting floatx alone left the
+    # policy at float64 for later tests: test_penalties' zero then had the wrong dtype).
     x, y, sw, w = data
     model = linear_model(w, 0.3)
     wrapped = tfreg.AccumulatingModel(model, accumulation_steps=3, drop_remainder=drop_remainder)
