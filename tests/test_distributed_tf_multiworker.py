@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -364,41 +366,56 @@ def _worker(worker: int, scenario: str, outdir: Path) -> None:
             time.sleep(0.2)
 
 
-def run_workers(scenario: str) -> list[dict[str, Any]]:
-    """Start WORLD workers on localhost, wait at most LAUNCH_TIMEOUT_S, return their results."""
+def run_workers(scenario: str, *, retries_after_abort: int = 0) -> list[dict[str, Any]]:
+    """Start WORLD workers on localhost, wait at most LAUNCH_TIMEOUT_S, return their results.
+
+    ``retries_after_abort``: start the pair again when a worker died of SIGABRT without a result
+    -- TensorFlow's own C++ abort while it tears down a failed collective ("Mutex corrupt",
+    seen about once in four runs of the fault scenario on a loaded 2-core machine), before
+    the Python error the test asserts on could be raised. Any other death fails at once."""
+    for attempt in range(retries_after_abort + 1):
+        with tempfile.TemporaryDirectory() as tmp:
+            outdir = Path(tmp)
+            codes, logs = _launch(scenario, outdir)
+            files = [outdir / f"worker{i}.pkl" for i in range(WORLD)]
+            missing = [str(f) for f in files if not f.exists()]
+            aborted = missing and any(code == -signal.SIGABRT for code in codes)
+            if aborted and attempt < retries_after_abort:
+                warnings.warn(f"TensorFlow aborted a worker; started again: {logs}", stacklevel=2)
+                continue
+            assert not missing, f"workers wrote no result: {missing}; exit codes {codes}; {logs}"
+            return [pickle.loads(f.read_bytes()) for f in files]
+    raise AssertionError("unreachable: the last attempt returns or fails")
+
+
+def _launch(scenario: str, outdir: Path) -> tuple[list[int], list[str]]:
+    """Run the workers to the end (bounded); their exit codes and log tails."""
     configs = localhost_tf_configs(WORLD)
-    with tempfile.TemporaryDirectory() as tmp:
-        outdir = Path(tmp)
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        if scenario == "scenarios":  # the 2-device checkpoint the workers must refuse
-            command = [sys.executable, __file__, "mirrored", str(outdir)]
-            done = subprocess.run(command, env=env, capture_output=True, timeout=LAUNCH_TIMEOUT_S)
-            assert done.returncode == 0, done.stderr[-3000:]
-        procs = []
-        for index, config in enumerate(configs):
-            env = {**env, "TF_CONFIG": config}
-            log = open(outdir / f"worker{index}.log", "wb")  # noqa: SIM115 (closed below)
-            command = [sys.executable, __file__, str(index), scenario, str(outdir)]
-            procs.append((subprocess.Popen(command, env=env, stdout=log, stderr=log), log))
-        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-        hung = []
-        for proc, log in procs:
-            try:
-                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                hung.append(proc)
-                proc.kill()
-                proc.wait()
-            log.close()
-        logs = [
-            (outdir / f"worker{i}.log").read_text(errors="replace")[-3000:] for i in range(WORLD)
-        ]
-        assert not hung, f"{len(hung)} worker(s) still running after {LAUNCH_TIMEOUT_S} s: {logs}"
-        files = [outdir / f"worker{i}.pkl" for i in range(WORLD)]
-        missing = [str(f) for f in files if not f.exists()]
-        assert not missing, f"workers wrote no result: {missing}; logs: {logs}"
-        return [pickle.loads(f.read_bytes()) for f in files]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if scenario == "scenarios":  # the 2-device checkpoint the workers must refuse
+        command = [sys.executable, __file__, "mirrored", str(outdir)]
+        done = subprocess.run(command, env=env, capture_output=True, timeout=LAUNCH_TIMEOUT_S)
+        assert done.returncode == 0, done.stderr[-3000:]
+    procs = []
+    for index, config in enumerate(configs):
+        env = {**env, "TF_CONFIG": config}
+        log = open(outdir / f"worker{index}.log", "wb")  # noqa: SIM115 (closed below)
+        command = [sys.executable, __file__, str(index), scenario, str(outdir)]
+        procs.append((subprocess.Popen(command, env=env, stdout=log, stderr=log), log))
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    hung = []
+    for proc, log in procs:
+        try:
+            proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            hung.append(proc)
+            proc.kill()
+            proc.wait()
+        log.close()
+    logs = [(outdir / f"worker{i}.log").read_text(errors="replace")[-3000:] for i in range(WORLD)]
+    assert not hung, f"{len(hung)} worker(s) still running after {LAUNCH_TIMEOUT_S} s: {logs}"
+    return [proc.returncode for proc, _ in procs], logs
 
 
 def values(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -570,7 +587,7 @@ def test_checkpoint_of_another_replica_layout_refused(workers, case) -> None:
 
 
 def test_worker_that_raises_fails_the_other_within_bounded_time() -> None:
-    first, second = values(run_workers("fault"))
+    first, second = values(run_workers("fault", retries_after_abort=1))
     assert second["error"] == "ValueError: worker 1 fails on purpose"
     assert first["error"] is not None, "worker 0 finished although worker 1 raised"
     assert "another worker raised, exited, stopped early" in first["error"]
