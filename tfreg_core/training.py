@@ -327,7 +327,7 @@ class ArrayData:
         self.shuffle = validation.strict_bool(shuffle, "shuffle")
         self.plan = (self.num_examples, self.batch_size, int(self.shuffle))
         # How an epoch's rows of one array are taken: NumPy indexing, or a framework's (tfreg,
-        # full batch: from a tensor converted once per fit instead of once per step).
+        # full batch: the whole array as a tensor, without NumPy's indexing copy).
         self.take_rows: Callable[[np.ndarray, np.ndarray], Any] = _numpy_rows
 
     def digest(self) -> str:
