@@ -232,6 +232,24 @@ def test_loss_and_metric_records_are_window_values(twin) -> None:
         assert record["sparse_categorical_accuracy"] == pytest.approx(hits[idx].mean())
 
 
+def test_binary_accuracy_brings_the_targets_to_the_predictions_rank(twin) -> None:
+    # Before: targets of shape (N,) against predictions (N, 1) were broadcast to (N, N), so
+    # the record averaged every pair (0.56 where the hand count gives 0.8).
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(10, 2)), rng.integers(0, 2, size=10).astype(np.float64)
+    w = np.array([0.8, -0.6])
+    model = twin.dense(w.reshape(2, 1), np.array([0.5]))
+    if twin.name == "tf":
+        loss: Any = "mse"  # Keras' losses bring the targets to the predictions' rank
+    else:
+        loss = twin.pkg.per_element(lambda p, t: (p[:, 0] - t) ** 2)
+    t = twin.pkg.Trainer(model, loss, twin.optimizer(model, 0.0), metrics=["binary_accuracy"])
+    history = t.fit(x, y, batch_size=5, epochs=1, shuffle=False, verbose=0)
+    hits = (x @ w + 0.5 > 0.5) == y
+    for record, idx in zip(history.records, [np.arange(0, 5), np.arange(5, 10)], strict=True):
+        assert record["binary_accuracy"] == pytest.approx(hits[idx].mean(), rel=1e-15)
+
+
 def test_verbose_levels(twin, data, capsys) -> None:
     x, y, _, w = data
     make_trainer(twin, twin.linear(w, B0)).fit(x, y, batch_size=4, epochs=2, verbose=0)

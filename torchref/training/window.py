@@ -126,8 +126,8 @@ class _TorchOps:
         return (x > 0.5).double()
 
     @staticmethod
-    def as_float64(x: Any) -> Any:
-        return x.to(torch.float64)
+    def float64_like(x: Any, like: Any) -> Any:
+        return x.to(like.device, torch.float64).reshape(like.shape)
 
     @staticmethod
     def mean_last(x: Any) -> Any:
