@@ -86,6 +86,44 @@ def test_proximal_l1_once_per_update(twin, data) -> None:
     np.testing.assert_array_equal(twin.kernel(model) == 0.0, expected_w == 0.0)
 
 
+class DoubleInPlace:
+    """At each epoch end, doubles ``x`` in place: the next epoch trains on the new values (noise
+    or curriculum schedules written as in-place updates)."""
+
+    def __init__(self, x: np.ndarray) -> None:
+        self.x = x
+
+    def on_epoch_end(self, trainer: Any, epoch: int, history: Any) -> None:
+        self.x *= 2.0
+
+
+@pytest.mark.parametrize("batch_size", [N, 4], ids=["full-batch", "micro-batches"])
+def test_arrays_changed_in_place_between_epochs_are_trained_on(twin, data, batch_size) -> None:
+    # Before: tfreg's full-batch fit converted the arrays to tensors once per fit, so the
+    # second epoch trained on the first epoch's x (0.73 off on a 3-feature least squares).
+    x, y, sw, w = data
+    model = twin.linear(w, B0)
+    t = twin.pkg.Trainer(model, "mse", twin.optimizer(model, LR))
+    trained = x.copy()
+    t.fit(
+        trained,
+        y,
+        batch_size=batch_size,
+        epochs=2,
+        shuffle=False,
+        sample_weight=sw,
+        callbacks=[DoubleInPlace(trained)],
+        verbose=0,
+    )
+    windows = [np.arange(i, min(i + batch_size, N)) for i in range(0, N, batch_size)]
+    expected_w, expected_b = numpy_sgd(x, y, sw, w, B0, epochs=1, windows=windows)
+    expected_w, expected_b = numpy_sgd(
+        2 * x, y, sw, expected_w, expected_b, epochs=1, windows=windows
+    )
+    assert_close("kernel", twin.kernel(model), expected_w, rtol=EXACT.rtol)
+    assert_close("bias", twin.bias(model), expected_b, rtol=EXACT.rtol)
+
+
 def test_nonfinite_window_is_skipped_and_counted(twin, data, capsys) -> None:
     x, y, _, w = data
     y = y.copy()
@@ -192,6 +230,24 @@ def test_loss_and_metric_records_are_window_values(twin) -> None:
     for record, idx in zip(history.records, [np.arange(0, 6), np.arange(6, 10)], strict=True):
         assert record["data_loss"] == pytest.approx(nll[idx].mean(), rel=1e-14)
         assert record["sparse_categorical_accuracy"] == pytest.approx(hits[idx].mean())
+
+
+def test_binary_accuracy_brings_the_targets_to_the_predictions_rank(twin) -> None:
+    # Before: targets of shape (N,) against predictions (N, 1) were broadcast to (N, N), so
+    # the record averaged every pair (0.56 where the hand count gives 0.8).
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(10, 2)), rng.integers(0, 2, size=10).astype(np.float64)
+    w = np.array([0.8, -0.6])
+    model = twin.dense(w.reshape(2, 1), np.array([0.5]))
+    if twin.name == "tf":
+        loss: Any = "mse"  # Keras' losses bring the targets to the predictions' rank
+    else:
+        loss = twin.pkg.per_element(lambda p, t: (p[:, 0] - t) ** 2)
+    t = twin.pkg.Trainer(model, loss, twin.optimizer(model, 0.0), metrics=["binary_accuracy"])
+    history = t.fit(x, y, batch_size=5, epochs=1, shuffle=False, verbose=0)
+    hits = (x @ w + 0.5 > 0.5) == y
+    for record, idx in zip(history.records, [np.arange(0, 5), np.arange(5, 10)], strict=True):
+        assert record["binary_accuracy"] == pytest.approx(hits[idx].mean(), rel=1e-15)
 
 
 def test_verbose_levels(twin, data, capsys) -> None:

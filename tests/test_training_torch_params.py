@@ -195,3 +195,34 @@ def test_a_penalty_reaches_the_unused_heads_kernel_as_in_plain_torch() -> None:
     assert not torch.equal(actual.unused.weight, untouched.unused.weight)
     for (name, a), b in zip(actual.named_parameters(), expected.parameters(), strict=True):
         assert_close(name, a.detach(), b.detach(), rtol=EXACT.rtol)
+
+
+@pytest.mark.parametrize("accumulation_steps", [1, 2])
+def test_a_sparse_embedding_gradient_trains_as_in_a_plain_loop(accumulation_steps: int) -> None:
+    # Before: nn.Embedding(sparse=True) failed at its first micro-batch with torch's "copy_()
+    # between dense and sparse Tensors is not implemented".
+    rng = np.random.default_rng(3)
+    ids, targets = rng.integers(0, 6, size=(8, 3)), rng.normal(size=(8, 3, 2))
+
+    def embedding() -> nn.Embedding:
+        torch.manual_seed(2)
+        return nn.Embedding(6, 2, sparse=True).double()
+
+    model, expected = embedding(), embedding()
+    trainer = torchref.Trainer(
+        model,
+        "mse",
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        accumulation_steps=accumulation_steps,
+    )
+    trainer.fit(ids, targets, batch_size=2, epochs=2, shuffle=False, verbose=0)
+    opt = torch.optim.SGD(expected.parameters(), lr=0.1)
+    window = 2 * accumulation_steps
+    for _ in range(2):
+        for start in range(0, 8, window):
+            opt.zero_grad(set_to_none=True)
+            rows = slice(start, start + window)
+            out = expected(torch.as_tensor(ids[rows]))
+            F.mse_loss(out, torch.as_tensor(targets[rows])).backward()
+            opt.step()
+    assert_close("embedding", model.weight.detach(), expected.weight.detach(), rtol=EXACT.rtol)

@@ -95,8 +95,8 @@ class _TensorMetricOps:
         return tf.cast(x > 0.5, tf.float64)
 
     @staticmethod
-    def as_float64(x: Any) -> Any:
-        return tf.cast(x, tf.float64)
+    def float64_like(x: Any, like: Any) -> Any:
+        return tf.reshape(tf.cast(x, tf.float64), tf.shape(like))
 
     @staticmethod
     def mean_last(x: Any) -> Any:

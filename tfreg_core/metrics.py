@@ -8,7 +8,8 @@ output's mask), as Keras' metrics weight them.
   ``(N,)``, ``(N, 1)`` or ``(N, T)``, reshaped to the predictions' shape as Keras does).
 - ``categorical_accuracy``: ``argmax(y_pred, -1) == argmax(y_true, -1)`` (one-hot targets).
 - ``binary_accuracy``: ``mean over the last axis of ((y_pred > 0.5) == y_true)``: Keras'
-  threshold 0.5 on probabilities (a model emitting logits must apply its sigmoid first).
+  threshold 0.5 on probabilities (a model emitting logits must apply its sigmoid first); the
+  targets reshaped to the predictions' shape (``(N,)`` against ``(N, 1)``), as Keras does.
 """
 
 from __future__ import annotations
@@ -38,7 +39,11 @@ class MetricOps(Protocol):
         """``x > 0.5`` as float64 ones and zeros."""
         ...
 
-    def as_float64(self, x: Any) -> Any: ...
+    def float64_like(self, x: Any, like: Any) -> Any:
+        """``x`` as float64, reshaped to ``like``'s shape: ``(N,)`` targets against ``(N, 1)``
+        predictions, brought to their rank as Keras' metrics do (never broadcast to
+        ``(N, N)``)."""
+        ...
 
     def mean_last(self, x: Any) -> Any:
         """The mean over the last axis."""
@@ -55,7 +60,8 @@ def _categorical_accuracy(y_true: Any, y_pred: Any, ops: MetricOps) -> Any:
 
 
 def _binary_accuracy(y_true: Any, y_pred: Any, ops: MetricOps) -> Any:
-    return ops.mean_last(ops.equal(ops.above_half(y_pred), ops.as_float64(y_true)))
+    predicted = ops.above_half(y_pred)
+    return ops.mean_last(ops.equal(predicted, ops.float64_like(y_true, predicted)))
 
 
 # Keyed by the names tfreg_core.training.METRICS validates.

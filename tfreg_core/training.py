@@ -327,7 +327,7 @@ class ArrayData:
         self.shuffle = validation.strict_bool(shuffle, "shuffle")
         self.plan = (self.num_examples, self.batch_size, int(self.shuffle))
         # How an epoch's rows of one array are taken: NumPy indexing, or a framework's (tfreg,
-        # full batch: from a tensor converted once per fit instead of once per step).
+        # full batch: the whole array as a tensor, without NumPy's indexing copy).
         self.take_rows: Callable[[np.ndarray, np.ndarray], Any] = _numpy_rows
 
     def digest(self) -> str:
@@ -686,15 +686,16 @@ def run_fit(
                     engine.set_position(next_position._replace_window(0).as_tuple())
                     raise
                 pending.append((record, values))
-                if wants_records:
-                    _resolve(engine, pending, history)
-                    progress.update(history.records[-1])
-                    hooks.call("on_update_end", history.records[-1])
             if step.closes:
                 examples = 0
                 next_position = next_position._replace_window(0)
             if not fused:  # the fused call assigned it
+                # Before on_update_end: a checkpoint written there resumes after this update.
                 engine.set_position(next_position.as_tuple())
+            if step.closes and not step.drop and wants_records:
+                _resolve(engine, pending, history)
+                progress.update(history.records[-1])
+                hooks.call("on_update_end", history.records[-1])
             hooks.call("on_micro_batch_end", epoch, step.micro_batch)
             if trainer.stop_training:
                 _resolve(engine, pending, history)

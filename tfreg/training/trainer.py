@@ -34,7 +34,6 @@ from tfreg_core.training import (
     StreamData,
     TrainerSpec,
     fit_data,
-    leaves,
     object_config,
     resolve_proximal,
     run_fit,
@@ -388,20 +387,18 @@ class _FinalizeVariables:
 
 
 class _FullBatch:
-    """``ArrayData.take_rows`` of a full-batch fit: the arrays converted to tensors once per fit
-    (every step takes all rows, so converting per step would repeat the same copy), the rows
-    taken in the epoch's order (``tf.gather``: the same values as NumPy's indexing)."""
+    """``ArrayData.take_rows`` of a full-batch fit: all rows in order are the array itself,
+    converted to a tensor without NumPy's indexing copy; shuffled rows by NumPy's indexing.
+    Converted at every step, never once per fit: values a callback changes in place between
+    epochs are trained on, as with micro-batches and in torchref."""
 
     def __init__(self, data: ArrayData) -> None:
-        arrays = leaves((data.x, data.y, data.sample_weight))
-        self.tensors = {id(a): tf.convert_to_tensor(a) for a in arrays if a is not None}
         self.in_order = not data.shuffle
 
-    def __call__(self, array: np.ndarray, idx: np.ndarray) -> tf.Tensor:
-        tensor = self.tensors[id(array)]
+    def __call__(self, array: np.ndarray, idx: np.ndarray) -> Any:
         if self.in_order and len(idx) == array.shape[0]:  # all rows, in order
-            return tensor
-        return tf.gather(tensor, idx)
+            return tf.convert_to_tensor(array)
+        return array[idx]
 
 
 def _stream_length(data: StreamData) -> int:

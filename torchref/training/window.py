@@ -126,8 +126,8 @@ class _TorchOps:
         return (x > 0.5).double()
 
     @staticmethod
-    def as_float64(x: Any) -> Any:
-        return x.to(torch.float64)
+    def float64_like(x: Any, like: Any) -> Any:
+        return x.to(like.device, torch.float64).reshape(like.shape)
 
     @staticmethod
     def mean_last(x: Any) -> Any:
@@ -264,9 +264,12 @@ class Window:
             new = p.grad
             if new is grad or new is None:
                 continue
-            if grad is None and not self.takes_all and not new.is_sparse:
+            if grad is None and not self.takes_all:
                 # The parameter's first gradient in the window: the tensor backward created for
-                # it (a plain loop's .grad) becomes its sum, no copy.
+                # it (a plain loop's .grad) becomes its sum, no copy; a sparse one (Embedding
+                # with sparse=True) densified, for later micro-batches to add into in place.
+                if new.is_sparse:
+                    new = p.grad = new.to_dense()
                 self.acc.sums[i] = exposed[i] = new
             else:
                 # Torch (DDP's bucket views) replaced .grad by the accumulated value: into the
