@@ -214,3 +214,28 @@ def test_tf_non_finite_tensor_count_fails_before_any_assign(count: float) -> Non
         tfreg.accumulation.add(state, [tf.ones(2, tf.float64)], tf.constant(count, tf.float64))
     assert float(tf.reduce_sum(state.sums[0])) == 0.0 and float(state.count.numpy()) == 0.0
     assert int(state.micro_batches.numpy()) == 0
+
+
+def test_tf_check_count_false_leaves_the_per_micro_batch_assert_out() -> None:
+    """The trainers' counts are element counts (finite, >= 0 by construction): their window
+    adds without the graph-side assert, a conditional run on every micro-batch; the default
+    keeps it (the tests above)."""
+    state = tfreg.accumulation.init([tf.Variable(tf.zeros(2))])
+
+    def ops(check_count: bool) -> set[str]:
+        @tf.function(autograph=False)
+        def step(n):
+            tfreg.accumulation.add(state, [tf.ones(2)], n, check_count=check_count)
+
+        graph = step.get_concrete_function(tf.TensorSpec([], tf.float64)).graph
+        return {op.type for op in graph.get_operations()}
+
+    assert "Assert" not in ops(False) and "If" not in ops(False)
+    assert "If" in ops(True)
+
+    @tf.function(autograph=False)
+    def unchecked(n):
+        tfreg.accumulation.add(state, [tf.ones(2)], n, check_count=False)
+
+    unchecked(tf.constant(2.0, tf.float64))
+    np.testing.assert_array_equal(tfreg.accumulation.result(state)[0].numpy(), [0.5, 0.5])

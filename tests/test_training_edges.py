@@ -582,3 +582,12 @@ def test_batchnorm_under_accumulation_warns_at_construction(front_end) -> None:
             tfreg.Trainer(model, "mse", "sgd", accumulation_steps=2)
         else:
             tfreg.AccumulatingModel(model, accumulation_steps=2)
+
+
+def test_accumulating_model_computes_each_logged_tracker_once_per_step(float64_floatx) -> None:
+    """Keras lists the loss tracker twice (``_loss_tracker`` and a tracked attribute): each
+    result is a few graph ops on every step, so ``metrics`` holds each tracker once."""
+    wrapped = _wrapped()
+    assert [m.name for m in wrapped.metrics] == ["loss", "data_loss"]
+    wrapped._evaluating = True  # evaluation leaves data_loss out (see `metrics`)
+    assert [m.name for m in wrapped.metrics] == ["loss"]

@@ -76,7 +76,9 @@ def init(variables: Sequence[Any], *, dtype: Any = None) -> AccumulatorState:
     return AccumulatorState(variables, dtype)
 
 
-def add(state: AccumulatorState, grads: Sequence[Any], count: Any) -> AccumulatorState:
+def add(
+    state: AccumulatorState, grads: Sequence[Any], count: Any, *, check_count: bool = True
+) -> AccumulatorState:
     """Add one micro-batch: ``grads`` of its loss *sum*, and its loss-element ``count``.
 
     ``None`` gradients (variables the loss does not reach) add nothing; ``tf.IndexedSlices``
@@ -85,6 +87,9 @@ def add(state: AccumulatorState, grads: Sequence[Any], count: Any) -> Accumulato
     :func:`tfreg.distributed.scatter_add`). Shapes, the gradient count and a
     finite ``count >= 0`` are checked before the first assign (nothing half-applied); a tensor
     count gets a graph-side assert (finite, >= 0) that runs before the sums are touched.
+    ``check_count=False`` leaves the value checks out (shapes are still checked) for a caller
+    whose count is finite and >= 0 by construction (the trainers' element counts): the graph's
+    assert is a conditional, run on every micro-batch.
     """
     grads = list(grads)
     for i, g in enumerate(grads):
@@ -105,7 +110,9 @@ def add(state: AccumulatorState, grads: Sequence[Any], count: Any) -> Accumulato
         ),
     )
     checks = []
-    if is_tensor and tf.executing_eagerly():  # the value is known: checked before any assign
+    if not check_count:
+        pass
+    elif is_tensor and tf.executing_eagerly():  # the value is known: checked before any assign
         value = float(tf.cast(count, tf.float64))
         if not (math.isfinite(value) and value >= 0):
             reject_count(count)

@@ -259,7 +259,12 @@ class AccumulatingModel(keras.Model):
         # only when their names match the step's logs, and otherwise the last step's logs --
         # under a strategy, one replica's partial value (a wrong val_loss).
         tracker = getattr(self, "_data_loss_tracker", None)
-        metrics = [m for m in super().metrics if m is not tracker]  # Keras tracks it too
+        # Keras lists the loss tracker twice (as `_loss_tracker` and as a tracked attribute),
+        # and `data_loss` once: each result is computed once per step.
+        metrics: list[Any] = []
+        for m in super().metrics:
+            if m is not tracker and all(m is not seen for seen in metrics):
+                metrics.append(m)
         if tracker is not None and not getattr(self, "_evaluating", False):
             metrics.append(tracker)
         return metrics
