@@ -103,7 +103,8 @@ class _TorchOps:
                 tensors, flag, torch.ones(1, device=device)
             )
             found.append(flag)
-        return not bool(torch.cat(found).any()) if len(found) > 1 else not bool(found[0])
+        # One host read per device (flags on different devices cannot be concatenated).
+        return not any(bool(flag) for flag in found)
 
     @staticmethod
     def logical_and(x: Any, y: Any) -> bool:
