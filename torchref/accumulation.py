@@ -13,8 +13,10 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from tfreg_core.accumulation import check_add, reject_count, reject_gradient
+from tfreg_core.update import data_gradient
 from tfreg_core.validation import InvalidArgumentError
 from torchref._compat import torch
+from torchref._ops import TorchOps
 
 __all__ = ["AccumulatorState", "add", "init", "reset", "result"]
 
@@ -140,14 +142,15 @@ def add(
 
 
 def result(state: AccumulatorState) -> list[torch.Tensor]:
-    """Each sum divided by the total count, by the trainers' rule (``tfreg_core.update``): a
+    """Each sum divided by the total count, by the trainers' rule
+    (:func:`tfreg_core.update.data_gradient`, one term): a
     window whose micro-batches counted no element gives its (zero) sums; one without any
     micro-batch gives NaN (0/0) on purpose, so that a finiteness check catches it instead of a
     silent zero-gradient step."""
-    count = (
-        state.count if state.micro_batches == 0 else torch.where(state.count > 0, state.count, 1.0)
-    )
-    return [acc / count.to(acc.dtype) for acc in state.sums]
+    grads = data_gradient([state.sums], [state.count], [False], TorchOps())  # a fresh cast cache
+    if state.micro_batches == 0:
+        return [torch.full_like(g, float("nan")) for g in grads]
+    return grads
 
 
 def reset(state: AccumulatorState) -> AccumulatorState:
